@@ -1,0 +1,170 @@
+// Python bindings of the C++ core (module sllm_store._C).
+//
+// Errors: sllm::Error is translated into the matching class of sllm_store.errors; a Ctrl-C
+// during a load cancels the workers, joins them and re-raises KeyboardInterrupt.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/errors.h"
+#include "device/device.h"
+#include "format/checksum.h"
+#include "io/file_reader.h"
+#include "pipeline/loader.h"
+
+namespace py = pybind11;
+using namespace sllm;
+
+namespace {
+
+const char* python_error_class(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kFormat: return "FormatError";
+    case ErrorKind::kMissing: return "MissingFileError";
+    case ErrorKind::kTruncated: return "TruncatedFileError";
+    case ErrorKind::kChecksum: return "ChecksumError";
+    case ErrorKind::kRead: return "ReadError";
+    case ErrorKind::kDevice: return "DeviceError";
+    case ErrorKind::kOutOfMemory: return "OutOfMemoryError";
+    case ErrorKind::kCancelled: return "SllmStoreError";
+  }
+  return "SllmStoreError";
+}
+
+py::buffer_info contiguous_bytes(const py::buffer& b) {
+  py::buffer_info info = b.request();
+  // Only C-contiguous buffers: strides must describe a dense row-major layout.
+  py::ssize_t expected = info.itemsize;
+  for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+    if (info.shape[i] > 1 && info.strides[i] != expected)
+      throw py::value_error("buffer must be C-contiguous");
+    expected *= info.shape[i];
+  }
+  return info;
+}
+
+using ChunkTuple = std::tuple<int, uint64_t, uint64_t, std::optional<uint64_t>>;
+using SegmentTuple = std::tuple<int, uint64_t, int, uint64_t, uint64_t>;
+using DestTuple = std::tuple<std::string, uint64_t, uint64_t>;
+
+py::dict run_load_py(const std::vector<std::string>& files, const std::vector<ChunkTuple>& chunks,
+                     const std::vector<SegmentTuple>& segments, const std::vector<DestTuple>& dests,
+                     int num_threads, const std::string& io_mode, bool verify,
+                     int buffers_per_thread) {
+  LoadPlan plan;
+  plan.files = files;
+  plan.chunks.reserve(chunks.size());
+  for (const auto& [file, offset, length, checksum] : chunks) {
+    ChunkSpec c;
+    c.file = file;
+    c.offset = offset;
+    c.length = length;
+    c.has_checksum = checksum.has_value();
+    c.checksum = checksum.value_or(0);
+    plan.chunks.push_back(c);
+  }
+  plan.segments.reserve(segments.size());
+  for (const auto& [chunk, chunk_offset, dest, dest_offset, length] : segments)
+    plan.segments.push_back(Segment{chunk, chunk_offset, dest, dest_offset, length});
+  for (const auto& [device, ptr, size] : dests)
+    plan.dests.push_back(Destination{make_device(device), reinterpret_cast<char*>(ptr), size});
+
+  LoadOptions options;
+  options.num_threads = num_threads;
+  if (io_mode == "direct") {
+    options.io_mode = IoMode::kDirect;
+  } else if (io_mode == "buffered") {
+    options.io_mode = IoMode::kBuffered;
+  } else {
+    throw py::value_error("io_mode must be 'direct' or 'buffered', got '" + io_mode + "'");
+  }
+  options.verify = verify;
+  options.buffers_per_thread = buffers_per_thread;
+
+  std::optional<py::error_already_set> pending;
+  auto interrupted = [&pending]() -> bool {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      pending.emplace();  // takes the raised exception (KeyboardInterrupt) from Python
+      return true;
+    }
+    return false;
+  };
+
+  LoadStats stats;
+  try {
+    py::gil_scoped_release nogil;
+    stats = run_load(plan, options, interrupted);
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::kCancelled && pending) throw std::move(*pending);
+    throw;
+  }
+  py::dict out;
+  out["bytes_read"] = stats.bytes_read;
+  out["chunks_direct"] = stats.chunks_direct;
+  out["chunks_staged"] = stats.chunks_staged;
+  out["chunks_verified"] = stats.chunks_verified;
+  out["o_direct_used"] = stats.o_direct_used;
+  out["threads"] = stats.threads;
+  out["seconds"] = stats.seconds;
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sllm-store C++ core: checksums and the streaming loader";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::object cls = py::module_::import("sllm_store.errors").attr(python_error_class(e.kind()));
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+
+  m.def(
+      "xxh3_64",
+      [](const py::buffer& b) {
+        py::buffer_info info = contiguous_bytes(b);
+        size_t n = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release nogil;
+        return xxh3_64(info.ptr, n);
+      },
+      py::arg("data"), "XXH3-64 (seed 0) of a C-contiguous buffer.");
+
+  py::class_<ChunkHasher>(m, "ChunkHasher",
+                          "Checksums a byte stream per fixed-size chunk (XXH3-64).")
+      .def(py::init<uint64_t>(), py::arg("chunk_size"))
+      .def(
+          "update",
+          [](ChunkHasher& h, const py::buffer& b) {
+            py::buffer_info info = contiguous_bytes(b);
+            size_t n = static_cast<size_t>(info.size * info.itemsize);
+            py::gil_scoped_release nogil;
+            h.update(info.ptr, n);
+          },
+          py::arg("data"))
+      .def("finish", &ChunkHasher::finish)
+      .def_property_readonly("bytes_seen", &ChunkHasher::bytes_seen);
+
+  m.def("run_load", &run_load_py, py::arg("files"), py::arg("chunks"), py::arg("segments"),
+        py::arg("dests"), py::arg("num_threads"), py::arg("io_mode"), py::arg("verify"),
+        py::arg("buffers_per_thread") = 2,
+        R"doc(Execute a load plan (see sllm_store/_plan.py).
+
+files: data file paths; chunks: (file, offset, length, checksum|None);
+segments: (chunk, chunk_offset, dest, dest_offset, length);
+dests: (device, address, size). Returns statistics as a dict.)doc");
+
+  m.def(
+      "check_device", [](const std::string& spec) { make_device(spec); }, py::arg("device"),
+      "Raise DeviceError unless this build can load into `device` (e.g. 'cpu').");
+
+  m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
+}

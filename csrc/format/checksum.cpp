@@ -1,0 +1,52 @@
+#include "format/checksum.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#define XXH_INLINE_ALL
+#include "xxhash/xxhash.h"
+
+namespace sllm {
+
+uint64_t xxh3_64(const void* data, size_t size) { return XXH3_64bits(data, size); }
+
+struct ChunkHasher::State {
+  XXH3_state_t* s = XXH3_createState();
+  ~State() { XXH3_freeState(s); }
+};
+
+ChunkHasher::ChunkHasher(uint64_t chunk_size) : state_(new State()), chunk_size_(chunk_size) {
+  if (chunk_size == 0) throw std::invalid_argument("chunk_size must be positive");
+  if (state_->s == nullptr) throw std::bad_alloc();
+  XXH3_64bits_reset(state_->s);
+}
+
+ChunkHasher::~ChunkHasher() = default;
+
+void ChunkHasher::update(const void* data, size_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    uint64_t take = std::min<uint64_t>(size, chunk_size_ - in_chunk_);
+    XXH3_64bits_update(state_->s, p, take);
+    p += take;
+    size -= take;
+    in_chunk_ += take;
+    total_ += take;
+    if (in_chunk_ == chunk_size_) {
+      digests_.push_back(XXH3_64bits_digest(state_->s));
+      XXH3_64bits_reset(state_->s);
+      in_chunk_ = 0;
+    }
+  }
+}
+
+std::vector<uint64_t> ChunkHasher::finish() {
+  if (in_chunk_ > 0) {
+    digests_.push_back(XXH3_64bits_digest(state_->s));
+    XXH3_64bits_reset(state_->s);
+    in_chunk_ = 0;
+  }
+  return std::move(digests_);
+}
+
+}  // namespace sllm

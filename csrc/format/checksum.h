@@ -1,0 +1,36 @@
+// Chunk checksums: XXH3-64 (seed 0) from the vendored xxHash library (csrc/third_party/xxhash).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace sllm {
+
+uint64_t xxh3_64(const void* data, size_t size);
+
+// Splits a byte stream into fixed-size chunks and records the XXH3-64 digest of each one.
+// Used by the writer, which streams tensors of arbitrary size into a data file.
+class ChunkHasher {
+ public:
+  explicit ChunkHasher(uint64_t chunk_size);
+  ~ChunkHasher();
+  ChunkHasher(const ChunkHasher&) = delete;
+  ChunkHasher& operator=(const ChunkHasher&) = delete;
+
+  void update(const void* data, size_t size);
+  // Closes the last (possibly short) chunk and returns one digest per chunk.
+  std::vector<uint64_t> finish();
+  uint64_t bytes_seen() const { return total_; }
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+  uint64_t chunk_size_;
+  uint64_t in_chunk_ = 0;
+  uint64_t total_ = 0;
+  std::vector<uint64_t> digests_;
+};
+
+}  // namespace sllm

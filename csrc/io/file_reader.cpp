@@ -1,0 +1,99 @@
+#include "io/file_reader.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+
+#include "common/errors.h"
+
+namespace sllm {
+
+namespace {
+
+std::string errno_text(int err) { return std::string(std::strerror(err)); }
+
+bool aligned(uint64_t v) { return v % kDirectAlignment == 0; }
+
+}  // namespace
+
+FileReader::FileReader(const std::string& path, IoMode mode) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) {
+    int err = errno;
+    throw Error(err == ENOENT ? ErrorKind::kMissing : ErrorKind::kRead,
+                "cannot open data file '" + path + "': " + errno_text(err));
+  }
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) {
+    int err = errno;
+    ::close(fd_);
+    throw Error(ErrorKind::kRead, "cannot stat data file '" + path + "': " + errno_text(err));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  if (mode == IoMode::kDirect) {
+#ifdef O_DIRECT
+    direct_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+    // EINVAL: the filesystem does not support O_DIRECT; stay buffered.
+#endif
+  }
+}
+
+FileReader::~FileReader() {
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+size_t FileReader::pread_full(int fd, char* dst, size_t size, uint64_t offset) {
+  size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pread(fd, dst + done, size - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return done == 0 ? static_cast<size_t>(-1) : done;  // caller inspects errno
+    }
+    if (n == 0) break;  // end of file
+    done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
+void FileReader::read_exact(void* dst, size_t size, uint64_t offset) {
+  char* out = static_cast<char*>(dst);
+  const bool can_direct = direct() && aligned(offset) && aligned(size) &&
+                          aligned(reinterpret_cast<uintptr_t>(dst));
+  if (can_direct) {
+    errno = 0;
+    size_t got = pread_full(direct_fd_, out, size, offset);
+    if (got == size) return;
+    if (got == static_cast<size_t>(-1) && errno == EINVAL) {
+      direct_failed_.store(true);  // filesystem refused a direct read: buffered from now on
+    } else if (got == static_cast<size_t>(-1)) {
+      int err = errno;
+      throw Error(ErrorKind::kRead, "read of '" + path_ + "' at offset " +
+                                        std::to_string(offset) + " failed: " + errno_text(err));
+    } else {
+      throw Error(ErrorKind::kTruncated,
+                  "data file '" + path_ + "' is truncated: wanted " + std::to_string(size) +
+                      " bytes at offset " + std::to_string(offset) + ", file ends after " +
+                      std::to_string(offset + got));
+    }
+  }
+  errno = 0;
+  size_t got = pread_full(fd_, out, size, offset);
+  if (got == size) return;
+  if (got == static_cast<size_t>(-1)) {
+    int err = errno;
+    throw Error(ErrorKind::kRead, "read of '" + path_ + "' at offset " + std::to_string(offset) +
+                                      " failed: " + errno_text(err));
+  }
+  throw Error(ErrorKind::kTruncated,
+              "data file '" + path_ + "' is truncated: wanted " + std::to_string(size) +
+                  " bytes at offset " + std::to_string(offset) + ", file ends after " +
+                  std::to_string(offset + got));
+}
+
+}  // namespace sllm

@@ -1,0 +1,300 @@
+#include "pipeline/loader.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include "common/errors.h"
+#include "format/checksum.h"
+#include "memory/buffer_pool.h"
+
+namespace sllm {
+
+namespace {
+
+std::string hex64(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+// Joins every thread it holds when it goes out of scope, whatever happened.
+class ThreadGroup {
+ public:
+  ~ThreadGroup() {
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+  }
+  template <class F>
+  void spawn(F&& f) { threads_.emplace_back(std::forward<F>(f)); }
+
+ private:
+  std::vector<std::thread> threads_;
+};
+
+class Run {
+ public:
+  Run(const LoadPlan& plan, const LoadOptions& options) : plan_(plan), options_(options) {}
+
+  LoadStats execute(const std::function<bool()>& interrupted);
+
+ private:
+  void validate_and_open();
+  void worker(int id);
+  void process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t>>& in_flight);
+  void verify_chunk(size_t index, const void* data) const;
+  bool chunk_is_direct(size_t index) const;
+  void fail(std::exception_ptr e);
+  void release_in_flight(int id, std::deque<std::pair<int, uint64_t>>& in_flight, size_t keep);
+
+  const LoadPlan& plan_;
+  const LoadOptions& options_;
+  std::vector<std::unique_ptr<FileReader>> readers_;
+  std::vector<size_t> seg_begin_;  // segments of chunk i: [seg_begin_[i], seg_begin_[i+1])
+  std::vector<Segment> segments_;  // sorted by chunk
+  std::unique_ptr<BufferPool> pool_;
+  std::vector<int> staging_devices_;  // destinations that receive staged copies
+
+  std::atomic<size_t> next_{0};
+  std::atomic<bool> cancel_{false};
+  std::atomic<uint64_t> bytes_{0}, direct_{0}, staged_{0}, verified_{0};
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  int running_ = 0;
+  std::exception_ptr error_;
+};
+
+void Run::validate_and_open() {
+  const size_t nfiles = plan_.files.size();
+  for (const auto& c : plan_.chunks) {
+    if (c.file < 0 || static_cast<size_t>(c.file) >= nfiles)
+      throw Error(ErrorKind::kFormat, "chunk refers to file #" + std::to_string(c.file));
+  }
+  for (const auto& s : plan_.segments) {
+    if (s.chunk < 0 || static_cast<size_t>(s.chunk) >= plan_.chunks.size())
+      throw Error(ErrorKind::kFormat, "segment refers to chunk #" + std::to_string(s.chunk));
+    if (s.dest < 0 || static_cast<size_t>(s.dest) >= plan_.dests.size())
+      throw Error(ErrorKind::kFormat, "segment refers to destination #" + std::to_string(s.dest));
+    const auto& c = plan_.chunks[s.chunk];
+    if (s.chunk_offset + s.length > c.length || s.chunk_offset + s.length < s.chunk_offset)
+      throw Error(ErrorKind::kFormat, "segment exceeds its chunk in '" + plan_.files[c.file] + "'");
+    const auto& d = plan_.dests[s.dest];
+    if (s.dest_offset + s.length > d.size || s.dest_offset + s.length < s.dest_offset)
+      throw Error(ErrorKind::kFormat, "segment exceeds its destination");
+  }
+  for (const auto& d : plan_.dests) {
+    if (!d.device) throw Error(ErrorKind::kDevice, "destination without a device");
+  }
+
+  readers_.reserve(nfiles);
+  for (const auto& f : plan_.files) readers_.push_back(std::make_unique<FileReader>(f, options_.io_mode));
+  for (const auto& c : plan_.chunks) {
+    const auto& r = *readers_[c.file];
+    if (c.offset + c.length > r.size()) {
+      throw Error(ErrorKind::kTruncated,
+                  "data file '" + r.path() + "' is truncated: " + std::to_string(r.size()) +
+                      " bytes, but the index needs " + std::to_string(c.offset + c.length));
+    }
+  }
+
+  segments_ = plan_.segments;
+  std::stable_sort(segments_.begin(), segments_.end(),
+                   [](const Segment& a, const Segment& b) { return a.chunk < b.chunk; });
+  seg_begin_.assign(plan_.chunks.size() + 1, 0);
+  for (const auto& s : segments_) seg_begin_[s.chunk + 1]++;
+  for (size_t i = 0; i < plan_.chunks.size(); ++i) seg_begin_[i + 1] += seg_begin_[i];
+}
+
+bool Run::chunk_is_direct(size_t index) const {
+  size_t b = seg_begin_[index], e = seg_begin_[index + 1];
+  if (e - b != 1) return false;
+  const Segment& s = segments_[b];
+  return s.chunk_offset == 0 && s.length == plan_.chunks[index].length &&
+         plan_.dests[s.dest].device->host_addressable();
+}
+
+void Run::verify_chunk(size_t index, const void* data) const {
+  const ChunkSpec& c = plan_.chunks[index];
+  uint64_t got = xxh3_64(data, c.length);
+  if (got != c.checksum) {
+    throw Error(ErrorKind::kChecksum,
+                "checksum mismatch in '" + plan_.files[c.file] + "' chunk at offset " +
+                    std::to_string(c.offset) + " (" + std::to_string(c.length) +
+                    " bytes): expected " + hex64(c.checksum) + ", got " + hex64(got));
+  }
+}
+
+void Run::fail(std::exception_ptr e) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!error_) error_ = e;
+  }
+  cancel_.store(true);
+  if (pool_) pool_->cancel();
+}
+
+void Run::release_in_flight(int id, std::deque<std::pair<int, uint64_t>>& in_flight, size_t keep) {
+  while (in_flight.size() > keep) {
+    auto [buffer, token] = in_flight.front();
+    in_flight.pop_front();
+    for (int d : staging_devices_) plan_.dests[d].device->wait(id, token);
+    pool_->release(buffer);
+  }
+}
+
+void Run::process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t>>& in_flight) {
+  const ChunkSpec& c = plan_.chunks[index];
+  FileReader& reader = *readers_[c.file];
+  const bool check = options_.verify && c.has_checksum;
+
+  if (chunk_is_direct(index)) {
+    const Segment& s = segments_[seg_begin_[index]];
+    char* dst = plan_.dests[s.dest].base + s.dest_offset;
+    reader.read_exact(dst, c.length, c.offset);
+    if (check) {
+      verify_chunk(index, dst);
+      verified_++;
+    }
+    direct_++;
+    bytes_ += c.length;
+    return;
+  }
+
+  // Keep at most buffers_per_thread - 1 buffers in flight before taking another one.
+  release_in_flight(id, in_flight, static_cast<size_t>(std::max(0, options_.buffers_per_thread - 1)));
+  int buffer = pool_->acquire();
+  if (buffer < 0) return;  // cancelled
+  char* staging = static_cast<char*>(pool_->data(buffer));
+  try {
+    reader.read_exact(staging, c.length, c.offset);
+    if (check) {
+      verify_chunk(index, staging);
+      verified_++;
+    }
+    for (size_t k = seg_begin_[index]; k < seg_begin_[index + 1]; ++k) {
+      const Segment& s = segments_[k];
+      plan_.dests[s.dest].device->copy_from_host(plan_.dests[s.dest].base + s.dest_offset,
+                                                  staging + s.chunk_offset, s.length, id);
+    }
+  } catch (...) {
+    pool_->release(buffer);
+    throw;
+  }
+  uint64_t token = 0;
+  for (int d : staging_devices_) token = plan_.dests[d].device->record(id);
+  in_flight.emplace_back(buffer, token);
+  staged_++;
+  bytes_ += c.length;
+}
+
+void Run::worker(int id) {
+  std::deque<std::pair<int, uint64_t>> in_flight;
+  try {
+    while (!cancel_.load()) {
+      size_t index = next_.fetch_add(1);
+      if (index >= plan_.chunks.size()) break;
+      process_chunk(id, index, in_flight);
+    }
+    if (pool_) release_in_flight(id, in_flight, 0);
+  } catch (...) {
+    fail(std::current_exception());
+    // Buffers still in flight belong to this worker; wait for their copies before returning them.
+    try {
+      if (pool_) release_in_flight(id, in_flight, 0);
+    } catch (...) {
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_--;
+  }
+  done_cv_.notify_all();
+}
+
+LoadStats Run::execute(const std::function<bool()>& interrupted) {
+  auto t0 = std::chrono::steady_clock::now();
+  validate_and_open();
+
+  int threads = std::max(1, std::min<int>(options_.num_threads,
+                                          static_cast<int>(std::max<size_t>(1, plan_.chunks.size()))));
+  bool need_staging = false;
+  uint64_t max_len = 0;
+  for (size_t i = 0; i < plan_.chunks.size(); ++i) {
+    if (!chunk_is_direct(i)) {
+      need_staging = true;
+      max_len = std::max(max_len, plan_.chunks[i].length);
+      for (size_t k = seg_begin_[i]; k < seg_begin_[i + 1]; ++k) {
+        int d = segments_[k].dest;
+        if (std::find(staging_devices_.begin(), staging_devices_.end(), d) == staging_devices_.end())
+          staging_devices_.push_back(d);
+      }
+    }
+  }
+  for (const auto& d : plan_.dests) {
+    d.device->begin(threads);
+    if (d.device->host_addressable()) d.device->prepare_destination(d.base, d.size);
+  }
+  if (need_staging) {
+    HostAllocator alloc = staging_devices_.empty()
+                              ? HostAllocator(allocate_aligned_host)
+                              : plan_.dests[staging_devices_[0]].device->staging_allocator();
+    size_t count = static_cast<size_t>(threads) * std::max(1, options_.buffers_per_thread);
+    pool_ = std::make_unique<BufferPool>(count, std::max<uint64_t>(max_len, kDirectAlignment), alloc);
+  }
+
+  bool was_interrupted = false;
+  {
+    ThreadGroup group;
+    running_ = threads;
+    for (int i = 0; i < threads; ++i) group.spawn([this, i] { worker(i); });
+    std::unique_lock<std::mutex> lock(mu_);
+    while (running_ > 0) {
+      done_cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return running_ == 0; });
+      if (running_ > 0 && !was_interrupted) {
+        lock.unlock();
+        if (interrupted && interrupted()) {
+          was_interrupted = true;
+          cancel_.store(true);
+          if (pool_) pool_->cancel();
+        }
+        lock.lock();
+      }
+    }
+  }  // workers joined
+  for (const auto& d : plan_.dests) {
+    try {
+      d.device->synchronize();
+    } catch (...) {
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  if (error_) std::rethrow_exception(error_);
+  if (was_interrupted) throw Error(ErrorKind::kCancelled, "load interrupted");
+
+  LoadStats stats;
+  stats.bytes_read = bytes_.load();
+  stats.chunks_direct = direct_.load();
+  stats.chunks_staged = staged_.load();
+  stats.chunks_verified = verified_.load();
+  stats.threads = threads;
+  for (const auto& r : readers_) stats.o_direct_used = stats.o_direct_used || r->direct();
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return stats;
+}
+
+}  // namespace
+
+LoadStats run_load(const LoadPlan& plan, const LoadOptions& options,
+                   const std::function<bool()>& interrupted) {
+  Run run(plan, options);
+  return run.execute(interrupted);
+}
+
+}  // namespace sllm

@@ -1,0 +1,62 @@
+// What a load does, decided in Python from the index: which byte ranges (chunks) of which files
+// to read, and where each piece of a chunk (a segment) goes in which destination.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "device/device.h"
+#include "io/file_reader.h"
+
+namespace sllm {
+
+struct ChunkSpec {
+  int file = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  bool has_checksum = false;
+  uint64_t checksum = 0;
+};
+
+struct Segment {
+  int chunk = 0;
+  uint64_t chunk_offset = 0;
+  int dest = 0;
+  uint64_t dest_offset = 0;
+  uint64_t length = 0;
+};
+
+struct Destination {
+  std::shared_ptr<Device> device;
+  char* base = nullptr;
+  uint64_t size = 0;
+};
+
+struct LoadOptions {
+  int num_threads = 8;
+  IoMode io_mode = IoMode::kBuffered;
+  bool verify = false;
+  // Staging buffers per worker (2 = double buffering: one in flight to the device, one filling).
+  int buffers_per_thread = 2;
+};
+
+struct LoadPlan {
+  std::vector<std::string> files;
+  std::vector<ChunkSpec> chunks;
+  std::vector<Segment> segments;
+  std::vector<Destination> dests;
+};
+
+struct LoadStats {
+  uint64_t bytes_read = 0;
+  uint64_t chunks_direct = 0;   // read straight into destination memory
+  uint64_t chunks_staged = 0;   // read into a staging buffer, then copied
+  uint64_t chunks_verified = 0;
+  bool o_direct_used = false;   // at least one file was read with O_DIRECT
+  int threads = 0;
+  double seconds = 0;
+};
+
+}  // namespace sllm

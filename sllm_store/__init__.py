@@ -1,0 +1,86 @@
+"""sllm-store: load large models fast.
+
+A loading-optimized checkpoint format (``sllm-store convert``) and a C++ streaming loader::
+
+    import sllm_store
+
+    sllm_store.convert("path/to/hf-model", "path/to/model.sllm")
+    state_dict = sllm_store.load_state_dict("path/to/model.sllm", device="cpu")
+
+Importing the package is cheap: torch, safetensors and the C++ core are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sllm_store.errors import (
+    ChecksumError,
+    ConvertError,
+    DestinationExistsError,
+    DeviceError,
+    FormatError,
+    MissingFileError,
+    OutOfMemoryError,
+    ReadError,
+    SllmStoreError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; imported lazily by __getattr__.
+_LAZY = {
+    "load_state_dict": "sllm_store.loader",
+    "verify": "sllm_store.loader",
+    "LoadConfig": "sllm_store.config",
+    "save_state_dict": "sllm_store.writer",
+    "convert": "sllm_store.convert",
+    "read_index": "sllm_store.index",
+    "Index": "sllm_store.index",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sllm_store.config import LoadConfig
+    from sllm_store.convert import convert
+    from sllm_store.index import Index, read_index
+    from sllm_store.loader import load_state_dict, verify
+    from sllm_store.writer import save_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sllm_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = [
+    "__version__",
+    "load_state_dict",
+    "verify",
+    "save_state_dict",
+    "convert",
+    "read_index",
+    "Index",
+    "LoadConfig",
+    "SllmStoreError",
+    "FormatError",
+    "UnsupportedVersionError",
+    "MissingFileError",
+    "TruncatedFileError",
+    "ChecksumError",
+    "ReadError",
+    "ConvertError",
+    "DestinationExistsError",
+    "DeviceError",
+    "OutOfMemoryError",
+]

@@ -1,0 +1,3 @@
+from sllm_store.cli import main
+
+raise SystemExit(main())

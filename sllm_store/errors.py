@@ -1,0 +1,70 @@
+"""One exception hierarchy for everything sllm-store raises on bad input or failed I/O.
+
+Every error is a :class:`SllmStoreError`; the subclasses name the problem, and where the problem
+is about a file the message names the file. Several subclasses also derive from the matching
+built-in exception (``FileNotFoundError``, ``FileExistsError``, ``MemoryError``) so that code
+written against the built-ins keeps working.
+
+The C++ core raises these same classes: its errors are translated in ``csrc/bindings.cpp``.
+"""
+
+from __future__ import annotations
+
+
+class SllmStoreError(Exception):
+    """Base class of every error raised by sllm-store."""
+
+
+class FormatError(SllmStoreError):
+    """A converted checkpoint is malformed: bad index JSON, missing fields, impossible offsets."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The index was written by a newer (or unknown) version of the format."""
+
+
+class MissingFileError(FormatError, FileNotFoundError):
+    """A file the checkpoint needs (index or data file) does not exist."""
+
+
+class TruncatedFileError(FormatError):
+    """A data file is shorter than the index says it is."""
+
+
+class ChecksumError(SllmStoreError):
+    """A chunk's checksum does not match the one recorded in the index."""
+
+
+class ReadError(SllmStoreError, OSError):
+    """Reading a data file failed (I/O error reported by the operating system)."""
+
+
+class ConvertError(SllmStoreError):
+    """The source of a conversion cannot be read or understood."""
+
+
+class DestinationExistsError(ConvertError, FileExistsError):
+    """The destination of a conversion exists and ``overwrite`` was not given."""
+
+
+class DeviceError(SllmStoreError):
+    """A target device is unknown, unavailable, or failed during a copy."""
+
+
+class OutOfMemoryError(SllmStoreError, MemoryError):
+    """Host or device memory for the load could not be allocated."""
+
+
+__all__ = [
+    "SllmStoreError",
+    "FormatError",
+    "UnsupportedVersionError",
+    "MissingFileError",
+    "TruncatedFileError",
+    "ChecksumError",
+    "ReadError",
+    "ConvertError",
+    "DestinationExistsError",
+    "DeviceError",
+    "OutOfMemoryError",
+]

@@ -1,0 +1,278 @@
+"""The index of a converted checkpoint (``sllm_index.json``): reading, validating, writing.
+
+The format is specified in ``docs/format.md``. Everything read from disk is validated here, so
+the loader can trust offsets and sizes; each problem raises a specific :mod:`sllm_store.errors`
+class naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from sllm_store.errors import FormatError, MissingFileError, UnsupportedVersionError
+
+FORMAT_NAME = "sllm-store"
+FORMAT_VERSION = 1
+INDEX_FILE = "sllm_index.json"
+CHECKSUM_ALGORITHM = "xxh3_64"
+FILE_ALIGNMENT = 4096
+DEFAULT_TENSOR_ALIGNMENT = 256
+DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one stored tensor lives. ``alias_of`` entries (tied weights) have no storage."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: int
+    offset: int
+    nbytes: int
+    alias_of: str | None = None
+
+
+@dataclass(frozen=True)
+class DataFile:
+    name: str
+    size: int
+    checksums: tuple[int, ...]
+
+
+@dataclass
+class Index:
+    """A validated index. ``tensors`` keeps storage order; aliases resolve through ``alias_of``."""
+
+    path: Path  # directory of the converted checkpoint
+    version: int
+    chunk_size: int
+    alignment: int
+    tensor_alignment: int
+    files: list[DataFile]
+    tensors: dict[str, TensorEntry]
+    source: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values() if t.alias_of is None)
+
+    def file_path(self, i: int) -> Path:
+        return self.path / self.files[i].name
+
+    def resolve(self, name: str) -> TensorEntry:
+        """The stored entry behind ``name`` (itself, or the tensor it aliases)."""
+        entry = self.tensors[name]
+        return self.tensors[entry.alias_of] if entry.alias_of is not None else entry
+
+    def to_json(self) -> dict[str, Any]:
+        tensors: dict[str, Any] = {}
+        for name, t in self.tensors.items():
+            if t.alias_of is not None:
+                tensors[name] = {"alias_of": t.alias_of}
+            else:
+                tensors[name] = {
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "file": t.file,
+                    "offset": t.offset,
+                    "nbytes": t.nbytes,
+                }
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "created_by": self.created_by,
+            "checksum": CHECKSUM_ALGORITHM,
+            "alignment": self.alignment,
+            "tensor_alignment": self.tensor_alignment,
+            "chunk_size": self.chunk_size,
+            "total_bytes": self.total_bytes,
+            "files": [
+                {"name": f.name, "size": f.size, "checksums": [f"{c:016x}" for c in f.checksums]}
+                for f in self.files
+            ],
+            "tensors": tensors,
+            "source": self.source,
+        }
+
+
+def index_path(path: PathLike) -> Path:
+    return Path(path) / INDEX_FILE
+
+
+def is_converted(path: PathLike) -> bool:
+    """True when ``path`` is a directory holding an sllm-store index."""
+    return index_path(path).is_file()
+
+
+def read_index(path: PathLike) -> Index:
+    """Read and validate the index of the converted checkpoint in directory ``path``.
+
+    >>> idx = read_index("model.sllm")          # doctest: +SKIP
+    >>> idx.tensors["lm_head.weight"].dtype     # doctest: +SKIP
+    'bfloat16'
+    """
+    root = Path(path)
+    ipath = index_path(root)
+    if not root.exists():
+        raise MissingFileError(f"checkpoint directory '{root}' does not exist")
+    if not ipath.is_file():
+        raise MissingFileError(
+            f"'{ipath}' not found: '{root}' is not an sllm-store checkpoint "
+            f"(convert it with `sllm-store convert`)"
+        )
+    try:
+        raw = json.loads(ipath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"'{ipath}' is not valid JSON: {e}") from None
+    return parse_index(raw, root)
+
+
+def parse_index(raw: Any, root: Path) -> Index:
+    where = f"'{index_path(root)}': "
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(where + msg)
+
+    def get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], ctx: str = "") -> Any:
+        if key not in obj:
+            raise bad(f"missing field {ctx}{key!r}")
+        value = obj[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise bad(f"field {ctx}{key!r} has the wrong type ({type(value).__name__})")
+        return value
+
+    if not isinstance(raw, dict):
+        raise bad("the index must be a JSON object")
+    if raw.get("format") != FORMAT_NAME:
+        raise bad(f"not an sllm-store index (format={raw.get('format')!r})")
+    version = get(raw, "version", int)
+    if version > FORMAT_VERSION or version < 1:
+        raise UnsupportedVersionError(
+            where + f"format version {version} is not supported by this sllm-store "
+            f"(supports version {FORMAT_VERSION}); upgrade sllm-store or re-convert"
+        )
+    algorithm = get(raw, "checksum", str)
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise bad(f"unknown checksum algorithm {algorithm!r}")
+    alignment = get(raw, "alignment", int)
+    tensor_alignment = get(raw, "tensor_alignment", int)
+    chunk_size = get(raw, "chunk_size", int)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise bad(f"alignment {alignment} is not a positive power of two")
+    if tensor_alignment < 64 or tensor_alignment & (tensor_alignment - 1):
+        raise bad(f"tensor_alignment {tensor_alignment} is not a power of two >= 64")
+    if chunk_size <= 0 or chunk_size % alignment:
+        raise bad(f"chunk_size {chunk_size} is not a positive multiple of {alignment}")
+
+    files: list[DataFile] = []
+    for i, f in enumerate(get(raw, "files", list)):
+        ctx = f"files[{i}]."
+        if not isinstance(f, dict):
+            raise bad(f"files[{i}] must be an object")
+        name = get(f, "name", str, ctx)
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise bad(f"data file name {name!r} must be a plain file name")
+        size = get(f, "size", int, ctx)
+        if size < 0 or size % alignment:
+            raise bad(f"data file '{name}' size {size} is not a multiple of {alignment}")
+        sums = get(f, "checksums", list, ctx)
+        if len(sums) != math.ceil(size / chunk_size):
+            raise bad(
+                f"data file '{name}' has {len(sums)} checksums, expected "
+                f"{math.ceil(size / chunk_size)} ({size} bytes / chunk_size {chunk_size})"
+            )
+        try:
+            parsed = tuple(int(s, 16) for s in sums if isinstance(s, str) and len(s) == 16)
+        except ValueError:
+            parsed = ()
+        if len(parsed) != len(sums):
+            raise bad(f"data file '{name}' has malformed checksums (want 16 hex digits each)")
+        files.append(DataFile(name, size, parsed))
+
+    # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
+    from sllm_store.dtypes import NAME_TO_DTYPE
+
+    tensors: dict[str, TensorEntry] = {}
+    raw_tensors = get(raw, "tensors", dict)
+    for name, t in raw_tensors.items():
+        ctx = f"tensors[{name!r}]."
+        if not isinstance(t, dict):
+            raise bad(f"tensors[{name!r}] must be an object")
+        if "alias_of" in t:
+            target = get(t, "alias_of", str, ctx)
+            tt = raw_tensors.get(target)
+            if not isinstance(tt, dict) or "alias_of" in tt:
+                raise bad(f"tensor {name!r} aliases {target!r}, which is not a stored tensor")
+            tensors[name] = TensorEntry(name, "", (), -1, 0, 0, alias_of=target)
+            continue
+        dtype = get(t, "dtype", str, ctx)
+        if dtype not in NAME_TO_DTYPE:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        shape = get(t, "shape", list, ctx)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        file = get(t, "file", int, ctx)
+        offset = get(t, "offset", int, ctx)
+        nbytes = get(t, "nbytes", int, ctx)
+        if not 0 <= file < len(files):
+            raise bad(f"tensor {name!r} refers to data file #{file}, index lists {len(files)}")
+        itemsize = NAME_TO_DTYPE[dtype].itemsize
+        numel = math.prod(shape)
+        if nbytes != numel * itemsize:
+            raise bad(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
+        if offset < 0 or offset % tensor_alignment or offset + nbytes > files[file].size:
+            raise bad(
+                f"tensor {name!r}: offset {offset} (+{nbytes} bytes) is misaligned or outside "
+                f"data file '{files[file].name}' ({files[file].size} bytes)"
+            )
+        tensors[name] = TensorEntry(name, dtype, tuple(shape), file, offset, nbytes)
+
+    source = raw.get("source", {})
+    return Index(
+        path=root,
+        version=version,
+        chunk_size=chunk_size,
+        alignment=alignment,
+        tensor_alignment=tensor_alignment,
+        files=files,
+        tensors=tensors,
+        source=source if isinstance(source, dict) else {},
+        created_by=str(raw.get("created_by", "")),
+    )
+
+
+def check_data_files(index: Index) -> None:
+    """Raise MissingFileError / TruncatedFileError unless every data file exists at full size."""
+    from sllm_store.errors import TruncatedFileError
+
+    for i, f in enumerate(index.files):
+        p = index.file_path(i)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise MissingFileError(f"data file '{p}' listed in the index is missing") from None
+        if size < f.size:
+            raise TruncatedFileError(
+                f"data file '{p}' is truncated: {size} bytes, the index says {f.size}"
+            )
+
+
+def write_index(index: Index, directory: Path) -> None:
+    """Write ``index`` as ``directory/sllm_index.json`` (atomically, via a temporary file)."""
+    target = directory / INDEX_FILE
+    tmp = directory / (INDEX_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index.to_json(), f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)

@@ -1,0 +1,305 @@
+"""Loading converted checkpoints: plan in Python, stream in C++.
+
+The plan maps the index onto destination memory: one allocation per target device, every tensor a
+view into it. Files whose tensors all go to one device are mapped whole (so host destinations are
+filled by reads straight into them); files split over devices are mapped tensor by tensor through
+staging buffers. The C++ pipeline (``sllm_store._C.run_load``) executes the plan on worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from sllm_store import _C
+from sllm_store._units import SizeLike, format_size
+from sllm_store.config import LoadConfig
+from sllm_store.dtypes import dtype_from_name
+from sllm_store.errors import DeviceError, SllmStoreError
+from sllm_store.index import Index, PathLike, check_data_files, read_index
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = Union[str, int, torch.device]
+DeviceMap = Union[DeviceLike, Mapping[str, DeviceLike]]
+
+_REGION_ALIGNMENT = 4096  # destination regions start on O_DIRECT-friendly boundaries
+
+
+@dataclass
+class LoadReport:
+    """What a load did: sizes, time, and how the pipeline ran."""
+
+    path: str
+    bytes: int
+    seconds: float
+    devices: dict[str, int] = field(default_factory=dict)  # device -> bytes allocated
+    stats: dict[str, Any] = field(default_factory=dict)  # from the C++ pipeline
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+def _as_device(d: DeviceLike) -> torch.device:
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"invalid device {d!r}: {e}") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def _device_spec(dev: torch.device) -> str:
+    return dev.type if dev.index is None else f"{dev.type}:{dev.index}"
+
+
+def _assign_devices(index: Index, device: DeviceMap) -> dict[str, torch.device]:
+    """Device of every tensor name (aliases included)."""
+    if isinstance(device, Mapping):
+        unknown = set(device) - set(index.tensors)
+        if unknown:
+            raise KeyError(f"device map names tensors not in the checkpoint: {sorted(unknown)[:5]}")
+        missing = set(index.tensors) - set(device)
+        if missing:
+            raise KeyError(f"device map lacks tensors: {sorted(missing)[:5]}")
+        cache: dict[Any, torch.device] = {}
+        return {n: cache.setdefault(d, _as_device(d)) for n, d in device.items()}
+    dev = _as_device(device)
+    return dict.fromkeys(index.tensors, dev)
+
+
+def _read_units(index: Index, config: LoadConfig) -> list[tuple[int, int, int, Optional[int]]]:
+    """(file, offset, length, checksum) of each read; the checkpoint's chunks unless a different
+    read size was asked for (then without checksums, so not with verify)."""
+    unit = config.chunk_size or index.chunk_size
+    if config.verify and unit != index.chunk_size:
+        raise ValueError(
+            f"verify=True reads whole checksum chunks ({index.chunk_size} bytes); "
+            f"do not set a different chunk_size ({unit})"
+        )
+    units = []
+    for f_i, f in enumerate(index.files):
+        for c in range(math.ceil(f.size / unit)):
+            off = c * unit
+            length = min(unit, f.size - off)
+            checksum = f.checksums[c] if unit == index.chunk_size else None
+            units.append((f_i, off, length, checksum))
+    # Interleave files so that a multi-file checkpoint keeps every file busy from the start.
+    units.sort(key=lambda u: (u[1], u[0]))
+    return units
+
+
+@dataclass
+class _Plan:
+    units: list[tuple[int, int, int, Optional[int]]]
+    segments: list[tuple[int, int, int, int, int]]
+    devices: list[torch.device]
+    sizes: list[int]
+    placement: dict[str, tuple[int, int]]  # stored tensor -> (device slot, byte offset)
+
+
+def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadConfig) -> _Plan:
+    units = _read_units(index, config)
+    devices: list[torch.device] = []
+    sizes: list[int] = []
+
+    def slot(dev: torch.device) -> int:
+        if dev not in devices:
+            devices.append(dev)
+            sizes.append(0)
+        return devices.index(dev)
+
+    def reserve(s: int, nbytes: int, align: int) -> int:
+        off = (sizes[s] + align - 1) // align * align
+        sizes[s] = off + nbytes
+        return off
+
+    stored = [t for t in index.tensors.values() if t.alias_of is None]
+    by_file: dict[int, list] = {i: [] for i in range(len(index.files))}
+    for t in stored:
+        by_file[t.file].append(t)
+    for name, e in index.tensors.items():
+        if e.alias_of is not None:
+            slot(assign[e.alias_of])  # the alias is a view of its target's memory
+    placement: dict[str, tuple[int, int]] = {}
+    file_region: dict[int, tuple[int, int]] = {}  # file -> (slot, offset) when mapped whole
+    for f_i, tensors in by_file.items():
+        devs = {assign[t.name] for t in tensors}
+        if len(devs) <= 1 and tensors:
+            s = slot(devs.pop())
+            base = reserve(s, index.files[f_i].size, _REGION_ALIGNMENT)
+            file_region[f_i] = (s, base)
+            for t in tensors:
+                placement[t.name] = (s, base + t.offset)
+        else:
+            for t in tensors:
+                s = slot(assign[t.name])
+                placement[t.name] = (s, reserve(s, t.nbytes, index.tensor_alignment))
+
+    segments: list[tuple[int, int, int, int, int]] = []
+    per_file_tensors = {f: sorted(ts, key=lambda t: t.offset) for f, ts in by_file.items()}
+    for u_i, (f_i, off, length, _) in enumerate(units):
+        if f_i in file_region:
+            s, base = file_region[f_i]
+            segments.append((u_i, 0, s, base + off, length))
+            continue
+        for t in per_file_tensors[f_i]:
+            lo, hi = max(off, t.offset), min(off + length, t.offset + t.nbytes)
+            if lo < hi:
+                s, dst = placement[t.name]
+                segments.append((u_i, lo - off, s, dst + (lo - t.offset), hi - lo))
+    return _Plan(units, segments, devices, sizes, placement)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _allocate(dev: torch.device, size: int) -> tuple[torch.Tensor, int]:
+    """One uint8 allocation of ``size`` bytes on ``dev``; returns (tensor, aligned byte offset)."""
+    pad = _REGION_ALIGNMENT if dev.type == "cpu" else 0
+    try:
+        buf = torch.empty(size + pad, dtype=torch.uint8, device=dev)
+    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
+        from sllm_store.errors import OutOfMemoryError
+
+        raise OutOfMemoryError(f"cannot allocate {format_size(size)} on {dev}: {e}") from None
+    except RuntimeError as e:
+        from sllm_store.errors import OutOfMemoryError
+
+        if "alloc" in str(e).lower() or "memory" in str(e).lower():
+            raise OutOfMemoryError(f"cannot allocate {format_size(size)} on {dev}: {e}") from None
+        raise DeviceError(f"cannot allocate memory on {dev}: {e}") from None
+    shift = (-buf.data_ptr()) % _REGION_ALIGNMENT if pad else 0
+    return buf, shift
+
+
+def _load(
+    path: PathLike, device: DeviceMap, config: LoadConfig
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    t0 = time.perf_counter()
+    index = read_index(path)
+    check_data_files(index)
+    assign = _assign_devices(index, device)
+    for dev in set(assign.values()):
+        _C.check_device(_device_spec(dev))
+    plan = _make_plan(index, assign, config)
+
+    buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+    dests = [
+        (_device_spec(dev), buf.data_ptr() + shift, size)
+        for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)
+    ]
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    stats = _C.run_load(
+        files, plan.units, plan.segments, dests,
+        num_threads=config.num_threads, io_mode=config.effective_io_mode, verify=config.verify,
+    )
+
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in index.tensors.items():
+        stored = index.resolve(name)
+        s, off = plan.placement[stored.name]
+        buf, shift = buffers[s]
+        dtype = dtype_from_name(stored.dtype)
+        t = torch.empty(0, dtype=dtype, device=buf.device)
+        strides = _contiguous_strides(stored.shape)
+        t.set_(buf.untyped_storage(), (shift + off) // dtype.itemsize, stored.shape, strides)
+        if entry.alias_of is not None and assign[name] != buf.device:
+            t = t.to(assign[name])  # an alias placed on another device than its target
+        out[name] = t
+    seconds = time.perf_counter() - t0
+    report = LoadReport(
+        path=str(path),
+        bytes=index.total_bytes,
+        seconds=seconds,
+        devices={str(d): s for d, s in zip(plan.devices, plan.sizes)},
+        stats=dict(stats),
+    )
+    logger.info(
+        "loaded %s (%s) in %.3f s, %.2f GB/s", path, format_size(report.bytes), seconds,
+        report.gb_per_s,
+    )
+    return out, report
+
+
+def load_state_dict(
+    path: PathLike,
+    device: DeviceMap = "cpu",
+    *,
+    num_threads: Optional[int] = None,
+    chunk_size: Optional[SizeLike] = None,
+    verify: Optional[bool] = None,
+    io_mode: Optional[str] = None,
+) -> dict[str, torch.Tensor]:
+    """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
+
+    Args:
+        path: directory written by :func:`sllm_store.convert` / :func:`sllm_store.save_state_dict`.
+        device: target device (``"cpu"``), or a mapping of every tensor name to a device.
+        num_threads: reader threads (default: env ``SLLM_STORE_NUM_THREADS`` or the CPU count,
+            clamped to 4..16).
+        chunk_size: read unit in bytes or as ``"16MiB"`` (default: the checkpoint's chunk size).
+        verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY=1``).
+        io_mode: ``"auto"`` (buffered), ``"buffered"`` or ``"direct"`` (O_DIRECT, falling back to
+            buffered where the filesystem refuses it).
+
+    All tensors of one device are views into a single allocation; tied tensors share storage.
+
+    Example::
+
+        sd = sllm_store.load_state_dict("llama.sllm", verify=True)
+        model.load_state_dict(sd)
+
+    Raises:
+        MissingFileError, TruncatedFileError, FormatError, UnsupportedVersionError: bad checkpoint.
+        ChecksumError: ``verify=True`` and a chunk is corrupted.
+        DeviceError: the device is unknown or unavailable.
+    """
+    config = LoadConfig.resolve(
+        num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify
+    )
+    tensors, _ = _load(path, device, config)
+    return tensors
+
+
+def load_state_dict_with_report(
+    path: PathLike, device: DeviceMap = "cpu", **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Like :func:`load_state_dict`, also returning a :class:`LoadReport` (time, GB/s, placement)."""
+    return _load(path, device, LoadConfig.resolve(**kwargs))
+
+
+def verify(path: PathLike, *, num_threads: Optional[int] = None) -> Index:
+    """Check a converted checkpoint completely: index, every data file, every chunk checksum.
+
+    Returns the index if all is well; raises the specific :class:`SllmStoreError` otherwise.
+
+    Example::
+
+        sllm_store.verify("llama.sllm")
+    """
+    config = LoadConfig.resolve(num_threads=num_threads, verify=True)
+    index = read_index(path)
+    check_data_files(index)
+    units = _read_units(index, config)
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    stats = _C.run_load(
+        files, units, [], [], num_threads=config.num_threads,
+        io_mode=config.effective_io_mode, verify=True,
+    )
+    if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive
+        raise SllmStoreError(f"verified {stats['chunks_verified']} of {len(units)} chunks")
+    return index

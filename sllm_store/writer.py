@@ -1,0 +1,325 @@
+"""Writing checkpoints in the sllm-store format.
+
+:func:`save_state_dict` writes an in-memory state dict; :mod:`sllm_store.convert` feeds other
+checkpoint formats through the same :class:`CheckpointWriter`, one tensor at a time, so memory use
+stays bounded by the largest tensor. Everything is written into a temporary directory beside the
+destination and renamed into place at the end (:func:`atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from sllm_store import __version__
+from sllm_store._units import SizeLike, parse_size
+from sllm_store.dtypes import dtype_name
+from sllm_store.errors import DestinationExistsError, SllmStoreError
+from sllm_store.index import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_TENSOR_ALIGNMENT,
+    FILE_ALIGNMENT,
+    FORMAT_VERSION,
+    DataFile,
+    Index,
+    PathLike,
+    TensorEntry,
+    write_index,
+)
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".sllm-tmp-"
+# Casting with dtype= applies to these (not to float8 / float4 or integer tensors).
+CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class TensorSpec:
+    """One tensor to write: metadata known up front, bytes fetched on demand by ``load``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    alias_of: Optional[str] = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def default_quiet() -> bool:
+    return not sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``dst``; on success rename it to ``dst``.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and ``dst``
+    is left as it was. An existing ``dst`` is replaced only with ``overwrite=True``.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise DestinationExistsError(
+            f"destination '{dst}' already exists (pass overwrite=True / --overwrite to replace it)"
+        )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f"{TMP_PREFIX}{dst.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists() or dst.is_symlink():
+            trash = dst.parent / f"{TMP_PREFIX}{dst.name}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, trash)
+            os.replace(tmp, dst)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink()
+        else:
+            os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tensor_bytes(t: torch.Tensor) -> Any:
+    """The C-contiguous bytes of ``t`` as a numpy uint8 array (no copy if already contiguous)."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return flat.new_empty(0, dtype=torch.uint8).numpy()
+    return flat.view(torch.uint8).numpy()
+
+
+class CheckpointWriter:
+    """Lays out and writes a list of :class:`TensorSpec` into data files plus an index."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        num_files: int = 1,
+        tensor_alignment: int = DEFAULT_TENSOR_ALIGNMENT,
+        quiet: Optional[bool] = None,
+    ) -> None:
+        if chunk_size <= 0 or chunk_size % FILE_ALIGNMENT:
+            raise ValueError(f"chunk_size must be a positive multiple of {FILE_ALIGNMENT}, got {chunk_size}")
+        if num_files < 1:
+            raise ValueError(f"num_files must be >= 1, got {num_files}")
+        self.directory = directory
+        self.chunk_size = chunk_size
+        self.num_files = num_files
+        self.tensor_alignment = tensor_alignment
+        self.quiet = default_quiet() if quiet is None else quiet
+
+    def _layout(self, specs: list[TensorSpec]) -> list[list[TensorSpec]]:
+        """Split stored tensors, in order, into ``num_files`` runs of about equal size."""
+        stored = [s for s in specs if s.alias_of is None]
+        total = sum(_align(s.nbytes, self.tensor_alignment) for s in stored)
+        target = total / self.num_files if total else 0
+        files: list[list[TensorSpec]] = [[] for _ in range(self.num_files)]
+        done = 0
+        k = 0
+        for s in stored:
+            # Move on to the next file once this one has reached its share (and is not empty).
+            while k < self.num_files - 1 and files[k] and done >= target * (k + 1):
+                k += 1
+            files[k].append(s)
+            done += _align(s.nbytes, self.tensor_alignment)
+        return files
+
+    def write(self, specs: list[TensorSpec], *, source: dict[str, Any]) -> Index:
+        from tqdm.auto import tqdm
+
+        from sllm_store import _C
+
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise SllmStoreError("duplicate tensor names in the input")
+        layout = self._layout(specs)
+        total = sum(s.nbytes for run in layout for s in run)
+        width = max(5, len(str(self.num_files - 1)))
+        entries: dict[str, TensorEntry] = {}
+        files: list[DataFile] = []
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+            disable=self.quiet, dynamic_ncols=True,
+        ) as bar:
+            for k, run in enumerate(layout):
+                fname = f"data-{k:0{width}d}.bin"
+                hasher = _C.ChunkHasher(self.chunk_size)
+                pos = 0
+                with open(self.directory / fname, "wb") as f:
+                    for spec in run:
+                        pad = _align(pos, self.tensor_alignment) - pos
+                        if pad:
+                            zeros = bytes(pad)
+                            f.write(zeros)
+                            hasher.update(zeros)
+                            pos += pad
+                        tensor = spec.load()
+                        self._check(spec, tensor)
+                        data = _tensor_bytes(tensor)
+                        f.write(data)
+                        hasher.update(data)
+                        entries[spec.name] = TensorEntry(
+                            spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
+                        )
+                        pos += spec.nbytes
+                        bar.update(spec.nbytes)
+                        del tensor, data
+                    pad = _align(pos, FILE_ALIGNMENT) - pos
+                    if pad:
+                        zeros = bytes(pad)
+                        f.write(zeros)
+                        hasher.update(zeros)
+                        pos += pad
+                    f.flush()
+                    os.fsync(f.fileno())
+                files.append(DataFile(fname, pos, tuple(hasher.finish())))
+
+        # Index order = the caller's order, aliases included where they appeared.
+        ordered: dict[str, TensorEntry] = {}
+        for s in specs:
+            if s.alias_of is not None:
+                ordered[s.name] = TensorEntry(s.name, "", (), -1, 0, 0, alias_of=s.alias_of)
+            else:
+                ordered[s.name] = entries[s.name]
+        index = Index(
+            path=self.directory,
+            version=FORMAT_VERSION,
+            chunk_size=self.chunk_size,
+            alignment=FILE_ALIGNMENT,
+            tensor_alignment=self.tensor_alignment,
+            files=files,
+            tensors=ordered,
+            source=source,
+            created_by=f"sllm-store {__version__}",
+        )
+        write_index(index, self.directory)
+        return index
+
+    @staticmethod
+    def _check(spec: TensorSpec, tensor: torch.Tensor) -> None:
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise SllmStoreError(
+                f"tensor {spec.name!r} changed while converting: expected {spec.dtype} "
+                f"{list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+
+
+def cast_spec(spec: TensorSpec, dtype: Optional[torch.dtype]) -> TensorSpec:
+    """``spec`` with floating-point data (fp16/bf16/fp32/fp64) cast to ``dtype``."""
+    if dtype is None or spec.dtype not in CASTABLE or spec.dtype == dtype:
+        return spec
+    load = spec.load
+    return TensorSpec(spec.name, dtype, spec.shape, lambda: load().to(dtype), spec.alias_of)
+
+
+def specs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    """TensorSpecs for an in-memory state dict; tensors that are the same view of the same
+    storage (tied weights) become aliases of the first name that holds them."""
+    specs: list[TensorSpec] = []
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+        if t.is_sparse or t.layout != torch.strided:
+            raise ValueError(f"state_dict[{name!r}]: only strided (dense) tensors are supported")
+        key = None
+        if t.numel() > 0:
+            key = (
+                t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                tuple(t.shape), t.stride(), t.dtype,
+            )
+        if key is not None and key in seen:
+            specs.append(TensorSpec(name, t.dtype, tuple(t.shape), lambda t=t: t, alias_of=seen[key]))
+            continue
+        if key is not None:
+            seen[key] = name
+        specs.append(TensorSpec(name, t.dtype, tuple(t.shape), lambda t=t: t.cpu()))
+    return specs
+
+
+def resolve_dtype(dtype: Any) -> Optional[torch.dtype]:
+    """Accept a torch.dtype, a name ("bfloat16", "torch.float16", "fp16") or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
+               "float": "float32"}
+    name = str(dtype).removeprefix("torch.") if hasattr(str, "removeprefix") else str(dtype)
+    name = aliases.get(name, name)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or value not in CASTABLE:
+        raise ValueError(
+            f"unsupported target dtype {dtype!r} (choose float16, bfloat16, float32 or float64)"
+        )
+    return value
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    chunk_size: SizeLike = DEFAULT_CHUNK_SIZE,
+    num_files: int = 1,
+    dtype: Any = None,
+    overwrite: bool = False,
+    quiet: Optional[bool] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Save ``state_dict`` as an sllm-store checkpoint directory at ``path``.
+
+    Tensors on any device are accepted (copied to the CPU one at a time). Tied tensors (the same
+    view of one storage under several names) are stored once. ``dtype`` casts floating-point
+    tensors (fp16/bf16/fp32/fp64) while saving.
+
+    Example::
+
+        import torch, sllm_store
+        sllm_store.save_state_dict({"w": torch.randn(4, 4)}, "/tmp/ckpt")
+        sd = sllm_store.load_state_dict("/tmp/ckpt")
+
+    Raises:
+        DestinationExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    target = resolve_dtype(dtype)
+    specs = [cast_spec(s, target) for s in specs_from_state_dict(state_dict)]
+    writer = CheckpointWriter(
+        Path(path), chunk_size=parse_size(chunk_size), num_files=num_files, quiet=quiet
+    )
+    source = {"format": "state_dict", "name": "", "metadata": dict(metadata or {})}
+    with atomic_directory(path, overwrite) as tmp:
+        writer.directory = tmp
+        writer.write(specs, source=source)
+    return Path(path)

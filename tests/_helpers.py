@@ -1,0 +1,204 @@
+"""Shared helpers for the sllm-store test suite (imported by conftest.py and the test modules)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+INDEX_NAME = "sllm_index.json"
+
+# Every dtype the format is meant to carry. Only the ones the installed torch knows are used.
+ALL_DTYPE_NAMES = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "complex32",
+    "complex64",
+    "complex128",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+]
+
+
+def _usable(dtype: torch.dtype) -> bool:
+    """True when torch can create a tensor of ``dtype`` from raw bytes and copy it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dtype is torch.bool:
+                t = torch.zeros(4, dtype=torch.bool)
+            else:
+                t = torch.zeros(4 * dtype.itemsize, dtype=torch.uint8).view(dtype).reshape(2, 2)
+            t.t().contiguous().clone()
+    except Exception:
+        return False
+    return True
+
+
+DTYPES: list[torch.dtype] = [
+    getattr(torch, name)
+    for name in ALL_DTYPE_NAMES
+    if hasattr(torch, name) and _usable(getattr(torch, name))
+]
+
+# Plain floating dtypes (what ``dtype=`` conversion is meant to act on in a normal checkpoint).
+PLAIN_FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INT_DTYPES = [
+    d
+    for d in (
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        getattr(torch, "uint16", None),
+        getattr(torch, "uint32", None),
+        getattr(torch, "uint64", None),
+    )
+    if d is not None and d in DTYPES
+]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def random_tensor(
+    dtype: torch.dtype, shape: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A tensor of ``dtype``/``shape`` filled with random bytes (NaNs and odd bit patterns allowed).
+
+    bool gets random 0/1 values (other bytes are not valid bools).
+    """
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if dtype is torch.bool:
+        return torch.randint(0, 2, (numel,), generator=generator, dtype=torch.uint8).bool().reshape(
+            shape
+        )
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), generator=generator, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return raw.view(dtype).reshape(shape)
+
+
+def to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The C-contiguous bytes of ``t`` as a flat uint8 CPU tensor."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_tensor_identical(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """Same dtype, same shape, bit-identical contents (NaN payloads included)."""
+    assert isinstance(actual, torch.Tensor), f"{name}: not a tensor: {type(actual)!r}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    a, e = to_bytes(actual), to_bytes(expected)
+    if not torch.equal(a, e):
+        diff = (a != e).nonzero()
+        raise AssertionError(
+            f"{name}: contents differ at {diff.numel()} byte(s), first byte index {int(diff[0])}"
+        )
+
+
+def assert_state_dict_identical(
+    loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, check_order: bool = True
+) -> None:
+    assert isinstance(loaded, dict), type(loaded)
+    if check_order:
+        assert list(loaded) == list(expected)
+    else:
+        assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert_tensor_identical(loaded[name], tensor, name)
+
+
+def read_index_json(path: os.PathLike | str) -> dict[str, Any]:
+    with open(Path(path) / INDEX_NAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_index_json(path: os.PathLike | str, index: Any) -> None:
+    with open(Path(path) / INDEX_NAME, "w", encoding="utf-8") as f:
+        json.dump(index, f)
+
+
+def stored_tensors(index: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The non-alias entries of an index's tensor mapping."""
+    return {k: v for k, v in index["tensors"].items() if "alias_of" not in v}
+
+
+def file_digests(paths: Iterable[Path]) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        out[str(p)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` keyed by relative path."""
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def sllm_store_root() -> str:
+    """The directory from which this pytest process imports ``sllm_store``."""
+    import sllm_store
+
+    return str(Path(sllm_store.__file__).resolve().parent.parent)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = sllm_store_root()
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONWARNINGS"] = "ignore"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(*args: str, timeout: float = 180, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run ``python -m sllm_store ARGS`` and capture its output (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sllm_store", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        **kwargs,
+    )
