@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pathlib
 from collections import OrderedDict
 
@@ -15,6 +14,8 @@ from _helpers import (
     PLAIN_FLOAT_DTYPES,
     assert_state_dict_identical,
     assert_tensor_identical,
+    check_checksums,
+    check_index_invariants,
     dtype_name,
     random_tensor,
     read_index_json,
@@ -42,74 +43,6 @@ def check_single_allocation(loaded: dict) -> None:
     """Every non-empty returned tensor is a view into one host allocation."""
     ptrs = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel() > 0}
     assert len(ptrs) <= 1, f"{len(ptrs)} distinct storages"
-
-
-def check_index_invariants(path) -> dict:
-    """Checks the on-disk format against the contract; returns the index."""
-    path = pathlib.Path(path)
-    index = read_index_json(path)
-    assert index["format"] == "sllm-store"
-    assert index["version"] == 1
-    assert isinstance(index["created_by"], str) and index["created_by"].startswith("sllm-store")
-    assert index["checksum"] == "xxh3_64"
-    alignment, tensor_alignment = index["alignment"], index["tensor_alignment"]
-    assert alignment == 4096
-    assert tensor_alignment == 256
-    chunk_size = index["chunk_size"]
-    assert isinstance(chunk_size, int) and chunk_size > 0 and chunk_size % alignment == 0
-
-    files = index["files"]
-    assert len(files) >= 1
-    for i, f in enumerate(files):
-        assert f["name"] == f"data-{i:05d}.bin"
-        data = (path / f["name"]).read_bytes()
-        assert len(data) == f["size"]
-        assert f["size"] % alignment == 0
-        n_chunks = math.ceil(f["size"] / chunk_size)
-        assert len(f["checksums"]) == n_chunks
-        for c in f["checksums"]:
-            assert isinstance(c, str) and len(c) == 16 and c == c.lower()
-            int(c, 16)
-
-    stored = stored_tensors(index)
-    assert index["total_bytes"] == sum(e["nbytes"] for e in stored.values())
-    per_file: dict[int, list] = {}
-    for name, e in stored.items():
-        dtype = getattr(torch, e["dtype"])
-        assert isinstance(dtype, torch.dtype), name
-        numel = math.prod(e["shape"])
-        assert e["nbytes"] == numel * dtype.itemsize, name
-        assert e["offset"] % tensor_alignment == 0, name
-        assert 0 <= e["file"] < len(files)
-        assert e["offset"] + e["nbytes"] <= files[e["file"]]["size"], name
-        per_file.setdefault(e["file"], []).append((e["offset"], e["nbytes"], name))
-    for name, e in index["tensors"].items():
-        if "alias_of" in e:
-            assert e["alias_of"] in stored, name
-    # Stored tensors do not overlap, and the bytes between them (padding) are zero.
-    for fi, entries in per_file.items():
-        data = (path / files[fi]["name"]).read_bytes()
-        entries.sort()
-        pos = 0
-        for off, nbytes, name in entries:
-            assert off >= pos, f"{name} overlaps the previous tensor"
-            assert data[pos:off].count(0) == off - pos, f"non-zero padding before {name}"
-            pos = off + nbytes
-        assert data[pos:].count(0) == len(data) - pos, "non-zero padding at end of file"
-    return index
-
-
-def check_checksums(path) -> None:
-    xxhash = pytest.importorskip("xxhash")
-    index = read_index_json(path)
-    cs = index["chunk_size"]
-    for f in index["files"]:
-        data = (pathlib.Path(path) / f["name"]).read_bytes()
-        expect = [
-            format(xxhash.xxh3_64_intdigest(data[i : i + cs], seed=0), "016x")
-            for i in range(0, len(data), cs)
-        ]
-        assert f["checksums"] == expect, f["name"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +167,11 @@ def test_large_tensors_span_many_chunks(tmp_path, rng):
     assert sum(len(f["checksums"]) for f in index["files"]) >= 400_000 // SMALL_CHUNK
     check_checksums(path)
     # Load with a small I/O chunk size and verification as well.
-    again = sllm_store.load_state_dict(path, chunk_size=2 * 4096, verify=True, num_threads=4)
+    again = sllm_store.load_state_dict(path, chunk_size=2 * 4096, num_threads=4)
+    assert_state_dict_identical(again, sd)
+    again = sllm_store.load_state_dict(path, chunk_size=3 * 4096, num_threads=1)
+    assert_state_dict_identical(again, sd)
+    again = sllm_store.load_state_dict(path, verify=True, num_threads=4)
     assert_state_dict_identical(again, sd)
 
 

@@ -1,0 +1,159 @@
+"""The ``sllm-store`` command line.
+
+Subcommands: ``convert``, ``verify``, ``info``, ``load``. Expected failures (bad input) print one
+``error: ...`` line on stderr and exit with status 1; usage errors exit with 2; Ctrl-C with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from sllm_store import __version__
+from sllm_store._units import format_size, parse_size
+from sllm_store.errors import SllmStoreError
+
+logger = logging.getLogger("sllm_store.cli")
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from sllm_store.convert import convert
+    from sllm_store.index import read_index
+
+    dst = convert(
+        args.src, args.dst, dtype=args.dtype, chunk_size=args.chunk_size,
+        num_files=args.num_files, overwrite=args.overwrite, quiet=True if args.quiet else None,
+    )
+    index = read_index(dst)
+    print(f"converted {args.src} -> {dst}: {len(index.tensors)} tensors, "
+          f"{format_size(index.total_bytes)} in {len(index.files)} data file(s)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from sllm_store.loader import verify
+
+    index = verify(args.path, num_threads=args.num_threads)
+    chunks = sum(len(f.checksums) for f in index.files)
+    print(f"OK: {args.path}: {len(index.tensors)} tensors, {len(index.files)} data file(s), "
+          f"{chunks} chunks verified")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from sllm_store.index import read_index
+
+    index = read_index(args.path)
+    if args.json:
+        print(json.dumps(index.to_json(), indent=1))
+        return 0
+    dtypes = Counter(t.dtype for t in index.tensors.values() if t.alias_of is None)
+    aliases = sum(1 for t in index.tensors.values() if t.alias_of is not None)
+    print(f"path:        {index.path}")
+    print(f"format:      sllm-store v{index.version} ({index.created_by})")
+    print(f"source:      {index.source.get('format', '?')} {index.source.get('name', '')}")
+    print(f"tensors:     {len(index.tensors)} ({aliases} tied)")
+    print(f"weights:     {format_size(index.total_bytes)} "
+          f"({', '.join(f'{d}: {n}' for d, n in dtypes.most_common())})")
+    print(f"chunk size:  {format_size(index.chunk_size)}, checksum xxh3_64")
+    print("files:")
+    for f in index.files:
+        print(f"  {f.name}  {format_size(f.size)}  {len(f.checksums)} chunks  codec: none")
+    return 0
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    from sllm_store.loader import load_state_dict_with_report
+
+    tensors, report = load_state_dict_with_report(
+        args.path, args.device, num_threads=args.num_threads, verify=args.verify,
+        io_mode=args.io_mode,
+    )
+    print(f"loaded {len(tensors)} tensors, {format_size(report.bytes)} in {report.seconds:.3f} s "
+          f"({report.gb_per_s:.2f} GB/s)")
+    for dev, nbytes in report.devices.items():
+        print(f"  {dev}: {format_size(nbytes)} in one allocation")
+    stats = report.stats
+    print(f"  pipeline: {stats['threads']} threads, {stats['chunks_direct']} direct + "
+          f"{stats['chunks_staged']} staged chunks, O_DIRECT {'on' if stats['o_direct_used'] else 'off'}"
+          + (f", {stats['chunks_verified']} chunks verified" if args.verify else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sllm-store", description="Convert model checkpoints to a fast-loading format and load them."
+    )
+    p.add_argument("--version", action="version", version=f"sllm-store {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("convert", help="convert a HF model dir / safetensors / torch checkpoint",
+                       description="Convert SRC (Hugging Face model directory, .safetensors file "
+                       "or torch state-dict file) into an sllm-store checkpoint directory DST.")
+    c.add_argument("src", help="source model directory or checkpoint file")
+    c.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    c.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
+    c.add_argument("--chunk-size", type=_size, default="32MiB",
+                   help="checksum/read unit, multiple of 4096 (default 32MiB)")
+    c.add_argument("--num-files", type=int, default=1, help="number of data files (default 1)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_convert)
+
+    v = sub.add_parser("verify", help="check index, data files and every chunk checksum",
+                       description="Verify a converted checkpoint completely; exit 1 on any problem.")
+    v.add_argument("path", help="converted checkpoint directory")
+    v.add_argument("--num-threads", type=int, default=None)
+    v.set_defaults(func=_cmd_verify)
+
+    i = sub.add_parser("info", help="show what a converted checkpoint holds",
+                       description="Show tensors, sizes, files and codecs of a converted checkpoint.")
+    i.add_argument("path", help="converted checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print the whole index as JSON")
+    i.set_defaults(func=_cmd_info)
+
+    ld = sub.add_parser("load", help="load a checkpoint and report time and bandwidth",
+                        description="Load a converted checkpoint and report time, GB/s and placement.")
+    ld.add_argument("path", help="converted checkpoint directory")
+    ld.add_argument("--device", default="cpu", help="target device (default cpu)")
+    ld.add_argument("--verify", action="store_true", help="verify checksums while loading")
+    ld.add_argument("--num-threads", type=int, default=None)
+    ld.add_argument("--io-mode", choices=("auto", "buffered", "direct"), default=None)
+    ld.set_defaults(func=_cmd_load)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (SllmStoreError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

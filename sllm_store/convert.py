@@ -1,0 +1,264 @@
+"""Converting checkpoints into the sllm-store format.
+
+Sources (detected from ``src``):
+
+- a Hugging Face model directory: sharded safetensors (``model.safetensors.index.json``), a
+  single ``model.safetensors`` (or other ``*.safetensors``), or ``pytorch_model*.bin`` (sharded
+  with ``pytorch_model.bin.index.json`` or single), read with ``weights_only=True``; its
+  non-weight files (config, tokenizer, generation config, ...) are copied so the destination is a
+  complete model directory;
+- a single ``.safetensors`` file;
+- a torch state-dict file (``.bin``, ``.pt``, ``.pth``, ...), loaded memory-mapped with
+  ``weights_only=True`` where torch supports it.
+
+Tensors are streamed one at a time; the destination appears only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sllm_store._units import SizeLike, parse_size
+from sllm_store.errors import ConvertError, MissingFileError
+from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
+from sllm_store.writer import (
+    CheckpointWriter,
+    TensorSpec,
+    atomic_directory,
+    cast_spec,
+    resolve_dtype,
+    specs_from_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Weight files of other frameworks: not copied into the destination.
+FOREIGN_WEIGHTS = (".msgpack", ".h5", ".gguf", ".onnx", ".ot", ".tflite", ".mlmodel")
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64", "C128": "complex128", "F4": "float4_e2m1fn_x2",
+}
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (validated enough to plan the conversion)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ConvertError(f"'{path}' is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 2**20:
+                raise ConvertError(f"'{path}' is not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"cannot read safetensors header of '{path}': {e}") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"'{path}' has a malformed safetensors header")
+    return header
+
+
+def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, str]]:
+    from safetensors import safe_open
+
+    specs: list[TensorSpec] = []
+    metadata: dict[str, str] = {}
+    for path in paths:
+        header = _safetensors_header(path)
+        meta = header.pop("__metadata__", None) or {}
+        metadata.update({str(k): str(v) for k, v in meta.items()})
+        try:
+            order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ConvertError(f"'{path}' has a malformed safetensors header ({e})") from None
+        handle: dict[str, Any] = {}
+
+        def get(name: str, path: Path = path, handle: dict[str, Any] = handle) -> torch.Tensor:
+            if "h" not in handle:  # opened on first use, kept open for the file's tensors
+                try:
+                    handle["h"] = safe_open(str(path), framework="pt", device="cpu")
+                except Exception as e:  # safetensors raises its own error types
+                    raise ConvertError(f"cannot open '{path}': {e}") from None
+            try:
+                return handle["h"].get_tensor(name)
+            except Exception as e:
+                raise ConvertError(f"cannot read tensor {name!r} from '{path}': {e}") from None
+
+        for name, info in order:
+            st_dtype = info.get("dtype")
+            if st_dtype not in _ST_DTYPES or not hasattr(torch, _ST_DTYPES[st_dtype]):
+                raise ConvertError(f"'{path}': tensor {name!r} has unsupported dtype {st_dtype!r}")
+            dtype = getattr(torch, _ST_DTYPES[st_dtype])
+            specs.append(
+                TensorSpec(name, dtype, tuple(info["shape"]), lambda n=name, g=get: g(n))
+            )
+    return specs, metadata
+
+
+def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            logger.warning("'%s' is a legacy torch file: loading it whole into memory", path)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip / weights_only errors come in many types
+        raise ConvertError(f"cannot load torch checkpoint '{path}': {e}") from None
+    for key in ("state_dict", "model", "module"):  # common wrappers of a state dict
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping) and len(obj) <= 3:
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ConvertError(f"'{path}' does not hold a state dict (got {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if skipped:
+        logger.warning("'%s': skipping %d non-tensor entries (%s)", path, len(skipped), skipped[:3])
+    return tensors
+
+
+def _torch_specs(paths: list[Path]) -> list[TensorSpec]:
+    specs: list[TensorSpec] = []
+    for path in paths:
+        specs.extend(specs_from_state_dict(_torch_state_dict(path)))
+    return specs
+
+
+def _shards_from_index(directory: Path, index_name: str) -> list[Path]:
+    ipath = directory / index_name
+    try:
+        weight_map = json.loads(ipath.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConvertError(f"cannot read shard index '{ipath}': {e}") from None
+    shards = [directory / n for n in names]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise MissingFileError(f"shards listed in '{ipath}' are missing: {', '.join(missing)}")
+    return shards
+
+
+def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
+    """(kind, weight files, files that are weights and must not be copied)."""
+    if not src.exists():
+        raise MissingFileError(f"source '{src}' does not exist")
+    if src.is_file():
+        if src.suffix == ".safetensors":
+            return "safetensors", [src], [src]
+        return "torch", [src], [src]
+    if (src / SAFETENSORS_INDEX).is_file():
+        shards = _shards_from_index(src, SAFETENSORS_INDEX)
+        return "huggingface", shards, shards + [src / SAFETENSORS_INDEX]
+    st = [src / "model.safetensors"] if (src / "model.safetensors").is_file() else sorted(
+        src.glob("*.safetensors")
+    )
+    if st:
+        return "huggingface", st, st
+    if (src / BIN_INDEX).is_file():
+        shards = _shards_from_index(src, BIN_INDEX)
+        return "huggingface-bin", shards, shards + [src / BIN_INDEX]
+    bins = [src / "pytorch_model.bin"] if (src / "pytorch_model.bin").is_file() else []
+    if bins:
+        return "huggingface-bin", bins, bins
+    raise ConvertError(
+        f"no weights found in '{src}' (looked for {SAFETENSORS_INDEX}, *.safetensors, "
+        f"{BIN_INDEX}, pytorch_model.bin)"
+    )
+
+
+def _extra_files(src: Path, weights: list[Path], dst: Path) -> list[Path]:
+    """Non-weight files of a model directory, relative to it (hidden entries skipped)."""
+    skip = {p.resolve() for p in weights}
+    out = []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.resolve() in skip or p.suffix in FOREIGN_WEIGHTS or p.suffix == ".safetensors":
+            continue
+        if p.suffix in TORCH_SUFFIXES and (p.name.startswith("pytorch_model") or
+                                           p.name.startswith("model")):
+            continue
+        try:
+            p.resolve().relative_to(dst.resolve())
+            continue  # the destination itself lives inside the source
+        except ValueError:
+            pass
+        out.append(rel)
+    return out
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    dtype: Any = None,
+    chunk_size: SizeLike = DEFAULT_CHUNK_SIZE,
+    num_files: int = 1,
+    overwrite: bool = False,
+    quiet: Optional[bool] = None,
+) -> Path:
+    """Convert a checkpoint into an sllm-store directory at ``dst``.
+
+    Args:
+        src: Hugging Face model directory, ``.safetensors`` file or torch state-dict file.
+        dst: destination directory (must not exist unless ``overwrite``).
+        dtype: cast floating-point weights (fp16/bf16/fp32/fp64) to this dtype, e.g. "bfloat16".
+        chunk_size: checksum and read unit, a multiple of 4096 (default 32 MiB).
+        num_files: number of data files to spread the tensors over.
+        overwrite: replace an existing ``dst``.
+        quiet: no progress bar (default: quiet unless stderr is a terminal).
+
+    Example::
+
+        sllm_store.convert("Llama-3-8B", "Llama-3-8B.sllm", dtype="bfloat16")
+
+    Raises:
+        MissingFileError: ``src`` or a shard it lists does not exist.
+        ConvertError: ``src`` holds no weights or cannot be read.
+        DestinationExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    src_p, dst_p = Path(src), Path(dst)
+    if src_p.resolve() == dst_p.resolve():
+        raise ConvertError(f"source and destination are the same path: '{src_p}'")
+    target = resolve_dtype(dtype)
+    size = parse_size(chunk_size)
+    kind, weights, not_copied = _detect(src_p)
+    metadata: dict[str, str] = {}
+    if kind in ("safetensors", "huggingface"):
+        specs, metadata = _safetensors_specs(weights)
+    else:
+        specs = _torch_specs(weights)
+    if not specs:
+        raise ConvertError(f"'{src_p}' holds no tensors")
+    specs = [cast_spec(s, target) for s in specs]
+    extras = _extra_files(src_p, not_copied, dst_p) if src_p.is_dir() else []
+    logger.info("converting %s (%s, %d tensors, %d files) -> %s", src_p, kind, len(specs),
+                len(weights), dst_p)
+    source = {"format": kind.split("-")[0] if kind != "torch" else "torch",
+              "name": src_p.name, "metadata": metadata}
+    writer = CheckpointWriter(dst_p, chunk_size=size, num_files=num_files, quiet=quiet)
+    with atomic_directory(dst_p, overwrite) as tmp:
+        for rel in extras:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src_p / rel, tmp / rel)
+        writer.directory = tmp
+        writer.write(specs, source=source)
+    return dst_p
