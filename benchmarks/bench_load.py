@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time checkpoint loading: the disk limit, safetensors and sllm-store, in one run, on the same bytes.
+"""Time checkpoint loading: disk limit, safetensors and sllm-store, in one run, on the same bytes.
 
 One command, one process: every contender is timed in the same run, on the same machine, on the
 same checkpoint, cold (files evicted from the page cache) and warm (files read once before).
@@ -46,7 +46,6 @@ import platform
 import socket
 import struct
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +121,7 @@ class Evictor:
 
                 self.lib_evict = evict_page_cache
                 self.method = "sllm_store.utils.evict_page_cache"
-            except Exception as e:  # noqa: BLE001 - any failure means: use our own helper
+            except Exception as e:  # any failure means: use our own helper
                 log.info("sllm_store.utils.evict_page_cache unavailable (%s): using fadvise", e)
         self.drop_caches: Optional[str] = None  # "ok" / why not, after first use
 
@@ -133,7 +132,7 @@ class Evictor:
                 try:
                     self.lib_evict(f)
                     continue
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log.warning("evict_page_cache(%s) failed (%s); using own helper", f, e)
                     self.lib_evict = None
                     self.method = "posix_fadvise (own helper; library helper failed)"
@@ -193,7 +192,7 @@ class _Mincore:
 def resident_fraction(files: Sequence[Path]) -> Optional[float]:
     try:
         return _Mincore().fraction(files)
-    except Exception as e:  # noqa: BLE001 - informative only
+    except Exception as e:  # informative only
         log.debug("mincore failed: %s", e)
         return None
 
@@ -230,7 +229,8 @@ class RawReader:
                 fd = os.open(f, flags)
                 fds.append(fd)
                 size = os.fstat(fd).st_size
-                work += [(fd, off, min(self.block, size - off)) for off in range(0, size, self.block)]
+                work += [(fd, off, min(self.block, size - off))
+                         for off in range(0, size, self.block)]
             counter = itertools.count()  # next() on it is atomic under the GIL
 
             def worker(buf: mmap.mmap) -> int:
@@ -242,7 +242,8 @@ class RawReader:
                         if i >= len(work):
                             return done_total
                         fd, off, n = work[i]
-                        want = (n + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN if direct else n
+                        # O_DIRECT lengths must be aligned; a read past EOF just returns short
+                        want = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN if direct else n
                         done = 0
                         while done < n:
                             got = os.preadv(fd, [mv[done:want]], off + done)
@@ -353,7 +354,7 @@ class Contender:
     """One way of loading. ``run(ctx)`` loads and returns what it loaded (kept alive until the
     clock stops, then dropped); ``files(ctx)`` are the files it reads (warmed before warm runs);
     ``nbytes(ctx)`` the bytes its GB/s counts; ``unavailable(ctx)`` says why it cannot run here,
-    or None."""
+    or None; ``note(ctx, mode)`` an optional remark for the table."""
 
     name: str
     run: Callable[[Context], Any]
@@ -364,6 +365,7 @@ class Contender:
     unavailable: Callable[[Context], Optional[str]] = lambda ctx: None
     default: bool = True
     description: str = ""
+    note: Callable[[Context, str], Optional[str]] = lambda ctx, mode: None  # table remark
 
 
 CONTENDERS: Dict[str, Contender] = {}
@@ -388,7 +390,7 @@ def _data_files(ctx: Context) -> List[Path]:
 
 def _need_converted(ctx: Context) -> Optional[str]:
     if ctx.sllm is None or ctx.converted is None:
-        return "no converted checkpoint (sllm_store not importable)"
+        return "no converted checkpoint (see the notes)"
     return None
 
 
@@ -403,7 +405,9 @@ def _raw(direct: bool, files: Callable[[Context], List[Path]]) -> Callable[[Cont
     return run
 
 
-def _direct_unavailable(files: Callable[[Context], List[Path]]) -> Callable[[Context], Optional[str]]:
+def _direct_unavailable(
+    files: Callable[[Context], List[Path]],
+) -> Callable[[Context], Optional[str]]:
     return lambda ctx: ctx.raw.check_direct(files(ctx))
 
 
@@ -456,8 +460,18 @@ def _safetensors_pread_unavailable(ctx: Context) -> Optional[str]:
     return None
 
 
+def _mmap_note(ctx: Context, mode: str) -> Optional[str]:
+    if ctx.is_cuda:
+        return None
+    return "lazy mmap, pages touched" + (": maps the page cache, no copy" if mode == "warm" else "")
+
+
+def _direct_note(ctx: Context, mode: str) -> Optional[str]:
+    return "O_DIRECT bypasses the page cache: warm ~ cold" if mode == "warm" else None
+
+
 register(Contender(
-    "safetensors", _safetensors(None), _src_files, _tensor_bytes,
+    "safetensors", _safetensors(None), _src_files, _tensor_bytes, note=_mmap_note,
     description="safetensors.torch.load_file(shard, device=DEVICE) over all shards",
 ))
 register(Contender(
@@ -488,6 +502,7 @@ for _mode in ("buffered", "direct"):
     register(Contender(
         f"sllm-{_mode}", _sllm(io_mode=_mode), _sllm_files, _tensor_bytes,
         unavailable=_need_converted, default=False,
+        note=_direct_note if _mode == "direct" else (lambda ctx, mode: None),
         description=f"sllm_store.load_state_dict(..., io_mode={_mode!r})",
     ))
 register(Contender(
@@ -559,6 +574,9 @@ def measure(ctx: Context, c: Contender, mode: str, reps: int, evictor: Evictor) 
     nbytes = c.nbytes(ctx)
     rec: Dict[str, Any] = {"contender": c.name, "mode": mode, "kind": c.kind, "bytes": nbytes,
                            "description": c.description, "times": [], "notes": []}
+    remark = c.note(ctx, mode)
+    if remark:
+        rec["notes"].append(remark)
     try:
         if mode == "warm":
             ctx.raw.read(files, direct=False)  # bring the files into the page cache
@@ -579,7 +597,7 @@ def measure(ctx: Context, c: Contender, mode: str, reps: int, evictor: Evictor) 
             t = time_once(ctx, c)
             rec["times"].append(t)
             log.info("  %-18s %-4s %8.3f s  %7.2f GB/s", c.name, mode, t, nbytes / GB / t)
-    except Exception as e:  # noqa: BLE001 - one failing contender must not end the benchmark
+    except Exception as e:  # one failing contender must not end the benchmark
         log.error("%s %s failed: %s", c.name, mode, e)
         log.debug("%s", traceback.format_exc())
         rec["status"] = "error"
@@ -713,7 +731,14 @@ def prepare_converted(args: argparse.Namespace, sllm: Any, src: Path,
         raise SystemExit(f"{converted} exists but has no {SLLM_INDEX}; remove it or --reconvert")
     log.info("converting %s -> %s", src, converted)
     t0 = time.perf_counter()
-    sllm.convert(src, converted, overwrite=bool(args.reconvert))
+    try:
+        sllm.convert(src, converted, overwrite=bool(args.reconvert))
+    except Exception as e:  # the benchmark still measures the others
+        log.error("convert failed: %s", e)
+        log.debug("%s", traceback.format_exc())
+        notes.append(f"convert failed ({type(e).__name__}: {e}): raw reads use the source shards"
+                     " and the sllm contenders are skipped")
+        return None, {"error": f"{type(e).__name__}: {e}"}
     t_convert = time.perf_counter() - t0
     os.sync()
     t_sync = time.perf_counter() - t0
@@ -804,6 +829,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:  # keep the library's per-load messages out of the way
+        logging.getLogger("sllm_store").setLevel(logging.WARNING)
 
     if args.list:
         for c in CONTENDERS.values():
@@ -844,7 +871,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if converted_total and converted_total != tensor_bytes:
             notes.append(f"converted total_bytes {converted_total} != safetensors tensor bytes "
                          f"{tensor_bytes} (tied tensors stored once?)")
-    if convert_rec:
+    if convert_rec and "seconds" in convert_rec:
         convert_rec["gbps"] = tensor_bytes / GB / convert_rec["seconds"]
 
     raw_threads = args.threads or 16
@@ -899,7 +926,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.info("check: %s", "ok" if check["ok"] else check)
 
     print_table(results, sizes, raw_best)
-    if convert_rec:
+    if convert_rec and "seconds" in convert_rec:
         print(f"convert: {convert_rec['seconds']:.2f} s ({convert_rec['gbps']:.2f} GB/s), "
               f"{convert_rec['seconds_with_sync']:.2f} s with sync")
     if h2d:
@@ -928,7 +955,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             "results": results,
             "check": check,
             "notes": notes,
-            "threads": threading.active_count(),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

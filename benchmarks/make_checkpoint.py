@@ -5,25 +5,27 @@ The output directory looks like what ``LlamaForCausalLM.save_pretrained`` writes
 
 * ``config.json``: a ``LlamaConfig`` as plain JSON (loadable by ``transformers.LlamaConfig``,
   written without importing transformers), and a small ``generation_config.json``;
-* ``model-0000X-of-0000N.safetensors`` shards of at most ``--max-shard-size`` (default 5GB, decimal
-  like Hugging Face) plus ``model.safetensors.index.json``; or a single ``model.safetensors`` without
-  an index when everything fits in one shard (exactly like ``save_pretrained``).
+* ``model-0000X-of-0000N.safetensors`` shards of at most ``--max-shard-size`` (default 5GB,
+  decimal like Hugging Face) plus ``model.safetensors.index.json``; or a single
+  ``model.safetensors`` without an index when everything fits in one shard (as
+  ``save_pretrained`` does).
 
 Tensor names and order are those of ``LlamaForCausalLM.state_dict()``
-(``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ..., ``model.norm.weight``,
-``lm_head.weight``; ``lm_head.weight`` is left out when the embeddings are tied, as Hugging Face does).
-Weights are random normal with std 0.02; RMSNorm weights are ones, as in a freshly initialised model.
+(``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
+``model.norm.weight``, ``lm_head.weight``; ``lm_head.weight`` is left out when the embeddings
+are tied, as Hugging Face does). Weights are random normal with std 0.02; RMSNorm weights are
+ones, as in a freshly initialised model.
 
 The shard plan is computed from the shapes alone, then each shard is generated, written with
-``safetensors.torch.save_file`` and freed before the next one, so memory stays bounded to one shard.
-The checkpoint is built in ``OUT.partial`` and renamed to ``OUT`` at the end: ``OUT`` existing means a
-complete checkpoint, and it is kept as is unless ``--overwrite`` is given.
+``safetensors.torch.save_file`` and freed before the next one, so memory stays bounded to one
+shard. The checkpoint is built in ``OUT.partial`` and renamed to ``OUT`` at the end: ``OUT``
+existing means a complete checkpoint, and it is kept as is unless ``--overwrite`` is given.
 
 Examples::
 
     python benchmarks/make_checkpoint.py --preset tiny --out /tmp/llama-tiny
-    python benchmarks/make_checkpoint.py --preset small --out /tmp/llama-small        # ~0.31 GB
-    python benchmarks/make_checkpoint.py --preset 8B --num-layers 16 --out /data/llama8b16  # ~9.1 GB
+    python benchmarks/make_checkpoint.py --preset small --out /tmp/llama-small  # ~0.31 GB
+    python benchmarks/make_checkpoint.py --preset 8B --num-layers 16 --out /data/l8b16  # ~9.1 GB
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ log = logging.getLogger("make_checkpoint")
 
 GB = 10**9
 
+TensorSpec = Tuple[str, Tuple[int, ...]]
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -62,9 +66,9 @@ class LlamaShape:
 
     @property
     def dim_per_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else (
-            self.hidden_size // self.num_attention_heads
-        )
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.hidden_size // self.num_attention_heads
 
 
 _LLAMA32_ROPE = {
@@ -76,13 +80,13 @@ _LLAMA32_ROPE = {
 }
 
 PRESETS: Dict[str, LlamaShape] = {
-    # A few hundred KB: for quick functional tests.
+    # ~0.5 MB: for quick functional tests.
     "tiny": LlamaShape(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
         max_position_embeddings=2048, rope_theta=10000.0,
     ),
-    # ~0.31 GB: a small but realistic-shaped model for local end-to-end runs.
+    # ~0.31 GB: a small but realistically shaped model for local end-to-end runs.
     "small": LlamaShape(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=16,
         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
@@ -119,19 +123,21 @@ def parse_size(text: str) -> int:
     """Parse '5GB' (decimal, like Hugging Face), '512MiB' (binary) or a plain byte count."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)"
+        )
     value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
 
 
-def tensor_specs(shape: LlamaShape) -> List[Tuple[str, Tuple[int, ...]]]:
+def tensor_specs(shape: LlamaShape) -> List[TensorSpec]:
     """Names and shapes in ``LlamaForCausalLM.state_dict()`` order."""
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.dim_per_head
     q_out = shape.num_attention_heads * d
     kv_out = shape.num_key_value_heads * d
-    specs: List[Tuple[str, Tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
+    specs: List[TensorSpec] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}."
         specs += [
@@ -159,11 +165,11 @@ def numel(dims: Tuple[int, ...]) -> int:
 
 
 def plan_shards(
-    specs: List[Tuple[str, Tuple[int, ...]]], itemsize: int, max_shard_size: int
-) -> List[List[Tuple[str, Tuple[int, ...]]]]:
+    specs: List[TensorSpec], itemsize: int, max_shard_size: int
+) -> List[List[TensorSpec]]:
     """Greedy split in order, like huggingface_hub's ``split_torch_state_dict_into_shards``."""
-    shards: List[List[Tuple[str, Tuple[int, ...]]]] = []
-    current: List[Tuple[str, Tuple[int, ...]]] = []
+    shards: List[List[TensorSpec]] = []
+    current: List[TensorSpec] = []
     current_size = 0
     for name, dims in specs:
         size = numel(dims) * itemsize
@@ -181,8 +187,8 @@ def plan_shards(
 
 
 def config_dict(shape: LlamaShape, dtype_name: str) -> Dict[str, object]:
-    """A config.json as the Hugging Face hub has them for Llama 3 (transformers 4.x layout;
-    transformers 5 reads it too)."""
+    """A config.json laid out like the Hugging Face hub's Llama 3 ones (transformers 4.x
+    field names; transformers 5 reads them too)."""
     big_vocab = shape.vocab_size > 128001
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -221,10 +227,13 @@ _OWN_FILE = re.compile(
 
 
 def _remove_checkpoint_dir(path: Path) -> None:
-    foreign = [p.name for p in path.iterdir() if not (p.is_file() and _OWN_FILE.fullmatch(p.name))]
+    foreign = [
+        p.name for p in path.iterdir() if not (p.is_file() and _OWN_FILE.fullmatch(p.name))
+    ]
     if foreign:
         raise SystemExit(
-            f"refusing to delete {path}: it holds files this script does not write: {foreign[:5]}"
+            f"refusing to delete {path}: it holds files this script does not write: "
+            f"{foreign[:5]}"
         )
     shutil.rmtree(path)
 
@@ -239,6 +248,7 @@ def write_checkpoint(
     std: float = 0.02,
     overwrite: bool = False,
 ) -> Path:
+    """Write the checkpoint to ``out`` (kept as is if it exists and ``overwrite`` is False)."""
     import torch
     from safetensors.torch import save_file
 
@@ -246,8 +256,8 @@ def write_checkpoint(
     itemsize = torch.empty((), dtype=dtype).element_size()
     specs = tensor_specs(shape)
     shards = plan_shards(specs, itemsize, max_shard_size)
-    total_size = sum(numel(d) for _, d in specs) * itemsize
     total_params = sum(numel(d) for _, d in specs)
+    total_size = total_params * itemsize
 
     if out.exists():
         if not overwrite:
@@ -273,10 +283,13 @@ def write_checkpoint(
         out, total_params, total_size / GB, dtype_name, len(shards), shape.num_hidden_layers,
         shape.hidden_size, shape.vocab_size,
     )
-    (tmp / "config.json").write_text(json.dumps(config_dict(shape, dtype_name), indent=2) + "\n")
     cfg = config_dict(shape, dtype_name)
-    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-               "transformers_version": cfg["transformers_version"]}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen_cfg = {
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": cfg["eos_token_id"],
+        "transformers_version": cfg["transformers_version"],
+    }
     (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
 
     gen = torch.Generator().manual_seed(seed)
@@ -287,7 +300,7 @@ def write_checkpoint(
     for idx, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
         t0 = time.perf_counter()
-        tensors: Dict[str, "torch.Tensor"] = {}
+        tensors: Dict[str, torch.Tensor] = {}
         for name, dims in shard:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(dims, dtype=dtype)
@@ -297,7 +310,7 @@ def write_checkpoint(
         t_gen = time.perf_counter() - t0
         shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        os.chmod(tmp / fname, 0o644)  # save_file creates 0600 files; save_pretrained's are 0644
+        os.chmod(tmp / fname, 0o644)  # save_file makes 0600 files; save_pretrained's are 0644
         del tensors
         written += shard_bytes
         log.info(
@@ -313,8 +326,10 @@ def write_checkpoint(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, out)
     elapsed = time.perf_counter() - t_start
-    log.info("done: %s, %.3f GB in %.1fs (%.2f GB/s)", out, written / GB, elapsed,
-             written / GB / max(elapsed, 1e-9))
+    log.info(
+        "done: %s, %.3f GB in %.1fs (%.2f GB/s)",
+        out, written / GB, elapsed, written / GB / max(elapsed, 1e-9),
+    )
     return out
 
 
@@ -331,26 +346,28 @@ def build_shape(args: argparse.Namespace) -> LlamaShape:
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "hidden_size" in overrides or "num_attention_heads" in overrides:
-        overrides.setdefault("head_dim", None)  # back to hidden // heads unless the preset fits
+        overrides["head_dim"] = None  # back to hidden // heads
         h = overrides.get("hidden_size", shape.hidden_size)
         heads = overrides.get("num_attention_heads", shape.num_attention_heads)
-        if h % heads:
+        if heads < 1 or h % heads:
             raise SystemExit(f"hidden size {h} is not a multiple of {heads} heads")
     shape = replace(shape, **overrides)
+    sizes = (shape.hidden_size, shape.intermediate_size, shape.vocab_size,
+             shape.num_attention_heads, shape.num_key_value_heads)
+    if min(sizes) < 1 or shape.num_hidden_layers < 0:
+        raise SystemExit("sizes must be positive (and --num-layers >= 0)")
     if shape.num_attention_heads % shape.num_key_value_heads:
         raise SystemExit(
             f"{shape.num_attention_heads} heads is not a multiple of "
             f"{shape.num_key_value_heads} kv heads"
         )
-    if min(shape.hidden_size, shape.intermediate_size, shape.vocab_size,
-           shape.num_attention_heads, shape.num_key_value_heads) < 1 or shape.num_hidden_layers < 0:
-        raise SystemExit("sizes must be positive")
     return shape
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="model shapes (default tiny)")
     p.add_argument("--out", required=True, type=Path, help="output directory (HF layout)")
     p.add_argument("--num-layers", type=int, help="override the number of decoder layers")
     p.add_argument("--hidden-size", type=int)
@@ -365,7 +382,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="max bytes per shard, like save_pretrained (default 5GB = 5e9 bytes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="regenerate if --out exists")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and sizes, write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the shapes, shard count and size; write nothing")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -378,8 +396,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         specs = tensor_specs(shape)
         shards = plan_shards(specs, itemsize, args.max_shard_size)
         total = sum(numel(d) for _, d in specs) * itemsize
-        print(json.dumps({"shape": asdict(shape), "tensors": len(specs), "shards": len(shards),
-                          "total_bytes": total, "total_gb": round(total / GB, 3)}, indent=2))
+        plan = {"shape": asdict(shape), "tensors": len(specs), "shards": len(shards),
+                "total_bytes": total, "total_gb": round(total / GB, 3)}
+        print(json.dumps(plan, indent=2))
         return 0
     write_checkpoint(
         args.out, shape, dtype_name=args.dtype, max_shard_size=args.max_shard_size,

@@ -11,7 +11,9 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "device/cuda_driver.h"
 #include "device/device.h"
+#include "memory/pool_cache.h"
 #include "format/checksum.h"
 #include "io/file_reader.h"
 #include "pipeline/loader.h"
@@ -165,6 +167,12 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
   m.def(
       "check_device", [](const std::string& spec) { make_device(spec); }, py::arg("device"),
       "Raise DeviceError unless this build can load into `device` (e.g. 'cpu').");
+
+  m.def("release_staging_buffers", &release_cached_pools,
+        "Free the staging buffers cached for later loads; returns the bytes released.");
+  m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");
+  m.def("cuda_unavailable_reason", &cuda::unavailable_reason,
+        "Why the CUDA driver cannot be used ('' when it can).");
 
   m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

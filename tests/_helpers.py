@@ -17,6 +17,13 @@ import torch
 
 INDEX_NAME = "sllm_index.json"
 
+# Non-weight files put into every tiny model directory (convert must copy them verbatim).
+EXTRA_FILES = {
+    "tokenizer_config.json": json.dumps({"model_max_length": 64}),
+    "special_tokens_map.json": json.dumps({"bos_token": "<s>"}),
+    "README.md": "# tiny llama for tests\n",
+}
+
 # Every dtype the format is meant to carry. Only the ones the installed torch knows are used.
 ALL_DTYPE_NAMES = [
     "float32",

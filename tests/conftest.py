@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _helpers import DTYPES, random_tensor  # noqa: E402
+from _helpers import DTYPES, EXTRA_FILES, random_tensor  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -111,12 +111,6 @@ TINY_LLAMA_KWARGS = dict(
     max_position_embeddings=64,
     tie_word_embeddings=False,
 )
-
-EXTRA_FILES = {
-    "tokenizer_config.json": json.dumps({"model_max_length": 64}),
-    "special_tokens_map.json": json.dumps({"bos_token": "<s>"}),
-    "README.md": "# tiny llama for tests\n",
-}
 
 
 def _write_extras(d: Path) -> None:

@@ -36,4 +36,10 @@ void BufferPool::cancel() {
   cv_.notify_all();
 }
 
+bool BufferPool::reset() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancelled_ = false;
+  return free_.size() == buffers_.size();
+}
+
 }  // namespace sllm

@@ -23,6 +23,8 @@ class BufferPool {
   int acquire();
   void release(int index);
   void cancel();
+  // Makes a cancelled pool usable again; false if some buffer was never released.
+  bool reset();
 
   void* data(int index) const { return buffers_[index].data(); }
   size_t buffer_size() const { return buffer_size_; }

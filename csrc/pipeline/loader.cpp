@@ -14,6 +14,7 @@
 #include "common/errors.h"
 #include "format/checksum.h"
 #include "memory/buffer_pool.h"
+#include "memory/pool_cache.h"
 
 namespace sllm {
 
@@ -59,7 +60,8 @@ class Run {
   std::vector<std::unique_ptr<FileReader>> readers_;
   std::vector<size_t> seg_begin_;  // segments of chunk i: [seg_begin_[i], seg_begin_[i+1])
   std::vector<Segment> segments_;  // sorted by chunk
-  std::unique_ptr<BufferPool> pool_;
+  std::unique_ptr<PoolLease> lease_;
+  BufferPool* pool_ = nullptr;  // the leased pool, when any chunk is staged
   std::vector<int> staging_devices_;  // destinations that receive staged copies
 
   std::atomic<size_t> next_{0};
@@ -242,11 +244,17 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
     if (d.device->host_addressable()) d.device->prepare_destination(d.base, d.size);
   }
   if (need_staging) {
-    HostAllocator alloc = staging_devices_.empty()
-                              ? HostAllocator(allocate_aligned_host)
-                              : plan_.dests[staging_devices_[0]].device->staging_allocator();
+    // Staging memory suits the first staging device (page-locked for a GPU); cached per process.
+    std::string kind = "host";
+    HostAllocator alloc = allocate_aligned_host;
+    if (!staging_devices_.empty()) {
+      const auto& dev = plan_.dests[staging_devices_[0]].device;
+      kind = dev->name();
+      alloc = dev->staging_allocator();
+    }
     size_t count = static_cast<size_t>(threads) * std::max(1, options_.buffers_per_thread);
-    pool_ = std::make_unique<BufferPool>(count, std::max<uint64_t>(max_len, kDirectAlignment), alloc);
+    lease_ = lease_pool(kind, count, std::max<uint64_t>(max_len, kDirectAlignment), alloc);
+    pool_ = &**lease_;
   }
 
   bool was_interrupted = false;

@@ -1,0 +1,92 @@
+#include "device/cuda_device.h"
+
+#include "common/errors.h"
+
+namespace sllm {
+
+namespace {
+constexpr size_t kEventsPerWorker = 8;  // > buffers in flight per worker
+}
+
+CudaDevice::CudaDevice(int ordinal) : drv_(cuda::driver()), ordinal_(ordinal) {
+  if (drv_ == nullptr)
+    throw Error(ErrorKind::kDevice, "cannot use cuda:" + std::to_string(ordinal) + ": " +
+                                        cuda::unavailable_reason());
+  int count = cuda::device_count();
+  if (ordinal < 0 || ordinal >= count)
+    throw Error(ErrorKind::kDevice, "cuda:" + std::to_string(ordinal) + " does not exist (" +
+                                        std::to_string(count) + " CUDA device(s) visible)");
+  cuda::check(drv_->cuDeviceGet(&dev_, ordinal), "cuDeviceGet");
+  cuda::check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+}
+
+CudaDevice::~CudaDevice() {
+  // Best effort: never throw from a destructor.
+  drv_->cuCtxSetCurrent(ctx_);
+  for (auto& w : workers_) {
+    for (auto e : w.events) drv_->cuEventDestroy(e);
+    if (w.stream) drv_->cuStreamDestroy(w.stream);
+  }
+  drv_->cuDevicePrimaryCtxRelease(dev_);
+}
+
+void CudaDevice::make_current() const {
+  cuda::CUcontext cur = nullptr;
+  drv_->cuCtxGetCurrent(&cur);
+  if (cur != ctx_) cuda::check(drv_->cuCtxSetCurrent(ctx_), "cuCtxSetCurrent");
+}
+
+void CudaDevice::begin(int num_workers) {
+  make_current();
+  workers_.resize(static_cast<size_t>(num_workers));
+  for (auto& w : workers_) {
+    if (w.stream == nullptr)
+      cuda::check(drv_->cuStreamCreate(&w.stream, cuda::CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    while (w.events.size() < kEventsPerWorker) {
+      cuda::CUevent e = nullptr;
+      cuda::check(drv_->cuEventCreate(&e, cuda::CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+      w.events.push_back(e);
+    }
+  }
+}
+
+void CudaDevice::copy_from_host(void* dst, const void* src, size_t n, int worker) {
+  make_current();
+  cuda::check(drv_->cuMemcpyHtoDAsync(reinterpret_cast<cuda::CUdeviceptr>(dst), src, n,
+                                      workers_.at(worker).stream),
+              "cuMemcpyHtoDAsync");
+}
+
+uint64_t CudaDevice::record(int worker) {
+  make_current();
+  Worker& w = workers_.at(worker);
+  uint64_t token = w.next_token++;
+  cuda::check(drv_->cuEventRecord(w.events[token % w.events.size()], w.stream), "cuEventRecord");
+  return token;
+}
+
+void CudaDevice::wait(int worker, uint64_t token) {
+  Worker& w = workers_.at(worker);
+  if (token + w.events.size() < w.next_token) return;  // long done: its event was reused
+  make_current();
+  cuda::check(drv_->cuEventSynchronize(w.events[token % w.events.size()]), "cuEventSynchronize");
+}
+
+void CudaDevice::synchronize() {
+  make_current();
+  for (auto& w : workers_)
+    if (w.stream) cuda::check(drv_->cuStreamSynchronize(w.stream), "cuStreamSynchronize");
+}
+
+HostAllocator CudaDevice::staging_allocator() const {
+  const cuda::Driver* drv = drv_;
+  cuda::CUcontext ctx = ctx_;
+  return [drv, ctx](size_t size) {
+    drv->cuCtxSetCurrent(ctx);
+    void* p = nullptr;
+    cuda::check(drv->cuMemHostAlloc(&p, size, cuda::CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc");
+    return HostBuffer(p, size, [drv](void* q) { drv->cuMemFreeHost(q); });
+  };
+}
+
+}  // namespace sllm

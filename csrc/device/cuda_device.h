@@ -1,0 +1,43 @@
+// A CUDA GPU as a destination: asynchronous host-to-device copies from page-locked staging
+// buffers, one stream per worker thread, on the device's primary context (the one PyTorch uses).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "device/cuda_driver.h"
+#include "device/device.h"
+
+namespace sllm {
+
+class CudaDevice final : public Device {
+ public:
+  explicit CudaDevice(int ordinal);
+  ~CudaDevice() override;
+
+  std::string name() const override { return "cuda:" + std::to_string(ordinal_); }
+  bool host_addressable() const override { return false; }
+  void begin(int num_workers) override;
+  void copy_from_host(void* dst, const void* src, size_t n, int worker) override;
+  uint64_t record(int worker) override;
+  void wait(int worker, uint64_t token) override;
+  void synchronize() override;
+  HostAllocator staging_allocator() const override;
+
+ private:
+  void make_current() const;
+
+  struct Worker {
+    cuda::CUstream stream = nullptr;
+    std::vector<cuda::CUevent> events;  // ring, indexed by token % size
+    uint64_t next_token = 0;
+  };
+
+  const cuda::Driver* drv_;
+  int ordinal_;
+  cuda::CUdevice dev_ = 0;
+  cuda::CUcontext ctx_ = nullptr;
+  std::vector<Worker> workers_;
+};
+
+}  // namespace sllm

@@ -1,0 +1,100 @@
+#include "device/cuda_driver.h"
+
+#include <dlfcn.h>
+
+#include <mutex>
+
+#include "common/errors.h"
+
+namespace sllm {
+namespace cuda {
+
+namespace {
+
+struct Loaded {
+  Driver table{};
+  bool ok = false;
+  std::string reason;
+};
+
+template <class F>
+bool bind(void* lib, const char* name, F& slot, std::string& reason) {
+  void* sym = ::dlsym(lib, name);
+  if (sym == nullptr) {
+    reason = std::string("libcuda.so.1 lacks ") + name;
+    return false;
+  }
+  slot = reinterpret_cast<F>(sym);
+  return true;
+}
+
+Loaded load() {
+  Loaded l;
+  // The handle is never closed: the driver stays loaded for the life of the process, as it does
+  // for PyTorch in the same process.
+  void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (lib == nullptr) {
+    const char* e = ::dlerror();
+    l.reason = std::string("CUDA driver not found (") + (e ? e : "libcuda.so.1") + ")";
+    return l;
+  }
+  Driver& d = l.table;
+  std::string& r = l.reason;
+  bool ok = bind(lib, "cuInit", d.cuInit, r) && bind(lib, "cuDeviceGetCount", d.cuDeviceGetCount, r) &&
+            bind(lib, "cuDeviceGet", d.cuDeviceGet, r) &&
+            bind(lib, "cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain, r) &&
+            bind(lib, "cuDevicePrimaryCtxRelease_v2", d.cuDevicePrimaryCtxRelease, r) &&
+            bind(lib, "cuCtxSetCurrent", d.cuCtxSetCurrent, r) &&
+            bind(lib, "cuCtxGetCurrent", d.cuCtxGetCurrent, r) &&
+            bind(lib, "cuStreamCreate", d.cuStreamCreate, r) &&
+            bind(lib, "cuStreamDestroy_v2", d.cuStreamDestroy, r) &&
+            bind(lib, "cuStreamSynchronize", d.cuStreamSynchronize, r) &&
+            bind(lib, "cuEventCreate", d.cuEventCreate, r) &&
+            bind(lib, "cuEventDestroy_v2", d.cuEventDestroy, r) &&
+            bind(lib, "cuEventRecord", d.cuEventRecord, r) &&
+            bind(lib, "cuEventSynchronize", d.cuEventSynchronize, r) &&
+            bind(lib, "cuMemcpyHtoDAsync_v2", d.cuMemcpyHtoDAsync, r) &&
+            bind(lib, "cuMemHostAlloc", d.cuMemHostAlloc, r) &&
+            bind(lib, "cuMemFreeHost", d.cuMemFreeHost, r) &&
+            bind(lib, "cuGetErrorString", d.cuGetErrorString, r);
+  if (!ok) return l;
+  CUresult res = d.cuInit(0);
+  if (res != CUDA_SUCCESS) {
+    const char* s = nullptr;
+    d.cuGetErrorString(res, &s);
+    l.reason = std::string("cuInit failed: ") + (s ? s : std::to_string(res));
+    return l;
+  }
+  l.ok = true;
+  return l;
+}
+
+const Loaded& loaded() {
+  static Loaded l = load();
+  return l;
+}
+
+}  // namespace
+
+const Driver* driver() { return loaded().ok ? &loaded().table : nullptr; }
+
+std::string unavailable_reason() { return loaded().reason; }
+
+int device_count() {
+  const Driver* d = driver();
+  int n = 0;
+  if (d == nullptr || d->cuDeviceGetCount(&n) != CUDA_SUCCESS) return 0;
+  return n;
+}
+
+void check(CUresult r, const char* what) {
+  if (r == CUDA_SUCCESS) return;
+  const char* s = nullptr;
+  if (const Driver* d = driver()) d->cuGetErrorString(r, &s);
+  // 2 = CUDA_ERROR_OUT_OF_MEMORY
+  throw Error(r == 2 ? ErrorKind::kOutOfMemory : ErrorKind::kDevice,
+              std::string(what) + " failed: " + (s ? s : ("CUDA error " + std::to_string(r))));
+}
+
+}  // namespace cuda
+}  // namespace sllm

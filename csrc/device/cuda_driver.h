@@ -1,0 +1,59 @@
+// The CUDA driver API, loaded at run time with dlopen("libcuda.so.1").
+//
+// Nothing here needs CUDA headers or a toolkit at build time: the few types and entry points the
+// loader uses are declared locally (they are part of the driver's stable ABI). If the library or
+// a GPU is missing, available() is false and why() says why; the CPU path is unaffected.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace sllm {
+namespace cuda {
+
+using CUresult = int;
+using CUdevice = int;
+using CUdeviceptr = unsigned long long;
+using CUcontext = struct CUctx_st*;
+using CUstream = struct CUstream_st*;
+using CUevent = struct CUevent_st*;
+
+constexpr CUresult CUDA_SUCCESS = 0;
+constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
+constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
+constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
+
+struct Driver {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDeviceGetCount)(int*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuStreamCreate)(CUstream*, unsigned);
+  CUresult (*cuStreamDestroy)(CUstream);
+  CUresult (*cuStreamSynchronize)(CUstream);
+  CUresult (*cuEventCreate)(CUevent*, unsigned);
+  CUresult (*cuEventDestroy)(CUevent);
+  CUresult (*cuEventRecord)(CUevent, CUstream);
+  CUresult (*cuEventSynchronize)(CUevent);
+  CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
+  CUresult (*cuMemHostAlloc)(void**, size_t, unsigned);
+  CUresult (*cuMemFreeHost)(void*);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+};
+
+// The process-wide driver table, loaded and cuInit'ed on first use; nullptr if unavailable.
+const Driver* driver();
+// Why driver() is nullptr ("" when it is not).
+std::string unavailable_reason();
+// Number of visible CUDA devices (0 without a driver).
+int device_count();
+
+// Throws sllm::Error(kDevice) naming `what` unless r is CUDA_SUCCESS.
+void check(CUresult r, const char* what);
+
+}  // namespace cuda
+}  // namespace sllm

@@ -1,0 +1,233 @@
+"""The ``sllm-store`` command line, run as ``python -m sllm_store`` (and the console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections import OrderedDict
+
+import pytest
+import torch
+from _helpers import (
+    INDEX_NAME,
+    assert_state_dict_identical,
+    assert_tensor_identical,
+    random_tensor,
+    read_index_json,
+    run_cli,
+    subprocess_env,
+    write_index_json,
+)
+
+import sllm_store
+
+SUBCOMMANDS = ["convert", "verify", "info", "load"]
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *names_any: str) -> str:
+    """Non-zero exit, exactly one line on stderr naming one of ``names_any``, no traceback."""
+    assert proc.returncode not in (0, None), proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got: {proc.stderr!r}"
+    if names_any:
+        assert any(n in lines[0] for n in names_any), f"{lines[0]!r} does not name {names_any}"
+    return lines[0]
+
+
+@pytest.fixture
+def small_model_dir(tmp_path):
+    """A tiny HF-like directory (one model.safetensors + config.json), no transformers needed."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator()
+    g.manual_seed(21)
+    sd = OrderedDict(
+        [
+            ("embed.weight", random_tensor(torch.float32, (64, 32), g)),
+            ("layer.0.weight", random_tensor(torch.float16, (32, 32), g)),
+            ("layer.0.bias", (torch.randn(32, generator=g)).to(torch.float32)),
+            ("steps", torch.arange(7, dtype=torch.int64)),
+            ("mask", random_tensor(torch.bool, (9,), g)),
+        ]
+    )
+    src = tmp_path / "model"
+    src.mkdir()
+    save_file(sd, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    return src, sd
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert f"sllm-store {sllm_store.__version__}" in proc.stdout + proc.stderr
+    assert "0.1.0" in proc.stdout + proc.stderr
+
+
+def test_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for sub in SUBCOMMANDS:
+        assert sub in proc.stdout
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_subcommand_help(sub):
+    proc = run_cli(sub, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout.lower()
+    assert sub in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "sub,flags",
+    [
+        ("convert", ["--dtype", "--chunk-size", "--num-files", "--overwrite", "--quiet"]),
+        ("load", ["--device", "--verify", "--num-threads"]),
+    ],
+)
+def test_subcommand_flags_documented(sub, flags):
+    out = run_cli(sub, "--help").stdout
+    for flag in flags:
+        assert flag in out, flag
+
+
+def test_console_script():
+    exe = shutil.which("sllm-store")
+    if exe is None:
+        pytest.skip("the sllm-store console script is not installed")
+    proc = subprocess.run(
+        [exe, "--version"], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0.1.0" in proc.stdout + proc.stderr
+
+
+def test_convert_verify_info_load(tmp_path, small_model_dir):
+    src, sd = small_model_dir
+    dst = tmp_path / "out.sllm"
+    proc = run_cli("convert", src, dst, "--chunk-size", "16KiB", "--num-files", "2", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    index = read_index_json(dst)
+    assert index["chunk_size"] == 16384
+    assert len(index["files"]) == 2
+    assert (dst / "config.json").read_text() == (src / "config.json").read_text()
+    assert_state_dict_identical(sllm_store.load_state_dict(dst), sd, check_order=False)
+
+    proc = run_cli("verify", dst)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
+
+    proc = run_cli("info", dst)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+    proc = run_cli("load", dst, "--device", "cpu", "--verify", "--num-threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+    proc = run_cli("load", dst)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_convert_dtype_flag(tmp_path, small_model_dir):
+    src, sd = small_model_dir
+    dst = tmp_path / "out"
+    proc = run_cli("convert", src, dst, "--dtype", "bfloat16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    loaded = sllm_store.load_state_dict(dst)
+    for name, t in sd.items():
+        expect = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert_tensor_identical(loaded[name], expect, name)
+
+
+def test_convert_overwrite_flag(tmp_path, small_model_dir):
+    src, _ = small_model_dir
+    dst = tmp_path / "out"
+    assert run_cli("convert", src, dst, "--quiet").returncode == 0
+    proc = run_cli("convert", src, dst, "--quiet")
+    assert_clean_error(proc, str(dst), dst.name)
+    proc = run_cli("convert", src, dst, "--quiet", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    sllm_store.verify(dst)
+
+
+# --------------------------------------------------------------------------------------------
+# errors: non-zero exit, one line on stderr, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["verify", "info", "load"])
+def test_missing_checkpoint(tmp_path, sub):
+    path = tmp_path / "nope"
+    assert_clean_error(run_cli(sub, path), "nope")
+
+
+@pytest.mark.parametrize("sub", ["verify", "info", "load"])
+def test_garbage_index(tmp_path, sub):
+    path = tmp_path / "ckpt"
+    sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
+    (path / INDEX_NAME).write_text("garbage{")
+    assert_clean_error(run_cli(sub, path), INDEX_NAME)
+
+
+@pytest.mark.parametrize("sub", ["verify", "info", "load"])
+def test_unsupported_version(tmp_path, sub):
+    path = tmp_path / "ckpt"
+    sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
+    index = read_index_json(path)
+    index["version"] = 2
+    write_index_json(path, index)
+    assert_clean_error(run_cli(sub, path), INDEX_NAME)
+
+
+def test_truncated_data_file(tmp_path):
+    path = tmp_path / "ckpt"
+    sllm_store.save_state_dict({"a": torch.ones(3000)}, path, quiet=True)
+    with open(path / "data-00000.bin", "r+b") as f:
+        f.truncate(100)
+    assert_clean_error(run_cli("load", path), "data-00000.bin")
+    assert_clean_error(run_cli("verify", path), "data-00000.bin")
+
+
+def test_corrupted_data_file(tmp_path):
+    path = tmp_path / "ckpt"
+    sllm_store.save_state_dict({"a": torch.ones(3000)}, path, quiet=True)
+    with open(path / "data-00000.bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff")
+    line = assert_clean_error(run_cli("verify", path), "data-00000.bin")
+    assert "checksum" in line.lower()
+    line = assert_clean_error(run_cli("load", path, "--verify"), "data-00000.bin")
+    assert run_cli("load", path).returncode == 0  # no verification requested
+
+
+def test_convert_errors(tmp_path, small_model_dir):
+    src, _ = small_model_dir
+    assert_clean_error(run_cli("convert", tmp_path / "missing", tmp_path / "o1"), "missing")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 3 + b"garbage")
+    assert_clean_error(run_cli("convert", garbage, tmp_path / "o2"), "garbage.safetensors")
+    assert not (tmp_path / "o2").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_cli("convert", empty, tmp_path / "o3"), "empty")
+    assert_clean_error(run_cli("convert", src, tmp_path / "o4", "--dtype", "float128"))
+    assert not (tmp_path / "o4").exists()
+
+
+def test_bad_device(tmp_path):
+    path = tmp_path / "ckpt"
+    sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
+    assert_clean_error(run_cli("load", path, "--device", "banana"), "banana")
+
+
+def test_usage_errors():
+    for args in ([], ["convert"], ["frobnicate"], ["convert", "a", "b", "--chunk-size", "lots"]):
+        proc = run_cli(*args)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert "usage" in proc.stderr.lower(), proc.stderr
