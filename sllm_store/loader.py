@@ -126,7 +126,7 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
     by_file: dict[int, list] = {i: [] for i in range(len(index.files))}
     for t in stored:
         by_file[t.file].append(t)
-    for name, e in index.tensors.items():
+    for e in index.tensors.values():
         if e.alias_of is not None:
             slot(assign[e.alias_of])  # the alias is a view of its target's memory
     placement: dict[str, tuple[int, int]] = {}

@@ -10,7 +10,7 @@ from typing import Union
 logger = logging.getLogger(__name__)
 
 
-def evict_page_cache(path: Union[str, "os.PathLike[str]"]) -> int:
+def evict_page_cache(path: Union[str, os.PathLike[str]]) -> int:
     """Drop the page-cache pages of a file, or of every file under a directory.
 
     Uses ``posix_fadvise(POSIX_FADV_DONTNEED)``, which works without privileges on clean pages.
