@@ -16,10 +16,8 @@ Tensors are streamed one at a time; the destination appears only once complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +27,13 @@ import torch
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.errors import ConvertError, MissingFileError
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
+from sllm_store.sources import (
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_INDEX,
+    safetensors_header,
+    safetensors_shards,
+    shards_from_index,
+)
 from sllm_store.writer import (
     CheckpointWriter,
     TensorSpec,
@@ -40,39 +45,10 @@ from sllm_store.writer import (
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Weight files of other frameworks: not copied into the destination.
 FOREIGN_WEIGHTS = (".msgpack", ".h5", ".gguf", ".onnx", ".ot", ".tflite", ".mlmodel")
-
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "C64": "complex64", "C128": "complex128", "F4": "float4_e2m1fn_x2",
-}
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (validated enough to plan the conversion)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ConvertError(f"'{path}' is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20:
-                raise ConvertError(f"'{path}' is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"cannot read safetensors header of '{path}': {e}") from None
-    if not isinstance(header, dict):
-        raise ConvertError(f"'{path}' has a malformed safetensors header")
-    return header
-
 
 def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, str]]:
     from safetensors import safe_open
@@ -80,7 +56,7 @@ def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, s
     specs: list[TensorSpec] = []
     metadata: dict[str, str] = {}
     for path in paths:
-        header = _safetensors_header(path)
+        header, _ = safetensors_header(path)
         meta = header.pop("__metadata__", None) or {}
         metadata.update({str(k): str(v) for k, v in meta.items()})
         try:
@@ -102,9 +78,9 @@ def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, s
 
         for name, info in order:
             st_dtype = info.get("dtype")
-            if st_dtype not in _ST_DTYPES or not hasattr(torch, _ST_DTYPES[st_dtype]):
+            if st_dtype not in SAFETENSORS_DTYPES or not hasattr(torch, SAFETENSORS_DTYPES[st_dtype]):
                 raise ConvertError(f"'{path}': tensor {name!r} has unsupported dtype {st_dtype!r}")
-            dtype = getattr(torch, _ST_DTYPES[st_dtype])
+            dtype = getattr(torch, SAFETENSORS_DTYPES[st_dtype])
             specs.append(
                 TensorSpec(name, dtype, tuple(info["shape"]), lambda n=name, g=get: g(n))
             )
@@ -141,20 +117,6 @@ def _torch_specs(paths: list[Path]) -> list[TensorSpec]:
     return specs
 
 
-def _shards_from_index(directory: Path, index_name: str) -> list[Path]:
-    ipath = directory / index_name
-    try:
-        weight_map = json.loads(ipath.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConvertError(f"cannot read shard index '{ipath}': {e}") from None
-    shards = [directory / n for n in names]
-    missing = [str(p) for p in shards if not p.is_file()]
-    if missing:
-        raise MissingFileError(f"shards listed in '{ipath}' are missing: {', '.join(missing)}")
-    return shards
-
-
 def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
     """(kind, weight files, files that are weights and must not be copied)."""
     if not src.exists():
@@ -163,16 +125,11 @@ def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
         if src.suffix == ".safetensors":
             return "safetensors", [src], [src]
         return "torch", [src], [src]
-    if (src / SAFETENSORS_INDEX).is_file():
-        shards = _shards_from_index(src, SAFETENSORS_INDEX)
-        return "huggingface", shards, shards + [src / SAFETENSORS_INDEX]
-    st = [src / "model.safetensors"] if (src / "model.safetensors").is_file() else sorted(
-        src.glob("*.safetensors")
-    )
+    st = safetensors_shards(src)
     if st:
-        return "huggingface", st, st
+        return "huggingface", st, st + [src / SAFETENSORS_INDEX]
     if (src / BIN_INDEX).is_file():
-        shards = _shards_from_index(src, BIN_INDEX)
+        shards = shards_from_index(src, BIN_INDEX)
         return "huggingface-bin", shards, shards + [src / BIN_INDEX]
     bins = [src / "pytorch_model.bin"] if (src / "pytorch_model.bin").is_file() else []
     if bins:

@@ -23,6 +23,7 @@ from sllm_store.config import LoadConfig
 from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import DeviceError, SllmStoreError
 from sllm_store.index import Index, PathLike, check_data_files, read_index
+from sllm_store.sources import open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _read_units(index: Index, config: LoadConfig) -> list[tuple[int, int, int, O
         for c in range(math.ceil(f.size / unit)):
             off = c * unit
             length = min(unit, f.size - off)
-            checksum = f.checksums[c] if unit == index.chunk_size else None
+            checksum = f.checksums[c] if unit == index.chunk_size and f.checksums else None
             units.append((f_i, off, length, checksum))
     # Interleave files so that a multi-file checkpoint keeps every file busy from the start.
     units.sort(key=lambda u: (u[1], u[0]))
@@ -133,7 +134,10 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
     file_region: dict[int, tuple[int, int]] = {}  # file -> (slot, offset) when mapped whole
     for f_i, tensors in by_file.items():
         devs = {assign[t.name] for t in tensors}
-        if len(devs) <= 1 and tensors:
+        # Map the file whole when one device takes all of it and every tensor sits at an offset
+        # its dtype can be viewed at (always so in our format; not always in safetensors).
+        aligned = all(t.offset % dtype_from_name(t.dtype).itemsize == 0 for t in tensors)
+        if len(devs) <= 1 and tensors and aligned:
             s = slot(devs.pop())
             base = reserve(s, index.files[f_i].size, _REGION_ALIGNMENT)
             file_region[f_i] = (s, base)
@@ -190,8 +194,10 @@ def _load(
     path: PathLike, device: DeviceMap, config: LoadConfig
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     t0 = time.perf_counter()
-    index = read_index(path)
+    index = open_checkpoint(path)
     check_data_files(index)
+    if config.verify and not any(f.checksums for f in index.files) and index.files:
+        logger.warning("'%s' has no checksums (not an sllm-store checkpoint): not verified", path)
     assign = _assign_devices(index, device)
     for dev in set(assign.values()):
         _C.check_device(_device_spec(dev))
@@ -247,7 +253,8 @@ def load_state_dict(
     """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
 
     Args:
-        path: directory written by :func:`sllm_store.convert` / :func:`sllm_store.save_state_dict`.
+        path: directory written by :func:`sllm_store.convert` / :func:`sllm_store.save_state_dict`;
+            plain safetensors (a file, or a model directory) load too, through the same pipeline.
         device: target device (``"cpu"``), or a mapping of every tensor name to a device.
         num_threads: reader threads (default: env ``SLLM_STORE_NUM_THREADS`` or the CPU count,
             clamped to 4..16).
