@@ -40,6 +40,8 @@ _LAZY = {
     "convert": "sllm_store.convert",
     "read_index": "sllm_store.index",
     "Index": "sllm_store.index",
+    "load_model": "sllm_store.model",
+    "save_model": "sllm_store.model",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.convert import convert
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_state_dict, verify
+    from sllm_store.model import load_model, save_model
     from sllm_store.writer import save_state_dict
 
 
@@ -68,6 +71,8 @@ __all__ = [
     "load_state_dict",
     "verify",
     "save_state_dict",
+    "load_model",
+    "save_model",
     "convert",
     "read_index",
     "Index",

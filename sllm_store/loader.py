@@ -63,14 +63,12 @@ def _device_spec(dev: torch.device) -> str:
 
 
 def _assign_devices(index: Index, device: DeviceMap) -> dict[str, torch.device]:
-    """Device of every tensor name (aliases included)."""
+    """Device of every tensor name to load (aliases included). A mapping may leave tensors out:
+    they are not loaded."""
     if isinstance(device, Mapping):
         unknown = set(device) - set(index.tensors)
         if unknown:
             raise KeyError(f"device map names tensors not in the checkpoint: {sorted(unknown)[:5]}")
-        missing = set(index.tensors) - set(device)
-        if missing:
-            raise KeyError(f"device map lacks tensors: {sorted(missing)[:5]}")
         cache: dict[Any, torch.device] = {}
         return {n: cache.setdefault(d, _as_device(d)) for n, d in device.items()}
     dev = _as_device(device)
@@ -123,29 +121,31 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
         sizes[s] = off + nbytes
         return off
 
-    stored = [t for t in index.tensors.values() if t.alias_of is None]
+    # Device of each stored tensor to load: its own assignment, else that of an alias of it.
+    target: dict[str, torch.device] = {}
+    for n, dev in assign.items():
+        target.setdefault(index.resolve(n).name, assign.get(index.resolve(n).name, dev))
     by_file: dict[int, list] = {i: [] for i in range(len(index.files))}
-    for t in stored:
-        by_file[t.file].append(t)
-    for e in index.tensors.values():
-        if e.alias_of is not None:
-            slot(assign[e.alias_of])  # the alias is a view of its target's memory
+    for t in index.tensors.values():
+        if t.alias_of is None:
+            by_file[t.file].append(t)
     placement: dict[str, tuple[int, int]] = {}
     file_region: dict[int, tuple[int, int]] = {}  # file -> (slot, offset) when mapped whole
     for f_i, tensors in by_file.items():
-        devs = {assign[t.name] for t in tensors}
+        devs = {target.get(t.name) for t in tensors}
         # Map the file whole when one device takes all of it and every tensor sits at an offset
         # its dtype can be viewed at (always so in our format; not always in safetensors).
         aligned = all(t.offset % dtype_from_name(t.dtype).itemsize == 0 for t in tensors)
-        if len(devs) <= 1 and tensors and aligned:
+        if len(devs) == 1 and None not in devs and aligned:
             s = slot(devs.pop())
             base = reserve(s, index.files[f_i].size, _REGION_ALIGNMENT)
             file_region[f_i] = (s, base)
             for t in tensors:
                 placement[t.name] = (s, base + t.offset)
         else:
+            by_file[f_i] = tensors = [t for t in tensors if t.name in target]
             for t in tensors:
-                s = slot(assign[t.name])
+                s = slot(target[t.name])
                 placement[t.name] = (s, reserve(s, t.nbytes, index.tensor_alignment))
 
     segments: list[tuple[int, int, int, int, int]] = []
@@ -215,7 +215,8 @@ def _load(
     )
 
     out: dict[str, torch.Tensor] = {}
-    for name, entry in index.tensors.items():
+    for name in assign:
+        entry = index.tensors[name]
         stored = index.resolve(name)
         s, off = plan.placement[stored.name]
         buf, shift = buffers[s]

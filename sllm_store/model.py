@@ -1,0 +1,358 @@
+"""Loading and saving ``transformers`` models: :func:`load_model` and :func:`save_model`.
+
+:func:`load_model` is a drop-in for ``AutoModelForCausalLM.from_pretrained(path, torch_dtype=...,
+device_map=...)``: the model is built with its parameters on the meta device (no random
+initialisation, no memory), the weights stream through the C++ pipeline straight into one
+allocation per device and are assigned as the parameters; buffers that are not in the checkpoint
+(rotary caches, position ids) are computed normally at construction; tied weights are re-tied.
+When the placement is known up front (an explicit device), the weights load on worker threads
+while the model is being built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from sllm_store.config import LoadConfig
+from sllm_store.errors import SllmStoreError
+from sllm_store.index import Index, PathLike
+from sllm_store.loader import LoadReport, _as_device, _load
+from sllm_store.sources import open_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DeviceMapLike = Union[str, int, torch.device, Mapping[str, Union[str, int, torch.device]]]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device (no storage, no init cost);
+    buffers stay real, so values computed at construction (rotary caches) are kept."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            kwargs = dict(p.__dict__)
+            kwargs["requires_grad"] = p.requires_grad
+            module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    if dtype is None or not dtype.is_floating_point:
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _checkpoint_dtype(index: Index) -> Optional[torch.dtype]:
+    """The most common floating dtype of the stored weights (what ``dtype="auto"`` picks)."""
+    from sllm_store.dtypes import dtype_from_name
+
+    counts: Counter[str] = Counter()
+    for t in index.tensors.values():
+        if t.alias_of is None and dtype_from_name(t.dtype).is_floating_point:
+            counts[t.dtype] += t.nbytes
+    return dtype_from_name(counts.most_common(1)[0][0]) if counts else None
+
+
+def _model_class(hf_model_class: Any) -> Any:
+    if not isinstance(hf_model_class, str):
+        return hf_model_class
+    import transformers
+
+    cls = getattr(transformers, hf_model_class, None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {hf_model_class!r}")
+    return cls
+
+
+def _build(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_code: bool) -> nn.Module:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    kwargs: dict[str, Any] = {("dtype" if major >= 5 else "torch_dtype"): dtype} if dtype else {}
+    with _parameters_on_meta(), _default_dtype(dtype):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        return cls._from_config(config, **kwargs)
+
+
+def _device_of(name: str, device_map: Mapping[str, Any]) -> Any:
+    """Device of a parameter/buffer name under an accelerate-style module-prefix device map."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in device_map:
+            return device_map[prefix]
+    raise KeyError(f"device_map does not place {name!r}")
+
+
+def _normalize_device(d: Any) -> torch.device:
+    if isinstance(d, int):
+        return torch.device("cuda", d)
+    if d == "disk":
+        raise SllmStoreError("device_map places weights on 'disk': offloading is not supported")
+    return _as_device(d)
+
+
+def _auto_device_map(model: nn.Module, dtype: Optional[torch.dtype], max_memory: Any) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    try:
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise SllmStoreError(
+            "device_map='auto' needs the 'accelerate' package (pip install accelerate)"
+        ) from None
+    no_split = getattr(model, "_no_split_modules", None) or []
+    memory = max_memory or get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+
+
+def _fast_single_device(device_map: DeviceMapLike, index: Index) -> Optional[torch.device]:
+    """The one device every weight goes to, when that is known before the model exists."""
+    if isinstance(device_map, Mapping):
+        devices = {str(_normalize_device(d)) for d in device_map.values()}
+        return _normalize_device(next(iter(device_map.values()))) if len(devices) == 1 else None
+    if device_map == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if torch.cuda.device_count() == 1:
+            free, _ = torch.cuda.mem_get_info(0)
+            if index.total_bytes < 0.9 * free:
+                return torch.device("cuda", 0)
+        return None
+    return _normalize_device(device_map)
+
+
+def _match_keys(checkpoint: list[str], expected: set[str], prefix: str) -> dict[str, str]:
+    """Checkpoint name -> model name, adding or removing the base-model prefix when needed."""
+    mapping = {}
+    for name in checkpoint:
+        if name in expected:
+            mapping[name] = name
+        elif prefix and f"{prefix}.{name}" in expected:
+            mapping[name] = f"{prefix}.{name}"
+        elif prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in expected:
+            mapping[name] = name[len(prefix) + 1:]
+    return mapping
+
+
+def load_model(
+    path: PathLike,
+    *,
+    device_map: DeviceMapLike = "auto",
+    torch_dtype: Any = None,
+    hf_model_class: Any = "AutoModelForCausalLM",
+    trust_remote_code: bool = False,
+    max_memory: Optional[Mapping[Any, Any]] = None,
+    num_threads: Optional[int] = None,
+    verify: Optional[bool] = None,
+    **config_kwargs: Any,
+) -> nn.Module:
+    """Load a ``transformers`` model from a converted (or plain safetensors) model directory.
+
+    A drop-in for ``AutoModelForCausalLM.from_pretrained(path, torch_dtype=..., device_map=...)``.
+
+    Args:
+        path: model directory (config.json plus weights in the sllm-store format or safetensors).
+        device_map: ``"auto"`` (fit over the visible GPUs, then CPU, as accelerate does), a device
+            (``"cuda:0"``, ``"cpu"``, ``0``), or an accelerate-style dict of module prefix -> device.
+        torch_dtype: dtype of floating weights; ``None`` or ``"auto"`` keeps the checkpoint's.
+        hf_model_class: a ``transformers`` class or its name (``"AutoModelForCausalLM"``,
+            ``"AutoModel"``, ``"BertForMaskedLM"``, ...).
+        trust_remote_code: passed to ``AutoConfig`` / the auto class.
+        max_memory: for ``device_map="auto"``, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
+        num_threads, verify: see :func:`sllm_store.load_state_dict`.
+        **config_kwargs: overrides applied to the config (like ``from_pretrained``'s kwargs).
+
+    Returns the model in eval mode, its weights views into one allocation per device.
+
+    Example::
+
+        model = sllm_store.load_model("llama-3-8b.sllm", device_map="cuda:0",
+                                      torch_dtype=torch.bfloat16)
+    """
+    model, _ = load_model_with_report(
+        path, device_map=device_map, torch_dtype=torch_dtype, hf_model_class=hf_model_class,
+        trust_remote_code=trust_remote_code, max_memory=max_memory, num_threads=num_threads,
+        verify=verify, **config_kwargs,
+    )
+    return model
+
+
+def load_model_with_report(
+    path: PathLike,
+    *,
+    device_map: DeviceMapLike = "auto",
+    torch_dtype: Any = None,
+    hf_model_class: Any = "AutoModelForCausalLM",
+    trust_remote_code: bool = False,
+    max_memory: Optional[Mapping[Any, Any]] = None,
+    num_threads: Optional[int] = None,
+    verify: Optional[bool] = None,
+    **config_kwargs: Any,
+) -> tuple[nn.Module, LoadReport]:
+    """:func:`load_model`, also returning the :class:`~sllm_store.loader.LoadReport`."""
+    import transformers
+
+    from sllm_store.writer import resolve_dtype
+
+    t0 = time.perf_counter()
+    root = Path(path)
+    index = open_checkpoint(root)
+    config = transformers.AutoConfig.from_pretrained(
+        root, trust_remote_code=trust_remote_code, **config_kwargs
+    )
+    dtype = _checkpoint_dtype(index) if torch_dtype in (None, "auto") else resolve_dtype(torch_dtype)
+    cls = _model_class(hf_model_class)
+    load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify)
+
+    # Start streaming the weights while the model is built, when the placement is already known.
+    early = _fast_single_device(device_map, index)
+    result: dict[str, Any] = {}
+
+    def stream(device: Any) -> None:
+        try:
+            result["value"] = _load(root, device, load_config)
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    worker = None
+    if early is not None:
+        worker = threading.Thread(target=stream, args=(early,), name="sllm-load", daemon=True)
+        worker.start()
+    try:
+        model = _build(cls, config, dtype, trust_remote_code)
+    finally:
+        if worker is not None:
+            worker.join()
+    if "error" in result:
+        raise result["error"]
+
+    if early is not None:
+        placement: dict[str, Any] = {"": early}
+    elif isinstance(device_map, Mapping):
+        placement = dict(device_map)
+    else:
+        placement = _auto_device_map(model, dtype, max_memory)
+    devices = {k: _normalize_device(v) for k, v in placement.items()}
+
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = _match_keys(list(index.tensors), expected, prefix)
+    unexpected = [n for n in index.tensors if n not in names]
+    if unexpected:
+        logger.warning("%d checkpoint tensors are not used by %s: %s", len(unexpected),
+                       type(model).__name__, unexpected[:5])
+    if early is None:
+        per_tensor = {n: _device_of(names[n], devices) for n in names}
+        stream(per_tensor)
+        if "error" in result:
+            raise result["error"]
+    tensors, report = result["value"]
+
+    state: dict[str, torch.Tensor] = {}
+    for ckpt_name, model_name in names.items():
+        t = tensors[ckpt_name]
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype and _castable(t.dtype):
+            t = t.to(dtype)
+        state[model_name] = t
+    incompatible = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise SllmStoreError(
+            f"'{root}' lacks weights for {len(still_meta)} parameters of {type(model).__name__}: "
+            f"{still_meta[:5]}" + (" ..." if len(still_meta) > 5 else "")
+        )
+    logger.debug("missing keys re-tied or buffers: %s", incompatible.missing_keys[:10])
+    _place_buffers(model, devices)
+    if len({str(d) for d in devices.values()}) > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map={k: _accelerate_device(v) for k, v in devices.items()})
+    model.hf_device_map = {k: str(v) for k, v in devices.items()}
+    with contextlib.suppress(Exception):  # a model without generation config is fine
+        if model.can_generate():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(root)
+    model.eval()
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+def _castable(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _accelerate_device(d: torch.device) -> Union[int, str]:
+    return d.index if d.type == "cuda" and d.index is not None else str(d)
+
+
+def _place_buffers(model: nn.Module, devices: Mapping[str, torch.device]) -> None:
+    """Move buffers (persistent ones not in the checkpoint, non-persistent ones) to their device."""
+    for module_name, module in model.named_modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            target = _device_of(full, devices)
+            if buf.device != target:
+                module._buffers[name] = buf.to(target)
+
+
+def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, quiet: Optional[bool] = None,
+               chunk_size: Any = None, num_files: int = 1) -> Path:
+    """Save a ``transformers`` model like ``save_pretrained``, with weights in the sllm-store format.
+
+    Writes config.json, generation_config.json (when the model has one) and the weights (tied
+    weights stored once) into a temporary directory that is renamed to ``path`` when complete.
+
+    Example::
+
+        sllm_store.save_model(model, "my-model.sllm")
+        model = sllm_store.load_model("my-model.sllm", device_map="cuda:0")
+    """
+    from sllm_store._units import parse_size
+    from sllm_store.index import DEFAULT_CHUNK_SIZE
+    from sllm_store.writer import CheckpointWriter, atomic_directory, specs_from_state_dict
+
+    target = Path(path)
+    writer = CheckpointWriter(
+        target, chunk_size=parse_size(chunk_size or DEFAULT_CHUNK_SIZE), num_files=num_files, quiet=quiet
+    )
+    specs = specs_from_state_dict(model.state_dict())
+    with atomic_directory(target, overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(tmp)
+        writer.directory = tmp
+        writer.write(specs, source={"format": "transformers", "name": type(model).__name__,
+                                    "metadata": {}})
+    return target
