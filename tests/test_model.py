@@ -1,0 +1,134 @@
+"""load_model / save_model against transformers' from_pretrained (CPU; GPU variants in test_cuda)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import sllm_store
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _configs() -> dict[str, tuple[object, str]]:
+    T = transformers
+    return {
+        "llama": (
+            T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                          tie_word_embeddings=True),
+            "AutoModelForCausalLM",
+        ),
+        "gpt2": (T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+                 "AutoModelForCausalLM"),
+        "opt": (
+            T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64),
+            "AutoModelForCausalLM",
+        ),
+        "bert": (
+            T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=256, max_position_embeddings=64),
+            "AutoModelForMaskedLM",
+        ),
+    }
+
+
+@pytest.fixture(scope="module", params=list(_configs()))
+def model_dirs(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    config, auto = _configs()[request.param]
+    torch.manual_seed(0)
+    model = getattr(transformers, auto).from_config(config)
+    root = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(root / "hf")
+    sllm_store.convert(root / "hf", root / "sllm", quiet=True)
+    return auto, root / "hf", root / "sllm"
+
+
+def _outputs(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    with torch.no_grad():
+        return model(ids.to(next(model.parameters()).device)).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_model_matches_from_pretrained(model_dirs, dtype) -> None:
+    auto, hf, converted = model_dirs
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=dtype, device_map="cpu").eval()
+    ours = sllm_store.load_model(converted, device_map="cpu", torch_dtype=dtype, hf_model_class=auto)
+    assert not ours.training
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert set(ref_sd) == set(our_sd)
+    for k in ref_sd:
+        assert ref_sd[k].dtype == our_sd[k].dtype, k
+        assert torch.equal(ref_sd[k], our_sd[k]), k
+    assert torch.equal(_outputs(ref), _outputs(ours))
+    # No parameter or buffer is left on the meta device.
+    assert not [n for n, p in ours.named_parameters() if p.is_meta]
+    assert not [n for n, b in ours.named_buffers() if b.is_meta]
+    # Tied input/output embeddings stay tied (same storage), as in from_pretrained.
+    out_emb = ours.get_output_embeddings()
+    if out_emb is not None and ref.get_output_embeddings().weight is ref.get_input_embeddings().weight:
+        assert out_emb.weight.data_ptr() == ours.get_input_embeddings().weight.data_ptr()
+
+
+def test_load_model_from_plain_safetensors_dir(model_dirs) -> None:
+    auto, hf, _ = model_dirs
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32, device_map="cpu").eval()
+    ours = sllm_store.load_model(hf, device_map="cpu", torch_dtype=torch.float32, hf_model_class=auto)
+    assert torch.equal(_outputs(ref), _outputs(ours))
+
+
+def test_save_model_round_trip(model_dirs, tmp_path) -> None:
+    auto, _, converted = model_dirs
+    model = sllm_store.load_model(converted, device_map="cpu", hf_model_class=auto)
+    out = sllm_store.save_model(model, tmp_path / "saved", quiet=True)
+    assert (out / "config.json").is_file()
+    sllm_store.verify(out)
+    again = sllm_store.load_model(out, device_map="cpu", hf_model_class=auto)
+    assert torch.equal(_outputs(model), _outputs(again))
+    with pytest.raises(sllm_store.DestinationExistsError):
+        sllm_store.save_model(model, out)
+
+
+def test_load_model_auto_device_map_on_cpu_only(model_dirs) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU fallback of device_map='auto'")
+    auto, _, converted = model_dirs
+    model = sllm_store.load_model(converted, hf_model_class=auto)  # device_map="auto"
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_load_model_dict_device_map_cpu(model_dirs) -> None:
+    auto, hf, converted = model_dirs
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32, device_map="cpu").eval()
+    model = sllm_store.load_model(converted, device_map={"": "cpu"}, torch_dtype=torch.float32,
+                                  hf_model_class=auto)
+    assert torch.equal(_outputs(ref), _outputs(model))
+
+
+def test_load_model_missing_weights_is_an_error(tmp_path) -> None:
+    config, auto = _configs()["llama"]
+    model = getattr(transformers, auto).from_config(config)
+    sd = {k: v for k, v in model.state_dict().items() if "layers.1." not in k}
+    sllm_store.save_state_dict(sd, tmp_path / "partial", quiet=True)
+    config.save_pretrained(tmp_path / "partial")
+    with pytest.raises(sllm_store.SllmStoreError, match="lacks weights"):
+        sllm_store.load_model(tmp_path / "partial", device_map="cpu")
+
+
+def test_import_is_cheap() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sllm_store; "
+        "print(sorted(m for m in ('torch', 'transformers', 'grpc') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
