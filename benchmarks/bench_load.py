@@ -46,6 +46,7 @@ import platform
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -517,9 +518,12 @@ register(Contender(
 
 
 def touch_pages(obj: Any) -> None:
-    """Read one byte per page of every CPU tensor in a dict (materialises mmap-backed tensors)."""
+    """Read one byte per page of every CPU tensor in a dict or a module's state_dict
+    (materialises lazily mmap-backed tensors)."""
     import torch
 
+    if callable(getattr(obj, "state_dict", None)):  # a torch.nn.Module (from_pretrained)
+        obj = obj.state_dict()
     if not isinstance(obj, dict):
         return
     seen = set()
@@ -556,17 +560,57 @@ def _release(ctx: Context) -> None:
         torch.cuda.empty_cache()
 
 
-def time_once(ctx: Context, c: Contender) -> float:
+class RssSampler:
+    """Peak resident set size of this process while a run goes, sampled from /proc/self/statm
+    by a background thread (opt-in: the sampling thread takes the GIL now and then)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> RssSampler:
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def time_once(ctx: Context, c: Contender) -> Tuple[float, Optional[int]]:
+    """Seconds for one run, and the peak RSS growth during it (with --rss)."""
+    sampler = RssSampler() if ctx.args.rss else None
     _sync(ctx)
+    if sampler is not None:
+        sampler.__enter__()
     t0 = time.perf_counter()
     out = c.run(ctx)
     if c.kind == "loader" and ctx.touch and not ctx.is_cuda:
         touch_pages(out)
     _sync(ctx)
     elapsed = time.perf_counter() - t0
+    rss_growth = None
+    if sampler is not None:
+        sampler.__exit__()
+        rss_growth = sampler.peak - sampler.base
     del out
     _release(ctx)
-    return elapsed
+    return elapsed, rss_growth
 
 
 def measure(ctx: Context, c: Contender, mode: str, reps: int, evictor: Evictor) -> Dict[str, Any]:
@@ -594,8 +638,10 @@ def measure(ctx: Context, c: Contender, mode: str, reps: int, evictor: Evictor) 
                     if note not in rec["notes"]:
                         log.warning("%s %s: %s", c.name, mode, note)
                         rec["notes"].append(note)
-            t = time_once(ctx, c)
+            t, rss_growth = time_once(ctx, c)
             rec["times"].append(t)
+            if rss_growth is not None:
+                rec["peak_rss_growth_bytes"] = max(rss_growth, rec.get("peak_rss_growth_bytes", 0))
             log.info("  %-18s %-4s %8.3f s  %7.2f GB/s", c.name, mode, t, nbytes / GB / t)
     except Exception as e:  # one failing contender must not end the benchmark
         log.error("%s %s failed: %s", c.name, mode, e)
@@ -770,9 +816,12 @@ def print_table(results: List[Dict[str, Any]], sizes: Dict[str, Any],
             print(f"{r['contender']:<20} {r['mode']:<5} {'-':>9} {'-':>8} {'-':>12} {'-':>15}  "
                   f"{r.get('status')}: {why}")
             continue
+        notes = list(r.get("notes", []))
+        if "peak_rss_growth_bytes" in r:
+            notes.insert(0, f"peak RSS +{r['peak_rss_growth_bytes'] / GB:.2f} GB")
         print(f"{r['contender']:<20} {r['mode']:<5} {r['seconds']:>9.3f} {r['gbps']:>8.2f} "
               f"{fmt_ratio(r.get('vs_raw_disk')):>12} {fmt_ratio(r.get('vs_safetensors')):>15}  "
-              f"{'; '.join(r.get('notes', []))}")
+              f"{'; '.join(notes)}")
     print()
 
 
@@ -820,6 +869,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--list", action="store_true", help="list the contenders and exit")
     p.add_argument("--no-touch", dest="touch", action="store_false",
                    help="on cpu, do not touch the loaded tensors' pages inside the timing")
+    p.add_argument("--rss", action="store_true",
+                   help="also record each contender's peak RSS growth (sampled every 5 ms)")
     p.add_argument("--check", action="store_true",
                    help="also compare sllm's tensors with safetensors' (untimed)")
     p.add_argument("--h2d-gib", type=float, default=2.0,
@@ -932,6 +983,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if h2d:
         print(f"host->device copy: pinned {h2d['pinned_gbps']:.1f} GB/s, "
               f"pageable {h2d['pageable_gbps']:.1f} GB/s")
+    if check is not None:
+        if check.get("ok"):
+            print(f"check: ok, sllm == safetensors for all {check['tensors']} tensors")
+        else:
+            print(f"check: FAILED: {check}")
     for n in notes:
         print(f"note: {n}")
 
