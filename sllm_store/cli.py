@@ -41,9 +41,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from sllm_store.index import read_index
     from sllm_store.loader import verify
 
-    index = verify(args.path, num_threads=args.num_threads)
+    verify(args.path, num_threads=args.num_threads)
+    index = read_index(args.path)
     chunks = sum(len(f.checksums) for f in index.files)
     print(f"OK: {args.path}: {len(index.tensors)} tensors, {len(index.files)} data file(s), "
           f"{chunks} chunks verified")

@@ -290,10 +290,10 @@ def load_state_dict_with_report(
     return _load(path, device, LoadConfig.resolve(**kwargs))
 
 
-def verify(path: PathLike, *, num_threads: Optional[int] = None) -> Index:
+def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
     """Check a converted checkpoint completely: index, every data file, every chunk checksum.
 
-    Returns the index if all is well; raises the specific :class:`SllmStoreError` otherwise.
+    Returns None if all is well; raises the specific :class:`SllmStoreError` otherwise.
 
     Example::
 
@@ -310,4 +310,3 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> Index:
     )
     if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive
         raise SllmStoreError(f"verified {stats['chunks_verified']} of {len(units)} chunks")
-    return index

@@ -1,7 +1,9 @@
 // A bounded pool of reusable host chunk buffers shared by the pipeline's worker threads.
 //
-// Buffers are made once (up front) by a HostAllocator and recycled: acquire() blocks while all
-// are in use, which is what bounds the pipeline's memory. A cancelled pool wakes every waiter.
+// Buffers are made on demand by a HostAllocator, at most `count` of them, and recycled:
+// acquire() blocks while all are in use, which is what bounds the pipeline's memory. Making
+// them on demand spreads the cost of page-locking over the workers, overlapped with their reads,
+// and small loads never make the whole pool. A cancelled pool wakes every waiter.
 #pragma once
 
 #include <condition_variable>
@@ -28,14 +30,18 @@ class BufferPool {
 
   void* data(int index) const { return buffers_[index].data(); }
   size_t buffer_size() const { return buffer_size_; }
-  size_t count() const { return buffers_.size(); }
+  size_t capacity() const { return buffers_.size(); }
+  size_t allocated_bytes() const;
 
  private:
-  std::vector<HostBuffer> buffers_;
-  std::vector<int> free_;
+  std::vector<HostBuffer> buffers_;  // size() == capacity; empty slots not yet made
+  std::vector<int> free_;            // made and free
+  size_t made_ = 0;                  // slots [0, made_) are made or being made
+  size_t ready_ = 0;                 // slots whose allocation finished
   size_t buffer_size_;
+  HostAllocator allocator_;
   bool cancelled_ = false;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
 };
 

@@ -56,7 +56,7 @@ size_t release_cached_pools() {
     drop.swap(c.idle);
   }
   size_t bytes = 0;
-  for (auto& kv : drop) bytes += kv.second->count() * kv.second->buffer_size();
+  for (auto& kv : drop) bytes += kv.second->allocated_bytes();
   return bytes;  // pools freed as `drop` goes out of scope
 }
 
