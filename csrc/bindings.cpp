@@ -81,8 +81,10 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
     options.io_mode = IoMode::kDirect;
   } else if (io_mode == "buffered") {
     options.io_mode = IoMode::kBuffered;
+  } else if (io_mode == "mmap") {
+    options.io_mode = IoMode::kMapped;
   } else {
-    throw py::value_error("io_mode must be 'direct' or 'buffered', got '" + io_mode + "'");
+    throw py::value_error("io_mode must be 'direct', 'buffered' or 'mmap', got '" + io_mode + "'");
   }
   options.verify = verify;
   options.buffers_per_thread = buffers_per_thread;

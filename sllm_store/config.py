@@ -3,7 +3,8 @@
 Environment variables (all optional):
 
 ``SLLM_STORE_NUM_THREADS``   worker threads (default: CPU count, between 4 and 16)
-``SLLM_STORE_IO_MODE``       ``auto`` | ``buffered`` | ``direct`` (default ``auto`` = buffered)
+``SLLM_STORE_IO_MODE``       ``auto`` | ``buffered`` | ``direct`` | ``mmap`` (default ``auto`` =
+                             buffered)
 ``SLLM_STORE_CHUNK_SIZE``    read unit, e.g. ``16MiB`` (default: the checkpoint's chunk size)
 ``SLLM_STORE_VERIFY``        ``1`` to verify checksums on every load
 """
@@ -16,7 +17,7 @@ from typing import Optional
 
 from sllm_store._units import SizeLike, parse_size
 
-IO_MODES = ("auto", "buffered", "direct")
+IO_MODES = ("auto", "buffered", "direct", "mmap")
 
 
 def default_num_threads() -> int:

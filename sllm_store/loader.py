@@ -163,6 +163,28 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
     return _Plan(units, segments, devices, sizes, placement)
 
 
+def _mapped_plan(index: Index, config: LoadConfig) -> tuple[_Plan, list[tuple[torch.Tensor, int]]]:
+    """Plan for io_mode='mmap': every data file is a private (copy-on-write) memory mapping and
+    its tensors are views into it; the pipeline faults the pages in on its worker threads."""
+    import mmap
+
+    units = _read_units(index, config)
+    buffers: list[tuple[torch.Tensor, int]] = []
+    for i, f in enumerate(index.files):
+        if f.size == 0:
+            buffers.append((torch.empty(0, dtype=torch.uint8), 0))
+            continue
+        with open(index.file_path(i), "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), f.size, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        buffers.append((torch.frombuffer(mapping, dtype=torch.uint8), 0))
+    segments = [(u_i, 0, f_i, off, length) for u_i, (f_i, off, length, _) in enumerate(units)]
+    placement = {t.name: (t.file, t.offset) for t in index.tensors.values() if t.alias_of is None}
+    cpu = torch.device("cpu")
+    plan = _Plan(units, segments, [cpu] * len(index.files), [f.size for f in index.files], placement)
+    return plan, buffers
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for d in reversed(shape):
@@ -199,11 +221,15 @@ def _load(
     if config.verify and not any(f.checksums for f in index.files) and index.files:
         logger.warning("'%s' has no checksums (not an sllm-store checkpoint): not verified", path)
     assign = _assign_devices(index, device)
+    if config.effective_io_mode == "mmap" and {d.type for d in assign.values()} - {"cpu"}:
+        raise ValueError("io_mode='mmap' loads into host memory only (device='cpu')")
     for dev in set(assign.values()):
         _C.check_device(_device_spec(dev))
-    plan = _make_plan(index, assign, config)
-
-    buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+    if config.effective_io_mode == "mmap":
+        plan, buffers = _mapped_plan(index, config)
+    else:
+        plan = _make_plan(index, assign, config)
+        buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
     dests = [
         (_device_spec(dev), buf.data_ptr() + shift, size)
         for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)
@@ -261,8 +287,10 @@ def load_state_dict(
             clamped to 4..16).
         chunk_size: read unit in bytes or as ``"16MiB"`` (default: the checkpoint's chunk size).
         verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY=1``).
-        io_mode: ``"auto"`` (buffered), ``"buffered"`` or ``"direct"`` (O_DIRECT, falling back to
-            buffered where the filesystem refuses it).
+        io_mode: ``"auto"`` (buffered), ``"buffered"``, ``"direct"`` (O_DIRECT, falling back to
+            buffered where the filesystem refuses it) or ``"mmap"`` (CPU only: tensors are views
+            of private copy-on-write mappings of the data files, faulted in by the worker threads;
+            no copy, shares the page cache; the files must not be truncated while in use).
 
     All tensors of one device are views into a single allocation; tied tensors share storage.
 

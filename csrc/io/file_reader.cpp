@@ -1,6 +1,7 @@
 #include "io/file_reader.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@ FileReader::FileReader(const std::string& path, IoMode mode) : path_(path) {
     throw Error(ErrorKind::kRead, "cannot stat data file '" + path + "': " + errno_text(err));
   }
   size_ = static_cast<uint64_t>(st.st_size);
+  mapped_ = mode == IoMode::kMapped;
   if (mode == IoMode::kDirect) {
 #ifdef O_DIRECT
     direct_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
@@ -61,8 +63,29 @@ size_t FileReader::pread_full(int fd, char* dst, size_t size, uint64_t offset) {
   return done;
 }
 
+void FileReader::populate(void* dst, size_t size) {
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+  if (size == 0) return;
+  if (::madvise(dst, size, MADV_POPULATE_READ) == 0) return;
+  if (errno == EFAULT || errno == EIO)
+    throw Error(ErrorKind::kRead, "cannot read mapped pages of '" + path_ + "': " + errno_text(errno));
+  // Older kernel: touch one byte per page.
+  const volatile char* p = static_cast<const volatile char*>(dst);
+  const long page = ::sysconf(_SC_PAGESIZE);
+  char sink = 0;
+  for (size_t i = 0; i < size; i += static_cast<size_t>(page)) sink ^= p[i];
+  sink ^= p[size - 1];
+  (void)sink;
+}
+
 void FileReader::read_exact(void* dst, size_t size, uint64_t offset) {
   char* out = static_cast<char*>(dst);
+  if (mapped_) {
+    populate(dst, size);
+    return;
+  }
   const bool can_direct = direct() && aligned(offset) && aligned(size) &&
                           aligned(reinterpret_cast<uintptr_t>(dst));
   if (can_direct) {

@@ -12,7 +12,9 @@
 
 namespace sllm {
 
-enum class IoMode { kBuffered, kDirect };
+// kMapped: the destination of every read is a private memory mapping of the same file range
+// (made by the caller); "reading" faults those pages in, in parallel, without a copy.
+enum class IoMode { kBuffered, kDirect, kMapped };
 
 // Alignment that O_DIRECT needs for offsets, lengths and buffer addresses (safe for all common
 // block devices); the format pads data files to it.
@@ -34,11 +36,13 @@ class FileReader {
   bool direct() const { return direct_fd_ >= 0 && !direct_failed_.load(); }
 
  private:
+  void populate(void* dst, size_t size);
   size_t pread_full(int fd, char* dst, size_t size, uint64_t offset);
 
   std::string path_;
   int fd_ = -1;
   int direct_fd_ = -1;
+  bool mapped_ = false;
   uint64_t size_ = 0;
   std::atomic<bool> direct_failed_{false};
 };

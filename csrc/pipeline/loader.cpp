@@ -229,6 +229,8 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   bool need_staging = false;
   uint64_t max_len = 0;
   for (size_t i = 0; i < plan_.chunks.size(); ++i) {
+    if (!chunk_is_direct(i) && options_.io_mode == IoMode::kMapped && seg_begin_[i + 1] > seg_begin_[i])
+      throw Error(ErrorKind::kFormat, "mapped loads need every chunk mapped whole into host memory");
     if (!chunk_is_direct(i)) {
       need_staging = true;
       max_len = std::max(max_len, plan_.chunks[i].length);
@@ -241,7 +243,8 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   }
   for (const auto& d : plan_.dests) {
     d.device->begin(threads);
-    if (d.device->host_addressable()) d.device->prepare_destination(d.base, d.size);
+    if (d.device->host_addressable() && options_.io_mode != IoMode::kMapped)
+      d.device->prepare_destination(d.base, d.size);
   }
   if (need_staging) {
     // Staging memory suits the first staging device (page-locked for a GPU); cached per process.
