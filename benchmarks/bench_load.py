@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import itertools
@@ -151,50 +150,14 @@ class Evictor:
             self.drop_caches = "not root"
 
 
-class _Mincore:
-    """Fraction of a set of files resident in the page cache, via mmap + mincore (Linux)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.mmap = libc.mmap
-        self.mmap.restype = ctypes.c_void_p
-        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        self.munmap = libc.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.mincore = libc.mincore
-        self.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-    def fraction(self, files: Sequence[Path]) -> Optional[float]:
-        total = resident = 0
-        for f in files:
-            size = f.stat().st_size
-            if size == 0:
-                continue
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                addr = self.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-                if addr is None or addr == ctypes.c_void_p(-1).value:
-                    return None
-                try:
-                    pages = (size + PAGE - 1) // PAGE
-                    vec = ctypes.create_string_buffer(pages)
-                    if self.mincore(addr, size, vec) != 0:
-                        return None
-                    resident += pages - vec.raw.count(b"\x00")
-                    total += pages
-                finally:
-                    self.munmap(addr, size)
-            finally:
-                os.close(fd)
-        return resident / total if total else None
-
-
 def resident_fraction(files: Sequence[Path]) -> Optional[float]:
+    """Fraction of the files' pages in the page cache (sllm_store's mincore helper), or None."""
     try:
-        return _Mincore().fraction(files)
+        from sllm_store.utils import page_cache_fraction
+
+        return page_cache_fraction(files)
     except Exception as e:  # informative only
-        log.debug("mincore failed: %s", e)
+        log.debug("page-cache residency unknown: %s", e)
         return None
 
 
@@ -509,6 +472,86 @@ for _mode in ("buffered", "direct"):
 register(Contender(
     "sllm-verify", _sllm(verify=True), _sllm_files, _tensor_bytes, unavailable=_need_converted,
     default=False, description="sllm_store.load_state_dict(..., verify=True) (checksums)",
+))
+
+
+def _sllm_mmap_unavailable(ctx: Context) -> Optional[str]:
+    return "io_mode='mmap' loads into host memory only" if ctx.is_cuda else _need_converted(ctx)
+
+
+register(Contender(
+    "sllm-mmap", _sllm(io_mode="mmap"), _sllm_files, _tensor_bytes, unavailable=_sllm_mmap_unavailable,
+    default=False, description="sllm_store.load_state_dict(..., io_mode='mmap') (CPU: copy-on-write views)",
+))
+
+
+def _bf16() -> Any:
+    import torch
+
+    return torch.bfloat16
+
+
+def _no_transformers(ctx: Context) -> Optional[str]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed"
+    return None
+
+
+def _from_pretrained(ctx: Context) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ctx.src, dtype=_bf16(), device_map=ctx.device)
+
+
+def _model_params(model: Any) -> Dict[str, Any]:
+    return dict(model.state_dict())
+
+
+register(Contender(
+    "from_pretrained", lambda ctx: _model_params(_from_pretrained(ctx)), _src_files, _tensor_bytes,
+    unavailable=_no_transformers,
+    description="transformers AutoModelForCausalLM.from_pretrained(src, dtype=bf16, device_map=DEVICE)",
+))
+
+
+def _sllm_model_unavailable(ctx: Context) -> Optional[str]:
+    return _no_transformers(ctx) or _need_converted(ctx)
+
+
+register(Contender(
+    "sllm-load_model",
+    lambda ctx: _model_params(ctx.sllm.load_model(ctx.converted, device_map=ctx.device,
+                                                  torch_dtype=_bf16(), num_threads=ctx.threads)),
+    _sllm_files, _tensor_bytes, unavailable=_sllm_model_unavailable,
+    description="sllm_store.load_model(converted, device_map=DEVICE, torch_dtype=bf16)",
+))
+
+
+def _runai_unavailable(ctx: Context) -> Optional[str]:
+    try:
+        import runai_model_streamer  # noqa: F401
+    except ImportError:
+        return "runai-model-streamer is not installed"
+    return None
+
+
+def _runai(ctx: Context) -> Any:
+    from runai_model_streamer import SafetensorsStreamer
+
+    out: Dict[str, Any] = {}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files([str(f) for f in ctx.src_files])
+        for name, tensor in streamer.get_tensors():
+            # The streamer reuses its buffers: every tensor is copied out (to the device).
+            out[name] = tensor.to(ctx.device) if ctx.is_cuda else tensor.clone()
+    return out
+
+
+register(Contender(
+    "runai", _runai, _src_files, _tensor_bytes, unavailable=_runai_unavailable,
+    default=False, description="runai-model-streamer SafetensorsStreamer -> DEVICE",
 ))
 
 

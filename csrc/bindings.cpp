@@ -16,6 +16,7 @@
 #include "memory/pool_cache.h"
 #include "format/checksum.h"
 #include "io/file_reader.h"
+#include "io/page_cache.h"
 #include "pipeline/loader.h"
 
 namespace py = pybind11;
@@ -170,6 +171,13 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       "check_device", [](const std::string& spec) { make_device(spec); }, py::arg("device"),
       "Raise DeviceError unless this build can load into `device` (e.g. 'cpu').");
 
+  m.def(
+      "page_cache_fraction",
+      [](const std::vector<std::string>& paths) {
+        py::gil_scoped_release nogil;
+        return page_cache_fraction(paths);
+      },
+      py::arg("paths"), "Fraction of the files' pages in the page cache (-1: unknown).");
   m.def("release_staging_buffers", &release_cached_pools,
         "Free the staging buffers cached for later loads; returns the bytes released.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");

@@ -89,7 +89,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
     print(f"  pipeline: {stats['threads']} threads, {stats['chunks_direct']} direct + "
-          f"{stats['chunks_staged']} staged chunks, O_DIRECT {'on' if stats['o_direct_used'] else 'off'}"
+          f"{stats['chunks_staged']} staged chunks, io_mode {stats['io_mode']}"
+          f" (O_DIRECT {'on' if stats['o_direct_used'] else 'off'})"
           + (f", {stats['chunks_verified']} chunks verified" if args.verify else ""))
     return 0
 
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--device", default="cpu", help="target device (default cpu)")
     ld.add_argument("--verify", action="store_true", help="verify checksums while loading")
     ld.add_argument("--num-threads", type=int, default=None)
-    ld.add_argument("--io-mode", choices=("auto", "buffered", "direct"), default=None)
+    ld.add_argument("--io-mode", choices=("auto", "buffered", "direct", "mmap"), default=None,
+                    help="read mode (default auto: O_DIRECT when not page-cached, else buffered)")
     ld.set_defaults(func=_cmd_load)
     return p
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from sllm_store._units import SizeLike, parse_size
-from sllm_store.errors import ConvertError, MissingFileError
+from sllm_store.errors import ConvertError, MissingFileError, MissingSourceError
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
 from sllm_store.sources import (
     SAFETENSORS_DTYPES,
@@ -120,7 +120,7 @@ def _torch_specs(paths: list[Path]) -> list[TensorSpec]:
 def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
     """(kind, weight files, files that are weights and must not be copied)."""
     if not src.exists():
-        raise MissingFileError(f"source '{src}' does not exist")
+        raise MissingSourceError(f"source '{src}' does not exist")
     if src.is_file():
         if src.suffix == ".safetensors":
             return "safetensors", [src], [src]
@@ -188,7 +188,7 @@ def convert(
         sllm_store.convert("Llama-3-8B", "Llama-3-8B.sllm", dtype="bfloat16")
 
     Raises:
-        MissingFileError: ``src`` or a shard it lists does not exist.
+        MissingSourceError: ``src`` or a shard it lists does not exist.
         ConvertError: ``src`` holds no weights or cannot be read.
         DestinationExistsError: ``dst`` exists and ``overwrite`` is false.
     """
@@ -197,7 +197,10 @@ def convert(
         raise ConvertError(f"source and destination are the same path: '{src_p}'")
     target = resolve_dtype(dtype)
     size = parse_size(chunk_size)
-    kind, weights, not_copied = _detect(src_p)
+    try:
+        kind, weights, not_copied = _detect(src_p)
+    except MissingFileError as e:  # a shard the source's index lists
+        raise MissingSourceError(str(e)) from None
     metadata: dict[str, str] = {}
     if kind in ("safetensors", "huggingface"):
         specs, metadata = _safetensors_specs(weights)

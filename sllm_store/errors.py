@@ -43,6 +43,10 @@ class ConvertError(SllmStoreError):
     """The source of a conversion cannot be read or understood."""
 
 
+class MissingSourceError(ConvertError, FileNotFoundError):
+    """The source of a conversion (or a shard its index lists) does not exist."""
+
+
 class DestinationExistsError(ConvertError, FileExistsError):
     """The destination of a conversion exists and ``overwrite`` was not given."""
 
@@ -64,6 +68,7 @@ __all__ = [
     "ChecksumError",
     "ReadError",
     "ConvertError",
+    "MissingSourceError",
     "DestinationExistsError",
     "DeviceError",
     "OutOfMemoryError",

@@ -221,11 +221,13 @@ def _load(
     if config.verify and not any(f.checksums for f in index.files) and index.files:
         logger.warning("'%s' has no checksums (not an sllm-store checkpoint): not verified", path)
     assign = _assign_devices(index, device)
-    if config.effective_io_mode == "mmap" and {d.type for d in assign.values()} - {"cpu"}:
+    if config.io_mode == "mmap" and {d.type for d in assign.values()} - {"cpu"}:
         raise ValueError("io_mode='mmap' loads into host memory only (device='cpu')")
     for dev in set(assign.values()):
         _C.check_device(_device_spec(dev))
-    if config.effective_io_mode == "mmap":
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    io_mode = config.io_mode_for(files)
+    if io_mode == "mmap":
         plan, buffers = _mapped_plan(index, config)
     else:
         plan = _make_plan(index, assign, config)
@@ -234,11 +236,11 @@ def _load(
         (_device_spec(dev), buf.data_ptr() + shift, size)
         for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)
     ]
-    files = [str(index.file_path(i)) for i in range(len(index.files))]
     stats = _C.run_load(
         files, plan.units, plan.segments, dests,
-        num_threads=config.num_threads, io_mode=config.effective_io_mode, verify=config.verify,
+        num_threads=config.num_threads, io_mode=io_mode, verify=config.verify,
     )
+    stats["io_mode"] = io_mode
 
     out: dict[str, torch.Tensor] = {}
     for name in assign:
@@ -287,7 +289,8 @@ def load_state_dict(
             clamped to 4..16).
         chunk_size: read unit in bytes or as ``"16MiB"`` (default: the checkpoint's chunk size).
         verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY=1``).
-        io_mode: ``"auto"`` (buffered), ``"buffered"``, ``"direct"`` (O_DIRECT, falling back to
+        io_mode: ``"auto"`` (O_DIRECT when the files are not in the page cache, else buffered;
+            env ``SLLM_STORE_IO_MODE``), ``"buffered"``, ``"direct"`` (O_DIRECT, falling back to
             buffered where the filesystem refuses it) or ``"mmap"`` (CPU only: tensors are views
             of private copy-on-write mappings of the data files, faulted in by the worker threads;
             no copy, shares the page cache; the files must not be truncated while in use).
@@ -334,7 +337,7 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
     files = [str(index.file_path(i)) for i in range(len(index.files))]
     stats = _C.run_load(
         files, units, [], [], num_threads=config.num_threads,
-        io_mode=config.effective_io_mode, verify=True,
+        io_mode=config.io_mode_for(files), verify=True,
     )
     if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive
         raise SllmStoreError(f"verified {stats['chunks_verified']} of {len(units)} chunks")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -39,3 +39,11 @@ def drop_all_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def page_cache_fraction(paths: Sequence[Union[str, os.PathLike[str]]]) -> Optional[float]:
+    """Fraction (0..1) of the files' pages that are in the page cache; None if unknown."""
+    from sllm_store import _C
+
+    value = _C.page_cache_fraction([os.fspath(p) for p in paths])
+    return None if value < 0 else value

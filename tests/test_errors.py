@@ -8,7 +8,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from _helpers import INDEX_NAME, random_tensor, read_index_json, run_cli, write_index_json
+from _helpers import (
+    INDEX_NAME,
+    assert_tensor_identical,
+    random_tensor,
+    read_index_json,
+    run_cli,
+    write_index_json,
+)
 
 import sllm_store
 from sllm_store import errors as E
@@ -465,7 +472,7 @@ def test_convert_destination_exists(tmp_path, small_safetensors):
     sllm_store.convert(src, dst, overwrite=True, quiet=True)
     loaded = sllm_store.load_state_dict(dst)
     assert sorted(loaded) == sorted(sd)
-    assert torch.equal(loaded["a"], sd["a"])
+    assert_tensor_identical(loaded["a"], sd["a"], "a")
 
 
 def test_convert_destination_is_empty_dir(tmp_path, small_safetensors):
@@ -503,7 +510,8 @@ def test_convert_nonexistent_source(tmp_path):
     dst = tmp_path / "dst"
     with pytest.raises(E.ConvertError) as ei:
         sllm_store.convert(src, dst, quiet=True)
-    assert_error(ei, E.ConvertError, "no-such-model")
+    assert_error(ei, E.MissingSourceError, "no-such-model")
+    assert isinstance(ei.value, FileNotFoundError)
     assert not dst.exists()
 
 
@@ -552,7 +560,8 @@ def test_convert_bad_model_dir(tmp_path, layout):
     dst = tmp_path / "dst"
     with pytest.raises(E.ConvertError) as ei:
         sllm_store.convert(src, dst, quiet=True)
-    assert_error(ei, E.ConvertError, expect_name)
+    expected = E.MissingSourceError if layout == "missing_shard" else E.ConvertError
+    assert_error(ei, expected, expect_name)
     assert not dst.exists()
 
 
