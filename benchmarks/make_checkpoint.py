@@ -38,9 +38,13 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("make_checkpoint")
 
@@ -186,6 +190,33 @@ def plan_shards(
     return shards
 
 
+# Without a GPU, torch's CPU normal_ with a generator runs on one thread: a tensor is filled in
+# chunks by a thread pool (torch releases the GIL), one seeded generator per chunk.
+GEN_CHUNK = 4 * 2**20
+
+
+def default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def fill_normal_cpu(t: torch.Tensor, std: float, seed: int, pool: ThreadPoolExecutor) -> None:
+    """Fill a contiguous CPU tensor with normal(0, std) values in parallel; the values depend on
+    ``seed`` only, not on the number of workers."""
+    import torch
+
+    flat = t.view(-1)
+    starts = range(0, flat.numel(), GEN_CHUNK)
+
+    def work(k: int) -> None:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)
+        flat[starts[k]:starts[k] + GEN_CHUNK].normal_(0.0, std, generator=gen)
+
+    for _ in pool.map(work, range(len(starts))):
+        pass
+
+
 def config_dict(shape: LlamaShape, dtype_name: str) -> Dict[str, object]:
     """A config.json laid out like the Hugging Face hub's Llama 3 ones (transformers 4.x
     field names; transformers 5 reads them too)."""
@@ -247,6 +278,7 @@ def write_checkpoint(
     seed: int = 0,
     std: float = 0.02,
     overwrite: bool = False,
+    workers: Optional[int] = None,
 ) -> Path:
     """Write the checkpoint to ``out`` (kept as is if it exists and ``overwrite`` is False)."""
     import torch
@@ -295,6 +327,8 @@ def write_checkpoint(
     # Random numbers from the GPU when there is one: a CPU thread makes only ~0.05 GB/s of bf16.
     gen_device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=gen_device).manual_seed(seed)
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+    spec_index = {name: i for i, (name, _) in enumerate(specs)}
     weight_map: Dict[str, str] = {}
     t_start = time.perf_counter()
     written = 0
@@ -306,6 +340,9 @@ def write_checkpoint(
         for name, dims in shard:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(dims, dtype=dtype)
+            elif gen_device == "cpu":
+                tensors[name] = torch.empty(dims, dtype=dtype)
+                fill_normal_cpu(tensors[name], std, seed * 1_000_003 + spec_index[name], pool)
             else:
                 tensors[name] = (
                     torch.empty(dims, dtype=dtype, device=gen_device)
@@ -330,6 +367,7 @@ def write_checkpoint(
             "weight_map": weight_map,
         }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    pool.shutdown()
     os.replace(tmp, out)
     elapsed = time.perf_counter() - t_start
     log.info(
@@ -387,6 +425,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=5 * GB,
                    help="max bytes per shard, like save_pretrained (default 5GB = 5e9 bytes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int,
+                   help="generator threads when there is no GPU (default: CPU count)")
     p.add_argument("--overwrite", action="store_true", help="regenerate if --out exists")
     p.add_argument("--dry-run", action="store_true",
                    help="print the shapes, shard count and size; write nothing")
@@ -408,7 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     write_checkpoint(
         args.out, shape, dtype_name=args.dtype, max_shard_size=args.max_shard_size,
-        seed=args.seed, overwrite=args.overwrite,
+        seed=args.seed, overwrite=args.overwrite, workers=args.workers,
     )
     return 0
 
