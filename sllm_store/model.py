@@ -90,12 +90,24 @@ def _model_class(hf_model_class: Any) -> Any:
     return cls
 
 
+def _no_init_weights() -> Any:
+    """transformers' context that skips weight initialisation (pointless: weights are assigned)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4.x
+        except ImportError:  # pragma: no cover - very old transformers: init runs on meta
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _build(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_code: bool) -> nn.Module:
     import transformers
 
     major = int(transformers.__version__.split(".")[0])
     kwargs: dict[str, Any] = {("dtype" if major >= 5 else "torch_dtype"): dtype} if dtype else {}
-    with _parameters_on_meta(), _default_dtype(dtype):
+    with _parameters_on_meta(), _default_dtype(dtype), _no_init_weights():
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
         return cls._from_config(config, **kwargs)
@@ -219,18 +231,12 @@ def load_model_with_report(
     **config_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
     """:func:`load_model`, also returning the :class:`~sllm_store.loader.LoadReport`."""
-    import transformers
-
     from sllm_store.writer import resolve_dtype
 
     t0 = time.perf_counter()
     root = Path(path)
     index = open_checkpoint(root)
-    config = transformers.AutoConfig.from_pretrained(
-        root, trust_remote_code=trust_remote_code, **config_kwargs
-    )
     dtype = _checkpoint_dtype(index) if torch_dtype in (None, "auto") else resolve_dtype(torch_dtype)
-    cls = _model_class(hf_model_class)
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify)
 
     # Start streaming the weights while the model is built, when the placement is already known.
@@ -248,7 +254,13 @@ def load_model_with_report(
         worker = threading.Thread(target=stream, args=(early,), name="sllm-load", daemon=True)
         worker.start()
     try:
-        model = _build(cls, config, dtype, trust_remote_code)
+        # Importing transformers and building the model overlap with the load.
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(
+            root, trust_remote_code=trust_remote_code, **config_kwargs
+        )
+        model = _build(_model_class(hf_model_class), config, dtype, trust_remote_code)
     finally:
         if worker is not None:
             worker.join()

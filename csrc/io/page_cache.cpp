@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -30,13 +31,25 @@ double page_cache_fraction(const std::vector<std::string>& paths) {
     void* addr = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
     ::close(fd);
     if (addr == MAP_FAILED) return -1;
-    size_t pages = (size + page - 1) / page;
-    vec.assign(pages, 0);
-    int rc = ::mincore(addr, size, vec.data());
+    // Sample windows spread over the file: walking every page of a 16 GB file costs ~0.2 s,
+    // 1024 windows of 64 KiB tell the same for loads (files are cached or evicted as a whole,
+    // or in large runs).
+    const size_t pages = (size + page - 1) / page;
+    const size_t window = std::min<size_t>(pages, 16);
+    const size_t windows = std::min<size_t>(1024, pages / window);
+    const size_t stride = windows > 1 ? (pages - window) / (windows - 1) : 0;
+    vec.assign(window, 0);
+    int rc = 0;
+    for (size_t w = 0; w < windows && rc == 0; ++w) {
+      char* at = static_cast<char*>(addr) + w * stride * page;
+      size_t len = std::min(window * page, size - w * stride * page);
+      rc = ::mincore(at, len, vec.data());
+      size_t n = (len + page - 1) / page;
+      for (size_t i = 0; i < n; ++i) resident += vec[i] & 1u;
+      total += n;
+    }
     ::munmap(addr, size);
     if (rc != 0) return -1;
-    for (unsigned char v : vec) resident += v & 1u;
-    total += pages;
   }
   return total ? static_cast<double>(resident) / static_cast<double>(total) : 0.0;
 }
