@@ -114,6 +114,7 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   out["chunks_staged"] = stats.chunks_staged;
   out["chunks_verified"] = stats.chunks_verified;
   out["o_direct_used"] = stats.o_direct_used;
+  out["direct_reads"] = stats.direct_reads;
   out["threads"] = stats.threads;
   out["seconds"] = stats.seconds;
   return out;
@@ -161,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("run_load", &run_load_py, py::arg("files"), py::arg("chunks"), py::arg("segments"),
         py::arg("dests"), py::arg("num_threads"), py::arg("io_mode"), py::arg("verify"),
         py::arg("buffers_per_thread") = 2,
-        R"doc(Execute a load plan (see sllm_store/_plan.py).
+        R"doc(Execute a load plan (see sllm_store/loader.py).
 
 files: data file paths; chunks: (file, offset, length, checksum|None);
 segments: (chunk, chunk_offset, dest, dest_offset, length);

@@ -38,7 +38,7 @@ _LAZY = {
     "verify": "sllm_store.loader",
     "LoadConfig": "sllm_store.config",
     "save_state_dict": "sllm_store.writer",
-    "convert": "sllm_store.convert",
+    "convert": "sllm_store.converter",
     "read_index": "sllm_store.index",
     "Index": "sllm_store.index",
     "load_model": "sllm_store.model",
@@ -47,7 +47,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.config import LoadConfig
-    from sllm_store.convert import convert
+    from sllm_store.converter import convert
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_state_dict, verify
     from sllm_store.model import load_model, save_model

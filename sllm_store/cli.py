@@ -21,13 +21,16 @@ logger = logging.getLogger("sllm_store.cli")
 
 def _size(value: str) -> int:
     try:
-        return parse_size(value)
+        n = parse_size(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0 or n % 4096:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive multiple of 4096 bytes")
+    return n
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from sllm_store.convert import convert
+    from sllm_store.converter import convert
     from sllm_store.index import read_index
 
     dst = convert(
@@ -80,7 +83,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from sllm_store.loader import load_state_dict_with_report
 
     tensors, report = load_state_dict_with_report(
-        args.path, args.device, num_threads=args.num_threads, verify=args.verify,
+        args.path, args.device, num_threads=args.num_threads, verify=args.verify or None,
         io_mode=args.io_mode,
     )
     print(f"loaded {len(tensors)} tensors, {format_size(report.bytes)} in {report.seconds:.3f} s "
@@ -91,7 +94,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     print(f"  pipeline: {stats['threads']} threads, {stats['chunks_direct']} direct + "
           f"{stats['chunks_staged']} staged chunks, io_mode {stats['io_mode']}"
           f" (O_DIRECT {'on' if stats['o_direct_used'] else 'off'})"
-          + (f", {stats['chunks_verified']} chunks verified" if args.verify else ""))
+          + (f", {stats['chunks_verified']} chunks verified" if stats["chunks_verified"] else ""))
     return 0
 
 
@@ -150,7 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (SllmStoreError, ValueError, KeyError) as e:
+    except BrokenPipeError:  # e.g. `sllm-store info --json | head`
+        sys.stderr.close()
+        return 0
+    except (SllmStoreError, ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1

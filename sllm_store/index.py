@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -25,6 +26,7 @@ DEFAULT_TENSOR_ALIGNMENT = 256
 DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,9 @@ def parse_index(raw: Any, root: Path) -> Index:
                 f"data file '{name}' has {len(sums)} checksums, expected "
                 f"{math.ceil(size / chunk_size)} ({size} bytes / chunk_size {chunk_size})"
             )
-        try:
-            parsed = tuple(int(s, 16) for s in sums if isinstance(s, str) and len(s) == 16)
-        except ValueError:
-            parsed = ()
-        if len(parsed) != len(sums):
-            raise bad(f"data file '{name}' has malformed checksums (want 16 hex digits each)")
+        if not all(isinstance(c, str) and _HEX16.fullmatch(c) for c in sums):
+            raise bad(f"data file '{name}' has malformed checksums (want 16 lowercase hex digits each)")
+        parsed = tuple(int(c, 16) for c in sums)
         files.append(DataFile(name, size, parsed))
 
     # Deferred import: keeps `read_index` usable for validation of names without torch loaded.

@@ -160,7 +160,19 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
             if lo < hi:
                 s, dst = placement[t.name]
                 segments.append((u_i, lo - off, s, dst + (lo - t.offset), hi - lo))
+    if not config.verify:  # a partial load skips the chunks that hold none of its tensors
+        used = sorted({seg[0] for seg in segments})
+        renumber = {old: new for new, old in enumerate(used)}
+        units = [units[i] for i in used]
+        segments = [(renumber[u], *rest) for u, *rest in segments]
     return _Plan(units, segments, devices, sizes, placement)
+
+
+def _bytes_per_device(plan: _Plan) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dev, size in zip(plan.devices, plan.sizes):
+        out[str(dev)] = out.get(str(dev), 0) + size
+    return out
 
 
 def _mapped_plan(index: Index, config: LoadConfig) -> tuple[_Plan, list[tuple[torch.Tensor, int]]]:
@@ -260,7 +272,7 @@ def _load(
         path=str(path),
         bytes=index.total_bytes,
         seconds=seconds,
-        devices={str(d): s for d, s in zip(plan.devices, plan.sizes)},
+        devices=_bytes_per_device(plan),
         stats=dict(stats),
     )
     logger.info(
@@ -330,14 +342,14 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
 
         sllm_store.verify("llama.sllm")
     """
-    config = LoadConfig.resolve(num_threads=num_threads, verify=True)
     index = read_index(path)
+    config = LoadConfig.resolve(num_threads=num_threads, verify=True, chunk_size=index.chunk_size)
     check_data_files(index)
     units = _read_units(index, config)
     files = [str(index.file_path(i)) for i in range(len(index.files))]
     stats = _C.run_load(
         files, units, [], [], num_threads=config.num_threads,
-        io_mode=config.io_mode_for(files), verify=True,
+        io_mode="buffered" if config.io_mode == "mmap" else config.io_mode_for(files), verify=True,
     )
     if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive
         raise SllmStoreError(f"verified {stats['chunks_verified']} of {len(units)} chunks")

@@ -5,8 +5,8 @@ device_map=...)``: the model is built with its parameters on the meta device (no
 initialisation, no memory), the weights stream through the C++ pipeline straight into one
 allocation per device and are assigned as the parameters; buffers that are not in the checkpoint
 (rotary caches, position ids) are computed normally at construction; tied weights are re-tied.
-When the placement is known up front (an explicit device), the weights load on worker threads
-while the model is being built.
+When the placement is known up front (an explicit device), the weights load while another
+thread imports transformers and builds the model.
 """
 
 from __future__ import annotations
@@ -239,33 +239,35 @@ def load_model_with_report(
     dtype = _checkpoint_dtype(index) if torch_dtype in (None, "auto") else resolve_dtype(torch_dtype)
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify)
 
-    # Start streaming the weights while the model is built, when the placement is already known.
+    # When the placement is known up front, the weights stream (in this thread, so that Ctrl-C
+    # cancels the load) while another thread imports transformers and builds the model.
     early = _fast_single_device(device_map, index)
-    result: dict[str, Any] = {}
+    built: dict[str, Any] = {}
 
-    def stream(device: Any) -> None:
+    def build() -> None:
         try:
-            result["value"] = _load(root, device, load_config)
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(
+                root, trust_remote_code=trust_remote_code, **config_kwargs
+            )
+            built["model"] = _build(_model_class(hf_model_class), config, dtype, trust_remote_code)
         except BaseException as e:  # re-raised in the caller's thread
-            result["error"] = e
+            built["error"] = e
 
-    worker = None
+    loaded = None
     if early is not None:
-        worker = threading.Thread(target=stream, args=(early,), name="sllm-load", daemon=True)
-        worker.start()
-    try:
-        # Importing transformers and building the model overlap with the load.
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(
-            root, trust_remote_code=trust_remote_code, **config_kwargs
-        )
-        model = _build(_model_class(hf_model_class), config, dtype, trust_remote_code)
-    finally:
-        if worker is not None:
-            worker.join()
-    if "error" in result:
-        raise result["error"]
+        builder = threading.Thread(target=build, name="sllm-build-model", daemon=True)
+        builder.start()
+        try:
+            loaded = _load(root, early, load_config)
+        finally:
+            builder.join()
+    else:
+        build()
+    if "error" in built:
+        raise built["error"]
+    model = built["model"]
 
     if early is not None:
         placement: dict[str, Any] = {"": early}
@@ -282,12 +284,10 @@ def load_model_with_report(
     if unexpected:
         logger.warning("%d checkpoint tensors are not used by %s: %s", len(unexpected),
                        type(model).__name__, unexpected[:5])
-    if early is None:
+    if loaded is None:
         per_tensor = {n: _device_of(names[n], devices) for n in names}
-        stream(per_tensor)
-        if "error" in result:
-            raise result["error"]
-    tensors, report = result["value"]
+        loaded = _load(root, per_tensor, load_config)
+    tensors, report = loaded
 
     state: dict[str, torch.Tensor] = {}
     for ckpt_name, model_name in names.items():
@@ -312,7 +312,9 @@ def load_model_with_report(
     model.hf_device_map = {k: str(v) for k, v in devices.items()}
     with contextlib.suppress(Exception):  # a model without generation config is fine
         if model.can_generate():
-            model.generation_config = transformers.GenerationConfig.from_pretrained(root)
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(root)
     model.eval()
     report.seconds = time.perf_counter() - t0
     return model, report

@@ -1,6 +1,6 @@
 """Writing checkpoints in the sllm-store format.
 
-:func:`save_state_dict` writes an in-memory state dict; :mod:`sllm_store.convert` feeds other
+:func:`save_state_dict` writes an in-memory state dict; :mod:`sllm_store.converter` feeds other
 checkpoint formats through the same :class:`CheckpointWriter`, one tensor at a time, so memory use
 stays bounded by the largest tensor. Everything is written into a temporary directory beside the
 destination and renamed into place at the end (:func:`atomic_directory`).
@@ -90,7 +90,11 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
         if dst.exists() or dst.is_symlink():
             trash = dst.parent / f"{TMP_PREFIX}{dst.name}-old-{uuid.uuid4().hex[:8]}"
             os.replace(dst, trash)
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(trash, dst)  # put the old checkpoint back
+                raise
             if trash.is_dir() and not trash.is_symlink():
                 shutil.rmtree(trash, ignore_errors=True)
             else:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -67,9 +68,7 @@ def _usable(dtype: torch.dtype) -> bool:
 
 
 DTYPES: list[torch.dtype] = [
-    getattr(torch, name)
-    for name in ALL_DTYPE_NAMES
-    if hasattr(torch, name) and _usable(getattr(torch, name))
+    getattr(torch, name) for name in ALL_DTYPE_NAMES if hasattr(torch, name) and _usable(getattr(torch, name))
 ]
 
 # Plain floating dtypes (what ``dtype=`` conversion is meant to act on in a normal checkpoint).
@@ -90,6 +89,18 @@ INT_DTYPES = [
 ]
 
 
+class StateDict(OrderedDict):
+    """An OrderedDict whose repr lists names, dtypes and shapes only (printing float4 / float8
+    tensors fails in some torch versions, and the values are noise anyway)."""
+
+    def __repr__(self) -> str:
+        items = ", ".join(
+            f"{k}: {dtype_name(v.dtype)}{list(v.shape)}" if isinstance(v, torch.Tensor) else k
+            for k, v in self.items()
+        )
+        return f"StateDict({items})"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -104,11 +115,7 @@ def random_tensor(
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     if dtype is torch.bool:
-        return (
-            torch.randint(0, 2, (numel,), generator=generator, dtype=torch.uint8)
-            .bool()
-            .reshape(shape)
-        )
+        return torch.randint(0, 2, (numel,), generator=generator, dtype=torch.uint8).bool().reshape(shape)
     raw = torch.randint(0, 256, (numel * dtype.itemsize,), generator=generator, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

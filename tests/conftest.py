@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _helpers import DTYPES, EXTRA_FILES, random_tensor  # noqa: E402
+from _helpers import DTYPES, EXTRA_FILES, StateDict, random_tensor  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -47,7 +47,7 @@ def _make_state_dict(
     """One random tensor per (dtype, shape), named ``{prefix}.{dtype}.{i}``, in a stable order."""
     g = torch.Generator()
     g.manual_seed(seed)
-    out: OrderedDict = OrderedDict()
+    out: OrderedDict = StateDict()
     for dtype in DTYPES if dtypes is None else dtypes:
         for i, shape in enumerate(shapes):
             name = f"{prefix}.{str(dtype).replace('torch.', '')}.{i}"
@@ -72,7 +72,7 @@ def saved_checkpoint(tmp_path, mixed_state_dict):
     """A freshly saved checkpoint with several chunks and 2 data files: (path, state_dict)."""
     import sllm_store
 
-    sd = OrderedDict(mixed_state_dict)
+    sd = StateDict(mixed_state_dict)
     g = torch.Generator()
     g.manual_seed(99)
     sd["big.a"] = random_tensor(torch.float32, (64, 400), g)  # 100 KiB, several 16 KiB chunks

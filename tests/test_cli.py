@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -25,7 +26,32 @@ import sllm_store
 SUBCOMMANDS = ["convert", "verify", "info", "load"]
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess, *names_any: str) -> str:
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``sllm_store.cli.main(ARGS)`` in this process (much faster than a subprocess, which
+    pays for importing torch every time); returns a Result like subprocess.run's."""
+    from sllm_store.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors, --help
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return Result(rc, out, err)
+
+    return run
+
+
+def assert_clean_error(proc, *names_any: str) -> str:
     """Non-zero exit, exactly one line on stderr naming one of ``names_any``, no traceback."""
     assert proc.returncode not in (0, None), proc
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -105,7 +131,7 @@ def test_console_script():
     assert "0.1.0" in proc.stdout + proc.stderr
 
 
-def test_convert_verify_info_load(tmp_path, small_model_dir):
+def test_convert_verify_info_load_subprocess(tmp_path, small_model_dir, cli):
     src, sd = small_model_dir
     dst = tmp_path / "out.sllm"
     proc = run_cli("convert", src, dst, "--chunk-size", "16KiB", "--num-files", "2", "--quiet")
@@ -117,26 +143,34 @@ def test_convert_verify_info_load(tmp_path, small_model_dir):
     assert (dst / "config.json").read_text() == (src / "config.json").read_text()
     assert_state_dict_identical(sllm_store.load_state_dict(dst), sd, check_order=False)
 
-    proc = run_cli("verify", dst)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip() == ""
-
-    proc = run_cli("info", dst)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
-
     proc = run_cli("load", dst, "--device", "cpu", "--verify", "--num-threads", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
 
-    proc = run_cli("load", dst)
+    proc = cli("verify", dst)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
+
+    proc = cli("info", dst)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+    proc = cli("load", dst)
     assert proc.returncode == 0, proc.stderr
 
 
-def test_convert_dtype_flag(tmp_path, small_model_dir):
+def test_errors_subprocess(tmp_path):
+    """The real process: exit status 1, one line on stderr, no traceback."""
+    path = tmp_path / "nope"
+    proc = run_cli("verify", path)
+    assert_clean_error(proc, "nope")
+    assert proc.returncode == 1
+
+
+def test_convert_dtype_flag(tmp_path, small_model_dir, cli):
     src, sd = small_model_dir
     dst = tmp_path / "out"
-    proc = run_cli("convert", src, dst, "--dtype", "bfloat16", "--quiet")
+    proc = cli("convert", src, dst, "--dtype", "bfloat16", "--quiet")
     assert proc.returncode == 0, proc.stderr
     loaded = sllm_store.load_state_dict(dst)
     for name, t in sd.items():
@@ -144,13 +178,13 @@ def test_convert_dtype_flag(tmp_path, small_model_dir):
         assert_tensor_identical(loaded[name], expect, name)
 
 
-def test_convert_overwrite_flag(tmp_path, small_model_dir):
+def test_convert_overwrite_flag(tmp_path, small_model_dir, cli):
     src, _ = small_model_dir
     dst = tmp_path / "out"
-    assert run_cli("convert", src, dst, "--quiet").returncode == 0
-    proc = run_cli("convert", src, dst, "--quiet")
+    assert cli("convert", src, dst, "--quiet").returncode == 0
+    proc = cli("convert", src, dst, "--quiet")
     assert_clean_error(proc, str(dst), dst.name)
-    proc = run_cli("convert", src, dst, "--quiet", "--overwrite")
+    proc = cli("convert", src, dst, "--quiet", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     sllm_store.verify(dst)
 
@@ -161,68 +195,70 @@ def test_convert_overwrite_flag(tmp_path, small_model_dir):
 
 
 @pytest.mark.parametrize("sub", ["verify", "info", "load"])
-def test_missing_checkpoint(tmp_path, sub):
+def test_missing_checkpoint(tmp_path, sub, cli):
     path = tmp_path / "nope"
-    assert_clean_error(run_cli(sub, path), "nope")
+    assert_clean_error(cli(sub, path), "nope")
 
 
 @pytest.mark.parametrize("sub", ["verify", "info", "load"])
-def test_garbage_index(tmp_path, sub):
+def test_garbage_index(tmp_path, sub, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
     (path / INDEX_NAME).write_text("garbage{")
-    assert_clean_error(run_cli(sub, path), INDEX_NAME)
+    assert_clean_error(cli(sub, path), INDEX_NAME)
 
 
 @pytest.mark.parametrize("sub", ["verify", "info", "load"])
-def test_unsupported_version(tmp_path, sub):
+def test_unsupported_version(tmp_path, sub, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
     index = read_index_json(path)
     index["version"] = 2
     write_index_json(path, index)
-    assert_clean_error(run_cli(sub, path), INDEX_NAME)
+    assert_clean_error(cli(sub, path), INDEX_NAME)
 
 
-def test_truncated_data_file(tmp_path):
+def test_truncated_data_file(tmp_path, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3000)}, path, quiet=True)
     with open(path / "data-00000.bin", "r+b") as f:
         f.truncate(100)
-    assert_clean_error(run_cli("load", path), "data-00000.bin")
-    assert_clean_error(run_cli("verify", path), "data-00000.bin")
+    assert_clean_error(cli("load", path), "data-00000.bin")
+    assert_clean_error(cli("verify", path), "data-00000.bin")
 
 
-def test_corrupted_data_file(tmp_path):
+def test_corrupted_data_file(tmp_path, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3000)}, path, quiet=True)
     with open(path / "data-00000.bin", "r+b") as f:
         f.seek(10)
         f.write(b"\xff")
-    line = assert_clean_error(run_cli("verify", path), "data-00000.bin")
+    line = assert_clean_error(cli("verify", path), "data-00000.bin")
     assert "checksum" in line.lower()
-    line = assert_clean_error(run_cli("load", path, "--verify"), "data-00000.bin")
-    assert run_cli("load", path).returncode == 0  # no verification requested
+    line = assert_clean_error(cli("load", path, "--verify"), "data-00000.bin")
+    assert cli("load", path).returncode == 0  # no verification requested
 
 
-def test_convert_errors(tmp_path, small_model_dir):
+def test_convert_errors(tmp_path, small_model_dir, cli):
     src, _ = small_model_dir
-    assert_clean_error(run_cli("convert", tmp_path / "missing", tmp_path / "o1"), "missing")
+    assert_clean_error(cli("convert", tmp_path / "missing", tmp_path / "o1"), "missing")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 3 + b"garbage")
-    assert_clean_error(run_cli("convert", garbage, tmp_path / "o2"), "garbage.safetensors")
+    assert_clean_error(cli("convert", garbage, tmp_path / "o2"), "garbage.safetensors")
     assert not (tmp_path / "o2").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_error(run_cli("convert", empty, tmp_path / "o3"), "empty")
-    assert_clean_error(run_cli("convert", src, tmp_path / "o4", "--dtype", "float128"))
+    assert_clean_error(cli("convert", empty, tmp_path / "o3"), "empty")
+    assert_clean_error(cli("convert", src, tmp_path / "o4", "--dtype", "float128"))
     assert not (tmp_path / "o4").exists()
 
 
-def test_bad_device(tmp_path):
+def test_bad_device(tmp_path, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
-    assert_clean_error(run_cli("load", path, "--device", "banana"), "banana")
+    assert_clean_error(cli("load", path, "--device", "banana"), "banana")
+    if not torch.cuda.is_available():
+        assert_clean_error(cli("load", path, "--device", "cuda:0"), "cuda")
 
 
 def test_usage_errors():

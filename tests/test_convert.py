@@ -161,9 +161,7 @@ def test_convert_overwrite_replaces_everything(tmp_path, tiny_llama):
     sllm_store.convert(tiny_llama.dirs["bin"], dst, overwrite=True, quiet=True)
     assert not (dst / "stale.txt").exists()
     assert sorted(p.name for p in dst.glob("data-*.bin")) == ["data-00000.bin"]
-    assert_state_dict_identical(
-        sllm_store.load_state_dict(dst), tiny_llama.state_dict, check_order=False
-    )
+    assert_state_dict_identical(sllm_store.load_state_dict(dst), tiny_llama.state_dict, check_order=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -382,3 +380,17 @@ def test_sigint_during_cli_convert(tmp_path, big_safetensors):
     assert not dst.exists()
     assert list(out.iterdir()) == [], "temporary files left beside the destination"
     assert tree_digests(src) == before
+
+
+def test_convert_attribute_is_the_function_after_submodule_import():
+    """Importing the converter module (done by the CLI and others) must not shadow the function."""
+    code = (
+        "import sllm_store.converter, sllm_store.cli, sllm_store.model, sllm_store\n"
+        "assert callable(sllm_store.convert), type(sllm_store.convert)\n"
+        "from sllm_store import convert\n"
+        "assert callable(convert), type(convert)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert proc.returncode == 0, proc.stderr

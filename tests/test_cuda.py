@@ -19,9 +19,7 @@ pytestmark = pytest.mark.gpu
 
 def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    sd = {
-        f"layer{i}.w": torch.randn(256 + i, 384, generator=g).to(torch.bfloat16) for i in range(12)
-    }
+    sd = {f"layer{i}.w": torch.randn(256 + i, 384, generator=g).to(torch.bfloat16) for i in range(12)}
     sd["emb"] = torch.randn(1000, 64, generator=g)
     sd["ids"] = torch.arange(77, dtype=torch.int64)
     sd["mask"] = torch.rand(33, generator=g) > 0.5
@@ -59,8 +57,9 @@ def test_driver_found() -> None:
 @pytest.mark.parametrize("io_mode", ["buffered", "direct"])
 def test_load_to_gpu(ckpt, threads, io_mode) -> None:
     path, sd = ckpt
-    loaded = sllm_store.load_state_dict(path, device="cuda:0", num_threads=threads, io_mode=io_mode,
-                                        verify=True)
+    loaded = sllm_store.load_state_dict(
+        path, device="cuda:0", num_threads=threads, io_mode=io_mode, verify=True
+    )
     for t in loaded.values():
         assert t.device == torch.device("cuda", 0)
     _assert_same(loaded, sd)
@@ -145,13 +144,20 @@ def test_out_of_memory_is_clear(tmp_path) -> None:
 
 def test_load_model_on_gpu_matches_from_pretrained(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    cfg = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
     sllm_store.convert(tmp_path / "hf", tmp_path / "sllm", quiet=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", dtype=torch.bfloat16, device_map="cuda:0").eval()
+        tmp_path / "hf", dtype=torch.bfloat16, device_map="cuda:0"
+    ).eval()
     for device_map in ("cuda:0", "auto", {"": 0}):
         ours = sllm_store.load_model(tmp_path / "sllm", device_map=device_map, torch_dtype=torch.bfloat16)
         assert {p.device for p in ours.parameters()} == {torch.device("cuda", 0)}

@@ -18,21 +18,42 @@ def _configs() -> dict[str, tuple[object, str]]:
     T = transformers
     return {
         "llama": (
-            T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                          tie_word_embeddings=True),
+            T.LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=256,
+                tie_word_embeddings=True,
+            ),
             "AutoModelForCausalLM",
         ),
-        "gpt2": (T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
-                 "AutoModelForCausalLM"),
+        "gpt2": (
+            T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+            "AutoModelForCausalLM",
+        ),
         "opt": (
-            T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64),
+            T.OPTConfig(
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=256,
+                max_position_embeddings=64,
+                word_embed_proj_dim=64,
+            ),
             "AutoModelForCausalLM",
         ),
         "bert": (
-            T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, vocab_size=256, max_position_embeddings=64),
+            T.BertConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=256,
+                max_position_embeddings=64,
+            ),
             "AutoModelForMaskedLM",
         ),
     }
@@ -107,8 +128,9 @@ def test_load_model_auto_device_map_on_cpu_only(model_dirs) -> None:
 def test_load_model_dict_device_map_cpu(model_dirs) -> None:
     auto, hf, converted = model_dirs
     ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32, device_map="cpu").eval()
-    model = sllm_store.load_model(converted, device_map={"": "cpu"}, torch_dtype=torch.float32,
-                                  hf_model_class=auto)
+    model = sllm_store.load_model(
+        converted, device_map={"": "cpu"}, torch_dtype=torch.float32, hf_model_class=auto
+    )
     assert torch.equal(_outputs(ref), _outputs(model))
 
 

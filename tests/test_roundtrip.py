@@ -206,17 +206,13 @@ def test_num_files(tmp_path, num_files, rng):
     check_single_allocation(loaded)
     index = check_index_invariants(path)
     assert len(index["files"]) == num_files
-    assert sorted(p.name for p in path.glob("data-*.bin")) == [
-        f"data-{i:05d}.bin" for i in range(num_files)
-    ]
-    assert {e["file"] for e in stored_tensors(index).values() if e["nbytes"]} == set(
-        range(num_files)
-    )
+    assert sorted(p.name for p in path.glob("data-*.bin")) == [f"data-{i:05d}.bin" for i in range(num_files)]
+    assert {e["file"] for e in stored_tensors(index).values() if e["nbytes"]} == set(range(num_files))
     check_checksums(path)
 
 
 @pytest.mark.parametrize("io_mode", ["auto", "buffered", "direct"])
-@pytest.mark.parametrize("num_threads", [1, 4])
+@pytest.mark.parametrize("num_threads", [1, 4, 16])
 def test_io_modes_and_threads(saved_checkpoint, io_mode, num_threads):
     path, sd = saved_checkpoint
     loaded = sllm_store.load_state_dict(path, io_mode=io_mode, num_threads=num_threads)
@@ -245,6 +241,7 @@ def test_verify_true_on_good_data(saved_checkpoint):
 def test_path_as_str_and_pathlike(saved_checkpoint):
     path, sd = saved_checkpoint
     assert_state_dict_identical(sllm_store.load_state_dict(str(path)), sd)
+    assert_state_dict_identical(sllm_store.load_state_dict(path, device=torch.device("cpu")), sd)
     sllm_store.verify(str(path))
     sllm_store.read_index(str(path))
     sllm_store.read_index(path)
@@ -283,6 +280,35 @@ def test_metadata_and_source(tmp_path, rng):
     assert src["metadata"]["purpose"] == "test"
     assert src["metadata"]["n"] == "1"
     assert index["created_by"] == f"sllm-store {sllm_store.__version__}"
+
+
+def test_more_files_than_tensors(tmp_path, rng):
+    sd = OrderedDict(a=random_tensor(torch.float32, (10,), rng), b=torch.tensor(2))
+    loaded = roundtrip(sd, tmp_path / "m", save_kwargs={"num_files": 5})
+    assert_state_dict_identical(loaded, sd)
+    check_index_invariants(tmp_path / "m")
+    sllm_store.verify(tmp_path / "m")
+
+
+def test_unusual_tensor_names(tmp_path, rng):
+    names = ["módulo.peso", "with space", 'quote"and\\backslash', "emoji.🦙", "a" * 300, "0"]
+    sd = OrderedDict((n, random_tensor(torch.float16, (3, i + 1), rng)) for i, n in enumerate(names))
+    loaded = roundtrip(sd, tmp_path / "m")
+    assert_state_dict_identical(loaded, sd)
+
+
+def test_concurrent_loads_from_threads(saved_checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, sd = saved_checkpoint
+
+    def work(i):
+        out = sllm_store.load_state_dict(path, num_threads=2, verify=i % 2 == 0)
+        assert_state_dict_identical(out, sd)
+        return True
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(work, range(8)))
 
 
 def test_version_attribute():

@@ -35,7 +35,6 @@ FileReader::FileReader(const std::string& path, IoMode mode) : path_(path) {
     throw Error(ErrorKind::kRead, "cannot stat data file '" + path + "': " + errno_text(err));
   }
   size_ = static_cast<uint64_t>(st.st_size);
-  mapped_ = mode == IoMode::kMapped;
   if (mode == IoMode::kDirect) {
 #ifdef O_DIRECT
     direct_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
@@ -63,7 +62,7 @@ size_t FileReader::pread_full(int fd, char* dst, size_t size, uint64_t offset) {
   return done;
 }
 
-void FileReader::populate(void* dst, size_t size) {
+void FileReader::populate_mapping(void* dst, size_t size) {
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14
 #endif
@@ -82,16 +81,15 @@ void FileReader::populate(void* dst, size_t size) {
 
 void FileReader::read_exact(void* dst, size_t size, uint64_t offset) {
   char* out = static_cast<char*>(dst);
-  if (mapped_) {
-    populate(dst, size);
-    return;
-  }
   const bool can_direct = direct() && aligned(offset) && aligned(size) &&
                           aligned(reinterpret_cast<uintptr_t>(dst));
   if (can_direct) {
     errno = 0;
     size_t got = pread_full(direct_fd_, out, size, offset);
-    if (got == size) return;
+    if (got == size) {
+      direct_reads_++;
+      return;
+    }
     if (got == static_cast<size_t>(-1) && errno == EINVAL) {
       direct_failed_.store(true);  // filesystem refused a direct read: buffered from now on
     } else if (got == static_cast<size_t>(-1)) {

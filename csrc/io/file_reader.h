@@ -12,8 +12,9 @@
 
 namespace sllm {
 
-// kMapped: the destination of every read is a private memory mapping of the same file range
-// (made by the caller); "reading" faults those pages in, in parallel, without a copy.
+// kMapped: destinations are private memory mappings of the same file ranges (made by the
+// caller); "reading" them faults the pages in (populate_mapping), in parallel, without a copy.
+// Reads into other memory (staging buffers) are buffered.
 enum class IoMode { kBuffered, kDirect, kMapped };
 
 // Alignment that O_DIRECT needs for offsets, lengths and buffer addresses (safe for all common
@@ -31,20 +32,24 @@ class FileReader {
   // file ends first, kRead on an I/O error). Thread-safe: uses pread only.
   void read_exact(void* dst, size_t size, uint64_t offset);
 
+  // Faults in [dst, dst+size), a private mapping of this file made by the caller.
+  void populate_mapping(void* dst, size_t size);
+
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   bool direct() const { return direct_fd_ >= 0 && !direct_failed_.load(); }
+  // Reads that actually went through O_DIRECT (others fell back to buffered).
+  uint64_t direct_reads() const { return direct_reads_.load(); }
 
  private:
-  void populate(void* dst, size_t size);
   size_t pread_full(int fd, char* dst, size_t size, uint64_t offset);
 
   std::string path_;
   int fd_ = -1;
   int direct_fd_ = -1;
-  bool mapped_ = false;
   uint64_t size_ = 0;
   std::atomic<bool> direct_failed_{false};
+  std::atomic<uint64_t> direct_reads_{0};
 };
 
 }  // namespace sllm

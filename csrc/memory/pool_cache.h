@@ -25,7 +25,7 @@ class PoolLease {
 };
 
 // A pool of `count` buffers of `size` bytes made by `allocator`; `kind` names the allocator
-// (e.g. "host", "pinned:cuda:0") since pools of different kinds are not interchangeable.
+// (e.g. "host", or the device name "cuda:0" for its page-locked buffers) since pools of different kinds are not interchangeable.
 std::unique_ptr<PoolLease> lease_pool(const std::string& kind, size_t count, size_t size,
                                       const HostAllocator& allocator);
 

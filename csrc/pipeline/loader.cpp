@@ -49,11 +49,15 @@ class Run {
  private:
   void validate_and_open();
   void worker(int id);
-  void process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t>>& in_flight);
+  struct InFlight {
+    int buffer;
+    std::vector<uint64_t> tokens;  // one per staging device, in staging_devices_ order
+  };
+  void process_chunk(int id, size_t index, std::deque<InFlight>& in_flight);
   void verify_chunk(size_t index, const void* data) const;
   bool chunk_is_direct(size_t index) const;
   void fail(std::exception_ptr e);
-  void release_in_flight(int id, std::deque<std::pair<int, uint64_t>>& in_flight, size_t keep);
+  void release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep);
 
   const LoadPlan& plan_;
   const LoadOptions& options_;
@@ -142,16 +146,17 @@ void Run::fail(std::exception_ptr e) {
   if (pool_) pool_->cancel();
 }
 
-void Run::release_in_flight(int id, std::deque<std::pair<int, uint64_t>>& in_flight, size_t keep) {
+void Run::release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep) {
   while (in_flight.size() > keep) {
-    auto [buffer, token] = in_flight.front();
+    InFlight f = std::move(in_flight.front());
     in_flight.pop_front();
-    for (int d : staging_devices_) plan_.dests[d].device->wait(id, token);
-    pool_->release(buffer);
+    for (size_t k = 0; k < staging_devices_.size(); ++k)
+      plan_.dests[staging_devices_[k]].device->wait(id, f.tokens[k]);
+    pool_->release(f.buffer);
   }
 }
 
-void Run::process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t>>& in_flight) {
+void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight) {
   const ChunkSpec& c = plan_.chunks[index];
   FileReader& reader = *readers_[c.file];
   const bool check = options_.verify && c.has_checksum;
@@ -159,7 +164,11 @@ void Run::process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t
   if (chunk_is_direct(index)) {
     const Segment& s = segments_[seg_begin_[index]];
     char* dst = plan_.dests[s.dest].base + s.dest_offset;
-    reader.read_exact(dst, c.length, c.offset);
+    if (options_.io_mode == IoMode::kMapped) {
+      reader.populate_mapping(dst, c.length);
+    } else {
+      reader.read_exact(dst, c.length, c.offset);
+    }
     if (check) {
       verify_chunk(index, dst);
       verified_++;
@@ -189,15 +198,16 @@ void Run::process_chunk(int id, size_t index, std::deque<std::pair<int, uint64_t
     pool_->release(buffer);
     throw;
   }
-  uint64_t token = 0;
-  for (int d : staging_devices_) token = plan_.dests[d].device->record(id);
-  in_flight.emplace_back(buffer, token);
+  InFlight f{buffer, {}};
+  f.tokens.reserve(staging_devices_.size());
+  for (int d : staging_devices_) f.tokens.push_back(plan_.dests[d].device->record(id));
+  in_flight.push_back(std::move(f));
   staged_++;
   bytes_ += c.length;
 }
 
 void Run::worker(int id) {
-  std::deque<std::pair<int, uint64_t>> in_flight;
+  std::deque<InFlight> in_flight;
   try {
     while (!cancel_.load()) {
       size_t index = next_.fetch_add(1);
@@ -247,13 +257,17 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
       d.device->prepare_destination(d.base, d.size);
   }
   if (need_staging) {
-    // Staging memory suits the first staging device (page-locked for a GPU); cached per process.
+    // Staging memory suits the first staging device that is not host memory (page-locked for a
+    // GPU: also fine for memcpy to host destinations); cached per process.
     std::string kind = "host";
     HostAllocator alloc = allocate_aligned_host;
-    if (!staging_devices_.empty()) {
-      const auto& dev = plan_.dests[staging_devices_[0]].device;
-      kind = dev->name();
-      alloc = dev->staging_allocator();
+    for (int d : staging_devices_) {
+      const auto& dev = plan_.dests[d].device;
+      if (!dev->host_addressable()) {
+        kind = dev->name();
+        alloc = dev->staging_allocator();
+        break;
+      }
     }
     size_t count = static_cast<size_t>(threads) * std::max(1, options_.buffers_per_thread);
     lease_ = lease_pool(kind, count, std::max<uint64_t>(max_len, kDirectAlignment), alloc);
@@ -295,7 +309,8 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   stats.chunks_staged = staged_.load();
   stats.chunks_verified = verified_.load();
   stats.threads = threads;
-  for (const auto& r : readers_) stats.o_direct_used = stats.o_direct_used || r->direct();
+  for (const auto& r : readers_) stats.direct_reads += r->direct_reads();
+  stats.o_direct_used = stats.direct_reads > 0;
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return stats;
 }

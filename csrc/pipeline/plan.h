@@ -54,7 +54,8 @@ struct LoadStats {
   uint64_t chunks_direct = 0;   // read straight into destination memory
   uint64_t chunks_staged = 0;   // read into a staging buffer, then copied
   uint64_t chunks_verified = 0;
-  bool o_direct_used = false;   // at least one file was read with O_DIRECT
+  bool o_direct_used = false;   // at least one read went through O_DIRECT
+  uint64_t direct_reads = 0;    // reads done with O_DIRECT (the rest were buffered or mapped)
   int threads = 0;
   double seconds = 0;
 };

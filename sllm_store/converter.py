@@ -197,6 +197,8 @@ def convert(
         raise ConvertError(f"source and destination are the same path: '{src_p}'")
     target = resolve_dtype(dtype)
     size = parse_size(chunk_size)
+    # Options are checked before the (possibly long) source scan.
+    writer = CheckpointWriter(dst_p, chunk_size=size, num_files=num_files, quiet=quiet)
     try:
         kind, weights, not_copied = _detect(src_p)
     except MissingFileError as e:  # a shard the source's index lists
@@ -214,7 +216,6 @@ def convert(
                 len(weights), dst_p)
     source = {"format": kind.split("-")[0] if kind != "torch" else "torch",
               "name": src_p.name, "metadata": metadata}
-    writer = CheckpointWriter(dst_p, chunk_size=size, num_files=num_files, quiet=quiet)
     with atomic_directory(dst_p, overwrite) as tmp:
         for rel in extras:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
