@@ -7,6 +7,8 @@ Environment variables (all optional):
                              O_DIRECT when the files are not in the page cache, else buffered)
 ``SLLM_STORE_CHUNK_SIZE``    read unit, e.g. ``16MiB`` (default: the checkpoint's chunk size)
 ``SLLM_STORE_VERIFY``        ``1`` to verify checksums on every load
+``SLLM_STORE_STAGING_BUFFERS`` staging buffers per thread for GPU loads (default 2: one filling
+                             while one is copied to the device)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LoadConfig:
     io_mode: str
     chunk_size: Optional[int]
     verify: bool
+    staging_buffers: int = 2
 
     @classmethod
     def resolve(
@@ -60,7 +63,11 @@ class LoadConfig:
         size = None if chunk_size is None else parse_size(chunk_size)
         if size is not None and (size <= 0 or size % 4096):
             raise ValueError(f"chunk_size must be a positive multiple of 4096, got {size}")
-        return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify))
+        staging = int(env.get("SLLM_STORE_STAGING_BUFFERS") or 2)
+        if staging < 1:
+            raise ValueError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
+        return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
+                   staging_buffers=staging)
 
     def io_mode_for(self, files: list[str]) -> str:
         """The read mode to use for ``files``: ``auto`` picks by page-cache residency.

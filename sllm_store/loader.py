@@ -251,6 +251,7 @@ def _load(
     stats = _C.run_load(
         files, plan.units, plan.segments, dests,
         num_threads=config.num_threads, io_mode=io_mode, verify=config.verify,
+        buffers_per_thread=config.staging_buffers,
     )
     stats["io_mode"] = io_mode
 
