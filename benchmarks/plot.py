@@ -49,10 +49,13 @@ def _panel(ax: Any, data: Dict[str, Any]) -> None:
     title = f"device {data.get('device')}"
     if size:
         title += f", {size / 1e9:.2f} GB checkpoint"
-    if env.get("gpu"):
+    if env.get("gpu") and str(data.get("device", "")).startswith("cuda"):
         title += f", {env['gpu']}"
+    if env.get("date"):
+        title += f" ({env['date'][:10]})"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(left=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot(paths: List[Path], out: Path, title: Optional[str]) -> None:
@@ -62,7 +65,7 @@ def plot(paths: List[Path], out: Path, title: Optional[str]) -> None:
     import matplotlib.pyplot as plt
 
     datasets = [json.loads(p.read_text()) for p in paths]
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 3.2 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, 3.6 * len(datasets)), squeeze=False)
     for ax, data in zip(axes[:, 0], datasets):
         _panel(ax, data)
     if title:
