@@ -91,8 +91,30 @@ def test_two_gpus(ckpt) -> None:
     path, sd = ckpt
     devices = {n: f"cuda:{i % 2}" for i, n in enumerate(sd)}
     devices["tied"] = devices["emb"]
-    loaded = sllm_store.load_state_dict(path, device=devices)
+    loaded = sllm_store.load_state_dict(path, device=devices, verify=True)
     _assert_same(loaded, sd)
+    for n, t in loaded.items():
+        assert t.device == torch.device(devices[n]), n
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_load_model_split_over_two_gpus(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    sllm_store.convert(tmp_path / "hf", tmp_path / "sllm", quiet=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, device_map="cuda:0").eval()
+    budget = {0: "3MiB", 1: "64MiB"}  # the model is ~4.7 MB: it cannot fit on GPU 0 alone
+    ours = sllm_store.load_model(tmp_path / "sllm", device_map="auto", max_memory=budget,
+                                 torch_dtype=torch.float32)
+    assert {p.device.index for p in ours.parameters()} == {0, 1}
+    ids = torch.randint(0, 512, (2, 16), device="cuda:0")
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids).logits.to("cuda:0"), rtol=0, atol=0)
 
 
 def test_plain_safetensors_to_gpu(tmp_path) -> None:
