@@ -12,11 +12,14 @@
 
 #include "common/errors.h"
 #include "device/cuda_driver.h"
+#include "device/cuda_ipc.h"
 #include "device/device.h"
+#include "memory/pinned_arena.h"
 #include "memory/pool_cache.h"
 #include "format/checksum.h"
 #include "io/file_reader.h"
 #include "io/page_cache.h"
+#include "pipeline/copier.h"
 #include "pipeline/loader.h"
 
 namespace py = pybind11;
@@ -120,6 +123,30 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   return out;
 }
 
+using CopyTuple = std::tuple<uint64_t, int, uint64_t, uint64_t>;
+
+py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<DestTuple>& dests,
+                       int num_threads, uint64_t piece_size) {
+  std::vector<CopySpec> specs;
+  specs.reserve(copies.size());
+  for (const auto& [src, dest, dest_offset, length] : copies)
+    specs.push_back(CopySpec{reinterpret_cast<const char*>(src), dest, dest_offset, length});
+  std::vector<Destination> ds;
+  for (const auto& [device, ptr, size] : dests)
+    ds.push_back(Destination{make_device(device), reinterpret_cast<char*>(ptr), size});
+  CopyStats stats;
+  {
+    py::gil_scoped_release nogil;
+    stats = run_copies(specs, ds, num_threads, piece_size, nullptr);
+  }
+  py::dict out;
+  out["bytes"] = stats.bytes;
+  out["pieces"] = stats.pieces;
+  out["threads"] = stats.threads;
+  out["seconds"] = stats.seconds;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -184,6 +211,45 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");
   m.def("cuda_unavailable_reason", &cuda::unavailable_reason,
         "Why the CUDA driver cannot be used ('' when it can).");
+
+  m.def("run_copies", &run_copies_py, py::arg("copies"), py::arg("dests"), py::arg("num_threads"),
+        py::arg("piece_size") = 64ull << 20,
+        R"doc(Copy host memory into destinations on worker threads; blocks until done.
+
+copies: (source address, dest, dest_offset, length); dests: (device, address, size).)doc");
+
+  py::class_<PinnedArena>(m, "PinnedArena", "Host memory allocated once: page-locked when CUDA is usable.")
+      .def(py::init([](size_t size, size_t segment_size, bool pin, int threads) {
+             py::gil_scoped_release nogil;
+             return std::make_unique<PinnedArena>(size, segment_size, pin, threads);
+           }),
+           py::arg("size"), py::arg("segment_size"), py::arg("pin") = true, py::arg("threads") = 8)
+      .def_property_readonly("pinned", &PinnedArena::pinned)
+      .def_property_readonly("size", &PinnedArena::size)
+      .def_property_readonly("segment_size", &PinnedArena::segment_size)
+      .def_property_readonly("segments",
+                             [](const PinnedArena& a) {
+                               std::vector<uint64_t> out;
+                               for (size_t i = 0; i < a.num_segments(); ++i)
+                                 out.push_back(reinterpret_cast<uint64_t>(a.segment(i)));
+                               return out;
+                             })
+      .def("release", &PinnedArena::release, "Free the memory now.");
+
+  m.def(
+      "cuda_ipc_export",
+      [](uint64_t ptr) {
+        IpcExport e = ipc_export(ptr);
+        return py::make_tuple(py::bytes(e.handle), e.offset, e.alloc_size, e.pci_bus_id);
+      },
+      py::arg("ptr"),
+      "Export the GPU allocation holding `ptr`: (handle, offset, allocation size, PCI bus id).");
+
+  py::class_<IpcMapping>(m, "CudaIpcMapping", "GPU memory of another process, open while this lives.")
+      .def(py::init<const std::string&, const std::string&>(), py::arg("pci_bus_id"), py::arg("handle"))
+      .def_property_readonly("base", &IpcMapping::base)
+      .def_property_readonly("ordinal", &IpcMapping::ordinal)
+      .def("close", &IpcMapping::close);
 
   m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

@@ -56,7 +56,15 @@ Loaded load() {
             bind(lib, "cuMemcpyHtoDAsync_v2", d.cuMemcpyHtoDAsync, r) &&
             bind(lib, "cuMemHostAlloc", d.cuMemHostAlloc, r) &&
             bind(lib, "cuMemFreeHost", d.cuMemFreeHost, r) &&
-            bind(lib, "cuGetErrorString", d.cuGetErrorString, r);
+            bind(lib, "cuGetErrorString", d.cuGetErrorString, r) &&
+            bind(lib, "cuIpcGetMemHandle", d.cuIpcGetMemHandle, r) &&
+            (bind(lib, "cuIpcOpenMemHandle_v2", d.cuIpcOpenMemHandle, r) ||
+             bind(lib, "cuIpcOpenMemHandle", d.cuIpcOpenMemHandle, r)) &&
+            bind(lib, "cuIpcCloseMemHandle", d.cuIpcCloseMemHandle, r) &&
+            bind(lib, "cuMemGetAddressRange_v2", d.cuMemGetAddressRange, r) &&
+            bind(lib, "cuPointerGetAttribute", d.cuPointerGetAttribute, r) &&
+            bind(lib, "cuDeviceGetPCIBusId", d.cuDeviceGetPCIBusId, r) &&
+            bind(lib, "cuDeviceGetByPCIBusId", d.cuDeviceGetByPCIBusId, r);
   if (!ok) return l;
   CUresult res = d.cuInit(0);
   if (res != CUDA_SUCCESS) {
@@ -65,6 +73,7 @@ Loaded load() {
     l.reason = std::string("cuInit failed: ") + (s ? s : std::to_string(res));
     return l;
   }
+  l.reason.clear();  // a fallback symbol may have been tried first
   l.ok = true;
   return l;
 }

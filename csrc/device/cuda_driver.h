@@ -23,6 +23,13 @@ constexpr CUresult CUDA_SUCCESS = 0;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
+constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
+constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
+constexpr size_t CU_IPC_HANDLE_SIZE = 64;
+
+struct CUipcMemHandle {
+  char reserved[CU_IPC_HANDLE_SIZE];
+};
 
 struct Driver {
   CUresult (*cuInit)(unsigned);
@@ -43,6 +50,14 @@ struct Driver {
   CUresult (*cuMemHostAlloc)(void**, size_t, unsigned);
   CUresult (*cuMemFreeHost)(void*);
   CUresult (*cuGetErrorString)(CUresult, const char**);
+  // Inter-process memory sharing (the store server copies into a client's GPU memory).
+  CUresult (*cuIpcGetMemHandle)(CUipcMemHandle*, CUdeviceptr);
+  CUresult (*cuIpcOpenMemHandle)(CUdeviceptr*, CUipcMemHandle, unsigned);
+  CUresult (*cuIpcCloseMemHandle)(CUdeviceptr);
+  CUresult (*cuMemGetAddressRange)(CUdeviceptr*, size_t*, CUdeviceptr);
+  CUresult (*cuPointerGetAttribute)(void*, int, CUdeviceptr);
+  CUresult (*cuDeviceGetPCIBusId)(char*, int, CUdevice);
+  CUresult (*cuDeviceGetByPCIBusId)(CUdevice*, const char*);
 };
 
 // The process-wide driver table, loaded and cuInit'ed on first use; nullptr if unavailable.

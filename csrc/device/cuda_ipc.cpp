@@ -1,0 +1,113 @@
+#include "device/cuda_ipc.h"
+
+#include <cstring>
+
+#include "common/errors.h"
+
+namespace sllm {
+
+namespace {
+
+const cuda::Driver* need_driver(const char* what) {
+  const cuda::Driver* d = cuda::driver();
+  if (d == nullptr) throw Error(ErrorKind::kDevice, std::string(what) + ": " + cuda::unavailable_reason());
+  return d;
+}
+
+// Makes `dev`'s primary context current on this thread for the scope; releases it after.
+class PrimaryContext {
+ public:
+  PrimaryContext(const cuda::Driver* d, cuda::CUdevice dev) : d_(d), dev_(dev) {
+    cuda::check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+    cuda::CUresult r = d_->cuCtxSetCurrent(ctx_);
+    if (r != cuda::CUDA_SUCCESS) {
+      d_->cuDevicePrimaryCtxRelease(dev_);
+      cuda::check(r, "cuCtxSetCurrent");
+    }
+  }
+  ~PrimaryContext() { d_->cuDevicePrimaryCtxRelease(dev_); }
+  PrimaryContext(const PrimaryContext&) = delete;
+  PrimaryContext& operator=(const PrimaryContext&) = delete;
+  cuda::CUcontext get() const { return ctx_; }
+
+ private:
+  const cuda::Driver* d_;
+  cuda::CUdevice dev_;
+  cuda::CUcontext ctx_ = nullptr;
+};
+
+std::string bus_id(const cuda::Driver* d, cuda::CUdevice dev) {
+  char buf[32] = {0};
+  cuda::check(d->cuDeviceGetPCIBusId(buf, sizeof buf, dev), "cuDeviceGetPCIBusId");
+  return buf;
+}
+
+}  // namespace
+
+IpcExport ipc_export(uint64_t ptr) {
+  const cuda::Driver* d = need_driver("cannot export GPU memory");
+  int ordinal = -1;
+  cuda::check(d->cuPointerGetAttribute(&ordinal, cuda::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr),
+              "cuPointerGetAttribute (is the pointer GPU memory?)");
+  cuda::CUdevice dev = 0;
+  cuda::check(d->cuDeviceGet(&dev, ordinal), "cuDeviceGet");
+  PrimaryContext ctx(d, dev);
+  cuda::CUdeviceptr base = 0;
+  size_t size = 0;
+  cuda::check(d->cuMemGetAddressRange(&base, &size, ptr), "cuMemGetAddressRange");
+  cuda::CUipcMemHandle h{};
+  cuda::CUresult r = d->cuIpcGetMemHandle(&h, base);
+  if (r != cuda::CUDA_SUCCESS) {
+    const char* s = nullptr;
+    d->cuGetErrorString(r, &s);
+    throw Error(ErrorKind::kDevice,
+                std::string("cannot share this GPU memory with the store server (cuIpcGetMemHandle: ") +
+                    (s ? s : std::to_string(r)) +
+                    "); allocations from expandable segments (PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True) cannot be shared");
+  }
+  IpcExport out;
+  out.handle.assign(h.reserved, sizeof h.reserved);
+  out.offset = ptr - base;
+  out.alloc_size = size;
+  out.pci_bus_id = bus_id(d, dev);
+  return out;
+}
+
+IpcMapping::IpcMapping(const std::string& pci_bus_id, const std::string& handle)
+    : drv_(need_driver("cannot import GPU memory")) {
+  if (handle.size() != cuda::CU_IPC_HANDLE_SIZE)
+    throw Error(ErrorKind::kFormat, "a CUDA IPC handle has " + std::to_string(cuda::CU_IPC_HANDLE_SIZE) +
+                                        " bytes, got " + std::to_string(handle.size()));
+  if (drv_->cuDeviceGetByPCIBusId(&dev_, pci_bus_id.c_str()) != cuda::CUDA_SUCCESS)
+    throw Error(ErrorKind::kDevice, "GPU " + pci_bus_id + " is not visible to this process "
+                                    "(check CUDA_VISIBLE_DEVICES of the store server)");
+  ordinal_ = static_cast<int>(dev_);
+  cuda::check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+  cuda::CUipcMemHandle h{};
+  std::memcpy(h.reserved, handle.data(), sizeof h.reserved);
+  cuda::CUresult r = drv_->cuCtxSetCurrent(ctx_);
+  if (r == cuda::CUDA_SUCCESS)
+    r = drv_->cuIpcOpenMemHandle(&base_, h, cuda::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
+  if (r != cuda::CUDA_SUCCESS) {
+    drv_->cuDevicePrimaryCtxRelease(dev_);
+    ctx_ = nullptr;
+    cuda::check(r, "cuIpcOpenMemHandle");
+  }
+}
+
+void IpcMapping::close() {
+  if (base_ != 0) {
+    drv_->cuCtxSetCurrent(ctx_);
+    drv_->cuIpcCloseMemHandle(base_);
+    base_ = 0;
+  }
+  if (ctx_ != nullptr) {
+    drv_->cuDevicePrimaryCtxRelease(dev_);
+    ctx_ = nullptr;
+  }
+}
+
+IpcMapping::~IpcMapping() { close(); }
+
+}  // namespace sllm
