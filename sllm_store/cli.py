@@ -1,6 +1,7 @@
 """The ``sllm-store`` command line.
 
-Subcommands: ``convert``, ``verify``, ``info``, ``load``. Expected failures (bad input) print one
+Subcommands: ``convert``, ``verify``, ``info``, ``load``; the store server: ``serve``, ``status``,
+``prefetch``, ``evict``. Expected failures (bad input) print one
 ``error: ...`` line on stderr and exit with status 1; usage errors exit with 2; Ctrl-C with 130.
 """
 
@@ -84,17 +85,86 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
     tensors, report = load_state_dict_with_report(
         args.path, args.device, num_threads=args.num_threads, verify=args.verify or None,
-        io_mode=args.io_mode,
+        io_mode=args.io_mode, store=args.store,
     )
     print(f"loaded {len(tensors)} tensors, {format_size(report.bytes)} in {report.seconds:.3f} s "
           f"({report.gb_per_s:.2f} GB/s)")
     for dev, nbytes in report.devices.items():
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
+    if stats.get("io_mode") == "store":
+        print(f"  store {stats['store']}: {'hit' if stats['hit'] else 'miss'}"
+              f"{' (streamed)' if stats['streamed'] else ''}, server {stats['server_seconds']:.3f} s "
+              f"of which copying {stats['copy_seconds']:.3f} s")
+        return 0
     print(f"  pipeline: {stats['threads']} threads, {stats['chunks_direct']} direct + "
           f"{stats['chunks_staged']} staged chunks, io_mode {stats['io_mode']}"
           f" (O_DIRECT {'on' if stats['o_direct_used'] else 'off'})"
           + (f", {stats['chunks_verified']} chunks verified" if stats["chunks_verified"] else ""))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sllm_store.server.service import serve
+
+    logging.getLogger("sllm_store").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    serve(args.storage_path, args.mem_pool_size, listen=args.listen, num_threads=args.num_threads,
+          block_size=args.chunk_size, io_mode=args.io_mode)
+    return 0
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202 - StoreClient, imported lazily
+    import os
+
+    from sllm_store.server.client import StoreClient
+
+    return StoreClient(args.store or os.environ.get("SLLM_STORE_ADDRESS") or None)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    client = _client(args)
+    h = client.health()
+    s = client.status()
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps({"health": MessageToDict(h), "status": MessageToDict(s)}, indent=1))
+        return 0
+    print(f"server:      {client.target} (sllm-store {h.version}, pid {h.pid})")
+    print(f"storage:     {s.storage_path}")
+    pct = 100 * s.pool_used / s.pool_size if s.pool_size else 0
+    print(f"pool:        {format_size(s.pool_used)} of {format_size(s.pool_size)} used ({pct:.0f}%), "
+          f"{'pinned' if s.pinned else 'pageable'}, blocks of {format_size(s.block_size)}; "
+          f"GPU destinations {'yes' if h.cuda else 'no'}")
+    print(f"requests:    {s.hits} hits, {s.misses} misses, {s.evictions} evictions, "
+          f"{format_size(s.bytes_served)} served, {s.loads_in_progress} load(s) in progress")
+    if s.models:
+        print(f"{'model':40} {'tier':8} {'size':>10} {'in use':>6} {'hits':>6}  last used")
+        now = time.time()
+        for m in s.models:
+            print(f"{m.name:40} {m.tier:8} {format_size(m.size):>10} {m.in_use:>6} {m.hits:>6}  "
+                  f"{now - m.last_used:.0f} s ago")
+    else:
+        print("no models cached")
+    return 0
+
+
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for name in args.models:
+        r = client.prefetch(client.model_name(name), verify=args.verify)
+        state = "already cached" if r.hit else "cached"
+        print(f"{name}: {state}, {format_size(r.bytes)} in {r.seconds:.2f} s")
+    return 0
+
+
+def _cmd_evict(args: argparse.Namespace) -> int:
+    client = _client(args)
+    names = [client.model_name(m) for m in args.models] or [""]
+    evicted = [e for n in names for e in client.evict(n)]
+    print(f"evicted: {', '.join(evicted)}" if evicted else "nothing evicted")
     return 0
 
 
@@ -140,7 +210,40 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--num-threads", type=int, default=None)
     ld.add_argument("--io-mode", choices=("auto", "buffered", "direct", "mmap"), default=None,
                     help="read mode (default auto: O_DIRECT when not page-cached, else buffered)")
+    ld.add_argument("--store", default=None, metavar="ADDRESS",
+                    help="load through a store server (unix:///path or host:port; env SLLM_STORE_ADDRESS)")
     ld.set_defaults(func=_cmd_load)
+
+    sv = sub.add_parser("serve", help="run the store server (pinned-memory model cache)",
+                        description="Serve the models under --storage-path from a pinned host-memory cache. "
+                        "Clients load with store=ADDRESS (or env SLLM_STORE_ADDRESS).")
+    sv.add_argument("--storage-path", required=True, help="directory holding converted models")
+    sv.add_argument("--mem-pool-size", type=_size, required=True, help="size of the memory pool, e.g. 32GiB")
+    sv.add_argument("--listen", default=None,
+                    help="unix:///path (default: $XDG_RUNTIME_DIR or /tmp /sllm-store-UID.sock, mode 0600) "
+                    "or [host:]port (TCP; loopback unless a host is given)")
+    sv.add_argument("--num-threads", type=int, default=None, help="disk reader threads")
+    sv.add_argument("--chunk-size", type=_size, default="32MiB", help="pool block size (default 32MiB)")
+    sv.add_argument("--io-mode", choices=("auto", "buffered", "direct"), default="auto")
+    sv.set_defaults(func=_cmd_serve)
+
+    for cmd, helptext, fn in (
+        ("status", "show the store server's cache and pool", _cmd_status),
+        ("prefetch", "load models into the store server's cache", _cmd_prefetch),
+        ("evict", "drop models from the store server's cache", _cmd_evict),
+    ):
+        sp = sub.add_parser(cmd, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        sp.add_argument("--store", default=None, metavar="ADDRESS",
+                        help="server address (default: env SLLM_STORE_ADDRESS, else the default socket)")
+        if cmd == "status":
+            sp.add_argument("--json", action="store_true")
+        else:
+            sp.add_argument("models", nargs="*" if cmd == "evict" else "+",
+                            help="model names (relative to the storage path)"
+                            + ("; none: every model not in use" if cmd == "evict" else ""))
+        if cmd == "prefetch":
+            sp.add_argument("--verify", action="store_true", help="verify checksums while caching")
+        sp.set_defaults(func=fn)
     return p
 
 

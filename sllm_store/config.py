@@ -9,6 +9,9 @@ Environment variables (all optional):
 ``SLLM_STORE_VERIFY``        ``1`` to verify checksums on every load
 ``SLLM_STORE_STAGING_BUFFERS`` staging buffers per thread for GPU loads (default 2: one filling
                              while one is copied to the device)
+``SLLM_STORE_ADDRESS``       load through this store server (``unix:///path`` or ``host:port``);
+                             unset: load in this process
+``SLLM_STORE_TIMEOUT``       seconds a load through a store server may take (default 600)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class LoadConfig:
     chunk_size: Optional[int]
     verify: bool
     staging_buffers: int = 2
+    store: Optional[str] = None
 
     @classmethod
     def resolve(
@@ -45,6 +49,7 @@ class LoadConfig:
         io_mode: Optional[str] = None,
         chunk_size: Optional[SizeLike] = None,
         verify: Optional[bool] = None,
+        store: Optional[str] = None,
     ) -> LoadConfig:
         env = os.environ
         if num_threads is None and env.get("SLLM_STORE_NUM_THREADS"):
@@ -66,8 +71,10 @@ class LoadConfig:
         staging = int(env.get("SLLM_STORE_STAGING_BUFFERS") or 2)
         if staging < 1:
             raise ValueError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
+        if store is None:
+            store = env.get("SLLM_STORE_ADDRESS") or None
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
-                   staging_buffers=staging)
+                   staging_buffers=staging, store=store or None)
 
     def io_mode_for(self, files: list[str]) -> str:
         """The read mode to use for ``files``: ``auto`` picks by page-cache residency.

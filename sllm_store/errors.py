@@ -59,6 +59,34 @@ class OutOfMemoryError(SllmStoreError, MemoryError):
     """Host or device memory for the load could not be allocated."""
 
 
+class StoreError(SllmStoreError):
+    """A problem reported by (or about) the store server (``sllm-store serve``)."""
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """The store server cannot be reached, went away during a call, or did not answer in time."""
+
+
+class ModelNotFoundError(StoreError, FileNotFoundError):
+    """The store server has no model of that name under its storage path."""
+
+
+class PathEscapeError(StoreError, PermissionError):
+    """A model name points outside the store server's storage path (``..``, absolute, symlink)."""
+
+
+class PoolExhaustedError(StoreError, MemoryError):
+    """The store server's memory pool has no room: the models filling it are in use."""
+
+
+class ModelTooLargeError(StoreError, MemoryError):
+    """A model is larger than the store server's whole memory pool, so it cannot be cached."""
+
+
+class ModelChangedError(StoreError):
+    """A model's files changed on disk between planning a load and running it."""
+
+
 __all__ = [
     "SllmStoreError",
     "FormatError",
@@ -72,4 +100,11 @@ __all__ = [
     "DestinationExistsError",
     "DeviceError",
     "OutOfMemoryError",
+    "StoreError",
+    "StoreUnavailableError",
+    "ModelNotFoundError",
+    "PathEscapeError",
+    "PoolExhaustedError",
+    "ModelTooLargeError",
+    "ModelChangedError",
 ]

@@ -224,9 +224,32 @@ def _allocate(dev: torch.device, size: int) -> tuple[torch.Tensor, int]:
     return buf, shift
 
 
+def _views(index: Index, assign: Mapping[str, torch.device], plan: _Plan,
+           buffers: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """The loaded tensors: views into the per-device buffers (tied names share storage)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in assign:
+        entry = index.tensors[name]
+        stored = index.resolve(name)
+        s, off = plan.placement[stored.name]
+        buf, shift = buffers[s]
+        dtype = dtype_from_name(stored.dtype)
+        t = torch.empty(0, dtype=dtype, device=buf.device)
+        strides = _contiguous_strides(stored.shape)
+        t.set_(buf.untyped_storage(), (shift + off) // dtype.itemsize, stored.shape, strides)
+        if entry.alias_of is not None and assign[name] != buf.device:
+            t = t.to(assign[name])  # an alias placed on another device than its target
+        out[name] = t
+    return out
+
+
 def _load(
-    path: PathLike, device: DeviceMap, config: LoadConfig
+    path: PathLike, device: DeviceMap, config: LoadConfig, described: Any = None
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    if config.store:
+        from sllm_store.server.client import load_through_store
+
+        return load_through_store(path, device, config, described)
     t0 = time.perf_counter()
     index = open_checkpoint(path)
     check_data_files(index)
@@ -255,19 +278,7 @@ def _load(
     )
     stats["io_mode"] = io_mode
 
-    out: dict[str, torch.Tensor] = {}
-    for name in assign:
-        entry = index.tensors[name]
-        stored = index.resolve(name)
-        s, off = plan.placement[stored.name]
-        buf, shift = buffers[s]
-        dtype = dtype_from_name(stored.dtype)
-        t = torch.empty(0, dtype=dtype, device=buf.device)
-        strides = _contiguous_strides(stored.shape)
-        t.set_(buf.untyped_storage(), (shift + off) // dtype.itemsize, stored.shape, strides)
-        if entry.alias_of is not None and assign[name] != buf.device:
-            t = t.to(assign[name])  # an alias placed on another device than its target
-        out[name] = t
+    out = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(
         path=str(path),
@@ -291,6 +302,7 @@ def load_state_dict(
     chunk_size: Optional[SizeLike] = None,
     verify: Optional[bool] = None,
     io_mode: Optional[str] = None,
+    store: Optional[str] = None,
 ) -> dict[str, torch.Tensor]:
     """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
 
@@ -307,6 +319,11 @@ def load_state_dict(
             buffered where the filesystem refuses it) or ``"mmap"`` (CPU only: tensors are views
             of private copy-on-write mappings of the data files, faulted in by the worker threads;
             no copy, shares the page cache; the files must not be truncated while in use).
+        store: address of a store server (``sllm-store serve``), e.g. ``"unix:///run/sllm.sock"``
+            (env ``SLLM_STORE_ADDRESS``). The server copies the model from its pinned-memory cache
+            into this process's memory; ``path`` is then a model name relative to the server's
+            storage path (a local path inside it works too). Without a store, the load runs in
+            this process.
 
     All tensors of one device are views into a single allocation; tied tensors share storage.
 
@@ -319,9 +336,11 @@ def load_state_dict(
         MissingFileError, TruncatedFileError, FormatError, UnsupportedVersionError: bad checkpoint.
         ChecksumError: ``verify=True`` and a chunk is corrupted.
         DeviceError: the device is unknown or unavailable.
+        StoreError: with a store, what the server reported (e.g. ``ModelNotFoundError``), or
+            ``StoreUnavailableError`` when it cannot be reached or does not answer in time.
     """
     config = LoadConfig.resolve(
-        num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify
+        num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify, store=store
     )
     tensors, _ = _load(path, device, config)
     return tensors

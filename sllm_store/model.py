@@ -185,6 +185,7 @@ def load_model(
     max_memory: Optional[Mapping[Any, Any]] = None,
     num_threads: Optional[int] = None,
     verify: Optional[bool] = None,
+    store: Optional[str] = None,
     **config_kwargs: Any,
 ) -> nn.Module:
     """Load a ``transformers`` model from a converted (or plain safetensors) model directory.
@@ -200,7 +201,8 @@ def load_model(
             ``"AutoModel"``, ``"BertForMaskedLM"``, ...).
         trust_remote_code: passed to ``AutoConfig`` / the auto class.
         max_memory: for ``device_map="auto"``, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
-        num_threads, verify: see :func:`sllm_store.load_state_dict`.
+        num_threads, verify, store: see :func:`sllm_store.load_state_dict`. With a store server,
+            ``path`` is the model's name there; config files come from the server too.
         **config_kwargs: overrides applied to the config (like ``from_pretrained``'s kwargs).
 
     Returns the model in eval mode, its weights views into one allocation per device.
@@ -213,7 +215,7 @@ def load_model(
     model, _ = load_model_with_report(
         path, device_map=device_map, torch_dtype=torch_dtype, hf_model_class=hf_model_class,
         trust_remote_code=trust_remote_code, max_memory=max_memory, num_threads=num_threads,
-        verify=verify, **config_kwargs,
+        verify=verify, store=store, **config_kwargs,
     )
     return model
 
@@ -228,16 +230,42 @@ def load_model_with_report(
     max_memory: Optional[Mapping[Any, Any]] = None,
     num_threads: Optional[int] = None,
     verify: Optional[bool] = None,
+    store: Optional[str] = None,
     **config_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
     """:func:`load_model`, also returning the :class:`~sllm_store.loader.LoadReport`."""
+    t0 = time.perf_counter()
+    load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
+    with contextlib.ExitStack() as stack:
+        if load_config.store:
+            from sllm_store.server.client import StoreClient, index_of, model_files
+
+            client = StoreClient.get(load_config.store)
+            name = client.model_name(path)
+            described = client.describe(name)
+            index = index_of(described, name)
+            root = stack.enter_context(model_files(described))  # config files, from the server
+            source: Any = name
+        else:
+            described = None
+            root = Path(path)
+            index = open_checkpoint(root)
+            source = root
+        return _load_model(
+            index, root, source, described, t0, load_config, device_map=device_map,
+            torch_dtype=torch_dtype, hf_model_class=hf_model_class, trust_remote_code=trust_remote_code,
+            max_memory=max_memory, config_kwargs=config_kwargs,
+        )
+
+
+def _load_model(
+    index: Index, root: Path, source: Any, described: Any, t0: float, load_config: LoadConfig, *,
+    device_map: DeviceMapLike, torch_dtype: Any, hf_model_class: Any, trust_remote_code: bool,
+    max_memory: Optional[Mapping[Any, Any]], config_kwargs: dict[str, Any],
+) -> tuple[nn.Module, LoadReport]:
     from sllm_store.writer import resolve_dtype
 
-    t0 = time.perf_counter()
-    root = Path(path)
-    index = open_checkpoint(root)
     dtype = _checkpoint_dtype(index) if torch_dtype in (None, "auto") else resolve_dtype(torch_dtype)
-    load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify)
 
     # When the placement is known up front, the weights stream (in this thread, so that Ctrl-C
     # cancels the load) while another thread imports transformers and builds the model.
@@ -260,7 +288,7 @@ def load_model_with_report(
         builder = threading.Thread(target=build, name="sllm-build-model", daemon=True)
         builder.start()
         try:
-            loaded = _load(root, early, load_config)
+            loaded = _load(source, early, load_config, described)
         finally:
             builder.join()
     else:
@@ -286,7 +314,7 @@ def load_model_with_report(
                        type(model).__name__, unexpected[:5])
     if loaded is None:
         per_tensor = {n: _device_of(names[n], devices) for n in names}
-        loaded = _load(root, per_tensor, load_config)
+        loaded = _load(source, per_tensor, load_config, described)
     tensors, report = loaded
 
     state: dict[str, torch.Tensor] = {}

@@ -1,0 +1,479 @@
+"""Models in the server's memory pool.
+
+A model is cached whole: every data file laid out over whole pool blocks, read from disk by the
+C++ pipeline (``_C.run_load``) straight into the pinned blocks. Entries are evicted least recently
+used first, never while a load uses them. A model too large for the pool (or one that does not fit
+because the pool is held by models in use) is streamed through the free blocks instead: read a
+window, copy it to the client, reuse the blocks.
+
+Thread-safe: gRPC calls arrive on many threads. The lock guards the table and the pool; disk
+reads and copies run outside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+from sllm_store import _C
+from sllm_store._units import format_size
+from sllm_store.config import LoadConfig
+from sllm_store.errors import (
+    ChecksumError,
+    FormatError,
+    ModelChangedError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    PathEscapeError,
+    PoolExhaustedError,
+)
+from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
+from sllm_store.server.pool import BlockPool
+
+logger = logging.getLogger(__name__)
+
+# (file, offset, dest, dest_offset, length), as in the protocol's Copy message
+CopyReq = tuple[int, int, int, int, int]
+# (device spec, address, size), as _C.run_copies takes them
+Dest = tuple[str, int, int]
+
+SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".py", ".jinja", ".tiktoken")
+SMALL_FILE_LIMIT = 32 << 20
+
+
+@dataclass
+class _Entry:
+    name: str
+    fingerprint: str
+    index: Index
+    files: list[str]
+    blocks: list[list[int]]  # per data file, in file order
+    size: int
+    state: str = "loading"  # loading -> ready | failed
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+    in_use: int = 0
+    hits: int = 0
+    last_used: float = field(default_factory=time.time)
+    verified: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+
+def fingerprint(index: Index) -> str:
+    """Identifies one version of a checkpoint: its index and the identity of its data files."""
+    h = json.dumps(index.to_json(), sort_keys=True).encode()
+    for i in range(len(index.files)):
+        st = index.file_path(i).stat()
+        h += f"|{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+    return f"{_C.xxh3_64(h):016x}"
+
+
+def _buffer_at(address: int, n: int) -> Any:
+    return (ctypes.c_char * n).from_address(address)
+
+
+class ModelCache:
+    """The table of cached models over a :class:`BlockPool`.
+
+    Example::
+
+        cache = ModelCache("/models", BlockPool(32 << 30, 32 << 20), num_threads=16)
+        cache.prefetch("llama-8b")
+        cache.load("llama-8b", fp, copies, dests)   # copies into client memory
+    """
+
+    def __init__(self, storage_path: str | Path, pool: BlockPool, *, num_threads: int,
+                 io_mode: str = "auto", copy_threads: int = 4) -> None:
+        root = Path(storage_path)
+        if not root.is_dir():
+            raise ModelNotFoundError(f"storage path '{root}' is not a directory")
+        self.storage = root.resolve()
+        self.pool = pool
+        self.num_threads = num_threads
+        self.io_mode = io_mode
+        self.copy_threads = copy_threads
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._streaming_blocks = 0
+        self.hits = self.misses = self.evictions = self.bytes_served = 0
+        self.loads_in_progress = 0
+        # A testing knob: sleep this long before each copy window (makes mid-load kills reliable).
+        self.debug_copy_delay = 0.0
+
+    # -- names -------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> tuple[str, Path]:
+        """(normalized name, directory) of a model; refuses names that leave the storage path."""
+        if not name or "\x00" in name:
+            raise PathEscapeError(f"invalid model name {name!r}")
+        p = PurePosixPath(name)
+        if p.is_absolute():
+            raise PathEscapeError(f"model name {name!r} is absolute; give it relative to the storage path")
+        if ".." in p.parts:
+            raise PathEscapeError(f"model name {name!r} leaves the storage path ('..')")
+        real = (self.storage / p).resolve()
+        if real != self.storage and self.storage not in real.parents:
+            raise PathEscapeError(f"model name {name!r} resolves outside the storage path (symlink)")
+        if not real.exists():
+            raise ModelNotFoundError(f"no model {name!r} under the storage path '{self.storage}'")
+        if not is_converted(real):
+            raise ModelNotFoundError(
+                f"{name!r} under '{self.storage}' is not an sllm-store checkpoint "
+                "(convert it with `sllm-store convert`)"
+            )
+        return str(p), real
+
+    def _open(self, name: str) -> tuple[str, Index, str]:
+        key, path = self.resolve(name)
+        index = read_index(path)
+        check_data_files(index)
+        return key, index, fingerprint(index)
+
+    def describe(self, name: str) -> tuple[Index, str, dict[str, bytes]]:
+        """Index, fingerprint and the small non-weight files (config, generation config...)."""
+        key, index, fp = self._open(name)
+        data = {f.name for f in index.files} | {INDEX_FILE}
+        small: dict[str, bytes] = {}
+        for p in sorted(index.path.iterdir()):
+            if (p.name not in data and p.suffix in SMALL_FILE_SUFFIXES and p.is_file()
+                    and p.stat().st_size <= SMALL_FILE_LIMIT):
+                small[p.name] = p.read_bytes()
+        return index, fp, small
+
+    # -- cache table -------------------------------------------------------------------------
+
+    def _reserve(self, need: int) -> Optional[list[int]]:
+        """``need`` blocks, evicting idle models least recently used first; None if impossible.
+        Called with the lock held."""
+        if need > self.pool.free_blocks:
+            idle = sorted((e for e in self._entries.values() if e.in_use == 0 and e.state == "ready"),
+                          key=lambda e: e.last_used)
+            if self.pool.free_blocks + sum(e.num_blocks for e in idle) < need:
+                return None
+            for e in idle:
+                if self.pool.free_blocks >= need:
+                    break
+                self._drop(e)
+                self.evictions += 1
+                logger.info("evicted %s (%s) to make room", e.name, format_size(e.size))
+        return self.pool.take(need)
+
+    def _drop(self, e: _Entry) -> None:
+        del self._entries[e.name]
+        for b in e.blocks:
+            self.pool.give(b)
+
+    def _acquire(self, key: str, index: Index, fp: str, verify: bool, *, stream_ok: bool
+                 ) -> tuple[Optional[_Entry], bool]:
+        """The ready entry of ``key`` with its use count raised (loading it on a miss), and
+        whether it was a hit. (None, False) when the model must be streamed instead."""
+        fill = False
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and e.fingerprint != fp:
+                if e.in_use == 0:
+                    logger.info("%s changed on disk: dropping the cached copy", key)
+                    self._drop(e)
+                    e = None
+                elif stream_ok:
+                    return None, False
+                else:
+                    raise ModelChangedError(
+                        f"{key!r} changed on disk while a load uses the old version; retry"
+                    )
+            if e is not None:
+                e.in_use += 1
+            else:
+                need = sum(self.pool.blocks_for(f.size) for f in index.files)
+                if need > self.pool.num_blocks:
+                    if stream_ok:
+                        return None, False
+                    raise ModelTooLargeError(
+                        f"{key!r} ({format_size(need * self.pool.block_size)}) is larger than the whole "
+                        f"memory pool ({format_size(self.pool.size)}); it can only be streamed"
+                    )
+                blocks = self._reserve(need)
+                if blocks is None:
+                    if stream_ok:
+                        return None, False
+                    raise PoolExhaustedError(
+                        f"no room for {key!r} ({format_size(need * self.pool.block_size)}): the memory "
+                        f"pool ({format_size(self.pool.size)}) is held by models in use"
+                    )
+                per_file, pos = [], 0
+                for f in index.files:
+                    n = self.pool.blocks_for(f.size)
+                    per_file.append(blocks[pos:pos + n])
+                    pos += n
+                files = [str(index.file_path(i)) for i in range(len(index.files))]
+                e = _Entry(key, fp, index, files, per_file, sum(f.size for f in index.files), in_use=1)
+                self._entries[key] = e
+                self.misses += 1
+                fill = True
+        if fill:
+            t0 = time.perf_counter()
+            try:
+                self._read(e.index, e.files, [(f, 0, e.index.files[f].size, e.blocks[f])
+                                              for f in range(len(e.files))], verify)
+            except BaseException as ex:
+                with self._lock:
+                    e.state, e.error = "failed", ex
+                    e.in_use -= 1
+                    if self._entries.get(key) is e:
+                        self._drop(e)
+                e.ready.set()
+                raise
+            e.verified = verify
+            e.state = "ready"
+            e.ready.set()
+            dt = time.perf_counter() - t0
+            logger.info("cached %s: %s in %.2f s (%.2f GB/s)", key, format_size(e.size), dt,
+                        e.size / dt / 1e9 if dt > 0 else 0)
+            return e, False
+        e.ready.wait()
+        if e.state == "failed":
+            with self._lock:
+                e.in_use -= 1
+            err = e.error
+            raise type(err)(str(err)) if err is not None else FormatError(f"loading {key!r} failed")
+        with self._lock:
+            self.hits += 1
+            e.hits += 1
+        return e, True
+
+    def _release(self, e: _Entry) -> None:
+        with self._lock:
+            e.in_use -= 1
+            e.last_used = time.time()
+
+    # -- data movement -----------------------------------------------------------------------
+
+    def _read(self, index: Index, files: list[str],
+              regions: Sequence[tuple[int, int, int, list[int]]], verify: bool) -> None:
+        """Read byte ranges of data files into pool blocks with the C++ pipeline.
+
+        regions: (file, start, end, blocks): [start, end) of the file goes to consecutive blocks.
+        Reads are the checkpoint's chunks (checksummed when whole and ``verify``), cut where a
+        chunk crosses a block boundary into several segments.
+        """
+        B, cs = self.pool.block_size, index.chunk_size
+        units: list[tuple[int, int, int, Optional[int]]] = []
+        segments: list[tuple[int, int, int, int, int]] = []
+        dests: list[Dest] = []
+        dest_of: dict[int, int] = {}
+        for f, start, end, blocks in regions:
+            fsize = index.files[f].size
+            checks = index.files[f].checksums
+            pos = start
+            while pos < end:
+                nxt = min(end, (pos // cs + 1) * cs)
+                whole = pos % cs == 0 and nxt == min((pos // cs + 1) * cs, fsize)
+                checksum = checks[pos // cs] if verify and whole and checks else None
+                u = len(units)
+                units.append((f, pos, nxt - pos, checksum))
+                p = pos
+                while p < nxt:
+                    bi = (p - start) // B
+                    m = min(nxt, start + (bi + 1) * B) - p
+                    block = blocks[bi]
+                    if block not in dest_of:
+                        dest_of[block] = len(dests)
+                        dests.append(("cpu", self.pool.address(block), B))
+                    segments.append((u, p - pos, dest_of[block], (p - start) % B, m))
+                    p += m
+                pos = nxt
+        config = LoadConfig.resolve(num_threads=self.num_threads, io_mode=self.io_mode)
+        _C.run_load(files, units, segments, dests, num_threads=config.num_threads,
+                    io_mode=config.io_mode_for(files), verify=verify)
+
+    def _verify_cached(self, e: _Entry) -> None:
+        """Check the checksums of a model cached without verification (once)."""
+        B, cs = self.pool.block_size, e.index.chunk_size
+
+        def check(f: int) -> None:
+            df = e.index.files[f]
+            if not df.checksums:
+                return
+            hasher = _C.ChunkHasher(cs)
+            for bi, block in enumerate(e.blocks[f]):
+                n = min(B, df.size - bi * B)
+                hasher.update(_buffer_at(self.pool.address(block), n))
+            for c, (got, want) in enumerate(zip(hasher.finish(), df.checksums)):
+                if got != want:
+                    raise ChecksumError(
+                        f"checksum mismatch in cached '{e.files[f]}' chunk at offset {c * cs}: "
+                        f"expected {want:016x}, got {got:016x}"
+                    )
+
+        with ThreadPoolExecutor(max(1, min(len(e.files), self.num_threads))) as ex:
+            list(ex.map(check, range(len(e.files))))
+        e.verified = True
+
+    def _resolve_copies(self, copies: Sequence[CopyReq], f: int, start: int, end: int,
+                        blocks: list[int]) -> list[tuple[int, int, int, int]]:
+        """The parts of ``copies`` that fall in [start, end) of file ``f`` (held by ``blocks``)
+        as (source address, dest, dest_offset, length), contiguous runs merged."""
+        B = self.pool.block_size
+        out: list[tuple[int, int, int, int]] = []
+        for cf, off, dest, doff, n in copies:
+            if cf != f:
+                continue
+            lo, hi = max(off, start), min(off + n, end)
+            pos = lo
+            while pos < hi:
+                bi = (pos - start) // B
+                m = min(hi, start + (bi + 1) * B) - pos
+                src = self.pool.address(blocks[bi]) + (pos - start) % B
+                d_off = doff + (pos - off)
+                if out and out[-1][1] == dest and out[-1][0] + out[-1][3] == src \
+                        and out[-1][2] + out[-1][3] == d_off:
+                    s, d, o, ln = out[-1]
+                    out[-1] = (s, d, o, ln + m)
+                else:
+                    out.append((src, dest, d_off, m))
+                pos += m
+        return out
+
+    def _copy(self, parts: list[tuple[int, int, int, int]], dests: Sequence[Dest]) -> float:
+        if not parts:
+            return 0.0
+        if self.debug_copy_delay:
+            time.sleep(self.debug_copy_delay)
+        stats = _C.run_copies(parts, list(dests), num_threads=self.copy_threads)
+        return float(stats["seconds"])
+
+    # -- operations --------------------------------------------------------------------------
+
+    def prefetch(self, name: str, *, verify: bool = False) -> tuple[bool, int]:
+        """Make ``name`` resident; returns (hit, bytes)."""
+        key, index, fp = self._open(name)
+        e, hit = self._acquire(key, index, fp, verify, stream_ok=False)
+        assert e is not None
+        try:
+            if verify and not e.verified:
+                self._verify_cached(e)
+            return hit, e.size
+        finally:
+            self._release(e)
+
+    def load(self, name: str, fp: str, copies: Sequence[CopyReq], dests: Sequence[Dest], *,
+             verify: bool = False) -> dict[str, Any]:
+        """Copy parts of ``name`` into ``dests`` through the cache (or streamed through the pool)."""
+        key, index, current = self._open(name)
+        if fp and fp != current:
+            raise ModelChangedError(f"{key!r} changed on disk since it was described; describe it again")
+        for cf, off, dest, _doff, n in copies:
+            if cf >= len(index.files) or off + n > index.files[cf].size:
+                raise FormatError(f"copy of {n} bytes at {off} of file #{cf} is outside {key!r}")
+            if dest >= len(dests):
+                raise FormatError(f"copy refers to destination #{dest} of {len(dests)}")
+        copies = sorted(copies, key=lambda c: (c[0], c[1]))
+        with self._lock:
+            self.loads_in_progress += 1
+        try:
+            e, hit = self._acquire(key, index, current, verify, stream_ok=True)
+            if e is None:
+                seconds = self._stream(key, index, copies, dests, verify)
+                out = {"hit": False, "copy_seconds": seconds, "streamed": True}
+            else:
+                try:
+                    if verify and not e.verified:
+                        self._verify_cached(e)
+                    parts = []
+                    for f in range(len(e.files)):
+                        parts += self._resolve_copies(copies, f, 0, e.index.files[f].size, e.blocks[f])
+                    seconds = self._copy(parts, dests)
+                finally:
+                    self._release(e)
+                out = {"hit": hit, "copy_seconds": seconds, "streamed": False}
+            nbytes = sum(c[4] for c in copies)
+            with self._lock:
+                self.bytes_served += nbytes
+            out["bytes"] = nbytes
+            return out
+        finally:
+            with self._lock:
+                self.loads_in_progress -= 1
+
+    def _stream(self, key: str, index: Index, copies: Sequence[CopyReq], dests: Sequence[Dest],
+                verify: bool) -> float:
+        B, cs = self.pool.block_size, index.chunk_size
+        largest = max((self.pool.blocks_for(f.size) for f in index.files), default=0)
+        with self._lock:
+            k = min(self.pool.free_blocks, largest)
+            if k == 0 and largest > 0:
+                raise PoolExhaustedError(
+                    f"cannot serve {key!r}: every block of the memory pool ({format_size(self.pool.size)}) "
+                    "is held by models in use"
+                )
+            blocks = self.pool.take(k) or []
+            self._streaming_blocks += k
+        logger.info("streaming %s through %d free block(s) of the pool", key, k)
+        files = [str(index.file_path(i)) for i in range(len(index.files))]
+        window = k * B if k * B < cs else (k * B) // cs * cs
+        seconds = 0.0
+        try:
+            for f, df in enumerate(index.files):
+                wanted = [(off, off + n) for cf, off, _d, _o, n in copies if cf == f and n > 0]
+                for start in range(0, df.size, window or 1):
+                    end = min(df.size, start + window)
+                    if not any(lo < end and hi > start for lo, hi in wanted):
+                        continue  # a partial load skips windows it does not need
+                    self._read(index, files, [(f, start, end, blocks)], verify)
+                    seconds += self._copy(self._resolve_copies(copies, f, start, end, blocks), dests)
+        finally:
+            with self._lock:
+                self.pool.give(blocks)
+                self._streaming_blocks -= k
+        return seconds
+
+    def evict(self, name: str = "") -> list[str]:
+        """Drop ``name`` (or every model not in use) from the cache; returns what was dropped."""
+        with self._lock:
+            if name:
+                key = str(PurePosixPath(name))
+                e = self._entries.get(key)
+                if e is None:
+                    return []
+                if e.in_use:
+                    raise PoolExhaustedError(f"{key!r} is in use by {e.in_use} load(s); not evicted")
+                victims = [e]
+            else:
+                victims = [e for e in self._entries.values() if e.in_use == 0 and e.state == "ready"]
+            for e in victims:
+                self._drop(e)
+                self.evictions += 1
+            return [e.name for e in victims]
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            models = [
+                {"name": e.name, "tier": "dram" if e.state == "ready" else e.state, "size": e.size,
+                 "pool_bytes": e.num_blocks * self.pool.block_size, "in_use": e.in_use, "hits": e.hits,
+                 "last_used": e.last_used}
+                for e in sorted(self._entries.values(), key=lambda e: -e.last_used)
+            ]
+            return {
+                "storage_path": str(self.storage), "pool_size": self.pool.size, "pool_used": self.pool.used,
+                "block_size": self.pool.block_size, "pinned": self.pool.pinned, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions, "bytes_served": self.bytes_served,
+                "models": models, "loads_in_progress": self.loads_in_progress,
+            }
+
+    def close(self) -> None:
+        """Drop everything and free the pool (at shutdown, after the last call)."""
+        with self._lock:
+            for e in list(self._entries.values()):
+                self._drop(e)
+            self.pool.close()

@@ -1,0 +1,103 @@
+"""What client and server share: addresses, the method table, and error transport.
+
+Errors cross the wire as a gRPC status code plus the trailing metadata key ``sllm-store-error``
+naming the :mod:`sllm_store.errors` class, so the client raises the same class the server did.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from sllm_store import errors
+from sllm_store.server import store_pb2 as pb
+
+SERVICE = "sllm_store.v1.SllmStore"
+ERROR_KEY = "sllm-store-error"
+SHM_PREFIX = "sllm-store-"
+SHM_NAME = re.compile(r"sllm-store-[A-Za-z0-9_.-]{1,200}")
+MAX_MESSAGE = 256 * 1024 * 1024
+
+# method -> (request class, reply class)
+METHODS: dict[str, tuple[Any, Any]] = {
+    "Health": (pb.HealthRequest, pb.HealthReply),
+    "Status": (pb.StatusRequest, pb.StatusReply),
+    "Describe": (pb.DescribeRequest, pb.DescribeReply),
+    "Prefetch": (pb.PrefetchRequest, pb.PrefetchReply),
+    "Load": (pb.LoadRequest, pb.LoadReply),
+    "Evict": (pb.EvictRequest, pb.EvictReply),
+}
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
+
+
+def default_address() -> str:
+    """``unix://`` socket in ``$XDG_RUNTIME_DIR`` (else ``/tmp``), one per user."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return f"unix://{base}/sllm-store-{os.getuid()}.sock"
+
+
+def normalize_address(address: str, *, listen: bool = False) -> str:
+    """A gRPC target from ``unix:///path``, ``/path.sock``, ``host:port`` or ``port``.
+
+    TCP without a host binds/connects to loopback (``127.0.0.1``): the server is reachable from
+    other hosts only when a host is given explicitly.
+    """
+    a = address.strip()
+    if not a:
+        raise ValueError("empty store address")
+    if a.startswith("unix:"):
+        path = a[len("unix://"):] if a.startswith("unix://") else a[len("unix:"):]
+        if not path:
+            raise ValueError(f"invalid unix socket address {address!r}")
+        return "unix://" + os.path.abspath(path)
+    if a.startswith("/") or a.startswith("."):
+        return "unix://" + os.path.abspath(a)
+    if a.isdigit():
+        return f"127.0.0.1:{a}"
+    host, sep, port = a.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid store address {address!r} (expected unix:///path or host:port)")
+    return f"{host or '127.0.0.1'}:{port}"
+
+
+def unix_path(target: str) -> str | None:
+    return target[len("unix://"):] if target.startswith("unix://") else None
+
+
+# sllm_store.errors class name -> gRPC status code name
+_CODES = {
+    "ModelNotFoundError": "NOT_FOUND",
+    "MissingFileError": "NOT_FOUND",
+    "PathEscapeError": "PERMISSION_DENIED",
+    "PoolExhaustedError": "RESOURCE_EXHAUSTED",
+    "ModelTooLargeError": "RESOURCE_EXHAUSTED",
+    "OutOfMemoryError": "RESOURCE_EXHAUSTED",
+    "ModelChangedError": "ABORTED",
+    "FormatError": "FAILED_PRECONDITION",
+    "UnsupportedVersionError": "FAILED_PRECONDITION",
+    "TruncatedFileError": "FAILED_PRECONDITION",
+    "ChecksumError": "DATA_LOSS",
+    "ReadError": "UNAVAILABLE",
+    "DeviceError": "FAILED_PRECONDITION",
+}
+
+
+def status_code_name(exc: BaseException) -> str:
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _CODES:
+            return _CODES[cls.__name__]
+    if isinstance(exc, ValueError):
+        return "INVALID_ARGUMENT"
+    return "INTERNAL"
+
+
+def error_class(name: str) -> type[errors.SllmStoreError]:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.SllmStoreError):
+        return cls
+    return errors.StoreError

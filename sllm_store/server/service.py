@@ -1,0 +1,248 @@
+"""The gRPC service of ``sllm-store serve`` and :func:`serve`.
+
+Destinations named by a client are opened here: CUDA IPC handles with ``_C.CudaIpcMapping``
+(the GPU is found by PCI bus id), shared-memory files (``/dev/shm/sllm-store-*``) by mapping them.
+A shared-memory file is unlinked as soon as it is mapped, so nothing is left behind if either side
+dies. Every opened destination is closed when the call ends, successfully or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import grpc
+
+from sllm_store import _C, __version__
+from sllm_store._units import format_size
+from sllm_store.errors import DeviceError, FormatError, SllmStoreError
+from sllm_store.server import rpc
+from sllm_store.server import store_pb2 as pb
+from sllm_store.server.cache import Dest, ModelCache
+from sllm_store.server.pool import BlockPool
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+
+
+@contextlib.contextmanager
+def open_destinations(dests: Any) -> Iterator[list[Dest]]:
+    """Map the client's destinations; yields (device, address, size) for ``_C.run_copies``."""
+    out: list[Dest] = []
+    with contextlib.ExitStack() as stack:
+        for d in dests:
+            kind = d.WhichOneof("kind")
+            if d.size == 0 or kind is None:
+                out.append(("cpu", 0, 0))
+            elif kind == "cuda":
+                try:
+                    m = _C.CudaIpcMapping(d.cuda.pci_bus_id, d.cuda.handle)
+                except SllmStoreError as e:
+                    raise DeviceError(f"cannot open the client's GPU memory: {e}") from None
+                stack.callback(m.close)
+                out.append((f"cuda:{m.ordinal}", m.base + d.cuda.offset, d.size))
+            else:
+                out.append(_open_shm(d.shm.name, d.size, stack))
+        yield out
+
+
+def _open_shm(name: str, size: int, stack: contextlib.ExitStack) -> Dest:
+    if not rpc.SHM_NAME.fullmatch(name):
+        raise FormatError(f"invalid shared-memory name {name!r} (expected {rpc.SHM_PREFIX}*)")
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise FormatError(f"shared memory '{path}' does not exist (did the client exit?)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise FormatError(f"'{path}' is not a shared-memory file of this user")
+        if st.st_size < size:
+            raise FormatError(f"shared memory '{path}' has {st.st_size} bytes, the load needs {size}")
+        # Reserve the pages now: running out of /dev/shm later would be a SIGBUS, not an error.
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise DeviceError(f"cannot reserve {format_size(size)} of shared memory: {e}") from None
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # mapped on both sides now; nothing to clean up if either dies
+    import ctypes
+
+    view = (ctypes.c_char * size).from_buffer(mm)
+    address = ctypes.addressof(view)
+
+    def close() -> None:
+        nonlocal view
+        del view
+        mm.close()
+
+    stack.callback(close)
+    return ("cpu", address, size)
+
+
+class StoreService:
+    """The RPC handlers. Each takes (request, context) and returns the reply message."""
+
+    def __init__(self, cache: ModelCache, *, cuda: bool) -> None:
+        self.cache = cache
+        self.cuda = cuda
+
+    def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
+        return pb.HealthReply(version=__version__, cuda=self.cuda, pinned=self.cache.pool.pinned,
+                              pid=os.getpid(), storage_path=str(self.cache.storage))
+
+    def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
+        s = self.cache.status()
+        models = [pb.ModelStatus(**m) for m in s.pop("models")]
+        return pb.StatusReply(models=models, **s)
+
+    def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.DescribeReply:
+        import json
+
+        index, fp, small = self.cache.describe(request.model)
+        return pb.DescribeReply(index_json=json.dumps(index.to_json()), fingerprint=fp, small_files=small)
+
+    def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
+        t0 = time.perf_counter()
+        hit, nbytes = self.cache.prefetch(request.model, verify=request.verify)
+        return pb.PrefetchReply(hit=hit, seconds=time.perf_counter() - t0, bytes=nbytes)
+
+    def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
+        t0 = time.perf_counter()
+        copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
+        with open_destinations(request.dests) as dests:
+            out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify)
+        seconds = time.perf_counter() - t0
+        logger.info("served %s: %s in %.3f s (%s%s)", request.model, format_size(out["bytes"]), seconds,
+                    "hit" if out["hit"] else "miss", ", streamed" if out["streamed"] else "")
+        return pb.LoadReply(hit=out["hit"], seconds=seconds, copy_seconds=out["copy_seconds"],
+                            bytes=out["bytes"], streamed=out["streamed"])
+
+    def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictReply:
+        return pb.EvictReply(evicted=self.cache.evict(request.model))
+
+
+def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Wraps a handler: logs, and turns exceptions into a status + the error class name."""
+
+    def call(request: Any, context: Any) -> Any:
+        try:
+            return fn(request, context)
+        except Exception as e:  # every failure reaches the client with its class
+            cls = type(e).__name__ if isinstance(e, SllmStoreError) else "StoreError"
+            code = getattr(grpc.StatusCode, rpc.status_code_name(e))
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("%s failed", name)
+            else:
+                logger.warning("%s: %s: %s", name, type(e).__name__, e)
+            context.set_trailing_metadata(((rpc.ERROR_KEY, cls),))
+            context.abort(code, str(e) or type(e).__name__)
+
+    return call
+
+
+def make_server(service: StoreService, address: str, max_workers: int = 64) -> tuple[grpc.Server, str]:
+    """A started-not gRPC server bound to ``address``; returns (server, target)."""
+    target = rpc.normalize_address(address, listen=True)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _handler(name, getattr(service, name)),
+            request_deserializer=req.FromString,
+            response_serializer=rep.SerializeToString,
+        )
+        for name, (req, rep) in rpc.METHODS.items()
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sllm-rpc"),
+                         options=rpc.CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rpc.SERVICE, handlers),))
+    sock = rpc.unix_path(target)
+    if sock is not None:
+        Path(sock).parent.mkdir(parents=True, exist_ok=True)
+        if os.path.exists(sock):
+            if _socket_alive(target):
+                raise SllmStoreError(f"another sllm-store server is listening on {target}")
+            os.unlink(sock)  # stale socket of a server that died
+        old = os.umask(0o177)  # the socket is created owner-only (0600)
+        try:
+            port = server.add_insecure_port(target)
+        finally:
+            os.umask(old)
+    else:
+        port = server.add_insecure_port(target)
+    if port == 0:
+        raise SllmStoreError(f"cannot listen on {target}")
+    if sock is None and target.endswith(":0"):
+        target = target[:-2] + f":{port}"
+    return server, target
+
+
+def _socket_alive(target: str) -> bool:
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=1.0)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None,
+          num_threads: Optional[int] = None, block_size: int = 32 << 20, io_mode: str = "auto",
+          copy_threads: int = 4, ready: Optional[threading.Event] = None,
+          stop: Optional[threading.Event] = None) -> None:
+    """Run the store server until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Example::
+
+        serve("/models", 32 << 30, listen="unix:///run/sllm-store.sock")
+    """
+    from sllm_store.config import default_num_threads
+
+    threads = num_threads or default_num_threads()
+    pool = BlockPool(mem_pool_size, block_size, threads=threads)
+    cache = ModelCache(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
+    delay = os.environ.get("SLLM_STORE_DEBUG_COPY_DELAY")
+    if delay:
+        cache.debug_copy_delay = float(delay)
+    cuda = _C.cuda_device_count() > 0
+    server, target = make_server(StoreService(cache, cuda=cuda), listen or rpc.default_address())
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    server.start()
+    logger.info("sllm-store %s serving %s on %s (pool %s, %s, %d threads)", __version__, cache.storage,
+                target, format_size(pool.size), "pinned" if pool.pinned else "pageable", threads)
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        logger.info("shutting down")
+        server.stop(grace=5).wait()
+        cache.close()
+        sock = rpc.unix_path(target)
+        if sock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logger.info("sllm-store server stopped")
