@@ -74,6 +74,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        print(self.proc.stdout.read())  # the server's log, shown by pytest when a test fails
 
 
 @pytest.fixture

@@ -23,10 +23,9 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
   pinned_ = pin && cuda::device_count() > 0;
 
   HostAllocator alloc = allocate_aligned_host;
-  std::shared_ptr<CudaDevice> cuda_dev;
   if (pinned_) {
-    cuda_dev = std::make_shared<CudaDevice>(0);
-    alloc = cuda_dev->staging_allocator();  // cuMemHostAlloc(PORTABLE) on the primary context
+    device_ = std::make_shared<CudaDevice>(0);
+    alloc = device_->staging_allocator();  // cuMemHostAlloc(PORTABLE) on the primary context
   }
   const bool touch = !pinned_;
   const long page = ::sysconf(_SC_PAGESIZE) > 0 ? ::sysconf(_SC_PAGESIZE) : 4096;
@@ -61,6 +60,7 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
   }
   if (error) {
     segments_.clear();
+    device_.reset();
     try {
       std::rethrow_exception(error);
     } catch (const Error& e) {
@@ -73,6 +73,7 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
 
 void PinnedArena::release() {
   segments_.clear();
+  device_.reset();
   size_ = 0;
 }
 

@@ -8,11 +8,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "memory/host_buffer.h"
 
 namespace sllm {
+
+class Device;
 
 class PinnedArena {
  public:
@@ -29,6 +32,9 @@ class PinnedArena {
   void release();
 
  private:
+  // Holds the GPU's primary context for as long as pinned segments exist: the driver frees every
+  // allocation of a context when its last user releases it. Declared first: destroyed last.
+  std::shared_ptr<Device> device_;
   std::vector<HostBuffer> segments_;
   size_t size_ = 0;
   size_t segment_size_ = 0;
