@@ -114,10 +114,14 @@ def test_mixed_gpu_and_cpu_destinations(server: Server) -> None:
     _assert_same(sd, ref)
 
 
-def test_model_larger_than_pool_streams_to_gpu(server: Server) -> None:
-    sd, report = load_state_dict_with_report("big", "cuda:0", store=server.address)
-    assert report.stats["streamed"]
-    _assert_same(sd, _state_dict(1, rows=2048))
+def test_model_larger_than_pool_streams_to_gpu(storage: Path, tmp_path: Path) -> None:
+    s = Server(storage, tmp_path / "s.sock", "8MiB")  # "big" is 19 MB
+    try:
+        sd, report = load_state_dict_with_report("big", "cuda:0", store=s.address)
+        assert report.stats["streamed"]
+        _assert_same(sd, _state_dict(1, rows=2048))
+    finally:
+        s.stop()
 
 
 def test_load_model_through_store_matches_from_pretrained(tmp_path: Path) -> None:

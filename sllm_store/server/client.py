@@ -211,6 +211,7 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
     name = client.model_name(path)
     for attempt in (0, 1):
         reply = described if (described is not None and attempt == 0) else client.describe(name)
+        t_described = time.perf_counter()
         index = index_of(reply, name)
         assign = _assign_devices(index, device)
         plan = _make_plan(index, assign, config)
@@ -241,7 +242,9 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
                       for f, o, d, do, n in _copies(plan)]
             request = pb.LoadRequest(model=name, fingerprint=reply.fingerprint, dests=dests, copies=copies,
                                      verify=config.verify)
+            t_allocated = time.perf_counter()
             result = client.call("Load", request, default_timeout())
+            t_loaded = time.perf_counter()
             break
         except ModelChangedError:
             if attempt == 1:
@@ -256,7 +259,8 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
         path=str(path), bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
         stats={"io_mode": "store", "store": client.target, "hit": result.hit, "streamed": result.streamed,
                "server_seconds": result.seconds, "copy_seconds": result.copy_seconds,
-               "bytes_copied": result.bytes},
+               "bytes_copied": result.bytes, "describe_seconds": t_described - t0,
+               "allocate_seconds": t_allocated - t_described, "rpc_seconds": t_loaded - t_allocated},
     )
     logger.info("loaded %s through %s (%s, %s) in %.3f s, %.2f GB/s", name, client.target,
                 format_size(report.bytes), "hit" if result.hit else "miss", seconds, report.gb_per_s)
