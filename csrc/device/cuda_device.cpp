@@ -1,5 +1,7 @@
 #include "device/cuda_device.h"
 
+#include <sys/mman.h>
+
 #include "common/errors.h"
 
 namespace sllm {
@@ -86,6 +88,36 @@ HostAllocator CudaDevice::staging_allocator() const {
     void* p = nullptr;
     cuda::check(drv->cuMemHostAlloc(&p, size, cuda::CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc");
     return HostBuffer(p, size, [drv](void* q) { drv->cuMemFreeHost(q); });
+  };
+}
+
+}  // namespace sllm
+
+namespace sllm {
+
+HostAllocator CudaDevice::registered_allocator() const {
+  const cuda::Driver* drv = drv_;
+  cuda::CUcontext ctx = ctx_;
+  return [drv, ctx](size_t size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      throw Error(ErrorKind::kOutOfMemory, "cannot map " + std::to_string(size) + " bytes of host memory");
+#ifdef MADV_HUGEPAGE
+    ::madvise(p, size, MADV_HUGEPAGE);  // advisory: fewer faults and page-table entries to pin
+#endif
+    char* c = static_cast<char*>(p);
+    for (size_t o = 0; o < size; o += 4096) c[o] = 0;
+    drv->cuCtxSetCurrent(ctx);
+    cuda::CUresult r = drv->cuMemHostRegister(p, size, cuda::CU_MEMHOSTREGISTER_PORTABLE);
+    if (r != cuda::CUDA_SUCCESS) {
+      ::munmap(p, size);
+      cuda::check(r, "cuMemHostRegister");
+    }
+    return HostBuffer(p, size, [drv, ctx, size](void* q) {
+      drv->cuCtxSetCurrent(ctx);
+      drv->cuMemHostUnregister(q);
+      ::munmap(q, size);
+    });
   };
 }
 

@@ -64,7 +64,9 @@ Loaded load() {
             bind(lib, "cuMemGetAddressRange_v2", d.cuMemGetAddressRange, r) &&
             bind(lib, "cuPointerGetAttribute", d.cuPointerGetAttribute, r) &&
             bind(lib, "cuDeviceGetPCIBusId", d.cuDeviceGetPCIBusId, r) &&
-            bind(lib, "cuDeviceGetByPCIBusId", d.cuDeviceGetByPCIBusId, r);
+            bind(lib, "cuDeviceGetByPCIBusId", d.cuDeviceGetByPCIBusId, r) &&
+            bind(lib, "cuMemHostRegister_v2", d.cuMemHostRegister, r) &&
+            bind(lib, "cuMemHostUnregister", d.cuMemHostUnregister, r);
   if (!ok) return l;
   CUresult res = d.cuInit(0);
   if (res != CUDA_SUCCESS) {

@@ -24,8 +24,9 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
 
   HostAllocator alloc = allocate_aligned_host;
   if (pinned_) {
-    device_ = std::make_shared<CudaDevice>(0);
-    alloc = device_->staging_allocator();  // cuMemHostAlloc(PORTABLE) on the primary context
+    auto cuda_dev = std::make_shared<CudaDevice>(0);
+    alloc = cuda_dev->registered_allocator();  // registered PORTABLE: every GPU DMAs from it
+    device_ = cuda_dev;
   }
   const bool touch = !pinned_;
   const long page = ::sysconf(_SC_PAGESIZE) > 0 ? ::sysconf(_SC_PAGESIZE) : 4096;
