@@ -27,4 +27,24 @@ ext = Pybind11Extension(
     libraries=["dl", "pthread"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+# zstd (BSD) is vendored as its single-file amalgamation (the one the `zstandard` package ships):
+# `pip install .` needs no system headers or library; built as a C static library, linked in.
+zstd = (
+    "sllm_zstd",
+    {
+        "sources": ["csrc/third_party/zstd/zstd.c"],
+        "cflags": ["-O3", "-fPIC", "-fvisibility=hidden"],
+    },
+)
+
+
+
+class BuildExt(build_ext):
+    """build_ext that builds the vendored C library first (plain build_ext only links it)."""
+
+    def run(self) -> None:
+        self.run_command("build_clib")
+        super().run()
+
+
+setup(ext_modules=[ext], libraries=[zstd], cmdclass={"build_ext": BuildExt})

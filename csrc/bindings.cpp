@@ -17,6 +17,7 @@
 #include "memory/pinned_arena.h"
 #include "memory/pool_cache.h"
 #include "format/checksum.h"
+#include "format/codec.h"
 #include "io/file_reader.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
@@ -57,10 +58,14 @@ using ChunkTuple = std::tuple<int, uint64_t, uint64_t, std::optional<uint64_t>>;
 using SegmentTuple = std::tuple<int, uint64_t, int, uint64_t, uint64_t>;
 using DestTuple = std::tuple<std::string, uint64_t, uint64_t>;
 
+using EncodingTuple = std::optional<std::tuple<uint64_t, uint64_t, int, int>>;
+
 py::dict run_load_py(const std::vector<std::string>& files, const std::vector<ChunkTuple>& chunks,
                      const std::vector<SegmentTuple>& segments, const std::vector<DestTuple>& dests,
                      int num_threads, const std::string& io_mode, bool verify,
-                     int buffers_per_thread) {
+                     int buffers_per_thread, const std::vector<EncodingTuple>& encodings) {
+  if (!encodings.empty() && encodings.size() != chunks.size())
+    throw py::value_error("encodings must be empty or give one entry per chunk");
   LoadPlan plan;
   plan.files = files;
   plan.chunks.reserve(chunks.size());
@@ -71,6 +76,16 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
     c.length = length;
     c.has_checksum = checksum.has_value();
     c.checksum = checksum.value_or(0);
+    if (!encodings.empty() && encodings[plan.chunks.size()].has_value()) {
+      const auto& [stored_offset, stored_length, codec, group] = *encodings[plan.chunks.size()];
+      c.encoded = true;
+      c.stored_offset = stored_offset;
+      c.stored_length = stored_length;
+      c.codec = codec;
+      c.group = group;
+      if (stored_offset % kDirectAlignment != 0)
+        throw py::value_error("stored chunks must start at a multiple of 4096");
+    }
     plan.chunks.push_back(c);
   }
   plan.segments.reserve(segments.size());
@@ -188,10 +203,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("run_load", &run_load_py, py::arg("files"), py::arg("chunks"), py::arg("segments"),
         py::arg("dests"), py::arg("num_threads"), py::arg("io_mode"), py::arg("verify"),
-        py::arg("buffers_per_thread") = 2,
+        py::arg("buffers_per_thread") = 2, py::arg("encodings") = std::vector<EncodingTuple>{},
         R"doc(Execute a load plan (see sllm_store/loader.py).
 
 files: data file paths; chunks: (file, offset, length, checksum|None);
+encodings: empty, or per chunk None (stored raw at its offset) or
+(stored_offset, stored_length, codec, group) for compressed files;
 segments: (chunk, chunk_offset, dest, dest_offset, length);
 dests: (device, address, size). Returns statistics as a dict.)doc");
 
@@ -250,6 +267,49 @@ copies: (source address, dest, dest_offset, length); dests: (device, address, si
       .def_property_readonly("base", &IpcMapping::base)
       .def_property_readonly("ordinal", &IpcMapping::ordinal)
       .def("close", &IpcMapping::close);
+
+  m.def(
+      "group_bytes",
+      [](const py::buffer& b, int group) {
+        py::buffer_info info = contiguous_bytes(b);
+        size_t n = static_cast<size_t>(info.size * info.itemsize);
+        std::string out(n, '\0');
+        {
+          py::gil_scoped_release nogil;
+          group_bytes(static_cast<const char*>(info.ptr), out.data(), n, group);
+        }
+        return py::bytes(out);
+      },
+      py::arg("data"), py::arg("group"), "Byte grouping as the writer does it (docs/format.md).");
+  m.def(
+      "ungroup_bytes",
+      [](const py::buffer& b, int group) {
+        py::buffer_info info = contiguous_bytes(b);
+        size_t n = static_cast<size_t>(info.size * info.itemsize);
+        std::string out(n, '\0');
+        {
+          py::gil_scoped_release nogil;
+          ungroup_bytes(static_cast<const char*>(info.ptr), out.data(), n, group);
+        }
+        return py::bytes(out);
+      },
+      py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
+  m.def(
+      "zstd_decompress",
+      [](const py::buffer& b, size_t raw_len, int group) {
+        py::buffer_info info = contiguous_bytes(b);
+        size_t n = static_cast<size_t>(info.size * info.itemsize);
+        std::string out(raw_len, '\0'), scratch(group > 1 ? raw_len : 0, '\0');
+        {
+          py::gil_scoped_release nogil;
+          ChunkDecoder d;
+          d.decode(Codec::kZstd, group, static_cast<const char*>(info.ptr), n, out.data(), raw_len,
+                   scratch.data(), "chunk");
+        }
+        return py::bytes(out);
+      },
+      py::arg("data"), py::arg("raw_length"), py::arg("group") = 1,
+      "Decode one zstd chunk as the loader does (for tests and tools).");
 
   m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

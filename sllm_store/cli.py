@@ -37,6 +37,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dst = convert(
         args.src, args.dst, dtype=args.dtype, chunk_size=args.chunk_size,
         num_files=args.num_files, overwrite=args.overwrite, quiet=True if args.quiet else None,
+        compress=args.compress,
     )
     index = read_index(dst)
     print(f"converted {args.src} -> {dst}: {len(index.tensors)} tensors, "
@@ -74,9 +75,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"weights:     {format_size(index.total_bytes)} "
           f"({', '.join(f'{d}: {n}' for d, n in dtypes.most_common())})")
     print(f"chunk size:  {format_size(index.chunk_size)}, checksum xxh3_64")
+    if index.compression:
+        raw = sum(f.size for f in index.files)
+        disk = sum(f.disk_size for f in index.files)
+        print(f"compression: {index.compression.get('codec')} level {index.compression.get('level')}, "
+              f"{format_size(raw)} -> {format_size(disk)} on disk (ratio {raw / disk if disk else 1:.3f}x)")
     print("files:")
     for f in index.files:
-        print(f"  {f.name}  {format_size(f.size)}  {len(f.checksums)} chunks  codec: none")
+        if f.chunks is None:
+            print(f"  {f.name}  {format_size(f.size)}  {len(f.checksums)} chunks  codec: none")
+            continue
+        codecs = Counter(c.codec for c in f.chunks)
+        groups = Counter(c.group for c in f.chunks if c.codec != "none")
+        ratio = f.size / f.disk_size if f.disk_size else 1.0
+        print(f"  {f.name}  {format_size(f.size)} -> {format_size(f.disk_size)} ({ratio:.3f}x)  "
+              f"{len(f.chunks)} chunks  codec: "
+              + ", ".join(f"{k} x{n}" for k, n in codecs.most_common())
+              + ("  byte groups: " + ", ".join(f"{g} x{n}" for g, n in sorted(groups.items()))
+                 if groups else ""))
     return 0
 
 
@@ -186,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-size", type=_size, default="32MiB",
                    help="checksum/read unit, multiple of 4096 (default 32MiB)")
     c.add_argument("--num-files", type=int, default=1, help="number of data files (default 1)")
+    c.add_argument("--compress", default=None, metavar="zstd[:LEVEL]",
+                   help="compress every chunk losslessly with zstd (level 1..22, default 1)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)

@@ -171,6 +171,7 @@ def convert(
     num_files: int = 1,
     overwrite: bool = False,
     quiet: Optional[bool] = None,
+    compress: Optional[str] = None,
 ) -> Path:
     """Convert a checkpoint into an sllm-store directory at ``dst``.
 
@@ -182,6 +183,8 @@ def convert(
         num_files: number of data files to spread the tensors over.
         overwrite: replace an existing ``dst``.
         quiet: no progress bar (default: quiet unless stderr is a terminal).
+        compress: ``"zstd"`` or ``"zstd:LEVEL"`` (1..22, default 1): compress every chunk
+            losslessly, byte-grouped for floating-point weights (needs ``zstandard``).
 
     Example::
 
@@ -198,7 +201,7 @@ def convert(
     target = resolve_dtype(dtype)
     size = parse_size(chunk_size)
     # Options are checked before the (possibly long) source scan.
-    writer = CheckpointWriter(dst_p, chunk_size=size, num_files=num_files, quiet=quiet)
+    writer = CheckpointWriter(dst_p, chunk_size=size, num_files=num_files, quiet=quiet, compress=compress)
     try:
         kind, weights, not_copied = _detect(src_p)
     except MissingFileError as e:  # a shard the source's index lists

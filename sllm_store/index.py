@@ -18,7 +18,9 @@ from typing import Any, Union
 from sllm_store.errors import FormatError, MissingFileError, UnsupportedVersionError
 
 FORMAT_NAME = "sllm-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # newest version read; uncompressed checkpoints are still written as version 1
+COMPRESSED_VERSION = 2  # first version with compressed data files
+CODECS = {"none": 0, "zstd": 1}  # codec name -> id used by the C++ core
 INDEX_FILE = "sllm_index.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
 FILE_ALIGNMENT = 4096
@@ -43,10 +45,31 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class StoredChunk:
+    """Where chunk i of a compressed data file is stored: ``length`` bytes at ``offset`` (a
+    multiple of the alignment), encoded with ``codec`` after byte grouping by ``group``."""
+
+    offset: int
+    length: int
+    codec: str
+    group: int = 1
+
+
+@dataclass(frozen=True)
 class DataFile:
     name: str
-    size: int
-    checksums: tuple[int, ...]
+    size: int  # bytes of the logical (decoded) byte stream that tensor offsets refer to
+    checksums: tuple[int, ...]  # XXH3-64 of each decoded chunk
+    stored_size: int | None = None  # bytes on disk, for compressed files
+    chunks: tuple[StoredChunk, ...] | None = None  # for compressed files
+
+    @property
+    def compressed(self) -> bool:
+        return self.chunks is not None
+
+    @property
+    def disk_size(self) -> int:
+        return self.stored_size if self.stored_size is not None else self.size
 
 
 @dataclass
@@ -62,6 +85,7 @@ class Index:
     tensors: dict[str, TensorEntry]
     source: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
+    compression: dict[str, Any] | None = None  # {"codec": "zstd", "level": 3}, if compressed
 
     @property
     def total_bytes(self) -> int:
@@ -97,13 +121,20 @@ class Index:
             "tensor_alignment": self.tensor_alignment,
             "chunk_size": self.chunk_size,
             "total_bytes": self.total_bytes,
-            "files": [
-                {"name": f.name, "size": f.size, "checksums": [f"{c:016x}" for c in f.checksums]}
-                for f in self.files
-            ],
+            "files": [_file_json(f) for f in self.files],
             "tensors": tensors,
             "source": self.source,
+            **({"compression": self.compression} if self.compression else {}),
         }
+
+
+def _file_json(f: DataFile) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": f.name, "size": f.size, "checksums": [f"{c:016x}" for c in f.checksums]}
+    if f.chunks is not None:
+        out["stored_size"] = f.stored_size
+        out["chunks"] = [{"offset": c.offset, "length": c.length, "codec": c.codec, "group": c.group}
+                         for c in f.chunks]
+    return out
 
 
 def index_path(path: PathLike) -> Path:
@@ -195,7 +226,17 @@ def parse_index(raw: Any, root: Path) -> Index:
         if not all(isinstance(c, str) and _HEX16.fullmatch(c) for c in sums):
             raise bad(f"data file '{name}' has malformed checksums (want 16 lowercase hex digits each)")
         parsed = tuple(int(c, 16) for c in sums)
-        files.append(DataFile(name, size, parsed))
+        stored: tuple[StoredChunk, ...] | None = None
+        stored_size = None
+        if "chunks" in f:
+            if version < COMPRESSED_VERSION:
+                raise bad(f"data file '{name}' lists stored chunks, which version {version} does not have")
+            stored_size = get(f, "stored_size", int, ctx)
+            if stored_size < 0 or stored_size % alignment:
+                raise bad(f"data file '{name}' stored_size {stored_size} is not a multiple of {alignment}")
+            stored = _parse_chunks(get(f, "chunks", list, ctx), name, size, stored_size, chunk_size,
+                                   alignment, bad)
+        files.append(DataFile(name, size, parsed, stored_size, stored))
 
     # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
     from sllm_store.dtypes import NAME_TO_DTYPE
@@ -236,6 +277,7 @@ def parse_index(raw: Any, root: Path) -> Index:
         tensors[name] = TensorEntry(name, dtype, tuple(shape), file, offset, nbytes)
 
     source = raw.get("source", {})
+    compression = raw.get("compression")
     return Index(
         path=root,
         version=version,
@@ -246,7 +288,34 @@ def parse_index(raw: Any, root: Path) -> Index:
         tensors=tensors,
         source=source if isinstance(source, dict) else {},
         created_by=str(raw.get("created_by", "")),
+        compression=compression if isinstance(compression, dict) else None,
     )
+
+
+def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_size: int,
+                  alignment: int, bad: Any) -> tuple[StoredChunk, ...]:
+    expected = math.ceil(size / chunk_size)
+    if len(raw) != expected:
+        raise bad(f"data file '{name}' lists {len(raw)} stored chunks, expected {expected}")
+    out: list[StoredChunk] = []
+    end = 0
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict):
+            raise bad(f"data file '{name}' chunk {i} must be an object")
+        off, length, codec, group = c.get("offset"), c.get("length"), c.get("codec"), c.get("group", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, length, group)):
+            raise bad(f"data file '{name}' chunk {i} has non-integer fields")
+        if codec not in CODECS:
+            raise bad(f"data file '{name}' chunk {i} has unknown codec {codec!r}")
+        raw_len = min(chunk_size, size - i * chunk_size)
+        if off % alignment or off < end or length < 0 or off + length > stored_size:
+            raise bad(f"data file '{name}' chunk {i} at {off} (+{length}) is misaligned, overlaps "
+                      f"the previous one or ends past stored_size {stored_size}")
+        if not 1 <= group <= 16 or (codec == "none" and length != raw_len):
+            raise bad(f"data file '{name}' chunk {i}: invalid group {group} or raw length {length}")
+        out.append(StoredChunk(off, length, codec, group))
+        end = off + length
+    return tuple(out)
 
 
 def check_data_files(index: Index) -> None:
@@ -259,9 +328,9 @@ def check_data_files(index: Index) -> None:
             size = p.stat().st_size
         except FileNotFoundError:
             raise MissingFileError(f"data file '{p}' listed in the index is missing") from None
-        if size < f.size:
+        if size < f.disk_size:
             raise TruncatedFileError(
-                f"data file '{p}' is truncated: {size} bytes, the index says {f.size}"
+                f"data file '{p}' is truncated: {size} bytes, the index says {f.disk_size}"
             )
 
 

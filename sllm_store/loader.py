@@ -22,7 +22,7 @@ from sllm_store._units import SizeLike, format_size
 from sllm_store.config import LoadConfig
 from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import DeviceError, SllmStoreError
-from sllm_store.index import Index, PathLike, check_data_files, read_index
+from sllm_store.index import CODECS, Index, PathLike, check_data_files, read_index
 from sllm_store.sources import open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -86,14 +86,33 @@ def _read_units(index: Index, config: LoadConfig) -> list[tuple[int, int, int, O
         )
     units = []
     for f_i, f in enumerate(index.files):
-        for c in range(math.ceil(f.size / unit)):
-            off = c * unit
-            length = min(unit, f.size - off)
-            checksum = f.checksums[c] if unit == index.chunk_size and f.checksums else None
+        u = index.chunk_size if f.compressed else unit  # compressed chunks are read whole
+        for c in range(math.ceil(f.size / u)):
+            off = c * u
+            length = min(u, f.size - off)
+            checksum = f.checksums[c] if u == index.chunk_size and f.checksums else None
             units.append((f_i, off, length, checksum))
     # Interleave files so that a multi-file checkpoint keeps every file busy from the start.
     units.sort(key=lambda u: (u[1], u[0]))
     return units
+
+
+def _encodings(index: Index, units: list[tuple[int, int, int, Optional[int]]]) -> list[Any]:
+    """Per read unit: None (stored raw at its offset) or (stored offset, stored length, codec id,
+    group) for chunks of compressed files; [] when nothing is compressed (for _C.run_load)."""
+    if not any(f.compressed for f in index.files):
+        return []
+    out: list[Any] = []
+    for f_i, off, _length, _ in units:
+        f = index.files[f_i]
+        if f.chunks is None:
+            out.append(None)
+            continue
+        if off % index.chunk_size:
+            raise ValueError("compressed chunks must be read whole")
+        c = f.chunks[off // index.chunk_size]
+        out.append((c.offset, c.length, CODECS[c.codec], c.group))
+    return out
 
 
 @dataclass
@@ -258,6 +277,8 @@ def _load(
     assign = _assign_devices(index, device)
     if config.io_mode == "mmap" and {d.type for d in assign.values()} - {"cpu"}:
         raise ValueError("io_mode='mmap' loads into host memory only (device='cpu')")
+    if config.io_mode == "mmap" and any(f.compressed for f in index.files):
+        raise ValueError("io_mode='mmap' cannot read a compressed checkpoint (its chunks must be decoded)")
     for dev in set(assign.values()):
         _C.check_device(_device_spec(dev))
     files = [str(index.file_path(i)) for i in range(len(index.files))]
@@ -274,7 +295,7 @@ def _load(
     stats = _C.run_load(
         files, plan.units, plan.segments, dests,
         num_threads=config.num_threads, io_mode=io_mode, verify=config.verify,
-        buffers_per_thread=config.staging_buffers,
+        buffers_per_thread=config.staging_buffers, encodings=_encodings(index, plan.units),
     )
     stats["io_mode"] = io_mode
 
@@ -370,6 +391,7 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
     stats = _C.run_load(
         files, units, [], [], num_threads=config.num_threads,
         io_mode="buffered" if config.io_mode == "mmap" else config.io_mode_for(files), verify=True,
+        encodings=_encodings(index, units),
     )
     if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive
         raise SllmStoreError(f"verified {stats['chunks_verified']} of {len(units)} chunks")

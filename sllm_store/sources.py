@@ -19,7 +19,6 @@ import torch
 from sllm_store.errors import ConvertError, FormatError, MissingFileError
 from sllm_store.index import (
     DEFAULT_CHUNK_SIZE,
-    FORMAT_VERSION,
     DataFile,
     Index,
     PathLike,
@@ -105,7 +104,7 @@ def _safetensors_index(root: Path, shards: list[Path]) -> Index:
             tensors[name] = TensorEntry(name, dtype, shape, f_i, start + begin, end - begin)
         files.append(DataFile(shard.name, size, ()))
     return Index(
-        path=root, version=FORMAT_VERSION, chunk_size=DEFAULT_CHUNK_SIZE, alignment=1,
+        path=root, version=1, chunk_size=DEFAULT_CHUNK_SIZE, alignment=1,
         tensor_alignment=1, files=files, tensors=tensors,
         source={"format": "safetensors", "name": root.name, "metadata": {}},
     )

@@ -26,10 +26,10 @@ from sllm_store._units import SizeLike, parse_size
 from sllm_store.dtypes import dtype_name
 from sllm_store.errors import DestinationExistsError, SllmStoreError
 from sllm_store.index import (
+    COMPRESSED_VERSION,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TENSOR_ALIGNMENT,
     FILE_ALIGNMENT,
-    FORMAT_VERSION,
     DataFile,
     Index,
     PathLike,
@@ -124,6 +124,120 @@ def _tensor_bytes(t: torch.Tensor) -> Any:
     return flat.view(torch.uint8).numpy()
 
 
+def parse_compression(spec: Optional[str]) -> Optional[tuple[str, int]]:
+    """``"zstd"`` / ``"zstd:LEVEL"`` -> ("zstd", level); None / "none" -> None."""
+    if spec is None or spec in ("", "none"):
+        return None
+    codec, _, level = str(spec).partition(":")
+    if codec != "zstd":
+        raise ValueError(f"unknown compression {spec!r} (supported: zstd, zstd:LEVEL)")
+    try:
+        lvl = int(level) if level else 1
+    except ValueError:
+        raise ValueError(f"invalid zstd level in {spec!r}") from None
+    if not 1 <= lvl <= 22:
+        raise ValueError(f"zstd level must be 1..22, got {lvl}")
+    return codec, lvl
+
+
+class _CompressingFile:
+    """Writes the logical byte stream of one data file as independently compressed chunks.
+
+    Each full chunk is byte-grouped by the element size of the floating-point dtype that fills
+    most of it (if any), compressed as one zstd frame with its content checksum, and stored at the
+    next 4096-aligned offset; a chunk that does not shrink is stored raw. Chunks are compressed on
+    a thread pool (zstandard releases the GIL), written in order, with a bounded number in flight.
+    """
+
+    def __init__(self, f: Any, chunk_size: int, level: int, hasher: Any) -> None:
+        import concurrent.futures
+        import threading
+
+        try:
+            import zstandard
+        except ImportError:
+            raise SllmStoreError(
+                "compression needs the 'zstandard' package: pip install 'sllm-store[compress]'"
+            ) from None
+        self._zstd = zstandard
+        self.f = f
+        self.chunk_size = chunk_size
+        self.level = level
+        self.hasher = hasher
+        self.buf = bytearray()
+        self.kinds: dict[int, int] = {}  # floating element size -> bytes in the current chunk
+        self.pos = 0  # stored bytes written
+        self.chunks: list[Any] = []
+        workers = max(1, min(16, os.cpu_count() or 1))
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sllm-zstd")
+        self.pending: list[Any] = []
+        self.max_pending = 2 * workers
+        self.local = threading.local()
+
+    def write(self, data: Any, itemsize: int = 1, floating: bool = False) -> None:
+        mv = memoryview(data).cast("B")
+        self.hasher.update(mv)
+        while len(mv):
+            take = min(len(mv), self.chunk_size - len(self.buf))
+            self.buf += mv[:take]
+            if floating and itemsize > 1:
+                self.kinds[itemsize] = self.kinds.get(itemsize, 0) + take
+            mv = mv[take:]
+            if len(self.buf) == self.chunk_size:
+                self._flush_chunk()
+
+    def _flush_chunk(self) -> None:
+        data, self.buf = bytes(self.buf), bytearray()
+        group = 1
+        if self.kinds:
+            size, nbytes = max(self.kinds.items(), key=lambda kv: kv[1])
+            if nbytes * 2 >= len(data):
+                group = size
+        self.kinds = {}
+        self.pending.append(self.pool.submit(self._encode, data, group))
+        while len(self.pending) >= self.max_pending:
+            self._write_next()
+
+    def _encode(self, data: bytes, group: int) -> tuple[bytes, str, int]:
+        from sllm_store import _C
+
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = self.local.c = self._zstd.ZstdCompressor(level=self.level, write_checksum=True)
+        grouped = _C.group_bytes(data, group) if group > 1 else data
+        out = c.compress(grouped)
+        if len(out) >= len(data):
+            return data, "none", 1
+        return out, "zstd", group
+
+    def _write_next(self) -> None:
+        from sllm_store.index import StoredChunk
+
+        payload, codec, group = self.pending.pop(0).result()
+        pad = _align(self.pos, FILE_ALIGNMENT) - self.pos
+        if pad:
+            self.f.write(bytes(pad))
+            self.pos += pad
+        self.f.write(payload)
+        self.chunks.append(StoredChunk(self.pos, len(payload), codec, group))
+        self.pos += len(payload)
+
+    def finish(self) -> tuple[int, tuple[Any, ...]]:
+        """Flush everything; returns (stored size, stored chunks)."""
+        try:
+            if self.buf:
+                self._flush_chunk()
+            while self.pending:
+                self._write_next()
+            pad = _align(self.pos, FILE_ALIGNMENT) - self.pos
+            if pad:
+                self.f.write(bytes(pad))
+                self.pos += pad
+            return self.pos, tuple(self.chunks)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class CheckpointWriter:
     """Lays out and writes a list of :class:`TensorSpec` into data files plus an index."""
 
@@ -135,6 +249,7 @@ class CheckpointWriter:
         num_files: int = 1,
         tensor_alignment: int = DEFAULT_TENSOR_ALIGNMENT,
         quiet: Optional[bool] = None,
+        compress: Optional[str] = None,
     ) -> None:
         if chunk_size <= 0 or chunk_size % FILE_ALIGNMENT:
             raise ValueError(f"chunk_size must be a positive multiple of {FILE_ALIGNMENT}, got {chunk_size}")
@@ -145,6 +260,7 @@ class CheckpointWriter:
         self.num_files = num_files
         self.tensor_alignment = tensor_alignment
         self.quiet = default_quiet() if quiet is None else quiet
+        self.compression = parse_compression(compress)
 
     def _layout(self, specs: list[TensorSpec]) -> list[list[TensorSpec]]:
         """Split stored tensors, in order, into ``num_files`` runs of about equal size."""
@@ -184,18 +300,27 @@ class CheckpointWriter:
                 hasher = _C.ChunkHasher(self.chunk_size)
                 pos = 0
                 with open(self.directory / fname, "wb") as f:
+                    sink: Any = None
+                    if self.compression:
+                        sink = _CompressingFile(f, self.chunk_size, self.compression[1], hasher)
+
+                    def emit(data: Any, itemsize: int = 1, floating: bool = False,
+                             sink: Any = sink, f: Any = f, hasher: Any = hasher) -> None:
+                        if sink is not None:
+                            sink.write(data, itemsize, floating)
+                        else:
+                            f.write(data)
+                            hasher.update(data)
+
                     for spec in run:
                         pad = _align(pos, self.tensor_alignment) - pos
                         if pad:
-                            zeros = bytes(pad)
-                            f.write(zeros)
-                            hasher.update(zeros)
+                            emit(bytes(pad))
                             pos += pad
                         tensor = spec.load()
                         self._check(spec, tensor)
                         data = _tensor_bytes(tensor)
-                        f.write(data)
-                        hasher.update(data)
+                        emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
                         entries[spec.name] = TensorEntry(
                             spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
                         )
@@ -204,13 +329,16 @@ class CheckpointWriter:
                         del tensor, data
                     pad = _align(pos, FILE_ALIGNMENT) - pos
                     if pad:
-                        zeros = bytes(pad)
-                        f.write(zeros)
-                        hasher.update(zeros)
+                        emit(bytes(pad))
                         pos += pad
+                    stored = sink.finish() if sink is not None else None
                     f.flush()
                     os.fsync(f.fileno())
-                files.append(DataFile(fname, pos, tuple(hasher.finish())))
+                checksums = tuple(hasher.finish())
+                if stored is not None:
+                    files.append(DataFile(fname, pos, checksums, stored[0], stored[1]))
+                else:
+                    files.append(DataFile(fname, pos, checksums))
 
         # Index order = the caller's order, aliases included where they appeared.
         ordered: dict[str, TensorEntry] = {}
@@ -221,7 +349,7 @@ class CheckpointWriter:
                 ordered[s.name] = entries[s.name]
         index = Index(
             path=self.directory,
-            version=FORMAT_VERSION,
+            version=COMPRESSED_VERSION if self.compression else 1,
             chunk_size=self.chunk_size,
             alignment=FILE_ALIGNMENT,
             tensor_alignment=self.tensor_alignment,
@@ -229,6 +357,8 @@ class CheckpointWriter:
             tensors=ordered,
             source=source,
             created_by=f"sllm-store {__version__}",
+            compression={"codec": self.compression[0], "level": self.compression[1]}
+            if self.compression else None,
         )
         write_index(index, self.directory)
         return index
@@ -301,12 +431,14 @@ def save_state_dict(
     overwrite: bool = False,
     quiet: Optional[bool] = None,
     metadata: Optional[Mapping[str, str]] = None,
+    compress: Optional[str] = None,
 ) -> Path:
     """Save ``state_dict`` as an sllm-store checkpoint directory at ``path``.
 
     Tensors on any device are accepted (copied to the CPU one at a time). Tied tensors (the same
     view of one storage under several names) are stored once. ``dtype`` casts floating-point
-    tensors (fp16/bf16/fp32/fp64) while saving.
+    tensors (fp16/bf16/fp32/fp64) while saving. ``compress="zstd"`` (or ``"zstd:LEVEL"``)
+    compresses every chunk losslessly (needs the ``zstandard`` package; see docs/format.md).
 
     Example::
 
@@ -320,7 +452,8 @@ def save_state_dict(
     target = resolve_dtype(dtype)
     specs = [cast_spec(s, target) for s in specs_from_state_dict(state_dict)]
     writer = CheckpointWriter(
-        Path(path), chunk_size=parse_size(chunk_size), num_files=num_files, quiet=quiet
+        Path(path), chunk_size=parse_size(chunk_size), num_files=num_files, quiet=quiet,
+        compress=compress,
     )
     source = {"format": "state_dict", "name": "", "metadata": dict(metadata or {})}
     with atomic_directory(path, overwrite) as tmp:

@@ -13,6 +13,7 @@
 
 #include "common/errors.h"
 #include "format/checksum.h"
+#include "format/codec.h"
 #include "memory/buffer_pool.h"
 #include "memory/pool_cache.h"
 
@@ -53,7 +54,14 @@ class Run {
     int buffer;
     std::vector<uint64_t> tokens;  // one per staging device, in staging_devices_ order
   };
-  void process_chunk(int id, size_t index, std::deque<InFlight>& in_flight);
+  // Per-worker scratch for encoded chunks: the stored bytes, and the decoded bytes before
+  // un-grouping. Allocated on first use, reused for every chunk of the load.
+  struct Scratch {
+    HostBuffer stored, raw;
+    ChunkDecoder decoder;
+  };
+  void process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, Scratch& scratch);
+  void read_chunk(size_t index, char* dst, Scratch& scratch);
   void verify_chunk(size_t index, const void* data) const;
   bool chunk_is_direct(size_t index) const;
   void fail(std::exception_ptr e);
@@ -103,11 +111,14 @@ void Run::validate_and_open() {
   for (const auto& f : plan_.files) readers_.push_back(std::make_unique<FileReader>(f, options_.io_mode));
   for (const auto& c : plan_.chunks) {
     const auto& r = *readers_[c.file];
-    if (c.offset + c.length > r.size()) {
+    uint64_t end = c.encoded ? c.stored_offset + c.stored_length : c.offset + c.length;
+    if (end > r.size()) {
       throw Error(ErrorKind::kTruncated,
                   "data file '" + r.path() + "' is truncated: " + std::to_string(r.size()) +
-                      " bytes, but the index needs " + std::to_string(c.offset + c.length));
+                      " bytes, but the index needs " + std::to_string(end));
     }
+    if (c.encoded && options_.io_mode == IoMode::kMapped)
+      throw Error(ErrorKind::kFormat, "compressed chunks cannot be memory-mapped ('" + r.path() + "')");
   }
 
   segments_ = plan_.segments;
@@ -156,7 +167,25 @@ void Run::release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep
   }
 }
 
-void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight) {
+void Run::read_chunk(size_t index, char* dst, Scratch& scratch) {
+  const ChunkSpec& c = plan_.chunks[index];
+  FileReader& reader = *readers_[c.file];
+  if (!c.encoded) {
+    reader.read_exact(dst, c.length, c.offset);
+    return;
+  }
+  // Stored chunks start 4096-aligned and the file is padded: read whole aligned blocks.
+  uint64_t span = (c.stored_length + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+  if (scratch.stored.size() < span) scratch.stored = allocate_aligned_host(span);
+  uint64_t avail = std::min<uint64_t>(span, reader.size() - c.stored_offset);
+  reader.read_exact(scratch.stored.data(), avail, c.stored_offset);
+  if (c.group > 1 && scratch.raw.size() < c.length) scratch.raw = allocate_aligned_host(c.length);
+  scratch.decoder.decode(static_cast<Codec>(c.codec), c.group, static_cast<const char*>(scratch.stored.data()),
+                         c.stored_length, dst, c.length, static_cast<char*>(scratch.raw.data()),
+                         "'" + plan_.files[c.file] + "' chunk at offset " + std::to_string(c.offset));
+}
+
+void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, Scratch& scratch) {
   const ChunkSpec& c = plan_.chunks[index];
   FileReader& reader = *readers_[c.file];
   const bool check = options_.verify && c.has_checksum;
@@ -167,7 +196,7 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight) {
     if (options_.io_mode == IoMode::kMapped) {
       reader.populate_mapping(dst, c.length);
     } else {
-      reader.read_exact(dst, c.length, c.offset);
+      read_chunk(index, dst, scratch);
     }
     if (check) {
       verify_chunk(index, dst);
@@ -184,7 +213,7 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight) {
   if (buffer < 0) return;  // cancelled
   char* staging = static_cast<char*>(pool_->data(buffer));
   try {
-    reader.read_exact(staging, c.length, c.offset);
+    read_chunk(index, staging, scratch);
     if (check) {
       verify_chunk(index, staging);
       verified_++;
@@ -208,11 +237,12 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight) {
 
 void Run::worker(int id) {
   std::deque<InFlight> in_flight;
+  Scratch scratch;
   try {
     while (!cancel_.load()) {
       size_t index = next_.fetch_add(1);
       if (index >= plan_.chunks.size()) break;
-      process_chunk(id, index, in_flight);
+      process_chunk(id, index, in_flight, scratch);
     }
     if (pool_) release_in_flight(id, in_flight, 0);
   } catch (...) {

@@ -14,10 +14,16 @@ namespace sllm {
 
 struct ChunkSpec {
   int file = 0;
-  uint64_t offset = 0;
-  uint64_t length = 0;
+  uint64_t offset = 0;  // of the raw (decoded) bytes in the file's logical byte stream
+  uint64_t length = 0;  // raw bytes
   bool has_checksum = false;
-  uint64_t checksum = 0;
+  uint64_t checksum = 0;  // of the raw bytes
+  // Where the chunk is stored and how (compressed files; for plain files stored == raw).
+  bool encoded = false;
+  uint64_t stored_offset = 0;  // 4096-aligned in the data file
+  uint64_t stored_length = 0;
+  int codec = 0;  // Codec
+  int group = 1;  // byte-grouping element size (1 = none)
 };
 
 struct Segment {

@@ -1,0 +1,181 @@
+"""Compressed checkpoints (zstd per chunk, byte grouping): round trips, corruption, mixed chunks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _helpers import DTYPES, assert_state_dict_identical, random_tensor, read_index_json, run_cli
+
+import sllm_store
+from sllm_store import _C
+from sllm_store.errors import ChecksumError, FormatError, UnsupportedVersionError
+
+zstandard = pytest.importorskip("zstandard")
+
+
+def _normal(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_byte_grouping_is_reversible_and_matches_numpy(group: int) -> None:
+    data = bytes(np.random.default_rng(group).integers(0, 256, 10_007, dtype=np.uint8))
+    grouped = _C.group_bytes(data, group)
+    assert _C.ungroup_bytes(grouped, group) == data
+    m = len(data) // group * group
+    expected = np.frombuffer(data[:m], np.uint8).reshape(-1, group).T.tobytes() + data[m:]
+    assert grouped == expected
+
+
+def test_roundtrip_every_dtype_compressed(tmp_path, mixed_state_dict) -> None:
+    sd = dict(mixed_state_dict)
+    sd["smooth.bf16"] = _normal(torch.bfloat16, (300, 300), 1)
+    sd["smooth.f32"] = _normal(torch.float32, (200, 100), 2)
+    sd["tied"] = sd["smooth.bf16"]
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", compress="zstd:3", chunk_size="64KiB")
+    raw = read_index_json(path)
+    assert raw["version"] == 2 and raw["compression"] == {"codec": "zstd", "level": 3}
+    for verify in (False, True):
+        out = sllm_store.load_state_dict(path, verify=verify)
+        assert_state_dict_identical(out, sd)
+        assert out["tied"].data_ptr() == out["smooth.bf16"].data_ptr()
+    sllm_store.verify(path)
+
+
+@pytest.mark.parametrize("num_threads", [1, 4])
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_partial_and_threaded_loads(tmp_path, num_threads, io_mode) -> None:
+    sd = {f"w{i}": _normal(torch.bfloat16, (257, 129 + i), i) for i in range(12)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", compress="zstd", chunk_size="16KiB", num_files=2)
+    out = sllm_store.load_state_dict(path, num_threads=num_threads, io_mode=io_mode)
+    assert_state_dict_identical(out, sd)
+    part = sllm_store.load_state_dict(path, {"w3": "cpu", "w7": "cpu"}, num_threads=num_threads)
+    assert set(part) == {"w3", "w7"}
+    assert torch.equal(part["w7"], sd["w7"])
+
+
+def test_compressed_is_smaller_and_grouped(tmp_path) -> None:
+    sd = {"w": _normal(torch.bfloat16, (512, 1024), 0)}
+    plain = sllm_store.save_state_dict(sd, tmp_path / "p", chunk_size="256KiB")
+    comp = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="256KiB", compress="zstd")
+    p_size = (plain / "data-00000.bin").stat().st_size
+    c_size = (comp / "data-00000.bin").stat().st_size
+    assert c_size < p_size / 1.25  # random-normal bf16: ~1.4x with byte grouping
+    chunks = read_index_json(comp)["files"][0]["chunks"]
+    assert {c["codec"] for c in chunks} == {"zstd"} and {c["group"] for c in chunks} == {2}
+
+
+def test_mixed_raw_and_compressed_chunks(tmp_path) -> None:
+    g = torch.Generator().manual_seed(5)
+    sd = {
+        "zeros": torch.zeros(64 * 1024, dtype=torch.float32),  # compresses to nothing
+        "noise": random_tensor(torch.uint8, (256 * 1024,), g),  # incompressible: stored raw
+        "ones": torch.ones(64 * 1024, dtype=torch.float16),
+    }
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    codecs = [c["codec"] for c in read_index_json(path)["files"][0]["chunks"]]
+    assert "none" in codecs and "zstd" in codecs
+    assert_state_dict_identical(sllm_store.load_state_dict(path, verify=True), sd)
+
+
+def _corrupt_first_zstd_chunk(path) -> int:
+    raw = read_index_json(path)
+    chunk = next(c for c in raw["files"][0]["chunks"] if c["codec"] == "zstd")
+    data = path / raw["files"][0]["name"]
+    with open(data, "r+b") as f:
+        f.seek(chunk["offset"] + chunk["length"] // 2)
+        b = f.read(1)
+        f.seek(chunk["offset"] + chunk["length"] // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return chunk["offset"]
+
+
+def test_corrupted_compressed_chunk_is_an_error_not_garbage(tmp_path) -> None:
+    sd = {"w": _normal(torch.bfloat16, (256, 512), 0)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    _corrupt_first_zstd_chunk(path)
+    # Without verify too: the zstd frame's own checksum catches it, naming file and chunk.
+    for verify in (False, True):
+        with pytest.raises(ChecksumError, match=r"data-00000\.bin.*chunk at offset"):
+            sllm_store.load_state_dict(path, verify=verify)
+    with pytest.raises(ChecksumError):
+        sllm_store.verify(path)
+
+
+def test_truncated_compressed_file(tmp_path) -> None:
+    sd = {"w": _normal(torch.bfloat16, (256, 512), 0)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    data = path / "data-00000.bin"
+    data.write_bytes(data.read_bytes()[:8192])
+    with pytest.raises(sllm_store.TruncatedFileError):
+        sllm_store.load_state_dict(path)
+
+
+def test_malformed_chunk_table(tmp_path) -> None:
+    sd = {"w": _normal(torch.bfloat16, (256, 512), 0)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    raw = read_index_json(path)
+    bad = json.loads(json.dumps(raw))
+    bad["files"][0]["chunks"][1]["offset"] += 1  # misaligned
+    (path / "sllm_index.json").write_text(json.dumps(bad))
+    with pytest.raises(FormatError, match="misaligned"):
+        sllm_store.load_state_dict(path)
+    bad = json.loads(json.dumps(raw))
+    bad["files"][0]["chunks"][0]["codec"] = "lz4"
+    (path / "sllm_index.json").write_text(json.dumps(bad))
+    with pytest.raises(FormatError, match="unknown codec"):
+        sllm_store.load_state_dict(path)
+    bad = json.loads(json.dumps(raw))
+    bad["version"] = 1  # version 1 readers would ignore the chunk table: refused
+    (path / "sllm_index.json").write_text(json.dumps(bad))
+    with pytest.raises(FormatError, match="version 1"):
+        sllm_store.load_state_dict(path)
+    bad["version"] = 3
+    (path / "sllm_index.json").write_text(json.dumps(bad))
+    with pytest.raises(UnsupportedVersionError):
+        sllm_store.load_state_dict(path)
+
+
+def test_uncompressed_checkpoints_stay_version_1(tmp_path) -> None:
+    path = sllm_store.save_state_dict({"w": torch.ones(10)}, tmp_path / "p")
+    assert read_index_json(path)["version"] == 1
+
+
+def test_mmap_refuses_compressed(tmp_path) -> None:
+    path = sllm_store.save_state_dict({"w": torch.ones(10)}, tmp_path / "c", compress="zstd")
+    with pytest.raises(ValueError, match="compressed"):
+        sllm_store.load_state_dict(path, io_mode="mmap")
+
+
+def test_bad_compress_spec(tmp_path) -> None:
+    for spec in ("lz4", "zstd:0", "zstd:x"):
+        with pytest.raises(ValueError):
+            sllm_store.save_state_dict({"w": torch.ones(10)}, tmp_path / spec.replace(":", "_"), compress=spec)
+
+
+def test_cli_convert_compress_and_info(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {"a": _normal(torch.bfloat16, (512, 256), 0), "b": _normal(torch.float32, (128, 128), 1)}
+    save_file(sd, tmp_path / "m.safetensors")
+    r = run_cli("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "m.sllm"),
+                "--compress", "zstd:2", "--chunk-size", "64KiB", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("info", str(tmp_path / "m.sllm"))
+    assert r.returncode == 0, r.stderr
+    assert "compression: zstd level 2" in r.stdout and "byte groups" in r.stdout
+    assert_state_dict_identical(sllm_store.load_state_dict(tmp_path / "m.sllm"), sd, check_order=False)
+    r = run_cli("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "x.sllm"), "--compress", "gzip")
+    assert r.returncode == 1 and "unknown compression" in r.stderr
+
+
+def test_every_dtype_alone_compressed(tmp_path) -> None:
+    g = torch.Generator().manual_seed(3)
+    for i, dtype in enumerate(DTYPES):
+        sd = {"x": random_tensor(dtype, (123, 7), g)}
+        path = sllm_store.save_state_dict(sd, tmp_path / f"d{i}", compress="zstd", chunk_size="4KiB")
+        assert_state_dict_identical(sllm_store.load_state_dict(path, verify=True), sd)
