@@ -154,7 +154,8 @@ def test_mmap_refuses_compressed(tmp_path) -> None:
 def test_bad_compress_spec(tmp_path) -> None:
     for spec in ("lz4", "zstd:0", "zstd:x"):
         with pytest.raises(ValueError):
-            sllm_store.save_state_dict({"w": torch.ones(10)}, tmp_path / spec.replace(":", "_"), compress=spec)
+            dst = tmp_path / spec.replace(":", "_")
+            sllm_store.save_state_dict({"w": torch.ones(10)}, dst, compress=spec)
 
 
 def test_cli_convert_compress_and_info(tmp_path) -> None:
