@@ -23,9 +23,16 @@ from sllm_store.errors import (
     FormatError,
     MissingFileError,
     MissingSourceError,
+    ModelChangedError,
+    ModelNotFoundError,
+    ModelTooLargeError,
     OutOfMemoryError,
+    PathEscapeError,
+    PoolExhaustedError,
     ReadError,
     SllmStoreError,
+    StoreError,
+    StoreUnavailableError,
     TruncatedFileError,
     UnsupportedVersionError,
 )
@@ -42,6 +49,7 @@ _LAZY = {
     "read_index": "sllm_store.index",
     "Index": "sllm_store.index",
     "load_model": "sllm_store.model",
+    "StoreClient": "sllm_store.server.client",
     "save_model": "sllm_store.model",
 }
 
@@ -51,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_state_dict, verify
     from sllm_store.model import load_model, save_model
+    from sllm_store.server.client import StoreClient
     from sllm_store.writer import save_state_dict
 
 
@@ -74,6 +83,7 @@ __all__ = [
     "save_state_dict",
     "load_model",
     "save_model",
+    "StoreClient",
     "convert",
     "read_index",
     "Index",
@@ -90,4 +100,11 @@ __all__ = [
     "DestinationExistsError",
     "DeviceError",
     "OutOfMemoryError",
+    "StoreError",
+    "StoreUnavailableError",
+    "ModelNotFoundError",
+    "PathEscapeError",
+    "PoolExhaustedError",
+    "ModelTooLargeError",
+    "ModelChangedError",
 ]

@@ -34,6 +34,7 @@ from sllm_store.errors import (
     ModelTooLargeError,
     PathEscapeError,
     PoolExhaustedError,
+    StoreUnavailableError,
 )
 from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
 from sllm_store.server.pool import BlockPool
@@ -70,9 +71,9 @@ class _Entry:
         return sum(len(b) for b in self.blocks)
 
 
-def fingerprint(index: Index) -> str:
+def fingerprint(index: Index, index_json: Optional[str] = None) -> str:
     """Identifies one version of a checkpoint: its index and the identity of its data files."""
-    h = json.dumps(index.to_json(), sort_keys=True).encode()
+    h = (index_json or json.dumps(index.to_json())).encode()
     for i in range(len(index.files)):
         st = index.file_path(i).stat()
         h += f"|{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
@@ -104,12 +105,15 @@ class ModelCache:
         self.io_mode = io_mode
         self.copy_threads = copy_threads
         self._lock = threading.Lock()
+        self._streamed = threading.Condition(self._lock)  # notified when a streamed load ends
         self._entries: dict[str, _Entry] = {}
+        self._index_memo: dict[str, tuple[tuple[int, int, int], Index, str]] = {}
         self._streaming_blocks = 0
         self.hits = self.misses = self.evictions = self.bytes_served = 0
         self.loads_in_progress = 0
         # A testing knob: sleep this long before each copy window (makes mid-load kills reliable).
         self.debug_copy_delay = 0.0
+        self._closing = threading.Event()  # set by close(): in-flight calls stop at the next window
 
     # -- names -------------------------------------------------------------------------------
 
@@ -135,10 +139,25 @@ class ModelCache:
         return str(p), real
 
     def _open(self, name: str) -> tuple[str, Index, str]:
+        """(name, index, fingerprint); the parsed index is reused while its file is unchanged."""
         key, path = self.resolve(name)
-        index = read_index(path)
+        st = (path / INDEX_FILE).stat()
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        memo = self._index_memo.get(key)
+        if memo is not None and memo[0] == sig:
+            index, index_json = memo[1], memo[2]
+        else:
+            index = read_index(path)
+            index_json = json.dumps(index.to_json())
+            self._index_memo[key] = (sig, index, index_json)
         check_data_files(index)
-        return key, index, fingerprint(index)
+        return key, index, fingerprint(index, index_json)
+
+    def index_json(self, index: Index) -> str:
+        for _sig, memo_index, text in list(self._index_memo.values()):
+            if memo_index is index:
+                return text
+        return json.dumps(index.to_json())
 
     def describe(self, name: str) -> tuple[Index, str, dict[str, bytes]]:
         """Index, fingerprint and the small non-weight files (config, generation config...)."""
@@ -349,7 +368,8 @@ class ModelCache:
         if not parts:
             return 0.0
         if self.debug_copy_delay:
-            time.sleep(self.debug_copy_delay)
+            self._closing.wait(self.debug_copy_delay)
+        self._check_open()
         stats = _C.run_copies(parts, list(dests), num_threads=self.copy_threads)
         return float(stats["seconds"])
 
@@ -411,7 +431,19 @@ class ModelCache:
         B, cs = self.pool.block_size, index.chunk_size
         largest = max((self.pool.blocks_for(f.size) for f in index.files), default=0)
         with self._lock:
+            # Room from idle cached models (least recently used first) when the free blocks do
+            # not hold one checksum chunk (windows of whole chunks are verified), else one block.
+            for want in (min(largest, self.pool.blocks_for(cs)), min(largest, 1)):
+                if self.pool.free_blocks >= want:
+                    break
+                room = self._reserve(want)
+                if room is not None:
+                    self.pool.give(room)
+                    break
             k = min(self.pool.free_blocks, largest)
+            while k == 0 and largest > 0 and self._streaming_blocks:
+                self._streamed.wait()  # other streamed loads hold the free blocks: wait for them
+                k = min(self.pool.free_blocks, largest)
             if k == 0 and largest > 0:
                 raise PoolExhaustedError(
                     f"cannot serve {key!r}: every block of the memory pool ({format_size(self.pool.size)}) "
@@ -430,12 +462,14 @@ class ModelCache:
                     end = min(df.size, start + window)
                     if not any(lo < end and hi > start for lo, hi in wanted):
                         continue  # a partial load skips windows it does not need
+                    self._check_open()
                     self._read(index, files, [(f, start, end, blocks)], verify)
                     seconds += self._copy(self._resolve_copies(copies, f, start, end, blocks), dests)
         finally:
             with self._lock:
                 self.pool.give(blocks)
                 self._streaming_blocks -= k
+                self._streamed.notify_all()
         return seconds
 
     def evict(self, name: str = "") -> list[str]:
@@ -471,9 +505,30 @@ class ModelCache:
                 "models": models, "loads_in_progress": self.loads_in_progress,
             }
 
-    def close(self) -> None:
-        """Drop everything and free the pool (at shutdown, after the last call)."""
-        with self._lock:
-            for e in list(self._entries.values()):
-                self._drop(e)
-            self.pool.close()
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise StoreUnavailableError("the store server is shutting down")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drop everything and free the pool (at shutdown, after the gRPC server has stopped).
+
+        Calls still running past the server's grace period stop at their next copy window; the
+        pool is freed only once none of them uses it. If one is still running after ``timeout``
+        seconds (a long disk read), the pool is left to the process exit: freeing memory that a
+        read or copy still uses would crash the server.
+        """
+        self._closing.set()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = self.loads_in_progress + self._streaming_blocks + sum(
+                    e.in_use for e in self._entries.values())
+                if not busy:
+                    for e in list(self._entries.values()):
+                        self._drop(e)
+                    self.pool.close()
+                    return
+            if time.monotonic() >= deadline:
+                logger.warning("calls still use the memory pool at shutdown; not freeing it")
+                return
+            time.sleep(0.05)

@@ -32,6 +32,10 @@ METHODS: dict[str, tuple[Any, Any]] = {
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # A restarted server is found again within a second (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -78,6 +82,7 @@ _CODES = {
     "ModelTooLargeError": "RESOURCE_EXHAUSTED",
     "OutOfMemoryError": "RESOURCE_EXHAUSTED",
     "ModelChangedError": "ABORTED",
+    "StoreUnavailableError": "UNAVAILABLE",
     "FormatError": "FAILED_PRECONDITION",
     "UnsupportedVersionError": "FAILED_PRECONDITION",
     "TruncatedFileError": "FAILED_PRECONDITION",

@@ -112,10 +112,8 @@ class StoreService:
         return pb.StatusReply(models=models, **s)
 
     def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.DescribeReply:
-        import json
-
         index, fp, small = self.cache.describe(request.model)
-        return pb.DescribeReply(index_json=json.dumps(index.to_json()), fingerprint=fp, small_files=small)
+        return pb.DescribeReply(index_json=self.cache.index_json(index), fingerprint=fp, small_files=small)
 
     def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
         t0 = time.perf_counter()

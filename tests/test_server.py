@@ -1,0 +1,997 @@
+"""The store server (``sllm-store serve``) and its clients, end to end on the CPU.
+
+Every test starts real server processes on a unix socket (``python -m sllm_store serve``) and
+loads through them with ``load_state_dict(..., store=ADDRESS)`` or ``StoreClient``. Pools are small
+(a few MiB, blocks of 1 MiB) so that streaming, eviction and exhaustion are easy to reach, and
+``SLLM_STORE_DEBUG_COPY_DELAY`` makes loads slow where a test kills something mid-load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from _helpers import (
+    DTYPES,
+    StateDict,
+    assert_state_dict_identical,
+    assert_tensor_identical,
+    random_tensor,
+    read_index_json,
+    run_cli,
+    subprocess_env,
+    to_bytes,
+    tree_digests,
+)
+
+import sllm_store
+from sllm_store.errors import (
+    ChecksumError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    PathEscapeError,
+    PoolExhaustedError,
+    StoreUnavailableError,
+)
+
+pytest.importorskip("grpc")
+pytest.importorskip("google.protobuf")
+pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="store loads to the CPU need /dev/shm")
+
+from sllm_store.loader import load_state_dict_with_report  # noqa: E402
+from sllm_store.server.client import StoreClient  # noqa: E402
+
+MiB = 1 << 20
+BLOCK = MiB  # pool block size of every server here (--chunk-size), and the models' chunk size
+SHM_DIR = Path("/dev/shm")
+START_TIMEOUT = 30.0
+CHILD_READY_TIMEOUT = 120.0  # for client processes to start (and import what they need)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    root: Path  # the server's storage path
+    models: dict[str, StateDict]  # name -> what was saved (tied names included)
+    tied: dict[str, list[tuple[str, str]]]  # name -> (alias, tensor it shares storage with)
+    outside: Path  # a converted checkpoint outside the storage path
+
+    def blocks(self, name: str) -> int:
+        """Pool blocks the model occupies when cached (whole blocks per data file)."""
+        return sum(math.ceil(f["size"] / BLOCK) for f in read_index_json(self.root / name)["files"])
+
+    def file_bytes(self, name: str) -> int:
+        return sum(f["size"] for f in read_index_json(self.root / name)["files"])
+
+    def check(self, name: str, loaded: dict[str, torch.Tensor]) -> None:
+        """Bit-identical to what was saved (dtype, shape, bytes); tied names share storage."""
+        assert_state_dict_identical(loaded, self.models[name], check_order=False)
+        for alias, target in self.tied[name]:
+            assert loaded[alias].data_ptr() == loaded[target].data_ptr(), (name, alias)
+
+
+def _mixed_model() -> StateDict:
+    """Every dtype torch can carry (bfloat16 included), odd shapes, a tied weight; ~1.7 MiB."""
+    g = torch.Generator()
+    g.manual_seed(11)
+    sd = StateDict()
+    for dtype in DTYPES:
+        for i, shape in enumerate(((5, 33), (), (3, 0, 2), (1000,))):
+            sd[f"t.{str(dtype).replace('torch.', '')}.{i}"] = random_tensor(dtype, shape, g)
+    sd["big.f32"] = random_tensor(torch.float32, (256, 1024), g)  # 1 MiB: crosses a chunk boundary
+    sd["big.bf16"] = random_tensor(torch.bfloat16, (300_000,), g)
+    sd["tied.alias"] = sd["big.f32"]
+    return sd
+
+
+def _sized_model(seed: int) -> StateDict:
+    """~4.4 MiB in three dtypes: 5 pool blocks of 1 MiB."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return StateDict(
+        w0=random_tensor(torch.float32, (600_000,), g),
+        w1=random_tensor(torch.bfloat16, (700_000,), g),
+        w2=random_tensor(torch.int32, (200_000,), g),
+    )
+
+
+def _small_model(seed: int) -> StateDict:
+    """~2.3 MiB: 3 pool blocks of 1 MiB."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return StateDict(
+        w0=random_tensor(torch.float16, (700_000,), g),
+        w1=random_tensor(torch.uint8, (1_000_000,), g),
+    )
+
+
+def _big_model() -> StateDict:
+    """~11.5 MiB in two data files: larger than the small pools, so it is streamed."""
+    g = torch.Generator()
+    g.manual_seed(21)
+    sd = StateDict((f"w{i}", random_tensor(torch.float32, (1_000_000,), g)) for i in range(3))
+    sd["b"] = random_tensor(torch.bfloat16, (1000,), g)
+    sd["head"] = sd["w0"]
+    return sd
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    base = tmp_path_factory.mktemp("server")
+    root = base / "storage"
+    root.mkdir()
+    models = {
+        "mixed": _mixed_model(),
+        "a": _sized_model(1),
+        "b": _sized_model(2),
+        "c": _sized_model(3),
+        "big": _big_model(),
+        "sub/nested": StateDict(x=torch.arange(1000, dtype=torch.int64), y=torch.ones(3, 3)),
+        "x": _small_model(4),
+        "y": _small_model(5),
+        "z": _small_model(6),
+    }
+    tied = {"mixed": [("tied.alias", "big.f32")], "big": [("head", "w0")]}
+    for name, sd in models.items():
+        sllm_store.save_state_dict(sd, root / name, chunk_size=BLOCK, num_files=2 if name == "big" else 1,
+                                   quiet=True)
+    outside = base / "outside"
+    sllm_store.save_state_dict({"secret": torch.zeros(10)}, outside, quiet=True)
+    (root / "escape").symlink_to(outside, target_is_directory=True)  # points outside the storage
+    (root / "notamodel").mkdir()
+    (root / "notamodel" / "readme.txt").write_text("not a checkpoint\n")
+    # corrupted copies: one byte flipped in a tensor, after conversion
+    for name, source, tensor in (("corrupt/bad", "mixed", "big.f32"), ("corrupt/bad2", "mixed", "big.bf16"),
+                                 ("corrupt/bigbad", "big", "w2")):
+        shutil.copytree(root / source, root / name)
+        entry = read_index_json(root / name)["tensors"][tensor]
+        path = root / name / f"data-{entry['file']:05d}.bin"
+        data = bytearray(path.read_bytes())
+        data[entry["offset"] + 100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    assert read_index_json(root / "corrupt/bigbad")["tensors"]["w2"]["file"] == 1  # the 2nd file
+    s = Store(root, models, {n: tied.get(n, []) for n in models}, outside)
+    assert s.blocks("a") == s.blocks("b") == s.blocks("c") == 5
+    assert s.blocks("x") == s.blocks("y") == s.blocks("z") == 3
+    assert s.blocks("mixed") == 2
+    assert s.blocks("big") >= 12 and s.blocks("big") // 2 > 4
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Servers and child processes
+# --------------------------------------------------------------------------------------------
+
+
+def shm_files() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith("sllm-store-")}
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_tmpdir() -> str:
+    """A fresh directory with a short path (unix socket paths are limited to ~107 bytes)."""
+    return tempfile.mkdtemp(prefix="sllm-t-", dir="/tmp" if os.path.isdir("/tmp") else None)
+
+
+class Server:
+    """One ``sllm-store serve`` process on ``unix://DIR/NAME``, its output in DIR/NAME.log."""
+
+    def __init__(self, storage: Path, sock_dir: str, *, pool: str = "32MiB", delay: float = 0.0,
+                 name: str = "s.sock") -> None:
+        self.storage = storage
+        self.sock = os.path.join(sock_dir, name)
+        self.address = "unix://" + self.sock
+        self.pool = pool
+        self.delay = delay
+        self.log_path = self.sock + f".{time.monotonic_ns()}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> Server:
+        env = subprocess_env()
+        env.pop("SLLM_STORE_DEBUG_COPY_DELAY", None)
+        if self.delay:
+            env["SLLM_STORE_DEBUG_COPY_DELAY"] = str(self.delay)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(self.storage),
+                 "--mem-pool-size", self.pool, "--chunk-size", str(BLOCK), "--num-threads", "2",
+                 "--listen", self.address],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode} at start:\n{self.log()}")
+            # "serving ... on ADDRESS" is logged once it listens (a stale socket file may exist
+            # before): from then on health() must answer
+            if " serving " in self.log() and os.path.exists(self.sock):
+                client = StoreClient(self.address)
+                try:
+                    client.health(timeout=2.0)
+                    return self
+                except StoreUnavailableError:
+                    pass
+                finally:
+                    client.close()
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer within {START_TIMEOUT} s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def client(self) -> StoreClient:
+        return StoreClient.get(self.address)
+
+    def status(self) -> Any:
+        return self.client().status()
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()[-6000:]
+        except OSError:
+            return ""
+
+    def terminate(self, timeout: float = 20.0) -> Optional[int]:
+        """SIGTERM; its exit status, or None if it had to be killed."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def sock_dir():
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(store, sock_dir):
+    """Factory: ``start_server(storage=None, pool="32MiB", delay=0, name="s.sock")`` -> Server,
+    started and answering; every server is stopped at teardown (SIGTERM, then SIGKILL)."""
+    servers: list[Server] = []
+
+    def start(storage: Optional[Path] = None, **kwargs: Any) -> Server:
+        s = Server(storage or store.root, sock_dir, **kwargs)
+        servers.append(s)
+        return s.start()
+
+    yield start
+    for s in servers:
+        if s.proc is not None:
+            s.terminate(timeout=10)
+
+
+def _module_server(store: Store, **kwargs: Any):
+    d = short_tmpdir()
+    s = Server(store.root, d, **kwargs)
+    try:
+        yield s.start()
+    finally:
+        if s.proc is not None:
+            s.terminate(timeout=10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# Servers shared by the tests of this module (each server pays for importing torch on its first
+# request): every test that uses one starts with reset(), which empties the cache.
+@pytest.fixture(scope="module")
+def shared_server(store):
+    """8 MiB pool: a, b, c take 5 blocks, x, y, z 3, mixed 2; "big" is larger than the pool."""
+    yield from _module_server(store, pool="8MiB")
+
+
+@pytest.fixture(scope="module")
+def slow_server(store):
+    """4 MiB pool, 0.3 s before each copy window: "big" streams through it in 4 windows."""
+    yield from _module_server(store, pool="4MiB", delay=0.3)
+
+
+def reset(server: Server) -> Any:
+    """Evict every model (none may be in use); returns the status after."""
+    server.client().evict()
+    s = assert_consistent(server)
+    assert not s.models and s.pool_used == 0, s
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _guard(monkeypatch):
+    """Loads give up after 60 s instead of 10 minutes; no shared-memory file is left behind."""
+    monkeypatch.setenv("SLLM_STORE_TIMEOUT", "60")
+    monkeypatch.delenv("SLLM_STORE_ADDRESS", raising=False)
+    before = shm_files()
+    yield
+    leaked = wait_until_or_value(lambda: shm_files() - before, 5.0)
+    assert not leaked, f"shared-memory files left in /dev/shm: {sorted(leaked)}"
+
+
+def wait_until_or_value(fn: Callable[[], set], timeout: float) -> set:
+    """``fn()`` once it is empty, else its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    value = fn()
+    while value and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = fn()
+    return value
+
+
+# A client process. It signals ``ready``, waits for ``go``, loads ``names`` through the store at
+# ``address`` and puts (key, pid, what it got) on ``results`` (or the traceback of its error).
+# The processes come from multiprocessing's "forkserver": forked from a helper process that has
+# imported torch once (eight children start in a second or two on a 2-core machine instead of
+# importing torch eight times), and none inherits this process's gRPC channels or threads.
+CHILD = textwrap.dedent(
+    """
+    import hashlib, os, traceback, warnings
+    try:
+        import torch
+        import sllm_store
+        import sllm_store.loader, sllm_store.server.client  # noqa: F401 - before "ready"
+
+        def digest(t):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            return hashlib.sha256(raw.numpy()).hexdigest()
+
+        ready.set()
+        if not go.wait(300):
+            raise TimeoutError("no start signal")
+        out = {}
+        for name in names:
+            sd = sllm_store.load_state_dict(name, "cpu", store=address)
+            out[name] = {k: [str(v.dtype), list(v.shape), digest(v), v.data_ptr()] for k, v in sd.items()}
+        results.put((key, os.getpid(), out))
+    except BaseException:
+        results.put((key, os.getpid(), traceback.format_exc()))
+        raise SystemExit(1)
+    """
+)
+
+_mp = multiprocessing.get_context("forkserver")
+_mp.set_forkserver_preload(["torch", "sllm_store.loader"])
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(to_bytes(t).numpy()).hexdigest()
+
+
+class Children:
+    """Client processes running CHILD; all start loading when ``go()`` is called."""
+
+    def __init__(self) -> None:
+        self._go = _mp.Event()
+        self.results = _mp.Queue()
+        self.procs: list[Any] = []
+        self._ready: list[Any] = []
+
+    def start(self, address: str, *names: str) -> Any:
+        ready = _mp.Event()
+        env = {"ready": ready, "go": self._go, "results": self.results, "names": list(names),
+               "address": address, "key": len(self.procs)}
+        proc = _mp.Process(target=exec, args=(CHILD, env), daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        self._ready.append(ready)
+        return proc
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc, ready in zip(self.procs, self._ready):
+            while not ready.wait(0.1):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    pytest.fail(f"client process not ready (exit code {proc.exitcode}): {self._errors()}")
+
+    def go(self) -> None:
+        self._go.set()
+
+    def collect(self, timeout: float) -> list[dict[str, Any]]:
+        """Every child's result, in start order."""
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < len(self.procs):
+            try:
+                key, _pid, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                missing = len(self.procs) - len(out)
+                pytest.fail(f"{missing} client process(es) gave no result in {timeout:g} s")
+            assert not isinstance(value, str), f"client process {key} failed:\n{value}"
+            out[key] = value
+        for proc in self.procs:
+            proc.join(30)
+            assert proc.exitcode == 0, proc.exitcode
+        return [out[k] for k in range(len(self.procs))]
+
+    def _errors(self) -> str:
+        errors = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                errors.append(str(self.results.get(timeout=0.2)))
+        return "\n".join(errors)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+        self.results.close()
+
+
+@pytest.fixture
+def children():
+    c = Children()
+    yield c
+    c.close()
+
+
+def load(name: Any, server: Server, **kwargs: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd, report = load_state_dict_with_report(name, "cpu", store=server.address, **kwargs)
+    return sd, report.stats
+
+
+def assert_consistent(server: Server, in_progress: int = 0) -> Any:
+    """The pool accounts for exactly the cached models; nothing is in use."""
+    s = server.status()
+    assert s.loads_in_progress == in_progress, s
+    assert s.pool_used == sum(m.pool_bytes for m in s.models), s
+    assert s.pool_used <= s.pool_size
+    if in_progress == 0:
+        assert all(m.in_use == 0 for m in s.models), s
+        assert all(m.tier == "dram" for m in s.models), s
+    return s
+
+
+def names(status: Any) -> set[str]:
+    return {m.name for m in status.models}
+
+
+class Background:
+    """Runs ``fn`` on a thread: ``value`` or ``error`` once ``join()`` returned."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.finished_at: Optional[float] = None
+
+        def run() -> None:
+            try:
+                self.value = fn()
+            except BaseException as e:  # noqa: B036 - handed to the test
+                self.error = e
+            self.finished_at = time.monotonic()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"still running after {timeout:g} s (hang?)"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Round trip
+# --------------------------------------------------------------------------------------------
+
+
+def test_round_trip_bit_identical_tied_and_hit(store, shared_server):
+    srv = shared_server
+    s0 = reset(srv)
+    sd, stats = load("mixed", srv)
+    store.check("mixed", sd)
+    assert {t.dtype for t in sd.values()} >= {torch.bfloat16, torch.float32, torch.int64, torch.bool}
+    assert stats["io_mode"] == "store" and stats["hit"] is False and stats["streamed"] is False
+    assert stats["bytes_copied"] == store.file_bytes("mixed")
+
+    sd2, stats2 = load("mixed", srv)
+    assert stats2["hit"] is True and stats2["streamed"] is False
+    store.check("mixed", sd2)
+    assert sd2["big.f32"].data_ptr() != sd["big.f32"].data_ptr()  # a separate copy per load
+    sd2["big.f32"].add_(1)  # writable, and not the memory of the first load
+    assert_tensor_identical(sd["big.f32"], store.models["mixed"]["big.f32"])
+
+    s = assert_consistent(srv)
+    assert (s.hits - s0.hits, s.misses - s0.misses) == (1, 1)
+    assert names(s) == {"mixed"}
+    assert s.models[0].hits == 1 and s.models[0].size == store.file_bytes("mixed")
+    assert s.pool_used == store.blocks("mixed") * BLOCK
+    assert s.bytes_served - s0.bytes_served == 2 * store.file_bytes("mixed")
+
+
+def test_partial_load_by_device_map(store, shared_server):
+    srv = shared_server
+    reset(srv)
+    ref = store.models["mixed"]
+    subset = {"t.bfloat16.0": "cpu", "big.bf16": "cpu", "t.bool.3": "cpu"}
+    sd, report = load_state_dict_with_report("mixed", subset, store=srv.address)
+    assert sorted(sd) == sorted(subset)
+    for k in subset:
+        assert_tensor_identical(sd[k], ref[k], k)
+    assert report.stats["bytes_copied"] == sum(ref[k].numel() * ref[k].element_size() for k in subset)
+
+    # an alias alone loads the tensor it names
+    sd = sllm_store.load_state_dict("mixed", {"tied.alias": "cpu"}, store=srv.address)
+    assert list(sd) == ["tied.alias"]
+    assert_tensor_identical(sd["tied.alias"], ref["big.f32"])
+
+    with pytest.raises(KeyError):
+        sllm_store.load_state_dict("mixed", {"no.such.tensor": "cpu"}, store=srv.address)
+    assert names(assert_consistent(srv)) == {"mixed"}
+
+
+def test_names_absolute_local_path_and_nested(store, shared_server):
+    srv = shared_server
+    reset(srv)
+    store.check("mixed", sllm_store.load_state_dict(str(store.root / "mixed"), store=srv.address))
+    store.check("mixed", sllm_store.load_state_dict(store.root / "mixed", store=srv.address))
+    store.check("sub/nested", sllm_store.load_state_dict("sub/nested", store=srv.address))
+    sd, stats = load(str(store.root / "sub" / "nested"), srv)
+    store.check("sub/nested", sd)
+    assert stats["hit"] is True  # the same cache entry as "sub/nested"
+    assert names(assert_consistent(srv)) == {"mixed", "sub/nested"}
+
+
+def test_verify_through_server_and_corruption(store, shared_server):
+    srv = shared_server
+    reset(srv)
+    sd, stats = load("mixed", srv, verify=True)
+    store.check("mixed", sd)
+    assert stats["hit"] is False
+    sd, stats = load("mixed", srv, verify=True)
+    store.check("mixed", sd)
+    assert stats["hit"] is True
+    assert srv.client().prefetch("mixed", verify=True).hit is True
+
+    # a miss with verify: the bad chunk is found while reading it into the cache; nothing is kept
+    with pytest.raises(ChecksumError):
+        sllm_store.load_state_dict("corrupt/bad", store=srv.address, verify=True)
+    assert names(assert_consistent(srv)) == {"mixed"}
+    # without verify the corrupted bytes are served (and cached unverified) ...
+    sd = sllm_store.load_state_dict("corrupt/bad", store=srv.address)
+    assert not torch.equal(to_bytes(sd["big.f32"]), to_bytes(store.models["mixed"]["big.f32"]))
+    assert_tensor_identical(sd["big.bf16"], store.models["mixed"]["big.bf16"])
+    # ... and a later load with verify checks the cached copy
+    with pytest.raises(ChecksumError):
+        sllm_store.load_state_dict("corrupt/bad", store=srv.address, verify=True)
+    with pytest.raises(ChecksumError):
+        srv.client().prefetch("corrupt/bad2", verify=True)
+    # a streamed model (larger than the pool) is verified window by window
+    with pytest.raises(ChecksumError):
+        sllm_store.load_state_dict("corrupt/bigbad", store=srv.address, verify=True)
+
+    s = assert_consistent(srv)
+    assert names(s) == {"mixed", "corrupt/bad"}
+    sd, _ = load("mixed", srv, verify=True)
+    store.check("mixed", sd)
+    sd, stats = load("big", srv, verify=True)
+    assert stats["streamed"] is True
+    store.check("big", sd)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Concurrent client processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_concurrent_client_processes(store, start_server, children):
+    srv = start_server(pool="32MiB", delay=0.2)  # every model fits; slow copies: loads overlap
+    shm_before = shm_files()
+    plan = [
+        ["mixed", "a"], ["mixed", "b"], ["mixed", "c"], ["mixed", "sub/nested"],
+        ["a", "mixed"], ["b", "a"], ["c", "b"], ["sub/nested", "c"],
+    ]
+    for models in plan:
+        children.start(srv.address, *models)
+    children.wait_ready(CHILD_READY_TIMEOUT)
+    children.go()
+    results = children.collect(120)
+    assert len({p.pid for p in children.procs} | {os.getpid()}) == len(plan) + 1
+
+    expected = {
+        name: {k: [str(v.dtype), list(v.shape), tensor_digest(v)] for k, v in sd.items()}
+        for name, sd in store.models.items()
+    }
+    for models, got in zip(plan, results):
+        assert sorted(got) == sorted(models)
+        for name, tensors in got.items():
+            assert {k: v[:3] for k, v in tensors.items()} == expected[name], name
+            for alias, target in store.tied[name]:
+                assert tensors[alias][3] == tensors[target][3], (name, alias)
+
+    s = assert_consistent(srv)
+    loads = [m for models in plan for m in models]
+    assert names(s) == set(loads)
+    assert s.misses == len(set(loads))  # concurrent misses of one model read it once
+    assert s.hits == len(loads) - len(set(loads))
+    assert s.bytes_served == sum(store.file_bytes(m) for m in loads)
+    assert not shm_files() - shm_before  # every client's shared memory is gone
+
+
+def test_concurrent_streamed_loads_wait_for_the_pool(store, slow_server):
+    """Loads streamed through the same small pool at once all succeed (a later one waits for
+    the blocks an earlier one holds)."""
+    srv = slow_server
+    reset(srv)
+    runs = [Background(lambda: load("big", srv)) for _ in range(2)]
+    runs.append(Background(lambda: load_state_dict_with_report("big", {"w1": "cpu"}, store=srv.address)))
+    for r in runs:
+        r.join(60)
+    for r in runs[:2]:
+        assert r.error is None, repr(r.error)
+        sd, stats = r.value
+        assert stats["streamed"] is True
+        store.check("big", sd)
+    assert runs[2].error is None, repr(runs[2].error)
+    assert_tensor_identical(runs[2].value[0]["w1"], store.models["big"]["w1"])
+    s = assert_consistent(srv)
+    assert s.pool_used == 0 and not s.models
+
+
+# --------------------------------------------------------------------------------------------
+# 3. / 4. Killed client, killed server
+# --------------------------------------------------------------------------------------------
+
+
+def test_client_killed_mid_load_leaves_server_healthy(store, slow_server, children):
+    srv = slow_server  # "big" streams through its pool in 4 windows, each after a 0.3 s delay
+    reset(srv)
+    shm_before = shm_files()
+    child = children.start(srv.address, "big")
+    children.wait_ready(CHILD_READY_TIMEOUT)
+    children.go()
+    wait_until(lambda: srv.status().loads_in_progress >= 1, 60, "the child's load to start")
+    child.kill()
+    child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+
+    assert srv.client().health(timeout=2.0).pid == srv.proc.pid
+    wait_until(lambda: srv.status().loads_in_progress == 0, 30, "the orphaned load to end")
+    s = assert_consistent(srv)
+    assert s.pool_used == 0
+
+    sd, stats = load("big", srv)
+    assert stats["streamed"] is True
+    store.check("big", sd)
+    sd, stats = load("mixed", srv)
+    store.check("mixed", sd)
+    s = assert_consistent(srv)
+    assert names(s) == {"mixed"}
+    assert srv.proc.poll() is None
+    assert "Traceback" not in srv.log(), srv.log()
+    assert not shm_files() - shm_before  # the server unlinked the killed client's memory
+
+
+def test_server_killed_mid_load_raises_unavailable_quickly(store, start_server):
+    srv = start_server(pool="32MiB", delay=60)
+    run = Background(lambda: load("mixed", srv))
+    wait_until(lambda: srv.status().loads_in_progress >= 1, 30, "the load to start")
+    killed = time.monotonic()
+    srv.kill()
+    run.join(15)
+    assert isinstance(run.error, StoreUnavailableError), repr(run.error)
+    assert run.finished_at is not None and run.finished_at - killed < 5.0
+    assert "store server" in str(run.error)
+
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        sllm_store.load_state_dict("mixed", store=srv.address)
+    assert time.monotonic() - t0 < 5.0
+
+    # the socket file left by the killed server does not stop a new one on the same path
+    assert os.path.exists(srv.sock)
+    srv2 = start_server(pool="32MiB")
+    assert srv2.sock == srv.sock
+    sd, stats = load("mixed", srv2)
+    store.check("mixed", sd)
+    assert stats["hit"] is False
+
+
+def test_sigterm_during_load_exits_cleanly(store, start_server):
+    """SIGTERM while a load outlasts the shutdown grace period (5 s): the client gets
+    StoreUnavailableError, the server frees its pool only after the load stopped and exits 0."""
+    srv = start_server(pool="32MiB", delay=30)
+    run = Background(lambda: load("mixed", srv))
+    wait_until(lambda: srv.status().loads_in_progress >= 1, 30, "the load to start")
+    t0 = time.monotonic()
+    rc = srv.terminate(timeout=25)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, f"exit status {rc}:\n{srv.log()}"
+    assert elapsed < 15, elapsed
+    run.join(10)
+    assert isinstance(run.error, StoreUnavailableError), repr(run.error)
+    assert not os.path.exists(srv.sock)
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nope", "sub/nope", "notamodel", "sub", "corrupt"])
+def test_unknown_model(store, shared_server, name):
+    client = shared_server.client()
+    with pytest.raises(ModelNotFoundError):
+        sllm_store.load_state_dict(name, store=shared_server.address)
+    with pytest.raises(ModelNotFoundError):
+        client.prefetch(name)
+    with pytest.raises(ModelNotFoundError) as info:
+        client.describe(name)
+    assert name in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "dotdot-inside", "absolute", "symlink"])
+def test_path_escape(store, shared_server, kind):
+    name = {
+        "dotdot": "../outside",
+        "dotdot-inside": "sub/../../outside",
+        "absolute": str(store.outside),  # a real checkpoint, outside the storage path
+        "symlink": "escape",  # storage/escape -> ../outside
+    }[kind]
+    client = shared_server.client()
+    with pytest.raises(PathEscapeError):
+        client.describe(name)
+    with pytest.raises(PathEscapeError):
+        client.prefetch(name)
+    with pytest.raises(PathEscapeError):
+        sllm_store.load_state_dict(name, store=shared_server.address)
+    assert isinstance(PathEscapeError(), PermissionError)
+    assert shared_server.client().health().pid == shared_server.proc.pid
+
+
+def test_model_larger_than_pool_streams(store, shared_server):
+    srv = shared_server  # 8 MiB pool
+    reset(srv)
+    with pytest.raises(ModelTooLargeError, match="larger than the whole memory pool"):
+        srv.client().prefetch("big")
+    sd, stats = load("big", srv)
+    assert stats["streamed"] is True and stats["hit"] is False
+    store.check("big", sd)
+    # a partial load streams only what it needs
+    sd, report = load_state_dict_with_report("big", {"w2": "cpu", "b": "cpu"}, store=srv.address)
+    assert report.stats["streamed"] is True
+    for k in ("w2", "b"):
+        assert_tensor_identical(sd[k], store.models["big"][k], k)
+    s = assert_consistent(srv)
+    assert not s.models and s.pool_used == 0
+
+
+def test_streamed_load_evicts_idle_models(store, shared_server):
+    """A pool full of idle models does not stop a load of a model larger than the pool."""
+    srv = shared_server
+    reset(srv)
+    srv.client().prefetch("a")
+    srv.client().prefetch("x")
+    s = srv.status()
+    assert s.pool_used == s.pool_size == (store.blocks("a") + store.blocks("x")) * BLOCK
+    sd, stats = load("big", srv)
+    assert stats["streamed"] is True
+    store.check("big", sd)
+    s = assert_consistent(srv)
+    assert names(s) == {"x"}  # the least recently used one made room
+
+
+def test_no_server_at_address(tmp_path):
+    for address in (f"unix://{tmp_path}/none.sock", str(tmp_path / "none.sock")):
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            sllm_store.load_state_dict("mixed", store=address)
+        with pytest.raises(StoreUnavailableError):
+            StoreClient(address).health(timeout=2.0)
+        assert time.monotonic() - t0 < 10
+
+
+def test_pool_exhausted_while_models_in_use(store, start_server):
+    # the pool holds "a" (5 blocks) and 3 free blocks; "b" needs 5
+    srv = start_server(pool="8MiB", delay=2.0)
+    run = Background(lambda: load("a", srv))
+
+    def a_in_use() -> bool:
+        return any(m.name == "a" and m.in_use and m.tier == "dram" for m in srv.status().models)
+
+    wait_until(a_in_use, 30, "'a' to be cached and in use")
+    with pytest.raises(PoolExhaustedError, match="in use"):
+        srv.client().prefetch("b")
+    with pytest.raises(PoolExhaustedError):
+        srv.client().evict("a")
+    assert srv.client().prefetch("x").hit is False  # what fits the free blocks is cached
+    run.join(30)
+    assert run.error is None, repr(run.error)
+    store.check("a", run.value[0])
+
+    # once the load is over "a" is idle: "x" (least recently used) and then "a" give way
+    assert srv.client().prefetch("b").hit is False
+    s = assert_consistent(srv)
+    assert names(s) == {"b"} and s.evictions == 2
+
+
+# --------------------------------------------------------------------------------------------
+# 6. LRU and evict
+# --------------------------------------------------------------------------------------------
+
+
+def test_lru_eviction_and_evict(store, shared_server, capsys):
+    from sllm_store.cli import main
+
+    srv = shared_server  # 8 MiB: two of x, y, z (3 blocks each) fit, not three
+    s0 = reset(srv)
+    client = srv.client()
+    assert client.prefetch("x").hit is False
+    assert client.prefetch("x").hit is True
+    assert client.prefetch("y").hit is False
+    sd, stats = load("x", srv)  # "x" is now the most recently used
+    assert stats["hit"] is True
+    store.check("x", sd)
+    assert client.prefetch("z").hit is False
+
+    s = assert_consistent(srv)
+    assert names(s) == {"x", "z"}
+    assert [m.name for m in s.models] == ["z", "x"]  # most recently used first
+    assert s.evictions - s0.evictions == 1
+    assert s.pool_used == (store.blocks("x") + store.blocks("z")) * BLOCK
+
+    assert client.evict("x") == ["x"]
+    assert client.evict("x") == []
+    assert names(assert_consistent(srv)) == {"z"}
+
+    capsys.readouterr()
+    assert main(["evict", "z", "--store", srv.address]) == 0
+    assert "evicted: z" in capsys.readouterr().out
+    assert main(["evict", "--store", srv.address]) == 0
+    assert "nothing evicted" in capsys.readouterr().out
+    s = assert_consistent(srv)
+    assert not s.models and s.pool_used == 0 and s.evictions - s0.evictions == 3
+
+    sd, stats = load("y", srv)
+    assert stats["hit"] is False
+    store.check("y", sd)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Stop and restart
+# --------------------------------------------------------------------------------------------
+
+
+def test_sigterm_restart_same_socket(store, start_server):
+    before = tree_digests(store.root)
+    srv = start_server(pool="16MiB")
+    assert stat.S_ISSOCK(os.stat(srv.sock).st_mode)
+    assert stat.S_IMODE(os.stat(srv.sock).st_mode) == 0o600
+    store.check("mixed", sllm_store.load_state_dict("mixed", store=srv.address))
+    srv.client().prefetch("a")
+    assert names(srv.status()) == {"mixed", "a"}
+
+    t0 = time.monotonic()
+    rc = srv.terminate(timeout=20)
+    assert rc == 0, f"exit status {rc}:\n{srv.log()}"
+    assert time.monotonic() - t0 < 5
+    assert not os.path.exists(srv.sock)
+    assert tree_digests(store.root) == before
+
+    srv2 = start_server(pool="16MiB")  # same socket path
+    assert srv2.sock == srv.sock
+    assert stat.S_IMODE(os.stat(srv2.sock).st_mode) == 0o600
+    sd, stats = load("mixed", srv2)  # through the client channel of the first server
+    store.check("mixed", sd)
+    assert stats["hit"] is False  # a new, empty cache
+    assert names(srv2.status()) == {"mixed"}
+    assert srv2.terminate() == 0
+    assert tree_digests(store.root) == before
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_status_prefetch_load_evict(store, shared_server, capsys):
+    from sllm_store.cli import main
+
+    srv = shared_server
+    reset(srv)
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, err = cli("status", "--store", srv.address)
+    assert rc == 0, err
+    assert "no models cached" in out and "pool:" in out and str(store.root) in out
+    rc, out, err = cli("prefetch", "mixed", "sub/nested", "--store", srv.address)
+    assert rc == 0, err
+    assert "mixed: cached" in out and "sub/nested: cached" in out
+    rc, out, err = cli("prefetch", "mixed", "--store", srv.address)
+    assert rc == 0 and "mixed: already cached" in out
+    rc, out, err = cli("status", "--store", srv.address)
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith("mixed ")]
+    assert len(lines) == 1 and "dram" in lines[0], out
+    assert "sub/nested" in out
+    rc, out, err = cli("status", "--json", "--store", srv.address)
+    assert rc == 0, err
+    assert {m["name"] for m in json.loads(out)["status"]["models"]} == {"mixed", "sub/nested"}
+
+    rc, out, err = cli("load", "mixed", "--store", srv.address)
+    assert rc == 0, err
+    assert f"store {srv.address}: hit" in out
+    rc, out, err = cli("evict", "mixed", "--store", srv.address)
+    assert rc == 0 and "evicted: mixed" in out
+    rc, out, err = cli("load", "mixed", "--store", srv.address, "--verify")
+    assert rc == 0, err
+    assert f"store {srv.address}: miss" in out
+    rc, out, err = cli("load", "big", "--store", srv.address)
+    assert rc == 0, err
+    assert "miss (streamed)" in out
+
+    # the real entry point, in its own process
+    proc = run_cli("load", "mixed", "--store", srv.address, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded" in proc.stdout and f"store {srv.address}: hit" in proc.stdout
+
+    dead = f"unix://{srv.sock}.none"
+    for args in (
+        ("load", "nope", "--store", srv.address),
+        ("prefetch", "../outside", "--store", srv.address),
+        ("prefetch", "big", "--store", srv.address),
+        ("load", "corrupt/bad2", "--verify", "--store", srv.address),
+        ("evict", "--store", dead),
+        ("status", "--store", dead),
+    ):
+        rc, out, err = cli(*args)
+        assert rc == 1, (args, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert "Traceback" not in err
+    # and one error from a separate process: nothing but the one line on stderr
+    proc = run_cli("status", "--store", dead, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: ") and "not reachable" in proc.stderr
