@@ -180,3 +180,45 @@ def test_every_dtype_alone_compressed(tmp_path) -> None:
         sd = {"x": random_tensor(dtype, (123, 7), g)}
         path = sllm_store.save_state_dict(sd, tmp_path / f"d{i}", compress="zstd", chunk_size="4KiB")
         assert_state_dict_identical(sllm_store.load_state_dict(path, verify=True), sd)
+
+
+def test_compressed_model_through_store_server(tmp_path) -> None:
+    """The server decodes compressed chunks into its pool (it caches raw bytes), cached or streamed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from _helpers import subprocess_env
+
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.server.client import StoreClient
+
+    sd = {f"w{i}": _normal(torch.bfloat16, (300, 257), i) for i in range(8)}
+    sllm_store.save_state_dict(sd, tmp_path / "m" / "c", compress="zstd", chunk_size="64KiB")
+    sock = f"unix://{tmp_path}/s.sock"
+    for pool, streamed in (("4MiB", False), ("512KiB", True)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(tmp_path / "m"),
+             "--mem-pool-size", pool, "--chunk-size", "128KiB", "--listen", sock, "--num-threads", "2"],
+            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = StoreClient(sock)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.health(timeout=1)
+                    break
+                except sllm_store.SllmStoreError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.1)
+            for verify in (False, True):
+                out, report = load_state_dict_with_report("c", "cpu", store=sock, verify=verify)
+                assert report.stats["streamed"] is streamed
+                assert_state_dict_identical(out, sd)
+            if not streamed:
+                assert report.stats["hit"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)

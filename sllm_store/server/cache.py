@@ -36,7 +36,7 @@ from sllm_store.errors import (
     PoolExhaustedError,
     StoreUnavailableError,
 )
-from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
+from sllm_store.index import CODECS, INDEX_FILE, Index, check_data_files, is_converted, read_index
 from sllm_store.server.pool import BlockPool
 
 logger = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ class ModelCache:
         segments: list[tuple[int, int, int, int, int]] = []
         dests: list[Dest] = []
         dest_of: dict[int, int] = {}
+        encodings: list[Any] = []  # compressed chunks are decoded on the way: the pool holds raw bytes
         for f, start, end, blocks in regions:
             fsize = index.files[f].size
             checks = index.files[f].checksums
@@ -299,6 +300,17 @@ class ModelCache:
                 nxt = min(end, (pos // cs + 1) * cs)
                 whole = pos % cs == 0 and nxt == min((pos // cs + 1) * cs, fsize)
                 checksum = checks[pos // cs] if verify and whole and checks else None
+                stored = index.files[f].chunks
+                if stored is not None:
+                    if not whole:
+                        raise PoolExhaustedError(
+                            f"cannot stream '{files[f]}' through {len(blocks)} free block(s): a "
+                            f"compressed chunk ({format_size(cs)}) must be decoded whole"
+                        )
+                    c = stored[pos // cs]
+                    encodings.append((c.offset, c.length, CODECS[c.codec], c.group))
+                else:
+                    encodings.append(None)
                 u = len(units)
                 units.append((f, pos, nxt - pos, checksum))
                 p = pos
@@ -314,7 +326,8 @@ class ModelCache:
                 pos = nxt
         config = LoadConfig.resolve(num_threads=self.num_threads, io_mode=self.io_mode)
         _C.run_load(files, units, segments, dests, num_threads=config.num_threads,
-                    io_mode=config.io_mode_for(files), verify=verify)
+                    io_mode=config.io_mode_for(files), verify=verify,
+                    encodings=encodings if any(e is not None for e in encodings) else [])
 
     def _verify_cached(self, e: _Entry) -> None:
         """Check the checksums of a model cached without verification (once)."""
