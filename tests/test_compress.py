@@ -222,3 +222,14 @@ def test_compressed_model_through_store_server(tmp_path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("verify", [False, True])
+def test_compressed_load_to_gpu(tmp_path, mixed_state_dict, verify) -> None:
+    sd = dict(mixed_state_dict)
+    sd["smooth"] = _normal(torch.bfloat16, (700, 300), 4)
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", compress="zstd", chunk_size="64KiB")
+    out = sllm_store.load_state_dict(path, "cuda:0", verify=verify)
+    assert {t.device.type for t in out.values()} == {"cuda"}
+    assert_state_dict_identical(out, sd)
