@@ -213,7 +213,7 @@ def test_unsupported_version(tmp_path, sub, cli):
     path = tmp_path / "ckpt"
     sllm_store.save_state_dict({"a": torch.ones(3)}, path, quiet=True)
     index = read_index_json(path)
-    index["version"] = 2
+    index["version"] = 3  # 2 (compression) is supported; 3 is not
     write_index_json(path, index)
     assert_clean_error(cli(sub, path), INDEX_NAME)
 

@@ -78,7 +78,7 @@ def test_errors_are_reexported():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [2, 3, 999, 0])
+@pytest.mark.parametrize("version", [3, 4, 999, 0])
 @pytest.mark.parametrize("reader", INDEX_READERS, ids=lambda f: f.__name__)
 def test_unsupported_version(saved_checkpoint, version, reader):
     path, _ = saved_checkpoint
