@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import subprocess_env
+from _helpers import assert_state_dict_identical, subprocess_env
 
 import sllm_store
 from sllm_store.loader import load_state_dict_with_report
@@ -34,12 +34,7 @@ def _state_dict(seed: int = 0, rows: int = 256) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert set(loaded) == set(ref)
-    for k, v in ref.items():
-        got = loaded[k]
-        assert got.dtype == v.dtype and got.shape == v.shape, k
-        if v.numel():
-            assert torch.equal(got.cpu().reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    assert_state_dict_identical(loaded, ref, check_order=False)
 
 
 class Server:
