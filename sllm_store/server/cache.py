@@ -462,6 +462,13 @@ class ModelCache:
                     f"cannot serve {key!r}: every block of the memory pool ({format_size(self.pool.size)}) "
                     "is held by models in use"
                 )
+            if k * B < min(cs, max((f.size for f in index.files), default=0)) and (
+                    verify or any(f.compressed for f in index.files)):
+                # Windows smaller than a chunk cut chunks: they can be neither verified nor decoded.
+                raise PoolExhaustedError(
+                    f"cannot stream {key!r} {'with verify=True ' if verify else '(compressed) '}through "
+                    f"{k} free block(s) ({format_size(k * B)}): whole {format_size(cs)} chunks are needed"
+                )
             blocks = self.pool.take(k) or []
             self._streaming_blocks += k
         logger.info("streaming %s through %d free block(s) of the pool", key, k)
