@@ -1,7 +1,7 @@
 """The ``sllm-store`` command line.
 
-Subcommands: ``convert``, ``verify``, ``info``, ``load``; the store server: ``serve``, ``status``,
-``prefetch``, ``evict``. Expected failures (bad input) print one
+Subcommands: ``convert``, ``verify``, ``info``, ``load``, ``upload``, ``cache``; the store server:
+``serve``, ``status``, ``prefetch``, ``evict``. Expected failures (bad input) print one
 ``error: ...`` line on stderr and exit with status 1; usage errors exit with 2; Ctrl-C with 130.
 """
 
@@ -101,7 +101,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
     tensors, report = load_state_dict_with_report(
         args.path, args.device, num_threads=args.num_threads, verify=args.verify or None,
-        io_mode=args.io_mode, store=args.store,
+        io_mode=args.io_mode, store=args.store, remote=_remote_options(args),
     )
     print(f"loaded {len(tensors)} tensors, {format_size(report.bytes)} in {report.seconds:.3f} s "
           f"({report.gb_per_s:.2f} GB/s)")
@@ -184,6 +184,46 @@ def _cmd_evict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote_options(args: argparse.Namespace):  # noqa: ANN202 - RemoteOptions, imported lazily
+    from sllm_store.remote import RemoteOptions
+
+    return RemoteOptions(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous)
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from sllm_store.remote.cache import upload
+
+    n = upload(args.path, args.url, options=_remote_options(args), quiet=True if args.quiet else None)
+    print(f"uploaded {args.path} -> {args.url}: {format_size(n)}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from sllm_store.remote import cache
+
+    if args.action == "ls":
+        es = cache.entries(args.cache_dir)
+        for e in es:
+            print(f"{e.name}  {format_size(e.size):>10}  {time.time() - e.last_used:8.0f} s ago  {e.url}")
+        total = format_size(sum(e.size for e in es))
+        print(f"{len(es)} entries, {total} in {cache.cache_dir(args.cache_dir)}")
+    elif args.action == "rm":
+        if not args.target:
+            raise ValueError("cache rm needs an entry name or a URL")
+        removed = cache.remove(args.target, args.cache_dir)
+        print(f"removed: {', '.join(removed)}" if removed else f"error: nothing cached for {args.target}")
+        return 0 if removed else 1
+    else:
+        limit = parse_size(args.target) if args.target else cache.cache_limit()
+        if limit is None:
+            raise ValueError("cache prune needs a size (e.g. 100GiB) or SLLM_STORE_CACHE_SIZE")
+        removed = cache.prune(limit, args.cache_dir)
+        print(f"evicted: {', '.join(removed)}" if removed else "nothing evicted")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sllm-store", description="Convert model checkpoints to a fast-loading format and load them."
@@ -231,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--store", default=None, metavar="ADDRESS",
                     help="load through a store server (unix:///path or host:port; env SLLM_STORE_ADDRESS)")
     ld.set_defaults(func=_cmd_load)
+
+    up = sub.add_parser("upload", help="upload a converted checkpoint to s3:// (multipart, parallel)",
+                        description="Upload a converted checkpoint directory to an S3-compatible object "
+                        "store. The index is uploaded last. Credentials and endpoint: the standard AWS "
+                        "environment variables, or the options below.")
+    up.add_argument("path", help="converted checkpoint directory")
+    up.add_argument("url", help="destination, e.g. s3://bucket/models/llama.sllm")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    for p_ in (up, ld):
+        p_.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+        p_.add_argument("--region", default=None, help="S3 region (default: AWS_REGION, else us-east-1)")
+        p_.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
+    up.set_defaults(func=_cmd_upload)
+
+    ca = sub.add_parser("cache", help="list, remove or prune locally cached remote checkpoints",
+                        description="Manage the local cache of remote checkpoints "
+                        "(SLLM_STORE_CACHE_DIR, default ~/.cache/sllm-store).")
+    ca.add_argument("action", choices=("ls", "rm", "prune"))
+    ca.add_argument("target", nargs="?", default=None,
+                    help="rm: entry name or URL; prune: size limit (default SLLM_STORE_CACHE_SIZE)")
+    ca.add_argument("--cache-dir", default=None)
+    ca.set_defaults(func=_cmd_cache)
 
     sv = sub.add_parser("serve", help="run the store server (pinned-memory model cache)",
                         description="Serve the models under --storage-path from a pinned host-memory cache. "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from sllm_store._units import SizeLike, parse_size
 
@@ -40,6 +40,7 @@ class LoadConfig:
     verify: bool
     staging_buffers: int = 2
     store: Optional[str] = None
+    remote: Any = None  # sllm_store.remote.RemoteOptions for s3:// / https:// paths
 
     @classmethod
     def resolve(
@@ -50,6 +51,7 @@ class LoadConfig:
         chunk_size: Optional[SizeLike] = None,
         verify: Optional[bool] = None,
         store: Optional[str] = None,
+        remote: Any = None,
     ) -> LoadConfig:
         env = os.environ
         if num_threads is None and env.get("SLLM_STORE_NUM_THREADS"):
@@ -74,7 +76,7 @@ class LoadConfig:
         if store is None:
             store = env.get("SLLM_STORE_ADDRESS") or None
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
-                   staging_buffers=staging, store=store or None)
+                   staging_buffers=staging, store=store or None, remote=remote)
 
     def io_mode_for(self, files: list[str]) -> str:
         """The read mode to use for ``files``: ``auto`` picks by page-cache residency.

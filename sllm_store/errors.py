@@ -87,6 +87,22 @@ class ModelChangedError(StoreError):
     """A model's files changed on disk between planning a load and running it."""
 
 
+class RemoteError(SllmStoreError):
+    """A problem with a remote checkpoint (``s3://...``, ``https://...``)."""
+
+
+class RemoteNotFoundError(RemoteError, FileNotFoundError):
+    """The bucket, the prefix or an object of a remote checkpoint does not exist."""
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """The object store refused the credentials (missing, wrong, or without permission)."""
+
+
+class RemoteUnavailableError(RemoteError, ConnectionError):
+    """The object store could not be reached, or went away during a transfer (after retries)."""
+
+
 __all__ = [
     "SllmStoreError",
     "FormatError",
@@ -107,4 +123,8 @@ __all__ = [
     "PoolExhaustedError",
     "ModelTooLargeError",
     "ModelChangedError",
+    "RemoteError",
+    "RemoteNotFoundError",
+    "RemoteAuthError",
+    "RemoteUnavailableError",
 ]

@@ -243,6 +243,18 @@ def _allocate(dev: torch.device, size: int) -> tuple[torch.Tensor, int]:
     return buf, shift
 
 
+def localize(path: PathLike, config: LoadConfig) -> PathLike:
+    """``path`` itself, or for an ``s3://`` / ``http(s)://`` URL its local cache entry (fetched
+    into the cache first when missing; see :mod:`sllm_store.remote.cache`)."""
+    from sllm_store.remote.objects import is_remote
+
+    if not is_remote(path):
+        return path
+    from sllm_store.remote.cache import fetch
+
+    return fetch(str(path), options=config.remote, num_threads=config.num_threads)
+
+
 def _views(index: Index, assign: Mapping[str, torch.device], plan: _Plan,
            buffers: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     """The loaded tensors: views into the per-device buffers (tied names share storage)."""
@@ -270,6 +282,7 @@ def _load(
 
         return load_through_store(path, device, config, described)
     t0 = time.perf_counter()
+    path = localize(path, config)
     index = open_checkpoint(path)
     check_data_files(index)
     if config.verify and not any(f.checksums for f in index.files) and index.files:
@@ -324,12 +337,15 @@ def load_state_dict(
     verify: Optional[bool] = None,
     io_mode: Optional[str] = None,
     store: Optional[str] = None,
+    remote: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
 
     Args:
         path: directory written by :func:`sllm_store.convert` / :func:`sllm_store.save_state_dict`;
             plain safetensors (a file, or a model directory) load too, through the same pipeline.
+            An ``s3://bucket/prefix`` or ``http(s)://`` URL of a converted checkpoint is fetched
+            into the local cache first (``SLLM_STORE_CACHE_DIR``), then loaded from there.
         device: target device (``"cpu"``), or a mapping of every tensor name to a device.
         num_threads: reader threads (default: env ``SLLM_STORE_NUM_THREADS`` or the CPU count,
             clamped to 4..16).
@@ -345,6 +361,8 @@ def load_state_dict(
             into this process's memory; ``path`` is then a model name relative to the server's
             storage path (a local path inside it works too). Without a store, the load runs in
             this process.
+        remote: :class:`sllm_store.remote.RemoteOptions` (endpoint, region, anonymous access,
+            credentials) for URLs; by default from the standard AWS environment variables.
 
     All tensors of one device are views into a single allocation; tied tensors share storage.
 
@@ -361,7 +379,8 @@ def load_state_dict(
             ``StoreUnavailableError`` when it cannot be reached or does not answer in time.
     """
     config = LoadConfig.resolve(
-        num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify, store=store
+        num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify, store=store,
+        remote=remote,
     )
     tensors, _ = _load(path, device, config)
     return tensors

@@ -248,7 +248,9 @@ def load_model_with_report(
             source: Any = name
         else:
             described = None
-            root = Path(path)
+            from sllm_store.loader import localize
+
+            root = Path(localize(path, load_config))  # URLs: the local cache entry
             index = open_checkpoint(root)
             source = root
         return _load_model(
