@@ -108,6 +108,11 @@ def _cmd_load(args: argparse.Namespace) -> int:
     for dev, nbytes in report.devices.items():
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
+    if stats.get("io_mode") == "remote":
+        cached = f"cached in {stats['cached']}" if stats["cached"] else "partly cached (partial load)"
+        print(f"  remote: {format_size(stats['bytes_downloaded'])} downloaded while loading "
+              f"({stats['threads']} threads), {cached}")
+        return 0
     if stats.get("io_mode") == "store":
         print(f"  store {stats['store']}: {'hit' if stats['hit'] else 'miss'}"
               f"{' (streamed)' if stats['streamed'] else ''}, server {stats['server_seconds']:.3f} s "

@@ -281,8 +281,13 @@ def _load(
         from sllm_store.server.client import load_through_store
 
         return load_through_store(path, device, config, described)
+    from sllm_store.remote.objects import is_remote
+
+    if is_remote(path):
+        from sllm_store.remote.stream import load_remote
+
+        return load_remote(str(path), device, config)
     t0 = time.perf_counter()
-    path = localize(path, config)
     index = open_checkpoint(path)
     check_data_files(index)
     if config.verify and not any(f.checksums for f in index.files) and index.files:

@@ -215,3 +215,36 @@ def test_cli_upload_cache_ls_rm_prune(env) -> None:
     assert r.returncode == 0 and "removed" in r.stdout
     r = run_cli("load", f"s3://{BUCKET}/cli/missing")
     assert r.returncode == 1 and r.stderr.startswith("error:") and "not found" in r.stderr
+
+
+def test_streaming_load_partial_then_complete_then_cached(env) -> None:
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m", seed=5)
+    url = f"s3://{BUCKET}/stream/m"
+    upload(local, url, quiet=True)
+    out, report = load_state_dict_with_report(url, {"w4": "cpu"})
+    assert set(out) == {"w4"} and torch.equal(out["w4"], sd["w4"])
+    assert report.stats["io_mode"] == "remote" and report.stats["cached"] is None  # partial: not promoted
+    first = report.stats["bytes_downloaded"]
+    out, report = load_state_dict_with_report(url)  # the rest arrives; the entry is promoted
+    assert_state_dict_identical(out, sd)
+    assert report.stats["cached"] and 0 < report.stats["bytes_downloaded"]
+    assert first + report.stats["bytes_downloaded"] == sum(
+        f.size for f in sllm_store.read_index(local).files)
+    out, report = load_state_dict_with_report(url)
+    assert report.stats["io_mode"] != "remote"  # a disk load from the cache
+    assert_state_dict_identical(out, sd)
+
+
+@pytest.mark.gpu
+def test_streaming_remote_load_to_gpu(env) -> None:
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m", compress=True, seed=6)
+    url = f"s3://{BUCKET}/gpu/m"
+    upload(local, url, quiet=True)
+    out = sllm_store.load_state_dict(url, "cuda:0")
+    assert {t.device.type for t in out.values()} == {"cuda"}
+    assert_state_dict_identical(out, sd)

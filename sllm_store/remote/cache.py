@@ -3,7 +3,8 @@
 An entry is a complete checkpoint directory named after the URL and the content of its index
 (``<url hash>-<index hash>``), so a changed remote checkpoint is a new entry. A download goes
 into ``.partial/<entry>``: data files are preallocated and filled by parallel ranged GETs (one per
-chunk, stored chunks for compressed files), each chunk checked against its checksum before it is
+chunk, stored chunks for compressed files, which are decoded: the cache holds plain version-1
+checkpoints that load at disk speed), each chunk checked against its checksum before it is
 recorded as done in ``<file>.done``. An interrupted download resumes from those records; a chunk
 that fails its checksum is never recorded, and the entry is renamed into place only when every
 chunk is present and verified. Entries are evicted least recently used first when the cache grows
@@ -29,7 +30,7 @@ from typing import Any, Optional
 
 from sllm_store._units import format_size, parse_size
 from sllm_store.errors import ChecksumError, RemoteError
-from sllm_store.index import INDEX_FILE, Index, parse_index
+from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
 from sllm_store.remote.objects import RemoteOptions, open_store, remote_error
 
 logger = logging.getLogger(__name__)
@@ -64,20 +65,143 @@ def _entry_name(url: str, index_bytes: bytes) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{_C.xxh3_64(index_bytes):016x}"
 
 
-def _units(index: Index) -> list[tuple[int, int, int, int, Optional[int]]]:
-    """(file, chunk, stored offset, stored length, checksum of the stored bytes | None) per chunk."""
-    out = []
-    cs = index.chunk_size
-    for f_i, f in enumerate(index.files):
-        n = len(f.checksums) if f.checksums else -(-f.size // cs)
-        for c in range(n):
-            if f.chunks is not None:
-                sc = f.chunks[c]
-                out.append((f_i, c, sc.offset, sc.length, None))  # checked after decoding, below
-            else:
-                length = min(cs, f.size - c * cs)
-                out.append((f_i, c, c * cs, length, f.checksums[c] if f.checksums else None))
-    return out
+class Download:
+    """One checkpoint being brought into the cache, chunk by chunk (thread-safe per chunk).
+
+    ``open()`` fetches the index and finds the entry; if it is complete, ``cached`` is its path.
+    Otherwise ``chunk(f, c)`` returns chunk ``c`` of data file ``f`` as decoded (raw) bytes:
+    read from the partial download when an earlier attempt has it, else downloaded with one ranged
+    GET, verified, written through to the partial file and recorded. ``finish()`` promotes the
+    entry once every chunk is there.
+    """
+
+    def __init__(self, url: str, options: Optional[RemoteOptions] = None, directory: Any = None) -> None:
+        self.url = url.rstrip("/")
+        self.root = cache_dir(directory)
+        self.store = open_store(url, options)
+        self.cached: Optional[Path] = None
+        self.bytes_downloaded = 0
+        self._lock = threading.Lock()
+
+    def open(self) -> Download:
+        import obstore
+
+        try:
+            self.index_bytes = bytes(obstore.get(self.store, INDEX_FILE).bytes())
+        except Exception as e:
+            raise remote_error(e, f"{self.url}/{INDEX_FILE}", "fetching") from None
+        self.name = _entry_name(self.url, self.index_bytes)
+        final = self.root / self.name
+        if (final / INDEX_FILE).is_file():
+            os.utime(final)  # last use, for LRU
+            self.cached = final
+            return self
+        self.partial = self.root / PARTIAL / self.name
+        self.partial.mkdir(parents=True, exist_ok=True)
+        (self.partial / "source.json").write_text(json.dumps({"url": self.url}))
+        try:
+            self.index = parse_index(json.loads(self.index_bytes), self.partial)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RemoteError(f"'{self.url}/{INDEX_FILE}' is not valid JSON: {e}") from None
+        self.done: dict[int, set[int]] = {}
+        self._fds: dict[int, int] = {}
+        self._marks: dict[int, Any] = {}
+        for f_i, f in enumerate(self.index.files):
+            p = self.partial / f.name
+            with open(p, "ab") as fh:
+                if fh.tell() < f.size:
+                    fh.truncate(f.size)  # the cache holds decoded bytes: a plain v1-layout file
+            marks = self.partial / (f.name + ".done")
+            self.done[f_i] = {int(x) for x in marks.read_text().split()} if marks.exists() else set()
+            self._fds[f_i] = os.open(p, os.O_RDWR)
+            self._marks[f_i] = open(marks, "a")
+        return self
+
+    def chunks(self) -> list[tuple[int, int]]:
+        cs = self.index.chunk_size
+        return [(f_i, c) for f_i, f in enumerate(self.index.files) for c in range(-(-f.size // cs))]
+
+    def missing(self) -> list[tuple[int, int]]:
+        return [(f, c) for f, c in self.chunks() if c not in self.done[f]]
+
+    def chunk(self, f_i: int, c: int) -> Any:
+        """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards."""
+        import obstore
+
+        from sllm_store import _C
+
+        f = self.index.files[f_i]
+        cs = self.index.chunk_size
+        raw_len = min(cs, f.size - c * cs)
+        if c in self.done[f_i]:
+            return os.pread(self._fds[f_i], raw_len, c * cs)
+        if f.chunks is not None:
+            sc = f.chunks[c]
+            off, length = sc.offset, sc.length
+        else:
+            off, length = c * cs, raw_len
+        where = f"'{self.url}/{f.name}' chunk at offset {c * cs}"
+        try:
+            data: Any = obstore.get_range(self.store, f.name, start=off, length=length) if length else b""
+        except Exception as e:
+            raise remote_error(e, f"{self.url}/{f.name}", "downloading") from None
+        if len(data) != length:
+            raise RemoteError(f"{where}: the object is shorter than its index says")
+        if f.chunks is not None and f.chunks[c].codec != "none":
+            try:
+                data = _C.zstd_decompress(data, raw_len, f.chunks[c].group)
+            except ChecksumError as e:
+                raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
+                    from None
+        elif f.chunks is not None and f.chunks[c].group > 1:
+            data = _C.ungroup_bytes(data, f.chunks[c].group)
+        if f.checksums and _C.xxh3_64(data) != f.checksums[c]:
+            raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
+                                "nothing was cached")
+        mv = memoryview(data)
+        pos = 0
+        while pos < raw_len:
+            pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
+        with self._lock:
+            self.done[f_i].add(c)
+            self._marks[f_i].write(f"{c}\n")
+            self._marks[f_i].flush()
+            self.bytes_downloaded += length
+        return data
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        for fh in getattr(self, "_marks", {}).values():
+            fh.close()
+        self._fds, self._marks = {}, {}
+
+    def finish(self) -> Optional[Path]:
+        """Promote the entry if every chunk is there (returns its path), else keep the partial
+        download for later (returns None)."""
+        if self.cached is not None:
+            return self.cached
+        if self.missing():
+            self.close()
+            return None
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self.close()
+        _fetch_small_files(self.store, self.url, self.index, self.partial)
+        # The cache holds decoded data files: its index is the uncompressed (version 1) form.
+        index = parse_index(json.loads(self.index_bytes), self.partial)
+        index.files = [DataFile(f.name, f.size, f.checksums) for f in index.files]
+        index.version, index.compression = 1, None
+        write_index(index, self.partial)
+        for f in index.files:
+            (self.partial / (f.name + ".done")).unlink(missing_ok=True)
+        final = self.root / self.name
+        os.replace(self.partial, final)
+        self.cached = final
+        limit = cache_limit()
+        if limit is not None:
+            prune(limit, directory=self.root, keep=self.name)
+        return final
 
 
 def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any = None,
@@ -90,105 +214,29 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
     """
     from tqdm.auto import tqdm
 
-    from sllm_store import _C
     from sllm_store.writer import default_quiet
 
-    root = cache_dir(directory)
-    store = open_store(url, options)
-    import obstore
-    try:
-        index_bytes = bytes(obstore.get(store, INDEX_FILE).bytes())
-    except Exception as e:
-        raise remote_error(e, url.rstrip("/") + "/" + INDEX_FILE, "fetching") from None
-    name = _entry_name(url, index_bytes)
-    final = root / name
-    if (final / INDEX_FILE).is_file():
-        os.utime(final)  # last use, for LRU
-        logger.info("%s: cached in %s", url, final)
-        return final
-    partial = root / PARTIAL / name
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "source.json").write_text(json.dumps({"url": url}))
-    try:
-        index = parse_index(json.loads(index_bytes), partial)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RemoteError(f"'{url}/{INDEX_FILE}' is not valid JSON: {e}") from None
-
-    # Preallocate the data files; find what an earlier attempt already has.
-    done: dict[int, set[int]] = {}
-    for f_i, f in enumerate(index.files):
-        p = partial / f.name
-        with open(p, "ab") as fh:
-            if fh.tell() < f.disk_size:
-                fh.truncate(f.disk_size)
-        marks = partial / (f.name + ".done")
-        done[f_i] = {int(x) for x in marks.read_text().split()} if marks.exists() else set()
-    todo = [u for u in _units(index) if u[1] not in done[u[0]]]
-    total = sum(u[3] for u in todo)
-    if len(todo) < len(_units(index)):
-        logger.info("%s: resuming, %d chunks (%s) left", url, len(todo), format_size(total))
-    lock = threading.Lock()
-    fds = {f_i: os.open(partial / f.name, os.O_WRONLY) for f_i, f in enumerate(index.files)}
-    marks_fh = {f_i: open(partial / (f.name + ".done"), "a") for f_i, f in enumerate(index.files)}
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="downloading",
-               disable=default_quiet() if quiet is None else quiet, dynamic_ncols=True)
-
-    def get(unit: tuple[int, int, int, int, Optional[int]]) -> None:
-        f_i, c, off, length, checksum = unit
-        fname = index.files[f_i].name
-        if length == 0:
-            return
-        try:
-            data = obstore.get_range(store, fname, start=off, length=length)
-        except Exception as e:
-            raise remote_error(e, f"{url}/{fname}", "downloading") from None
-        if len(data) != length:
-            raise RemoteError(f"'{url}/{fname}' is shorter than its index says (chunk at {off})")
-        if checksum is not None and _C.xxh3_64(data) != checksum:
-            raise ChecksumError(f"checksum mismatch in '{url}/{fname}' chunk at offset {off}: "
-                                "the remote object is corrupted; nothing was cached")
-        mv = memoryview(data)
-        pos = 0
-        while pos < length:
-            pos += os.pwrite(fds[f_i], mv[pos:], off + pos)
-        with lock:
-            marks_fh[f_i].write(f"{c}\n")
-            marks_fh[f_i].flush()
-            bar.update(length)
-
+    d = Download(url, options, directory).open()
+    if d.cached is not None:
+        logger.info("%s: cached in %s", url, d.cached)
+        return d.cached
+    todo = d.missing()
+    if len(todo) < len(d.chunks()):
+        logger.info("%s: resuming, %d of %d chunks left", url, len(todo), len(d.chunks()))
     t0 = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sllm-fetch") as ex:
-            for _ in ex.map(get, todo):
-                pass
-        for fd in fds.values():
-            os.fsync(fd)
+        with tqdm(total=len(todo), unit="chunk", desc="downloading", dynamic_ncols=True,
+                  disable=default_quiet() if quiet is None else quiet) as bar, \
+                ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sllm-fetch") as ex:
+            for _ in ex.map(lambda fc: d.chunk(*fc), todo):
+                bar.update(1)
     finally:
-        bar.close()
-        for fd in fds.values():
-            os.close(fd)
-        for fh in marks_fh.values():
-            fh.close()
-    _fetch_small_files(store, url, index, partial)
-    (partial / INDEX_FILE).write_bytes(index_bytes)
-    if any(f.compressed for f in index.files):
-        from sllm_store.loader import verify
-
-        try:
-            verify(partial)  # compressed chunks are checked after decoding
-        except ChecksumError as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise ChecksumError(f"'{url}' is corrupted; nothing was cached ({e})") from None
-    for f in index.files:
-        (partial / (f.name + ".done")).unlink(missing_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, final)
+        d.close()
+    final = d.finish()
+    assert final is not None
     dt = time.perf_counter() - t0
-    logger.info("%s: downloaded %s in %.2f s (%.2f GB/s) into %s", url, format_size(total), dt,
-                total / dt / 1e9 if dt > 0 else 0, final)
-    limit = cache_limit()
-    if limit is not None:
-        prune(limit, directory=root, keep=name)
+    logger.info("%s: downloaded %s in %.2f s (%.2f GB/s) into %s", url, format_size(d.bytes_downloaded),
+                dt, d.bytes_downloaded / dt / 1e9 if dt > 0 else 0, final)
     return final
 
 

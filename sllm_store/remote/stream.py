@@ -1,0 +1,86 @@
+"""Loading a remote checkpoint while it downloads.
+
+For an ``s3://`` / ``http(s)://`` checkpoint that is not cached yet, the load is planned exactly
+like a local one (one allocation per device, tensors as views) and every worker thread handles one
+chunk at a time: a ranged GET (``obstore``, GIL released), verification (and decoding of compressed
+chunks, in C++), the write-through into the cache's partial download, and the copy of the chunk's
+pieces into their destinations (``_C.run_copies``: memcpy, or a host-to-GPU copy). Fetch, cache
+write and device copy of different chunks therefore overlap, and the load takes about as long as
+the download. When every chunk has arrived the cache entry is promoted, so the next load of the URL
+is a disk (or page-cache) load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from sllm_store import _C
+from sllm_store._units import format_size
+from sllm_store.config import LoadConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, torch.Tensor], Any]:
+    """``load_state_dict`` of a URL: from the cache if complete, else streamed while downloading."""
+    from sllm_store.loader import (
+        LoadReport,
+        _allocate,
+        _assign_devices,
+        _bytes_per_device,
+        _device_spec,
+        _load,
+        _make_plan,
+        _views,
+    )
+    from sllm_store.remote.cache import Download
+
+    t0 = time.perf_counter()
+    d = Download(url, config.remote).open()
+    if d.cached is not None:
+        return _load(d.cached, device, config)
+    index = d.index
+    assign = _assign_devices(index, device)
+    for dev in set(assign.values()):
+        _C.check_device(_device_spec(dev))
+    # Read units are whole chunks (the download unit), whatever chunk_size says.
+    plan = _make_plan(index, assign, LoadConfig(config.num_threads, "buffered", None, config.verify))
+    buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+    dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
+             for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
+    by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    for seg in plan.segments:
+        by_unit.setdefault(seg[0], []).append(seg)
+
+    def one(u: int) -> None:
+        f_i, off, _length, _ = plan.units[u]
+        data = d.chunk(f_i, off // index.chunk_size)
+        src = np.frombuffer(data, dtype=np.uint8)
+        base = src.ctypes.data
+        copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
+        if copies:
+            _C.run_copies(copies, dests, num_threads=1)
+        del src, data
+
+    try:
+        with ThreadPoolExecutor(max(1, config.num_threads), thread_name_prefix="sllm-remote") as ex:
+            for _ in ex.map(one, range(len(plan.units))):
+                pass
+    finally:
+        d.close()
+    cached = d.finish()  # None after a partial load: the rest is fetched by a later load
+    tensors = _views(index, assign, plan, buffers)
+    seconds = time.perf_counter() - t0
+    report = LoadReport(path=url, bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
+                        stats={"io_mode": "remote", "threads": config.num_threads,
+                               "bytes_downloaded": d.bytes_downloaded,
+                               "cached": str(cached) if cached else None})
+    logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
+                seconds, report.gb_per_s)
+    return tensors, report
