@@ -39,6 +39,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         num_files=args.num_files, overwrite=args.overwrite, quiet=True if args.quiet else None,
         compress=args.compress,
     )
+    if isinstance(dst, str):  # uploaded to a URL
+        print(f"converted {args.src} and uploaded it to {dst}")
+        return 0
     index = read_index(dst)
     print(f"converted {args.src} -> {dst}: {len(index.tensors)} tensors, "
           f"{format_size(index.total_bytes)} in {len(index.files)} data file(s)")

@@ -248,3 +248,14 @@ def test_streaming_remote_load_to_gpu(env) -> None:
     out = sllm_store.load_state_dict(url, "cuda:0")
     assert {t.device.type for t in out.values()} == {"cuda"}
     assert_state_dict_identical(out, sd)
+
+
+def test_convert_straight_to_s3(env) -> None:
+    from safetensors.torch import save_file
+
+    sd = {"a": torch.randn(64, 64), "b": torch.arange(10)}
+    save_file(sd, env / "m.safetensors")
+    url = f"s3://{BUCKET}/convert/m.sllm"
+    r = run_cli("convert", str(env / "m.safetensors"), url, "--compress", "zstd", "-q")
+    assert r.returncode == 0 and url in r.stdout, r.stderr
+    assert_state_dict_identical(sllm_store.load_state_dict(url), sd, check_order=False)
