@@ -33,55 +33,85 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Weed:
+    """One SeaweedFS server (master, volume, filer, S3) on loopback ports, restartable in place."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "id.json").write_text(json.dumps({"identities": [{
+            "name": "t", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "Write", "List"]}]}))
+        (d / "data").mkdir(exist_ok=True)
+        # gRPC ports are the HTTP ports + 10000: keep them below 55000 so those are valid too.
+        self.ports = {}
+        for k in ("s3", "master", "volume", "filer", "iceberg", "lance"):
+            p = _free_port()
+            while p > 55000:
+                p = _free_port()
+            self.ports[k] = p
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        p, d = self.ports, self.d
+        self.log = open(d / "weed.log", "a")
+        self.proc = subprocess.Popen(
+            [WEED, "server", f"-dir={d / 'data'}", "-s3", f"-s3.port={p['s3']}",
+             f"-s3.config={d / 'id.json'}", f"-master.port={p['master']}",
+             f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+             f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
+             "-ip=127.0.0.1", "-master.volumeSizeLimitMB=64"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        from obstore.store import S3Store
+
+        store = S3Store(BUCKET, endpoint=self.endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                        region="us-east-1", client_options={"allow_http": True})
+        deadline = time.monotonic() + 90
+        while True:  # the bucket is a filer directory; then wait until S3 writes work
+            try:
+                import urllib.error
+                import urllib.request
+
+                try:
+                    urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{p['filer']}/buckets/{BUCKET}/", method="POST"), timeout=2)
+                except urllib.error.HTTPError as e:
+                    if e.code != 409:  # 409: the bucket exists (a restart)
+                        raise
+                obstore.put(store, "probe", b"ok")
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail("SeaweedFS did not start: " + (d / "weed.log").read_text()[-2000:])
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # it may ignore SIGTERM for a while
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A SeaweedFS server with S3 on loopback; yields its endpoint URL."""
-    d = tmp_path_factory.mktemp("weed")
-    (d / "id.json").write_text(json.dumps({"identities": [{
-        "name": "t", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-        "actions": ["Admin", "Read", "Write", "List"]}]}))
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "iceberg", "lance")}
-    # gRPC ports are the HTTP ports + 10000: keep them free too by choosing low enough ports.
-    for k in ports:
-        while ports[k] > 55000:
-            ports[k] = _free_port()
-    (d / "data").mkdir()
-    log = open(d / "weed.log", "w")
-    proc = subprocess.Popen(
-        [WEED, "server", f"-dir={d / 'data'}", "-s3", f"-s3.port={ports['s3']}",
-         f"-s3.config={d / 'id.json'}", f"-master.port={ports['master']}",
-         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-         f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
-         "-ip=127.0.0.1", "-master.volumeSizeLimitMB=64"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    from obstore.store import S3Store
-
-    store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
-                    region="us-east-1", client_options={"allow_http": True})
-    deadline = time.monotonic() + 90
-    while True:  # the bucket is a filer directory; then wait until S3 writes work
-        try:
-            import urllib.request
-
-            urllib.request.urlopen(urllib.request.Request(
-                f"http://127.0.0.1:{ports['filer']}/buckets/{BUCKET}/", method="POST"), timeout=2)
-            obstore.put(store, "probe", b"ok")
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("SeaweedFS did not start: " + (d / "weed.log").read_text()[-2000:])
-            time.sleep(0.5)
-    yield endpoint
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    weed = Weed(tmp_path_factory.mktemp("weed"))
+    yield weed.endpoint
+    weed.stop()
 
 
 @pytest.fixture
@@ -259,3 +289,45 @@ def test_convert_straight_to_s3(env) -> None:
     r = run_cli("convert", str(env / "m.safetensors"), url, "--compress", "zstd", "-q")
     assert r.returncode == 0 and url in r.stdout, r.stderr
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd, check_order=False)
+
+
+def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch) -> None:
+    """A real server dies during a download: a clear error, nothing promoted; after its restart the
+    next load fetches only the missing chunks."""
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote import RemoteOptions, cache
+
+    weed = Weed(tmp_path / "weed")
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", weed.endpoint)
+        monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+        local, sd = _model(tmp_path, "m", seed=7)
+        url = f"s3://{BUCKET}/killed/m"
+        cache.upload(local, url, quiet=True)
+        real = obstore.get_range
+        calls = {"n": 0}
+
+        def killing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                weed.kill()  # the server dies in the middle of the transfer
+            return real(*a, **k)
+
+        monkeypatch.setattr(obstore, "get_range", killing)
+        fast = RemoteOptions(timeout_s=3, max_retries=1)
+        t0 = time.monotonic()
+        with pytest.raises(RemoteUnavailableError):
+            sllm_store.load_state_dict(url, num_threads=1, remote=fast)
+        assert time.monotonic() - t0 < 60
+        assert cache.entries() == []
+        weed.start()  # same data directory, same ports
+        monkeypatch.setattr(obstore, "get_range", real)
+        out, report = load_state_dict_with_report(url, num_threads=2)
+        assert_state_dict_identical(out, sd)
+        total = sum(f.size for f in sllm_store.read_index(local).files)
+        assert 0 < report.stats["bytes_downloaded"] < total  # resumed, not restarted
+        assert report.stats["cached"]
+    finally:
+        weed.stop()

@@ -213,6 +213,8 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     from sllm_store.config import default_num_threads
 
     threads = num_threads or default_num_threads()
+    import sllm_store.dtypes  # noqa: F401  (imports torch now, not on the first client's request)
+
     pool = BlockPool(mem_pool_size, block_size, threads=threads)
     cache = ModelCache(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     delay = os.environ.get("SLLM_STORE_DEBUG_COPY_DELAY")
