@@ -995,3 +995,25 @@ def test_cli_status_prefetch_load_evict(store, shared_server, capsys):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith("error: ") and "not reachable" in proc.stderr
+
+
+def test_load_waits_for_blocks_held_by_loads_in_progress(store, start_server):
+    # "a" (5 blocks) and "x" (3 blocks) fill the 8-block pool and are both in use by slow loads:
+    # a load of "b" finds no free block at all, waits for one of them to finish, then streams.
+    srv = start_server(pool="8MiB", delay=1.5)
+    srv.client().prefetch("a")
+    srv.client().prefetch("x")
+    runs = [Background(lambda n=n: load(n, srv)) for n in ("a", "x")]
+
+    def both_in_use() -> bool:
+        return {m.name for m in srv.status().models if m.in_use} == {"a", "x"}
+
+    wait_until(both_in_use, 30, "'a' and 'x' in use")
+    t0 = time.monotonic()
+    sd, report = load("b", srv)
+    assert time.monotonic() - t0 > 0.5  # it waited
+    store.check("b", sd)
+    for run in runs:
+        run.join(30)
+        assert run.error is None, repr(run.error)
+    assert_consistent(srv)

@@ -113,6 +113,8 @@ class ModelCache:
         self.loads_in_progress = 0
         # A testing knob: sleep this long before each copy window (makes mid-load kills reliable).
         self.debug_copy_delay = 0.0
+        # How long a load waits for pool blocks held by other loads before PoolExhaustedError.
+        self.pool_wait_s = 60.0
         self._closing = threading.Event()  # set by close(): in-flight calls stop at the next window
 
     # -- names -------------------------------------------------------------------------------
@@ -275,6 +277,7 @@ class ModelCache:
         with self._lock:
             e.in_use -= 1
             e.last_used = time.time()
+            self._streamed.notify_all()  # a waiting streamed load may now evict it
 
     # -- data movement -----------------------------------------------------------------------
 
@@ -454,8 +457,19 @@ class ModelCache:
                     self.pool.give(room)
                     break
             k = min(self.pool.free_blocks, largest)
-            while k == 0 and largest > 0 and self._streaming_blocks:
-                self._streamed.wait()  # other streamed loads hold the free blocks: wait for them
+            # Every block is held by loads in progress (streamed, or using cached models): wait,
+            # boundedly, for one of them to end, then evict what became idle.
+            deadline = time.monotonic() + self.pool_wait_s
+            while k == 0 and largest > 0 and (
+                    self._streaming_blocks or any(e.in_use for e in self._entries.values())):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._streamed.wait(min(left, 1.0))
+                if self.pool.free_blocks == 0:
+                    room = self._reserve(1)
+                    if room is not None:
+                        self.pool.give(room)
                 k = min(self.pool.free_blocks, largest)
             if k == 0 and largest > 0:
                 raise PoolExhaustedError(
