@@ -1017,3 +1017,18 @@ def test_load_waits_for_blocks_held_by_loads_in_progress(store, start_server):
         run.join(30)
         assert run.error is None, repr(run.error)
     assert_consistent(srv)
+
+
+def test_shm_files_of_dead_clients_are_swept(store, start_server):
+    srv = start_server(pool="32MiB")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = Path(f"/dev/shm/sllm-store-{dead.pid}-00000000deadbeef")
+    stale.write_bytes(b"x" * 4096)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # left an hour ago
+    try:
+        sd, _ = load("a", srv)
+        store.check("a", sd)
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)

@@ -95,6 +95,40 @@ def _open_shm(name: str, size: int, stack: contextlib.ExitStack) -> Dest:
     return ("cpu", address, size)
 
 
+def sweep_stale_shm() -> int:
+    """Remove ``/dev/shm/sllm-store-PID-*`` files of this user, older than a minute, whose client
+    process is gone (a client killed between creating its file and the server mapping it)."""
+    import re
+
+    pattern = re.compile(rf"{re.escape(rpc.SHM_PREFIX)}(\d+)-[0-9a-f]+")
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # the client is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        with contextlib.suppress(OSError):
+            path = os.path.join(SHM_DIR, name)
+            st = os.stat(path, follow_symlinks=False)
+            # Old files only: a client in another PID namespace looks dead but its file is fresh.
+            if st.st_uid == os.getuid() and time.time() - st.st_mtime > 60:
+                os.unlink(path)
+                removed += 1
+    if removed:
+        logger.info("removed %d shared-memory file(s) left by dead clients", removed)
+    return removed
+
+
 class StoreService:
     """The RPC handlers. Each takes (request, context) and returns the reply message."""
 
@@ -123,6 +157,7 @@ class StoreService:
     def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
         t0 = time.perf_counter()
         copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
+        sweep_stale_shm()
         with open_destinations(request.dests) as dests:
             out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify)
         seconds = time.perf_counter() - t0
