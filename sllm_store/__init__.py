@@ -15,31 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sllm_store.errors import (
-    ChecksumError,
-    ConvertError,
-    DestinationExistsError,
-    DeviceError,
-    FormatError,
-    MissingFileError,
-    MissingSourceError,
-    ModelChangedError,
-    ModelNotFoundError,
-    ModelTooLargeError,
-    OutOfMemoryError,
-    PathEscapeError,
-    PoolExhaustedError,
-    ReadError,
-    RemoteAuthError,
-    RemoteError,
-    RemoteNotFoundError,
-    RemoteUnavailableError,
-    SllmStoreError,
-    StoreError,
-    StoreUnavailableError,
-    TruncatedFileError,
-    UnsupportedVersionError,
-)
+from sllm_store import errors as _errors
+from sllm_store.errors import *  # noqa: F403  (the exception hierarchy, listed in errors.__all__)
 
 __version__ = "0.1.0"
 
@@ -92,27 +69,4 @@ __all__ = [
     "read_index",
     "Index",
     "LoadConfig",
-    "SllmStoreError",
-    "FormatError",
-    "UnsupportedVersionError",
-    "MissingFileError",
-    "TruncatedFileError",
-    "ChecksumError",
-    "ReadError",
-    "ConvertError",
-    "MissingSourceError",
-    "DestinationExistsError",
-    "DeviceError",
-    "OutOfMemoryError",
-    "StoreError",
-    "StoreUnavailableError",
-    "ModelNotFoundError",
-    "PathEscapeError",
-    "PoolExhaustedError",
-    "ModelTooLargeError",
-    "ModelChangedError",
-    "RemoteError",
-    "RemoteNotFoundError",
-    "RemoteAuthError",
-    "RemoteUnavailableError",
-]
+] + list(_errors.__all__)

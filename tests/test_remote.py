@@ -114,13 +114,18 @@ def s3(tmp_path_factory):
     weed.stop()
 
 
-@pytest.fixture
-def env(s3, tmp_path, monkeypatch):
+def _use(endpoint: str, tmp_path: Path, monkeypatch) -> Path:
+    """Point credentials, endpoint and the local cache of this test at ``endpoint``."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path
+
+
+@pytest.fixture
+def env(s3, tmp_path, monkeypatch):
+    return _use(s3, tmp_path, monkeypatch)
 
 
 def _model(tmp_path: Path, name: str, compress: bool = False, seed: int = 0) -> tuple[Path, dict]:
@@ -299,10 +304,7 @@ def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch
 
     weed = Weed(tmp_path / "weed")
     try:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", weed.endpoint)
-        monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+        _use(weed.endpoint, tmp_path, monkeypatch)
         local, sd = _model(tmp_path, "m", seed=7)
         url = f"s3://{BUCKET}/killed/m"
         cache.upload(local, url, quiet=True)
