@@ -371,11 +371,12 @@ def _place_buffers(model: nn.Module, devices: Mapping[str, torch.device]) -> Non
 
 
 def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, quiet: Optional[bool] = None,
-               chunk_size: Any = None, num_files: int = 1) -> Path:
+               chunk_size: Any = None, num_files: int = 1, compress: Optional[str] = None) -> Path:
     """Save a ``transformers`` model like ``save_pretrained``, with weights in the sllm-store format.
 
     Writes config.json, generation_config.json (when the model has one) and the weights (tied
     weights stored once) into a temporary directory that is renamed to ``path`` when complete.
+    ``compress="zstd"`` stores the weights compressed (see :func:`sllm_store.convert`).
 
     Example::
 
@@ -388,7 +389,8 @@ def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, qui
 
     target = Path(path)
     writer = CheckpointWriter(
-        target, chunk_size=parse_size(chunk_size or DEFAULT_CHUNK_SIZE), num_files=num_files, quiet=quiet
+        target, chunk_size=parse_size(chunk_size or DEFAULT_CHUNK_SIZE), num_files=num_files, quiet=quiet,
+        compress=compress,
     )
     specs = specs_from_state_dict(model.state_dict())
     with atomic_directory(target, overwrite) as tmp:
