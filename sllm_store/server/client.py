@@ -206,6 +206,11 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
 
     if config.io_mode == "mmap":
         raise ValueError("io_mode='mmap' maps local files; it cannot be used with a store server")
+    from sllm_store.remote.objects import is_remote
+
+    if is_remote(path):
+        raise ValueError(f"the store server serves models under its storage path, not URLs ({path}); "
+                         "load the URL without store=, or fetch it onto the server's storage path")
     t0 = time.perf_counter()
     client = StoreClient.get(config.store)
     name = client.model_name(path)
