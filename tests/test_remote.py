@@ -333,3 +333,64 @@ def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch
         assert report.stats["cached"]
     finally:
         weed.stop()
+
+
+class _RangeHandler:
+    """A static-file HTTP handler that honours single-range GETs (python's http.server does not)."""
+
+    @staticmethod
+    def make(root: Path):
+        import http.server
+
+        class H(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=str(root), **k)
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def send_head(self):
+                rng = self.headers.get("Range")
+                path = Path(self.translate_path(self.path))
+                if not rng or not path.is_file():
+                    return super().send_head()
+                size = path.stat().st_size
+                start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+                start = int(start_s)
+                end = min(int(end_s) if end_s else size - 1, size - 1)
+                if start >= size:
+                    self.send_error(416)
+                    return None
+                f = open(path, "rb")
+                f.seek(start)
+                self.send_response(206)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Last-Modified", self.date_time_string(int(path.stat().st_mtime)))
+                self.end_headers()
+                import io
+
+                data = f.read(end - start + 1)
+                f.close()
+                return io.BytesIO(data)
+
+        return H
+
+
+def test_plain_https_style_url_with_range_requests(tmp_path, monkeypatch) -> None:
+    """``http(s)://`` checkpoints: any server that honours range requests (here a local one)."""
+    import http.server
+    import threading
+
+    local, sd = _model(tmp_path, "site/m", compress=True, seed=9)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler.make(tmp_path / "site"))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+        url = f"http://127.0.0.1:{server.server_address[1]}/m"
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # from the cache
+    finally:
+        server.shutdown()
