@@ -123,3 +123,30 @@ def open_checkpoint(path: PathLike) -> Index:
         if shards:
             return _safetensors_index(p, shards)
     return read_index(p)
+
+
+def synthesized_index_from_json(raw: Any, root: Path) -> Index:
+    """Rebuild an index that :func:`open_checkpoint` synthesized for safetensors weights (sent
+    as JSON by the store server): the same checks as for safetensors headers, no alignment or
+    checksums expected."""
+    def bad(msg: str) -> FormatError:
+        return FormatError(f"safetensors index from the store server: {msg}")
+
+    try:
+        files = [DataFile(str(f["name"]), int(f["size"]), ()) for f in raw["files"]]
+        tensors: dict[str, TensorEntry] = {}
+        for name, t in raw["tensors"].items():
+            dtype, shape = str(t["dtype"]), tuple(int(d) for d in t["shape"])
+            file, offset, nbytes = int(t["file"]), int(t["offset"]), int(t["nbytes"])
+            torch_dtype = getattr(torch, dtype, None)
+            if not isinstance(torch_dtype, torch.dtype):
+                raise bad(f"unknown dtype {dtype!r}")
+            if not 0 <= file < len(files) or offset < 0 or offset + nbytes > files[file].size \
+                    or nbytes != math.prod(shape) * torch_dtype.itemsize:
+                raise bad(f"tensor {name!r} has inconsistent offsets")
+            tensors[name] = TensorEntry(name, dtype, shape, file, offset, nbytes)
+        chunk_size = int(raw["chunk_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"malformed ({e})") from None
+    return Index(path=root, version=1, chunk_size=chunk_size, alignment=1, tensor_alignment=1,
+                 files=files, tensors=tensors, source=raw.get("source") or {})

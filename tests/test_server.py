@@ -1032,3 +1032,20 @@ def test_shm_files_of_dead_clients_are_swept(store, start_server):
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    sd = {"a": torch.randn(33, 17, generator=g), "b": torch.randn(1000, generator=g).to(torch.bfloat16),
+          "c": torch.arange(7, dtype=torch.int8)}
+    root = tmp_path / "st-models"
+    (root / "plain").mkdir(parents=True)
+    save_file(sd, root / "plain" / "model.safetensors")  # unaligned offsets, no checksums
+    (root / "plain" / "config.json").write_text("{}")
+    srv = start_server(storage=root, pool="8MiB")
+    for expect_hit in (False, True):
+        out, report = load("plain", srv)
+        assert report["hit"] is expect_hit
+        assert_state_dict_identical(out, sd, check_order=False)

@@ -38,6 +38,7 @@ from sllm_store.errors import (
 )
 from sllm_store.index import CODECS, INDEX_FILE, Index, check_data_files, is_converted, read_index
 from sllm_store.server.pool import BlockPool
+from sllm_store.sources import open_checkpoint, safetensors_shards
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self._streamed = threading.Condition(self._lock)  # notified when a streamed load ends
         self._entries: dict[str, _Entry] = {}
-        self._index_memo: dict[str, tuple[tuple[int, int, int], Index, str]] = {}
+        self._index_memo: dict[str, tuple[Any, Index, str]] = {}
         self._streaming_blocks = 0
         self.hits = self.misses = self.evictions = self.bytes_served = 0
         self.loads_in_progress = 0
@@ -133,24 +134,28 @@ class ModelCache:
             raise PathEscapeError(f"model name {name!r} resolves outside the storage path (symlink)")
         if not real.exists():
             raise ModelNotFoundError(f"no model {name!r} under the storage path '{self.storage}'")
-        if not is_converted(real):
+        if not is_converted(real) and not (real.is_dir() and safetensors_shards(real)):
             raise ModelNotFoundError(
-                f"{name!r} under '{self.storage}' is not an sllm-store checkpoint "
-                "(convert it with `sllm-store convert`)"
+                f"{name!r} under '{self.storage}' is neither an sllm-store checkpoint nor a "
+                "safetensors model directory"
             )
         return str(p), real
 
     def _open(self, name: str) -> tuple[str, Index, str]:
         """(name, index, fingerprint); the parsed index is reused while its file is unchanged."""
         key, path = self.resolve(name)
-        st = (path / INDEX_FILE).stat()
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        converted = is_converted(path)
+        described = [path / INDEX_FILE] if converted else safetensors_shards(path)
+        sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (p.stat() for p in described))
         memo = self._index_memo.get(key)
         if memo is not None and memo[0] == sig:
             index, index_json = memo[1], memo[2]
         else:
-            index = read_index(path)
-            index_json = json.dumps(index.to_json())
+            index = read_index(path) if converted else open_checkpoint(path)
+            raw = index.to_json()
+            if not converted:
+                raw["synthesized"] = "safetensors"  # plain safetensors: the client must not expect
+            index_json = json.dumps(raw)             # our alignment or checksums
             self._index_memo[key] = (sig, index, index_json)
         check_data_files(index)
         return key, index, fingerprint(index, index_json)

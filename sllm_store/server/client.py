@@ -135,7 +135,12 @@ class StoreClient:
 
 
 def index_of(reply: pb.DescribeReply, name: str) -> Index:
-    return parse_index(json.loads(reply.index_json), Path(name))
+    raw = json.loads(reply.index_json)
+    if isinstance(raw, dict) and raw.get("synthesized") == "safetensors":
+        from sllm_store.sources import synthesized_index_from_json
+
+        return synthesized_index_from_json(raw, Path(name))
+    return parse_index(raw, Path(name))
 
 
 @contextlib.contextmanager
