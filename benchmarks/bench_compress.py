@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, RawReader  # noqa: E402
+from bench_load import GB, Evictor, RawReader, write_json  # noqa: E402
 
 log = logging.getLogger("bench_compress")
 
@@ -131,8 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name:16} {r['seconds']:7.2f} {r['gbps']:7.2f} {r['gbps'] / raw_best:11.2f}")
     print("warm compressed load by threads: " + ", ".join(f"{t}: {g:.2f} GB/s" for t, g in scaling.items()))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0
 
 

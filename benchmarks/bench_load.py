@@ -806,6 +806,13 @@ def environment(ctx: Context) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write a benchmark's results (the JSON files in benchmarks/results/)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("wrote %s", path)
+
+
 def _csv(text: str) -> List[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -1081,9 +1088,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "check": check,
             "notes": notes,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        log.info("wrote %s", args.json)
+        write_json(args.json, out)
     failed = [r for r in results if r.get("status") == "error"]
     if check is not None and check.get("ok") is False:
         return 2

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, source_files  # noqa: E402
+from bench_load import GB, Evictor, source_files, write_json  # noqa: E402
 
 log = logging.getLogger("bench_remote")
 KEY, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
@@ -200,8 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name:28} {r['gbps']:7.2f} {r['gbps'] / raw:10.2f} "
               f"{(r['gbps'] / runai) if runai else float('nan'):9.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0
 
 

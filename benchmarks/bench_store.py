@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, h2d_bandwidth, source_files  # noqa: E402
+from bench_load import GB, Evictor, h2d_bandwidth, source_files, write_json  # noqa: E402
 
 log = logging.getLogger("bench_store")
 
@@ -267,8 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"from_pretrained {m['load_model_s']['median']:.2f} s, whole process "
               f"{m['process_wall_s']['median']:.2f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0
 
 
