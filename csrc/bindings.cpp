@@ -295,21 +295,21 @@ copies: (source address, dest, dest_offset, length); dests: (device, address, si
       },
       py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
   m.def(
-      "zstd_decompress",
-      [](const py::buffer& b, size_t raw_len, int group) {
+      "decode_chunk",
+      [](const py::buffer& b, int codec, size_t raw_len, int group) {
         py::buffer_info info = contiguous_bytes(b);
         size_t n = static_cast<size_t>(info.size * info.itemsize);
         std::string out(raw_len, '\0'), scratch(group > 1 ? raw_len : 0, '\0');
         {
           py::gil_scoped_release nogil;
           ChunkDecoder d;
-          d.decode(Codec::kZstd, group, static_cast<const char*>(info.ptr), n, out.data(), raw_len,
-                   scratch.data(), "chunk");
+          d.decode(static_cast<Codec>(codec), group, static_cast<const char*>(info.ptr), n, out.data(),
+                   raw_len, scratch.data(), "chunk");
         }
         return py::bytes(out);
       },
-      py::arg("data"), py::arg("raw_length"), py::arg("group") = 1,
-      "Decode one zstd chunk as the loader does (for tests and tools).");
+      py::arg("data"), py::arg("codec"), py::arg("raw_length"), py::arg("group") = 1,
+      "Decode one stored chunk (codec id as in the index's CODECS, then un-grouping) as the loader does.");
 
   m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

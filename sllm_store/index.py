@@ -54,6 +54,11 @@ class StoredChunk:
     codec: str
     group: int = 1
 
+    @property
+    def encoding(self) -> tuple[int, int, int, int]:
+        """(offset, length, codec id, group), as ``_C.run_load(encodings=...)`` takes it."""
+        return (self.offset, self.length, CODECS[self.codec], self.group)
+
 
 @dataclass(frozen=True)
 class DataFile:

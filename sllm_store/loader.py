@@ -22,7 +22,7 @@ from sllm_store._units import SizeLike, format_size
 from sllm_store.config import LoadConfig
 from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import DeviceError, SllmStoreError
-from sllm_store.index import CODECS, Index, PathLike, check_data_files, read_index
+from sllm_store.index import Index, PathLike, check_data_files, read_index
 from sllm_store.sources import open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ def _encodings(index: Index, units: list[tuple[int, int, int, Optional[int]]]) -
             continue
         if off % index.chunk_size:
             raise ValueError("compressed chunks must be read whole")
-        c = f.chunks[off // index.chunk_size]
-        out.append((c.offset, c.length, CODECS[c.codec], c.group))
+        out.append(f.chunks[off // index.chunk_size].encoding)
     return out
 
 

@@ -147,14 +147,13 @@ class Download:
             raise remote_error(e, f"{self.url}/{f.name}", "downloading") from None
         if len(data) != length:
             raise RemoteError(f"{where}: the object is shorter than its index says")
-        if f.chunks is not None and f.chunks[c].codec != "none":
+        if f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1):
+            _off, _len, codec, group = f.chunks[c].encoding
             try:
-                data = _C.zstd_decompress(data, raw_len, f.chunks[c].group)
+                data = _C.decode_chunk(data, codec, raw_len, group)
             except ChecksumError as e:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
-        elif f.chunks is not None and f.chunks[c].group > 1:
-            data = _C.ungroup_bytes(data, f.chunks[c].group)
         if f.checksums and _C.xxh3_64(data) != f.checksums[c]:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")

@@ -36,7 +36,7 @@ from sllm_store.errors import (
     PoolExhaustedError,
     StoreUnavailableError,
 )
-from sllm_store.index import CODECS, INDEX_FILE, Index, check_data_files, is_converted, read_index
+from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
 from sllm_store.server.pool import BlockPool
 from sllm_store.sources import open_checkpoint, safetensors_shards
 
@@ -315,8 +315,7 @@ class ModelCache:
                             f"cannot stream '{files[f]}' through {len(blocks)} free block(s): a "
                             f"compressed chunk ({format_size(cs)}) must be decoded whole"
                         )
-                    c = stored[pos // cs]
-                    encodings.append((c.offset, c.length, CODECS[c.codec], c.group))
+                    encodings.append(stored[pos // cs].encoding)
                 else:
                     encodings.append(None)
                 u = len(units)

@@ -45,7 +45,7 @@ def default_address() -> str:
     return f"unix://{base}/sllm-store-{os.getuid()}.sock"
 
 
-def normalize_address(address: str, *, listen: bool = False) -> str:
+def normalize_address(address: str) -> str:
     """A gRPC target from ``unix:///path``, ``/path.sock``, ``host:port`` or ``port``.
 
     TCP without a host binds/connects to loopback (``127.0.0.1``): the server is reachable from

@@ -135,6 +135,13 @@ class StoreService:
     def __init__(self, cache: ModelCache, *, cuda: bool) -> None:
         self.cache = cache
         self.cuda = cuda
+        self._next_sweep = 0.0  # sweep_stale_shm runs at most once a minute, off the copy path
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 60
+            sweep_stale_shm()
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         return pb.HealthReply(version=__version__, cuda=self.cuda, pinned=self.cache.pool.pinned,
@@ -157,7 +164,7 @@ class StoreService:
     def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
         t0 = time.perf_counter()
         copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
-        sweep_stale_shm()
+        self._maybe_sweep()
         with open_destinations(request.dests) as dests:
             out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify)
         seconds = time.perf_counter() - t0
@@ -191,7 +198,7 @@ def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
 
 def make_server(service: StoreService, address: str, max_workers: int = 64) -> tuple[grpc.Server, str]:
     """A started-not gRPC server bound to ``address``; returns (server, target)."""
-    target = rpc.normalize_address(address, listen=True)
+    target = rpc.normalize_address(address)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _handler(name, getattr(service, name)),
