@@ -10,10 +10,14 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` with an empty local cache (fetch,
   cache write-through and device copies overlap).
+* ``raw disk (cache)``: parallel buffered reads of the cache entry's files (page cache evicted):
+  the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
 
-GB/s are tensor payload bytes (raw GET: object bytes) per second. Ratios: remote vs raw GET and vs
-runai.
+The contenders run in rounds (``--reps``), each round every contender once, so drift of the server
+or disk affects all alike; the table gives best and median. GB/s are tensor payload bytes (raw GET
+and raw disk: object / file bytes) per second. Ratios (best): remote vs raw GET, remote vs runai,
+cached vs raw disk. ``runai`` needs ``runai-model-streamer`` and ``runai-model-streamer-s3``.
 
 Example::
 
@@ -23,12 +27,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, source_files, write_json  # noqa: E402
+from bench_load import GB, Evictor, RawReader, source_files, write_json  # noqa: E402
 
 log = logging.getLogger("bench_remote")
 KEY, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
@@ -96,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--converted", type=Path, default=None, help="default: SRC.sllm (converted if missing)")
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2, help="rounds of every contender")
     ap.add_argument("--weed", default=shutil.which("weed"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -141,46 +148,74 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Raw ranged GETs of the same objects.
         ranges = [(f.name, off, min(32 << 20, f.size - off)) for f in index.files
                   for off in range(0, f.size, 32 << 20)]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.threads) as ex:
-            got = sum(ex.map(lambda r: len(obstore.get_range(store, f"sllm/{converted.name}/{r[0]}",
-                                                             start=r[1], length=r[2])), ranges))
-        results["raw_get"] = {"seconds": time.perf_counter() - t0}
-        results["raw_get"]["gbps"] = got / GB / results["raw_get"]["seconds"]
-        log.info("raw GET %.2f GB/s", results["raw_get"]["gbps"])
+        get_bytes = sum(r[2] for r in ranges)
 
-        try:
+        def raw_get() -> None:
+            with ThreadPoolExecutor(args.threads) as ex:
+                got = sum(ex.map(lambda r: len(obstore.get_range(
+                    store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), ranges))
+            assert got == get_bytes
+
+        def runai() -> None:
             from runai_model_streamer import SafetensorsStreamer
 
             os.environ.setdefault("RUNAI_STREAMER_S3_ENDPOINT", endpoint)
             os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-            sync()
-            t0 = time.perf_counter()
             out: Dict[str, Any] = {}
             with SafetensorsStreamer() as s:
                 s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in source_files(args.src)])
                 for name, t in s.get_tensors():
                     out[name] = t.to(args.device) if cuda else t.clone()
-            sync()
-            results["runai"] = {"seconds": time.perf_counter() - t0}
-            results["runai"]["gbps"] = nbytes / GB / results["runai"]["seconds"]
-            del out
-            log.info("runai %.2f GB/s", results["runai"]["gbps"])
-        except Exception as e:  # not installed, or cannot talk to this endpoint
-            results["runai"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            log.warning("runai-model-streamer: %s", results["runai"]["error"])
 
-        for name in ("sllm_remote", "sllm_cached"):
-            if name == "sllm_cached":
-                Evictor(sllm_store).evict([p for p in (work / "cache").rglob("*") if p.is_file()])
-            sync()
-            t0 = time.perf_counter()
-            sd = sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
-            sync()
-            results[name] = {"seconds": time.perf_counter() - t0}
-            results[name]["gbps"] = nbytes / GB / results[name]["seconds"]
-            del sd
-            log.info("%s %.2f GB/s", name, results[name]["gbps"])
+        def remote() -> None:
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+
+        def cache_files() -> List[Path]:
+            return [p for p in (work / "cache").rglob("*") if p.is_file() and ".partial" not in p.parts]
+
+        def cached() -> None:
+            sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+
+        def raw_disk() -> None:
+            reader.read(cache_files(), False)
+
+        reader = RawReader(args.threads, 32 << 20)
+        contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes),
+                      ("sllm_remote", remote, nbytes), ("raw_disk_cache", raw_disk, None),
+                      ("sllm_cached", cached, nbytes)]
+        times: Dict[str, List[float]] = {name: [] for name, _, _ in contenders}
+        errors: Dict[str, str] = {}
+        for r in range(args.reps):
+            for name, fn, _count in contenders:
+                if name in errors:
+                    continue
+                if name in ("raw_disk_cache", "sllm_cached"):
+                    Evictor(sllm_store).evict(cache_files())
+                sync()
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                except Exception as e:  # runai not installed, or cannot talk to this endpoint
+                    errors[name] = f"{type(e).__name__}: {e}"[:300]
+                    log.warning("%s: %s", name, errors[name])
+                    continue
+                finally:
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.empty_cache()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+                log.info("round %d %-16s %.2f s", r + 1, name, times[name][-1])
+        disk_bytes = sum(p.stat().st_size for p in cache_files())
+        for name, _fn, count in contenders:
+            if name in errors:
+                results[name] = {"error": errors[name]}
+                continue
+            count = count or disk_bytes
+            ts = sorted(times[name])
+            results[name] = {"seconds": ts[0], "gbps": count / GB / ts[0], "median_s": statistics.median(ts),
+                             "median_gbps": count / GB / statistics.median(ts), "all_s": times[name]}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -190,15 +225,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     raw = results["raw_get"]["gbps"]
-    runai = results["runai"].get("gbps")
-    print(f"\n{'what':28} {'GB/s':>7} {'vs raw GET':>10} {'vs runai':>9}")
-    for name in ("raw_get", "runai", "sllm_remote", "sllm_cached"):
+    runai_gbps = results["runai"].get("gbps")
+    disk = results["raw_disk_cache"].get("gbps")
+    ratios: Dict[str, float] = {"remote_vs_raw_get": results["sllm_remote"]["gbps"] / raw}
+    if runai_gbps:
+        ratios["remote_vs_runai"] = results["sllm_remote"]["gbps"] / runai_gbps
+    if disk:
+        ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
+    results["ratios"] = ratios
+    print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}")
+    for name in ("raw_get", "runai", "sllm_remote", "raw_disk_cache", "sllm_cached"):
         r = results[name]
         if "gbps" not in r:
             print(f"{name:28} {'-':>7}  ({r.get('error', '')[:60]})")
             continue
-        print(f"{name:28} {r['gbps']:7.2f} {r['gbps'] / raw:10.2f} "
-              f"{(r['gbps'] / runai) if runai else float('nan'):9.2f}")
+        print(f"{name:28} {r['gbps']:7.2f} {r['median_gbps']:7.2f} {r['gbps'] / raw:10.2f} "
+              f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
         write_json(args.json, results)
     return 0
