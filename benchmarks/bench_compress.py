@@ -29,16 +29,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, RawReader, write_json  # noqa: E402
+from bench_load import GB, Evictor, RawReader, run_rounds, write_json  # noqa: E402
 
 log = logging.getLogger("bench_compress")
 
@@ -97,28 +95,20 @@ def main(argv: Optional[List[str]] = None) -> int:
          lambda: sllm_store.load_state_dict(comp, args.device, io_mode="buffered"), nbytes),
         ("sllm-zstd-32t", lambda: sllm_store.load_state_dict(comp, args.device, num_threads=32), nbytes),
     ]
-    times: Dict[str, List[float]] = {name: [] for name, _, _ in contenders}
-    rounds = []
-    for r in range(args.reps):
-        for name, fn, _count in contenders:
-            evictor.evict(plain_files + comp_files)
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            del out
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            log.info("round %d %-18s %.2f s", r + 1, name, times[name][-1])
-        limit = min(times["raw-direct"][-1], times["raw-buffered"][-1]) * nbytes / file_bytes
-        rounds.append({name: times[name][-1] for name, _, _ in contenders} |
-                      {"sllm_zstd_vs_raw": limit / times["sllm-zstd"][-1]})
-    for name, _fn, count in contenders:
-        ts = sorted(times[name])
-        results[name] = {"seconds": ts[0], "gbps": count / GB / ts[0], "median_s": statistics.median(ts),
-                         "median_gbps": count / GB / statistics.median(ts), "all_s": times[name]}
+
+    def before(name: str) -> None:
+        if cuda:
+            torch.cuda.empty_cache()
+        evictor.evict(plain_files + comp_files)
+        sync()
+
+    results.update(run_rounds(contenders, args.reps, before, sync))
+    for name, _fn, _count in contenders:
+        if "error" in results[name]:
+            raise SystemExit(f"{name} failed: {results[name]['error']}")
+    rounds = [{"sllm_zstd_vs_raw": min(d, b) * nbytes / file_bytes / z}
+              for d, b, z in zip(results["raw-direct"]["all_s"], results["raw-buffered"]["all_s"],
+                                 results["sllm-zstd"]["all_s"])]
     results["rounds"] = rounds
     raw_best = max(results["raw-direct"]["gbps"], results["raw-buffered"]["gbps"])
 

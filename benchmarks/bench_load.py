@@ -813,6 +813,49 @@ def write_json(path: Path, data: Any) -> None:
     log.info("wrote %s", path)
 
 
+def run_rounds(contenders: Sequence[Tuple[str, Callable[[], Any], Any]], reps: int,
+               before: Callable[[str], None], sync: Callable[[], None]) -> Dict[str, Dict[str, Any]]:
+    """Time ``(name, fn, bytes)`` contenders in ``reps`` rounds, each round every contender once in
+    the same order, so that a disk or server whose speed drifts affects them all alike.
+
+    ``before(name)`` runs untimed before each timing (evict, free memory); the timing is ``fn()``
+    then ``sync()``; ``fn``'s result is dropped after it. ``bytes`` is an int, or a function called
+    after the runs. Returns per contender ``seconds`` / ``gbps`` (best), ``median_s`` /
+    ``median_gbps``, ``all_s`` (in round order), or ``error`` for a contender that raised (it is
+    not run again).
+    """
+    import statistics
+
+    times: Dict[str, List[float]] = {name: [] for name, _, _ in contenders}
+    errors: Dict[str, str] = {}
+    for r in range(reps):
+        for name, fn, _count in contenders:
+            if name in errors:
+                continue
+            before(name)
+            t0 = time.perf_counter()
+            try:
+                out = fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+                del out
+                log.info("round %d %-18s %.2f s", r + 1, name, times[name][-1])
+            except Exception as e:
+                errors[name] = f"{type(e).__name__}: {e}"[:300]
+                log.warning("%s: %s", name, errors[name])
+            gc.collect()
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, _fn, count in contenders:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+            continue
+        best, median = min(times[name]), statistics.median(times[name])
+        count = count() if callable(count) else count
+        results[name] = {"seconds": best, "gbps": count / GB / best, "median_s": median,
+                         "median_gbps": count / GB / median, "all_s": times[name]}
+    return results
+
+
 def _csv(text: str) -> List[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 

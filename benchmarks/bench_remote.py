@@ -10,8 +10,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` with an empty local cache (fetch,
   cache write-through and device copies overlap).
-* ``raw disk (cache)``: parallel buffered reads of the cache entry's files (page cache evicted):
-  the disk limit for the next load.
+* ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
+  O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
 
 The contenders run in rounds (``--reps``), each round every contender once, so drift of the server
@@ -27,14 +27,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GB, Evictor, RawReader, source_files, write_json  # noqa: E402
+from bench_load import GB, Evictor, RawReader, run_rounds, source_files, write_json  # noqa: E402
 
 log = logging.getLogger("bench_remote")
 KEY, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
@@ -156,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), ranges))
             assert got == get_bytes
 
-        def runai() -> None:
+        def runai() -> Dict[str, Any]:
             from runai_model_streamer import SafetensorsStreamer
 
             os.environ.setdefault("RUNAI_STREAMER_S3_ENDPOINT", endpoint)
@@ -166,56 +164,36 @@ def main(argv: Optional[List[str]] = None) -> int:
                 s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in source_files(args.src)])
                 for name, t in s.get_tensors():
                     out[name] = t.to(args.device) if cuda else t.clone()
+            return out
 
-        def remote() -> None:
+        def remote() -> Dict[str, Any]:
             shutil.rmtree(work / "cache", ignore_errors=True)
-            sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+            return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
 
         def cache_files() -> List[Path]:
             return [p for p in (work / "cache").rglob("*") if p.is_file() and ".partial" not in p.parts]
 
-        def cached() -> None:
-            sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+        def cache_bytes() -> int:
+            return sum(p.stat().st_size for p in cache_files())
 
-        def raw_disk() -> None:
-            reader.read(cache_files(), False)
+        def cached() -> Dict[str, Any]:
+            return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
 
         reader = RawReader(args.threads, 32 << 20)
         contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes),
-                      ("sllm_remote", remote, nbytes), ("raw_disk_cache", raw_disk, None),
+                      ("sllm_remote", remote, nbytes),
+                      ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
+                      ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
                       ("sllm_cached", cached, nbytes)]
-        times: Dict[str, List[float]] = {name: [] for name, _, _ in contenders}
-        errors: Dict[str, str] = {}
-        for r in range(args.reps):
-            for name, fn, _count in contenders:
-                if name in errors:
-                    continue
-                if name in ("raw_disk_cache", "sllm_cached"):
-                    Evictor(sllm_store).evict(cache_files())
-                sync()
-                t0 = time.perf_counter()
-                try:
-                    fn()
-                except Exception as e:  # runai not installed, or cannot talk to this endpoint
-                    errors[name] = f"{type(e).__name__}: {e}"[:300]
-                    log.warning("%s: %s", name, errors[name])
-                    continue
-                finally:
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-                log.info("round %d %-16s %.2f s", r + 1, name, times[name][-1])
-        disk_bytes = sum(p.stat().st_size for p in cache_files())
-        for name, _fn, count in contenders:
-            if name in errors:
-                results[name] = {"error": errors[name]}
-                continue
-            count = count or disk_bytes
-            ts = sorted(times[name])
-            results[name] = {"seconds": ts[0], "gbps": count / GB / ts[0], "median_s": statistics.median(ts),
-                             "median_gbps": count / GB / statistics.median(ts), "all_s": times[name]}
+
+        def before(name: str) -> None:
+            if cuda:
+                torch.cuda.empty_cache()
+            if name.startswith("raw_disk") or name == "sllm_cached":
+                Evictor(sllm_store).evict(cache_files())
+            sync()
+
+        results.update(run_rounds(contenders, args.reps, before, sync))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -226,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     raw = results["raw_get"]["gbps"]
     runai_gbps = results["runai"].get("gbps")
-    disk = results["raw_disk_cache"].get("gbps")
+    disk = max(results[k].get("gbps", 0.0) for k in ("raw_disk_direct", "raw_disk_buffered"))
     ratios: Dict[str, float] = {"remote_vs_raw_get": results["sllm_remote"]["gbps"] / raw}
     if runai_gbps:
         ratios["remote_vs_runai"] = results["sllm_remote"]["gbps"] / runai_gbps
@@ -234,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
     print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}")
-    for name in ("raw_get", "runai", "sllm_remote", "raw_disk_cache", "sllm_cached"):
+    for name in ("raw_get", "runai", "sllm_remote", "raw_disk_direct", "raw_disk_buffered", "sllm_cached"):
         r = results[name]
         if "gbps" not in r:
             print(f"{name:28} {'-':>7}  ({r.get('error', '')[:60]})")
