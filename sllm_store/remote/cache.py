@@ -124,6 +124,11 @@ class Download:
     def missing(self) -> list[tuple[int, int]]:
         return [(f, c) for f, c in self.chunks() if c not in self.done[f]]
 
+    def chunk_length(self, f_i: int, c: int) -> int:
+        """Decoded length of chunk ``c`` of file ``f_i``."""
+        cs = self.index.chunk_size
+        return min(cs, self.index.files[f_i].size - c * cs)
+
     def chunk(self, f_i: int, c: int) -> Any:
         """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards."""
         import obstore
@@ -132,7 +137,7 @@ class Download:
 
         f = self.index.files[f_i]
         cs = self.index.chunk_size
-        raw_len = min(cs, f.size - c * cs)
+        raw_len = self.chunk_length(f_i, c)
         if c in self.done[f_i]:
             return os.pread(self._fds[f_i], raw_len, c * cs)
         if f.chunks is not None:
@@ -224,11 +229,12 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
         logger.info("%s: resuming, %d of %d chunks left", url, len(todo), len(d.chunks()))
     t0 = time.perf_counter()
     try:
-        with tqdm(total=len(todo), unit="chunk", desc="downloading", dynamic_ncols=True,
+        with tqdm(total=sum(d.chunk_length(*fc) for fc in todo), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="downloading", dynamic_ncols=True,
                   disable=default_quiet() if quiet is None else quiet) as bar, \
                 ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sllm-fetch") as ex:
-            for _ in ex.map(lambda fc: d.chunk(*fc), todo):
-                bar.update(1)
+            for data in ex.map(lambda fc: d.chunk(*fc), todo):
+                bar.update(len(data))
     finally:
         d.close()
     final = d.finish()

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sllm_store import _C
 from sllm_store._units import format_size
@@ -40,6 +41,7 @@ def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, to
         _views,
     )
     from sllm_store.remote.cache import Download
+    from sllm_store.writer import default_quiet
 
     t0 = time.perf_counter()
     d = Download(url, config.remote).open()
@@ -58,8 +60,8 @@ def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, to
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
 
-    def one(u: int) -> None:
-        f_i, off, _length, _ = plan.units[u]
+    def one(u: int) -> int:
+        f_i, off, length, _ = plan.units[u]
         data = d.chunk(f_i, off // index.chunk_size)
         src = np.frombuffer(data, dtype=np.uint8)
         base = src.ctypes.data
@@ -67,11 +69,14 @@ def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, to
         if copies:
             _C.run_copies(copies, dests, num_threads=1)
         del src, data
+        return length
 
     try:
-        with ThreadPoolExecutor(max(1, config.num_threads), thread_name_prefix="sllm-remote") as ex:
-            for _ in ex.map(one, range(len(plan.units))):
-                pass
+        with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar, \
+                ThreadPoolExecutor(max(1, config.num_threads), thread_name_prefix="sllm-remote") as ex:
+            for n in ex.map(one, range(len(plan.units))):
+                bar.update(n)
     finally:
         d.close()
     cached = d.finish()  # None after a partial load: the rest is fetched by a later load
