@@ -120,6 +120,10 @@ def _use(endpoint: str, tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    # The developer's own ~/.aws files must not leak into the tests.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
     return tmp_path
 
 
@@ -170,6 +174,40 @@ def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(RemoteAuthError):
         sllm_store.load_state_dict(f"s3://{BUCKET}/auth/m")
+
+
+def test_credentials_from_aws_profile_files(env, monkeypatch) -> None:
+    """Keys, region and endpoint from ~/.aws/{credentials,config}; the environment's keys win."""
+    from sllm_store.remote.cache import upload
+    from sllm_store.remote.objects import aws_profile
+
+    local, sd = _model(env, "m")
+    upload(local, f"s3://{BUCKET}/profile/m", quiet=True)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    (env / "aws-credentials").write_text(f"[default]\naws_access_key_id = nobody\naws_secret_access_key = x\n"
+                                         f"[bench]\naws_access_key_id = {KEY}\n"
+                                         f"aws_secret_access_key = {SECRET}\n")
+    (env / "aws-config").write_text(f"[profile bench]\nregion = us-east-1\nendpoint_url = {endpoint}\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_PROFILE", "bench")
+    assert aws_profile()["endpoint_url"] == endpoint
+    assert_state_dict_identical(sllm_store.load_state_dict(f"s3://{BUCKET}/profile/m"), sd)
+
+    # The default profile's keys are wrong: denied, and nothing is cached.
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(env / "cache2"))
+    with pytest.raises(RemoteAuthError):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/profile/m")
+    # Keys in the environment take precedence over the profile's.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert_state_dict_identical(sllm_store.load_state_dict(f"s3://{BUCKET}/profile/m"), sd)
+
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    with pytest.raises(RemoteAuthError, match="profile 'nosuch'"):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/profile/m")
 
 
 def test_unreachable_endpoint(env) -> None:

@@ -1,16 +1,28 @@
 """Object stores behind remote checkpoint URLs, through ``obstore``.
 
-``s3://bucket/prefix`` uses the standard AWS configuration (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ...), which
-:class:`RemoteOptions` overrides; ``http(s)://host/path`` reads any server that honours range
-requests. Every obstore failure becomes a :mod:`sllm_store.errors` class.
+``s3://bucket/prefix`` uses the standard AWS configuration, which :class:`RemoteOptions`
+overrides, in this order:
+
+1. the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+   ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``;
+2. the shared files: profile ``AWS_PROFILE`` (default ``default``) of ``~/.aws/credentials``
+   (``AWS_SHARED_CREDENTIALS_FILE``) and ``~/.aws/config`` (``AWS_CONFIG_FILE``): static keys,
+   ``region``, ``endpoint_url``. A profile without static keys (SSO, assumed roles,
+   ``credential_process``) is resolved by ``boto3`` when it is installed;
+3. what the object store client finds itself: web identity tokens, ECS and EC2 instance roles.
+
+``http(s)://host/path`` reads any server that honours range requests. Every obstore failure becomes
+a :mod:`sllm_store.errors` class.
 """
 
 from __future__ import annotations
 
+import configparser
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Optional
 
 from sllm_store.errors import (
@@ -19,6 +31,12 @@ from sllm_store.errors import (
     RemoteNotFoundError,
     RemoteUnavailableError,
 )
+
+logger = logging.getLogger(__name__)
+
+# Profile settings that mean "credentials come from elsewhere" (only boto3 resolves them).
+_RESOLVED_BY_BOTO3 = ("role_arn", "source_profile", "credential_process", "sso_session", "sso_start_url",
+                      "web_identity_token_file")
 
 SCHEMES = ("s3://", "http://", "https://")
 
@@ -58,17 +76,29 @@ def open_store(url: str, options: Optional[RemoteOptions] = None) -> Any:
     url = url.rstrip("/")
     if url.startswith("s3://"):
         kwargs: dict[str, Any] = {}
-        endpoint = o.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
+        profile = aws_profile()
+        endpoint = (o.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
+                    or profile.get("endpoint_url"))
         if endpoint:
             kwargs["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True  # type: ignore[assignment]
-        if o.region:
-            kwargs["region"] = o.region
-        elif not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
-            kwargs["region"] = "us-east-1"
+        region = o.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
+            or profile.get("region") or "us-east-1"
+        kwargs["region"] = region
         if o.anonymous:
             kwargs["skip_signature"] = True
+        elif _env_has_keys(o):
+            pass  # obstore reads the environment's keys (and session token)
+        elif "aws_access_key_id" in profile and "aws_secret_access_key" in profile:
+            kwargs["access_key_id"] = profile["aws_access_key_id"]
+            kwargs["secret_access_key"] = profile["aws_secret_access_key"]
+            if profile.get("aws_session_token"):
+                kwargs["session_token"] = profile["aws_session_token"]
+        elif any(k in profile for k in _RESOLVED_BY_BOTO3):
+            provider = _boto3_provider(profile["name"])
+            if provider is not None:
+                kwargs["credential_provider"] = provider
         if o.access_key_id:
             kwargs["access_key_id"] = o.access_key_id
         if o.secret_access_key:
@@ -82,6 +112,53 @@ def open_store(url: str, options: Optional[RemoteOptions] = None) -> Any:
             client["allow_http"] = True  # type: ignore[assignment]
         return HTTPStore.from_url(url, client_options=client, retry_config=retry)
     raise RemoteError(f"unsupported URL {url!r} (supported: s3://bucket/prefix, http(s)://...)")
+
+
+def _env_has_keys(o: RemoteOptions) -> bool:
+    return bool(o.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+def aws_profile(name: Optional[str] = None) -> dict[str, str]:
+    """Settings of an AWS profile from the shared credentials and config files, as lower-case keys
+    (``aws_access_key_id``, ``region``, ``endpoint_url``, ...) plus ``name``; ``{}`` if neither
+    file has it. ``name`` defaults to ``AWS_PROFILE`` (or ``AWS_DEFAULT_PROFILE``), else
+    ``default``.
+
+    Example::
+
+        aws_profile("minio")  # {'name': 'minio', 'aws_access_key_id': ..., 'region': ...}
+    """
+    name = name or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "default"
+    aws = Path.home() / ".aws"
+    config = os.environ.get("AWS_CONFIG_FILE") or aws / "config"
+    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or aws / "credentials"
+    files = [(config, name if name == "default" else f"profile {name}"), (credentials, name)]
+    out: dict[str, str] = {}
+    for path, section in files:  # the credentials file wins over the config file
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(Path(path).expanduser())
+        except configparser.Error as e:
+            raise RemoteError(f"cannot parse the AWS file '{path}': {e}") from None
+        if parser.has_section(section):
+            out.update({k.lower(): v.strip() for k, v in parser.items(section)})
+    if out:
+        out["name"] = name
+    elif name != "default":
+        raise RemoteAuthError(f"AWS profile '{name}' is in neither '{config}' nor '{credentials}'")
+    return out
+
+
+def _boto3_provider(profile: str) -> Any:
+    """A boto3-backed credential provider for a profile without static keys, if boto3 is there."""
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        logger.warning("AWS profile '%s' has no static keys and boto3 is not installed to resolve it; "
+                       "trying instance credentials", profile)
+        return None
+    return Boto3CredentialProvider(boto3.Session(profile_name=profile))
 
 
 def remote_error(e: BaseException, url: str, what: str) -> Exception:
