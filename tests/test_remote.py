@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -272,6 +273,46 @@ def test_interrupted_download_resumes(env, monkeypatch) -> None:
     assert_state_dict_identical(sllm_store.load_state_dict(path), sd)
 
 
+def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> None:
+    """Two loaders of one URL: one downloads, the other waits for its lock, then loads the entry."""
+    import threading
+
+    from sllm_store.remote import cache
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m")
+    url = f"s3://{BUCKET}/concurrent/m"
+    upload(local, url, quiet=True)
+    real, calls = obstore.get_range, []
+
+    def slow(*a, **k):
+        calls.append(k.get("start"))
+        time.sleep(0.5)  # so that the second loader arrives while the first downloads
+        return real(*a, **k)
+
+    monkeypatch.setattr(obstore, "get_range", slow)
+    results: list = [None, None]
+
+    def load(i: int) -> None:
+        results[i] = sllm_store.load_state_dict(url)
+
+    caplog.set_level(logging.INFO, logger="sllm_store.remote.cache")
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout=120)
+    for r in results:
+        assert_state_dict_identical(r, sd)
+    assert "another process is downloading it; waiting" in caplog.text
+    index = sllm_store.read_index(local)
+    n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
+    assert len(calls) == n_chunks  # every chunk fetched once, not twice
+    assert [e.url for e in cache.entries()] == [url]
+    assert not any(p.is_dir() for p in (env / "cache" / cache.PARTIAL).iterdir())  # nothing left over
+
+
 def test_cli_upload_cache_ls_rm_prune(env) -> None:
     local, _ = _model(env, "m")
     url = f"s3://{BUCKET}/cli/m"
@@ -432,3 +473,22 @@ def test_plain_https_style_url_with_range_requests(tmp_path, monkeypatch) -> Non
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # from the cache
     finally:
         server.shutdown()
+
+
+def test_cache_rm_leaves_a_download_in_progress(tmp_path) -> None:
+    import fcntl
+
+    from sllm_store.remote import cache
+
+    partial = tmp_path / cache.PARTIAL / "abc-123"
+    partial.mkdir(parents=True)
+    (partial / "source.json").write_text('{"url": "s3://b/m"}')
+    fd = os.open(partial.with_name("abc-123.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a downloading process holds it
+    try:
+        assert cache.remove("s3://b/m", directory=tmp_path) == []
+        assert partial.is_dir()
+    finally:
+        os.close(fd)
+    assert cache.remove("s3://b/m", directory=tmp_path) == ["abc-123 (partial)"]
+    assert not partial.exists()

@@ -10,12 +10,18 @@ that fails its checksum is never recorded, and the entry is renamed into place o
 chunk is present and verified. Entries are evicted least recently used first when the cache grows
 past its size limit.
 
+Processes share the cache: a download holds an exclusive ``flock`` on ``.partial/<entry>.lock``
+until its entry is promoted (or it stops), and a second process that wants the same entry waits
+for it and then loads the promoted entry from disk, instead of downloading the same bytes again. A
+process that dies releases its lock; the next one resumes its partial download.
+
 Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STORE_CACHE_SIZE``
 (e.g. ``200GiB``; default: no limit).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -97,7 +103,18 @@ class Download:
             self.cached = final
             return self
         self.partial = self.root / PARTIAL / self.name
-        self.partial.mkdir(parents=True, exist_ok=True)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        if not self._lock_entry(final):
+            return self  # another process has just promoted it
+        try:
+            self._open_partial()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open_partial(self) -> None:
+        self.partial.mkdir(exist_ok=True)
         (self.partial / "source.json").write_text(json.dumps({"url": self.url}))
         try:
             self.index = parse_index(json.loads(self.index_bytes), self.partial)
@@ -115,7 +132,33 @@ class Download:
             self.done[f_i] = {int(x) for x in marks.read_text().split()} if marks.exists() else set()
             self._fds[f_i] = os.open(p, os.O_RDWR)
             self._marks[f_i] = open(marks, "a")
-        return self
+
+    def _lock_entry(self, final: Path) -> bool:
+        """Hold the entry's download lock (waiting for another process that holds it). False if
+        that process promoted the entry meanwhile (``cached`` is then set)."""
+        lock = self.root / PARTIAL / (self.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("%s: another process is downloading it; waiting for it to finish", self.url)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd: Optional[int] = fd
+        if (final / INDEX_FILE).is_file():
+            os.utime(final)
+            self.cached = final
+            self._unlock()
+            return False
+        return True
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def chunks(self) -> list[tuple[int, int]]:
         cs = self.index.chunk_size
@@ -174,6 +217,11 @@ class Download:
         return data
 
     def close(self) -> None:
+        """Close the partial files and release the download lock (idempotent)."""
+        self._close_files()
+        self._unlock()
+
+    def _close_files(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
         for fh in getattr(self, "_marks", {}).values():
@@ -188,9 +236,15 @@ class Download:
         if self.missing():
             self.close()
             return None
-        for fd in self._fds.values():
-            os.fsync(fd)
-        self.close()
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+            self._close_files()
+            return self._promote()
+        finally:
+            self.close()
+
+    def _promote(self) -> Path:
         _fetch_small_files(self.store, self.url, self.index, self.partial)
         # The cache holds decoded data files: its index is the uncompressed (version 1) form.
         index = parse_index(json.loads(self.index_bytes), self.partial)
@@ -201,6 +255,7 @@ class Download:
             (self.partial / (f.name + ".done")).unlink(missing_ok=True)
         final = self.root / self.name
         os.replace(self.partial, final)
+        (self.root / PARTIAL / (self.name + ".lock")).unlink(missing_ok=True)
         self.cached = final
         limit = cache_limit()
         if limit is not None:
@@ -235,9 +290,9 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
                 ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sllm-fetch") as ex:
             for data in ex.map(lambda fc: d.chunk(*fc), todo):
                 bar.update(len(data))
+        final = d.finish()
     finally:
         d.close()
-    final = d.finish()
     assert final is not None
     dt = time.perf_counter() - t0
     logger.info("%s: downloaded %s in %.2f s (%.2f GB/s) into %s", url, format_size(d.bytes_downloaded),
@@ -295,10 +350,28 @@ def remove(name_or_url: str, directory: Any = None) -> list[str]:
                 url = json.loads((p / "source.json").read_text())["url"]
             except (OSError, ValueError, KeyError):
                 url = ""
-            if name_or_url in (p.name, url):
+            if name_or_url in (p.name, url) and p.is_dir():
+                if _downloading(p):
+                    logger.warning("cache: %s is being downloaded by another process; left in place", p.name)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name + " (partial)")
     return removed
+
+
+def _downloading(partial: Path) -> bool:
+    """Whether a process holds the download lock of this partial entry."""
+    try:
+        fd = os.open(partial.with_name(partial.name + ".lock"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def prune(limit: int, directory: Any = None, keep: str = "") -> list[str]:

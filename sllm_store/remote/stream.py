@@ -77,9 +77,9 @@ def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, to
                 ThreadPoolExecutor(max(1, config.num_threads), thread_name_prefix="sllm-remote") as ex:
             for n in ex.map(one, range(len(plan.units))):
                 bar.update(n)
+        cached = d.finish()  # None after a partial load: the rest is fetched by a later load
     finally:
         d.close()
-    cached = d.finish()  # None after a partial load: the rest is fetched by a later load
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(path=url, bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
