@@ -14,6 +14,7 @@
 #include "device/cuda_driver.h"
 #include "device/cuda_ipc.h"
 #include "device/device.h"
+#include "memory/host_buffer.h"
 #include "memory/pinned_arena.h"
 #include "memory/pool_cache.h"
 #include "format/checksum.h"
@@ -296,20 +297,40 @@ copies: (source address, dest, dest_offset, length); dests: (device, address, si
       py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
   m.def(
       "decode_chunk",
-      [](const py::buffer& b, int codec, size_t raw_len, int group) {
+      [](const py::buffer& b, int codec, size_t raw_len, int group, std::optional<py::buffer> out) -> py::object {
         py::buffer_info info = contiguous_bytes(b);
         size_t n = static_cast<size_t>(info.size * info.itemsize);
-        std::string out(raw_len, '\0'), scratch(group > 1 ? raw_len : 0, '\0');
+        py::object result;
+        char* dst = nullptr;
+        if (out) {
+          py::buffer_info o = contiguous_bytes(*out);
+          if (o.readonly) throw py::value_error("out must be a writable buffer");
+          if (static_cast<size_t>(o.size * o.itemsize) < raw_len)
+            throw py::value_error("out holds " + std::to_string(o.size * o.itemsize) + " bytes, the chunk " +
+                                  std::to_string(raw_len));
+          dst = static_cast<char*>(o.ptr);
+          result = py::none();
+        } else {
+          // A bytes object written in place before anyone else can see it: no second copy.
+          PyObject* bytes = PyBytes_FromStringAndSize(nullptr, static_cast<py::ssize_t>(raw_len));
+          if (!bytes) throw py::error_already_set();
+          result = py::reinterpret_steal<py::object>(bytes);
+          dst = PyBytes_AS_STRING(bytes);
+        }
         {
           py::gil_scoped_release nogil;
-          ChunkDecoder d;
-          d.decode(static_cast<Codec>(codec), group, static_cast<const char*>(info.ptr), n, out.data(),
-                   raw_len, scratch.data(), "chunk");
+          // One decoder and scratch buffer per calling thread, reused across chunks.
+          thread_local ChunkDecoder decoder;
+          thread_local HostBuffer scratch;
+          if (group > 1 && scratch.size() < raw_len) scratch = allocate_aligned_host(raw_len);
+          decoder.decode(static_cast<Codec>(codec), group, static_cast<const char*>(info.ptr), n, dst, raw_len,
+                         static_cast<char*>(scratch.data()), "chunk");
         }
-        return py::bytes(out);
+        return result;
       },
-      py::arg("data"), py::arg("codec"), py::arg("raw_length"), py::arg("group") = 1,
-      "Decode one stored chunk (codec id as in the index's CODECS, then un-grouping) as the loader does.");
+      py::arg("data"), py::arg("codec"), py::arg("raw_length"), py::arg("group") = 1, py::arg("out") = py::none(),
+      "Decode one stored chunk (codec id as in the index's CODECS, then un-grouping) as the loader does: "
+      "into `out` (a writable buffer of at least raw_length bytes; returns None) or a new bytes object.");
 
   m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

@@ -88,6 +88,7 @@ class Download:
         self.cached: Optional[Path] = None
         self.bytes_downloaded = 0
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per-thread buffer for decoded chunks
 
     def open(self) -> Download:
         import obstore
@@ -173,7 +174,11 @@ class Download:
         return min(cs, self.index.files[f_i].size - c * cs)
 
     def chunk(self, f_i: int, c: int) -> Any:
-        """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards."""
+        """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards.
+
+        A decoded compressed chunk lives in a buffer of the calling thread that its next call
+        reuses: use (or copy) the result before asking the same thread for another chunk.
+        """
         import obstore
 
         from sllm_store import _C
@@ -197,8 +202,12 @@ class Download:
             raise RemoteError(f"{where}: the object is shorter than its index says")
         if f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1):
             _off, _len, codec, group = f.chunks[c].encoding
+            out = getattr(self._scratch, "buf", None)
+            if out is None or len(out) < raw_len:
+                out = self._scratch.buf = bytearray(cs)
             try:
-                data = _C.decode_chunk(data, codec, raw_len, group)
+                _C.decode_chunk(data, codec, raw_len, group, out=out)
+                data = memoryview(out)[:raw_len]
             except ChecksumError as e:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
