@@ -12,6 +12,7 @@ from _helpers import DTYPES, assert_state_dict_identical, random_tensor, read_in
 import sllm_store
 from sllm_store import _C
 from sllm_store.errors import ChecksumError, FormatError, UnsupportedVersionError
+from sllm_store.index import CODECS
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -29,6 +30,22 @@ def test_byte_grouping_is_reversible_and_matches_numpy(group: int) -> None:
     m = len(data) // group * group
     expected = np.frombuffer(data[:m], np.uint8).reshape(-1, group).T.tobytes() + data[m:]
     assert grouped == expected
+
+
+def test_decode_chunk_into_new_bytes_or_callers_buffer() -> None:
+    raw = _normal(torch.bfloat16, (3001,), 0).view(torch.uint8).numpy().tobytes()
+    frame = zstandard.ZstdCompressor(level=1).compress(_C.group_bytes(raw, 2))
+    zstd = CODECS["zstd"]
+    assert _C.decode_chunk(frame, zstd, len(raw), 2) == raw
+    out = bytearray(len(raw) + 5)
+    assert _C.decode_chunk(frame, zstd, len(raw), 2, out=out) is None
+    assert bytes(out[:len(raw)]) == raw
+    with pytest.raises(ValueError, match="holds 10 bytes"):
+        _C.decode_chunk(frame, zstd, len(raw), 2, out=bytearray(10))
+    with pytest.raises(ValueError, match="writable"):
+        _C.decode_chunk(frame, zstd, len(raw), 2, out=bytes(len(raw)))
+    with pytest.raises(ChecksumError, match="corrupted"):
+        _C.decode_chunk(frame[:-7] + b"garbage", zstd, len(raw), 2, out=out)
 
 
 def test_roundtrip_every_dtype_compressed(tmp_path, mixed_state_dict) -> None:
