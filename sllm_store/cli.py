@@ -217,6 +217,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             print(f"{e.name}  {format_size(e.size):>10}  {time.time() - e.last_used:8.0f} s ago  {e.url}")
         total = format_size(sum(e.size for e in es))
         print(f"{len(es)} entries, {total} in {cache.cache_dir(args.cache_dir)}")
+        for d in cache.partials(args.cache_dir):
+            state = "downloading" if d.active else "interrupted (resumes on the next load)"
+            done = f"{format_size(d.written)} of {format_size(d.size)}"
+            print(f"unfinished: {d.name}  {done}  {state}  {d.url}")
     elif args.action == "rm":
         if not args.target:
             raise ValueError("cache rm needs an entry name or a URL")

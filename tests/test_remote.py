@@ -342,7 +342,14 @@ def test_streaming_load_partial_then_complete_then_cached(env) -> None:
     assert set(out) == {"w4"} and torch.equal(out["w4"], sd["w4"])
     assert report.stats["io_mode"] == "remote" and report.stats["cached"] is None  # partial: not promoted
     first = report.stats["bytes_downloaded"]
+    from sllm_store.remote import cache
+
+    (partial,) = cache.partials()
+    assert partial.url == url and not partial.active and 0 < partial.written < partial.size
+    r = run_cli("cache", "ls")
+    assert "unfinished:" in r.stdout and "interrupted" in r.stdout
     out, report = load_state_dict_with_report(url)  # the rest arrives; the entry is promoted
+    assert cache.partials() == []
     assert_state_dict_identical(out, sd)
     assert report.stats["cached"] and 0 < report.stats["bytes_downloaded"]
     assert first + report.stats["bytes_downloaded"] == sum(

@@ -345,6 +345,34 @@ def entries(directory: Any = None) -> list[CacheEntry]:
     return sorted(out, key=lambda e: -e.last_used)
 
 
+@dataclass
+class PartialDownload:
+    name: str
+    url: str
+    written: int  # bytes on disk so far (the files are sparse until filled)
+    size: int  # bytes when complete
+    active: bool  # a process is downloading it now (else it resumes on the next load)
+    path: Path
+
+
+def partials(directory: Any = None) -> list[PartialDownload]:
+    """Unfinished downloads: in progress, or interrupted (the next load resumes them)."""
+    root = cache_dir(directory) / PARTIAL
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not p.is_dir():
+            continue
+        try:
+            url = json.loads((p / "source.json").read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            url = "?"
+        data = [f for f in p.iterdir() if f.is_file() and f.suffix not in (".done", ".json")]
+        written = sum(min(f.stat().st_blocks * 512, f.stat().st_size) for f in data)
+        size = sum(f.stat().st_size for f in data)
+        out.append(PartialDownload(p.name, url, written, size, _downloading(p), p))
+    return out
+
+
 def remove(name_or_url: str, directory: Any = None) -> list[str]:
     """Remove the entries with this name or URL (and unfinished downloads of it)."""
     removed = []
