@@ -302,18 +302,25 @@ copies: (source address, dest, dest_offset, length); dests: (device, address, si
         size_t n = static_cast<size_t>(info.size * info.itemsize);
         py::object result;
         char* dst = nullptr;
+        std::optional<py::buffer_info> held;  // keeps `out` exported (not resizable) until the end
         if (out) {
-          py::buffer_info o = contiguous_bytes(*out);
-          if (o.readonly) throw py::value_error("out must be a writable buffer");
-          if (static_cast<size_t>(o.size * o.itemsize) < raw_len)
-            throw py::value_error("out holds " + std::to_string(o.size * o.itemsize) + " bytes, the chunk " +
-                                  std::to_string(raw_len));
-          dst = static_cast<char*>(o.ptr);
+          held.emplace(contiguous_bytes(*out));
+          if (held->readonly) throw py::value_error("out must be a writable buffer");
+          if (static_cast<size_t>(held->size * held->itemsize) < raw_len)
+            throw py::value_error("out holds " + std::to_string(held->size * held->itemsize) +
+                                  " bytes, the chunk " + std::to_string(raw_len));
+          dst = static_cast<char*>(held->ptr);
           result = py::none();
         } else {
           // A bytes object written in place before anyone else can see it: no second copy.
+          if (raw_len > static_cast<size_t>(PY_SSIZE_T_MAX))
+            throw py::value_error("raw_length " + std::to_string(raw_len) + " is too large");
           PyObject* bytes = PyBytes_FromStringAndSize(nullptr, static_cast<py::ssize_t>(raw_len));
-          if (!bytes) throw py::error_already_set();
+          if (!bytes) {
+            PyErr_Clear();
+            throw Error(ErrorKind::kOutOfMemory, "cannot allocate " + std::to_string(raw_len) +
+                                                     " bytes for a decoded chunk");
+          }
           result = py::reinterpret_steal<py::object>(bytes);
           dst = PyBytes_AS_STRING(bytes);
         }

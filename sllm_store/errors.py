@@ -103,6 +103,11 @@ class RemoteUnavailableError(RemoteError, ConnectionError):
     """The object store could not be reached, or went away during a transfer (after retries)."""
 
 
+class CacheError(RemoteError, OSError):
+    """The local cache of remote checkpoints cannot be written (disk full, permissions, a file
+    too large for the filesystem)."""
+
+
 __all__ = [
     "SllmStoreError",
     "FormatError",
@@ -127,4 +132,5 @@ __all__ = [
     "RemoteNotFoundError",
     "RemoteAuthError",
     "RemoteUnavailableError",
+    "CacheError",
 ]

@@ -22,6 +22,10 @@ FORMAT_VERSION = 2  # newest version read; uncompressed checkpoints are still wr
 COMPRESSED_VERSION = 2  # first version with compressed data files
 CODECS = {"none": 0, "zstd": 1}  # codec name -> id used by the C++ core
 INDEX_FILE = "sllm_index.json"
+STORED_ALIGNMENT = 4096  # stored (compressed) chunks start here, so they can be read with O_DIRECT
+# Data file names that would collide with the index or the remote cache's bookkeeping files.
+RESERVED_NAMES = (INDEX_FILE, "source.json")
+RESERVED_SUFFIXES = (".done", ".lock")
 CHECKSUM_ALGORITHM = "xxh3_64"
 FILE_ALIGNMENT = 4096
 DEFAULT_TENSOR_ALIGNMENT = 256
@@ -219,6 +223,10 @@ def parse_index(raw: Any, root: Path) -> Index:
         name = get(f, "name", str, ctx)
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise bad(f"data file name {name!r} must be a plain file name")
+        if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+            raise bad(f"data file name {name!r} is reserved")
+        if any(name == other.name for other in files):
+            raise bad(f"data file name {name!r} is listed twice")
         size = get(f, "size", int, ctx)
         if size < 0 or size % alignment:
             raise bad(f"data file '{name}' size {size} is not a multiple of {alignment}")
@@ -237,10 +245,10 @@ def parse_index(raw: Any, root: Path) -> Index:
             if version < COMPRESSED_VERSION:
                 raise bad(f"data file '{name}' lists stored chunks, which version {version} does not have")
             stored_size = get(f, "stored_size", int, ctx)
-            if stored_size < 0 or stored_size % alignment:
-                raise bad(f"data file '{name}' stored_size {stored_size} is not a multiple of {alignment}")
-            stored = _parse_chunks(get(f, "chunks", list, ctx), name, size, stored_size, chunk_size,
-                                   alignment, bad)
+            if stored_size < 0 or stored_size % STORED_ALIGNMENT:
+                raise bad(f"data file '{name}' stored_size {stored_size} is not a multiple of "
+                          f"{STORED_ALIGNMENT}")
+            stored = _parse_chunks(get(f, "chunks", list, ctx), name, size, stored_size, chunk_size, bad)
         files.append(DataFile(name, size, parsed, stored_size, stored))
 
     # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
@@ -298,7 +306,7 @@ def parse_index(raw: Any, root: Path) -> Index:
 
 
 def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_size: int,
-                  alignment: int, bad: Any) -> tuple[StoredChunk, ...]:
+                  bad: Any) -> tuple[StoredChunk, ...]:
     expected = math.ceil(size / chunk_size)
     if len(raw) != expected:
         raise bad(f"data file '{name}' lists {len(raw)} stored chunks, expected {expected}")
@@ -313,7 +321,7 @@ def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_
         if codec not in CODECS:
             raise bad(f"data file '{name}' chunk {i} has unknown codec {codec!r}")
         raw_len = min(chunk_size, size - i * chunk_size)
-        if off % alignment or off < end or length < 0 or off + length > stored_size:
+        if off % STORED_ALIGNMENT or off < end or length < 0 or off + length > stored_size:
             raise bad(f"data file '{name}' chunk {i} at {off} (+{length}) is misaligned, overlaps "
                       f"the previous one or ends past stored_size {stored_size}")
         if not 1 <= group <= 16 or (codec == "none" and length != raw_len):

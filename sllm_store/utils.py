@@ -1,11 +1,15 @@
-"""Small operating-system helpers shared by the CLI, tests and benchmarks."""
+"""Small operating-system and threading helpers shared by the library, CLI, tests and benchmarks."""
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +51,24 @@ def page_cache_fraction(paths: Sequence[Union[str, os.PathLike[str]]]) -> Option
 
     value = _C.page_cache_fraction([os.fspath(p) for p in paths])
     return None if value < 0 else value
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], num_threads: int,
+                 name: str = "sllm") -> Iterator[R]:
+    """``fn`` over ``items`` on ``num_threads`` threads, results in order. Stops early: when ``fn``
+    raises (or the caller stops iterating, or is interrupted), the items not started yet are
+    cancelled, the running ones are waited for, and the first error is raised. (A plain
+    ``ThreadPoolExecutor.map`` would run every remaining item first.)
+
+    Example::
+
+        for data in parallel_map(download, chunks, 16):
+            bar.update(len(data))
+    """
+    ex = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix=name)
+    try:
+        futures = [ex.submit(fn, x) for x in items]
+        for f in futures:
+            yield f.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)

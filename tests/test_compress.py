@@ -155,6 +155,12 @@ def test_malformed_chunk_table(tmp_path) -> None:
     (path / "sllm_index.json").write_text(json.dumps(bad))
     with pytest.raises(UnsupportedVersionError):
         sllm_store.load_state_dict(path)
+    bad = json.loads(json.dumps(raw))
+    bad["alignment"] = 512  # stored chunks must still start at multiples of 4096 (O_DIRECT)
+    bad["files"][0]["chunks"][1]["offset"] += 512
+    (path / "sllm_index.json").write_text(json.dumps(bad))
+    with pytest.raises(FormatError, match="misaligned"):
+        sllm_store.load_state_dict(path)
 
 
 def test_uncompressed_checkpoints_stay_version_1(tmp_path) -> None:

@@ -600,3 +600,18 @@ def test_error_does_not_poison_later_loads(saved_checkpoint, tmp_path):
             sllm_store.load_state_dict(broken)
     loaded = sllm_store.load_state_dict(path, verify=True)
     assert sorted(loaded) == sorted(sd)
+
+
+@pytest.mark.parametrize("name", ["sllm_index.json", "source.json", "data.bin.done", "x.lock", "twice"])
+def test_reserved_or_repeated_data_file_names(tmp_path, name: str) -> None:
+    sd = {"w": torch.ones(256, 512, dtype=torch.bfloat16), "v": torch.zeros(64)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", num_files=2)
+    raw = json.loads((path / "sllm_index.json").read_text())
+    assert len(raw["files"]) >= 2
+    if name == "twice":
+        raw["files"][1]["name"] = raw["files"][0]["name"]
+    else:
+        raw["files"][0]["name"] = name
+    (path / "sllm_index.json").write_text(json.dumps(raw))
+    with pytest.raises(E.FormatError, match="listed twice" if name == "twice" else "reserved"):
+        sllm_store.read_index(path)

@@ -499,3 +499,85 @@ def test_cache_rm_leaves_a_download_in_progress(tmp_path) -> None:
         os.close(fd)
     assert cache.remove("s3://b/m", directory=tmp_path) == ["abc-123 (partial)"]
     assert not partial.exists()
+
+
+def test_a_failed_load_releases_the_download_lock(env) -> None:
+    """An error after the download was opened (bad device map) must not leave the entry locked."""
+    import threading
+
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m", compress=True)
+    url = f"s3://{BUCKET}/lockleak/m"
+    upload(local, url, quiet=True)
+    with pytest.raises(KeyError, match="not in the checkpoint"):
+        sllm_store.load_state_dict(url, device={"no_such_tensor": "cpu"})
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(out=sllm_store.load_state_dict(url)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the second load hangs on a leaked lock"
+    assert_state_dict_identical(result["out"], sd)
+
+
+def test_resumed_chunks_are_verified_and_bad_records_ignored(env) -> None:
+    """Chunks recorded by an interrupted attempt are checked again; a damaged one (a write lost
+    before its record, say) is downloaded again, and garbage in the records is ignored."""
+    from sllm_store.remote.cache import Download, fetch, upload
+
+    local, sd = _model(env, "m", compress=True)
+    url = f"s3://{BUCKET}/resume-verify/m"
+    upload(local, url, quiet=True)
+    d = Download(url).open()
+    for fc in d.chunks()[:3]:
+        d.chunk(*fc)
+    partial, name, cs = d.partial, d.index.files[0].name, d.index.chunk_size
+    d.close()
+    with open(partial / name, "r+b") as fh:  # damage recorded chunk 1
+        fh.seek(cs + 100)
+        fh.write(b"\xff" * 64)
+    with open(partial / (name + ".done"), "ab") as fh:
+        fh.write(b"\x00\x00 99999 -3 x\n")
+    path = fetch(url, quiet=True)
+    assert_state_dict_identical(sllm_store.load_state_dict(path, verify=True), sd)
+    assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+
+
+def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
+    """A failing chunk stops the load: the chunks not started yet are not downloaded."""
+    from sllm_store.remote.cache import upload
+
+    local, _ = _model(env, "m")
+    url = f"s3://{BUCKET}/stop-early/m"
+    upload(local, url, quiet=True)
+    real, calls = obstore.get_range, []
+
+    def failing(*a, **k):
+        calls.append(k.get("start"))
+        if len(calls) == 2:
+            raise ConnectionError("error sending request: connection reset")
+        time.sleep(0.05)
+        return real(*a, **k)
+
+    monkeypatch.setattr(obstore, "get_range", failing)
+    with pytest.raises(RemoteUnavailableError):
+        sllm_store.load_state_dict(url, num_threads=2)
+    index = sllm_store.read_index(local)
+    n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
+    assert len(calls) <= n_chunks // 2  # not all 12: the rest were cancelled
+
+
+def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
+    from sllm_store.errors import CacheError
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m")
+    url = f"s3://{BUCKET}/cache-write/m"
+    upload(local, url, quiet=True)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(CacheError, match="No space left on device"):
+        sllm_store.load_state_dict(url)

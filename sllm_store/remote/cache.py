@@ -21,6 +21,7 @@ Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STO
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,15 +30,15 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from sllm_store._units import format_size, parse_size
-from sllm_store.errors import ChecksumError, RemoteError
+from sllm_store.errors import CacheError, ChecksumError, RemoteError
 from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
 from sllm_store.remote.objects import RemoteOptions, open_store, remote_error
+from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class Download:
             raise remote_error(e, f"{self.url}/{INDEX_FILE}", "fetching") from None
         self.name = _entry_name(self.url, self.index_bytes)
         final = self.root / self.name
-        if (final / INDEX_FILE).is_file():
-            os.utime(final)  # last use, for LRU
+        if _touch_entry(final):
             self.cached = final
             return self
         self.partial = self.root / PARTIAL / self.name
@@ -114,6 +114,12 @@ class Download:
             raise
         return self
 
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def _open_partial(self) -> None:
         self.partial.mkdir(exist_ok=True)
         (self.partial / "source.json").write_text(json.dumps({"url": self.url}))
@@ -126,31 +132,66 @@ class Download:
         self._marks: dict[int, Any] = {}
         for f_i, f in enumerate(self.index.files):
             p = self.partial / f.name
-            with open(p, "ab") as fh:
-                if fh.tell() < f.size:
-                    fh.truncate(f.size)  # the cache holds decoded bytes: a plain v1-layout file
+            try:
+                with open(p, "ab") as fh:
+                    if fh.tell() < f.size:
+                        fh.truncate(f.size)  # the cache holds decoded bytes: a plain v1-layout file
+            except OSError as e:
+                raise CacheError(f"cannot prepare '{p}' ({format_size(f.size)}) for the download of "
+                                 f"{self.url}: {e.strerror or e}") from None
             marks = self.partial / (f.name + ".done")
-            self.done[f_i] = {int(x) for x in marks.read_text().split()} if marks.exists() else set()
+            n_chunks = -(-f.size // self.index.chunk_size)
+            recorded = marks.read_text(errors="replace").split() if marks.exists() else []
+            self.done[f_i] = {int(x) for x in recorded if x.isdigit() and int(x) < n_chunks}
             self._fds[f_i] = os.open(p, os.O_RDWR)
             self._marks[f_i] = open(marks, "a")
+        self._check_earlier_chunks()
+
+    def _check_earlier_chunks(self) -> None:
+        """Re-verify the chunks an earlier attempt recorded (its writes were not synced before
+        their records): a chunk that fails its checksum is downloaded again."""
+        from sllm_store import _C
+
+        earlier = [(f_i, c) for f_i in self.done for c in sorted(self.done[f_i])]
+        if not earlier:
+            return
+
+        def ok(fc: tuple[int, int]) -> bool:
+            f_i, c = fc
+            data = os.pread(self._fds[f_i], self.chunk_length(f_i, c), c * self.index.chunk_size)
+            return _C.xxh3_64(data) == self.index.files[f_i].checksums[c]
+
+        bad = [fc for fc, good in zip(earlier, parallel_map(ok, earlier, 8, "sllm-check")) if not good]
+        for f_i, c in bad:
+            self.done[f_i].discard(c)
+        if bad:
+            logger.warning("%s: %d of %d chunks of the interrupted download failed their checksum; "
+                           "downloading them again", self.url, len(bad), len(earlier))
 
     def _lock_entry(self, final: Path) -> bool:
         """Hold the entry's download lock (waiting for another process that holds it). False if
         that process promoted the entry meanwhile (``cached`` is then set)."""
         lock = self.root / PARTIAL / (self.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("%s: another process is downloading it; waiting for it to finish", self.url)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("%s: another process is downloading it; waiting for it to finish", self.url)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)  # the holder promoted the entry and removed this lock file: look again
         self._lock_fd: Optional[int] = fd
-        if (final / INDEX_FILE).is_file():
-            os.utime(final)
+        if _touch_entry(final):
             self.cached = final
             self._unlock()
             return False
@@ -186,7 +227,7 @@ class Download:
         f = self.index.files[f_i]
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
-        if c in self.done[f_i]:
+        if c in self.done[f_i]:  # verified when this download was opened
             return os.pread(self._fds[f_i], raw_len, c * cs)
         if f.chunks is not None:
             sc = f.chunks[c]
@@ -204,7 +245,7 @@ class Download:
             _off, _len, codec, group = f.chunks[c].encoding
             out = getattr(self._scratch, "buf", None)
             if out is None or len(out) < raw_len:
-                out = self._scratch.buf = bytearray(cs)
+                out = self._scratch.buf = bytearray(raw_len)
             try:
                 _C.decode_chunk(data, codec, raw_len, group, out=out)
                 data = memoryview(out)[:raw_len]
@@ -216,8 +257,12 @@ class Download:
                                 "nothing was cached")
         mv = memoryview(data)
         pos = 0
-        while pos < raw_len:
-            pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
+        try:
+            while pos < raw_len:
+                pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
+        except OSError as e:
+            raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
+                             f"{e.strerror or e}") from None
         with self._lock:
             self.done[f_i].add(c)
             self._marks[f_i].write(f"{c}\n")
@@ -246,8 +291,11 @@ class Download:
             self.close()
             return None
         try:
-            for fd in self._fds.values():
-                os.fsync(fd)
+            try:
+                for fd in self._fds.values():
+                    os.fsync(fd)
+            except OSError as e:
+                raise CacheError(f"cannot sync the download in '{self.partial}': {e.strerror or e}") from None
             self._close_files()
             return self._promote()
         finally:
@@ -260,11 +308,15 @@ class Download:
         index.files = [DataFile(f.name, f.size, f.checksums) for f in index.files]
         index.version, index.compression = 1, None
         write_index(index, self.partial)
-        for f in index.files:
-            (self.partial / (f.name + ".done")).unlink(missing_ok=True)
         final = self.root / self.name
-        os.replace(self.partial, final)
-        (self.root / PARTIAL / (self.name + ".lock")).unlink(missing_ok=True)
+        try:
+            os.replace(self.partial, final)
+        except OSError as e:
+            raise CacheError(f"cannot move the download '{self.partial}' into place: {e.strerror or e}") \
+                from None
+        for f in index.files:  # the records of the download, not needed any more
+            (final / (f.name + ".done")).unlink(missing_ok=True)
+        (self.root / PARTIAL / (self.name + ".lock")).unlink(missing_ok=True)  # waiters check identity
         self.cached = final
         limit = cache_limit()
         if limit is not None:
@@ -284,24 +336,20 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
 
     from sllm_store.writer import default_quiet
 
-    d = Download(url, options, directory).open()
-    if d.cached is not None:
-        logger.info("%s: cached in %s", url, d.cached)
-        return d.cached
-    todo = d.missing()
-    if len(todo) < len(d.chunks()):
-        logger.info("%s: resuming, %d of %d chunks left", url, len(todo), len(d.chunks()))
-    t0 = time.perf_counter()
-    try:
+    with Download(url, options, directory).open() as d:
+        if d.cached is not None:
+            logger.info("%s: cached in %s", url, d.cached)
+            return d.cached
+        todo = d.missing()
+        if len(todo) < len(d.chunks()):
+            logger.info("%s: resuming, %d of %d chunks left", url, len(todo), len(d.chunks()))
+        t0 = time.perf_counter()
         with tqdm(total=sum(d.chunk_length(*fc) for fc in todo), unit="B", unit_scale=True,
                   unit_divisor=1024, desc="downloading", dynamic_ncols=True,
-                  disable=default_quiet() if quiet is None else quiet) as bar, \
-                ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sllm-fetch") as ex:
-            for data in ex.map(lambda fc: d.chunk(*fc), todo):
+                  disable=default_quiet() if quiet is None else quiet) as bar:
+            for data in parallel_map(lambda fc: d.chunk(*fc), todo, num_threads, "sllm-fetch"):
                 bar.update(len(data))
         final = d.finish()
-    finally:
-        d.close()
     assert final is not None
     dt = time.perf_counter() - t0
     logger.info("%s: downloaded %s in %.2f s (%.2f GB/s) into %s", url, format_size(d.bytes_downloaded),
@@ -313,7 +361,7 @@ def _fetch_small_files(store: Any, url: str, index: Index, dest: Path) -> None:
     """Copy the model's other top-level files (config.json, tokenizer...) next to the data."""
     import obstore
 
-    data = {f.name for f in index.files} | {INDEX_FILE}
+    weights = {f.name for f in index.files} | {INDEX_FILE}
     try:
         listing = obstore.list_with_delimiter(store)
     except Exception:  # e.g. plain HTTP servers cannot list: weights only
@@ -321,12 +369,16 @@ def _fetch_small_files(store: Any, url: str, index: Index, dest: Path) -> None:
         return
     for obj in listing.get("objects", []):
         key = obj["path"].rsplit("/", 1)[-1]
-        if key in data or obj["size"] > SMALL_FILE_LIMIT or key.startswith("."):
+        if key in weights or obj["size"] > SMALL_FILE_LIMIT or key.startswith("."):
             continue
         try:
-            (dest / key).write_bytes(bytes(obstore.get(store, key).bytes()))
+            content = bytes(obstore.get(store, key).bytes())
         except Exception as e:
             raise remote_error(e, f"{url}/{key}", "downloading") from None
+        try:
+            (dest / key).write_bytes(content)
+        except OSError as e:
+            raise CacheError(f"cannot write '{dest / key}': {e.strerror or e}") from None
 
 
 def entries(directory: Any = None) -> list[CacheEntry]:
@@ -388,27 +440,52 @@ def remove(name_or_url: str, directory: Any = None) -> list[str]:
             except (OSError, ValueError, KeyError):
                 url = ""
             if name_or_url in (p.name, url) and p.is_dir():
-                if _downloading(p):
-                    logger.warning("cache: %s is being downloaded by another process; left in place", p.name)
-                    continue
-                shutil.rmtree(p, ignore_errors=True)
+                with _download_lock(p) as free:
+                    if not free:
+                        logger.warning("cache: %s is being downloaded by another process; left in place",
+                                       p.name)
+                        continue
+                    shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name + " (partial)")
     return removed
 
 
-def _downloading(partial: Path) -> bool:
-    """Whether a process holds the download lock of this partial entry."""
+@contextlib.contextmanager
+def _download_lock(partial: Path) -> Iterator[bool]:
+    """Try the download lock of a partial entry without waiting: yields whether it is held now
+    (False: a process is downloading it), and keeps it for the ``with`` block."""
     try:
         fd = os.open(partial.with_name(partial.name + ".lock"), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        yield True
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
+
+
+def _downloading(partial: Path) -> bool:
+    """Whether a process holds the download lock of this partial entry."""
+    with _download_lock(partial) as free:
+        return not free
+
+
+def _touch_entry(final: Path) -> bool:
+    """Mark a complete entry as just used (for LRU); False if there is none (or it was just
+    evicted by another process)."""
+    if not (final / INDEX_FILE).is_file():
+        return False
+    try:
+        os.utime(final)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def prune(limit: int, directory: Any = None, keep: str = "") -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,8 @@ from tqdm.auto import tqdm
 from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
+from sllm_store.errors import SllmStoreError
+from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -44,42 +45,43 @@ def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, to
     from sllm_store.writer import default_quiet
 
     t0 = time.perf_counter()
-    d = Download(url, config.remote).open()
-    if d.cached is not None:
-        return _load(d.cached, device, config)
-    index = d.index
-    assign = _assign_devices(index, device)
-    for dev in set(assign.values()):
-        _C.check_device(_device_spec(dev))
-    # Read units are whole chunks (the download unit), whatever chunk_size says.
-    plan = _make_plan(index, assign, LoadConfig(config.num_threads, "buffered", None, config.verify))
-    buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
-    dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
-             for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
-    by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
-    for seg in plan.segments:
-        by_unit.setdefault(seg[0], []).append(seg)
+    with Download(url, config.remote).open() as d:  # the download lock and files: released whatever happens
+        if d.cached is not None:
+            return _load(d.cached, device, config)
+        index = d.index
+        assign = _assign_devices(index, device)
+        for dev in set(assign.values()):
+            _C.check_device(_device_spec(dev))
+        # Read units are whole chunks (the download unit), whatever chunk_size says.
+        plan = _make_plan(index, assign, LoadConfig(config.num_threads, "buffered", None, config.verify))
+        buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+        dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
+                 for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
+        by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for seg in plan.segments:
+            by_unit.setdefault(seg[0], []).append(seg)
 
-    def one(u: int) -> int:
-        f_i, off, length, _ = plan.units[u]
-        data = d.chunk(f_i, off // index.chunk_size)
-        src = np.frombuffer(data, dtype=np.uint8)
-        base = src.ctypes.data
-        copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
-        if copies:
-            _C.run_copies(copies, dests, num_threads=1)
-        del src, data
-        return length
+        def one(u: int) -> int:
+            f_i, off, length, _ = plan.units[u]
+            data = d.chunk(f_i, off // index.chunk_size)
+            src = np.frombuffer(data, dtype=np.uint8)
+            base = src.ctypes.data
+            copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
+            if copies:
+                _C.run_copies(copies, dests, num_threads=1)
+            del src, data
+            return length
 
-    try:
         with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar, \
-                ThreadPoolExecutor(max(1, config.num_threads), thread_name_prefix="sllm-remote") as ex:
-            for n in ex.map(one, range(len(plan.units))):
+                  desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar:
+            for n in parallel_map(one, range(len(plan.units)), config.num_threads, "sllm-remote"):
                 bar.update(n)
-        cached = d.finish()  # None after a partial load: the rest is fetched by a later load
-    finally:
-        d.close()
+        try:
+            cached = d.finish()  # None after a partial load: the rest is fetched by a later load
+        except (SllmStoreError, OSError) as e:
+            # The tensors are loaded; only the cache entry failed. Loading matters more.
+            logger.warning("%s: loaded, but the download could not be cached: %s", url, e)
+            cached = None
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(path=url, bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
