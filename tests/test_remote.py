@@ -581,3 +581,26 @@ def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
     monkeypatch.setattr(os, "pwrite", disk_full)
     with pytest.raises(CacheError, match="No space left on device"):
         sllm_store.load_state_dict(url)
+
+
+def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:
+    """Another process's prune may remove the entry just found: the load downloads it again."""
+    import shutil
+
+    from sllm_store.remote import cache
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(env, "m")
+    url = f"s3://{BUCKET}/evicted/m"
+    upload(local, url, quiet=True)
+    sllm_store.load_state_dict(url)  # cached
+    real = cache._touch_entry
+
+    def touch_then_evict(final):
+        found = real(final)
+        if found:
+            shutil.rmtree(final)
+        return found
+
+    monkeypatch.setattr(cache, "_touch_entry", touch_then_evict)
+    assert_state_dict_identical(sllm_store.load_state_dict(url), sd)

@@ -23,65 +23,80 @@ from tqdm.auto import tqdm
 from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
-from sllm_store.errors import SllmStoreError
+from sllm_store.errors import MissingFileError, SllmStoreError
 from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
 
 
-def load_remote(url: str, device: Any, config: LoadConfig) -> tuple[dict[str, torch.Tensor], Any]:
+def load_remote(url: str, device: Any, config: LoadConfig,
+                _retry: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
     """``load_state_dict`` of a URL: from the cache if complete, else streamed while downloading."""
+    from sllm_store.loader import _load
+    from sllm_store.remote.cache import Download
+
+    t0 = time.perf_counter()
+    with Download(url, config.remote).open() as d:  # the download lock and files: released whatever happens
+        if d.cached is None:
+            return _stream(d, url, device, config, t0)
+        try:
+            return _load(d.cached, device, config)
+        except MissingFileError:
+            if not _retry or d.cached.exists():
+                raise
+    # Evicted (by another process's prune) between finding the entry and loading it.
+    logger.info("%s: the cache entry was evicted meanwhile; loading from the object store", url)
+    return load_remote(url, device, config, _retry=False)
+
+
+def _stream(d: Any, url: str, device: Any, config: LoadConfig,
+            t0: float) -> tuple[dict[str, torch.Tensor], Any]:
+    """Load the opened, uncached download ``d`` while its chunks arrive."""
     from sllm_store.loader import (
         LoadReport,
         _allocate,
         _assign_devices,
         _bytes_per_device,
         _device_spec,
-        _load,
         _make_plan,
         _views,
     )
-    from sllm_store.remote.cache import Download
     from sllm_store.writer import default_quiet
 
-    t0 = time.perf_counter()
-    with Download(url, config.remote).open() as d:  # the download lock and files: released whatever happens
-        if d.cached is not None:
-            return _load(d.cached, device, config)
-        index = d.index
-        assign = _assign_devices(index, device)
-        for dev in set(assign.values()):
-            _C.check_device(_device_spec(dev))
-        # Read units are whole chunks (the download unit), whatever chunk_size says.
-        plan = _make_plan(index, assign, LoadConfig(config.num_threads, "buffered", None, config.verify))
-        buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
-        dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
-                 for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
-        by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
-        for seg in plan.segments:
-            by_unit.setdefault(seg[0], []).append(seg)
+    index = d.index
+    assign = _assign_devices(index, device)
+    for dev in set(assign.values()):
+        _C.check_device(_device_spec(dev))
+    # Read units are whole chunks (the download unit), whatever chunk_size says.
+    plan = _make_plan(index, assign, LoadConfig(config.num_threads, "buffered", None, config.verify))
+    buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+    dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
+             for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
+    by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    for seg in plan.segments:
+        by_unit.setdefault(seg[0], []).append(seg)
 
-        def one(u: int) -> int:
-            f_i, off, length, _ = plan.units[u]
-            data = d.chunk(f_i, off // index.chunk_size)
-            src = np.frombuffer(data, dtype=np.uint8)
-            base = src.ctypes.data
-            copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
-            if copies:
-                _C.run_copies(copies, dests, num_threads=1)
-            del src, data
-            return length
+    def one(u: int) -> int:
+        f_i, off, length, _ = plan.units[u]
+        data = d.chunk(f_i, off // index.chunk_size)
+        src = np.frombuffer(data, dtype=np.uint8)
+        base = src.ctypes.data
+        copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
+        if copies:
+            _C.run_copies(copies, dests, num_threads=1)
+        del src, data
+        return length
 
-        with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar:
-            for n in parallel_map(one, range(len(plan.units)), config.num_threads, "sllm-remote"):
-                bar.update(n)
-        try:
-            cached = d.finish()  # None after a partial load: the rest is fetched by a later load
-        except (SllmStoreError, OSError) as e:
-            # The tensors are loaded; only the cache entry failed. Loading matters more.
-            logger.warning("%s: loaded, but the download could not be cached: %s", url, e)
-            cached = None
+    with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar:
+        for n in parallel_map(one, range(len(plan.units)), config.num_threads, "sllm-remote"):
+            bar.update(n)
+    try:
+        cached = d.finish()  # None after a partial load: the rest is fetched by a later load
+    except (SllmStoreError, OSError) as e:
+        # The tensors are loaded; only the cache entry failed. Loading matters more.
+        logger.warning("%s: loaded, but the download could not be cached: %s", url, e)
+        cached = None
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(path=url, bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
