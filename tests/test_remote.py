@@ -144,6 +144,37 @@ def _model(tmp_path: Path, name: str, compress: bool = False, seed: int = 0) -> 
     return path, sd
 
 
+def _uploaded(tmp_path: Path, prefix: str, compress: bool = False, seed: int = 0) -> tuple[Path, dict, str]:
+    """A small model saved under ``tmp_path`` and uploaded to ``s3://BUCKET/PREFIX/m``."""
+    from sllm_store.remote.cache import upload
+
+    local, sd = _model(tmp_path, "m", compress, seed)
+    url = f"s3://{BUCKET}/{prefix}/m"
+    upload(local, url, quiet=True)
+    return local, sd, url
+
+
+_REAL_GET_RANGE = obstore.get_range
+
+
+class Gets:
+    """Records the ranged GETs of the code under test (their start offsets in ``calls``); ``before(n)``
+    runs before the n-th GET (to fail it, or to kill the server), ``delay`` slows every GET down."""
+
+    def __init__(self, monkeypatch, delay: float = 0.0, before=None) -> None:
+        self.calls: list[int] = []
+        self.real = _REAL_GET_RANGE  # not an earlier Gets of the same test
+
+        def get_range(*a, **k):
+            self.calls.append(k.get("start"))
+            if before is not None:
+                before(len(self.calls))
+            time.sleep(delay)
+            return self.real(*a, **k)
+
+        monkeypatch.setattr(obstore, "get_range", get_range)
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_upload_then_load_then_cache_hit(env, compress, monkeypatch) -> None:
     from sllm_store.remote.cache import upload
@@ -241,35 +272,23 @@ def test_corrupted_object_is_never_cached(env) -> None:
 def test_interrupted_download_resumes(env, monkeypatch) -> None:
     from sllm_store.remote import cache
 
-    local, sd = _model(env, "m", seed=3)
-    url = f"s3://{BUCKET}/resume/m"
-    cache.upload(local, url, quiet=True)
-    real = obstore.get_range
-    calls = {"n": 0}
+    local, sd, url = _uploaded(env, "resume", seed=3)
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 3:
+    def reset(n: int) -> None:
+        if n > 3:
             raise ConnectionError("connection reset by the test")
-        return real(*a, **k)
 
-    monkeypatch.setattr(obstore, "get_range", flaky)
+    Gets(monkeypatch, before=reset)
     with pytest.raises(RemoteUnavailableError):
         cache.fetch(url, num_threads=1, quiet=True)
     assert cache.entries() == []  # nothing promoted
-    partial = next((env / "cache" / ".partial").iterdir())
+    partial = next(p for p in (env / "cache" / ".partial").iterdir() if p.is_dir())
     done = (partial / "data-00000.bin.done").read_text().split()
     assert len(done) == 3
-    counted = {"n": 0}
-
-    def counting(*a, **k):
-        counted["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(obstore, "get_range", counting)
+    counted = Gets(monkeypatch)
     path = cache.fetch(url, num_threads=2, quiet=True)
     total_chunks = len(sllm_store.read_index(path).files[0].checksums)
-    assert counted["n"] == total_chunks - 3  # only the missing chunks
+    assert len(counted.calls) == total_chunks - 3  # only the missing chunks
     assert_state_dict_identical(sllm_store.load_state_dict(path), sd)
 
 
@@ -278,19 +297,9 @@ def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> 
     import threading
 
     from sllm_store.remote import cache
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m")
-    url = f"s3://{BUCKET}/concurrent/m"
-    upload(local, url, quiet=True)
-    real, calls = obstore.get_range, []
-
-    def slow(*a, **k):
-        calls.append(k.get("start"))
-        time.sleep(0.5)  # so that the second loader arrives while the first downloads
-        return real(*a, **k)
-
-    monkeypatch.setattr(obstore, "get_range", slow)
+    local, sd, url = _uploaded(env, "concurrent")
+    gets = Gets(monkeypatch, delay=0.5)  # so that the second loader arrives while the first downloads
     results: list = [None, None]
 
     def load(i: int) -> None:
@@ -308,7 +317,7 @@ def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> 
     assert "another process is downloading it; waiting" in caplog.text
     index = sllm_store.read_index(local)
     n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
-    assert len(calls) == n_chunks  # every chunk fetched once, not twice
+    assert len(gets.calls) == n_chunks  # every chunk fetched once, not twice
     assert [e.url for e in cache.entries()] == [url]
     assert not any(p.is_dir() for p in (env / "cache" / cache.PARTIAL).iterdir())  # nothing left over
 
@@ -333,11 +342,8 @@ def test_cli_upload_cache_ls_rm_prune(env) -> None:
 
 def test_streaming_load_partial_then_complete_then_cached(env) -> None:
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m", seed=5)
-    url = f"s3://{BUCKET}/stream/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "stream", seed=5)
     out, report = load_state_dict_with_report(url, {"w4": "cpu"})
     assert set(out) == {"w4"} and torch.equal(out["w4"], sd["w4"])
     assert report.stats["io_mode"] == "remote" and report.stats["cached"] is None  # partial: not promoted
@@ -361,11 +367,8 @@ def test_streaming_load_partial_then_complete_then_cached(env) -> None:
 
 @pytest.mark.gpu
 def test_streaming_remote_load_to_gpu(env) -> None:
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m", compress=True, seed=6)
-    url = f"s3://{BUCKET}/gpu/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "gpu", compress=True, seed=6)
     out = sllm_store.load_state_dict(url, "cuda:0")
     assert {t.device.type for t in out.values()} == {"cuda"}
     assert_state_dict_identical(out, sd)
@@ -391,19 +394,8 @@ def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch
     weed = Weed(tmp_path / "weed")
     try:
         _use(weed.endpoint, tmp_path, monkeypatch)
-        local, sd = _model(tmp_path, "m", seed=7)
-        url = f"s3://{BUCKET}/killed/m"
-        cache.upload(local, url, quiet=True)
-        real = obstore.get_range
-        calls = {"n": 0}
-
-        def killing(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                weed.kill()  # the server dies in the middle of the transfer
-            return real(*a, **k)
-
-        monkeypatch.setattr(obstore, "get_range", killing)
+        local, sd, url = _uploaded(tmp_path, "killed", seed=7)
+        gets = Gets(monkeypatch, before=lambda n: weed.kill() if n == 4 else None)  # dies mid-transfer
         fast = RemoteOptions(timeout_s=3, max_retries=1)
         t0 = time.monotonic()
         with pytest.raises(RemoteUnavailableError):
@@ -411,7 +403,7 @@ def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch
         assert time.monotonic() - t0 < 60
         assert cache.entries() == []
         weed.start()  # same data directory, same ports
-        monkeypatch.setattr(obstore, "get_range", real)
+        monkeypatch.setattr(obstore, "get_range", gets.real)
         out, report = load_state_dict_with_report(url, num_threads=2)
         assert_state_dict_identical(out, sd)
         total = sum(f.size for f in sllm_store.read_index(local).files)
@@ -505,11 +497,8 @@ def test_a_failed_load_releases_the_download_lock(env) -> None:
     """An error after the download was opened (bad device map) must not leave the entry locked."""
     import threading
 
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m", compress=True)
-    url = f"s3://{BUCKET}/lockleak/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "lockleak", compress=True)
     with pytest.raises(KeyError, match="not in the checkpoint"):
         sllm_store.load_state_dict(url, device={"no_such_tensor": "cpu"})
     result: dict = {}
@@ -523,11 +512,9 @@ def test_a_failed_load_releases_the_download_lock(env) -> None:
 def test_resumed_chunks_are_verified_and_bad_records_ignored(env) -> None:
     """Chunks recorded by an interrupted attempt are checked again; a damaged one (a write lost
     before its record, say) is downloaded again, and garbage in the records is ignored."""
-    from sllm_store.remote.cache import Download, fetch, upload
+    from sllm_store.remote.cache import Download, fetch
 
-    local, sd = _model(env, "m", compress=True)
-    url = f"s3://{BUCKET}/resume-verify/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "resume-verify", compress=True)
     d = Download(url).open()
     for fc in d.chunks()[:3]:
         d.chunk(*fc)
@@ -545,35 +532,25 @@ def test_resumed_chunks_are_verified_and_bad_records_ignored(env) -> None:
 
 def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
     """A failing chunk stops the load: the chunks not started yet are not downloaded."""
-    from sllm_store.remote.cache import upload
 
-    local, _ = _model(env, "m")
-    url = f"s3://{BUCKET}/stop-early/m"
-    upload(local, url, quiet=True)
-    real, calls = obstore.get_range, []
+    local, _, url = _uploaded(env, "stop-early")
 
-    def failing(*a, **k):
-        calls.append(k.get("start"))
-        if len(calls) == 2:
+    def reset(n: int) -> None:
+        if n == 2:
             raise ConnectionError("error sending request: connection reset")
-        time.sleep(0.05)
-        return real(*a, **k)
 
-    monkeypatch.setattr(obstore, "get_range", failing)
+    gets = Gets(monkeypatch, delay=0.05, before=reset)
     with pytest.raises(RemoteUnavailableError):
         sllm_store.load_state_dict(url, num_threads=2)
     index = sllm_store.read_index(local)
     n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
-    assert len(calls) <= n_chunks // 2  # not all 12: the rest were cancelled
+    assert len(gets.calls) <= n_chunks // 2  # not all 12: the rest were cancelled
 
 
 def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
     from sllm_store.errors import CacheError
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m")
-    url = f"s3://{BUCKET}/cache-write/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "cache-write")
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -588,11 +565,8 @@ def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:
     import shutil
 
     from sllm_store.remote import cache
-    from sllm_store.remote.cache import upload
 
-    local, sd = _model(env, "m")
-    url = f"s3://{BUCKET}/evicted/m"
-    upload(local, url, quiet=True)
+    local, sd, url = _uploaded(env, "evicted")
     sllm_store.load_state_dict(url)  # cached
     real = cache._touch_entry
 
