@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -142,7 +143,7 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
 using CopyTuple = std::tuple<uint64_t, int, uint64_t, uint64_t>;
 
 py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<DestTuple>& dests,
-                       int num_threads, uint64_t piece_size) {
+                       int num_threads, uint64_t piece_size, std::optional<py::function> cancelled) {
   std::vector<CopySpec> specs;
   specs.reserve(copies.size());
   for (const auto& [src, dest, dest_offset, length] : copies)
@@ -153,7 +154,18 @@ py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<D
   CopyStats stats;
   {
     py::gil_scoped_release nogil;
-    stats = run_copies(specs, ds, num_threads, piece_size, nullptr);
+    std::function<bool()> check;
+    if (cancelled) {
+      check = [&cancelled]() -> bool {
+        py::gil_scoped_acquire gil;
+        try {
+          return (*cancelled)().cast<bool>();
+        } catch (py::error_already_set&) {
+          return true;  // a broken hook stops the copy rather than letting it run on unchecked
+        }
+      };
+    }
+    stats = run_copies(specs, ds, num_threads, piece_size, check);
   }
   py::dict out;
   out["bytes"] = stats.bytes;
@@ -231,10 +243,12 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
         "Why the CUDA driver cannot be used ('' when it can).");
 
   m.def("run_copies", &run_copies_py, py::arg("copies"), py::arg("dests"), py::arg("num_threads"),
-        py::arg("piece_size") = 64ull << 20,
+        py::arg("piece_size") = 64ull << 20, py::arg("cancelled") = py::none(),
         R"doc(Copy host memory into destinations on worker threads; blocks until done.
 
-copies: (source address, dest, dest_offset, length); dests: (device, address, size).)doc");
+copies: (source address, dest, dest_offset, length); dests: (device, address, size).
+cancelled: optional callable polled every 20 ms; when it returns True the copy stops after the
+pieces in flight and raises SllmStoreError("copy cancelled").)doc");
 
   py::class_<PinnedArena>(m, "PinnedArena", "Host memory allocated once: page-locked when CUDA is usable.")
       .def(py::init([](size_t size, size_t segment_size, bool pin, int threads) {

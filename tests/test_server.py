@@ -706,6 +706,25 @@ def test_client_killed_mid_load_leaves_server_healthy(store, slow_server, childr
     assert not shm_files() - shm_before  # the server unlinked the killed client's memory
 
 
+def test_client_timeout_stops_the_server_copying(store, slow_server, monkeypatch):
+    """A client that gives up (its deadline passes) ends the server's work on the load at the next
+    copy: the server writes nothing more into memory the client may reuse."""
+    srv = slow_server  # "big" streams through its pool in windows, each after a 0.3 s delay
+    reset(srv)
+    monkeypatch.setenv("SLLM_STORE_TIMEOUT", "0.4")
+    with pytest.raises(StoreUnavailableError):
+        load("big", srv)
+    gave_up = time.monotonic()
+    monkeypatch.setenv("SLLM_STORE_TIMEOUT", "60")
+    wait_until(lambda: srv.status().loads_in_progress == 0, 30, "the cancelled load to end")
+    assert time.monotonic() - gave_up < 1.5  # at the next window, not after the whole stream
+    wait_until(lambda: "load cancelled: the client went away" in srv.log(), 10, "the server to log it")
+    s = assert_consistent(srv)
+    assert s.pool_used == 0
+    sd, stats = load("big", srv)
+    store.check("big", sd)
+
+
 def test_server_killed_mid_load_raises_unavailable_quickly(store, start_server):
     srv = start_server(pool="32MiB", delay=60)
     run = Background(lambda: load("mixed", srv))
@@ -1049,3 +1068,59 @@ def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):
         out, report = load("plain", srv)
         assert report["hit"] is expect_hit
         assert_state_dict_identical(out, sd, check_order=False)
+
+
+# --------------------------------------------------------------------------------------------
+# ModelCache in-process: change detection, Describe consistency, links out of the storage path
+# --------------------------------------------------------------------------------------------
+
+
+def _cache(root: Path) -> Any:
+    from sllm_store.server.cache import ModelCache
+    from sllm_store.server.pool import BlockPool
+
+    return ModelCache(root, BlockPool(8 << 20, 1 << 20, pin=False), num_threads=2)
+
+
+def test_in_place_rewrite_with_restored_mtime_is_not_served_stale(tmp_path) -> None:
+    import ctypes
+
+    sllm_store.save_state_dict({"w": torch.zeros(1 << 18)}, tmp_path / "m", chunk_size=1 << 20, quiet=True)
+    cache = _cache(tmp_path)
+    buf = (ctypes.c_char * 16)()
+    dests, copies = [("cpu", ctypes.addressof(buf), 16)], [(0, 0, 0, 0, 16)]
+    _json, fp, _ = cache.describe("m")
+    cache.load("m", fp, copies, dests)
+    assert bytes(buf) == bytes(16)
+    data = tmp_path / "m" / "data-00000.bin"
+    st = os.stat(data)
+    time.sleep(0.01)
+    with open(data, "r+b") as f:  # as `cp -p` or `rsync --inplace -t` would: same size and mtime
+        f.write(b"\xff" * 16)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _json, fp2, _ = cache.describe("m")
+    assert fp2 != fp
+    out = cache.load("m", fp2, copies, dests)
+    assert out["hit"] is False and bytes(buf) == b"\xff" * 16
+
+
+def test_describe_sends_the_index_it_fingerprinted_and_no_links_out(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from sllm_store.server.client import index_of
+    from sllm_store.server.store_pb2 import DescribeReply
+
+    (tmp_path / "st").mkdir()
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(tmp_path / "st" / "model.safetensors"))
+    outside = tmp_path.parent / f"{tmp_path.name}-secret.json"
+    outside.write_text('{"secret": 1}')
+    (tmp_path / "st" / "config.json").symlink_to(outside)
+    (tmp_path / "st" / "generation_config.json").write_text("{}")
+    cache = _cache(tmp_path)
+    text, fp, small = cache.describe("st")
+    assert json.loads(text)["synthesized"] == "safetensors"
+    assert set(small) == {"generation_config.json"}  # the link out of the storage path is not sent
+    save_file({"w": torch.arange(1000, dtype=torch.float32) + 1}, str(tmp_path / "st" / "model.safetensors"))
+    text2, fp2, _ = cache.describe("st")
+    assert fp2 != fp and json.loads(text2)["synthesized"] == "safetensors"
+    index_of(DescribeReply(index_json=text2, fingerprint=fp2), "st")  # parses as a safetensors model

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,6 +34,8 @@ from sllm_store.errors import (
     ModelTooLargeError,
     PathEscapeError,
     PoolExhaustedError,
+    SllmStoreError,
+    StoreError,
     StoreUnavailableError,
 )
 from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
@@ -77,8 +79,15 @@ def fingerprint(index: Index, index_json: Optional[str] = None) -> str:
     h = (index_json or json.dumps(index.to_json())).encode()
     for i in range(len(index.files)):
         st = index.file_path(i).stat()
-        h += f"|{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+        # ctime too: an in-place rewrite that restores size and mtime (cp -p, touch -r) still
+        # changes it.
+        h += f"|{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode()
     return f"{_C.xxh3_64(h):016x}"
+
+
+def _check_cancelled(cancelled: Optional[Callable[[], bool]]) -> None:
+    if cancelled is not None and cancelled():
+        raise StoreError("load cancelled: the client went away (deadline, cancellation or exit)")
 
 
 def _buffer_at(address: int, n: int) -> Any:
@@ -143,10 +152,16 @@ class ModelCache:
 
     def _open(self, name: str) -> tuple[str, Index, str]:
         """(name, index, fingerprint); the parsed index is reused while its file is unchanged."""
+        key, index, _json, fp = self._open_json(name)
+        return key, index, fp
+
+    def _open_json(self, name: str) -> tuple[str, Index, str, str]:
+        """(name, index, the index as sent to clients, fingerprint), consistent with each other."""
         key, path = self.resolve(name)
         converted = is_converted(path)
         described = [path / INDEX_FILE] if converted else safetensors_shards(path)
-        sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (p.stat() for p in described))
+        sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    for st in (p.stat() for p in described))
         memo = self._index_memo.get(key)
         if memo is not None and memo[0] == sig:
             index, index_json = memo[1], memo[2]
@@ -158,24 +173,22 @@ class ModelCache:
             index_json = json.dumps(raw)             # our alignment or checksums
             self._index_memo[key] = (sig, index, index_json)
         check_data_files(index)
-        return key, index, fingerprint(index, index_json)
+        return key, index, index_json, fingerprint(index, index_json)
 
-    def index_json(self, index: Index) -> str:
-        for _sig, memo_index, text in list(self._index_memo.values()):
-            if memo_index is index:
-                return text
-        return json.dumps(index.to_json())
-
-    def describe(self, name: str) -> tuple[Index, str, dict[str, bytes]]:
-        """Index, fingerprint and the small non-weight files (config, generation config...)."""
-        key, index, fp = self._open(name)
+    def describe(self, name: str) -> tuple[str, str, dict[str, bytes]]:
+        """The index as JSON, the fingerprint, and the small non-weight files (config, generation
+        config...) that stay inside the storage path."""
+        key, index, index_json, fp = self._open_json(name)
         data = {f.name for f in index.files} | {INDEX_FILE}
         small: dict[str, bytes] = {}
         for p in sorted(index.path.iterdir()):
             if (p.name not in data and p.suffix in SMALL_FILE_SUFFIXES and p.is_file()
                     and p.stat().st_size <= SMALL_FILE_LIMIT):
+                if not p.resolve().is_relative_to(self.storage):
+                    logger.warning("%s: not sending %s, a link out of the storage path", key, p.name)
+                    continue
                 small[p.name] = p.read_bytes()
-        return index, fp, small
+        return index_json, fp, small
 
     # -- cache table -------------------------------------------------------------------------
 
@@ -384,13 +397,19 @@ class ModelCache:
                 pos += m
         return out
 
-    def _copy(self, parts: list[tuple[int, int, int, int]], dests: Sequence[Dest]) -> float:
+    def _copy(self, parts: list[tuple[int, int, int, int]], dests: Sequence[Dest],
+              cancelled: Optional[Callable[[], bool]] = None) -> float:
         if not parts:
             return 0.0
         if self.debug_copy_delay:
             self._closing.wait(self.debug_copy_delay)
         self._check_open()
-        stats = _C.run_copies(parts, list(dests), num_threads=self.copy_threads)
+        _check_cancelled(cancelled)
+        try:
+            stats = _C.run_copies(parts, list(dests), num_threads=self.copy_threads, cancelled=cancelled)
+        except SllmStoreError:
+            _check_cancelled(cancelled)  # the client went away: say so
+            raise
         return float(stats["seconds"])
 
     # -- operations --------------------------------------------------------------------------
@@ -408,8 +427,12 @@ class ModelCache:
             self._release(e)
 
     def load(self, name: str, fp: str, copies: Sequence[CopyReq], dests: Sequence[Dest], *,
-             verify: bool = False) -> dict[str, Any]:
-        """Copy parts of ``name`` into ``dests`` through the cache (or streamed through the pool)."""
+             verify: bool = False, cancelled: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        """Copy parts of ``name`` into ``dests`` through the cache (or streamed through the pool).
+
+        ``cancelled()`` True means the client has gone away: nothing more is written into
+        ``dests`` (a cache fill in progress still completes, for the next client).
+        """
         key, index, current = self._open(name)
         if fp and fp != current:
             raise ModelChangedError(f"{key!r} changed on disk since it was described; describe it again")
@@ -424,7 +447,7 @@ class ModelCache:
         try:
             e, hit = self._acquire(key, index, current, verify, stream_ok=True)
             if e is None:
-                seconds = self._stream(key, index, copies, dests, verify)
+                seconds = self._stream(key, index, copies, dests, verify, cancelled)
                 out = {"hit": False, "copy_seconds": seconds, "streamed": True}
             else:
                 try:
@@ -433,7 +456,7 @@ class ModelCache:
                     parts = []
                     for f in range(len(e.files)):
                         parts += self._resolve_copies(copies, f, 0, e.index.files[f].size, e.blocks[f])
-                    seconds = self._copy(parts, dests)
+                    seconds = self._copy(parts, dests, cancelled)
                 finally:
                     self._release(e)
                 out = {"hit": hit, "copy_seconds": seconds, "streamed": False}
@@ -447,9 +470,18 @@ class ModelCache:
                 self.loads_in_progress -= 1
 
     def _stream(self, key: str, index: Index, copies: Sequence[CopyReq], dests: Sequence[Dest],
-                verify: bool) -> float:
+                verify: bool, cancelled: Optional[Callable[[], bool]] = None) -> float:
         B, cs = self.pool.block_size, index.chunk_size
-        largest = max((self.pool.blocks_for(f.size) for f in index.files), default=0)
+        # A stream uses a bounded window (enough chunks for every reader thread), not every free
+        # block: other loads, cached or streamed, keep room meanwhile.
+        largest = min(max((self.pool.blocks_for(f.size) for f in index.files), default=0),
+                      self.pool.blocks_for(cs * max(2, self.num_threads)))
+        whole_chunks = verify or any(f.compressed for f in index.files)
+        one_chunk = self.pool.blocks_for(min(cs, max((f.size for f in index.files), default=0)))
+
+        def too_few(k: int) -> bool:  # no block, or (when chunks must stay whole) less than a chunk
+            return k == 0 or (whole_chunks and k < one_chunk)
+
         with self._lock:
             # Room from idle cached models (least recently used first) when the free blocks do
             # not hold one checksum chunk (windows of whole chunks are verified), else one block.
@@ -464,21 +496,23 @@ class ModelCache:
             # Every block is held by loads in progress (streamed, or using cached models): wait,
             # boundedly, for one of them to end, then evict what became idle.
             deadline = time.monotonic() + self.pool_wait_s
-            while k == 0 and largest > 0 and (
+            while too_few(k) and largest > 0 and (
                     self._streaming_blocks or any(e.in_use for e in self._entries.values())):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._streamed.wait(min(left, 1.0))
-                if self.pool.free_blocks == 0:
-                    room = self._reserve(1)
+                if too_few(self.pool.free_blocks):
+                    room = self._reserve(one_chunk if whole_chunks else 1)
                     if room is not None:
                         self.pool.give(room)
                 k = min(self.pool.free_blocks, largest)
             if k == 0 and largest > 0:
+                streams = f", {self._streaming_blocks} block(s) by streamed loads" \
+                    if self._streaming_blocks else ""
                 raise PoolExhaustedError(
-                    f"cannot serve {key!r}: every block of the memory pool ({format_size(self.pool.size)}) "
-                    "is held by models in use"
+                    f"cannot serve {key!r} within {self.pool_wait_s:.0f} s: every block of the memory pool "
+                    f"({format_size(self.pool.size)}) is held by models in use{streams}"
                 )
             if k * B < min(cs, max((f.size for f in index.files), default=0)) and (
                     verify or any(f.compressed for f in index.files)):
@@ -501,8 +535,10 @@ class ModelCache:
                     if not any(lo < end and hi > start for lo, hi in wanted):
                         continue  # a partial load skips windows it does not need
                     self._check_open()
+                    _check_cancelled(cancelled)
                     self._read(index, files, [(f, start, end, blocks)], verify)
-                    seconds += self._copy(self._resolve_copies(copies, f, start, end, blocks), dests)
+                    parts = self._resolve_copies(copies, f, start, end, blocks)
+                    seconds += self._copy(parts, dests, cancelled)
         finally:
             with self._lock:
                 self.pool.give(blocks)

@@ -197,6 +197,22 @@ def _copies(plan: Any) -> list[tuple[int, int, int, int, int]]:
     return out
 
 
+# GPU memory of Load calls that ended without the server's answer (timeout, lost connection,
+# Ctrl-C). The server may still be copying into it through its IPC mapping (it stops when it sees
+# the call end, but the client cannot know when), so it is never handed back to PyTorch's
+# allocator, where other tensors would get it.
+_ABANDONED_GPU_BUFFERS: list[Any] = []
+
+
+def _abandon_gpu_buffers(name: str, buffers: list[tuple[torch.Tensor, int]]) -> None:
+    held = [buf for buf, _ in buffers if buf.is_cuda and buf.numel()]
+    if held:
+        _ABANDONED_GPU_BUFFERS.append(held)
+        logger.warning("the load of %s ended without the server's answer; keeping its %s of GPU memory "
+                       "allocated, as the server may still be writing into it", name,
+                       format_size(sum(b.numel() for b in held)))
+
+
 def load_through_store(path: PathLike, device: Any, config: LoadConfig,
                        described: Optional[pb.DescribeReply] = None) -> tuple[dict[str, torch.Tensor], Any]:
     """``load_state_dict`` through the server at ``config.store``; returns (tensors, report)."""
@@ -253,7 +269,11 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
             request = pb.LoadRequest(model=name, fingerprint=reply.fingerprint, dests=dests, copies=copies,
                                      verify=config.verify)
             t_allocated = time.perf_counter()
-            result = client.call("Load", request, default_timeout())
+            try:
+                result = client.call("Load", request, default_timeout())
+            except (StoreUnavailableError, KeyboardInterrupt):
+                _abandon_gpu_buffers(name, buffers)
+                raise
             t_loaded = time.perf_counter()
             break
         except ModelChangedError:

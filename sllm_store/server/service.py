@@ -153,8 +153,8 @@ class StoreService:
         return pb.StatusReply(models=models, **s)
 
     def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.DescribeReply:
-        index, fp, small = self.cache.describe(request.model)
-        return pb.DescribeReply(index_json=self.cache.index_json(index), fingerprint=fp, small_files=small)
+        index_json, fp, small = self.cache.describe(request.model)
+        return pb.DescribeReply(index_json=index_json, fingerprint=fp, small_files=small)
 
     def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
         t0 = time.perf_counter()
@@ -165,8 +165,13 @@ class StoreService:
         t0 = time.perf_counter()
         copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
         self._maybe_sweep()
+        # The client may give up (deadline, cancellation, a dead process): then stop writing into
+        # its memory at once; with a GPU destination it may hand that memory to other tensors.
+        gone = threading.Event()
+        context.add_callback(gone.set)
         with open_destinations(request.dests) as dests:
-            out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify)
+            out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify,
+                                  cancelled=lambda: gone.is_set() or not context.is_active())
         seconds = time.perf_counter() - t0
         logger.info("served %s: %s in %.3f s (%s%s)", request.model, format_size(out["bytes"]), seconds,
                     "hit" if out["hit"] else "miss", ", streamed" if out["streamed"] else "")
@@ -184,6 +189,9 @@ def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
         try:
             return fn(request, context)
         except Exception as e:  # every failure reaches the client with its class
+            if not context.is_active():  # the call has ended (client gone, shutdown): nothing to report
+                logger.info("%s: %s", name, e)
+                context.abort(grpc.StatusCode.CANCELLED, str(e))
             cls = type(e).__name__ if isinstance(e, SllmStoreError) else "StoreError"
             code = getattr(grpc.StatusCode, rpc.status_code_name(e))
             if code == grpc.StatusCode.INTERNAL:
