@@ -280,6 +280,7 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
   py::class_<IpcMapping>(m, "CudaIpcMapping", "GPU memory of another process, open while this lives.")
       .def(py::init<const std::string&, const std::string&>(), py::arg("pci_bus_id"), py::arg("handle"))
       .def_property_readonly("base", &IpcMapping::base)
+      .def_property_readonly("size", &IpcMapping::size, "bytes mapped from base (0: unknown)")
       .def_property_readonly("ordinal", &IpcMapping::ordinal)
       .def("close", &IpcMapping::close);
 

@@ -109,6 +109,25 @@ def test_mixed_gpu_and_cpu_destinations(server: Server) -> None:
     _assert_same(sd, ref)
 
 
+def test_gpu_destination_larger_than_the_allocation_is_refused(server: Server) -> None:
+    """A (faulty) client naming more GPU bytes than it shared gets a FormatError, and the server
+    writes nothing past the allocation."""
+    from sllm_store import _C
+    from sllm_store.server import store_pb2 as pb
+
+    buf = torch.empty(4 << 20, dtype=torch.uint8, device="cuda:0")  # a whole caching-allocator block
+    handle, offset, alloc_size, bus_id = _C.cuda_ipc_export(buf.data_ptr())
+    torch.cuda.synchronize()
+    described = server.client.describe("a")
+    request = pb.LoadRequest(
+        model="a", fingerprint=described.fingerprint,
+        dests=[pb.Destination(cuda=pb.CudaIpcMemory(handle=handle, offset=offset, pci_bus_id=bus_id),
+                              size=alloc_size - offset + 4096)],
+        copies=[pb.Copy(file=0, offset=0, dest=0, dest_offset=alloc_size - offset, length=4096)])
+    with pytest.raises(sllm_store.FormatError, match="overruns"):
+        server.client.call("Load", request, 30)
+
+
 def test_model_larger_than_pool_streams_to_gpu(storage: Path, tmp_path: Path) -> None:
     s = Server(storage, tmp_path / "s.sock", "8MiB")  # "big" is 19 MB
     try:

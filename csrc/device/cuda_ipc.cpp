@@ -94,6 +94,11 @@ IpcMapping::IpcMapping(const std::string& pci_bus_id, const std::string& handle)
     ctx_ = nullptr;
     cuda::check(r, "cuIpcOpenMemHandle");
   }
+  // The size of what the handle maps, to check the client's destination ranges against; 0 when
+  // the driver cannot say (then only the client's sizes bound the copies).
+  cuda::CUdeviceptr start = 0;
+  size_t size = 0;
+  if (drv_->cuMemGetAddressRange(&start, &size, base_) == cuda::CUDA_SUCCESS && start == base_) size_ = size;
 }
 
 void IpcMapping::close() {

@@ -33,6 +33,7 @@ class IpcMapping {
   IpcMapping& operator=(const IpcMapping&) = delete;
 
   uint64_t base() const { return base_; }
+  uint64_t size() const { return size_; }  // bytes mapped from base(); 0 if unknown
   int ordinal() const { return ordinal_; }  // in this process's numbering
   void close();
 
@@ -42,6 +43,7 @@ class IpcMapping {
   cuda::CUdevice dev_ = 0;
   cuda::CUcontext ctx_ = nullptr;
   cuda::CUdeviceptr base_ = 0;
+  uint64_t size_ = 0;
 };
 
 }  // namespace sllm
