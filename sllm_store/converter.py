@@ -28,8 +28,8 @@ from sllm_store._units import SizeLike, parse_size
 from sllm_store.errors import ConvertError, MissingFileError, MissingSourceError
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
 from sllm_store.sources import (
-    SAFETENSORS_DTYPES,
     SAFETENSORS_INDEX,
+    safetensors_entries,
     safetensors_header,
     safetensors_shards,
     shards_from_index,
@@ -55,14 +55,19 @@ def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, s
 
     specs: list[TensorSpec] = []
     metadata: dict[str, str] = {}
+    where: dict[str, Path] = {}
     for path in paths:
-        header, _ = safetensors_header(path)
+        header, start = safetensors_header(path)
         meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ConvertError(f"'{path}': __metadata__ must be an object of strings, "
+                               f"got {type(meta).__name__}")
         metadata.update({str(k): str(v) for k, v in meta.items()})
-        try:
-            order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        except (KeyError, TypeError, IndexError) as e:
-            raise ConvertError(f"'{path}' has a malformed safetensors header ({e})") from None
+        order = safetensors_entries(header, path, path.stat().st_size - start)
+        for entry in order:
+            if entry.name in where:
+                raise ConvertError(f"tensor {entry.name!r} is in both '{where[entry.name]}' and '{path}'")
+            where[entry.name] = path
         handle: dict[str, Any] = {}
 
         def get(name: str, path: Path = path, handle: dict[str, Any] = handle) -> torch.Tensor:
@@ -76,14 +81,9 @@ def _safetensors_specs(paths: list[Path]) -> tuple[list[TensorSpec], dict[str, s
             except Exception as e:
                 raise ConvertError(f"cannot read tensor {name!r} from '{path}': {e}") from None
 
-        for name, info in order:
-            st_dtype = info.get("dtype")
-            if st_dtype not in SAFETENSORS_DTYPES or not hasattr(torch, SAFETENSORS_DTYPES[st_dtype]):
-                raise ConvertError(f"'{path}': tensor {name!r} has unsupported dtype {st_dtype!r}")
-            dtype = getattr(torch, SAFETENSORS_DTYPES[st_dtype])
-            specs.append(
-                TensorSpec(name, dtype, tuple(info["shape"]), lambda n=name, g=get: g(n))
-            )
+        for entry in order:
+            specs.append(TensorSpec(entry.name, getattr(torch, entry.dtype), entry.shape,
+                                    lambda n=entry.name, g=get: g(n)))
     return specs, metadata
 
 
@@ -99,10 +99,18 @@ def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     except Exception as e:  # pickle / zip / weights_only errors come in many types
         raise ConvertError(f"cannot load torch checkpoint '{path}': {e}") from None
     for key in ("state_dict", "model", "module"):  # common wrappers of a state dict
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping) and len(obj) <= 3:
+        # Unwrapped only when nothing else at the top is a tensor (else those would be lost).
+        if (isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping) and len(obj) <= 3
+                and not any(isinstance(v, torch.Tensor) for k, v in obj.items() if k != key)):
+            logger.info("'%s': converting the state dict under %r", path, key)
             obj = obj[key]
     if not isinstance(obj, Mapping):
         raise ConvertError(f"'{path}' does not hold a state dict (got {type(obj).__name__})")
+    nested = [k for k, v in obj.items() if isinstance(v, Mapping)
+              and any(isinstance(x, torch.Tensor) for x in v.values())]
+    if nested:
+        raise ConvertError(f"'{path}' nests tensors in dicts ({', '.join(map(repr, nested[:3]))}): save "
+                           "a flat state dict (name -> tensor), e.g. model.state_dict()")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     skipped = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if skipped:
@@ -209,8 +217,9 @@ def convert(
             upload(local, str(dst), quiet=quiet)
         return dst  # type: ignore[return-value]  # the URL
     src_p, dst_p = Path(src), Path(dst)
-    if src_p.resolve() == dst_p.resolve():
-        raise ConvertError(f"source and destination are the same path: '{src_p}'")
+    if src_p.resolve() == dst_p.resolve() or dst_p.resolve() in src_p.resolve().parents:
+        # Replacing the destination (overwrite=True) would delete the source with it.
+        raise ConvertError(f"the destination '{dst_p}' is, or contains, the source '{src_p}'")
     target = resolve_dtype(dtype)
     size = parse_size(chunk_size)
     # Options are checked before the (possibly long) source scan.

@@ -164,7 +164,9 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
             by_file[f_i] = tensors = [t for t in tensors if t.name in target]
             for t in tensors:
                 s = slot(target[t.name])
-                placement[t.name] = (s, reserve(s, t.nbytes, index.tensor_alignment))
+                # At least 256-aligned: a plain safetensors file (tensor_alignment 1) may hold a
+                # tensor at an offset its dtype cannot be viewed at; its copy must be viewable.
+                placement[t.name] = (s, reserve(s, t.nbytes, max(index.tensor_alignment, 256)))
 
     segments: list[tuple[int, int, int, int, int]] = []
     per_file_tensors = {f: sorted(ts, key=lambda t: t.offset) for f, ts in by_file.items()}
@@ -184,6 +186,11 @@ def _make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCon
         units = [units[i] for i in used]
         segments = [(renumber[u], *rest) for u, *rest in segments]
     return _Plan(units, segments, devices, sizes, placement)
+
+
+def _payload_bytes(index: Index, assign: dict[str, Any]) -> int:
+    """Tensor bytes a load delivers: the stored tensors it assigns (an alias counts once)."""
+    return sum(index.tensors[n].nbytes for n in {index.resolve(name).name for name in assign})
 
 
 def _bytes_per_device(plan: _Plan) -> dict[str, int]:
@@ -210,6 +217,11 @@ def _mapped_plan(index: Index, config: LoadConfig) -> tuple[_Plan, list[tuple[to
         buffers.append((torch.frombuffer(mapping, dtype=torch.uint8), 0))
     segments = [(u_i, 0, f_i, off, length) for u_i, (f_i, off, length, _) in enumerate(units)]
     placement = {t.name: (t.file, t.offset) for t in index.tensors.values() if t.alias_of is None}
+    for t in index.tensors.values():
+        if t.alias_of is None and t.offset % dtype_from_name(t.dtype).itemsize:
+            raise ValueError(f"io_mode='mmap' cannot view tensor {t.name!r} ({t.dtype}) at byte offset "
+                             f"{t.offset} of its file, which is not a multiple of its element size; "
+                             "load it with the default io_mode (it is copied into aligned memory)")
     cpu = torch.device("cpu")
     plan = _Plan(units, segments, [cpu] * len(index.files), [f.size for f in index.files], placement)
     return plan, buffers
@@ -320,7 +332,7 @@ def _load(
     seconds = time.perf_counter() - t0
     report = LoadReport(
         path=str(path),
-        bytes=index.total_bytes,
+        bytes=_payload_bytes(index, assign),
         seconds=seconds,
         devices=_bytes_per_device(plan),
         stats=dict(stats),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ SAFETENSORS_DTYPES = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "C64": "complex64", "C128": "complex128", "F4": "float4_e2m1fn_x2",
+    "C64": "complex64", "C128": "complex128",
 }
 
 
@@ -57,6 +58,47 @@ def safetensors_header(path: Path, error: type[Exception] = ConvertError) -> tup
     if not isinstance(header, dict):
         raise error(f"'{path}' has a malformed safetensors header")
     return header, 8 + n
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    name: str
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the data section
+    end: int
+
+
+def safetensors_entries(header: dict[str, Any], path: Path, data_size: int,
+                        error: type[Exception] = ConvertError) -> list[SafetensorsEntry]:
+    """The tensors of a safetensors header (without ``__metadata__``), checked and in file order:
+    known dtype, a shape of non-negative ints, integer offsets with ``0 <= begin <= end <=
+    data_size`` that match the shape, and no two tensors overlapping. Raises ``error`` naming the
+    file and tensor otherwise."""
+    out: list[SafetensorsEntry] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"'{path}': tensor {name!r}"
+        if not isinstance(info, dict):
+            raise error(f"{where}: its header entry is not an object")
+        st_dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if st_dtype not in SAFETENSORS_DTYPES or not hasattr(torch, SAFETENSORS_DTYPES[st_dtype]):
+            raise error(f"{where} has an unsupported dtype {st_dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise error(f"{where} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise error(f"{where} has invalid data_offsets {offsets!r} (data section: {data_size} bytes)")
+        dtype = SAFETENSORS_DTYPES[st_dtype]
+        if offsets[1] - offsets[0] != math.prod(shape) * getattr(torch, dtype).itemsize:
+            raise error(f"{where}: data_offsets {offsets} do not hold shape {shape} of {st_dtype}")
+        out.append(SafetensorsEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    out.sort(key=lambda e: (e.begin, e.end))
+    for a, b in zip(out, out[1:]):
+        if b.begin < a.end:
+            raise error(f"'{path}': tensors {a.name!r} and {b.name!r} overlap")
+    return out
 
 
 def shards_from_index(directory: Path, index_name: str) -> list[Path]:
@@ -87,21 +129,12 @@ def _safetensors_index(root: Path, shards: list[Path]) -> Index:
     tensors: dict[str, TensorEntry] = {}
     for f_i, shard in enumerate(shards):
         header, start = safetensors_header(shard, FormatError)
-        header.pop("__metadata__", None)
         size = shard.stat().st_size
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                shape = tuple(int(d) for d in info["shape"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise FormatError(f"'{shard}': bad header entry for {name!r} ({e})") from None
-            torch_dtype = getattr(torch, dtype, None)
-            if torch_dtype is None:
-                raise FormatError(f"'{shard}': dtype {dtype} is not supported by this torch")
-            if end - begin != math.prod(shape) * torch_dtype.itemsize or start + end > size:
-                raise FormatError(f"'{shard}': tensor {name!r} has inconsistent offsets")
-            tensors[name] = TensorEntry(name, dtype, shape, f_i, start + begin, end - begin)
+        for e in safetensors_entries(header, shard, size - start, FormatError):
+            if e.name in tensors:
+                raise FormatError(f"tensor {e.name!r} is in both '{shards[tensors[e.name].file]}' "
+                                  f"and '{shard}'")
+            tensors[e.name] = TensorEntry(e.name, e.dtype, e.shape, f_i, start + e.begin, e.end - e.begin)
         files.append(DataFile(shard.name, size, ()))
     return Index(
         path=root, version=1, chunk_size=DEFAULT_CHUNK_SIZE, alignment=1,

@@ -118,7 +118,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _tensor_bytes(t: torch.Tensor) -> Any:
     """The C-contiguous bytes of ``t`` as a numpy uint8 array (no copy if already contiguous)."""
-    flat = t.detach().contiguous().reshape(-1)
+    # Conjugate and negative views are lazy: their bytes are those of the base tensor.
+    flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() == 0:
         return flat.new_empty(0, dtype=torch.uint8).numpy()
     return flat.view(torch.uint8).numpy()
@@ -394,7 +395,7 @@ def specs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[Tensor
         if t.numel() > 0:
             key = (
                 t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
-                tuple(t.shape), t.stride(), t.dtype,
+                tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg(),
             )
         if key is not None and key in seen:
             specs.append(TensorSpec(name, t.dtype, tuple(t.shape), lambda t=t: t, alias_of=seen[key]))

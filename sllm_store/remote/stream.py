@@ -59,6 +59,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         _bytes_per_device,
         _device_spec,
         _make_plan,
+        _payload_bytes,
         _views,
     )
     from sllm_store.writer import default_quiet
@@ -99,7 +100,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         cached = None
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
-    report = LoadReport(path=url, bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
+    report = LoadReport(path=url, bytes=_payload_bytes(index, assign), seconds=seconds,
+                        devices=_bytes_per_device(plan),
                         stats={"io_mode": "remote", "threads": config.num_threads,
                                "bytes_downloaded": d.bytes_downloaded,
                                "cached": str(cached) if cached else None})

@@ -222,6 +222,7 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
         _assign_devices,
         _bytes_per_device,
         _make_plan,
+        _payload_bytes,
         _views,
     )
 
@@ -286,7 +287,8 @@ def load_through_store(path: PathLike, device: Any, config: LoadConfig,
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(
-        path=str(path), bytes=index.total_bytes, seconds=seconds, devices=_bytes_per_device(plan),
+        path=str(path), bytes=_payload_bytes(index, assign), seconds=seconds,
+        devices=_bytes_per_device(plan),
         stats={"io_mode": "store", "store": client.target, "hit": result.hit, "streamed": result.streamed,
                "server_seconds": result.seconds, "copy_seconds": result.copy_seconds,
                "bytes_copied": result.bytes, "describe_seconds": t_described - t0,
