@@ -358,6 +358,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or an input no check foresaw: one line, traceback with -v
+        logging.getLogger(__name__).info("unexpected error", exc_info=True)
+        print(f"error: unexpected {type(e).__name__}: {e} (sllm-store -v ... shows where; please report it)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -267,3 +267,16 @@ def test_usage_errors():
         assert proc.returncode != 0, args
         assert "Traceback" not in proc.stderr, proc.stderr
         assert "usage" in proc.stderr.lower(), proc.stderr
+
+
+def test_unexpected_errors_are_one_line(monkeypatch, capsys) -> None:
+    from sllm_store import cli
+
+    def boom(args):
+        raise RuntimeError("something no check foresaw")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    assert cli.main(["info", "anything"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected RuntimeError: something no check foresaw")
+    assert "Traceback" not in err
