@@ -59,7 +59,8 @@ def _as_device(d: DeviceLike) -> torch.device:
 
 
 def _device_spec(dev: torch.device) -> str:
-    return dev.type if dev.index is None else f"{dev.type}:{dev.index}"
+    # Host memory is one device, whatever index torch gives it ("cpu:0").
+    return dev.type if dev.index is None or dev.type == "cpu" else f"{dev.type}:{dev.index}"
 
 
 def _assign_devices(index: Index, device: DeviceMap) -> dict[str, torch.device]:

@@ -111,3 +111,9 @@ def test_partial_load_reports_the_bytes_it_loaded(tmp_path) -> None:
                                        "b": torch.zeros(3 << 20, dtype=torch.uint8)}, tmp_path / "m")
     _, report = load_state_dict_with_report(path, {"a": "cpu"})
     assert report.bytes == 1 << 20
+
+
+def test_cpu_with_an_index_is_host_memory(tmp_path) -> None:
+    path = sllm_store.save_state_dict({"a": torch.arange(5)}, tmp_path / "m")
+    for device in ("cpu:0", torch.device("cpu", 0), {"a": "cpu:0"}):
+        assert torch.equal(sllm_store.load_state_dict(path, device)["a"], torch.arange(5))
