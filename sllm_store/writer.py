@@ -85,26 +85,29 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f"{TMP_PREFIX}{dst.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    trash: Optional[Path] = None
     try:
         yield tmp
         if dst.exists() or dst.is_symlink():
             trash = dst.parent / f"{TMP_PREFIX}{dst.name}-old-{uuid.uuid4().hex[:8]}"
             os.replace(dst, trash)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(trash, dst)  # put the old checkpoint back
-                raise
+        os.replace(tmp, dst)
+    except BaseException:
+        # Whenever it stopped (an error, Ctrl-C between the two renames): the old checkpoint back
+        # in place, the new one's files gone.
+        if trash is not None and not dst.exists() and (trash.exists() or trash.is_symlink()):
+            os.replace(trash, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(dst.parent)
+    if trash is not None:  # the new checkpoint is in place: removing the old one is best effort
+        try:
             if trash.is_dir() and not trash.is_symlink():
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 trash.unlink()
-        else:
-            os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except OSError as e:
+            logger.warning("could not remove the replaced checkpoint '%s': %s", trash, e)
 
 
 def _fsync_dir(path: Path) -> None:

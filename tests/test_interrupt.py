@@ -93,3 +93,23 @@ def test_sigint_caught_then_load_again(big_checkpoint):
     assert "INTERRUPTED" in out, (out, err[-2000:])
     assert "RECOVERED" in out, (out, err[-2000:])
     assert elapsed < 15
+
+
+def test_interrupt_between_the_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch) -> None:
+    import os
+
+    dst = sllm_store.save_state_dict({"old": torch.ones(3)}, tmp_path / "m")
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # dst has moved aside; the new one is not in place yet
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        sllm_store.save_state_dict({"new": torch.zeros(3)}, dst, overwrite=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert set(sllm_store.load_state_dict(dst)) == {"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or trash directory left
