@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -300,6 +301,8 @@ def _load(
 
         return load_remote(str(path), device, config)
     t0 = time.perf_counter()
+    if sys.byteorder != "little":  # tensors are views of the stored (little-endian) bytes
+        raise DeviceError("sllm-store checkpoints are little-endian; this host is big-endian")
     index = open_checkpoint(path)
     check_data_files(index)
     if config.verify and not any(f.checksums for f in index.files) and index.files:

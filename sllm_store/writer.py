@@ -24,7 +24,7 @@ import torch
 from sllm_store import __version__
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.dtypes import dtype_name
-from sllm_store.errors import DestinationExistsError, SllmStoreError
+from sllm_store.errors import ConvertError, DestinationExistsError, SllmStoreError
 from sllm_store.index import (
     COMPRESSED_VERSION,
     DEFAULT_CHUNK_SIZE,
@@ -255,6 +255,8 @@ class CheckpointWriter:
         quiet: Optional[bool] = None,
         compress: Optional[str] = None,
     ) -> None:
+        if sys.byteorder != "little":  # tensors are written as their in-memory bytes
+            raise ConvertError("sllm-store checkpoints are little-endian; this host is big-endian")
         if chunk_size <= 0 or chunk_size % FILE_ALIGNMENT:
             raise ValueError(f"chunk_size must be a positive multiple of {FILE_ALIGNMENT}, got {chunk_size}")
         if num_files < 1:
