@@ -578,3 +578,21 @@ def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:
 
     monkeypatch.setattr(cache, "_touch_entry", touch_then_evict)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+
+
+def test_unreachable_store_falls_back_to_the_cached_copy(env, monkeypatch, caplog) -> None:
+    """A cold start must not fail on a network blip when a complete copy is cached; a missing
+    object or refused credentials still fail."""
+    from sllm_store.remote import RemoteOptions
+
+    local, sd, url = _uploaded(env, "fallback")
+    sllm_store.load_state_dict(url)  # cached now
+    dead = RemoteOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", timeout_s=2, max_retries=1)
+    caplog.set_level(logging.WARNING, logger="sllm_store.remote.cache")
+    assert_state_dict_identical(sllm_store.load_state_dict(url, remote=dead), sd)
+    assert "loading the copy cached" in caplog.text
+    with pytest.raises(RemoteUnavailableError):  # nothing cached for this URL
+        sllm_store.load_state_dict(f"s3://{BUCKET}/never-loaded/m", remote=dead)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(RemoteAuthError):
+        sllm_store.load_state_dict(url)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sllm_store._units import format_size, parse_size
-from sllm_store.errors import CacheError, ChecksumError, RemoteError
+from sllm_store.errors import CacheError, ChecksumError, RemoteError, RemoteUnavailableError
 from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
 from sllm_store.remote.objects import RemoteOptions, open_store, remote_error
 from sllm_store.utils import parallel_map
@@ -97,7 +97,18 @@ class Download:
         try:
             self.index_bytes = bytes(obstore.get(self.store, INDEX_FILE).bytes())
         except Exception as e:
-            raise remote_error(e, f"{self.url}/{INDEX_FILE}", "fetching") from None
+            err = remote_error(e, f"{self.url}/{INDEX_FILE}", "fetching")
+            cached = [c for c in entries(self.root) if c.url == self.url] \
+                if isinstance(err, RemoteUnavailableError) else []
+            if not cached:
+                raise err from None
+            # The store is unreachable, but a complete copy is here: a cold start should not
+            # fail on a network blip. (Not when the object is gone or access is denied.)
+            logger.warning("%s; loading the copy cached %s ago instead (%s)", err,
+                           _age(cached[0].last_used), cached[0].path)
+            _touch_entry(cached[0].path)
+            self.cached = cached[0].path
+            return self
         self.name = _entry_name(self.url, self.index_bytes)
         final = self.root / self.name
         if _touch_entry(final):
@@ -474,6 +485,11 @@ def _downloading(partial: Path) -> bool:
     """Whether a process holds the download lock of this partial entry."""
     with _download_lock(partial) as free:
         return not free
+
+
+def _age(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _touch_entry(final: Path) -> bool:
