@@ -133,7 +133,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("sllm_store").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     serve(args.storage_path, args.mem_pool_size, listen=args.listen, num_threads=args.num_threads,
-          block_size=args.chunk_size, io_mode=args.io_mode)
+          block_size=args.chunk_size, io_mode=args.io_mode, max_loads=args.max_loads)
     return 0
 
 
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-threads", type=int, default=None, help="disk reader threads")
     sv.add_argument("--chunk-size", type=_size, default="32MiB", help="pool block size (default 32MiB)")
     sv.add_argument("--io-mode", choices=("auto", "buffered", "direct"), default="auto")
+    sv.add_argument("--max-loads", type=int, default=56,
+                    help="loads and prefetches served at once (default 56); more wait in their clients")
     sv.set_defaults(func=_cmd_serve)
 
     for cmd, helptext, fn in (

@@ -87,6 +87,11 @@ class ModelChangedError(StoreError):
     """A model's files changed on disk between planning a load and running it."""
 
 
+class StoreBusyError(StoreError):
+    """The server already runs as many loads as it allows at once (so that Health and Status
+    stay answerable); the client retries until its timeout before raising it."""
+
+
 class RemoteError(SllmStoreError):
     """A problem with a remote checkpoint (``s3://...``, ``https://...``)."""
 
@@ -128,6 +133,7 @@ __all__ = [
     "PoolExhaustedError",
     "ModelTooLargeError",
     "ModelChangedError",
+    "StoreBusyError",
     "RemoteError",
     "RemoteNotFoundError",
     "RemoteAuthError",

@@ -212,7 +212,8 @@ class Server:
     """One ``sllm-store serve`` process on ``unix://DIR/NAME``, its output in DIR/NAME.log."""
 
     def __init__(self, storage: Path, sock_dir: str, *, pool: str = "32MiB", delay: float = 0.0,
-                 name: str = "s.sock") -> None:
+                 name: str = "s.sock", args: tuple[str, ...] = ()) -> None:
+        self.args = args
         self.storage = storage
         self.sock = os.path.join(sock_dir, name)
         self.address = "unix://" + self.sock
@@ -230,7 +231,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(self.storage),
                  "--mem-pool-size", self.pool, "--chunk-size", str(BLOCK), "--num-threads", "2",
-                 "--listen", self.address],
+                 "--listen", self.address, *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT
@@ -723,6 +724,23 @@ def test_client_timeout_stops_the_server_copying(store, slow_server, monkeypatch
     assert s.pool_used == 0
     sd, stats = load("big", srv)
     store.check("big", sd)
+
+
+def test_load_limit_keeps_quick_calls_answerable(store, start_server):
+    """With --max-loads 1, a second load waits (its client retries while the server says busy)
+    and Health answers at once meanwhile."""
+    srv = start_server(pool="4MiB", delay=0.3, args=("--max-loads", "1"))
+    first = Background(lambda: load("big", srv))  # streams in windows, 0.3 s each
+    wait_until(lambda: srv.status().loads_in_progress >= 1, 30, "the first load to start")
+    t0 = time.monotonic()
+    assert srv.client().health(timeout=2.0).pid == srv.proc.pid
+    assert time.monotonic() - t0 < 1.0
+    sd, stats = load("mixed", srv)  # refused while "big" runs, retried, then served
+    store.check("mixed", sd)
+    first.join(60)
+    assert first.error is None, repr(first.error)
+    assert "StoreBusyError" in srv.log()
+    assert_consistent(srv)
 
 
 def test_server_killed_mid_load_raises_unavailable_quickly(store, start_server):

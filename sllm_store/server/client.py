@@ -26,7 +26,7 @@ import torch
 from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
-from sllm_store.errors import ModelChangedError, OutOfMemoryError, StoreUnavailableError
+from sllm_store.errors import ModelChangedError, OutOfMemoryError, StoreBusyError, StoreUnavailableError
 from sllm_store.index import Index, PathLike, parse_index
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
@@ -80,10 +80,20 @@ class StoreClient:
         self._channel.close()
 
     def call(self, method: str, request: Any, timeout: Optional[float] = None) -> Any:
-        try:
-            return self._stubs[method](request, timeout=timeout or CONNECT_TIMEOUT)
-        except grpc.RpcError as e:
-            raise self._error(method, e, timeout or CONNECT_TIMEOUT) from None
+        """One RPC. A server that is busy (``StoreBusyError``: its load limit reached) is asked
+        again, with backoff, until ``timeout`` has passed."""
+        timeout = timeout or CONNECT_TIMEOUT
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            try:
+                return self._stubs[method](request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as e:
+                err = self._error(method, e, timeout)
+            if not isinstance(err, StoreBusyError) or time.monotonic() + delay >= deadline:
+                raise err
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def _error(self, method: str, e: Any, timeout: float) -> Exception:
         code = e.code() if hasattr(e, "code") else None

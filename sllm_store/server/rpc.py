@@ -82,6 +82,7 @@ _CODES = {
     "ModelTooLargeError": "RESOURCE_EXHAUSTED",
     "OutOfMemoryError": "RESOURCE_EXHAUSTED",
     "ModelChangedError": "ABORTED",
+    "StoreBusyError": "RESOURCE_EXHAUSTED",
     "StoreUnavailableError": "UNAVAILABLE",
     "FormatError": "FAILED_PRECONDITION",
     "UnsupportedVersionError": "FAILED_PRECONDITION",

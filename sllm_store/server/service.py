@@ -25,7 +25,7 @@ import grpc
 
 from sllm_store import _C, __version__
 from sllm_store._units import format_size
-from sllm_store.errors import DeviceError, FormatError, SllmStoreError
+from sllm_store.errors import DeviceError, FormatError, SllmStoreError, StoreBusyError
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
 from sllm_store.server.cache import Dest, ModelCache
@@ -132,12 +132,18 @@ def sweep_stale_shm() -> int:
     return removed
 
 
+DEFAULT_MAX_LOADS = 56  # loads and prefetches at once; more are refused with StoreBusyError
+RESERVED_RPC_THREADS = 8  # RPC threads beyond that, for Health, Status, Describe and Evict
+
+
 class StoreService:
     """The RPC handlers. Each takes (request, context) and returns the reply message."""
 
-    def __init__(self, cache: ModelCache, *, cuda: bool) -> None:
+    def __init__(self, cache: ModelCache, *, cuda: bool, max_loads: int = DEFAULT_MAX_LOADS) -> None:
         self.cache = cache
         self.cuda = cuda
+        self.max_loads = max_loads
+        self._loads = threading.BoundedSemaphore(max_loads)
         self._next_sweep = 0.0  # sweep_stale_shm runs at most once a minute, off the copy path
 
     def _maybe_sweep(self) -> None:
@@ -159,12 +165,30 @@ class StoreService:
         index_json, fp, small = self.cache.describe(request.model)
         return pb.DescribeReply(index_json=index_json, fingerprint=fp, small_files=small)
 
+    @contextlib.contextmanager
+    def _load_slot(self) -> Iterator[None]:
+        """Loads and prefetches may wait long (fills, streams): at most ``max_loads`` run at once,
+        so that RPC threads stay free for Health, Status and Describe. Beyond that the call is
+        refused at once (the client retries), rather than holding a thread while it waits."""
+        if not self._loads.acquire(blocking=False):
+            raise StoreBusyError(f"the store server is running {self.max_loads} loads and prefetches "
+                                 "already (--max-loads)")
+        try:
+            yield
+        finally:
+            self._loads.release()
+
     def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
         t0 = time.perf_counter()
-        hit, nbytes = self.cache.prefetch(request.model, verify=request.verify)
+        with self._load_slot():
+            hit, nbytes = self.cache.prefetch(request.model, verify=request.verify)
         return pb.PrefetchReply(hit=hit, seconds=time.perf_counter() - t0, bytes=nbytes)
 
     def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
+        with self._load_slot():
+            return self._load(request, context)
+
+    def _load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
         t0 = time.perf_counter()
         copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
         self._maybe_sweep()
@@ -207,8 +231,10 @@ def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
     return call
 
 
-def make_server(service: StoreService, address: str, max_workers: int = 64) -> tuple[grpc.Server, str]:
-    """A started-not gRPC server bound to ``address``; returns (server, target)."""
+def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
+    """A started-not gRPC server bound to ``address``; returns (server, target). It has
+    ``RESERVED_RPC_THREADS`` threads more than the service's load limit, for the quick calls."""
+    max_workers = service.max_loads + RESERVED_RPC_THREADS
     target = rpc.normalize_address(address)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -255,7 +281,7 @@ def _socket_alive(target: str) -> bool:
 
 def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None,
           num_threads: Optional[int] = None, block_size: int = 32 << 20, io_mode: str = "auto",
-          copy_threads: int = 4, ready: Optional[threading.Event] = None,
+          copy_threads: int = 4, max_loads: int = DEFAULT_MAX_LOADS, ready: Optional[threading.Event] = None,
           stop: Optional[threading.Event] = None) -> None:
     """Run the store server until SIGTERM/SIGINT (or ``stop`` is set).
 
@@ -274,7 +300,10 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     if delay:
         cache.debug_copy_delay = float(delay)
     cuda = _C.cuda_device_count() > 0
-    server, target = make_server(StoreService(cache, cuda=cuda), listen or rpc.default_address())
+    if max_loads < 1:
+        raise ValueError(f"max_loads must be >= 1, got {max_loads}")
+    server, target = make_server(StoreService(cache, cuda=cuda, max_loads=max_loads),
+                                 listen or rpc.default_address())
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
