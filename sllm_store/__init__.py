@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_state_dict, verify
     from sllm_store.model import load_model, save_model
-    from sllm_store.server.client import StoreClient
+    from sllm_store.server.client import StoreClient as StoreClient
     from sllm_store.writer import save_state_dict
 
 
@@ -57,6 +57,8 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 
+# StoreClient (sllm_store.StoreClient) is left out of the star import: it needs grpc, which only
+# the "server" extra installs.
 __all__ = [
     "__version__",
     "load_state_dict",
@@ -64,7 +66,6 @@ __all__ = [
     "save_state_dict",
     "load_model",
     "save_model",
-    "StoreClient",
     "convert",
     "read_index",
     "Index",

@@ -30,6 +30,27 @@ def default_num_threads() -> int:
     return max(4, min(16, os.cpu_count() or 4))
 
 
+def _env_int(name: str) -> Optional[int]:
+    """An integer environment variable (None if unset or empty), or a ValueError naming it."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _env_bool(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (unset: no)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Settings of one load. Build it with :meth:`resolve`."""
@@ -54,14 +75,21 @@ class LoadConfig:
         remote: Any = None,
     ) -> LoadConfig:
         env = os.environ
-        if num_threads is None and env.get("SLLM_STORE_NUM_THREADS"):
-            num_threads = int(env["SLLM_STORE_NUM_THREADS"])
+        if num_threads is None:
+            num_threads = _env_int("SLLM_STORE_NUM_THREADS")
         if io_mode is None:
-            io_mode = env.get("SLLM_STORE_IO_MODE") or "auto"
+            io_mode = (env.get("SLLM_STORE_IO_MODE") or "auto").strip().lower()
+            if io_mode not in IO_MODES:
+                raise ValueError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
+                                 f"got {io_mode!r}")
         if chunk_size is None and env.get("SLLM_STORE_CHUNK_SIZE"):
             chunk_size = env["SLLM_STORE_CHUNK_SIZE"]
+            try:
+                parse_size(chunk_size)
+            except ValueError as e:
+                raise ValueError(f"SLLM_STORE_CHUNK_SIZE: {e}") from None
         if verify is None:
-            verify = env.get("SLLM_STORE_VERIFY", "0").lower() in ("1", "true", "yes")
+            verify = _env_bool("SLLM_STORE_VERIFY")
         threads = default_num_threads() if num_threads is None else int(num_threads)
         if threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {threads}")
@@ -69,8 +97,9 @@ class LoadConfig:
             raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
         size = None if chunk_size is None else parse_size(chunk_size)
         if size is not None and (size <= 0 or size % 4096):
-            raise ValueError(f"chunk_size must be a positive multiple of 4096, got {size}")
-        staging = int(env.get("SLLM_STORE_STAGING_BUFFERS") or 2)
+            hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
+            raise ValueError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
+        staging = _env_int("SLLM_STORE_STAGING_BUFFERS") or 2
         if staging < 1:
             raise ValueError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
         if store is None:

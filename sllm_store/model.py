@@ -12,7 +12,9 @@ thread imports transformers and builds the model.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -34,24 +36,32 @@ logger = logging.getLogger(__name__)
 DeviceMapLike = Union[str, int, torch.device, Mapping[str, Union[str, int, torch.device]]]
 
 
+# Building a model patches process-wide state (nn.Module.register_parameter, the default dtype,
+# as from_pretrained does): one build at a time, and the patch acts only on the building thread.
+_BUILD_LOCK = threading.Lock()
+_BUILDING = threading.local()
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device (no storage, no init cost);
-    buffers stay real, so values computed at construction (rotary caches) are kept."""
+    """Every parameter registered inside (by this thread) goes to the meta device (no storage, no
+    init cost); buffers stay real, so values computed at construction (rotary caches) are kept."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
+        if getattr(_BUILDING, "active", False) and param is not None and param.device.type != "meta":
             p = module._parameters[name]
             kwargs = dict(p.__dict__)
             kwargs["requires_grad"] = p.requires_grad
             module._parameters[name] = type(p)(p.to("meta"), **kwargs)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
+    _BUILDING.active = True
     try:
         yield
     finally:
+        _BUILDING.active = False
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
@@ -77,6 +87,31 @@ def _checkpoint_dtype(index: Index) -> Optional[torch.dtype]:
         if t.alias_of is None and dtype_from_name(t.dtype).is_floating_point:
             counts[t.dtype] += t.nbytes
     return dtype_from_name(counts.most_common(1)[0][0]) if counts else None
+
+
+def _keep_in_fp32(model: nn.Module, dtype: Optional[torch.dtype]) -> Optional[re.Pattern[str]]:
+    """Parameter names that stay float32, as from_pretrained keeps them: the model's
+    ``_keep_in_fp32_modules`` when loading as float16, ``_keep_in_fp32_modules_strict`` when
+    loading as float16 or bfloat16."""
+    modules: list[str] = []
+    if dtype == torch.float16:
+        modules += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not modules:
+        return None
+    return re.compile(r"(^|\.)(" + "|".join(map(re.escape, modules)) + r")($|\.)")
+
+
+def _config_dtype(root: Path) -> Optional[torch.dtype]:
+    """The floating dtype config.json names (``dtype``, or ``torch_dtype`` before transformers 5)."""
+    try:
+        raw = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _model_class(hf_model_class: Any) -> Any:
@@ -107,7 +142,7 @@ def _build(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_cod
 
     major = int(transformers.__version__.split(".")[0])
     kwargs: dict[str, Any] = {("dtype" if major >= 5 else "torch_dtype"): dtype} if dtype else {}
-    with _parameters_on_meta(), _default_dtype(dtype), _no_init_weights():
+    with _BUILD_LOCK, _parameters_on_meta(), _default_dtype(dtype), _no_init_weights():
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
         return cls._from_config(config, **kwargs)
@@ -180,6 +215,7 @@ def load_model(
     *,
     device_map: DeviceMapLike = "auto",
     torch_dtype: Any = None,
+    dtype: Any = None,
     hf_model_class: Any = "AutoModelForCausalLM",
     trust_remote_code: bool = False,
     max_memory: Optional[Mapping[Any, Any]] = None,
@@ -196,7 +232,8 @@ def load_model(
         path: model directory (config.json plus weights in the sllm-store format or safetensors).
         device_map: ``"auto"`` (fit over the visible GPUs, then CPU, as accelerate does), a device
             (``"cuda:0"``, ``"cpu"``, ``0``), or an accelerate-style dict of module prefix -> device.
-        torch_dtype: dtype of floating weights; ``None`` or ``"auto"`` keeps the checkpoint's.
+        torch_dtype: dtype of floating weights (``dtype`` is the same, as transformers 5 names it);
+            ``None`` or ``"auto"``: the config's ``dtype`` if it sets one, else the checkpoint's.
         hf_model_class: a ``transformers`` class or its name (``"AutoModelForCausalLM"``,
             ``"AutoModel"``, ``"BertForMaskedLM"``, ...).
         trust_remote_code: passed to ``AutoConfig`` / the auto class.
@@ -213,7 +250,7 @@ def load_model(
                                       torch_dtype=torch.bfloat16)
     """
     model, _ = load_model_with_report(
-        path, device_map=device_map, torch_dtype=torch_dtype, hf_model_class=hf_model_class,
+        path, device_map=device_map, torch_dtype=torch_dtype, dtype=dtype, hf_model_class=hf_model_class,
         trust_remote_code=trust_remote_code, max_memory=max_memory, num_threads=num_threads,
         verify=verify, store=store, **config_kwargs,
     )
@@ -225,6 +262,7 @@ def load_model_with_report(
     *,
     device_map: DeviceMapLike = "auto",
     torch_dtype: Any = None,
+    dtype: Any = None,
     hf_model_class: Any = "AutoModelForCausalLM",
     trust_remote_code: bool = False,
     max_memory: Optional[Mapping[Any, Any]] = None,
@@ -235,6 +273,10 @@ def load_model_with_report(
 ) -> tuple[nn.Module, LoadReport]:
     """:func:`load_model`, also returning the :class:`~sllm_store.loader.LoadReport`."""
     t0 = time.perf_counter()
+    if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
+        if torch_dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
+        torch_dtype = dtype
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
     with contextlib.ExitStack() as stack:
         if load_config.store:
@@ -267,10 +309,15 @@ def _load_model(
 ) -> tuple[nn.Module, LoadReport]:
     from sllm_store.writer import resolve_dtype
 
-    dtype = _checkpoint_dtype(index) if torch_dtype in (None, "auto") else resolve_dtype(torch_dtype)
+    if torch_dtype in (None, "auto"):  # as from_pretrained: the config's dtype, else the weights'
+        dtype = _config_dtype(root) or _checkpoint_dtype(index)
+    else:
+        dtype = resolve_dtype(torch_dtype)
 
     # When the placement is known up front, the weights stream (in this thread, so that Ctrl-C
     # cancels the load) while another thread imports transformers and builds the model.
+    if device_map is None:  # from_pretrained's default: everything in host memory
+        device_map = "cpu"
     early = _fast_single_device(device_map, index)
     built: dict[str, Any] = {}
 
@@ -319,11 +366,13 @@ def _load_model(
         loaded = _load(source, per_tensor, load_config, described)
     tensors, report = loaded
 
+    keep_fp32 = _keep_in_fp32(model, dtype)
     state: dict[str, torch.Tensor] = {}
     for ckpt_name, model_name in names.items():
         t = tensors[ckpt_name]
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype and _castable(t.dtype):
-            t = t.to(dtype)
+        want = torch.float32 if keep_fp32 is not None and keep_fp32.search(model_name) else dtype
+        if want is not None and t.is_floating_point() and t.dtype != want and _castable(t.dtype):
+            t = t.to(want)
         state[model_name] = t
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -334,6 +383,10 @@ def _load_model(
             f"{still_meta[:5]}" + (" ..." if len(still_meta) > 5 else "")
         )
     logger.debug("missing keys re-tied or buffers: %s", incompatible.missing_keys[:10])
+    missing_buffers = [n for n, _ in model.named_buffers() if n in expected and n not in state]
+    if missing_buffers:
+        logger.warning("'%s' lacks %d persistent buffers of %s, kept as the model initialised them: %s",
+                       root, len(missing_buffers), type(model).__name__, missing_buffers[:5])
     _place_buffers(model, devices)
     if len({str(d) for d in devices.values()}) > 1:
         from accelerate import dispatch_model
