@@ -154,3 +154,81 @@ def test_import_is_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    config, auto = _configs()["llama"]
+    torch.manual_seed(0)
+    model = getattr(transformers, auto).from_config(config)
+    root = tmp_path_factory.mktemp("llama-extra")
+    model.save_pretrained(root / "hf")
+    sllm_store.convert(root / "hf", root / "sllm", quiet=True)
+    return root / "hf", root / "sllm"
+
+
+def test_concurrent_load_model_calls_do_not_disturb_each_other(llama_dirs) -> None:
+    import threading
+
+    hf, conv = llama_dirs
+    ref = _outputs(transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32))
+    results: list = [None] * 4
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = _outputs(sllm_store.load_model(conv, device_map="cpu", torch_dtype=torch.float32))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for r in results:
+        torch.testing.assert_close(r, ref)
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # no patch left behind
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_dtype_argument_and_config_dtype(llama_dirs, tmp_path) -> None:
+    import json
+    import shutil
+
+    _, conv = llama_dirs
+    model = sllm_store.load_model(conv, device_map="cpu", dtype=torch.bfloat16)  # the transformers 5 name
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="disagree"):
+        sllm_store.load_model(conv, device_map="cpu", dtype=torch.bfloat16, torch_dtype=torch.float16)
+    shutil.copytree(conv, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"  # fp32 weights, config says bf16: "auto" follows the config
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    model = sllm_store.load_model(tmp_path / "m", device_map=None)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("SLLM_STORE_NUM_THREADS", "abc", "SLLM_STORE_NUM_THREADS must be an integer"),
+    ("SLLM_STORE_VERIFY", "maybe", "SLLM_STORE_VERIFY must be"),
+    ("SLLM_STORE_CHUNK_SIZE", "16M", "use KiB/MiB/GiB"),
+    ("SLLM_STORE_STAGING_BUFFERS", "two", "SLLM_STORE_STAGING_BUFFERS must be an integer"),
+])
+def test_bad_environment_values_name_the_variable(monkeypatch, var, value, message) -> None:
+    from sllm_store.config import LoadConfig
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=message):
+        LoadConfig.resolve()
+
+
+def test_environment_values_are_case_insensitive(monkeypatch) -> None:
+    from sllm_store.config import LoadConfig
+
+    monkeypatch.setenv("SLLM_STORE_IO_MODE", "Direct")
+    monkeypatch.setenv("SLLM_STORE_VERIFY", "ON")
+    cfg = LoadConfig.resolve()
+    assert cfg.io_mode == "direct" and cfg.verify is True
