@@ -318,26 +318,31 @@ class CheckpointWriter:
                             f.write(data)
                             hasher.update(data)
 
-                    for spec in run:
-                        pad = _align(pos, self.tensor_alignment) - pos
+                    try:
+                        for spec in run:
+                            pad = _align(pos, self.tensor_alignment) - pos
+                            if pad:
+                                emit(bytes(pad))
+                                pos += pad
+                            tensor = spec.load()
+                            self._check(spec, tensor)
+                            data = _tensor_bytes(tensor)
+                            emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
+                            entries[spec.name] = TensorEntry(
+                                spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
+                            )
+                            pos += spec.nbytes
+                            bar.update(spec.nbytes)
+                            del tensor, data
+                        pad = _align(pos, FILE_ALIGNMENT) - pos
                         if pad:
                             emit(bytes(pad))
                             pos += pad
-                        tensor = spec.load()
-                        self._check(spec, tensor)
-                        data = _tensor_bytes(tensor)
-                        emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
-                        entries[spec.name] = TensorEntry(
-                            spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
-                        )
-                        pos += spec.nbytes
-                        bar.update(spec.nbytes)
-                        del tensor, data
-                    pad = _align(pos, FILE_ALIGNMENT) - pos
-                    if pad:
-                        emit(bytes(pad))
-                        pos += pad
-                    stored = sink.finish() if sink is not None else None
+                        stored = sink.finish() if sink is not None else None
+                    except BaseException:
+                        if sink is not None:  # stop compressing the queued chunks
+                            sink.pool.shutdown(wait=False, cancel_futures=True)
+                        raise
                     f.flush()
                     os.fsync(f.fileno())
                 checksums = tuple(hasher.finish())

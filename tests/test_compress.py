@@ -256,3 +256,28 @@ def test_compressed_load_to_gpu(tmp_path, mixed_state_dict, verify) -> None:
     out = sllm_store.load_state_dict(path, "cuda:0", verify=verify)
     assert {t.device.type for t in out.values()} == {"cuda"}
     assert_state_dict_identical(out, sd)
+
+
+def test_failed_compressed_write_stops_its_threads(tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    from sllm_store import writer
+
+    real, calls = writer._tensor_bytes, []
+
+    def failing(t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the source went away")
+        return real(t)
+
+    monkeypatch.setattr(writer, "_tensor_bytes", failing)
+    sd = {f"w{i}": _normal(torch.bfloat16, (256, 512), i) for i in range(6)}
+    with pytest.raises(RuntimeError, match="went away"):
+        sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("sllm-zstd") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("sllm-zstd") for t in threading.enumerate())
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
