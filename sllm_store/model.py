@@ -244,6 +244,12 @@ def load_model(
 
     Returns the model in eval mode, its weights views into one allocation per device.
 
+    Unlike ``from_pretrained``, every parameter must come from the checkpoint: a head the
+    checkpoint lacks (a classifier on a base model, say) raises ``SllmStoreError`` instead of
+    being initialised at random, since serving random weights is never what a loader wants.
+    transformers 5's renaming of legacy checkpoint keys (GPT-NeoX ``embed_out``, per-expert MoE
+    tensors) is not applied: such checkpoints raise the same error.
+
     Example::
 
         model = sllm_store.load_model("llama-3-8b.sllm", device_map="cuda:0",
