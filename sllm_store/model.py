@@ -374,12 +374,26 @@ def _load_model(
 
     keep_fp32 = _keep_in_fp32(model, dtype)
     state: dict[str, torch.Tensor] = {}
+    cast_bytes: Counter[torch.device] = Counter()
+    all_bytes: Counter[torch.device] = Counter()
     for ckpt_name, model_name in names.items():
         t = tensors[ckpt_name]
         want = torch.float32 if keep_fp32 is not None and keep_fp32.search(model_name) else dtype
+        all_bytes[t.device] += t.nbytes
         if want is not None and t.is_floating_point() and t.dtype != want and _castable(t.dtype):
+            cast_bytes[t.device] += t.nbytes
             t = t.to(want)
         state[model_name] = t
+    # Cast tensors are new allocations. When they are most of a device's bytes, copy the few
+    # uncast ones out too, so that the loaded block (mostly stale now) can be freed.
+    copy_out = {d for d in cast_bytes if cast_bytes[d] * 2 > all_bytes[d]}
+    if copy_out:
+        block_views = {tensors[c].data_ptr() for c in names}
+        copies: dict[tuple[Any, ...], torch.Tensor] = {}  # tied views stay tied
+        for model_name, t in state.items():
+            if t.device in copy_out and t.data_ptr() in block_views:
+                key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+                state[model_name] = copies.setdefault(key, t.clone()) if key not in copies else copies[key]
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -232,3 +232,23 @@ def test_environment_values_are_case_insensitive(monkeypatch) -> None:
     monkeypatch.setenv("SLLM_STORE_VERIFY", "ON")
     cfg = LoadConfig.resolve()
     assert cfg.io_mode == "direct" and cfg.verify is True
+
+
+def test_cast_load_frees_the_loaded_block(llama_dirs, tmp_path) -> None:
+    """A bf16 checkpoint loaded as float32: the cast weights are new tensors, and the few
+    uncast ones are copied out too, so no parameter keeps the whole bf16 block alive."""
+    import shutil
+
+    hf, conv = llama_dirs
+    sd = sllm_store.load_state_dict(conv)
+    mixed = {k: (v if "norm" in k else v.to(torch.bfloat16)) for k, v in sd.items()}  # fp32 norms
+    path = sllm_store.save_state_dict(mixed, tmp_path / "mixed")
+    shutil.copy(conv / "config.json", path / "config.json")
+    model = sllm_store.load_model(path, device_map="cpu", torch_dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    ref.load_state_dict({k: v.float() for k, v in mixed.items()}, strict=False)
+    torch.testing.assert_close(_outputs(model), _outputs(ref))
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        assert p.untyped_storage().nbytes() == p.nbytes, name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
