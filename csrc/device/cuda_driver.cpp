@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "common/errors.h"
@@ -32,10 +33,14 @@ Loaded load() {
   Loaded l;
   // The handle is never closed: the driver stays loaded for the life of the process, as it does
   // for PyTorch in the same process.
-  void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  // SLLM_STORE_LIBCUDA names another driver library: the tests use a CPU stand-in
+  // (tests/fake_cuda.cpp) to run the GPU pipeline, its streams, events and errors, without a GPU.
+  const char* path = std::getenv("SLLM_STORE_LIBCUDA");
+  if (path == nullptr || *path == '\0') path = "libcuda.so.1";
+  void* lib = ::dlopen(path, RTLD_NOW | RTLD_GLOBAL);
   if (lib == nullptr) {
     const char* e = ::dlerror();
-    l.reason = std::string("CUDA driver not found (") + (e ? e : "libcuda.so.1") + ")";
+    l.reason = std::string("CUDA driver not found (") + (e ? e : path) + ")";
     return l;
   }
   Driver& d = l.table;

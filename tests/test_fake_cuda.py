@@ -1,0 +1,136 @@
+"""The GPU code paths of the C++ core on a machine without a GPU, through a CPU stand-in for the
+CUDA driver (tests/fake_cuda.cpp, loaded with SLLM_STORE_LIBCUDA): pinned staging buffers,
+per-worker streams and events, host-to-device copies, and what a failing copy does.
+
+"Device memory" is host memory there, so the loader runs with ``cuda:0`` destinations that are
+numpy buffers, and the bytes can be checked. Each case runs in a fresh process: the driver is
+loaded once per process, and this one must stay CPU-only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import subprocess_env
+
+import sllm_store
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def fake_libcuda(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the fake CUDA driver")
+    out = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", str(HERE / "fake_cuda.cpp"),
+                    "-o", str(out)], check=True)
+    return out
+
+
+def _run(lib: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    e = subprocess_env()
+    e.update(SLLM_STORE_LIBCUDA=str(lib), **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=e, capture_output=True,
+                          text=True, timeout=120)
+
+
+LOAD = """
+    import sys, numpy as np, sllm_store
+    from sllm_store import _C
+    from sllm_store.config import LoadConfig
+    from sllm_store.loader import _assign_devices, _encodings, _make_plan
+    from sllm_store.errors import SllmStoreError
+
+    path, verify = sys.argv[-2], sys.argv[-1] == "1"
+    assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
+    index = sllm_store.read_index(path)
+    config = LoadConfig.resolve(num_threads=4, io_mode="buffered", verify=verify)
+    plan = _make_plan(index, _assign_devices(index, "cuda:0"), config)
+    bufs = [np.zeros(size + 4096, np.uint8) for size in plan.sizes]
+    dests = [("cuda:0", b.ctypes.data + (-b.ctypes.data % 4096), size) for b, size in zip(bufs, plan.sizes)]
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    try:
+        stats = _C.run_load(files, plan.units, plan.segments, dests, num_threads=4, io_mode="buffered",
+                            verify=verify, buffers_per_thread=2, encodings=_encodings(index, plan.units))
+    except SllmStoreError as e:
+        print(f"ERROR {type(e).__name__}: {e}")
+        sys.exit(3)
+    ref = sllm_store.load_state_dict(path)  # the CPU path, for comparison
+    for name, (slot, off) in plan.placement.items():
+        base = dests[slot][1] - bufs[slot].ctypes.data
+        got = bufs[slot][base + off: base + off + index.tensors[name].nbytes].tobytes()
+        want = ref[name].contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+        assert got == want, name
+    print("OK", stats["chunks_staged"], stats["chunks_verified"])
+"""
+
+
+def _checkpoint(tmp_path: Path, compress: bool) -> Path:
+    g = torch.Generator().manual_seed(3)
+    sd = {f"w{i}": torch.randn(300, 200 + i, generator=g).to(torch.bfloat16) for i in range(5)}
+    sd["ids"] = torch.arange(5000)
+    return sllm_store.save_state_dict(sd, tmp_path / ("z" if compress else "p"), chunk_size="64KiB",
+                                      compress="zstd" if compress else None)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("verify", [False, True])
+def test_gpu_pipeline_on_the_fake_driver(fake_libcuda, tmp_path, compress, verify) -> None:
+    if compress:
+        pytest.importorskip("zstandard")
+    path = _checkpoint(tmp_path, compress)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD), str(path), "1" if verify else "0"],
+                       env={**subprocess_env(), "SLLM_STORE_LIBCUDA": str(fake_libcuda)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ok, staged, verified = r.stdout.split()
+    assert ok == "OK" and int(staged) > 0  # every chunk went through the staging buffers
+    assert (int(verified) > 0) == verify
+
+
+def test_a_failing_device_copy_is_a_device_error(fake_libcuda, tmp_path) -> None:
+    path = _checkpoint(tmp_path, False)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD), str(path), "0"],
+                       env={**subprocess_env(), "SLLM_STORE_LIBCUDA": str(fake_libcuda),
+                            "FAKE_CUDA_FAIL_COPY": "3"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "ERROR DeviceError" in r.stdout and "illegal memory access" in r.stdout
+
+
+def test_missing_driver_library_is_reported(tmp_path) -> None:
+    r = _run(tmp_path / "nope.so", "from sllm_store import _C; print(_C.cuda_device_count(), "
+                                   "_C.cuda_unavailable_reason())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("0 CUDA driver not found") and "nope.so" in r.stdout
+
+
+def test_store_copies_to_the_device_and_their_cancel_hook(fake_libcuda) -> None:
+    """The store server's copy path (run_copies into cuda:0 on one stream per thread) and its
+    cancel hook, which stops the copy when the client has gone."""
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from sllm_store import _C
+        from sllm_store.errors import SllmStoreError
+        src = np.arange(8 << 20, dtype=np.uint8)
+        dst = np.zeros(8 << 20, np.uint8)
+        dests = [("cuda:0", dst.ctypes.data, dst.nbytes)]
+        copies = [(src.ctypes.data + o, 0, o, 1 << 20) for o in range(0, 8 << 20, 1 << 20)]
+        _C.run_copies(copies, dests, num_threads=4, piece_size=1 << 20)
+        assert (dst == src).all()
+        try:
+            _C.run_copies(copies, dests, num_threads=1, piece_size=1 << 20, cancelled=lambda: True)
+            print("not cancelled")
+        except SllmStoreError as e:
+            print("cancelled:", e)
+    """, FAKE_CUDA_COPY_MS="30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("cancelled: copy cancelled"), r.stdout
