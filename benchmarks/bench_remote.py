@@ -70,7 +70,7 @@ def start_weed(weed: str, workdir: Path) -> tuple[subprocess.Popen, str]:
          f"-s3.config={workdir / 'id.json'}", f"-master.port={p['master']}",
          f"-volume.port={p['volume']}",
          f"-filer.port={p['filer']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
-         "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024"],
+         "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024", "-volume.max=200"],
         stdout=open(workdir / "weed.log", "w"), stderr=subprocess.STDOUT,
     )
     import obstore

@@ -100,6 +100,11 @@ class Index:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values() if t.alias_of is None)
 
+    @property
+    def compressed(self) -> bool:
+        """Whether any data file stores (possibly) compressed chunks."""
+        return any(f.compressed for f in self.files)
+
     def file_path(self, i: int) -> Path:
         return self.path / self.files[i].name
 

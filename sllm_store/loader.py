@@ -102,7 +102,7 @@ def _read_units(index: Index, config: LoadConfig) -> list[tuple[int, int, int, O
 def _encodings(index: Index, units: list[tuple[int, int, int, Optional[int]]]) -> list[Any]:
     """Per read unit: None (stored raw at its offset) or (stored offset, stored length, codec id,
     group) for chunks of compressed files; [] when nothing is compressed (for _C.run_load)."""
-    if not any(f.compressed for f in index.files):
+    if not index.compressed:
         return []
     out: list[Any] = []
     for f_i, off, _length, _ in units:
@@ -310,12 +310,12 @@ def _load(
     assign = _assign_devices(index, device)
     if config.io_mode == "mmap" and {d.type for d in assign.values()} - {"cpu"}:
         raise ValueError("io_mode='mmap' loads into host memory only (device='cpu')")
-    if config.io_mode == "mmap" and any(f.compressed for f in index.files):
+    if config.io_mode == "mmap" and index.compressed:
         raise ValueError("io_mode='mmap' cannot read a compressed checkpoint (its chunks must be decoded)")
     for dev in set(assign.values()):
         _C.check_device(_device_spec(dev))
     files = [str(index.file_path(i)) for i in range(len(index.files))]
-    io_mode = config.io_mode_for(files)
+    io_mode = config.io_mode_for(files, compressed=index.compressed)
     if io_mode == "mmap":
         plan, buffers = _mapped_plan(index, config)
     else:
@@ -429,7 +429,8 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
     files = [str(index.file_path(i)) for i in range(len(index.files))]
     stats = _C.run_load(
         files, units, [], [], num_threads=config.num_threads,
-        io_mode="buffered" if config.io_mode == "mmap" else config.io_mode_for(files), verify=True,
+        io_mode="buffered" if config.io_mode == "mmap" else config.io_mode_for(files, index.compressed),
+        verify=True,
         encodings=_encodings(index, units),
     )
     if stats["chunks_verified"] != len(units):  # pragma: no cover - defensive

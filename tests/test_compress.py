@@ -281,3 +281,20 @@ def test_failed_compressed_write_stops_its_threads(tmp_path, monkeypatch) -> Non
         time.sleep(0.05)
     assert not any(t.name.startswith("sllm-zstd") for t in threading.enumerate())
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_auto_reads_compressed_checkpoints_buffered(tmp_path) -> None:
+    """Cold compressed chunks load faster buffered than with O_DIRECT (docs/benchmarks.md, run K)."""
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.utils import evict_page_cache
+
+    sd = {"w": _normal(torch.bfloat16, (256, 512), 0)}
+    comp = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")
+    evict_page_cache(comp)
+    out, report = load_state_dict_with_report(comp)
+    assert report.stats["io_mode"] == "buffered"
+    assert_state_dict_identical(out, sd)
+    from sllm_store.config import LoadConfig
+
+    files = [str(p) for p in comp.glob("*.bin")]
+    assert LoadConfig.resolve(io_mode="direct").io_mode_for(files, compressed=True) == "direct"  # asked for

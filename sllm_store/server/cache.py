@@ -346,7 +346,7 @@ class ModelCache:
                 pos = nxt
         config = LoadConfig.resolve(num_threads=self.num_threads, io_mode=self.io_mode)
         _C.run_load(files, units, segments, dests, num_threads=config.num_threads,
-                    io_mode=config.io_mode_for(files), verify=verify,
+                    io_mode=config.io_mode_for(files, index.compressed), verify=verify,
                     encodings=encodings if any(e is not None for e in encodings) else [])
 
     def _verify_cached(self, e: _Entry) -> None:
@@ -476,7 +476,7 @@ class ModelCache:
         # block: other loads, cached or streamed, keep room meanwhile.
         largest = min(max((self.pool.blocks_for(f.size) for f in index.files), default=0),
                       self.pool.blocks_for(cs * max(2, self.num_threads)))
-        whole_chunks = verify or any(f.compressed for f in index.files)
+        whole_chunks = verify or index.compressed
         one_chunk = self.pool.blocks_for(min(cs, max((f.size for f in index.files), default=0)))
 
         def too_few(k: int) -> bool:  # no block, or (when chunks must stay whole) less than a chunk
@@ -515,7 +515,7 @@ class ModelCache:
                     f"({format_size(self.pool.size)}) is held by models in use{streams}"
                 )
             if k * B < min(cs, max((f.size for f in index.files), default=0)) and (
-                    verify or any(f.compressed for f in index.files)):
+                    verify or index.compressed):
                 # Windows smaller than a chunk cut chunks: they can be neither verified nor decoded.
                 raise PoolExhaustedError(
                     f"cannot stream {key!r} {'with verify=True ' if verify else '(compressed) '}through "
