@@ -56,6 +56,18 @@ py::buffer_info contiguous_bytes(const py::buffer& b) {
   return info;
 }
 
+// group_bytes / ungroup_bytes of a Python buffer, as new bytes.
+py::bytes regrouped(const py::buffer& b, int group, void (*fn)(const char*, char*, size_t, int)) {
+  py::buffer_info info = contiguous_bytes(b);
+  size_t n = static_cast<size_t>(info.size * info.itemsize);
+  std::string out(n, '\0');
+  {
+    py::gil_scoped_release nogil;
+    fn(static_cast<const char*>(info.ptr), out.data(), n, group);
+  }
+  return py::bytes(out);
+}
+
 using ChunkTuple = std::tuple<int, uint64_t, uint64_t, std::optional<uint64_t>>;
 using SegmentTuple = std::tuple<int, uint64_t, int, uint64_t, uint64_t>;
 using DestTuple = std::tuple<std::string, uint64_t, uint64_t>;
@@ -285,30 +297,10 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
       .def("close", &IpcMapping::close);
 
   m.def(
-      "group_bytes",
-      [](const py::buffer& b, int group) {
-        py::buffer_info info = contiguous_bytes(b);
-        size_t n = static_cast<size_t>(info.size * info.itemsize);
-        std::string out(n, '\0');
-        {
-          py::gil_scoped_release nogil;
-          group_bytes(static_cast<const char*>(info.ptr), out.data(), n, group);
-        }
-        return py::bytes(out);
-      },
+      "group_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, group_bytes); },
       py::arg("data"), py::arg("group"), "Byte grouping as the writer does it (docs/format.md).");
   m.def(
-      "ungroup_bytes",
-      [](const py::buffer& b, int group) {
-        py::buffer_info info = contiguous_bytes(b);
-        size_t n = static_cast<size_t>(info.size * info.itemsize);
-        std::string out(n, '\0');
-        {
-          py::gil_scoped_release nogil;
-          ungroup_bytes(static_cast<const char*>(info.ptr), out.data(), n, group);
-        }
-        return py::bytes(out);
-      },
+      "ungroup_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, ungroup_bytes); },
       py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
   m.def(
       "decode_chunk",

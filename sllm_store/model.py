@@ -393,7 +393,9 @@ def _load_model(
         for model_name, t in state.items():
             if t.device in copy_out and t.data_ptr() in block_views:
                 key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-                state[model_name] = copies.setdefault(key, t.clone()) if key not in copies else copies[key]
+                if key not in copies:
+                    copies[key] = t.clone()
+                state[model_name] = copies[key]
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
