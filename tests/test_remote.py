@@ -130,7 +130,10 @@ def _use(endpoint: str, tmp_path: Path, monkeypatch) -> Path:
 
 @pytest.fixture
 def env(s3, tmp_path, monkeypatch):
-    return _use(s3, tmp_path, monkeypatch)
+    yield _use(s3, tmp_path, monkeypatch)
+    from sllm_store.remote.cache import wait_for_cache
+
+    assert wait_for_cache(timeout=60)  # no cache entry of this test is finished during the next
 
 
 def _model(tmp_path: Path, name: str, compress: bool = False, seed: int = 0) -> tuple[Path, dict]:
@@ -185,15 +188,16 @@ def test_upload_then_load_then_cache_hit(env, compress, monkeypatch) -> None:
     out = sllm_store.load_state_dict(url)
     assert_state_dict_identical(out, sd)
     assert out["tied"].data_ptr() == out["w0"].data_ptr()
-    entries = list((env / "cache").iterdir())
-    entry = next(p for p in entries if not p.name.startswith("."))
-    assert (entry / "config.json").read_text() == '{"model_type": "test"}'  # non-weight files too
 
     def no_download(*a, **k):
         raise AssertionError("a cache hit must not download data")
 
+    # The entry may still be finishing on its background thread: this load waits for it.
     monkeypatch.setattr(obstore, "get_range", no_download)
     assert_state_dict_identical(sllm_store.load_state_dict(url, verify=True), sd)
+    entries = list((env / "cache").iterdir())
+    entry = next(p for p in entries if not p.name.startswith("."))
+    assert (entry / "config.json").read_text() == '{"model_type": "test"}'  # non-weight files too
 
 
 def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
@@ -355,6 +359,7 @@ def test_streaming_load_partial_then_complete_then_cached(env) -> None:
     r = run_cli("cache", "ls")
     assert "unfinished:" in r.stdout and "interrupted" in r.stdout
     out, report = load_state_dict_with_report(url)  # the rest arrives; the entry is promoted
+    assert cache.wait_for_cache(timeout=60)  # (on a background thread)
     assert cache.partials() == []
     assert_state_dict_identical(out, sd)
     assert report.stats["cached"] and 0 < report.stats["bytes_downloaded"]
@@ -363,6 +368,54 @@ def test_streaming_load_partial_then_complete_then_cached(env) -> None:
     out, report = load_state_dict_with_report(url)
     assert report.stats["io_mode"] != "remote"  # a disk load from the cache
     assert_state_dict_identical(out, sd)
+
+
+def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
+    """The load returns once its tensors are loaded; the entry's sync and promotion follow on a
+    background thread, which holds the download lock meanwhile. A failure there is a warning (the
+    tensors are fine), and the next load resumes from the verified partial download."""
+    import threading
+
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote import cache
+
+    local, sd, url = _uploaded(env, "background", seed=9)
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(cache.os, "fsync", slow_fsync)
+    out, report = load_state_dict_with_report(url)
+    assert_state_dict_identical(out, sd)  # loaded while the entry is not synced yet
+    assert cache.entries() == [] and [p.active for p in cache.partials()] == [True]
+    assert not cache.wait_for_cache(timeout=0.2)
+    release.set()
+    assert cache.wait_for_cache(timeout=60)
+    (entry,) = cache.entries()
+    assert str(entry.path) == report.stats["cached"] and cache.partials() == []
+    monkeypatch.setattr(cache.os, "fsync", real_fsync)
+
+    # A failing promotion: a warning, and the next load promotes the partial download.
+    cache.remove(url)
+
+    def broken(self):
+        raise cache.CacheError("disk full (test)")
+
+    real_promote = cache.Download._promote
+    monkeypatch.setattr(cache.Download, "_promote", broken)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+    assert "could not be cached: disk full (test)" in caplog.text
+    assert cache.entries() == []
+    monkeypatch.setattr(cache.Download, "_promote", real_promote)
+    monkeypatch.setattr(obstore, "get_range", lambda *a, **k: (_ for _ in ()).throw(AssertionError("GET")))
+    out, report = load_state_dict_with_report(url)  # every chunk is in the partial download
+    assert_state_dict_identical(out, sd)
+    assert report.stats["bytes_downloaded"] == 0 and report.stats["cached"]
 
 
 @pytest.mark.gpu

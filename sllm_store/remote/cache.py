@@ -80,16 +80,26 @@ class Download:
     read from the partial download when an earlier attempt has it, else downloaded with one ranged
     GET, verified, written through to the partial file and recorded. ``finish()`` promotes the
     entry once every chunk is there.
+
+    At most ``max_gets`` GETs run at once, however many threads call ``chunk()``: callers use
+    about twice as many threads, so that while some threads verify, write and copy the chunks
+    they have, ``max_gets`` requests stay in flight.
     """
 
-    def __init__(self, url: str, options: Optional[RemoteOptions] = None, directory: Any = None) -> None:
+    def __init__(self, url: str, options: Optional[RemoteOptions] = None, directory: Any = None,
+                 max_gets: int = 16) -> None:
         self.url = url.rstrip("/")
+        self._get_slots = threading.BoundedSemaphore(max(1, max_gets))
+        self._failed: Optional[BaseException] = None  # the first failed GET: no new GETs start
         self.root = cache_dir(directory)
         self.store = open_store(url, options)
         self.cached: Optional[Path] = None
         self.bytes_downloaded = 0
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per-thread buffer for decoded chunks
+        self._finisher: Optional[threading.Thread] = None  # owns the files and lock once started
+        # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
+        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "write": 0.0}
 
     def open(self) -> Download:
         import obstore
@@ -246,10 +256,16 @@ class Download:
         else:
             off, length = c * cs, raw_len
         where = f"'{self.url}/{f.name}' chunk at offset {c * cs}"
-        try:
-            data: Any = obstore.get_range(self.store, f.name, start=off, length=length) if length else b""
-        except Exception as e:
-            raise remote_error(e, f"{self.url}/{f.name}", "downloading") from None
+        with self._get_slots:
+            if self._failed is not None:  # stop downloading after a failure, with its error
+                raise _same_error(self._failed)
+            t0 = time.perf_counter()
+            try:
+                data: Any = obstore.get_range(self.store, f.name, start=off, length=length) if length else b""
+            except Exception as e:
+                self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
+                raise self._failed from None
+            t1 = time.perf_counter()
         if len(data) != length:
             raise RemoteError(f"{where}: the object is shorter than its index says")
         if f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1):
@@ -263,9 +279,11 @@ class Download:
             except ChecksumError as e:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
+        t2 = time.perf_counter()
         if f.checksums and _C.xxh3_64(data) != f.checksums[c]:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
+        t3 = time.perf_counter()
         mv = memoryview(data)
         pos = 0
         try:
@@ -279,10 +297,16 @@ class Download:
             self._marks[f_i].write(f"{c}\n")
             self._marks[f_i].flush()
             self.bytes_downloaded += length
+            t4 = time.perf_counter()
+            for k, dt in (("get", t1 - t0), ("decode", t2 - t1), ("verify", t3 - t2), ("write", t4 - t3)):
+                self.stage_seconds[k] += dt
         return data
 
     def close(self) -> None:
-        """Close the partial files and release the download lock (idempotent)."""
+        """Close the partial files and release the download lock (idempotent). After
+        ``finish_later()`` they belong to the finishing thread, and only it closes them."""
+        if self._finisher is not None and threading.current_thread() is not self._finisher:
+            return
         self._close_files()
         self._unlock()
 
@@ -312,6 +336,36 @@ class Download:
         finally:
             self.close()
 
+    def finish_later(self) -> Optional[Path]:
+        """``finish()`` on a background thread when every chunk is there (the path the entry will
+        have; the sync of its data to disk then does not delay the caller), else at once.
+
+        The thread holds the download lock until the entry is promoted, so another load of the
+        URL (in any process) waits for it and then loads the entry from disk. The interpreter
+        waits for the thread at exit; :func:`wait_for_cache` waits for it sooner.
+        """
+        if self.cached is not None or self.missing():
+            return self.finish()
+
+        def run() -> None:
+            try:
+                self.finish()
+            except (RemoteError, OSError) as e:
+                # The tensors were loaded; only the cache entry failed.
+                logger.warning("%s: loaded, but the download could not be cached: %s", self.url, e)
+            except BaseException:
+                logger.exception("%s: finishing the cache entry failed", self.url)
+            finally:
+                with _finishing_lock:
+                    _finishing.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name="sllm-cache-finish", daemon=False)
+        self._finisher = t
+        with _finishing_lock:
+            _finishing.add(t)
+        t.start()
+        return self.root / self.name
+
     def _promote(self) -> Path:
         _fetch_small_files(self.store, self.url, self.index, self.partial)
         # The cache holds decoded data files: its index is the uncompressed (version 1) form.
@@ -335,6 +389,42 @@ class Download:
         return final
 
 
+def _same_error(e: BaseException) -> BaseException:
+    """A new exception like ``e`` (same class and message), to raise in another thread."""
+    try:
+        return type(e)(*e.args)
+    except Exception:
+        return RemoteError(str(e))
+
+
+_finishing: set[threading.Thread] = set()  # cache entries being synced and promoted
+_finishing_lock = threading.Lock()
+
+
+def wait_for_cache(timeout: Optional[float] = None) -> bool:
+    """Wait until the cache entries of this process's remote loads are synced and promoted.
+
+    A streamed remote load returns when its tensors are loaded; its cache entry is finished by a
+    background thread (the interpreter also waits for it at exit). Returns False if ``timeout``
+    (seconds) passed first.
+
+    Example::
+
+        sd = sllm_store.load_state_dict("s3://models/llama-8b.sllm", "cuda:0")
+        wait_for_cache()       # the next load of that URL is a disk load, in any process
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with _finishing_lock:
+            pending = list(_finishing)
+        if not pending:
+            return True
+        for t in pending:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                return False
+
+
 def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any = None,
           num_threads: int = 16, quiet: Optional[bool] = None) -> Path:
     """The local cache entry of the checkpoint at ``url``, downloading what is missing.
@@ -347,7 +437,7 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
 
     from sllm_store.writer import default_quiet
 
-    with Download(url, options, directory).open() as d:
+    with Download(url, options, directory, max_gets=num_threads).open() as d:
         if d.cached is not None:
             logger.info("%s: cached in %s", url, d.cached)
             return d.cached
@@ -358,7 +448,7 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
         with tqdm(total=sum(d.chunk_length(*fc) for fc in todo), unit="B", unit_scale=True,
                   unit_divisor=1024, desc="downloading", dynamic_ncols=True,
                   disable=default_quiet() if quiet is None else quiet) as bar:
-            for data in parallel_map(lambda fc: d.chunk(*fc), todo, num_threads, "sllm-fetch"):
+            for data in parallel_map(lambda fc: d.chunk(*fc), todo, 2 * num_threads, "sllm-fetch"):
                 bar.update(len(data))
         final = d.finish()
     assert final is not None

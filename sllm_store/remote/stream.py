@@ -13,6 +13,7 @@ is a disk (or page-cache) load.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -36,7 +37,8 @@ def load_remote(url: str, device: Any, config: LoadConfig,
     from sllm_store.remote.cache import Download
 
     t0 = time.perf_counter()
-    with Download(url, config.remote).open() as d:  # the download lock and files: released whatever happens
+    # The download lock and files are released whatever happens.
+    with Download(url, config.remote, max_gets=config.num_threads).open() as d:
         if d.cached is None:
             return _stream(d, url, device, config, t0)
         try:
@@ -73,6 +75,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
     dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
              for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
+    copy_seconds = [0.0]
+    copy_lock = threading.Lock()
     by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
@@ -84,16 +88,23 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         base = src.ctypes.data
         copies = [(base + coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
         if copies:
+            t = time.perf_counter()
             _C.run_copies(copies, dests, num_threads=1)
+            with copy_lock:
+                copy_seconds[0] += time.perf_counter() - t
         del src, data
         return length
 
     with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
               desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar:
-        for n in parallel_map(one, range(len(plan.units)), config.num_threads, "sllm-remote"):
+        # num_threads GETs in flight; twice as many threads, so that verifying, writing and
+        # copying the chunks that have arrived does not leave the connection idle.
+        for n in parallel_map(one, range(len(plan.units)), 2 * config.num_threads, "sllm-remote"):
             bar.update(n)
     try:
-        cached = d.finish()  # None after a partial load: the rest is fetched by a later load
+        # None after a partial load (the rest is fetched by a later load). A complete download
+        # is synced and promoted on a background thread: its disk writes need not delay the load.
+        cached = d.finish_later()
     except (SllmStoreError, OSError) as e:
         # The tensors are loaded; only the cache entry failed. Loading matters more.
         logger.warning("%s: loaded, but the download could not be cached: %s", url, e)
@@ -104,6 +115,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                         devices=_bytes_per_device(plan),
                         stats={"io_mode": "remote", "threads": config.num_threads,
                                "bytes_downloaded": d.bytes_downloaded,
+                               # thread-seconds per stage: where the time went
+                               "stage_seconds": {**d.stage_seconds, "copy": copy_seconds[0]},
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
