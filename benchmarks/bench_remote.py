@@ -12,9 +12,10 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   cache write-through and device copies overlap). The load returns when the tensors are loaded;
   the sync and promotion of the cache entry that follow on a background thread are timed apart
   (``cache_finish_s``: the entry is durable that much later).
-* ``--stages`` adds contenders that each do part of the remote load's per-chunk work on the same
-  chunks, to see which stage costs what: ``get_verify`` (GET + checksum), ``get_write`` (GET +
-  checksum + write into a new cache file) and ``get_copy`` (GET + copy into DEVICE memory).
+* ``--stages`` adds contenders that each do part of the remote load's work on the same chunks, to
+  see which stage costs what: ``get_write`` (the library's download into the cache: GET, checksum,
+  write into the partial files; no device copies, no final sync) and ``get_copy`` (GETs, each
+  copied into DEVICE memory; uncompressed checkpoints only).
 * ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
@@ -143,6 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sllm_store.convert(args.src, converted, quiet=True)
     index = sllm_store.read_index(converted)
     nbytes = index.total_bytes
+    nbytes_on_disk = sum(f.size for f in index.files)  # decoded data file bytes
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     proc, endpoint = start_weed(args.weed, work)
     os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
@@ -209,58 +211,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         def cached() -> Dict[str, Any]:
             return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
 
-        chunk_ranges = [(f.name, c * index.chunk_size, min(index.chunk_size, f.size - c * index.chunk_size),
-                         f.checksums[c] if f.checksums else None)
+        chunk_ranges = [(f.name, c * index.chunk_size, min(index.chunk_size, f.size - c * index.chunk_size))
                         for f in index.files for c in range(-(-f.size // index.chunk_size))]
-        if index.compressed:
-            chunk_ranges = []  # the stages time plain chunks only
         stage_bytes = sum(r[2] for r in chunk_ranges)
-        stage_dir = work / "stage"
 
-        def stage(verify: bool, write: bool, copy: bool) -> Any:
-            fds: Dict[str, int] = {}
-            if write:
-                shutil.rmtree(stage_dir, ignore_errors=True)
-                stage_dir.mkdir()
-                for f in index.files:
-                    fds[f.name] = os.open(stage_dir / f.name, os.O_RDWR | os.O_CREAT, 0o644)
-                    os.ftruncate(fds[f.name], f.size)
-            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device) if copy else None
+        def get_write() -> None:
+            """The library's download of every chunk (GET, checksum, write into the cache's
+            partial files), without device copies and without the final sync."""
+            from sllm_store.remote.cache import Download
+            from sllm_store.utils import parallel_map
+
+            with Download(url, max_gets=args.threads).open() as d:
+                got = sum(len(memoryview(x)) for x in parallel_map(lambda fc: d.chunk(*fc), d.chunks(),
+                                                                     2 * args.threads))
+            assert got == nbytes_on_disk
+
+        def get_copy() -> Any:
+            """Ranged GETs of every chunk, each copied into DEVICE memory (no checksum, no write)."""
+            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
             starts = {}
             pos = 0
-            for r in chunk_ranges:
-                starts[(r[0], r[1])] = pos
-                pos += r[2]
+            for name, off, n in chunk_ranges:
+                starts[(name, off)] = pos
+                pos += n
 
             def one(r: Any) -> int:
-                name, off, n, want = r
+                name, off, n = r
                 data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
-                if verify and want is not None:
-                    assert _C.xxh3_64(data) == want
-                if write:
-                    mv, done = memoryview(data), 0
-                    while done < n:
-                        done += os.pwrite(fds[name], mv[done:], off + done)
-                if dest is not None:
-                    src = np.frombuffer(data, dtype=np.uint8)
-                    _C.run_copies([(src.ctypes.data, 0, starts[(name, off)], n)],
-                                  [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
+                src = np.frombuffer(data, dtype=np.uint8)
+                _C.run_copies([(src.ctypes.data, 0, starts[(name, off)], n)],
+                              [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
                 return n
 
-            try:
-                with ThreadPoolExecutor(args.threads) as ex:
-                    assert sum(ex.map(one, chunk_ranges)) == stage_bytes
-            finally:
-                for fd in fds.values():
-                    os.close(fd)
+            with ThreadPoolExecutor(args.threads) as ex:
+                assert sum(ex.map(one, chunk_ranges)) == stage_bytes
             return dest
 
         reader = RawReader(args.threads, 32 << 20)
         contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes)]
-        if args.stages and chunk_ranges:
-            contenders += [("get_verify", lambda: stage(True, False, False), stage_bytes),
-                           ("get_write", lambda: stage(True, True, False), stage_bytes),
-                           ("get_copy", lambda: stage(False, False, True), stage_bytes)]
+        if args.stages:
+            contenders += [("get_write", get_write, nbytes_on_disk)]
+            if not index.compressed:
+                contenders += [("get_copy", get_copy, stage_bytes)]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
@@ -274,8 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if wait_for_cache() and time.perf_counter() - t0 > 0.001:
                 finish_s.append(time.perf_counter() - t0)  # after the sllm_remote contender
                 log.info("the cache entry was finished %.2f s after the load returned", finish_s[-1])
-            shutil.rmtree(stage_dir, ignore_errors=True)
-            if name == "sllm_remote":
+            if name in ("sllm_remote", "get_write"):
                 shutil.rmtree(work / "cache", ignore_errors=True)  # an empty cache: a download
             if cuda:
                 torch.cuda.empty_cache()
@@ -307,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
     print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}")
-    for name in ("raw_get", "runai", "get_verify", "get_write", "get_copy", "sllm_remote",
+    for name in ("raw_get", "runai", "get_write", "get_copy", "sllm_remote",
                  "raw_disk_direct", "raw_disk_buffered", "sllm_cached"):
         if name not in results:
             continue

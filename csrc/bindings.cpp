@@ -21,6 +21,7 @@
 #include "format/checksum.h"
 #include "format/codec.h"
 #include "io/file_reader.h"
+#include "io/cache_file.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
 #include "pipeline/loader.h"
@@ -248,6 +249,23 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
         return page_cache_fraction(paths);
       },
       py::arg("paths"), "Fraction of the files' pages in the page cache (-1: unknown).");
+  m.def(
+      "preallocate",
+      [](int fd, uint64_t size) {
+        py::gil_scoped_release nogil;
+        return preallocate(fd, size);
+      },
+      py::arg("fd"), py::arg("size"),
+      "fallocate(fd, 0, 0, size): 0, or the errno (EOPNOTSUPP: the file system cannot).");
+  m.def(
+      "populate_write",
+      [](uint64_t addr, uint64_t n) {
+        py::gil_scoped_release nogil;
+        return populate_write(reinterpret_cast<void*>(addr), static_cast<size_t>(n));
+      },
+      py::arg("address"), py::arg("length"),
+      "Fault in [address, address + length) of a shared file mapping for writing "
+      "(MADV_POPULATE_WRITE): 0, or the errno.");
   m.def("release_staging_buffers", &release_cached_pools,
         "Free the staging buffers cached for later loads; returns the bytes released.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");

@@ -158,6 +158,7 @@ def _uploaded(tmp_path: Path, prefix: str, compress: bool = False, seed: int = 0
 
 
 _REAL_GET_RANGE = obstore.get_range
+_REAL_PWRITE = os.pwrite
 
 
 class Gets:
@@ -601,15 +602,38 @@ def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
 
 
 def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
+    """A full disk: found when the partial files are preallocated (before any GET); on a file
+    system that cannot preallocate, chunks are written with pwrite, whose failure is the same
+    error; a mapped write whose pages cannot be faulted in is one too (never SIGBUS)."""
+    import errno
+
+    from sllm_store import _C
     from sllm_store.errors import CacheError
+    from sllm_store.remote import cache
 
     local, sd, url = _uploaded(env, "cache-write")
+    real_preallocate = _C.preallocate
+    gets = Gets(monkeypatch)
+    monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.ENOSPC)
+    with pytest.raises(CacheError, match="No space left on device"):
+        sllm_store.load_state_dict(url)
+    assert gets.calls == []  # refused before downloading anything
 
     def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.EOPNOTSUPP)
     monkeypatch.setattr(os, "pwrite", disk_full)
     with pytest.raises(CacheError, match="No space left on device"):
+        sllm_store.load_state_dict(url)
+    monkeypatch.setattr(os, "pwrite", _REAL_PWRITE)
+    assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # the pwrite path works
+    cache.wait_for_cache()
+    cache.remove(url)
+
+    monkeypatch.setattr(_C, "preallocate", real_preallocate)
+    monkeypatch.setattr(_C, "populate_write", lambda addr, n: errno.EIO)
+    with pytest.raises(CacheError, match="Input/output error"):
         sllm_store.load_state_dict(url)
 
 

@@ -22,10 +22,12 @@ Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STO
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -33,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+import numpy as np
 
 from sllm_store._units import format_size, parse_size
 from sllm_store.errors import CacheError, ChecksumError, RemoteError, RemoteUnavailableError
@@ -143,30 +147,46 @@ class Download:
 
     def _open_partial(self) -> None:
         self.partial.mkdir(exist_ok=True)
-        (self.partial / "source.json").write_text(json.dumps({"url": self.url}))
         try:
             self.index = parse_index(json.loads(self.index_bytes), self.partial)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RemoteError(f"'{self.url}/{INDEX_FILE}' is not valid JSON: {e}") from None
+        (self.partial / "source.json").write_text(json.dumps({"url": self.url,
+                                                              "chunk_size": self.index.chunk_size}))
         self.done: dict[int, set[int]] = {}
         self._fds: dict[int, int] = {}
+        self._maps: dict[int, tuple[mmap.mmap, Any]] = {}
         self._marks: dict[int, Any] = {}
         for f_i, f in enumerate(self.index.files):
             p = self.partial / f.name
-            try:
-                with open(p, "ab") as fh:
-                    if fh.tell() < f.size:
-                        fh.truncate(f.size)  # the cache holds decoded bytes: a plain v1-layout file
-            except OSError as e:
-                raise CacheError(f"cannot prepare '{p}' ({format_size(f.size)}) for the download of "
-                                 f"{self.url}: {e.strerror or e}") from None
             marks = self.partial / (f.name + ".done")
             n_chunks = -(-f.size // self.index.chunk_size)
             recorded = marks.read_text(errors="replace").split() if marks.exists() else []
             self.done[f_i] = {int(x) for x in recorded if x.isdigit() and int(x) < n_chunks}
-            self._fds[f_i] = os.open(p, os.O_RDWR)
+            try:
+                self._fds[f_i] = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                self._prepare_file(f_i, f.size)
+            except OSError as e:
+                raise CacheError(f"cannot prepare '{p}' ({format_size(f.size)}) for the download of "
+                                 f"{self.url}: {e.strerror or e}") from None
             self._marks[f_i] = open(marks, "a")
         self._check_earlier_chunks()
+
+    def _prepare_file(self, f_i: int, size: int) -> None:
+        """Size a partial data file (the cache holds decoded bytes: a plain v1-layout file) and,
+        where the file system can reserve its blocks up front, map it for parallel writes."""
+        from sllm_store import _C
+
+        fd = self._fds[f_i]
+        err = _C.preallocate(fd, size)
+        if err not in (0, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))  # e.g. ENOSPC: found before downloading anything
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        if err == 0 and size > 0:
+            # Every block is reserved, so a store into the mapping cannot meet a full disk.
+            mm = mmap.mmap(fd, size)
+            self._maps[f_i] = (mm, np.frombuffer(mm, dtype=np.uint8))
 
     def _check_earlier_chunks(self) -> None:
         """Re-verify the chunks an earlier attempt recorded (its writes were not synced before
@@ -238,8 +258,11 @@ class Download:
     def chunk(self, f_i: int, c: int) -> Any:
         """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards.
 
-        A decoded compressed chunk lives in a buffer of the calling thread that its next call
-        reuses: use (or copy) the result before asking the same thread for another chunk.
+        Chunks are written into a shared mapping of the partial file where the file system can
+        reserve its blocks (one memcpy in C++, so that threads do not queue on the file's inode
+        lock as ``pwrite`` makes them), else with ``pwrite``. A decoded compressed chunk may live
+        in a buffer of the calling thread that its next call reuses: use (or copy) the result
+        before asking the same thread for another chunk.
         """
         import obstore
 
@@ -268,11 +291,21 @@ class Download:
             t1 = time.perf_counter()
         if len(data) != length:
             raise RemoteError(f"{where}: the object is shorter than its index says")
-        if f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1):
+        mapped = self._maps.get(f_i)
+        if mapped is not None:  # fault the chunk's pages in: an I/O error is an error, not SIGBUS
+            err = _C.populate_write(mapped[1].ctypes.data + c * cs, raw_len)
+            if err:
+                raise CacheError(f"cannot write the download of {where} to the cache in "
+                                 f"'{self.partial}': {os.strerror(err)}")
+        decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
+        if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
-            out = getattr(self._scratch, "buf", None)
-            if out is None or len(out) < raw_len:
-                out = self._scratch.buf = bytearray(raw_len)
+            if mapped is not None:
+                out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]  # decoded in place
+            else:
+                out = getattr(self._scratch, "buf", None)
+                if out is None or len(out) < raw_len:
+                    out = self._scratch.buf = bytearray(raw_len)
             try:
                 _C.decode_chunk(data, codec, raw_len, group, out=out)
                 data = memoryview(out)[:raw_len]
@@ -284,14 +317,21 @@ class Download:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
         t3 = time.perf_counter()
-        mv = memoryview(data)
-        pos = 0
-        try:
-            while pos < raw_len:
-                pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
-        except OSError as e:
-            raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
-                             f"{e.strerror or e}") from None
+        if mapped is not None:
+            if not decoded:  # a memcpy into the mapping, in C++ (no GIL, no inode lock)
+                src = np.frombuffer(data, dtype=np.uint8)
+                _C.run_copies([(src.ctypes.data, 0, c * cs, raw_len)],
+                              [("cpu", mapped[1].ctypes.data, mapped[1].nbytes)], num_threads=1)
+                del src
+        else:
+            mv = memoryview(data)
+            pos = 0
+            try:
+                while pos < raw_len:
+                    pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
+            except OSError as e:
+                raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
+                                 f"{e.strerror or e}") from None
         with self._lock:
             self.done[f_i].add(c)
             self._marks[f_i].write(f"{c}\n")
@@ -310,7 +350,19 @@ class Download:
         self._close_files()
         self._unlock()
 
+    def _unmap(self) -> None:
+        """Unmap the partial files (their stores stay in the page cache, dirty until synced)."""
+        maps, self._maps = getattr(self, "_maps", {}), {}
+        while maps:
+            _f, (mm, view) = maps.popitem()
+            del view
+            try:
+                mm.close()
+            except BufferError:  # a chunk view is still referenced: unmapped when it goes
+                logger.debug("%s: a partial file stays mapped until its last view is dropped", self.url)
+
     def _close_files(self) -> None:
+        self._unmap()
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
         for fh in getattr(self, "_marks", {}).values():
@@ -326,6 +378,7 @@ class Download:
             self.close()
             return None
         try:
+            self._unmap()
             try:
                 for fd in self._fds.values():
                     os.fsync(fd)
@@ -516,14 +569,29 @@ def partials(directory: Any = None) -> list[PartialDownload]:
         if not p.is_dir():
             continue
         try:
-            url = json.loads((p / "source.json").read_text())["url"]
-        except (OSError, ValueError, KeyError):
-            url = "?"
+            source = json.loads((p / "source.json").read_text())
+            url, cs = source["url"], int(source.get("chunk_size", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            url, cs = "?", 0
         data = [f for f in p.iterdir() if f.is_file() and f.suffix not in (".done", ".json")]
-        written = sum(min(f.stat().st_blocks * 512, f.stat().st_size) for f in data)
         size = sum(f.stat().st_size for f in data)
+        written = sum(_recorded_bytes(f, cs) for f in data)
         out.append(PartialDownload(p.name, url, written, size, _downloading(p), p))
     return out
+
+
+def _recorded_bytes(data_file: Path, chunk_size: int) -> int:
+    """Bytes of a partial data file recorded as downloaded (its ``.done`` chunk numbers); without
+    a known chunk size, the blocks it occupies (files are preallocated, so this may say more)."""
+    size = data_file.stat().st_size
+    if chunk_size <= 0:
+        return min(data_file.stat().st_blocks * 512, size)
+    try:
+        marks = data_file.with_name(data_file.name + ".done").read_text(errors="replace").split()
+    except FileNotFoundError:
+        return 0
+    chunks = {int(x) for x in marks if x.isdigit() and int(x) * chunk_size < size}
+    return sum(min(chunk_size, size - c * chunk_size) for c in chunks)
 
 
 def remove(name_or_url: str, directory: Any = None) -> list[str]:
