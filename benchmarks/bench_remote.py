@@ -14,8 +14,13 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   (``cache_finish_s``: the entry is durable that much later).
 * ``--stages`` adds contenders that each do part of the remote load's work on the same chunks, to
   see which stage costs what: ``get_write`` (the library's download into the cache: GET, checksum,
-  write into the partial files; no device copies, no final sync) and ``get_copy`` (GETs, each
-  copied into DEVICE memory; uncompressed checkpoints only).
+  write into the partial files; no device copies, no final sync), ``get_copy`` (GETs, each
+  copied into DEVICE memory; uncompressed checkpoints only) and ``get_copy_pinned`` (the same
+  through a reused page-locked buffer per thread).
+* ``--remote-threads 8,32`` adds remote loads with other ``num_threads``.
+
+Each contender's CPU time is recorded too, of this process (client) and of the server: on
+loopback both share the machine's cores, and the table shows what each contender costs them.
 * ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
@@ -45,11 +50,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import GB, Evictor, RawReader, run_rounds, source_files, write_json  # noqa: E402
@@ -123,6 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="rounds of every contender")
     ap.add_argument("--weed", default=shutil.which("weed"))
     ap.add_argument("--stages", action="store_true", help="also time the remote load's stages apart")
+    ap.add_argument("--remote-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also time the remote load with these num_threads (e.g. 8,32)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -247,12 +255,46 @@ def main(argv: Optional[List[str]] = None) -> int:
                 assert sum(ex.map(one, chunk_ranges)) == stage_bytes
             return dest
 
+        pinned = threading.local()
+
+        def get_copy_pinned() -> Any:
+            """As ``get_copy``, but each GET is first copied into a reused page-locked buffer of
+            its thread, from which the device copy is a DMA (the driver's pageable copy does
+            that memcpy into its own staging buffers)."""
+            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
+            starts, pos = {}, 0
+            for name, off, n in chunk_ranges:
+                starts[(name, off)] = pos
+                pos += n
+
+            def one(r: Any) -> int:
+                name, off, n = r
+                buf = getattr(pinned, "buf", None)
+                if buf is None:
+                    buf = pinned.buf = torch.empty(index.chunk_size, dtype=torch.uint8, pin_memory=cuda)
+                data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
+                src = np.frombuffer(data, dtype=np.uint8)
+                _C.run_copies([(src.ctypes.data, 0, 0, n)], [("cpu", buf.data_ptr(), buf.numel())],
+                              num_threads=1)
+                _C.run_copies([(buf.data_ptr(), 0, starts[(name, off)], n)],
+                              [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
+                return n
+
+            with ThreadPoolExecutor(args.threads) as ex:
+                assert sum(ex.map(one, chunk_ranges)) == stage_bytes
+            return dest
+
+        def remote_with(threads: int) -> Callable[[], Any]:
+            return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
+
         reader = RawReader(args.threads, 32 << 20)
         contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
             if not index.compressed:
-                contenders += [("get_copy", get_copy, stage_bytes)]
+                contenders += [("get_copy", get_copy, stage_bytes),
+                               ("get_copy_pinned", get_copy_pinned, stage_bytes)]
+        contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
@@ -266,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if wait_for_cache() and time.perf_counter() - t0 > 0.001:
                 finish_s.append(time.perf_counter() - t0)  # after the sllm_remote contender
                 log.info("the cache entry was finished %.2f s after the load returned", finish_s[-1])
-            if name in ("sllm_remote", "get_write"):
+            if name.startswith("sllm_remote") or name == "get_write":
                 shutil.rmtree(work / "cache", ignore_errors=True)  # an empty cache: a download
             if cuda:
                 torch.cuda.empty_cache()
@@ -276,7 +318,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                 warm(server_files)  # the server answers from memory, for every contender alike
             sync()
 
+        cpu: Dict[str, List[List[float]]] = {name: [] for name, _, _ in contenders}
+
+        def server_cpu() -> float:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+        def with_cpu(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:
+                t, s0 = os.times(), server_cpu()
+                out = fn()
+                sync()
+                t1 = os.times()
+                cpu[name].append([t1.user + t1.system - t.user - t.system, server_cpu() - s0])
+                return out
+            return run
+
+        contenders = [(name, with_cpu(name, fn), count) for name, fn, count in contenders]
         results.update(run_rounds(contenders, args.reps, before, sync))
+        for name, samples in cpu.items():
+            if samples and "seconds" in results[name]:
+                best = min(range(len(samples)), key=lambda i: results[name]["all_s"][i])
+                results[name]["cpu_client_s"], results[name]["cpu_server_s"] = samples[best]
         before("")
         results["cache_finish_s"] = finish_s
         results["sllm_remote_reports"] = remote_stats
@@ -297,17 +360,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if disk:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
-    print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}")
-    for name in ("raw_get", "runai", "get_write", "get_copy", "sllm_remote",
-                 "raw_disk_direct", "raw_disk_buffered", "sllm_cached"):
-        if name not in results:
+    print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}"
+          f" {'CPU s: client':>14} {'server':>7}")
+    for name in results:
+        if not isinstance(results[name], dict) or not ("gbps" in results[name] or "error" in results[name]):
             continue
         r = results[name]
         if "gbps" not in r:
             print(f"{name:28} {'-':>7}  ({r.get('error', '')[:60]})")
             continue
         print(f"{name:28} {r['gbps']:7.2f} {r['median_gbps']:7.2f} {r['gbps'] / raw:10.2f} "
-              f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}")
+              f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}"
+              f" {r.get('cpu_client_s', float('nan')):14.2f} {r.get('cpu_server_s', float('nan')):7.2f}")
     if finish_s := results["cache_finish_s"]:
         print(f"the cache entry was durable {min(finish_s):.2f} s (median "
               f"{statistics.median(finish_s):.2f} s) after the remote load returned")

@@ -103,7 +103,7 @@ class Download:
         self._scratch = threading.local()  # per-thread buffer for decoded chunks
         self._finisher: Optional[threading.Thread] = None  # owns the files and lock once started
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
-        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "write": 0.0}
+        self.stage_seconds = {"get": 0.0, "fault": 0.0, "decode": 0.0, "verify": 0.0, "write": 0.0}
 
     def open(self) -> Download:
         import obstore
@@ -297,6 +297,7 @@ class Download:
             if err:
                 raise CacheError(f"cannot write the download of {where} to the cache in "
                                  f"'{self.partial}': {os.strerror(err)}")
+        t1b = time.perf_counter()
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
         if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
@@ -338,7 +339,8 @@ class Download:
             self._marks[f_i].flush()
             self.bytes_downloaded += length
             t4 = time.perf_counter()
-            for k, dt in (("get", t1 - t0), ("decode", t2 - t1), ("verify", t3 - t2), ("write", t4 - t3)):
+            for k, dt in (("get", t1 - t0), ("fault", t1b - t1), ("decode", t2 - t1b), ("verify", t3 - t2),
+                          ("write", t4 - t3)):
                 self.stage_seconds[k] += dt
         return data
 
