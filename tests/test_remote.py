@@ -355,6 +355,7 @@ def test_streaming_load_partial_then_complete_then_cached(env) -> None:
     first = report.stats["bytes_downloaded"]
     from sllm_store.remote import cache
 
+    assert cache.wait_for_cache(timeout=60)  # its cache writes end on a background thread
     (partial,) = cache.partials()
     assert partial.url == url and not partial.active and 0 < partial.written < partial.size
     r = run_cli("cache", "ls")
@@ -601,10 +602,12 @@ def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
     assert len(gets.calls) <= n_chunks // 2  # not all 12: the rest were cancelled
 
 
-def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
-    """A full disk: found when the partial files are preallocated (before any GET); on a file
-    system that cannot preallocate, chunks are written with pwrite, whose failure is the same
-    error; a mapped write whose pages cannot be faulted in is one too (never SIGBUS)."""
+def test_cache_write_failure(env, monkeypatch, caplog) -> None:
+    """A full disk is found when the partial files are preallocated, before any GET: CacheError.
+    A write that fails later (on a file system that cannot preallocate, chunks are written with
+    pwrite; a mapped write whose pages cannot be faulted in fails too, never with SIGBUS) leaves
+    the load to finish, with a warning and nothing cached; with no write-behind, or in a
+    download-only ``fetch``, it is a CacheError."""
     import errno
 
     from sllm_store import _C
@@ -624,17 +627,61 @@ def test_cache_write_failure_is_a_cache_error(env, monkeypatch) -> None:
 
     monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.EOPNOTSUPP)
     monkeypatch.setattr(os, "pwrite", disk_full)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+    assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
+    assert cache.entries() == []
+    with pytest.raises(CacheError, match="No space left on device"):
+        cache.fetch(url, quiet=True)
+    monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", "0")
     with pytest.raises(CacheError, match="No space left on device"):
         sllm_store.load_state_dict(url)
+    monkeypatch.delenv("SLLM_STORE_WRITE_BEHIND")
     monkeypatch.setattr(os, "pwrite", _REAL_PWRITE)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # the pwrite path works
-    cache.wait_for_cache()
+    assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
     cache.remove(url)
 
+    caplog.clear()
     monkeypatch.setattr(_C, "preallocate", real_preallocate)
     monkeypatch.setattr(_C, "populate_write", lambda addr, n: errno.EIO)
-    with pytest.raises(CacheError, match="Input/output error"):
-        sllm_store.load_state_dict(url)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+    assert "Input/output error" in caplog.text and cache.entries() == []
+
+
+def test_write_behind_is_bounded(env, monkeypatch) -> None:
+    """With a write-behind of one chunk, slow cache writes hold the download back (at most one
+    chunk waits), and everything still lands in the cache."""
+    from sllm_store.remote import cache
+
+    local, sd, url = _uploaded(env, "write-behind", seed=11)
+    chunk = sllm_store.read_index(local).chunk_size
+    monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", str(chunk))
+    waiting, most = [0], [0]
+    lock = __import__("threading").Lock()
+    real_store = cache.Download.store_chunk
+    real_submit = cache._WriteBehind.submit
+
+    def submit(self, f_i, c, data):
+        real_submit(self, f_i, c, data)
+        with lock:
+            waiting[0] += 1
+            most[0] = max(most[0], waiting[0])
+
+    def slow_store(self, f_i, c, data):
+        time.sleep(0.05)
+        real_store(self, f_i, c, data)
+        with lock:
+            waiting[0] -= 1
+
+    monkeypatch.setattr(cache._WriteBehind, "submit", submit)
+    monkeypatch.setattr(cache.Download, "store_chunk", slow_store)
+    assert_state_dict_identical(sllm_store.load_state_dict(url, num_threads=4), sd)
+    assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+    assert most[0] <= 2  # one waiting, one being written (counted before its decrement)
 
 
 def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:

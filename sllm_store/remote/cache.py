@@ -91,7 +91,7 @@ class Download:
     """
 
     def __init__(self, url: str, options: Optional[RemoteOptions] = None, directory: Any = None,
-                 max_gets: int = 16) -> None:
+                 max_gets: int = 16, write_behind: Optional[int] = None) -> None:
         self.url = url.rstrip("/")
         self._get_slots = threading.BoundedSemaphore(max(1, max_gets))
         self._failed: Optional[BaseException] = None  # the first failed GET: no new GETs start
@@ -102,8 +102,11 @@ class Download:
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per-thread buffer for decoded chunks
         self._finisher: Optional[threading.Thread] = None  # owns the files and lock once started
+        self._write_behind = write_behind_limit() if write_behind is None else int(write_behind)
+        self._writer: Optional[_WriteBehind] = None
+        self._queued: set[tuple[int, int]] = set()  # handed to the write-behind threads
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
-        self.stage_seconds = {"get": 0.0, "fault": 0.0, "decode": 0.0, "verify": 0.0, "write": 0.0}
+        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0}
 
     def open(self) -> Download:
         import obstore
@@ -256,13 +259,23 @@ class Download:
         return min(cs, self.index.files[f_i].size - c * cs)
 
     def chunk(self, f_i: int, c: int) -> Any:
-        """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), cached on disk afterwards.
+        """Decoded bytes of chunk ``c`` of file ``f_i`` (a buffer), written to the cache before
+        this returns: :meth:`fetch_chunk` then :meth:`store_chunk`.
 
-        Chunks are written into a shared mapping of the partial file where the file system can
-        reserve its blocks (one memcpy in C++, so that threads do not queue on the file's inode
-        lock as ``pwrite`` makes them), else with ``pwrite``. A decoded compressed chunk may live
-        in a buffer of the calling thread that its next call reuses: use (or copy) the result
-        before asking the same thread for another chunk.
+        A decoded compressed chunk may live in a buffer of the calling thread that its next call
+        reuses: use (or copy) the result before asking the same thread for another chunk.
+        """
+        data, stored = self.fetch_chunk(f_i, c)
+        if not stored:
+            self.store_chunk(f_i, c, data)
+        return data
+
+    def fetch_chunk(self, f_i: int, c: int) -> tuple[Any, bool]:
+        """Chunk ``c`` of file ``f_i``, decoded and verified: ``(data, stored)``. ``stored`` says
+        whether it is in the cache already (an earlier attempt's chunk; a decoded chunk is decoded
+        straight into the cache file); if not, hand ``data`` to :meth:`store_chunk` or
+        :meth:`store_later`. At most ``max_gets`` GETs run at once; after one fails, no new one
+        starts, and the others raise its error too.
         """
         import obstore
 
@@ -272,7 +285,7 @@ class Download:
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
         if c in self.done[f_i]:  # verified when this download was opened
-            return os.pread(self._fds[f_i], raw_len, c * cs)
+            return os.pread(self._fds[f_i], raw_len, c * cs), True
         if f.chunks is not None:
             sc = f.chunks[c]
             off, length = sc.offset, sc.length
@@ -280,7 +293,7 @@ class Download:
             off, length = c * cs, raw_len
         where = f"'{self.url}/{f.name}' chunk at offset {c * cs}"
         with self._get_slots:
-            if self._failed is not None:  # stop downloading after a failure, with its error
+            if self._failed is not None:
                 raise _same_error(self._failed)
             t0 = time.perf_counter()
             try:
@@ -291,17 +304,12 @@ class Download:
             t1 = time.perf_counter()
         if len(data) != length:
             raise RemoteError(f"{where}: the object is shorter than its index says")
-        mapped = self._maps.get(f_i)
-        if mapped is not None:  # fault the chunk's pages in: an I/O error is an error, not SIGBUS
-            err = _C.populate_write(mapped[1].ctypes.data + c * cs, raw_len)
-            if err:
-                raise CacheError(f"cannot write the download of {where} to the cache in "
-                                 f"'{self.partial}': {os.strerror(err)}")
-        t1b = time.perf_counter()
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
+        mapped = self._maps.get(f_i)
         if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
             if mapped is not None:
+                self._populate(f_i, c, where)
                 out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]  # decoded in place
             else:
                 out = getattr(self._scratch, "buf", None)
@@ -318,13 +326,51 @@ class Download:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
         t3 = time.perf_counter()
+        with self._lock:
+            self.bytes_downloaded += length
+            for k, dt in (("get", t1 - t0), ("decode", t2 - t1), ("verify", t3 - t2)):
+                self.stage_seconds[k] += dt
+        if decoded and mapped is not None:
+            self._record(f_i, c)
+            return data, True
+        if decoded:  # in this thread's scratch buffer, reused by its next call: store it now
+            self.store_chunk(f_i, c, data)
+            return data, True
+        return data, False
+
+    def _populate(self, f_i: int, c: int, where: str) -> None:
+        """Fault a chunk's pages of a mapped file in: an I/O error is a CacheError, not SIGBUS."""
+        from sllm_store import _C
+
+        cs = self.index.chunk_size
+        err = _C.populate_write(self._maps[f_i][1].ctypes.data + c * cs, self.chunk_length(f_i, c))
+        if err:
+            raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
+                             f"{os.strerror(err)}")
+
+    def store_chunk(self, f_i: int, c: int, data: Any) -> None:
+        """Write a fetched chunk into the partial file and record it as done.
+
+        Where the file system could reserve the file's blocks, the file is mapped and the chunk
+        is one memcpy in C++ (threads do not queue on the file's inode lock, as ``pwrite``
+        makes them); else ``pwrite``.
+        """
+        from sllm_store import _C
+
+        t0 = time.perf_counter()
+        cs = self.index.chunk_size
+        raw_len = self.chunk_length(f_i, c)
+        where = f"'{self.url}/{self.index.files[f_i].name}' chunk at offset {c * cs}"
+        mapped = self._maps.get(f_i)
         if mapped is not None:
-            if not decoded:  # a memcpy into the mapping, in C++ (no GIL, no inode lock)
-                src = np.frombuffer(data, dtype=np.uint8)
-                _C.run_copies([(src.ctypes.data, 0, c * cs, raw_len)],
-                              [("cpu", mapped[1].ctypes.data, mapped[1].nbytes)], num_threads=1)
-                del src
+            self._populate(f_i, c, where)
+            t1 = time.perf_counter()
+            src = np.frombuffer(data, dtype=np.uint8)
+            _C.run_copies([(src.ctypes.data, 0, c * cs, raw_len)],
+                          [("cpu", mapped[1].ctypes.data, mapped[1].nbytes)], num_threads=1)
+            del src
         else:
+            t1 = time.perf_counter()
             mv = memoryview(data)
             pos = 0
             try:
@@ -333,22 +379,39 @@ class Download:
             except OSError as e:
                 raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
                                  f"{e.strerror or e}") from None
+        self._record(f_i, c)
+        with self._lock:
+            self.stage_seconds["fault"] += t1 - t0
+            self.stage_seconds["write"] += time.perf_counter() - t1
+
+    def _record(self, f_i: int, c: int) -> None:
         with self._lock:
             self.done[f_i].add(c)
             self._marks[f_i].write(f"{c}\n")
             self._marks[f_i].flush()
-            self.bytes_downloaded += length
-            t4 = time.perf_counter()
-            for k, dt in (("get", t1 - t0), ("fault", t1b - t1), ("decode", t2 - t1b), ("verify", t3 - t2),
-                          ("write", t4 - t3)):
-                self.stage_seconds[k] += dt
-        return data
+
+    def store_later(self, f_i: int, c: int, data: Any) -> None:
+        """:meth:`store_chunk` on the write-behind threads, so that the load's critical path
+        (GETs, device copies) does not wait for the page cache. At most ``write_behind`` bytes
+        wait for their write; beyond that this blocks, and the download slows to the write
+        speed. ``write_behind=0`` writes here and now. After a failed write, chunks are no
+        longer written: the load goes on, and ``finish`` reports the failure."""
+        if self._write_behind <= 0:
+            self.store_chunk(f_i, c, data)
+            return
+        with self._lock:
+            if self._writer is None:
+                self._writer = _WriteBehind(self, self._write_behind)
+            self._queued.add((f_i, c))
+        self._writer.submit(f_i, c, data)
 
     def close(self) -> None:
         """Close the partial files and release the download lock (idempotent). After
         ``finish_later()`` they belong to the finishing thread, and only it closes them."""
         if self._finisher is not None and threading.current_thread() is not self._finisher:
             return
+        if self._writer is not None:
+            self._writer.close(cancel=True)  # no store may run into an unmapped file
         self._close_files()
         self._unlock()
 
@@ -392,25 +455,34 @@ class Download:
             self.close()
 
     def finish_later(self) -> Optional[Path]:
-        """``finish()`` on a background thread when every chunk is there (the path the entry will
-        have; the sync of its data to disk then does not delay the caller), else at once.
+        """Once the load's chunks are fetched: wait for the write-behind, then ``finish()``, on a
+        background thread, so that neither the page-cache writes nor the sync of the data to disk
+        delay the caller. Returns the path the entry will have, or None if chunks are missing
+        (a partial load; a later load fetches the rest).
 
-        The thread holds the download lock until the entry is promoted, so another load of the
-        URL (in any process) waits for it and then loads the entry from disk. The interpreter
-        waits for the thread at exit; :func:`wait_for_cache` waits for it sooner.
+        The thread holds the download lock until it is done, so another load of the URL (in any
+        process) waits for it and then loads the entry from disk. The interpreter waits for the
+        thread at exit; :func:`wait_for_cache` waits for it sooner. A failure there is a warning:
+        the tensors are loaded; only the cache entry is not.
         """
-        if self.cached is not None or self.missing():
-            return self.finish()
+        if self.cached is not None:
+            return self.cached
+        complete = all(c in self.done[f] or (f, c) in self._queued for f, c in self.chunks())
+        writer = self._writer
 
         def run() -> None:
             try:
+                if writer is not None:
+                    writer.close(cancel=False)
+                    if writer.error is not None:
+                        raise writer.error
                 self.finish()
             except (RemoteError, OSError) as e:
-                # The tensors were loaded; only the cache entry failed.
                 logger.warning("%s: loaded, but the download could not be cached: %s", self.url, e)
             except BaseException:
                 logger.exception("%s: finishing the cache entry failed", self.url)
             finally:
+                self.close()
                 with _finishing_lock:
                     _finishing.discard(threading.current_thread())
 
@@ -419,7 +491,7 @@ class Download:
         with _finishing_lock:
             _finishing.add(t)
         t.start()
-        return self.root / self.name
+        return self.root / self.name if complete else None
 
     def _promote(self) -> Path:
         _fetch_small_files(self.store, self.url, self.index, self.partial)
@@ -442,6 +514,73 @@ class Download:
         if limit is not None:
             prune(limit, directory=self.root, keep=self.name)
         return final
+
+
+def write_behind_limit() -> int:
+    """Bytes of downloaded chunks that may wait for their cache write: ``SLLM_STORE_WRITE_BEHIND``
+    (e.g. ``4GiB``; ``0``: each chunk is written before the next is fetched), by default an eighth
+    of the memory, at most 8 GiB."""
+    value = os.environ.get("SLLM_STORE_WRITE_BEHIND", "").strip()
+    if value:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"SLLM_STORE_WRITE_BEHIND: {e}") from None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        ram = 16 << 30
+    return max(256 << 20, min(8 << 30, ram // 8))
+
+
+class _WriteBehind:
+    """Cache writes of fetched chunks on their own threads, at most ``limit`` bytes waiting."""
+
+    THREADS = 8
+
+    def __init__(self, download: Download, limit: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._d = download
+        self._limit = limit
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="sllm-cache-write")
+        self.error: Optional[BaseException] = None
+
+    def submit(self, f_i: int, c: int, data: Any) -> None:
+        n = len(memoryview(data))
+        with self._cond:
+            while self._waiting and self._waiting + n > self._limit and self.error is None:
+                self._cond.wait()
+            if self.error is not None:
+                return  # caching has failed: the load goes on without it
+            self._waiting += n
+        try:
+            self._pool.submit(self._write, f_i, c, data, n)
+        except RuntimeError:  # closed: the load is stopping
+            with self._cond:
+                self._waiting -= n
+
+    def _write(self, f_i: int, c: int, data: Any, n: int) -> None:
+        try:
+            if self.error is None:
+                self._d.store_chunk(f_i, c, data)
+        except BaseException as e:
+            with self._cond:
+                self.error = self.error or e
+        finally:
+            with self._cond:
+                self._waiting -= n
+                self._cond.notify_all()
+
+    def close(self, cancel: bool) -> None:
+        """Wait for the running writes (and, unless ``cancel``, the waiting ones)."""
+        with self._cond:
+            if cancel and self.error is None:
+                self.error = CacheError("the download stopped before it was written to the cache")
+            self._cond.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 def _same_error(e: BaseException) -> BaseException:
