@@ -7,10 +7,13 @@ cold (files evicted from the page cache before each):
 * ``raw-direct`` / ``raw-buffered``: parallel ``preadv`` (16 threads, 32 MiB blocks) of the plain
   data files, with and without O_DIRECT; the best is the raw disk limit.
 * ``sllm``: ``load_state_dict(plain, DEVICE)``.
-* ``sllm-zstd``: ``load_state_dict(compressed, DEVICE)`` (default settings: O_DIRECT when cold).
-* ``sllm-zstd-buffered``: the same with ``io_mode="buffered"``; ``sllm-zstd-32t``: with 32 threads
-  (more reads in flight while others decode). These two tell which read mode and concurrency suit
-  compressed chunks on this disk.
+* ``sllm-zstd``: ``load_state_dict(compressed, DEVICE)`` (default settings: ``io_mode="auto"``
+  reads compressed checkpoints buffered).
+* ``sllm-zstd-direct``: the same with ``io_mode="direct"`` (O_DIRECT); ``sllm-zstd-32t``: with 32
+  threads (more reads in flight while others decode). These two tell whether the default read mode
+  and concurrency still suit compressed chunks on this disk.
+
+``--skip NAME,...`` leaves contenders out; ``--no-scaling`` skips the warm decoding runs.
 
 The contenders run in rounds (``--reps``): each round runs every contender once, in the same order,
 so a disk whose speed drifts during the run affects them all alike. The table gives each
@@ -48,6 +51,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip", type=lambda v: {x for x in v.split(",") if x}, default=set(),
+                    help="contenders to leave out (not raw-*, sllm, sllm-zstd)")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the warm decoding runs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -91,10 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("raw-buffered", lambda: reader.read(plain_files, False), file_bytes),
         ("sllm", lambda: sllm_store.load_state_dict(plain, args.device), nbytes),
         ("sllm-zstd", lambda: sllm_store.load_state_dict(comp, args.device), nbytes),
-        ("sllm-zstd-buffered",
-         lambda: sllm_store.load_state_dict(comp, args.device, io_mode="buffered"), nbytes),
+        ("sllm-zstd-direct",
+         lambda: sllm_store.load_state_dict(comp, args.device, io_mode="direct"), nbytes),
         ("sllm-zstd-32t", lambda: sllm_store.load_state_dict(comp, args.device, num_threads=32), nbytes),
     ]
+    contenders = [c for c in contenders if c[0] not in args.skip]
 
     def before(name: str) -> None:
         if cuda:
@@ -113,12 +120,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw_best = max(results["raw-direct"]["gbps"], results["raw-buffered"]["gbps"])
 
     # Warm: decompression throughput by thread count (files page-cached).
-    for f in comp_files:
+    for f in [] if args.no_scaling else comp_files:
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
     scaling = {}
-    for threads in (1, 4, 8, 16):
+    for threads in () if args.no_scaling else (1, 4, 8, 16):
         best = float("inf")
         for _ in range(2):
             sync()
