@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 from sllm_store import __version__
@@ -112,7 +113,15 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
     if stats.get("io_mode") == "remote":
-        cached = f"cached in {stats['cached']}" if stats["cached"] else "partly cached (partial load)"
+        from sllm_store.remote.cache import wait_for_cache
+
+        wait_for_cache()  # the entry is finished in the background; this process ends next
+        if not stats["cached"]:
+            cached = "partly cached (partial load)"
+        elif Path(stats["cached"]).is_dir():
+            cached = f"cached in {stats['cached']}"
+        else:
+            cached = "not cached (see the warning above)"
         print(f"  remote: {format_size(stats['bytes_downloaded'])} downloaded while loading "
               f"({stats['threads']} threads), {cached}")
         return 0

@@ -334,6 +334,7 @@ def test_cli_upload_cache_ls_rm_prune(env) -> None:
     assert r.returncode == 0, r.stderr
     r = run_cli("load", url)
     assert r.returncode == 0, r.stderr
+    assert "downloaded while loading" in r.stdout and "cached in" in r.stdout  # promoted by then
     r = run_cli("cache", "ls")
     assert url in r.stdout and "1 entries" in r.stdout
     r = run_cli("cache", "prune", "1KiB")
