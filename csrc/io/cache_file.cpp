@@ -29,8 +29,7 @@ int populate_write(void* addr, size_t n) {
   do {
     rc = ::madvise(reinterpret_cast<void*>(start), end - start, MADV_POPULATE_WRITE);
   } while (rc != 0 && errno == EINTR);
-  if (rc == 0 || errno == EINVAL) return 0;  // EINVAL: an older kernel; the copy faults the pages in
-  return errno;
+  return rc == 0 ? 0 : errno;  // EINVAL: a kernel before 5.14
 }
 
 }  // namespace sllm

@@ -17,8 +17,8 @@ namespace sllm {
 // reserve blocks; the caller then writes with pwrite).
 int preallocate(int fd, uint64_t size);
 
-// madvise(MADV_POPULATE_WRITE) over the pages of [addr, addr + n): 0 on success (or when the
-// kernel predates it, Linux < 5.14), else the errno.
+// madvise(MADV_POPULATE_WRITE) over the pages of [addr, addr + n): 0 on success, else the errno
+// (EINVAL: the kernel predates it, Linux < 5.14; the caller then writes with pwrite).
 int populate_write(void* addr, size_t n);
 
 }  // namespace sllm

@@ -87,11 +87,13 @@ class Download:
 
     At most ``max_gets`` GETs run at once, however many threads call ``chunk()``: callers use
     about twice as many threads, so that while some threads verify, write and copy the chunks
-    they have, ``max_gets`` requests stay in flight.
+    they have, ``max_gets`` requests stay in flight. With ``cache_errors="warn"`` (loads), a
+    failed cache write stops the caching but not the download.
     """
 
     def __init__(self, url: str, options: Optional[RemoteOptions] = None, directory: Any = None,
-                 max_gets: int = 16, write_behind: Optional[int] = None) -> None:
+                 max_gets: int = 16, write_behind: Optional[int] = None,
+                 cache_errors: str = "raise") -> None:
         self.url = url.rstrip("/")
         self._get_slots = threading.BoundedSemaphore(max(1, max_gets))
         self._failed: Optional[BaseException] = None  # the first failed GET: no new GETs start
@@ -105,6 +107,10 @@ class Download:
         self._write_behind = write_behind_limit() if write_behind is None else int(write_behind)
         self._writer: Optional[_WriteBehind] = None
         self._queued: set[tuple[int, int]] = set()  # handed to the write-behind threads
+        # "raise": a failed cache write is a CacheError (fetch). "warn": the first one is kept in
+        # cache_error, nothing more is written, and the load goes on; finish_later() warns.
+        self._cache_errors = cache_errors
+        self.cache_error: Optional[CacheError] = None
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0}
 
@@ -187,9 +193,16 @@ class Download:
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
         if err == 0 and size > 0:
-            # Every block is reserved, so a store into the mapping cannot meet a full disk.
+            # The blocks are reserved, so a store into the mapping does not meet a full disk (on
+            # copy-on-write file systems, btrfs or ZFS, that shows at the fsync: a CacheError).
             mm = mmap.mmap(fd, size)
-            self._maps[f_i] = (mm, np.frombuffer(mm, dtype=np.uint8))
+            view = np.frombuffer(mm, dtype=np.uint8)
+            if _C.populate_write(view.ctypes.data, 1) == errno.EINVAL:
+                # Linux < 5.14: a fault error in a store would be SIGBUS, not an error. pwrite.
+                del view
+                mm.close()
+                return
+            self._maps[f_i] = (mm, view)
 
     def _check_earlier_chunks(self) -> None:
         """Re-verify the chunks an earlier attempt recorded (its writes were not synced before
@@ -308,8 +321,13 @@ class Download:
         mapped = self._maps.get(f_i)
         if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
-            if mapped is not None:
-                self._populate(f_i, c, where)
+            if mapped is not None and self.cache_error is None:
+                try:
+                    self._populate(f_i, c, where)
+                except CacheError as e:
+                    self._cache_failed(e)
+                    mapped = None
+            if mapped is not None and self.cache_error is None:
                 out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]  # decoded in place
             else:
                 out = getattr(self._scratch, "buf", None)
@@ -330,13 +348,31 @@ class Download:
             self.bytes_downloaded += length
             for k, dt in (("get", t1 - t0), ("decode", t2 - t1), ("verify", t3 - t2)):
                 self.stage_seconds[k] += dt
-        if decoded and mapped is not None:
+        if decoded and mapped is not None and self.cache_error is None:
             self._record(f_i, c)
             return data, True
         if decoded:  # in this thread's scratch buffer, reused by its next call: store it now
-            self.store_chunk(f_i, c, data)
+            self._store_or_fail(f_i, c, data)
             return data, True
         return data, False
+
+    def _cache_failed(self, e: CacheError) -> None:
+        """A cache write failed: raise it (``cache_errors="raise"``), or keep the first and stop
+        caching."""
+        if self._cache_errors != "warn":
+            raise e
+        with self._lock:
+            if self.cache_error is None:
+                self.cache_error = e
+                logger.info("%s: not caching any more: %s", self.url, e)
+
+    def _store_or_fail(self, f_i: int, c: int, data: Any) -> None:
+        if self.cache_error is not None:
+            return
+        try:
+            self.store_chunk(f_i, c, data)
+        except CacheError as e:
+            self._cache_failed(e)
 
     def _populate(self, f_i: int, c: int, where: str) -> None:
         """Fault a chunk's pages of a mapped file in: an I/O error is a CacheError, not SIGBUS."""
@@ -395,9 +431,9 @@ class Download:
         (GETs, device copies) does not wait for the page cache. At most ``write_behind`` bytes
         wait for their write; beyond that this blocks, and the download slows to the write
         speed. ``write_behind=0`` writes here and now. After a failed write, chunks are no
-        longer written: the load goes on, and ``finish`` reports the failure."""
-        if self._write_behind <= 0:
-            self.store_chunk(f_i, c, data)
+        longer written (see ``cache_errors``)."""
+        if self._write_behind <= 0 or self.cache_error is not None:
+            self._store_or_fail(f_i, c, data)
             return
         with self._lock:
             if self._writer is None:
@@ -427,12 +463,20 @@ class Download:
                 logger.debug("%s: a partial file stays mapped until its last view is dropped", self.url)
 
     def _close_files(self) -> None:
+        """Close everything, each exactly once (a failing close does not stop the others, and
+        is not retried on a number another thread may have reused); raises the first error."""
         self._unmap()
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-        for fh in getattr(self, "_marks", {}).values():
-            fh.close()
+        errors: list[OSError] = []
+        fds, marks = getattr(self, "_fds", {}), getattr(self, "_marks", {})
         self._fds, self._marks = {}, {}
+        closers = [lambda fd=fd: os.close(fd) for fd in fds.values()] + [fh.close for fh in marks.values()]
+        for close in closers:
+            try:
+                close()
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def finish(self) -> Optional[Path]:
         """Promote the entry if every chunk is there (returns its path), else keep the partial
@@ -467,22 +511,30 @@ class Download:
         """
         if self.cached is not None:
             return self.cached
-        complete = all(c in self.done[f] or (f, c) in self._queued for f, c in self.chunks())
+        complete = self.cache_error is None and all(
+            c in self.done[f] or (f, c) in self._queued for f, c in self.chunks())
         writer = self._writer
 
         def run() -> None:
             try:
-                if writer is not None:
-                    writer.close(cancel=False)
-                    if writer.error is not None:
-                        raise writer.error
-                self.finish()
-            except (RemoteError, OSError) as e:
-                logger.warning("%s: loaded, but the download could not be cached: %s", self.url, e)
-            except BaseException:
-                logger.exception("%s: finishing the cache entry failed", self.url)
+                try:
+                    if writer is not None:
+                        writer.close(cancel=False)
+                        if writer.error is not None:
+                            raise writer.error
+                    if self.cache_error is not None:
+                        raise self.cache_error
+                    self.finish()
+                except (RemoteError, OSError) as e:
+                    logger.warning("%s: loaded, but the download could not be cached: %s", self.url, e)
+                except BaseException:
+                    logger.exception("%s: finishing the cache entry failed", self.url)
+                try:
+                    self.close()
+                except OSError as e:
+                    logger.warning("%s: closing the partial download failed: %s", self.url, e)
             finally:
-                self.close()
+                self._unlock()  # whatever failed above, another load must not wait forever
                 with _finishing_lock:
                     _finishing.discard(threading.current_thread())
 
@@ -490,7 +542,14 @@ class Download:
         self._finisher = t
         with _finishing_lock:
             _finishing.add(t)
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as e:  # no thread to be had (a limit, or the interpreter is exiting)
+            with _finishing_lock:
+                _finishing.discard(t)
+            self._finisher = None
+            logger.debug("%s: finishing the cache entry in this thread (%s)", self.url, e)
+            run()
         return self.root / self.name if complete else None
 
     def _promote(self) -> Path:
@@ -561,12 +620,16 @@ class _WriteBehind:
         except RuntimeError:  # closed: the load is stopping
             with self._cond:
                 self._waiting -= n
+                self._cond.notify_all()
 
     def _write(self, f_i: int, c: int, data: Any, n: int) -> None:
         try:
-            if self.error is None:
+            if self.error is None and self._d.cache_error is None:
                 self._d.store_chunk(f_i, c, data)
         except BaseException as e:
+            if isinstance(e, CacheError):
+                with contextlib.suppress(CacheError):
+                    self._d._cache_failed(e)  # the load's own writes stop too
             with self._cond:
                 self.error = self.error or e
         finally:
@@ -613,10 +676,18 @@ def wait_for_cache(timeout: Optional[float] = None) -> bool:
             pending = list(_finishing)
         if not pending:
             return True
-        for t in pending:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                return False
+        t = pending[0]
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        if t.ident is None:  # registered, not started yet
+            time.sleep(0.001)
+            continue
+        t.join(remaining)
+        if t.is_alive():
+            return False
+        with _finishing_lock:
+            _finishing.discard(t)  # (it discards itself; this is for one that could not)
 
 
 def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any = None,
@@ -642,8 +713,10 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
         with tqdm(total=sum(d.chunk_length(*fc) for fc in todo), unit="B", unit_scale=True,
                   unit_divisor=1024, desc="downloading", dynamic_ncols=True,
                   disable=default_quiet() if quiet is None else quiet) as bar:
-            for data in parallel_map(lambda fc: d.chunk(*fc), todo, 2 * num_threads, "sllm-fetch"):
-                bar.update(len(data))
+            # (lengths, not the chunks: the futures' results live until the loop ends)
+            for n in parallel_map(lambda fc: len(memoryview(d.chunk(*fc))), todo, 2 * num_threads,
+                                  "sllm-fetch"):
+                bar.update(n)
         final = d.finish()
     assert final is not None
     dt = time.perf_counter() - t0

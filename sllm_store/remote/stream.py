@@ -81,7 +81,7 @@ def load_remote(url: str, device: Any, config: LoadConfig,
 
     t0 = time.perf_counter()
     # The download lock and files are released whatever happens.
-    with Download(url, config.remote, max_gets=config.num_threads).open() as d:
+    with Download(url, config.remote, max_gets=config.num_threads, cache_errors="warn").open() as d:
         if d.cached is None:
             return _stream(d, url, device, config, t0)
         try:
