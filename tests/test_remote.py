@@ -721,6 +721,43 @@ def test_finisher_failures_release_the_entry(env, monkeypatch, caplog) -> None:
     assert cache.wait_for_cache(timeout=1) and len(cache.entries()) == 1  # finished in this thread
 
 
+def test_forked_child_does_not_hold_the_download_lock(env, monkeypatch) -> None:
+    """A child forked while a download holds its lock (e.g. DataLoader workers) closes its copy,
+    so the lock is free once this process releases it, not only when the child exits."""
+    import threading
+
+    from sllm_store.remote import cache
+
+    local, sd, url = _uploaded(env, "fork", seed=14)
+    release = threading.Event()
+    real_store = cache.Download.store_chunk
+
+    def slow_store(self, f_i, c, data):
+        release.wait(30)
+        real_store(self, f_i, c, data)
+
+    monkeypatch.setattr(cache.Download, "store_chunk", slow_store)
+    sllm_store.load_state_dict(url, {"w4": "cpu"})  # partial: its writes are still waiting
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait until told to exit
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        release.set()
+        assert cache.wait_for_cache(timeout=30)
+        done = threading.Event()
+        loader = threading.Thread(target=lambda: (sllm_store.load_state_dict(url), done.set()), daemon=True)
+        loader.start()  # takes the download lock: must not wait for the child
+        assert done.wait(30), "the next load waits for a lock held by the forked child"
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
 def test_write_behind_is_bounded(env, monkeypatch) -> None:
     """With a write-behind of one chunk, slow cache writes hold the download back (at most one
     chunk waits), and everything still lands in the cache."""

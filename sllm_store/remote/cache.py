@@ -248,6 +248,7 @@ class Download:
                 break
             os.close(fd)  # the holder promoted the entry and removed this lock file: look again
         self._lock_fd: Optional[int] = fd
+        _held_locks.add(fd)
         if _touch_entry(final):
             self.cached = final
             self._unlock()
@@ -257,6 +258,7 @@ class Download:
     def _unlock(self) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
+            _held_locks.discard(fd)
             os.close(fd)  # releases the flock
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -653,6 +655,21 @@ def _same_error(e: BaseException) -> BaseException:
     except Exception:
         return RemoteError(str(e))
 
+
+# Download locks held by this process. A forked child (DataLoader workers, say) closes its copies,
+# so that a lock is released when this process releases it, not when the child exits too.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 _finishing: set[threading.Thread] = set()  # cache entries being synced and promoted
 _finishing_lock = threading.Lock()
