@@ -34,6 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class Weed:
     """One SeaweedFS server (master, volume, filer, S3) on loopback ports, restartable in place."""
 
@@ -44,6 +48,17 @@ class Weed:
             "name": "t", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
             "actions": ["Admin", "Read", "Write", "List"]}]}))
         (d / "data").mkdir(exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        for attempt in range(3):  # a free port may be taken by another process before weed binds it
+            self._pick_ports()
+            try:
+                self.start()
+                return
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+
+    def _pick_ports(self) -> None:
         # gRPC ports are the HTTP ports + 10000: keep them below 55000 so those are valid too.
         self.ports = {}
         for k in ("s3", "master", "volume", "filer", "iceberg", "lance"):
@@ -52,8 +67,6 @@ class Weed:
                 p = _free_port()
             self.ports[k] = p
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.proc: subprocess.Popen | None = None
-        self.start()
 
     def start(self) -> None:
         p, d = self.ports, self.d
@@ -87,7 +100,13 @@ class Weed:
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.proc.kill()
-                    pytest.fail("SeaweedFS did not start: " + (d / "weed.log").read_text()[-2000:])
+                    self.proc.wait()
+                    self.log.close()
+                    log = (d / "weed.log").read_text()[-2000:]
+                    if "address already in use" in log:
+                        (d / "weed.log").write_text("")
+                        raise _PortTaken(log) from None
+                    pytest.fail("SeaweedFS did not start: " + log)
                 time.sleep(0.5)
 
     def kill(self) -> None:
