@@ -153,6 +153,13 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   return out;
 }
 
+// Host memory from a device's staging allocator (page-locked for CUDA), for Python code that
+// stages copies itself (the remote tier); the device outlives the buffer it made.
+struct StagingBuffer {
+  std::shared_ptr<Device> device;
+  HostBuffer buffer;
+};
+
 using CopyTuple = std::tuple<uint64_t, int, uint64_t, uint64_t>;
 
 py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<DestTuple>& dests,
@@ -211,6 +218,19 @@ PYBIND11_MODULE(_C, m) {
         return xxh3_64(info.ptr, n);
       },
       py::arg("data"), "XXH3-64 (seed 0) of a C-contiguous buffer.");
+
+  py::class_<StagingBuffer>(m, "StagingBuffer",
+                            "Host memory to stage copies to `device` from: page-locked for 'cuda:N' "
+                            "(a DMA source), plain for 'cpu'; freed with the object.")
+      .def(py::init([](const std::string& device, uint64_t size) {
+             auto dev = make_device(device);
+             HostBuffer buffer = dev->staging_allocator()(static_cast<size_t>(size));
+             return StagingBuffer{std::move(dev), std::move(buffer)};
+           }),
+           py::arg("device"), py::arg("size"))
+      .def_property_readonly(
+          "address", [](const StagingBuffer& b) { return reinterpret_cast<uint64_t>(b.buffer.data()); })
+      .def("__len__", [](const StagingBuffer& b) { return b.buffer.size(); });
 
   py::class_<ChunkHasher>(m, "ChunkHasher",
                           "Checksums a byte stream per fixed-size chunk (XXH3-64).")

@@ -223,3 +223,18 @@ def tiny_llama(tmp_path_factory):
         dirs=dirs,
         root=root,
     )
+
+
+@pytest.fixture(scope="session")
+def fake_libcuda(tmp_path_factory) -> Path:
+    """A CPU stand-in for the CUDA driver (tests/fake_cuda.cpp), built once; point
+    ``SLLM_STORE_LIBCUDA`` at it in a fresh process (see tests/test_fake_cuda.py)."""
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the fake CUDA driver")
+    out = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC",
+                    str(Path(__file__).resolve().parent / "fake_cuda.cpp"), "-o", str(out)], check=True)
+    return out

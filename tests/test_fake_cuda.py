@@ -9,7 +9,6 @@ loaded once per process, and this one must stay CPU-only.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,17 +21,6 @@ from _helpers import subprocess_env
 import sllm_store
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def fake_libcuda(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the fake CUDA driver")
-    out = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", str(HERE / "fake_cuda.cpp"),
-                    "-o", str(out)], check=True)
-    return out
 
 
 def _run(lib: Path, script: str, **env: str) -> subprocess.CompletedProcess:

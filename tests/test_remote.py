@@ -449,6 +449,56 @@ def test_streaming_remote_load_to_gpu(env) -> None:
     assert_state_dict_identical(out, sd)
 
 
+REMOTE_TO_FAKE_GPU = """
+    import sys, torch, sllm_store
+    from sllm_store import _C, loader
+
+    url, local = sys.argv[-2], sys.argv[-1]
+    assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
+    made = []
+    real = _C.StagingBuffer
+
+    def staging(device, size):
+        made.append(device)
+        return real(device, size)
+
+    _C.StagingBuffer = staging
+
+    def allocate(dev, size):  # the fake driver's "device memory" is host memory
+        buf = torch.zeros(size + 4096, dtype=torch.uint8)
+        return buf, -buf.data_ptr() % 4096
+
+    loader._allocate = allocate
+    views = loader._views
+    loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
+    out = sllm_store.load_state_dict(url, "cuda:0", num_threads=2)
+    want = sllm_store.load_state_dict(local)
+    assert set(out) == set(want)
+    for k in want:
+        assert torch.equal(out[k], want[k]), k
+    assert made and set(made) == {"cuda:0"}, made
+    print("OK", len(made))
+"""
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress) -> None:
+    """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
+    page-locked staging buffers made by the core, then host-to-device copies; every byte checked."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+
+    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}", compress=compress, seed=15)
+    e = subprocess_env()
+    e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local)], env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+
+
 def test_convert_straight_to_s3(env) -> None:
     from safetensors.torch import save_file
 

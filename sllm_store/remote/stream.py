@@ -41,18 +41,19 @@ class _PinnedStaging:
     """Page-locked buffers for the device copies of downloaded chunks: a memcpy into one, then a
     DMA from it. The driver's copy from pageable memory does that memcpy into its own staging
     buffers, more slowly: GETs copied to the H100 ran at 3.49 GB/s that way and at 4.10 GB/s
-    through these (raw GETs 4.37 GB/s; ``bench_remote --stages``). Allocated as needed, at most
-    ``count``; PyTorch's pinned-memory cache keeps them for the next load. Without page-locked
-    memory (``take`` returns None), copies are made from pageable memory."""
+    through page-locked buffers (raw GETs 4.37 GB/s; ``bench_remote --stages``, run N). Made by
+    the C++ core's CUDA staging allocator as needed, at most ``count``, freed with this object.
+    Without page-locked memory (``take`` returns None), copies are made from pageable memory."""
 
-    def __init__(self, size: int, count: int = 8) -> None:
+    def __init__(self, device: str, size: int, count: int = 8) -> None:
+        self._device = device
         self._size = size
         self._slots = threading.BoundedSemaphore(count)
-        self._free: list[torch.Tensor] = []
+        self._free: list[Any] = []
         self._lock = threading.Lock()
         self._broken = False
 
-    def take(self) -> Optional[torch.Tensor]:
+    def take(self) -> Optional[Any]:
         if self._broken:
             return None
         self._slots.acquire()
@@ -60,14 +61,14 @@ class _PinnedStaging:
             if self._free:
                 return self._free.pop()
         try:
-            return torch.empty(self._size, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as e:
-            logger.debug("no page-locked staging buffer (%s): copying from pageable memory", e)
+            return _C.StagingBuffer(self._device, self._size)
+        except SllmStoreError as e:
+            logger.info("no page-locked staging buffer (%s): copying from pageable memory", e)
             self._broken = True
             self._slots.release()
             return None
 
-    def give(self, buf: torch.Tensor) -> None:
+    def give(self, buf: Any) -> None:
         with self._lock:
             self._free.append(buf)
         self._slots.release()
@@ -124,7 +125,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
 
-    staging = _PinnedStaging(index.chunk_size) if any(d_[0] != "cpu" for d_ in dests) else None
+    gpus = [spec for spec, _ptr, _size in dests if spec != "cpu"]
+    staging = _PinnedStaging(gpus[0], index.chunk_size) if gpus else None
 
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
@@ -138,8 +140,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
             try:
                 if buf is not None:  # a memcpy into page-locked memory, then a DMA
                     _C.run_copies([(src.ctypes.data, 0, 0, src.nbytes)],
-                                  [("cpu", buf.data_ptr(), buf.numel())], num_threads=1)
-                    base = buf.data_ptr()
+                                  [("cpu", buf.address, len(buf))], num_threads=1)
+                    base = buf.address
                 else:
                     base = src.ctypes.data
                 _C.run_copies([(base + coff, slot, doff, n) for _u, coff, slot, doff, n in segs], dests,
