@@ -256,18 +256,6 @@ def _allocate(dev: torch.device, size: int) -> tuple[torch.Tensor, int]:
     return buf, shift
 
 
-def localize(path: PathLike, config: LoadConfig) -> PathLike:
-    """``path`` itself, or for an ``s3://`` / ``http(s)://`` URL its local cache entry (fetched
-    into the cache first when missing; see :mod:`sllm_store.remote.cache`)."""
-    from sllm_store.remote.objects import is_remote
-
-    if not is_remote(path):
-        return path
-    from sllm_store.remote.cache import fetch
-
-    return fetch(str(path), options=config.remote, num_threads=config.num_threads)
-
-
 def _views(index: Index, assign: Mapping[str, torch.device], plan: _Plan,
            buffers: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     """The loaded tensors: views into the per-device buffers (tied names share storage)."""

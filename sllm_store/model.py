@@ -296,11 +296,24 @@ def load_model_with_report(
             source: Any = name
         else:
             described = None
-            from sllm_store.loader import localize
+            from sllm_store.remote.objects import is_remote
 
-            root = Path(localize(path, load_config))  # URLs: the local cache entry
-            index = open_checkpoint(root)
-            source = root
+            if is_remote(path):
+                # The config files first (from the cache entry, or downloaded into a temporary
+                # directory); the weights then stream from the URL while the model is built.
+                import shutil
+                import tempfile
+
+                from sllm_store.remote.cache import model_files
+
+                tmp = Path(tempfile.mkdtemp(prefix="sllm-model-"))
+                stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+                root, index, cached = model_files(str(path), tmp, load_config.remote)
+                source = root if cached else str(path)
+            else:
+                root = Path(path)
+                index = open_checkpoint(root)
+                source = root
         return _load_model(
             index, root, source, described, t0, load_config, device_map=device_map,
             torch_dtype=torch_dtype, hf_model_class=hf_model_class, trust_remote_code=trust_remote_code,

@@ -499,6 +499,31 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
 
 
+def test_load_model_streams_from_s3_then_loads_the_cache(env) -> None:
+    """load_model of a URL: config files first, then the weights stream while the model is built
+    (no download-then-load); the next load_model of the URL comes from the cache entry."""
+    transformers = pytest.importorskip("transformers")
+    from sllm_store.model import load_model_with_report
+    from sllm_store.remote import cache
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ref.save_pretrained(env / "hf")
+    sllm_store.convert(env / "hf", env / "llama.sllm", quiet=True)
+    url = f"s3://{BUCKET}/models/llama.sllm"
+    cache.upload(env / "llama.sllm", url, quiet=True)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    for streamed in (True, False):
+        model, report = load_model_with_report(url, device_map="cpu")
+        assert (report.stats.get("io_mode") == "remote") == streamed, report.stats
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+
+
 def test_convert_straight_to_s3(env) -> None:
     from safetensors.torch import save_file
 

@@ -115,6 +115,23 @@ class Download:
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0}
 
     def open(self) -> Download:
+        if self.lookup() is not None:
+            return self
+        final = self.root / self.name
+        self.partial = self.root / PARTIAL / self.name
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        if not self._lock_entry(final):
+            return self  # another process has just promoted it
+        try:
+            self._open_partial()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def lookup(self) -> Optional[Path]:
+        """Fetch the index and find the complete cache entry (``cached``; None if there is none
+        yet). Takes no lock and opens no files: ``open()`` does, for a download."""
         import obstore
 
         try:
@@ -131,22 +148,11 @@ class Download:
                            _age(cached[0].last_used), cached[0].path)
             _touch_entry(cached[0].path)
             self.cached = cached[0].path
-            return self
+            return self.cached
         self.name = _entry_name(self.url, self.index_bytes)
-        final = self.root / self.name
-        if _touch_entry(final):
-            self.cached = final
-            return self
-        self.partial = self.root / PARTIAL / self.name
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        if not self._lock_entry(final):
-            return self  # another process has just promoted it
-        try:
-            self._open_partial()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        if _touch_entry(self.root / self.name):
+            self.cached = self.root / self.name
+        return self.cached
 
     def __enter__(self) -> Download:
         return self
@@ -740,6 +746,26 @@ def fetch(url: str, *, options: Optional[RemoteOptions] = None, directory: Any =
     logger.info("%s: downloaded %s in %.2f s (%.2f GB/s) into %s", url, format_size(d.bytes_downloaded),
                 dt, d.bytes_downloaded / dt / 1e9 if dt > 0 else 0, final)
     return final
+
+
+def model_files(url: str, dest: Path, options: Optional[RemoteOptions] = None) -> tuple[Path, Index, bool]:
+    """What ``load_model`` needs before the weights: ``(root, index, cached)``. ``root`` holds the
+    model's config files: the complete cache entry (``cached`` True), else ``dest``, into which
+    they are downloaded (with the remote index), so that the weights can stream from ``url``
+    while the model is built."""
+    d = Download(url, options)
+    cached = d.lookup()
+    if cached is not None:
+        from sllm_store.index import read_index
+
+        return cached, read_index(cached), True
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        index = parse_index(json.loads(d.index_bytes), dest)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RemoteError(f"'{d.url}/{INDEX_FILE}' is not valid JSON: {e}") from None
+    _fetch_small_files(d.store, d.url, index, dest)
+    return dest, index, False
 
 
 def _fetch_small_files(store: Any, url: str, index: Index, dest: Path) -> None:
