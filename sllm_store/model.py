@@ -229,7 +229,10 @@ def load_model(
     A drop-in for ``AutoModelForCausalLM.from_pretrained(path, torch_dtype=..., device_map=...)``.
 
     Args:
-        path: model directory (config.json plus weights in the sllm-store format or safetensors).
+        path: model directory (config.json plus weights in the sllm-store format or safetensors),
+            or the ``s3://`` / ``http(s)://`` URL of an uploaded one: its config files come first,
+            then its weights stream to ``device_map`` while the model is built, and are cached
+            locally (see docs/remote.md).
         device_map: ``"auto"`` (fit over the visible GPUs, then CPU, as accelerate does), a device
             (``"cuda:0"``, ``"cpu"``, ``0``), or an accelerate-style dict of module prefix -> device.
         torch_dtype: dtype of floating weights (``dtype`` is the same, as transformers 5 names it);
