@@ -2,10 +2,13 @@
 
 An entry is a complete checkpoint directory named after the URL and the content of its index
 (``<url hash>-<index hash>``), so a changed remote checkpoint is a new entry. A download goes
-into ``.partial/<entry>``: data files are preallocated and filled by parallel ranged GETs (one per
-chunk, stored chunks for compressed files, which are decoded: the cache holds plain version-1
-checkpoints that load at disk speed), each chunk checked against its checksum before it is
-recorded as done in ``<file>.done``. An interrupted download resumes from those records; a chunk
+into ``.partial/<entry>``: data files are preallocated (and mapped, where the file system can
+reserve their blocks) and filled by parallel ranged GETs (one per chunk, stored chunks for
+compressed files, which are decoded: the cache holds plain version-1 checkpoints that load at disk
+speed), each chunk checked against its checksum before it is written and recorded as done in
+``<file>.done``. A load hands its writes to write-behind threads (``SLLM_STORE_WRITE_BEHIND``
+bytes may wait) and returns before the entry is synced and promoted, which a background thread
+does (:func:`wait_for_cache`). An interrupted download resumes from those records; a chunk
 that fails its checksum is never recorded, and the entry is renamed into place only when every
 chunk is present and verified. Entries are evicted least recently used first when the cache grows
 past its size limit.
@@ -16,7 +19,8 @@ for it and then loads the promoted entry from disk, instead of downloading the s
 process that dies releases its lock; the next one resumes its partial download.
 
 Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STORE_CACHE_SIZE``
-(e.g. ``200GiB``; default: no limit).
+(e.g. ``200GiB``; default: no limit), ``SLLM_STORE_WRITE_BEHIND`` (default: an eighth of the RAM,
+at most 8 GiB).
 """
 
 from __future__ import annotations
