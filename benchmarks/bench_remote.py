@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -234,49 +235,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                      2 * args.threads))
             assert got == nbytes_on_disk
 
-        def get_copy() -> Any:
-            """Ranged GETs of every chunk, each copied into DEVICE memory (no checksum, no write)."""
+        starts = dict(zip(((name, off) for name, off, _n in chunk_ranges),
+                          itertools.accumulate((n for _, _, n in chunk_ranges), initial=0)))
+
+        def get_copy(pinned: bool) -> Any:
+            """Ranged GETs of every chunk, each copied into DEVICE memory (no checksum, no write).
+            ``pinned``: through a page-locked buffer of each thread (a memcpy, then a DMA, as the
+            remote load does), else straight from the GET's pageable buffer (the driver's copy)."""
             dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
-            starts = {}
-            pos = 0
-            for name, off, n in chunk_ranges:
-                starts[(name, off)] = pos
-                pos += n
+            staging = threading.local()
 
             def one(r: Any) -> int:
                 name, off, n = r
                 data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
-                src = np.frombuffer(data, dtype=np.uint8)
-                _C.run_copies([(src.ctypes.data, 0, starts[(name, off)], n)],
-                              [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
-                return n
-
-            with ThreadPoolExecutor(args.threads) as ex:
-                assert sum(ex.map(one, chunk_ranges)) == stage_bytes
-            return dest
-
-        pinned = threading.local()
-
-        def get_copy_pinned() -> Any:
-            """As ``get_copy``, but each GET is first copied into a reused page-locked buffer of
-            its thread, from which the device copy is a DMA (the driver's pageable copy does
-            that memcpy into its own staging buffers)."""
-            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
-            starts, pos = {}, 0
-            for name, off, n in chunk_ranges:
-                starts[(name, off)] = pos
-                pos += n
-
-            def one(r: Any) -> int:
-                name, off, n = r
-                buf = getattr(pinned, "buf", None)
-                if buf is None:
-                    buf = pinned.buf = torch.empty(index.chunk_size, dtype=torch.uint8, pin_memory=cuda)
-                data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
-                src = np.frombuffer(data, dtype=np.uint8)
-                _C.run_copies([(src.ctypes.data, 0, 0, n)], [("cpu", buf.data_ptr(), buf.numel())],
-                              num_threads=1)
-                _C.run_copies([(buf.data_ptr(), 0, starts[(name, off)], n)],
+                src = np.frombuffer(data, dtype=np.uint8).ctypes.data
+                if pinned:
+                    if getattr(staging, "buf", None) is None:
+                        staging.buf = _C.StagingBuffer(args.device, index.chunk_size)
+                    _C.run_copies([(src, 0, 0, n)], [("cpu", staging.buf.address, len(staging.buf))],
+                                  num_threads=1)
+                    src = staging.buf.address
+                _C.run_copies([(src, 0, starts[(name, off)], n)],
                               [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
                 return n
 
@@ -292,8 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
             if not index.compressed:
-                contenders += [("get_copy", get_copy, stage_bytes),
-                               ("get_copy_pinned", get_copy_pinned, stage_bytes)]
+                contenders += [("get_copy", lambda: get_copy(False), stage_bytes),
+                               ("get_copy_pinned", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),

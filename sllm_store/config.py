@@ -41,6 +41,18 @@ def _env_int(name: str) -> Optional[int]:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
+def env_size(name: str) -> Optional[int]:
+    """A size environment variable such as ``16MiB`` (None if unset or empty), or a ValueError
+    naming it."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def _env_bool(name: str) -> bool:
     """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (unset: no)."""
     value = os.environ.get(name, "").strip().lower()
@@ -82,12 +94,8 @@ class LoadConfig:
             if io_mode not in IO_MODES:
                 raise ValueError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
                                  f"got {io_mode!r}")
-        if chunk_size is None and env.get("SLLM_STORE_CHUNK_SIZE"):
-            chunk_size = env["SLLM_STORE_CHUNK_SIZE"]
-            try:
-                parse_size(chunk_size)
-            except ValueError as e:
-                raise ValueError(f"SLLM_STORE_CHUNK_SIZE: {e}") from None
+        if chunk_size is None:
+            chunk_size = env_size("SLLM_STORE_CHUNK_SIZE")
         if verify is None:
             verify = _env_bool("SLLM_STORE_VERIFY")
         threads = default_num_threads() if num_threads is None else int(num_threads)

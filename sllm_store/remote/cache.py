@@ -42,7 +42,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from sllm_store._units import format_size, parse_size
+from sllm_store._units import format_size
+from sllm_store.config import env_size
 from sllm_store.errors import CacheError, ChecksumError, RemoteError, RemoteUnavailableError
 from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
 from sllm_store.remote.objects import RemoteOptions, open_store, remote_error
@@ -61,8 +62,7 @@ def cache_dir(path: Optional[str | os.PathLike[str]] = None) -> Path:
 
 
 def cache_limit() -> Optional[int]:
-    v = os.environ.get("SLLM_STORE_CACHE_SIZE")
-    return parse_size(v) if v else None
+    return env_size("SLLM_STORE_CACHE_SIZE")
 
 
 @dataclass
@@ -116,7 +116,8 @@ class Download:
         self._cache_errors = cache_errors
         self.cache_error: Optional[CacheError] = None
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
-        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0}
+        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
+                              "copy": 0.0}
 
     def open(self) -> Download:
         if self.lookup() is not None:
@@ -278,6 +279,15 @@ class Download:
     def missing(self) -> list[tuple[int, int]]:
         return [(f, c) for f, c in self.chunks() if c not in self.done[f]]
 
+    def add_seconds(self, **stages: float) -> None:
+        """Add thread-seconds to ``stage_seconds`` (thread-safe; callers may add stages)."""
+        with self._lock:
+            for k, dt in stages.items():
+                self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + dt
+
+    def _where(self, f_i: int, c: int) -> str:
+        return f"'{self.url}/{self.index.files[f_i].name}' chunk at offset {c * self.index.chunk_size}"
+
     def chunk_length(self, f_i: int, c: int) -> int:
         """Decoded length of chunk ``c`` of file ``f_i``."""
         cs = self.index.chunk_size
@@ -316,7 +326,7 @@ class Download:
             off, length = sc.offset, sc.length
         else:
             off, length = c * cs, raw_len
-        where = f"'{self.url}/{f.name}' chunk at offset {c * cs}"
+        where = self._where(f_i, c)
         with self._get_slots:
             if self._failed is not None:
                 raise _same_error(self._failed)
@@ -330,17 +340,18 @@ class Download:
         if len(data) != length:
             raise RemoteError(f"{where}: the object is shorter than its index says")
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
-        mapped = self._maps.get(f_i)
+        in_place = False  # decoded straight into the mapped cache file
         if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
+            mapped = self._maps.get(f_i)
             if mapped is not None and self.cache_error is None:
                 try:
-                    self._populate(f_i, c, where)
+                    self._populate(f_i, c)
+                    in_place = True
                 except CacheError as e:
                     self._cache_failed(e)
-                    mapped = None
-            if mapped is not None and self.cache_error is None:
-                out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]  # decoded in place
+            if in_place:
+                out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]
             else:
                 out = getattr(self._scratch, "buf", None)
                 if out is None or len(out) < raw_len:
@@ -358,9 +369,8 @@ class Download:
         t3 = time.perf_counter()
         with self._lock:
             self.bytes_downloaded += length
-            for k, dt in (("get", t1 - t0), ("decode", t2 - t1), ("verify", t3 - t2)):
-                self.stage_seconds[k] += dt
-        if decoded and mapped is not None and self.cache_error is None:
+        self.add_seconds(get=t1 - t0, decode=t2 - t1, verify=t3 - t2)
+        if in_place:
             self._record(f_i, c)
             return data, True
         if decoded:  # in this thread's scratch buffer, reused by its next call: store it now
@@ -386,15 +396,18 @@ class Download:
         except CacheError as e:
             self._cache_failed(e)
 
-    def _populate(self, f_i: int, c: int, where: str) -> None:
+    def _populate(self, f_i: int, c: int) -> None:
         """Fault a chunk's pages of a mapped file in: an I/O error is a CacheError, not SIGBUS."""
         from sllm_store import _C
 
         cs = self.index.chunk_size
         err = _C.populate_write(self._maps[f_i][1].ctypes.data + c * cs, self.chunk_length(f_i, c))
         if err:
-            raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
-                             f"{os.strerror(err)}")
+            raise self._write_error(f_i, c, os.strerror(err))
+
+    def _write_error(self, f_i: int, c: int, why: str) -> CacheError:
+        return CacheError(f"cannot write the download of {self._where(f_i, c)} to the cache in "
+                          f"'{self.partial}': {why}")
 
     def store_chunk(self, f_i: int, c: int, data: Any) -> None:
         """Write a fetched chunk into the partial file and record it as done.
@@ -408,10 +421,9 @@ class Download:
         t0 = time.perf_counter()
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
-        where = f"'{self.url}/{self.index.files[f_i].name}' chunk at offset {c * cs}"
         mapped = self._maps.get(f_i)
         if mapped is not None:
-            self._populate(f_i, c, where)
+            self._populate(f_i, c)
             t1 = time.perf_counter()
             src = np.frombuffer(data, dtype=np.uint8)
             _C.run_copies([(src.ctypes.data, 0, c * cs, raw_len)],
@@ -425,12 +437,9 @@ class Download:
                 while pos < raw_len:
                     pos += os.pwrite(self._fds[f_i], mv[pos:], c * cs + pos)
             except OSError as e:
-                raise CacheError(f"cannot write the download of {where} to the cache in '{self.partial}': "
-                                 f"{e.strerror or e}") from None
+                raise self._write_error(f_i, c, e.strerror or str(e)) from None
         self._record(f_i, c)
-        with self._lock:
-            self.stage_seconds["fault"] += t1 - t0
-            self.stage_seconds["write"] += time.perf_counter() - t1
+        self.add_seconds(fault=t1 - t0, write=time.perf_counter() - t1)
 
     def _record(self, f_i: int, c: int) -> None:
         with self._lock:
@@ -591,12 +600,9 @@ def write_behind_limit() -> int:
     """Bytes of downloaded chunks that may wait for their cache write: ``SLLM_STORE_WRITE_BEHIND``
     (e.g. ``4GiB``; ``0``: each chunk is written before the next is fetched), by default an eighth
     of the memory, at most 8 GiB."""
-    value = os.environ.get("SLLM_STORE_WRITE_BEHIND", "").strip()
-    if value:
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            raise ValueError(f"SLLM_STORE_WRITE_BEHIND: {e}") from None
+    value = env_size("SLLM_STORE_WRITE_BEHIND")
+    if value is not None:
+        return value
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError):

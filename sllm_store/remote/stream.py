@@ -119,8 +119,6 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     buffers = [_allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
     dests = [(_device_spec(dev), buf.data_ptr() + shift, size)
              for dev, size, (buf, shift) in zip(plan.devices, plan.sizes, buffers)]
-    copy_seconds = [0.0]
-    copy_lock = threading.Lock()
     by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
@@ -150,8 +148,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                 if buf is not None:
                     staging.give(buf)
             del src
-            with copy_lock:
-                copy_seconds[0] += time.perf_counter() - t
+            d.add_seconds(copy=time.perf_counter() - t)
         if not stored:
             d.store_later(f_i, c, data)  # the cache write, off this thread when memory allows
         del data
@@ -163,14 +160,10 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         # copying the chunks that have arrived does not leave the connection idle.
         for n in parallel_map(one, range(len(plan.units)), 2 * config.num_threads, "sllm-remote"):
             bar.update(n)
-    try:
-        # None after a partial load (the rest is fetched by a later load). A complete download
-        # is synced and promoted on a background thread: its disk writes need not delay the load.
-        cached = d.finish_later()
-    except (SllmStoreError, OSError) as e:
-        # The tensors are loaded; only the cache entry failed. Loading matters more.
-        logger.warning("%s: loaded, but the download could not be cached: %s", url, e)
-        cached = None
+    # None after a partial load (the rest is fetched by a later load). A complete download is
+    # synced and promoted on a background thread, whose failures are warnings: the tensors are
+    # loaded; only the cache entry is not.
+    cached = d.finish_later()
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
     report = LoadReport(path=url, bytes=_payload_bytes(index, assign), seconds=seconds,
@@ -178,7 +171,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                         stats={"io_mode": "remote", "threads": config.num_threads,
                                "bytes_downloaded": d.bytes_downloaded,
                                # thread-seconds per stage: where the time went
-                               "stage_seconds": {**d.stage_seconds, "copy": copy_seconds[0]},
+                               "stage_seconds": dict(d.stage_seconds),
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
