@@ -17,7 +17,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   write into the partial files; no device copies, no final sync), ``get_copy`` (GETs, each
   copied into DEVICE memory; uncompressed checkpoints only) and ``get_copy_pinned`` (the same
   through a reused page-locked buffer per thread).
-* ``--remote-threads 8,32`` adds remote loads with other ``num_threads``.
+* ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
+  adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
+  default, ``direct``, writes it with O_DIRECT).
 
 Each contender's CPU time is recorded too, of this process (client) and of the server: on
 loopback both share the machine's cores, and the table shows what each contender costs them.
@@ -132,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--stages", action="store_true", help="also time the remote load's stages apart")
     ap.add_argument("--remote-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="also time the remote load with these num_threads (e.g. 8,32)")
+    ap.add_argument("--cache-io", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="also time the remote load with these SLLM_STORE_CACHE_IO modes (e.g. buffered)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -266,6 +270,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         def remote_with(threads: int) -> Callable[[], Any]:
             return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
 
+        def remote_io(mode: str) -> Callable[[], Any]:
+            def run() -> Any:
+                old = os.environ.get("SLLM_STORE_CACHE_IO")
+                os.environ["SLLM_STORE_CACHE_IO"] = mode
+                try:
+                    return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+                finally:
+                    if old is None:
+                        os.environ.pop("SLLM_STORE_CACHE_IO")
+                    else:
+                        os.environ["SLLM_STORE_CACHE_IO"] = old
+            return run
+
         reader = RawReader(args.threads, 32 << 20)
         contenders = [("raw_get", raw_get, get_bytes), ("runai", runai, nbytes)]
         if args.stages:
@@ -274,19 +291,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                 contenders += [("get_copy", lambda: get_copy(False), stage_bytes),
                                ("get_copy_pinned", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
+        contenders += [(f"sllm_remote_{m}", remote_io(m), nbytes) for m in args.cache_io]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
                       ("sllm_cached", cached, nbytes)]
 
         server_files = [p for p in (work / "data").rglob("*") if p.is_file()]
-        finish_s: List[float] = []
+        finish_s: Dict[str, List[float]] = {}  # per remote contender
+        last = [""]
 
         def before(name: str) -> None:
             t0 = time.perf_counter()
-            if wait_for_cache() and time.perf_counter() - t0 > 0.001:
-                finish_s.append(time.perf_counter() - t0)  # after the sllm_remote contender
-                log.info("the cache entry was finished %.2f s after the load returned", finish_s[-1])
+            if wait_for_cache() and time.perf_counter() - t0 > 0.001:  # after a remote load
+                finish_s.setdefault(last[0], []).append(time.perf_counter() - t0)
+                log.info("the cache entry of %s was finished %.2f s after the load returned", last[0],
+                         finish_s[last[0]][-1])
+            last[0] = name
             if name.startswith("sllm_remote") or name == "get_write":
                 shutil.rmtree(work / "cache", ignore_errors=True)  # an empty cache: a download
             if cuda:
@@ -351,9 +372,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name:28} {r['gbps']:7.2f} {r['median_gbps']:7.2f} {r['gbps'] / raw:10.2f} "
               f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}"
               f" {r.get('cpu_client_s', float('nan')):14.2f} {r.get('cpu_server_s', float('nan')):7.2f}")
-    if finish_s := results["cache_finish_s"]:
-        print(f"the cache entry was durable {min(finish_s):.2f} s (median "
-              f"{statistics.median(finish_s):.2f} s) after the remote load returned")
+    for name, finish in results["cache_finish_s"].items():
+        print(f"{name}: the cache entry was durable {min(finish):.2f} s (median "
+              f"{statistics.median(finish):.2f} s) after the load returned")
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
         write_json(args.json, results)

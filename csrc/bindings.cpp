@@ -286,6 +286,18 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       py::arg("address"), py::arg("length"),
       "Fault in [address, address + length) of a shared file mapping for writing "
       "(MADV_POPULATE_WRITE): 0, or the errno.");
+  m.def(
+      "write_direct",
+      [](int direct_fd, int fd, const py::buffer& data, uint64_t offset) {
+        py::buffer_info info = contiguous_bytes(data);
+        size_t n = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release nogil;
+        return write_direct(direct_fd, fd, info.ptr, n, offset);
+      },
+      py::arg("direct_fd"), py::arg("fd"), py::arg("data"), py::arg("offset"),
+      "Write `data` at `offset` (a multiple of 4096) of a file: whole 4 KiB blocks with O_DIRECT "
+      "through `direct_fd` (via an aligned buffer of this thread), the rest buffered through "
+      "`fd`. Returns 0, or the errno (EINVAL: the file system refuses the direct write).");
   m.def("release_staging_buffers", &release_cached_pools,
         "Free the staging buffers cached for later loads; returns the bytes released.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");

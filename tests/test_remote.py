@@ -710,7 +710,7 @@ def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     from sllm_store.remote import cache
 
     local, sd, url = _uploaded(env, "cache-write")
-    real_preallocate = _C.preallocate
+    real_preallocate, real_write_direct = _C.preallocate, _C.write_direct
     gets = Gets(monkeypatch)
     monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.ENOSPC)
     with pytest.raises(CacheError, match="No space left on device"):
@@ -720,6 +720,21 @@ def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # O_DIRECT writes (the default) that fail: the same warning, and a CacheError in fetch.
+    monkeypatch.setattr(_C, "preallocate", real_preallocate)
+    monkeypatch.setattr(_C, "write_direct", lambda *a: errno.ENOSPC)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+    assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
+    assert cache.entries() == []
+    with pytest.raises(CacheError, match="No space left on device"):
+        cache.fetch(url, quiet=True)
+    caplog.clear()
+    monkeypatch.setattr(_C, "write_direct", real_write_direct)
+
+    # Buffered writes (a file system without O_DIRECT, or SLLM_STORE_CACHE_IO=buffered).
+    monkeypatch.setenv("SLLM_STORE_CACHE_IO", "buffered")
     monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.EOPNOTSUPP)
     monkeypatch.setattr(os, "pwrite", disk_full)
     with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
@@ -770,6 +785,96 @@ def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     monkeypatch.setattr(_C, "populate_write", lambda addr, n: errno.EINVAL)
     assert_state_dict_identical(sllm_store.load_state_dict(zurl), zsd)
     assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+
+
+def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
+    """Downloads are written into the cache with O_DIRECT by default (plain and compressed
+    checkpoints); a file system that refuses a direct write gets buffered writes instead, and a
+    bad SLLM_STORE_CACHE_IO is a clear error."""
+    import errno
+
+    from sllm_store import _C
+    from sllm_store.remote import cache
+
+    real = _C.write_direct
+    calls: list[int] = []
+
+    def counting(direct_fd, fd, data, offset):
+        calls.append(offset)
+        return real(direct_fd, fd, data, offset)
+
+    monkeypatch.setattr(_C, "write_direct", counting)
+    (env / "z").mkdir()
+    for local, sd, url in (_uploaded(env, "direct", seed=21),
+                           _uploaded(env / "z", "direct-zstd", compress=True, seed=22)):
+        calls.clear()
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+        index = sllm_store.read_index(local)
+        assert len(calls) == sum(-(-f.size // index.chunk_size) for f in index.files)
+        entry = [e for e in cache.entries() if e.url == url][0].path
+        sllm_store.verify(entry)  # every chunk checksum of the written files
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # from the entry
+        cache.remove(url)
+
+    # Refused (EINVAL) at the first write: the rest of the download is written buffered.
+    (env / "r").mkdir()
+    local, sd, url = _uploaded(env / "r", "direct-refused", seed=23)
+    refused: list[int] = []
+
+    def refuse(direct_fd, fd, data, offset):
+        refused.append(offset)
+        return errno.EINVAL
+
+    monkeypatch.setattr(_C, "write_direct", refuse)
+    with caplog.at_level(logging.INFO, logger="sllm_store.remote.cache"):
+        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+        assert cache.wait_for_cache(timeout=60)
+    assert refused and "writing buffered" in caplog.text
+    assert [e.url for e in cache.entries()] == [url]
+    monkeypatch.setattr(_C, "write_direct", real)
+    cache.remove(url)
+    assert_state_dict_identical(sllm_store.load_state_dict(url, verify=True), sd)
+
+    monkeypatch.setenv("SLLM_STORE_CACHE_IO", "sometimes")
+    with pytest.raises(ValueError, match="SLLM_STORE_CACHE_IO"):
+        sllm_store.load_state_dict(url + "-other")
+
+
+def test_write_direct(tmp_path) -> None:
+    """_C.write_direct: whole blocks with O_DIRECT (from an aligned or unaligned source), the
+    last partial block buffered, every byte in place; a misaligned offset is EINVAL."""
+    import errno
+    import mmap
+
+    import numpy as np
+
+    from sllm_store import _C
+
+    p = tmp_path / "f"
+    size = (40 << 20) + 1000
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        dfd = os.open(p, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        os.close(fd)
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        os.ftruncate(fd, size)
+        rng = np.random.default_rng(5)
+        src = rng.integers(0, 256, size + 3, dtype=np.uint8)
+        # an unaligned source bigger than the 16 MiB bounce buffer, with a partial last block
+        assert _C.write_direct(dfd, fd, memoryview(src)[3:(36 << 20) + 3], 0) == 0
+        aligned = mmap.mmap(-1, 4 << 20)  # page-aligned: written without the bounce buffer
+        aligned[:] = src[(36 << 20) + 3:(40 << 20) + 3].tobytes()
+        assert _C.write_direct(dfd, fd, aligned, 36 << 20) == 0
+        assert _C.write_direct(dfd, fd, src[(40 << 20) + 3:].tobytes(), 40 << 20) == 0
+        assert _C.write_direct(dfd, fd, b"x" * 4096, 100) == errno.EINVAL
+        os.fsync(fd)
+        assert p.read_bytes() == src[3:].tobytes()
+    finally:
+        os.close(dfd)
+        os.close(fd)
 
 
 def test_finisher_failures_release_the_entry(env, monkeypatch, caplog) -> None:

@@ -115,6 +115,7 @@ class Download:
         # cache_error, nothing more is written, and the load goes on; finish_later() warns.
         self._cache_errors = cache_errors
         self.cache_error: Optional[CacheError] = None
+        self._cache_io = cache_io_mode()
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
                               "copy": 0.0}
@@ -175,6 +176,8 @@ class Download:
                                                               "chunk_size": self.index.chunk_size}))
         self.done: dict[int, set[int]] = {}
         self._fds: dict[int, int] = {}
+        self._direct: dict[int, int] = {}  # O_DIRECT descriptors of the files written that way
+        self._refused: list[int] = []  # O_DIRECT descriptors given up on (closed at the end)
         self._maps: dict[int, tuple[mmap.mmap, Any]] = {}
         self._marks: dict[int, Any] = {}
         for f_i, f in enumerate(self.index.files):
@@ -193,16 +196,26 @@ class Download:
         self._check_earlier_chunks()
 
     def _prepare_file(self, f_i: int, size: int) -> None:
-        """Size a partial data file (the cache holds decoded bytes: a plain v1-layout file) and,
-        where the file system can reserve its blocks up front, map it for parallel writes."""
+        """Size a partial data file (the cache holds decoded bytes: a plain v1-layout file) and
+        open it for O_DIRECT writes (``SLLM_STORE_CACHE_IO=direct``, the default) or, where the
+        file system refuses them and can reserve the blocks up front, map it for parallel
+        writes."""
         from sllm_store import _C
 
         fd = self._fds[f_i]
-        err = _C.preallocate(fd, size)
+        err = _C.preallocate(fd, size)  # blocks reserved: direct writes into them run in parallel
         if err not in (0, errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(err, os.strerror(err))  # e.g. ENOSPC: found before downloading anything
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
+        if self._cache_io == "direct" and self.index.chunk_size % 4096 == 0 and size > 0:
+            try:
+                self._direct[f_i] = os.open(self.partial / self.index.files[f_i].name,
+                                            os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0))
+                return
+            except OSError as e:  # EINVAL: the file system (tmpfs, say) has no direct I/O
+                logger.debug("%s: no O_DIRECT cache writes in '%s' (%s)", self.url, self.partial, e)
+                self._cache_io = "buffered"
         if err == 0 and size > 0:
             # The blocks are reserved, so a store into the mapping does not meet a full disk (on
             # copy-on-write file systems, btrfs or ZFS, that shows at the fsync: a CacheError).
@@ -341,6 +354,7 @@ class Download:
             raise RemoteError(f"{where}: the object is shorter than its index says")
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
         in_place = False  # decoded straight into the mapped cache file
+        fresh = f_i in self._direct  # decoded into a new buffer, written later like a plain chunk
         if decoded:
             _off, _len, codec, group = f.chunks[c].encoding
             mapped = self._maps.get(f_i)
@@ -350,15 +364,19 @@ class Download:
                     in_place = True
                 except CacheError as e:
                     self._cache_failed(e)
+            out: Any = None
             if in_place:
-                out: Any = memoryview(mapped[0])[c * cs:c * cs + raw_len]
-            else:
+                out = memoryview(mapped[0])[c * cs:c * cs + raw_len]
+            elif not fresh:
                 out = getattr(self._scratch, "buf", None)
                 if out is None or len(out) < raw_len:
                     out = self._scratch.buf = bytearray(raw_len)
             try:
-                _C.decode_chunk(data, codec, raw_len, group, out=out)
-                data = memoryview(out)[:raw_len]
+                if out is None:
+                    data = _C.decode_chunk(data, codec, raw_len, group)
+                else:
+                    _C.decode_chunk(data, codec, raw_len, group, out=out)
+                    data = memoryview(out)[:raw_len]
             except ChecksumError as e:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
@@ -373,7 +391,7 @@ class Download:
         if in_place:
             self._record(f_i, c)
             return data, True
-        if decoded:  # in this thread's scratch buffer, reused by its next call: store it now
+        if decoded and not fresh:  # in this thread's scratch buffer, reused by its next call
             self._store_or_fail(f_i, c, data)
             return data, True
         return data, False
@@ -412,7 +430,9 @@ class Download:
     def store_chunk(self, f_i: int, c: int, data: Any) -> None:
         """Write a fetched chunk into the partial file and record it as done.
 
-        Where the file system could reserve the file's blocks, the file is mapped and the chunk
+        By default with O_DIRECT (``_C.write_direct``: no page-cache pages to allocate and fault
+        in, which cost the download's GETs more CPU than the write itself). Where the file system
+        refuses direct I/O but could reserve the file's blocks, the file is mapped and the chunk
         is one memcpy in C++ (threads do not queue on the file's inode lock, as ``pwrite``
         makes them); else ``pwrite``.
         """
@@ -422,7 +442,21 @@ class Download:
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
         mapped = self._maps.get(f_i)
-        if mapped is not None:
+        direct = self._direct.get(f_i)
+        if direct is not None:
+            t1 = t0
+            err = _C.write_direct(direct, self._fds[f_i], data, c * cs)
+            if err == errno.EINVAL:  # refused after all (an odd alignment rule): write buffered
+                logger.info("%s: O_DIRECT cache writes refused in '%s'; writing buffered", self.url,
+                            self.partial)
+                with self._lock:
+                    if self._direct.pop(f_i, None) is not None:  # closed with the other files
+                        self._refused.append(direct)
+                self.store_chunk(f_i, c, data)
+                return
+            if err:
+                raise self._write_error(f_i, c, os.strerror(err))
+        elif mapped is not None:
             self._populate(f_i, c)
             t1 = time.perf_counter()
             src = np.frombuffer(data, dtype=np.uint8)
@@ -489,8 +523,10 @@ class Download:
         self._unmap()
         errors: list[OSError] = []
         fds, marks = getattr(self, "_fds", {}), getattr(self, "_marks", {})
-        self._fds, self._marks = {}, {}
-        closers = [lambda fd=fd: os.close(fd) for fd in fds.values()] + [fh.close for fh in marks.values()]
+        direct, refused = getattr(self, "_direct", {}), getattr(self, "_refused", [])
+        self._fds, self._marks, self._direct, self._refused = {}, {}, {}, []
+        closers = [lambda fd=fd: os.close(fd) for fd in [*fds.values(), *direct.values(), *refused]] + \
+            [fh.close for fh in marks.values()]
         for close in closers:
             try:
                 close()
@@ -594,6 +630,20 @@ class Download:
         if limit is not None:
             prune(limit, directory=self.root, keep=self.name)
         return final
+
+
+CACHE_IO_MODES = ("direct", "buffered")
+
+
+def cache_io_mode() -> str:
+    """How downloads are written into the cache: ``SLLM_STORE_CACHE_IO``. ``direct`` (the
+    default) writes with O_DIRECT where the file system allows it: the CPU that page-cache
+    writes cost is left to the GETs that share it (the next load reads the entry from the disk).
+    ``buffered`` writes through the page cache (the next load may find the entry in memory)."""
+    mode = os.environ.get("SLLM_STORE_CACHE_IO", "direct").strip().lower() or "direct"
+    if mode not in CACHE_IO_MODES:
+        raise ValueError(f"SLLM_STORE_CACHE_IO must be one of {', '.join(CACHE_IO_MODES)}, got {mode!r}")
+    return mode
 
 
 def write_behind_limit() -> int:
