@@ -15,8 +15,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 * ``--stages`` adds contenders that each do part of the remote load's work on the same chunks, to
   see which stage costs what: ``get_write`` (the library's download into the cache: GET, checksum,
   write into the partial files; no device copies, no final sync), ``get_copy`` (GETs, each
-  copied into DEVICE memory; uncompressed checkpoints only) and ``get_copy_pinned`` (the same
-  through a reused page-locked buffer per thread).
+  copied into DEVICE memory by the driver from the GET's buffer; uncompressed checkpoints only)
+  and ``get_copy_staged`` (GETs, each checksummed and copied into DEVICE by the library's
+  ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
   default, ``direct``, writes it with O_DIRECT).
@@ -53,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -242,25 +242,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         starts = dict(zip(((name, off) for name, off, _n in chunk_ranges),
                           itertools.accumulate((n for _, _, n in chunk_ranges), initial=0)))
 
-        def get_copy(pinned: bool) -> Any:
-            """Ranged GETs of every chunk, each copied into DEVICE memory (no checksum, no write).
-            ``pinned``: through a page-locked buffer of each thread (a memcpy, then a DMA, as the
-            remote load does), else straight from the GET's pageable buffer (the driver's copy)."""
+        def get_copy(staged: bool) -> Any:
+            """Ranged GETs of every chunk, each copied into DEVICE memory (no cache write).
+            ``staged``: checksummed and copied through the library's staged copier (page-locked
+            buffers), else straight from the GET's pageable buffer (the driver's copy)."""
             dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
-            staging = threading.local()
+            dests = [(args.device, dest.data_ptr(), stage_bytes)]
+            copier = _C.StagedCopier(dests, index.chunk_size, 8) if staged else None
 
             def one(r: Any) -> int:
                 name, off, n = r
                 data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
-                src = np.frombuffer(data, dtype=np.uint8).ctypes.data
-                if pinned:
-                    if getattr(staging, "buf", None) is None:
-                        staging.buf = _C.StagingBuffer(args.device, index.chunk_size)
-                    _C.run_copies([(src, 0, 0, n)], [("cpu", staging.buf.address, len(staging.buf))],
-                                  num_threads=1)
-                    src = staging.buf.address
-                _C.run_copies([(src, 0, starts[(name, off)], n)],
-                              [(args.device, dest.data_ptr(), stage_bytes)], num_threads=1)
+                if copier is not None:
+                    copier.copy(data, [(0, 0, starts[(name, off)], n)])
+                else:
+                    src = np.frombuffer(data, dtype=np.uint8).ctypes.data
+                    _C.run_copies([(src, 0, starts[(name, off)], n)], dests, num_threads=1)
                 return n
 
             with ThreadPoolExecutor(args.threads) as ex:
@@ -289,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             contenders += [("get_write", get_write, nbytes_on_disk)]
             if not index.compressed:
                 contenders += [("get_copy", lambda: get_copy(False), stage_bytes),
-                               ("get_copy_pinned", lambda: get_copy(True), stage_bytes)]
+                               ("get_copy_staged", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         contenders += [(f"sllm_remote_{m}", remote_io(m), nbytes) for m in args.cache_io]
         contenders += [("sllm_remote", remote, nbytes),

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +25,7 @@
 #include "io/cache_file.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
+#include "pipeline/staged_copier.h"
 #include "pipeline/loader.h"
 
 namespace py = pybind11;
@@ -153,13 +155,6 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   return out;
 }
 
-// Host memory from a device's staging allocator (page-locked for CUDA), for Python code that
-// stages copies itself (the remote tier); the device outlives the buffer it made.
-struct StagingBuffer {
-  std::shared_ptr<Device> device;
-  HostBuffer buffer;
-};
-
 using CopyTuple = std::tuple<uint64_t, int, uint64_t, uint64_t>;
 
 py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<DestTuple>& dests,
@@ -219,18 +214,38 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("data"), "XXH3-64 (seed 0) of a C-contiguous buffer.");
 
-  py::class_<StagingBuffer>(m, "StagingBuffer",
-                            "Host memory to stage copies to `device` from: page-locked for 'cuda:N' "
-                            "(a DMA source), plain for 'cpu'; freed with the object.")
-      .def(py::init([](const std::string& device, uint64_t size) {
-             auto dev = make_device(device);
-             HostBuffer buffer = dev->staging_allocator()(static_cast<size_t>(size));
-             return StagingBuffer{std::move(dev), std::move(buffer)};
+  py::class_<StagedCopier>(m, "StagedCopier",
+                           "Copies chunks into destinations (device, address, size), each through "
+                           "one of `slots` reused page-locked staging buffers of `staging_size` "
+                           "bytes for GPUs, checksumming it in the same pass.")
+      .def(py::init([](const std::vector<DestTuple>& dests, uint64_t staging_size, int slots) {
+             std::map<std::string, std::shared_ptr<Device>> devices;  // one per spec
+             std::vector<Destination> ds;
+             for (const auto& [spec, ptr, size] : dests) {
+               auto& dev = devices[spec];
+               if (!dev) dev = make_device(spec);
+               ds.push_back(Destination{dev, reinterpret_cast<char*>(ptr), size});
+             }
+             return std::make_unique<StagedCopier>(std::move(ds), static_cast<size_t>(staging_size), slots);
            }),
-           py::arg("device"), py::arg("size"))
-      .def_property_readonly(
-          "address", [](const StagingBuffer& b) { return reinterpret_cast<uint64_t>(b.buffer.data()); })
-      .def("__len__", [](const StagingBuffer& b) { return b.buffer.size(); });
+           py::arg("dests"), py::arg("staging_size"), py::arg("slots") = 8)
+      .def(
+          "copy",
+          [](StagedCopier& c, const py::buffer& data,
+             const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces) {
+            py::buffer_info info = contiguous_bytes(data);
+            std::vector<StagedCopier::Piece> ps;
+            ps.reserve(pieces.size());
+            for (const auto& [coff, dest, doff, n] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, n});
+            py::gil_scoped_release nogil;
+            return c.copy(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize), ps);
+          },
+          py::arg("data"), py::arg("pieces"),
+          "Copy pieces (chunk_offset, dest, dest_offset, length) of the chunk `data` into their "
+          "destinations; returns the chunk's XXH3-64 when the copies are done.")
+      .def_property_readonly("staged", &StagedCopier::staged,
+                             "False once page-locked memory could not be had.")
+      .def_property_readonly("buffers", &StagedCopier::buffers, "Staging buffers made so far.");
 
   py::class_<ChunkHasher>(m, "ChunkHasher",
                           "Checksums a byte stream per fixed-size chunk (XXH3-64).")

@@ -122,3 +122,51 @@ def test_store_copies_to_the_device_and_their_cancel_hook(fake_libcuda) -> None:
     """, FAKE_CUDA_COPY_MS="30")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("cancelled: copy cancelled"), r.stdout
+
+
+def test_staged_copier_checksums_and_copies_through_pinned_buffers(fake_libcuda) -> None:
+    """_C.StagedCopier (the remote load's copies): from many threads at once, chunks of sizes
+    around the checksum's 256 KiB block go through at most `slots` page-locked buffers into
+    cuda:0 and host memory; each call returns the chunk's XXH3-64; bad pieces are FormatErrors,
+    and a failing device copy is a DeviceError."""
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        from sllm_store import _C
+        from sllm_store.errors import DeviceError, FormatError
+        rng = np.random.default_rng(7)
+        sizes = [1, 4095, 256 << 10, (256 << 10) + 1, (1 << 20) + 77, 3 << 20] * 4
+        chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+        total = sum(sizes)
+        gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
+                            3 << 20, 3)
+        offs = np.cumsum([0] + sizes[:-1])
+
+        def one(i):
+            n, o = sizes[i], int(offs[i])
+            half = n // 2  # the first half to the GPU, the rest to host memory
+            return c.copy(chunks[i], [(0, 0, o, half), (half, 1, o + half, n - half)])
+
+        with ThreadPoolExecutor(8) as ex:
+            digests = list(ex.map(one, range(len(chunks))))
+        assert digests == [_C.xxh3_64(x) for x in chunks]
+        for i, x in enumerate(chunks):
+            n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
+            assert gpu[o:o + half].tobytes() == x[:half] and host[o + half:o + n].tobytes() == x[half:]
+        assert c.staged and 1 <= c.buffers <= 3, c.buffers
+        for bad in ([(0, 0, total - 1, 2)], [(5, 0, 0, 4096)], [(0, 2, 0, 1)]):
+            try:
+                c.copy(chunks[1], bad)
+                raise SystemExit(f"no error for {bad}")
+            except FormatError:
+                pass
+        try:
+            for i in range(10):
+                c.copy(chunks[5], [(0, 0, 0, 1 << 20)])
+            print("no device error")
+        except DeviceError as e:
+            print("OK", e)
+    """, FAKE_CUDA_FAIL_COPY="30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("OK") and "illegal memory access" in r.stdout, r.stdout

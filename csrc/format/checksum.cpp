@@ -1,6 +1,8 @@
 #include "format/checksum.h"
 
 #include <algorithm>
+#include <cstring>
+#include <new>
 #include <stdexcept>
 
 #define XXH_INLINE_ALL
@@ -9,6 +11,26 @@
 namespace sllm {
 
 uint64_t xxh3_64(const void* data, size_t size) { return XXH3_64bits(data, size); }
+
+uint64_t copy_xxh3_64(void* dst, const void* src, size_t size) {
+  constexpr size_t kBlock = 256u << 10;  // fits in L2 with room to spare
+  if (size <= kBlock) {
+    std::memcpy(dst, src, size);
+    return XXH3_64bits(dst, size);
+  }
+  XXH3_state_t* state = XXH3_createState();
+  if (state == nullptr) throw std::bad_alloc();
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> guard(state, XXH3_freeState);
+  XXH3_64bits_reset(state);
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  for (size_t pos = 0; pos < size; pos += kBlock) {
+    const size_t n = std::min(kBlock, size - pos);
+    std::memcpy(d + pos, s + pos, n);
+    XXH3_64bits_update(state, d + pos, n);
+  }
+  return XXH3_64bits_digest(state);
+}
 
 struct ChunkHasher::State {
   XXH3_state_t* s = XXH3_createState();

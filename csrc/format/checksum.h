@@ -10,6 +10,10 @@ namespace sllm {
 
 uint64_t xxh3_64(const void* data, size_t size);
 
+// Copies [src, src + size) to dst and returns its XXH3-64, in one pass: block by block, each
+// block hashed while it is still in the CPU cache (one read of src from memory, not two).
+uint64_t copy_xxh3_64(void* dst, const void* src, size_t size);
+
 // Splits a byte stream into fixed-size chunks and records the XXH3-64 digest of each one.
 // Used by the writer, which streams tensors of arbitrary size into a data file.
 class ChunkHasher {

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -318,12 +318,18 @@ class Download:
             self.store_chunk(f_i, c, data)
         return data
 
-    def fetch_chunk(self, f_i: int, c: int) -> tuple[Any, bool]:
+    def fetch_chunk(self, f_i: int, c: int,
+                    deliver: Optional[Callable[[Any], Optional[int]]] = None) -> tuple[Any, bool]:
         """Chunk ``c`` of file ``f_i``, decoded and verified: ``(data, stored)``. ``stored`` says
         whether it is in the cache already (an earlier attempt's chunk; a decoded chunk is decoded
         straight into the cache file); if not, hand ``data`` to :meth:`store_chunk` or
         :meth:`store_later`. At most ``max_gets`` GETs run at once; after one fails, no new one
         starts, and the others raise its error too.
+
+        ``deliver(data)``, if given, is called with the decoded chunk before it is verified and
+        may return its XXH3-64 (``_C.StagedCopier.copy`` copies it to its destinations and
+        checksums it in one pass), which is then checked instead of computing it again. Until
+        this returns, the delivered bytes are not verified: a ChecksumError means they are wrong.
         """
         import obstore
 
@@ -333,7 +339,10 @@ class Download:
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
         if c in self.done[f_i]:  # verified when this download was opened
-            return os.pread(self._fds[f_i], raw_len, c * cs), True
+            data = os.pread(self._fds[f_i], raw_len, c * cs)
+            if deliver is not None:
+                deliver(data)
+            return data, True
         if f.chunks is not None:
             sc = f.chunks[c]
             off, length = sc.offset, sc.length
@@ -381,13 +390,15 @@ class Download:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
         t2 = time.perf_counter()
-        if f.checksums and _C.xxh3_64(data) != f.checksums[c]:
+        digest = deliver(data) if deliver is not None else None
+        t3 = time.perf_counter()
+        if f.checksums and (_C.xxh3_64(data) if digest is None else digest) != f.checksums[c]:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         with self._lock:
             self.bytes_downloaded += length
-        self.add_seconds(get=t1 - t0, decode=t2 - t1, verify=t3 - t2)
+        self.add_seconds(get=t1 - t0, decode=t2 - t1, copy=t3 - t2, verify=t4 - t3)
         if in_place:
             self._record(f_i, c)
             return data, True

@@ -4,13 +4,13 @@ For an ``s3://`` / ``http(s)://`` checkpoint that is not cached yet, the load is
 like a local one (one allocation per device, tensors as views). Worker threads (twice
 ``num_threads``, with ``num_threads`` GETs in flight) each take one chunk at a time:
 
-1. a ranged GET (``obstore``, GIL released), then verification (and decoding of compressed
-   chunks, in C++);
-2. the copy of the chunk's pieces into their destinations (``_C.run_copies``: a memcpy, or for a
-   GPU a memcpy into a page-locked staging buffer and a DMA from it);
+1. a ranged GET (``obstore``, GIL released; compressed chunks are then decoded, in C++);
+2. the copy of the chunk's pieces into their destinations and its checksum, in one pass
+   (``_C.StagedCopier``: for a GPU a memcpy into one of 8 reused page-locked staging buffers,
+   checksummed block by block as it goes, then a DMA from it);
 3. the write-through into the cache's partial download, handed to write-behind threads
-   (``SLLM_STORE_WRITE_BEHIND`` bytes may wait), so that the page cache, which takes new pages
-   more slowly than a fast network delivers them, does not hold up the GETs.
+   (``SLLM_STORE_WRITE_BEHIND`` bytes may wait) that write with O_DIRECT (``SLLM_STORE_CACHE_IO``),
+   so that neither the disk nor the page cache holds up the GETs.
 
 The load returns when every tensor is in place. The cache writes left, the sync of the data to
 disk and the promotion of the entry finish on a background thread (``wait_for_cache``); the next
@@ -20,58 +20,19 @@ load of the URL, in any process, is then a disk (or page-cache) load.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
-from sllm_store.errors import MissingFileError, SllmStoreError
+from sllm_store.errors import MissingFileError
 from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
-
-
-class _PinnedStaging:
-    """Page-locked buffers for the device copies of downloaded chunks: a memcpy into one, then a
-    DMA from it. The driver's copy from pageable memory does that memcpy into its own staging
-    buffers, more slowly: GETs copied to the H100 ran at 3.49 GB/s that way and at 4.10 GB/s
-    through page-locked buffers (raw GETs 4.37 GB/s; ``bench_remote --stages``, run N). Made by
-    the C++ core's CUDA staging allocator as needed, at most ``count``, freed with this object.
-    Without page-locked memory (``take`` returns None), copies are made from pageable memory."""
-
-    def __init__(self, device: str, size: int, count: int = 8) -> None:
-        self._device = device
-        self._size = size
-        self._slots = threading.BoundedSemaphore(count)
-        self._free: list[Any] = []
-        self._lock = threading.Lock()
-        self._broken = False
-
-    def take(self) -> Optional[Any]:
-        if self._broken:
-            return None
-        self._slots.acquire()
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        try:
-            return _C.StagingBuffer(self._device, self._size)
-        except SllmStoreError as e:
-            logger.info("no page-locked staging buffer (%s): copying from pageable memory", e)
-            self._broken = True
-            self._slots.release()
-            return None
-
-    def give(self, buf: Any) -> None:
-        with self._lock:
-            self._free.append(buf)
-        self._slots.release()
 
 
 def load_remote(url: str, device: Any, config: LoadConfig,
@@ -123,32 +84,15 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
 
-    gpus = [spec for spec, _ptr, _size in dests if spec != "cpu"]
-    staging = _PinnedStaging(gpus[0], index.chunk_size) if gpus else None
+    # Copies each chunk's pieces into place (for a GPU through one of 8 reused page-locked
+    # buffers, a memcpy fused with the chunk's checksum, then a DMA), returning the checksum.
+    copier = _C.StagedCopier(dests, index.chunk_size, 8)
 
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
         c = off // index.chunk_size
-        data, stored = d.fetch_chunk(f_i, c)
-        segs = by_unit.get(u, [])
-        if segs:
-            t = time.perf_counter()
-            src = np.frombuffer(data, dtype=np.uint8)
-            buf = staging.take() if staging is not None else None
-            try:
-                if buf is not None:  # a memcpy into page-locked memory, then a DMA
-                    _C.run_copies([(src.ctypes.data, 0, 0, src.nbytes)],
-                                  [("cpu", buf.address, len(buf))], num_threads=1)
-                    base = buf.address
-                else:
-                    base = src.ctypes.data
-                _C.run_copies([(base + coff, slot, doff, n) for _u, coff, slot, doff, n in segs], dests,
-                              num_threads=1)
-            finally:
-                if buf is not None:
-                    staging.give(buf)
-            del src
-            d.add_seconds(copy=time.perf_counter() - t)
+        pieces = [(coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
+        data, stored = d.fetch_chunk(f_i, c, deliver=(lambda b: copier.copy(b, pieces)) if pieces else None)
         if not stored:
             d.store_later(f_i, c, data)  # the cache write, off this thread when memory allows
         del data
@@ -172,6 +116,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                "bytes_downloaded": d.bytes_downloaded,
                                # thread-seconds per stage: where the time went
                                "stage_seconds": dict(d.stage_seconds),
+                               "staging_buffers": copier.buffers,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)

@@ -1,0 +1,112 @@
+#include "pipeline/staged_copier.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/errors.h"
+#include "format/checksum.h"
+
+namespace sllm {
+
+StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots)
+    : dests_(std::move(dests)), staging_size_(staging_size) {
+  slots = std::max(1, slots);
+  for (const auto& d : dests_) {
+    if (!d.device) throw Error(ErrorKind::kFormat, "a destination without a device");
+    Device* dev = d.device.get();
+    if (!dev->host_addressable() && std::find(devices_.begin(), devices_.end(), dev) == devices_.end())
+      devices_.push_back(dev);
+  }
+  for (Device* dev : devices_) dev->begin(slots);  // a stream per slot
+  buffers_.resize(static_cast<size_t>(slots));
+  for (int i = slots - 1; i >= 0; --i) free_.push_back(i);
+}
+
+StagedCopier::~StagedCopier() {
+  for (Device* dev : devices_) {
+    try {
+      dev->synchronize();
+    } catch (...) {  // never throw from a destructor; copy() already waited for its copies
+    }
+  }
+}
+
+bool StagedCopier::staged() const { return !unpinned_; }
+
+int StagedCopier::buffers() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return made_;
+}
+
+int StagedCopier::take() {
+  std::unique_lock<std::mutex> lock(mu_);
+  freed_.wait(lock, [this] { return !free_.empty(); });
+  int slot = free_.back();
+  free_.pop_back();
+  return slot;
+}
+
+void StagedCopier::give(int slot) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(slot);
+  }
+  freed_.notify_one();
+}
+
+uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>& pieces) {
+  for (const auto& p : pieces) {
+    if (p.dest < 0 || static_cast<size_t>(p.dest) >= dests_.size())
+      throw Error(ErrorKind::kFormat, "copy refers to destination #" + std::to_string(p.dest));
+    if (p.chunk_offset + p.length > n || p.chunk_offset + p.length < p.chunk_offset)
+      throw Error(ErrorKind::kFormat, "copy exceeds its chunk (" + std::to_string(p.chunk_offset) + "+" +
+                                          std::to_string(p.length) + " > " + std::to_string(n) + ")");
+    const auto& d = dests_[static_cast<size_t>(p.dest)];
+    if (p.dest_offset + p.length > d.size || p.dest_offset + p.length < p.dest_offset)
+      throw Error(ErrorKind::kFormat, "copy exceeds its destination (" + std::to_string(p.dest_offset) + "+" +
+                                          std::to_string(p.length) + " > " + std::to_string(d.size) + ")");
+  }
+  bool to_device = false;
+  for (const auto& p : pieces) to_device |= !dests_[static_cast<size_t>(p.dest)].device->host_addressable();
+  if (!to_device) {  // host memory only: plain copies
+    uint64_t digest = xxh3_64(src, n);
+    for (const auto& p : pieces) {
+      const auto& d = dests_[static_cast<size_t>(p.dest)];
+      d.device->copy_from_host(d.base + p.dest_offset, src + p.chunk_offset, p.length, 0);
+    }
+    return digest;
+  }
+
+  const int slot = take();
+  struct Release {
+    StagedCopier* c;
+    int slot;
+    ~Release() { c->give(slot); }
+  } release{this, slot};
+  HostBuffer& buf = buffers_[static_cast<size_t>(slot)];
+  if (buf.data() == nullptr && n <= staging_size_ && !unpinned_ && !devices_.empty()) {
+    try {
+      buf = devices_.front()->staging_allocator()(staging_size_);
+      std::lock_guard<std::mutex> lock(mu_);
+      ++made_;
+    } catch (const Error&) {
+      unpinned_ = true;  // e.g. out of page-locked memory: the driver stages from pageable memory
+    }
+  }
+  const char* from = src;
+  uint64_t digest;
+  if (buf.data() != nullptr && n <= buf.size()) {
+    digest = copy_xxh3_64(buf.data(), src, n);
+    from = static_cast<const char*>(buf.data());
+  } else {
+    digest = xxh3_64(src, n);
+  }
+  for (const auto& p : pieces) {
+    const auto& d = dests_[static_cast<size_t>(p.dest)];
+    d.device->copy_from_host(d.base + p.dest_offset, from + p.chunk_offset, p.length, slot);
+  }
+  for (Device* dev : devices_) dev->wait(slot, dev->record(slot));  // the buffer is free again
+  return digest;
+}
+
+}  // namespace sllm
