@@ -20,8 +20,7 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
-  default, ``direct``, writes it with O_DIRECT); ``--write-nice 0`` adds remote loads whose cache
-  write threads keep the normal CPU priority (by default they are niced, see ``_WriteBehind``).
+  default, ``direct``, writes it with O_DIRECT).
 
 Each contender's CPU time is recorded too, of this process (client) and of the server: on
 loopback both share the machine's cores, and the table shows what each contender costs them.
@@ -137,8 +136,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the remote load with these num_threads (e.g. 8,32)")
     ap.add_argument("--cache-io", type=lambda v: [x for x in v.split(",") if x], default=[],
                     help="also time the remote load with these SLLM_STORE_CACHE_IO modes (e.g. buffered)")
-    ap.add_argument("--write-nice", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also time the remote load with these nice values of the cache write threads")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -270,17 +267,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         def remote_with(threads: int) -> Callable[[], Any]:
             return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
 
-        def remote_nice(nice: int) -> Callable[[], Any]:
-            from sllm_store.remote.cache import _WriteBehind
-
-            def run() -> Any:
-                old, _WriteBehind.NICE = _WriteBehind.NICE, nice
-                try:
-                    return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
-                finally:
-                    _WriteBehind.NICE = old
-            return run
-
         def remote_io(mode: str) -> Callable[[], Any]:
             def run() -> Any:
                 old = os.environ.get("SLLM_STORE_CACHE_IO")
@@ -303,7 +289,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                ("get_copy_staged", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         contenders += [(f"sllm_remote_{m}", remote_io(m), nbytes) for m in args.cache_io]
-        contenders += [(f"sllm_remote_nice{n}", remote_nice(n), nbytes) for n in args.write_nice]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),

@@ -672,14 +672,9 @@ def write_behind_limit() -> int:
 
 
 class _WriteBehind:
-    """Cache writes of fetched chunks on their own threads, at most ``limit`` bytes waiting.
-
-    The threads run at a lower CPU priority (``NICE``): the load's GETs and copies, which the
-    caller waits for, come first; the writes take what CPU is left, and all of it once the
-    download is done (past ``limit``, the download waits for them)."""
+    """Cache writes of fetched chunks on their own threads, at most ``limit`` bytes waiting."""
 
     THREADS = 8
-    NICE = 10
 
     def __init__(self, download: Download, limit: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -688,8 +683,7 @@ class _WriteBehind:
         self._limit = limit
         self._waiting = 0
         self._cond = threading.Condition()
-        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="sllm-cache-write",
-                                        initializer=_lower_priority, initargs=(self.NICE,))
+        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="sllm-cache-write")
         self.error: Optional[BaseException] = None
 
     def submit(self, f_i: int, c: int, data: Any) -> None:
@@ -729,14 +723,6 @@ class _WriteBehind:
                 self.error = CacheError("the download stopped before it was written to the cache")
             self._cond.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=cancel)
-
-
-def _lower_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority by ``nice`` (Linux: nice values are per thread)."""
-    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        with contextlib.suppress(OSError):
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 def _same_error(e: BaseException) -> BaseException:
