@@ -123,7 +123,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         else:
             cached = "not cached (see the warning above)"
         print(f"  remote: {format_size(stats['bytes_downloaded'])} downloaded while loading "
-              f"({stats['threads']} threads), {cached}")
+              f"({stats['threads']} GETs in flight), {cached}")
         return 0
     if stats.get("io_mode") == "store":
         print(f"  store {stats['store']}: {'hit' if stats['hit'] else 'miss'}"

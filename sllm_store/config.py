@@ -30,6 +30,13 @@ def default_num_threads() -> int:
     return max(4, min(16, os.cpu_count() or 4))
 
 
+# GETs in flight for a remote load when num_threads is not given. On the H100 machine (16 cores,
+# SeaweedFS on loopback, 3B checkpoint) 24 beat 16 in each of 7 paired rounds, by 2-11 %, and 32
+# was in between (bench_remote, runs S and T in docs/benchmarks.md); real object stores, with
+# more latency per request, want at least as many.
+DEFAULT_REMOTE_GETS = 24
+
+
 def _env_int(name: str) -> Optional[int]:
     """An integer environment variable (None if unset or empty), or a ValueError naming it."""
     value = os.environ.get(name, "").strip()
@@ -74,6 +81,7 @@ class LoadConfig:
     staging_buffers: int = 2
     store: Optional[str] = None
     remote: Any = None  # sllm_store.remote.RemoteOptions for s3:// / https:// paths
+    remote_gets: int = DEFAULT_REMOTE_GETS  # GETs in flight for URLs: num_threads if given
 
     @classmethod
     def resolve(
@@ -113,7 +121,8 @@ class LoadConfig:
         if store is None:
             store = env.get("SLLM_STORE_ADDRESS") or None
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
-                   staging_buffers=staging, store=store or None, remote=remote)
+                   staging_buffers=staging, store=store or None, remote=remote,
+                   remote_gets=DEFAULT_REMOTE_GETS if num_threads is None else threads)
 
     def io_mode_for(self, files: list[str], compressed: bool = False) -> str:
         """The read mode to use for ``files``: ``auto`` picks by page-cache residency.

@@ -352,11 +352,13 @@ def load_state_dict(
     Args:
         path: directory written by :func:`sllm_store.convert` / :func:`sllm_store.save_state_dict`;
             plain safetensors (a file, or a model directory) load too, through the same pipeline.
-            An ``s3://bucket/prefix`` or ``http(s)://`` URL of a converted checkpoint is fetched
-            into the local cache first (``SLLM_STORE_CACHE_DIR``), then loaded from there.
+            An ``s3://bucket/prefix`` or ``http(s)://`` URL of a converted checkpoint streams from
+            the object store (parallel ranged GETs, copied into place as they arrive) and is
+            written through to the local cache (``SLLM_STORE_CACHE_DIR``); later loads of the URL
+            load the cache entry.
         device: target device (``"cpu"``), or a mapping of every tensor name to a device.
         num_threads: reader threads (default: env ``SLLM_STORE_NUM_THREADS`` or the CPU count,
-            clamped to 4..16).
+            clamped to 4..16); for a URL, the GETs in flight (default 24).
         chunk_size: read unit in bytes or as ``"16MiB"`` (default: the checkpoint's chunk size).
         verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY=1``).
         io_mode: ``"auto"`` (O_DIRECT when the files are not in the page cache, else buffered;

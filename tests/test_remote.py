@@ -833,6 +833,49 @@ def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
         sllm_store.load_state_dict(url + "-other")
 
 
+def test_gets_in_flight(env, monkeypatch) -> None:
+    """A remote load keeps DEFAULT_REMOTE_GETS GETs in flight unless num_threads (argument or
+    SLLM_STORE_NUM_THREADS) says otherwise; no more than that run at once."""
+    import threading
+
+    from sllm_store.config import DEFAULT_REMOTE_GETS, LoadConfig
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote import cache
+
+    assert LoadConfig.resolve().remote_gets == DEFAULT_REMOTE_GETS == 24
+    assert LoadConfig.resolve(num_threads=3).remote_gets == 3
+    monkeypatch.setenv("SLLM_STORE_NUM_THREADS", "5")
+    assert LoadConfig.resolve().remote_gets == 5
+    monkeypatch.delenv("SLLM_STORE_NUM_THREADS")
+
+    local, sd, url = _uploaded(env, "gets", seed=24)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def before(n):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+
+    gets = Gets(monkeypatch, delay=0.05, before=before)
+    real = gets.real
+
+    def counted(*a, **k):
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    gets.real = counted
+    out, report = load_state_dict_with_report(url, num_threads=2)
+    assert_state_dict_identical(out, sd)
+    assert report.stats["threads"] == 2 and state["most"] <= 2 and len(gets.calls) > 2
+    cache.wait_for_cache(timeout=60)
+    cache.remove(url)
+    out, report = load_state_dict_with_report(url)
+    assert report.stats["threads"] == DEFAULT_REMOTE_GETS and state["most"] > 2
+
+
 def test_write_direct(tmp_path) -> None:
     """_C.write_direct: whole blocks with O_DIRECT (from an aligned or unaligned source), the
     last partial block buffered, every byte in place; a misaligned offset is EINVAL."""

@@ -1,8 +1,9 @@
 """Loading a remote checkpoint while it downloads.
 
 For an ``s3://`` / ``http(s)://`` checkpoint that is not cached yet, the load is planned exactly
-like a local one (one allocation per device, tensors as views). Worker threads (twice
-``num_threads``, with ``num_threads`` GETs in flight) each take one chunk at a time:
+like a local one (one allocation per device, tensors as views). Worker threads (twice as many as
+GETs in flight: ``num_threads`` if given, else ``config.DEFAULT_REMOTE_GETS``) each take one chunk
+at a time:
 
 1. a ranged GET (``obstore``, GIL released; compressed chunks are then decoded, in C++);
 2. the copy of the chunk's pieces into their destinations and its checksum, in one pass
@@ -43,7 +44,7 @@ def load_remote(url: str, device: Any, config: LoadConfig,
 
     t0 = time.perf_counter()
     # The download lock and files are released whatever happens.
-    with Download(url, config.remote, max_gets=config.num_threads, cache_errors="warn").open() as d:
+    with Download(url, config.remote, max_gets=config.remote_gets, cache_errors="warn").open() as d:
         if d.cached is None:
             return _stream(d, url, device, config, t0)
         try:
@@ -100,9 +101,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
 
     with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,
               desc="loading", dynamic_ncols=True, disable=default_quiet()) as bar:
-        # num_threads GETs in flight; twice as many threads, so that verifying, writing and
-        # copying the chunks that have arrived does not leave the connection idle.
-        for n in parallel_map(one, range(len(plan.units)), 2 * config.num_threads, "sllm-remote"):
+        # remote_gets GETs in flight; twice as many threads, so that copying the chunks that
+        # have arrived does not leave the connection idle.
+        for n in parallel_map(one, range(len(plan.units)), 2 * config.remote_gets, "sllm-remote"):
             bar.update(n)
     # None after a partial load (the rest is fetched by a later load). A complete download is
     # synced and promoted on a background thread, whose failures are warnings: the tensors are
@@ -112,7 +113,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     seconds = time.perf_counter() - t0
     report = LoadReport(path=url, bytes=_payload_bytes(index, assign), seconds=seconds,
                         devices=_bytes_per_device(plan),
-                        stats={"io_mode": "remote", "threads": config.num_threads,
+                        stats={"io_mode": "remote", "threads": config.remote_gets,
                                "bytes_downloaded": d.bytes_downloaded,
                                # thread-seconds per stage: where the time went
                                "stage_seconds": dict(d.stage_seconds),
