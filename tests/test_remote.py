@@ -712,31 +712,29 @@ def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # O_DIRECT writes (the default) that fail: the same warning, and a CacheError in fetch.
+    def loaded_not_cached_and_fetch_fails() -> None:
+        """The load returns every tensor, warns, caches nothing; fetch raises CacheError."""
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+            assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+            assert cache.wait_for_cache(timeout=60)
+        assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
+        assert cache.entries() == []
+        with pytest.raises(CacheError, match="No space left on device"):
+            cache.fetch(url, quiet=True)
+        caplog.clear()
+
+    # O_DIRECT writes (the default) that fail.
     monkeypatch.setattr(_C, "preallocate", real_preallocate)
     monkeypatch.setattr(_C, "write_direct", lambda *a: errno.ENOSPC)
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
-    assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
-    assert cache.entries() == []
-    with pytest.raises(CacheError, match="No space left on device"):
-        cache.fetch(url, quiet=True)
-    caplog.clear()
+    loaded_not_cached_and_fetch_fails()
     monkeypatch.setattr(_C, "write_direct", real_write_direct)
 
     # Buffered writes (a file system without O_DIRECT, or SLLM_STORE_CACHE_IO=buffered).
     monkeypatch.setenv("SLLM_STORE_CACHE_IO", "buffered")
     monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.EOPNOTSUPP)
     monkeypatch.setattr(os, "pwrite", disk_full)
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
-    assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
-    assert cache.entries() == []
-    with pytest.raises(CacheError, match="No space left on device"):
-        cache.fetch(url, quiet=True)
-    caplog.clear()
+    loaded_not_cached_and_fetch_fails()
     monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", "0")  # written in the load's threads: the same
     with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
