@@ -19,9 +19,12 @@ NUMEL = 1_000_000  # 4 MB of float32 each: ~200 MB in all
 
 CHILD = textwrap.dedent(
     """
-    import sys
+    import signal, sys
     import sllm_store
 
+    # A shell that starts jobs in the background without job control (nohup, CI runners) has
+    # them ignore SIGINT, and Python then installs no KeyboardInterrupt handler: restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     path, mode, io_mode = sys.argv[1], sys.argv[2], sys.argv[3]
     kw = dict(num_threads=1, io_mode=io_mode, chunk_size=1 << 20)
     sllm_store.load_state_dict(path, **kw)
