@@ -101,11 +101,23 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
   } else {
     digest = xxh3_64(src, n);
   }
-  for (const auto& p : pieces) {
-    const auto& d = dests_[static_cast<size_t>(p.dest)];
-    d.device->copy_from_host(d.base + p.dest_offset, from + p.chunk_offset, p.length, slot);
+  try {
+    for (const auto& p : pieces) {
+      const auto& d = dests_[static_cast<size_t>(p.dest)];
+      d.device->copy_from_host(d.base + p.dest_offset, from + p.chunk_offset, p.length, slot);
+    }
+    for (Device* dev : devices_) dev->wait(slot, dev->record(slot));  // the buffer is free again
+  } catch (...) {
+    // Copies issued before the failure may still read the buffer: let them finish (best effort)
+    // before another thread takes it.
+    for (Device* dev : devices_) {
+      try {
+        dev->wait(slot, dev->record(slot));
+      } catch (...) {
+      }
+    }
+    throw;
   }
-  for (Device* dev : devices_) dev->wait(slot, dev->record(slot));  // the buffer is free again
   return digest;
 }
 
