@@ -9,6 +9,7 @@
 //   FAKE_CUDA_FAIL_COPY=N   the N-th cuMemcpyHtoDAsync (1-based) fails with error 700
 //   FAKE_CUDA_COPY_MS=N     every copy takes N ms more (a slow device)
 //   FAKE_CUDA_DEVICES=N     number of devices (default 1)
+//   FAKE_CUDA_NO_HOST_ALLOC=1  cuMemHostAlloc fails (out of page-locked memory)
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -88,6 +89,7 @@ CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t n,
 }
 
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
+  if (env_int("FAKE_CUDA_NO_HOST_ALLOC", 0)) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
   *p = std::aligned_alloc(4096, (n + 4095) / 4096 * 4096);
   return *p ? kOk : 2;  // CUDA_ERROR_OUT_OF_MEMORY
 }

@@ -170,3 +170,21 @@ def test_staged_copier_checksums_and_copies_through_pinned_buffers(fake_libcuda)
     """, FAKE_CUDA_FAIL_COPY="30")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("OK") and "illegal memory access" in r.stdout, r.stdout
+
+
+def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
+    """When page-locked memory cannot be had, the staged copier copies from the chunk itself
+    (the driver's pageable path): still every byte in place and the right checksum."""
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from sllm_store import _C
+        src = np.random.default_rng(8).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+        gpu = np.zeros(3 << 20, np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, gpu.nbytes)], 4 << 20, 2)
+        for _ in range(3):
+            assert c.copy(src, [(0, 0, 0, len(src))]) == _C.xxh3_64(src)
+        assert gpu.tobytes() == src
+        print("OK", c.staged, c.buffers)
+    """, FAKE_CUDA_NO_HOST_ALLOC="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["OK", "False", "0"], r.stdout

@@ -1,17 +1,17 @@
 """The local cache of remote checkpoints: download once, load from disk afterwards.
 
 An entry is a complete checkpoint directory named after the URL and the content of its index
-(``<url hash>-<index hash>``), so a changed remote checkpoint is a new entry. A download goes
-into ``.partial/<entry>``: data files are preallocated (and mapped, where the file system can
-reserve their blocks) and filled by parallel ranged GETs (one per chunk, stored chunks for
-compressed files, which are decoded: the cache holds plain version-1 checkpoints that load at disk
-speed), each chunk checked against its checksum before it is written and recorded as done in
-``<file>.done``. A load hands its writes to write-behind threads (``SLLM_STORE_WRITE_BEHIND``
-bytes may wait) and returns before the entry is synced and promoted, which a background thread
-does (:func:`wait_for_cache`). An interrupted download resumes from those records; a chunk
-that fails its checksum is never recorded, and the entry is renamed into place only when every
-chunk is present and verified. Entries are evicted least recently used first when the cache grows
-past its size limit.
+(``<url hash>-<index hash>``), so a changed remote checkpoint is a new entry. A download goes into
+``.partial/<entry>``: data files are preallocated, written with O_DIRECT (else mapped, where the
+file system can reserve their blocks) and filled by parallel ranged GETs (one per chunk, stored
+chunks for compressed files, which are decoded: the cache holds plain version-1 checkpoints that
+load at disk speed), each chunk checked against its checksum before it is written and recorded as
+done in ``<file>.done``. A load hands its writes to write-behind threads
+(``SLLM_STORE_WRITE_BEHIND`` bytes may wait) and returns before the entry is synced and promoted,
+which a background thread does (:func:`wait_for_cache`). An interrupted download resumes from those
+records; a chunk that fails its checksum is never recorded, and the entry is renamed into place
+only when every chunk is present and verified. Entries are evicted least recently used first when
+the cache grows past its size limit.
 
 Processes share the cache: a download holds an exclusive ``flock`` on ``.partial/<entry>.lock``
 until its entry is promoted (or it stops), and a second process that wants the same entry waits
@@ -20,7 +20,7 @@ process that dies releases its lock; the next one resumes its partial download.
 
 Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STORE_CACHE_SIZE``
 (e.g. ``200GiB``; default: no limit), ``SLLM_STORE_WRITE_BEHIND`` (default: an eighth of the RAM,
-at most 8 GiB).
+at most 8 GiB), ``SLLM_STORE_CACHE_IO`` (``direct``, the default, or ``buffered``).
 """
 
 from __future__ import annotations
