@@ -80,7 +80,7 @@ def _outputs(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_model_matches_from_pretrained(model_dirs, dtype) -> None:
     auto, hf, converted = model_dirs
-    ref = getattr(transformers, auto).from_pretrained(hf, dtype=dtype, device_map="cpu").eval()
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=dtype).eval()
     ours = sllm_store.load_model(converted, device_map="cpu", torch_dtype=dtype, hf_model_class=auto)
     assert not ours.training
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
@@ -100,7 +100,7 @@ def test_load_model_matches_from_pretrained(model_dirs, dtype) -> None:
 
 def test_load_model_from_plain_safetensors_dir(model_dirs) -> None:
     auto, hf, _ = model_dirs
-    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32, device_map="cpu").eval()
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32).eval()
     ours = sllm_store.load_model(hf, device_map="cpu", torch_dtype=torch.float32, hf_model_class=auto)
     assert torch.equal(_outputs(ref), _outputs(ours))
 
@@ -127,7 +127,7 @@ def test_load_model_auto_device_map_on_cpu_only(model_dirs) -> None:
 
 def test_load_model_dict_device_map_cpu(model_dirs) -> None:
     auto, hf, converted = model_dirs
-    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32, device_map="cpu").eval()
+    ref = getattr(transformers, auto).from_pretrained(hf, dtype=torch.float32).eval()
     model = sllm_store.load_model(
         converted, device_map={"": "cpu"}, torch_dtype=torch.float32, hf_model_class=auto
     )
