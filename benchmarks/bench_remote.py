@@ -19,6 +19,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   copied into DEVICE memory by the driver from the GET's buffer; uncompressed checkpoints only)
   and ``get_copy_staged`` (GETs, each checksummed and copied into DEVICE by the library's
   ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
+* ``--unaligned`` adds a remote load whose GETs fetch exactly their chunk (the library's
+  ``ALIGNED_GETS`` off): each O_DIRECT cache write then copies its chunk into an aligned buffer.
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
   default, ``direct``, writes it with O_DIRECT).
@@ -137,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the remote load with these num_threads (e.g. 8,32)")
     ap.add_argument("--cache-io", type=lambda v: [x for x in v.split(",") if x], default=[],
                     help="also time the remote load with these SLLM_STORE_CACHE_IO modes (e.g. buffered)")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="also a remote load without block-aligned GETs (A/B)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -282,6 +286,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         os.environ["SLLM_STORE_CACHE_IO"] = old
             return run
 
+        def remote_unaligned() -> Any:
+            from sllm_store.remote import cache as remote_cache
+
+            remote_cache.ALIGNED_GETS = False
+            try:
+                return sllm_store.load_state_dict(url, args.device)
+            finally:
+                remote_cache.ALIGNED_GETS = True
+
         reader = RawReader(args.threads, 32 << 20)
         # The raw GETs with --threads and with the remote load's default GET count: the limit is
         # the faster of the two.
@@ -297,6 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                ("get_copy_staged", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         contenders += [(f"sllm_remote_{m}", remote_io(m), nbytes) for m in args.cache_io]
+        if args.unaligned:
+            contenders += [("sllm_remote_unaligned", remote_unaligned, nbytes)]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),

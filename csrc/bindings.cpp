@@ -313,6 +313,10 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       "Write `data` at `offset` (a multiple of 4096) of a file: whole 4 KiB blocks with O_DIRECT "
       "through `direct_fd` (via an aligned buffer of this thread), the rest buffered through "
       "`fd`. Returns 0, or the errno (EINVAL: the file system refuses the direct write).");
+  m.def("malloc_offset", &malloc_offset, py::arg("size"),
+        "Where in its 4 KiB page this process's malloc starts a block of `size` bytes (the "
+        "address modulo 4096 of one allocated and freed): where a GET body of that size from "
+        "obstore will start.");
   m.def("release_staging_buffers", &release_cached_pools,
         "Free the staging buffers cached for later loads; returns the bytes released.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");

@@ -277,11 +277,13 @@ class CheckpointWriter:
         done = 0
         k = 0
         for s in stored:
-            # Move on to the next file once this one has reached its share (and is not empty).
-            while k < self.num_files - 1 and files[k] and done >= target * (k + 1):
+            size = _align(s.nbytes, self.tensor_alignment)
+            # Move on to the next file (once this one is not empty) when more than half of this
+            # tensor would lie past this file's share: two equal tensors make two files.
+            while k < self.num_files - 1 and files[k] and done + size / 2 > target * (k + 1):
                 k += 1
             files[k].append(s)
-            done += _align(s.nbytes, self.tensor_alignment)
+            done += size
         return files
 
     def write(self, specs: list[TensorSpec], *, source: dict[str, Any]) -> Index:

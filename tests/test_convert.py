@@ -147,6 +147,15 @@ def test_convert_chunk_size_string_and_num_files(tmp_path, tiny_llama):
     assert_state_dict_identical(loaded, tiny_llama.state_dict, check_order=False)
 
 
+def test_num_files_splits_by_size(tmp_path):
+    """num_files makes runs of about equal size: two near-equal tensors make two files (the
+    second slightly larger one used to land in the first file, leaving the second empty)."""
+    sd = {"a": torch.zeros(1000, 700), "b": torch.zeros(1000, 701), "c": torch.zeros(10)}
+    index = sllm_store.read_index(sllm_store.save_state_dict(sd, tmp_path / "c", num_files=2, quiet=True))
+    assert [sorted(t.name for t in index.tensors.values() if t.file == i) for i in range(2)] == \
+        [["a"], ["b", "c"]]
+
+
 def test_convert_is_deterministic(tmp_path, tiny_llama):
     a, b = tmp_path / "a", tmp_path / "b"
     sllm_store.convert(tiny_llama.dirs["sharded"], a, chunk_size="16KiB", quiet=True)

@@ -831,6 +831,68 @@ def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
         sllm_store.load_state_dict(url + "-other")
 
 
+def test_aligned_gets(env, monkeypatch) -> None:
+    """A plain chunk's GET starts early enough that the chunk lands block-aligned in the GET's
+    buffer (obstore's bodies of whole chunks start 16 bytes past a page, as large malloc blocks
+    do), so its O_DIRECT cache write needs no aligned copy. Where a body starts is guessed from
+    malloc, then learned from each GET: a wrong guess costs only the copy."""
+    import numpy as np
+
+    from sllm_store import _C
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote import cache
+
+    try:
+        os.close(os.open(env / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    g = torch.Generator().manual_seed(31)
+    sd = {f"w{i}": torch.randn(1024, 700 + i, generator=g) for i in range(2)}  # ~2.7 MiB each
+    local = sllm_store.save_state_dict(sd, env / "m", chunk_size="1MiB", num_files=2)
+    index = sllm_store.read_index(local)
+    cs, files = index.chunk_size, index.files
+    n_chunks = sum(-(-f.size // cs) for f in files)
+    assert len(files) > 1 and n_chunks > 2 * len(files)
+
+    gets: list[tuple[int, int]] = []
+
+    def page_plus_16(*a, **k):  # the body in a buffer that starts 16 bytes past a page
+        body = memoryview(_REAL_GET_RANGE(*a, **k))
+        gets.append((k["start"], k["length"]))
+        raw = np.empty(len(body) + 2 * 4096, dtype=np.uint8)
+        start = -raw.ctypes.data % 4096 + 16
+        raw[start:start + len(body)] = np.frombuffer(body, dtype=np.uint8)
+        return memoryview(raw)[start:start + len(body)]
+
+    monkeypatch.setattr(obstore, "get_range", page_plus_16)
+    for guess, threads in ((16, 4), (0, 1)):  # malloc guessed right; wrong, then learned
+        monkeypatch.setattr(_C, "malloc_offset", lambda n, g=guess: g)
+        url = f"s3://{BUCKET}/aligned-{guess}/m"
+        cache.upload(local, url, quiet=True)
+        gets.clear()
+        out, report = load_state_dict_with_report(url, num_threads=threads)
+        assert_state_dict_identical(out, sd)
+        assert cache.wait_for_cache(timeout=60)
+        # every chunk but each file's first (nothing before it to fetch) arrives aligned
+        assert report.stats["direct_writes"] == {"aligned": n_chunks - len(files), "bounced": len(files)}
+        early = sorted((s + 4080, n - 4080) for s, n in gets if s % cs)
+        assert len(early) == n_chunks - len(files) and all(s % cs == 0 for s, _ in early)
+        assert report.stats["bytes_downloaded"] == sum(n for _, n in gets)
+        entry = [e for e in cache.entries() if e.url == url][0].path
+        sllm_store.verify(entry)
+
+    # Off (bench_remote --unaligned): each GET fetches its chunk exactly, and every write copies.
+    monkeypatch.setattr(cache, "ALIGNED_GETS", False)
+    url = f"s3://{BUCKET}/unaligned/m"
+    cache.upload(local, url, quiet=True)
+    gets.clear()
+    out, report = load_state_dict_with_report(url)
+    assert_state_dict_identical(out, sd)
+    assert cache.wait_for_cache(timeout=60)
+    assert all(s % cs == 0 for s, _ in gets)
+    assert report.stats["direct_writes"] == {"aligned": 0, "bounced": n_chunks}
+
+
 def test_gets_in_flight(env, monkeypatch) -> None:
     """A remote load keeps DEFAULT_REMOTE_GETS GETs in flight unless num_threads (argument or
     SLLM_STORE_NUM_THREADS) says otherwise; no more than that run at once."""

@@ -55,6 +55,18 @@ PARTIAL = ".partial"
 SMALL_FILE_LIMIT = 64 << 20  # non-weight files (config, tokenizer) fetched with the checkpoint
 
 
+_BLOCK = 4096  # O_DIRECT alignment of cache writes (memory and file offsets)
+# Plain chunks of checkpoints with chunks at least this long are fetched so that they arrive
+# block-aligned (Download._lead): the few KiB fetched twice are then under 0.4 % of a GET.
+_ALIGNED_GET_MIN = 1 << 20
+ALIGNED_GETS = True  # bench_remote turns it off for an A/B
+
+
+def _address(buf: Any) -> int:
+    """Address of the first byte of a buffer (bytes, memoryview, obstore's Bytes)."""
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(memoryview(buf)) else 0
+
+
 def cache_dir(path: Optional[str | os.PathLike[str]] = None) -> Path:
     d = Path(path or os.environ.get("SLLM_STORE_CACHE_DIR") or Path.home() / ".cache" / "sllm-store")
     d.mkdir(parents=True, exist_ok=True)
@@ -116,6 +128,11 @@ class Download:
         self._cache_errors = cache_errors
         self.cache_error: Optional[CacheError] = None
         self._cache_io = cache_io_mode()
+        # Where in its page the body of the next plain chunk's GET will start (see _lead); None
+        # until open() guesses it from malloc. Direct cache writes from an aligned body, or
+        # copied through an aligned buffer first ("bounced"), for the load report.
+        self._body_offset: Optional[int] = None
+        self.direct_writes = {"aligned": 0, "bounced": 0}
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
                               "copy": 0.0}
@@ -194,6 +211,29 @@ class Download:
                                  f"{self.url}: {e.strerror or e}") from None
             self._marks[f_i] = open(marks, "a")
         self._check_earlier_chunks()
+        if self._direct and ALIGNED_GETS:
+            from sllm_store import _C
+
+            self._body_offset = _C.malloc_offset(self.index.chunk_size + _BLOCK)
+
+    def _lead(self, f_i: int, off: int) -> int:
+        """Bytes to GET before a plain chunk at ``off`` so that the chunk itself starts on a
+        4 KiB boundary in the GET's buffer; 0 if that cannot help.
+
+        An O_DIRECT write wants block-aligned memory. obstore's GET bodies come from malloc: a
+        body of a whole chunk (32 MiB by default) gets a mapping of its own and starts 16 bytes
+        past a page boundary (glibc), so the direct write would first copy every chunk into an
+        aligned buffer, a memcpy of the whole download on the cores that the GETs and the
+        server need. GETting ``4096 - 16`` bytes of the previous chunk too puts this chunk's
+        first byte on a page boundary, and it is written from where it arrived. Where a body
+        will start is learned from the last GET of a whole chunk (guessed from malloc before
+        the first); a wrong guess costs the copy, never correctness.
+        """
+        guess = self._body_offset
+        if guess is None or f_i not in self._direct or self.index.chunk_size < _ALIGNED_GET_MIN:
+            return 0
+        lead = -guess % _BLOCK
+        return lead if lead <= off else 0
 
     def _prepare_file(self, f_i: int, size: int) -> None:
         """Size a partial data file (the cache holds decoded bytes: a plain v1-layout file) and
@@ -349,19 +389,25 @@ class Download:
         else:
             off, length = c * cs, raw_len
         where = self._where(f_i, c)
+        decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
+        lead = 0 if decoded else self._lead(f_i, off)
         with self._get_slots:
             if self._failed is not None:
                 raise _same_error(self._failed)
             t0 = time.perf_counter()
             try:
-                data: Any = obstore.get_range(self.store, f.name, start=off, length=length) if length else b""
+                data: Any = obstore.get_range(self.store, f.name, start=off - lead, length=length + lead) \
+                    if length else b""
             except Exception as e:
                 self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
                 raise self._failed from None
             t1 = time.perf_counter()
-        if len(data) != length:
+        if len(data) != length + lead:
             raise RemoteError(f"{where}: the object is shorter than its index says")
-        decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
+        if self._body_offset is not None and not decoded and length == cs and f_i in self._direct:
+            self._body_offset = _address(data) % _BLOCK  # where the next whole chunk's body starts
+        if lead:
+            data = memoryview(data)[lead:]
         in_place = False  # decoded straight into the mapped cache file
         fresh = f_i in self._direct  # decoded into a new buffer, written later like a plain chunk
         if decoded:
@@ -397,7 +443,7 @@ class Download:
                                 "nothing was cached")
         t4 = time.perf_counter()
         with self._lock:
-            self.bytes_downloaded += length
+            self.bytes_downloaded += length + lead
         self.add_seconds(get=t1 - t0, decode=t2 - t1, copy=t3 - t2, verify=t4 - t3)
         if in_place:
             self._record(f_i, c)
@@ -456,6 +502,7 @@ class Download:
         direct = self._direct.get(f_i)
         if direct is not None:
             t1 = t0
+            aligned = raw_len < _BLOCK or _address(data) % _BLOCK == 0
             err = _C.write_direct(direct, self._fds[f_i], data, c * cs)
             if err == errno.EINVAL:  # refused after all (an odd alignment rule): write buffered
                 logger.info("%s: O_DIRECT cache writes refused in '%s'; writing buffered", self.url,
@@ -467,6 +514,8 @@ class Download:
                 return
             if err:
                 raise self._write_error(f_i, c, os.strerror(err))
+            with self._lock:
+                self.direct_writes["aligned" if aligned else "bounced"] += 1
         elif mapped is not None:
             self._populate(f_i, c)
             t1 = time.perf_counter()

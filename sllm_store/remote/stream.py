@@ -11,7 +11,9 @@ at a time:
    checksummed block by block as it goes, then a DMA from it);
 3. the write-through into the cache's partial download, handed to write-behind threads
    (``SLLM_STORE_WRITE_BEHIND`` bytes may wait) that write with O_DIRECT (``SLLM_STORE_CACHE_IO``),
-   so that neither the disk nor the page cache holds up the GETs.
+   so that neither the disk nor the page cache holds up the GETs. Each GET starts a few KiB
+   early, so that its chunk arrives 4 KiB-aligned and is written from where it arrived
+   (``Download._lead``).
 
 The load returns when every tensor is in place. The cache writes left, the sync of the data to
 disk and the promotion of the entry finish on a background thread (``wait_for_cache``); the next
@@ -118,6 +120,10 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                # thread-seconds per stage: where the time went
                                "stage_seconds": dict(d.stage_seconds),
                                "staging_buffers": copier.buffers,
+                               # O_DIRECT cache writes straight from the GET's buffer or through
+                               # an aligned copy; the same dict, counted until the write-behind
+                               # is done (wait_for_cache)
+                               "direct_writes": d.direct_writes,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
