@@ -21,6 +21,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
 * ``--unaligned`` adds a remote load whose GETs fetch exactly their chunk (the library's
   ``ALIGNED_GETS`` off): each O_DIRECT cache write then copies its chunk into an aligned buffer.
+* ``--cuda-sync spin`` adds a remote load whose copy threads spin while they wait for their
+  device copies (``SLLM_STORE_CUDA_SYNC``; the default, ``block``, sleeps), and
+  ``--staging-slots 16`` one with 16 staging buffers (the library's ``STAGING_SLOTS``, 8).
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
   default, ``direct``, writes it with O_DIRECT).
@@ -139,6 +142,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the remote load with these num_threads (e.g. 8,32)")
     ap.add_argument("--cache-io", type=lambda v: [x for x in v.split(",") if x], default=[],
                     help="also time the remote load with these SLLM_STORE_CACHE_IO modes (e.g. buffered)")
+    ap.add_argument("--cuda-sync", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="also remote loads with SLLM_STORE_CUDA_SYNC=MODE (e.g. spin)")
+    ap.add_argument("--staging-slots", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also remote loads with other numbers of staging buffers (e.g. 16)")
     ap.add_argument("--unaligned", action="store_true",
                     help="also a remote load without block-aligned GETs (A/B)")
     ap.add_argument("--json", type=Path, default=None)
@@ -212,13 +219,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         remote_stats: List[Dict[str, Any]] = []
 
-        def remote() -> Dict[str, Any]:
+        def remote(name: str = "sllm_remote") -> Dict[str, Any]:
+            """A remote load with the library's defaults (GET count too); its report is kept."""
             from sllm_store.loader import load_state_dict_with_report
 
-            out, report = load_state_dict_with_report(url, args.device)  # the default GET count
-            remote_stats.append({"seconds": report.seconds, **report.stats})
-            log.info("stage thread-seconds: %s",
-                     {k: round(v, 2) for k, v in report.stats["stage_seconds"].items()})
+            out, report = load_state_dict_with_report(url, args.device)
+            remote_stats.append({"contender": name, "seconds": report.seconds, **report.stats})
+            stages = {k: round(v, 2) for k, v in report.stats["stage_seconds"].items()}
+            log.info("%s: stage thread-seconds %s; staging buffers made in %.2f, waited for %.2f "
+                     "thread-seconds", name, stages, report.stats["staging_alloc_s"],
+                     report.stats["staging_wait_s"])
             return out
 
         def cache_files() -> List[Path]:
@@ -273,27 +283,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         def remote_with(threads: int) -> Callable[[], Any]:
             return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
 
-        def remote_io(mode: str) -> Callable[[], Any]:
+        def remote_env(name: str, var: str, value: str) -> Callable[[], Any]:
+            """:func:`remote` with the environment variable ``var`` set to ``value``."""
             def run() -> Any:
-                old = os.environ.get("SLLM_STORE_CACHE_IO")
-                os.environ["SLLM_STORE_CACHE_IO"] = mode
+                old = os.environ.get(var)
+                os.environ[var] = value
                 try:
-                    return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+                    return remote(name)
                 finally:
                     if old is None:
-                        os.environ.pop("SLLM_STORE_CACHE_IO")
+                        os.environ.pop(var)
                     else:
-                        os.environ["SLLM_STORE_CACHE_IO"] = old
+                        os.environ[var] = old
             return run
 
-        def remote_unaligned() -> Any:
-            from sllm_store.remote import cache as remote_cache
-
-            remote_cache.ALIGNED_GETS = False
-            try:
-                return sllm_store.load_state_dict(url, args.device)
-            finally:
-                remote_cache.ALIGNED_GETS = True
+        def remote_with_attr(name: str, module: Any, attr: str, value: Any) -> Callable[[], Any]:
+            """:func:`remote` with the library's ``module.attr`` set to ``value``."""
+            def run() -> Any:
+                old = getattr(module, attr)
+                setattr(module, attr, value)
+                try:
+                    return remote(name)
+                finally:
+                    setattr(module, attr, old)
+            return run
 
         reader = RawReader(args.threads, 32 << 20)
         # The raw GETs with --threads and with the remote load's default GET count: the limit is
@@ -309,9 +322,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 contenders += [("get_copy", lambda: get_copy(False), stage_bytes),
                                ("get_copy_staged", lambda: get_copy(True), stage_bytes)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
-        contenders += [(f"sllm_remote_{m}", remote_io(m), nbytes) for m in args.cache_io]
+        from sllm_store.remote import cache as remote_cache
+        from sllm_store.remote import stream as remote_stream
+
+        variants = [(f"sllm_remote_{m}", lambda n, m=m: remote_env(n, "SLLM_STORE_CACHE_IO", m))
+                    for m in args.cache_io]
+        variants += [(f"sllm_remote_sync_{m}", lambda n, m=m: remote_env(n, "SLLM_STORE_CUDA_SYNC", m))
+                     for m in args.cuda_sync]
+        variants += [(f"sllm_remote_{k}slots",
+                      lambda n, k=k: remote_with_attr(n, remote_stream, "STAGING_SLOTS", k))
+                     for k in args.staging_slots]
         if args.unaligned:
-            contenders += [("sllm_remote_unaligned", remote_unaligned, nbytes)]
+            variants += [("sllm_remote_unaligned",
+                          lambda n: remote_with_attr(n, remote_cache, "ALIGNED_GETS", False))]
+        contenders += [(name, make(name), nbytes) for name, make in variants]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),

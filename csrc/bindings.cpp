@@ -245,7 +245,11 @@ PYBIND11_MODULE(_C, m) {
           "destinations; returns the chunk's XXH3-64 when the copies are done.")
       .def_property_readonly("staged", &StagedCopier::staged,
                              "False once page-locked memory could not be had.")
-      .def_property_readonly("buffers", &StagedCopier::buffers, "Staging buffers made so far.");
+      .def_property_readonly("buffers", &StagedCopier::buffers, "Staging buffers made so far.")
+      .def_property_readonly("alloc_seconds", &StagedCopier::alloc_seconds,
+                             "Thread-seconds spent making staging buffers.")
+      .def_property_readonly("wait_seconds", &StagedCopier::wait_seconds,
+                             "Thread-seconds spent waiting for a free staging buffer.");
 
   py::class_<ChunkHasher>(m, "ChunkHasher",
                           "Checksums a byte stream per fixed-size chunk (XXH3-64).")

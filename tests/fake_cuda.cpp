@@ -69,7 +69,12 @@ CUresult cuStreamDestroy_v2(void* s) {
   return kOk;
 }
 CUresult cuStreamSynchronize(void*) { return kOk; }
-CUresult cuEventCreate(void** e, unsigned) {
+// The flags of the last event created (tests read them through fake_last_event_flags()).
+static std::atomic<unsigned> g_event_flags{~0u};
+unsigned fake_last_event_flags() { return g_event_flags.load(); }
+
+CUresult cuEventCreate(void** e, unsigned flags) {
+  g_event_flags = flags;
   *e = new (std::nothrow) FakeEvent{0};
   return *e ? kOk : kInvalidValue;
 }

@@ -188,3 +188,32 @@ def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
     """, FAKE_CUDA_NO_HOST_ALLOC="1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["OK", "False", "0"], r.stdout
+
+
+def test_copy_threads_sleep_while_they_wait(fake_libcuda) -> None:
+    """The events that copy threads wait on are blocking-sync ones by default (a waiting thread
+    sleeps instead of spinning on a core the GETs need); SLLM_STORE_CUDA_SYNC=spin makes them
+    spin; another value is a DeviceError that says what is allowed."""
+    script = """
+        import ctypes, os, numpy as np
+        from sllm_store import _C
+        from sllm_store.errors import DeviceError
+        lib = ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"])
+        lib.fake_last_event_flags.restype = ctypes.c_uint
+        gpu = np.zeros(1 << 20, np.uint8)
+        try:
+            c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, gpu.nbytes)], 1 << 20, 2)
+        except DeviceError as e:
+            print("DeviceError", e)
+            raise SystemExit(0)
+        src = bytes(range(256)) * 4096
+        assert c.copy(src, [(0, 0, 0, len(src))]) == _C.xxh3_64(src) and gpu.tobytes() == src
+        print("flags", lib.fake_last_event_flags(), c.buffers, c.alloc_seconds >= 0, c.wait_seconds >= 0)
+    """
+    for mode, want in ((None, "flags 3 1 True True"), ("block", "flags 3 1 True True"),
+                       ("spin", "flags 2 1 True True")):
+        env = {} if mode is None else {"SLLM_STORE_CUDA_SYNC": mode}
+        r = _run(fake_libcuda, script, **env)
+        assert r.returncode == 0 and r.stdout.strip() == want, (mode, r.stdout + r.stderr)
+    r = _run(fake_libcuda, script, SLLM_STORE_CUDA_SYNC="sometimes")
+    assert r.returncode == 0 and "SLLM_STORE_CUDA_SYNC must be 'block' or 'spin'" in r.stdout, r.stdout + r.stderr

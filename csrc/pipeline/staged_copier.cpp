@@ -1,6 +1,7 @@
 #include "pipeline/staged_copier.h"
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 
 #include "common/errors.h"
@@ -38,9 +39,19 @@ int StagedCopier::buffers() const {
   return made_;
 }
 
+namespace {
+int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
 int StagedCopier::take() {
   std::unique_lock<std::mutex> lock(mu_);
-  freed_.wait(lock, [this] { return !free_.empty(); });
+  if (free_.empty()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    freed_.wait(lock, [this] { return !free_.empty(); });
+    wait_ns_ += nanoseconds_since(t0);
+  }
   int slot = free_.back();
   free_.pop_back();
   return slot;
@@ -85,8 +96,10 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
   } release{this, slot};
   HostBuffer& buf = buffers_[static_cast<size_t>(slot)];
   if (buf.data() == nullptr && n <= staging_size_ && !unpinned_ && !devices_.empty()) {
+    const auto t0 = std::chrono::steady_clock::now();
     try {
       buf = devices_.front()->staging_allocator()(staging_size_);
+      alloc_ns_ += nanoseconds_since(t0);
       std::lock_guard<std::mutex> lock(mu_);
       ++made_;
     } catch (const Error&) {

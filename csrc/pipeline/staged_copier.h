@@ -45,6 +45,9 @@ class StagedCopier {
   bool staged() const;
   // Staging buffers made so far.
   int buffers() const;
+  // Thread-seconds spent making staging buffers, and waiting for a free one (load reports).
+  double alloc_seconds() const { return static_cast<double>(alloc_ns_.load()) * 1e-9; }
+  double wait_seconds() const { return static_cast<double>(wait_ns_.load()) * 1e-9; }
 
  private:
   int take();
@@ -59,6 +62,8 @@ class StagedCopier {
   std::vector<int> free_;
   std::vector<HostBuffer> buffers_;  // per slot, allocated on first use
   std::atomic<bool> unpinned_{false};  // page-locked allocation failed: no staging from now on
+  std::atomic<int64_t> alloc_ns_{0};
+  std::atomic<int64_t> wait_ns_{0};
 };
 
 }  // namespace sllm

@@ -37,6 +37,8 @@ from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
 
+STAGING_SLOTS = 8  # page-locked staging buffers (and streams) of a streamed load to a GPU
+
 
 def load_remote(url: str, device: Any, config: LoadConfig,
                 _retry: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
@@ -87,9 +89,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
 
-    # Copies each chunk's pieces into place (for a GPU through one of 8 reused page-locked
+    # Copies each chunk's pieces into place (for a GPU through one of STAGING_SLOTS reused page-locked
     # buffers, a memcpy fused with the chunk's checksum, then a DMA), returning the checksum.
-    copier = _C.StagedCopier(dests, index.chunk_size, 8)
+    copier = _C.StagedCopier(dests, index.chunk_size, STAGING_SLOTS)
 
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
@@ -120,6 +122,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                # thread-seconds per stage: where the time went
                                "stage_seconds": dict(d.stage_seconds),
                                "staging_buffers": copier.buffers,
+                               # thread-seconds making them, and waiting for a free one
+                               "staging_alloc_s": copier.alloc_seconds,
+                               "staging_wait_s": copier.wait_seconds,
                                # O_DIRECT cache writes straight from the GET's buffer or through
                                # an aligned copy; the same dict, counted until the write-behind
                                # is done (wait_for_cache)
