@@ -245,6 +245,8 @@ PYBIND11_MODULE(_C, m) {
           "destinations; returns the chunk's XXH3-64 when the copies are done.")
       .def_property_readonly("staged", &StagedCopier::staged,
                              "False once page-locked memory could not be had.")
+      .def_property_readonly("pin_error", &StagedCopier::pin_error,
+                             "Why page-locked memory could not be had ('' if it could).")
       .def_property_readonly("buffers", &StagedCopier::buffers, "Staging buffers made so far.")
       .def_property_readonly("alloc_seconds", &StagedCopier::alloc_seconds,
                              "Thread-seconds spent making staging buffers.")

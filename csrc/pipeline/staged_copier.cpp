@@ -20,10 +20,57 @@ StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, 
   }
   for (Device* dev : devices_) dev->begin(slots);  // a stream per slot
   buffers_.resize(static_cast<size_t>(slots));
-  for (int i = slots - 1; i >= 0; --i) free_.push_back(i);
+  if (devices_.empty()) {
+    for (int i = slots - 1; i >= 0; --i) free_.push_back(i);  // host memory only: no staging
+  } else {
+    maker_ = std::thread([this] { make_buffers(); });
+  }
+}
+
+namespace {
+int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+void StagedCopier::make_buffers() {
+  // Never throws: a buffer that cannot be made leaves its slot, and every later one, to copies
+  // from the chunk itself (the driver's pageable path), and says why in pin_error().
+  const size_t slots = buffers_.size();
+  size_t i = 0;
+  try {
+    HostAllocator alloc = devices_.front()->staging_allocator();
+    for (; i < slots && !stopping_; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      HostBuffer buf = alloc(staging_size_);
+      alloc_ns_ += nanoseconds_since(t0);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        buffers_[i] = std::move(buf);
+        ++made_;
+        free_.push_back(static_cast<int>(i));
+      }
+      freed_.notify_one();
+    }
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pin_error_ = e.what();
+    unpinned_ = true;
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pin_error_ = "unknown error";
+    unpinned_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (; i < slots; ++i) free_.push_back(static_cast<int>(i));  // without a buffer
+  }
+  freed_.notify_all();
 }
 
 StagedCopier::~StagedCopier() {
+  stopping_ = true;
+  if (maker_.joinable()) maker_.join();
   for (Device* dev : devices_) {
     try {
       dev->synchronize();
@@ -34,16 +81,15 @@ StagedCopier::~StagedCopier() {
 
 bool StagedCopier::staged() const { return !unpinned_; }
 
+std::string StagedCopier::pin_error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pin_error_;
+}
+
 int StagedCopier::buffers() const {
   std::lock_guard<std::mutex> lock(mu_);
   return made_;
 }
-
-namespace {
-int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-}
-}  // namespace
 
 int StagedCopier::take() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -94,18 +140,7 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
     int slot;
     ~Release() { c->give(slot); }
   } release{this, slot};
-  HostBuffer& buf = buffers_[static_cast<size_t>(slot)];
-  if (buf.data() == nullptr && n <= staging_size_ && !unpinned_ && !devices_.empty()) {
-    const auto t0 = std::chrono::steady_clock::now();
-    try {
-      buf = devices_.front()->staging_allocator()(staging_size_);
-      alloc_ns_ += nanoseconds_since(t0);
-      std::lock_guard<std::mutex> lock(mu_);
-      ++made_;
-    } catch (const Error&) {
-      unpinned_ = true;  // e.g. out of page-locked memory: the driver stages from pageable memory
-    }
-  }
+  HostBuffer& buf = buffers_[static_cast<size_t>(slot)];  // none if it could not be made
   const char* from = src;
   uint64_t digest;
   if (buf.data() != nullptr && n <= buf.size()) {

@@ -6,6 +6,11 @@
 // H100 machine, bench_remote --stages), and a separate checksum pass reads every byte from
 // memory once more. Destinations in host memory get plain copies. Thread-safe: every calling
 // thread takes a free buffer (and its stream) for the length of its call.
+//
+// Page-locked memory is slow to make (about 33 ms per 32 MiB on the H200 machine, and the driver
+// makes one buffer at a time), so a thread of the copier's own makes the buffers from the moment
+// it is constructed, while the load's first GETs are in flight; each buffer comes into service
+// when it is made, rather than on the first copy that needs it.
 #pragma once
 
 #include <atomic>
@@ -13,6 +18,8 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "memory/host_buffer.h"
@@ -30,7 +37,8 @@ class StagedCopier {
   };
 
   // dests: where pieces go (several may share one Device); staging_size: the largest chunk;
-  // slots: buffers (and streams) at most, made on first use.
+  // slots: buffers (and streams), made on a thread of the copier's own when a destination is
+  // a device (none for host memory only).
   StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots);
   ~StagedCopier();
   StagedCopier(const StagedCopier&) = delete;
@@ -41,8 +49,10 @@ class StagedCopier {
   // outside the chunk or its destination, and the device's error if a copy fails.
   uint64_t copy(const char* src, size_t n, const std::vector<Piece>& pieces);
 
-  // False once page-locked memory could not be had (copies then go from the chunk itself).
+  // False once page-locked memory could not be had (copies then go from the chunk itself);
+  // pin_error() says why.
   bool staged() const;
+  std::string pin_error() const;
   // Staging buffers made so far.
   int buffers() const;
   // Thread-seconds spent making staging buffers, and waiting for a free one (load reports).
@@ -52,6 +62,7 @@ class StagedCopier {
  private:
   int take();
   void give(int slot);
+  void make_buffers();  // the buffer-making thread
 
   std::vector<Destination> dests_;
   std::vector<Device*> devices_;  // distinct devices of dests_ that are not host memory
@@ -60,10 +71,13 @@ class StagedCopier {
   std::condition_variable freed_;
   int made_ = 0;
   std::vector<int> free_;
-  std::vector<HostBuffer> buffers_;  // per slot, allocated on first use
+  std::vector<HostBuffer> buffers_;  // per slot; a slot is free only once its buffer is made
   std::atomic<bool> unpinned_{false};  // page-locked allocation failed: no staging from now on
+  std::string pin_error_;              // why (guarded by mu_)
+  std::atomic<bool> stopping_{false};
   std::atomic<int64_t> alloc_ns_{0};
   std::atomic<int64_t> wait_ns_{0};
+  std::thread maker_;  // last: started once every other member is ready
 };
 
 }  // namespace sllm

@@ -91,7 +91,10 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
 
     # Copies each chunk's pieces into place (for a GPU through one of STAGING_SLOTS reused page-locked
     # buffers, a memcpy fused with the chunk's checksum, then a DMA), returning the checksum.
-    copier = _C.StagedCopier(dests, index.chunk_size, STAGING_SLOTS)
+    # No more buffers than chunks can be copied at once (by the 2 * remote_gets workers): they
+    # are made up front, while the first GETs are in flight.
+    slots = max(1, min(STAGING_SLOTS, 2 * config.remote_gets, len(by_unit)))
+    copier = _C.StagedCopier(dests, index.chunk_size, slots)
 
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
@@ -109,6 +112,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         # have arrived does not leave the connection idle.
         for n in parallel_map(one, range(len(plan.units)), 2 * config.remote_gets, "sllm-remote"):
             bar.update(n)
+    if not copier.staged:
+        logger.warning("%s: no page-locked staging memory (%s); the chunks were copied to the GPU from "
+                       "pageable memory, more slowly", url, copier.pin_error)
     # None after a partial load (the rest is fetched by a later load). A complete download is
     # synced and promoted on a background thread, whose failures are warnings: the tensors are
     # loaded; only the cache entry is not.
