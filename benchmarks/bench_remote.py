@@ -27,12 +27,15 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
   default, ``direct``, writes it with O_DIRECT).
-
-Each contender's CPU time is recorded too, of this process (client) and of the server: on
-loopback both share the machine's cores, and the table shows what each contender costs them.
 * ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
+
+After the rounds, one more (untimed) remote load from an empty cache is compared, tensor by tensor,
+with the local checkpoint loaded to DEVICE (``remote_load_checked``: the tensors compared).
+
+Each contender's CPU time is recorded too, of this process (client) and of the server: on
+loopback both share the machine's cores, and the table shows what each contender costs them.
 
 The contenders run in rounds (``--reps``), each round every contender once, so drift of the server
 or disk affects all alike; the table gives best and median. Before each contender that reads
@@ -231,6 +234,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                      report.stats["staging_wait_s"])
             return out
 
+        def check_remote() -> int:
+            """Untimed, after the rounds: a streamed load from an empty cache gives every tensor of
+            the local checkpoint, bit for bit, on DEVICE. Returns the tensors compared."""
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            got = sllm_store.load_state_dict(url, args.device)
+            wait_for_cache()
+            want = sllm_store.load_state_dict(converted, args.device)
+            if set(got) != set(want):
+                odd = sorted(set(got) ^ set(want))[:5]
+                raise SystemExit(f"the remote load's tensors differ in names: {odd}")
+            bad = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+            if bad:
+                raise SystemExit(f"the remote load gave wrong tensors: {bad[:5]}")
+            log.info("checked: the remote load's %d tensors equal the local checkpoint's", len(want))
+            return len(want)
+
         def cache_files() -> List[Path]:
             return [p for p in (work / "cache").rglob("*") if p.is_file() and ".partial" not in p.parts]
 
@@ -387,6 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         before("")
         results["cache_finish_s"] = finish_s
         results["sllm_remote_reports"] = remote_stats
+        results["remote_load_checked"] = check_remote()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
