@@ -10,7 +10,9 @@ settings are read at process start, ``GLIBC_TUNABLES``):
 * ``default``: glibc's defaults;
 * ``reuse``: ``mmap_threshold`` 64 MiB (and a high ``trim_threshold``): bodies come from the heap
   and freed ones are reused, so their pages stay faulted in;
-* ``hugetlb``: fresh mappings, but backed by transparent huge pages (``glibc.malloc.hugetlb=1``).
+* ``hugetlb``: fresh mappings, but backed by transparent huge pages (``glibc.malloc.hugetlb=1``);
+* ``reuse32``: like ``reuse`` with the thresholds glibc's own heuristic ends at, a little above
+  (mmap 32 MiB + 64 KiB, trim twice that).
 
 Each line gives GB/s, the client's user and system CPU seconds per GB and its minor page faults
 per GB. Example::
@@ -41,6 +43,8 @@ VARIANTS = {
     "default": "",
     "reuse": "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=4294967296",
     "hugetlb": "glibc.malloc.hugetlb=1",
+    # glibc's own dynamic thresholds at their ceiling (32 MiB, trim at twice that), a little above
+    "reuse32": "glibc.malloc.mmap_threshold=33619968:glibc.malloc.trim_threshold=67239936",
 }
 BLOCK = 32 << 20
 

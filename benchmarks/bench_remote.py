@@ -31,6 +31,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
 
+With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` freed GET bodies are kept in the heap for every
+contender, raw GETs included, as the library then does (``sllm_store.remote.cache.reuse_get_buffers``).
+
 After the rounds, one more (untimed) remote load from an empty cache is compared, tensor by tensor,
 with the local checkpoint loaded to DEVICE (``remote_load_checked``: the tensors compared).
 
@@ -180,6 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                       AWS_REGION="us-east-1", SLLM_STORE_CACHE_DIR=str(work / "cache"))
     results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
                                "checkpoint": str(args.src), "bytes": nbytes, "threads": args.threads}
+    # With SLLM_STORE_REUSE_GET_BUFFERS=1 the library keeps freed GET bodies in the heap
+    # (process-wide): then the raw GETs get the same malloc, so that the limit is the same client
+    # library's. An A/B takes two runs.
+    from sllm_store.remote.cache import reuse_get_buffers
+
+    results["reuse_get_buffers"] = reuse_get_buffers(index.chunk_size + 4096)
 
     def sync() -> None:
         if cuda:

@@ -23,6 +23,7 @@
 #include "format/codec.h"
 #include "io/file_reader.h"
 #include "io/cache_file.h"
+#include "memory/malloc_tuning.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
 #include "pipeline/staged_copier.h"
@@ -319,6 +320,14 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       "Write `data` at `offset` (a multiple of 4096) of a file: whole 4 KiB blocks with O_DIRECT "
       "through `direct_fd` (via an aligned buffer of this thread), the rest buffered through "
       "`fd`. Returns 0, or the errno (EINVAL: the file system refuses the direct write).");
+  m.def(
+      "keep_large_blocks", [](uint64_t block) { return keep_large_blocks(static_cast<size_t>(block)); },
+      py::arg("block"),
+      "Raise glibc's mmap threshold just above `block` (at least 32 MiB) for the rest of the "
+      "process, so that freed blocks that large (obstore's GET bodies) are reused from the heap "
+      "with their pages faulted in; True if applied (glibc only).");
+  m.def("release_free_heap", &release_free_heap,
+        "malloc_trim(0): hand the heap's free pages back to the system; True if any were.");
   m.def("malloc_offset", &malloc_offset, py::arg("size"),
         "Where in its 4 KiB page this process's malloc starts a block of `size` bytes (the "
         "address modulo 4096 of one allocated and freed): where a GET body of that size from "

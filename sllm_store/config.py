@@ -60,10 +60,12 @@ def env_size(name: str) -> Optional[int]:
         raise ValueError(f"{name}: {e}") from None
 
 
-def _env_bool(name: str) -> bool:
-    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (unset: no)."""
+def env_bool(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (unset or empty: ``default``)."""
     value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+    if value == "":
+        return default
+    if value in ("0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
@@ -105,7 +107,7 @@ class LoadConfig:
         if chunk_size is None:
             chunk_size = env_size("SLLM_STORE_CHUNK_SIZE")
         if verify is None:
-            verify = _env_bool("SLLM_STORE_VERIFY")
+            verify = env_bool("SLLM_STORE_VERIFY")
         threads = default_num_threads() if num_threads is None else int(num_threads)
         if threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {threads}")

@@ -893,6 +893,62 @@ def test_aligned_gets(env, monkeypatch) -> None:
     assert report.stats["direct_writes"] == {"aligned": 0, "bounced": n_chunks}
 
 
+REUSE_CHILD = """
+    import sys, platform, sllm_store
+    from sllm_store import _C
+    from sllm_store.remote import cache
+
+    url, local = sys.argv[-2], sys.argv[-1]
+    trims = []
+    real = _C.release_free_heap
+    _C.release_free_heap = lambda: trims.append(1) or real()
+    out = sllm_store.load_state_dict(url)
+    assert cache.wait_for_cache(timeout=60)
+    want = sllm_store.load_state_dict(local)
+    assert all(out[k].equal(want[k]) for k in want) and set(out) == set(want)
+    glibc = platform.libc_ver()[0] == "glibc"
+    reusing = cache._reusing_get_buffers
+    assert reusing == glibc and len(trims) == int(glibc), (reusing, trims)
+    print("OK", glibc)
+"""
+
+
+def test_reuse_get_buffers(env, monkeypatch) -> None:
+    """SLLM_STORE_REUSE_GET_BUFFERS=1 keeps freed GET bodies in the heap for the rest of the
+    process (glibc's mmap threshold raised just above the chunk) and the download hands the free
+    heap back when it closes; unset (the default), malloc is left alone; a bad value is an error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+
+    from sllm_store import _C
+    from sllm_store.remote import cache
+
+    local, sd, url = _uploaded(env, "reuse", seed=25)
+    e = subprocess_env()
+    e["SLLM_STORE_REUSE_GET_BUFFERS"] = "1"
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REUSE_CHILD), url, str(local)], env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+
+    def refuse(block):
+        raise AssertionError("malloc changed without SLLM_STORE_REUSE_GET_BUFFERS=1")
+
+    monkeypatch.setattr(_C, "keep_large_blocks", refuse)
+    monkeypatch.delenv("SLLM_STORE_REUSE_GET_BUFFERS", raising=False)
+    if not cache._reusing_get_buffers:  # this process has not opted in
+        assert cache.reuse_get_buffers(32 << 20) is False
+    monkeypatch.setenv("SLLM_STORE_REUSE_GET_BUFFERS", "0")
+    assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
+    cache.wait_for_cache(timeout=60)
+    monkeypatch.setenv("SLLM_STORE_REUSE_GET_BUFFERS", "maybe")
+    monkeypatch.setattr(cache, "_reusing_get_buffers", False)
+    with pytest.raises(ValueError, match="SLLM_STORE_REUSE_GET_BUFFERS"):
+        cache.reuse_get_buffers(32 << 20)
+
+
 def test_gets_in_flight(env, monkeypatch) -> None:
     """A remote load keeps DEFAULT_REMOTE_GETS GETs in flight unless num_threads (argument or
     SLLM_STORE_NUM_THREADS) says otherwise; no more than that run at once."""

@@ -20,7 +20,8 @@ process that dies releases its lock; the next one resumes its partial download.
 
 Settings: ``SLLM_STORE_CACHE_DIR`` (default ``~/.cache/sllm-store``), ``SLLM_STORE_CACHE_SIZE``
 (e.g. ``200GiB``; default: no limit), ``SLLM_STORE_WRITE_BEHIND`` (default: an eighth of the RAM,
-at most 8 GiB), ``SLLM_STORE_CACHE_IO`` (``direct``, the default, or ``buffered``).
+at most 8 GiB), ``SLLM_STORE_CACHE_IO`` (``direct``, the default, or ``buffered``),
+``SLLM_STORE_REUSE_GET_BUFFERS`` (default off: :func:`reuse_get_buffers`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from sllm_store._units import format_size
-from sllm_store.config import env_size
+from sllm_store.config import env_bool, env_size
 from sllm_store.errors import CacheError, ChecksumError, RemoteError, RemoteUnavailableError
 from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
 from sllm_store.remote.objects import RemoteOptions, open_store, remote_error
@@ -211,6 +212,7 @@ class Download:
                                  f"{self.url}: {e.strerror or e}") from None
             self._marks[f_i] = open(marks, "a")
         self._check_earlier_chunks()
+        reuse_get_buffers(self.index.chunk_size + _BLOCK)
         if self._direct and ALIGNED_GETS:
             from sllm_store import _C
 
@@ -565,6 +567,11 @@ class Download:
             self._writer.close(cancel=True)  # no store may run into an unmapped file
         self._close_files()
         self._unlock()
+        if self.bytes_downloaded and _reusing_get_buffers and not getattr(self, "_heap_released", False):
+            from sllm_store import _C
+
+            self._heap_released = True
+            _C.release_free_heap()  # the freed GET bodies the heap kept during the download
 
     def _unmap(self) -> None:
         """Unmap the partial files (their stores stay in the page cache, dirty until synced)."""
@@ -704,6 +711,32 @@ def cache_io_mode() -> str:
     if mode not in CACHE_IO_MODES:
         raise ValueError(f"SLLM_STORE_CACHE_IO must be one of {', '.join(CACHE_IO_MODES)}, got {mode!r}")
     return mode
+
+
+_reusing_get_buffers = False  # keep_large_blocks() applied in this process
+
+
+def reuse_get_buffers(block: int) -> bool:
+    """With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` (off by default): keep GET bodies of ``block``
+    bytes in the heap once freed (``_C.keep_large_blocks``), so that later GETs reuse their pages
+    instead of faulting in a fresh mapping each. Process-wide and for the rest of the process
+    (glibc only); each download hands the heap's free pages back when it closes. True if in
+    effect.
+
+    For raw GETs the faults are 60 % of the client's CPU (docs/benchmarks.md, run X), but a
+    streamed load keeps most bodies alive until the write-behind has written them, so few are
+    reused: on the 2-core development machine a 1.26 GB load faulted 520-600 k times instead
+    of 620 k; the second and third loads ran 10-16 % faster, the first 19 % slower. Off until
+    measured on the GPU machine.
+    """
+    global _reusing_get_buffers
+    if not _reusing_get_buffers and env_bool("SLLM_STORE_REUSE_GET_BUFFERS"):
+        from sllm_store import _C
+
+        _reusing_get_buffers = _C.keep_large_blocks(block)
+        if _reusing_get_buffers:
+            logger.debug("GET bodies of up to %s are reused from the heap", format_size(block))
+    return _reusing_get_buffers
 
 
 def write_behind_limit() -> int:
