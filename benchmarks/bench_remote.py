@@ -433,6 +433,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if disk:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
+    # Per round: each remote contender's time against the faster raw GET of the same round.
+    raw_s = [min(times) for times in zip(*(results[k]["all_s"] for k in results
+                                           if k.startswith("raw_get") and "all_s" in results[k]))]
+    per_round = {k: [r / t for r, t in zip(raw_s, results[k]["all_s"])] for k in results
+                 if k.startswith("sllm_remote") and "all_s" in results[k]}
+    results["remote_vs_raw_get_per_round"] = per_round
     print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}"
           f" {'CPU s: client':>14} {'server':>7}")
     for name in results:
@@ -448,6 +454,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, finish in results["cache_finish_s"].items():
         print(f"{name}: the cache entry was durable {min(finish):.2f} s (median "
               f"{statistics.median(finish):.2f} s) after the load returned")
+    for name, rs in per_round.items():
+        print(f"{name} vs the round's faster raw GET, per round: " + ", ".join(f"{r:.2f}x" for r in rs))
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
         write_json(args.json, results)
