@@ -134,6 +134,7 @@ class Download:
         # copied through an aligned buffer first ("bounced"), for the load report.
         self._body_offset: Optional[int] = None
         self.direct_writes = {"aligned": 0, "bounced": 0}
+        self._heap_released = False  # reuse_get_buffers: the free heap handed back at close
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
                               "copy": 0.0}
@@ -567,7 +568,7 @@ class Download:
             self._writer.close(cancel=True)  # no store may run into an unmapped file
         self._close_files()
         self._unlock()
-        if self.bytes_downloaded and _reusing_get_buffers and not getattr(self, "_heap_released", False):
+        if self.bytes_downloaded and _reusing_get_buffers and not self._heap_released:
             from sllm_store import _C
 
             self._heap_released = True
