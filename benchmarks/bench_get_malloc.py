@@ -14,8 +14,9 @@ settings are read at process start, ``GLIBC_TUNABLES``):
 * ``reuse32``: like ``reuse`` with the thresholds glibc's own heuristic ends at, a little above
   (mmap 32 MiB + 64 KiB, trim twice that).
 
-Each line gives GB/s, the client's user and system CPU seconds per GB and its minor page faults
-per GB. Example::
+``--block-mib 16`` GETs 16 MiB ranges instead: under glibc's 32 MiB cap its own threshold
+adapts after the first freed body, so bodies are reused without any setting. Each line gives
+GB/s, the client's user and system CPU seconds per GB and its minor page faults per GB. Example::
 
     python benchmarks/bench_get_malloc.py --weed $(which weed) --mib 2048 --json out.json
 """
@@ -46,7 +47,6 @@ VARIANTS = {
     # glibc's own dynamic thresholds at their ceiling (32 MiB, trim at twice that), a little above
     "reuse32": "glibc.malloc.mmap_threshold=33619968:glibc.malloc.trim_threshold=67239936",
 }
-BLOCK = 32 << 20
 
 
 def _store(endpoint: str) -> Any:
@@ -56,12 +56,12 @@ def _store(endpoint: str) -> Any:
                    region="us-east-1", client_options={"allow_http": True})
 
 
-def client(endpoint: str, size: int, threads: int, reps: int) -> Dict[str, float]:
-    """GET the object ``reps`` times in 32 MiB ranges (after one untimed pass); CPU per GB."""
+def client(endpoint: str, size: int, threads: int, reps: int, block: int) -> Dict[str, float]:
+    """GET the object ``reps`` times in ``block``-byte ranges (after one untimed pass); CPU per GB."""
     import obstore
 
     store = _store(endpoint)
-    ranges = [(o, min(BLOCK, size - o)) for o in range(0, size, BLOCK)]
+    ranges = [(o, min(block, size - o)) for o in range(0, size, block)]
 
     def one(r: Any) -> int:
         return len(obstore.get_range(store, "blob", start=r[0], length=r[1]))
@@ -86,12 +86,14 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed passes over the object per line")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of every line")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--client", nargs=4, metavar=("ENDPOINT", "SIZE", "THREADS", "REPS"),
+    ap.add_argument("--block-mib", type=int, default=32,
+                    help="bytes per GET (32: a whole default chunk; under 32 glibc's own threshold adapts)")
+    ap.add_argument("--client", nargs=5, metavar=("ENDPOINT", "SIZE", "THREADS", "REPS", "BLOCK"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.client:
-        endpoint, size, threads, reps = args.client
-        print(json.dumps(client(endpoint, int(size), int(threads), int(reps))))
+        endpoint, size, threads, reps, block = args.client
+        print(json.dumps(client(endpoint, int(size), int(threads), int(reps), int(block))))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import shutil
@@ -104,14 +106,15 @@ def main(argv: List[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-get-malloc-"))
     proc, endpoint = start_weed(weed, work)
     size = args.mib << 20
-    results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bytes": size, "lines": []}
+    results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bytes": size,
+                               "block": args.block_mib << 20, "lines": []}
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
             results["thp"] = fh.read().strip()
     except OSError:
         pass
     try:
-        obstore.put(_store(endpoint), "blob", os.urandom(size), chunk_size=BLOCK, max_concurrency=16)
+        obstore.put(_store(endpoint), "blob", os.urandom(size), chunk_size=32 << 20, max_concurrency=16)
         for rnd in range(args.rounds):
             for threads in [int(t) for t in args.threads.split(",")]:
                 for name, tunables in VARIANTS.items():
@@ -120,7 +123,7 @@ def main(argv: List[str] | None = None) -> int:
                     if tunables:
                         env["GLIBC_TUNABLES"] = tunables
                     cmd = [sys.executable, __file__, "--client", endpoint, str(size), str(threads),
-                           str(args.reps)]
+                           str(args.reps), str(args.block_mib << 20)]
                     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     if r.returncode != 0:
                         raise SystemExit(f"client failed: {r.stderr[-2000:]}")
