@@ -71,6 +71,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import GB, Evictor, RawReader, run_rounds, source_files, write_json  # noqa: E402
@@ -188,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # library's. An A/B takes two runs.
     from sllm_store.remote.cache import reuse_get_buffers
 
-    results["reuse_get_buffers"] = reuse_get_buffers(index.chunk_size + 4096)
+    results["reuse_get_buffers"] = reuse_get_buffers(index.chunk_size)
 
     def sync() -> None:
         if cuda:
@@ -311,29 +312,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         def remote_with(threads: int) -> Callable[[], Any]:
             return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
 
-        def remote_env(name: str, var: str, value: str) -> Callable[[], Any]:
-            """:func:`remote` with the environment variable ``var`` set to ``value``."""
+        def remote_patched(name: str, patch: Callable[[], Any]) -> Callable[[], Any]:
+            """:func:`remote` inside ``patch()`` (a ``unittest.mock`` patcher of an environment
+            variable or a library setting, restored afterwards)."""
             def run() -> Any:
-                old = os.environ.get(var)
-                os.environ[var] = value
-                try:
+                with patch():
                     return remote(name)
-                finally:
-                    if old is None:
-                        os.environ.pop(var)
-                    else:
-                        os.environ[var] = old
-            return run
-
-        def remote_with_attr(name: str, module: Any, attr: str, value: Any) -> Callable[[], Any]:
-            """:func:`remote` with the library's ``module.attr`` set to ``value``."""
-            def run() -> Any:
-                old = getattr(module, attr)
-                setattr(module, attr, value)
-                try:
-                    return remote(name)
-                finally:
-                    setattr(module, attr, old)
             return run
 
         reader = RawReader(args.threads, 32 << 20)
@@ -353,17 +337,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         from sllm_store.remote import cache as remote_cache
         from sllm_store.remote import stream as remote_stream
 
-        variants = [(f"sllm_remote_{m}", lambda n, m=m: remote_env(n, "SLLM_STORE_CACHE_IO", m))
+        env, attr = mock.patch.dict, mock.patch.object
+        variants = [(f"sllm_remote_{m}", lambda m=m: env(os.environ, SLLM_STORE_CACHE_IO=m))
                     for m in args.cache_io]
-        variants += [(f"sllm_remote_sync_{m}", lambda n, m=m: remote_env(n, "SLLM_STORE_CUDA_SYNC", m))
+        variants += [(f"sllm_remote_sync_{m}", lambda m=m: env(os.environ, SLLM_STORE_CUDA_SYNC=m))
                      for m in args.cuda_sync]
-        variants += [(f"sllm_remote_{k}slots",
-                      lambda n, k=k: remote_with_attr(n, remote_stream, "STAGING_SLOTS", k))
+        variants += [(f"sllm_remote_{k}slots", lambda k=k: attr(remote_stream, "STAGING_SLOTS", k))
                      for k in args.staging_slots]
         if args.unaligned:
-            variants += [("sllm_remote_unaligned",
-                          lambda n: remote_with_attr(n, remote_cache, "ALIGNED_GETS", False))]
-        contenders += [(name, make(name), nbytes) for name, make in variants]
+            variants += [("sllm_remote_unaligned", lambda: attr(remote_cache, "ALIGNED_GETS", False))]
+        contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),

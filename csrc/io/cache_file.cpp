@@ -91,11 +91,4 @@ int write_direct(int direct_fd, int fd, const void* src, size_t n, uint64_t offs
   return write_all(fd, s + pos, n - pos, offset + pos);  // the last partial block, buffered
 }
 
-size_t malloc_offset(size_t n) {
-  std::unique_ptr<void, FreeDeleter> p(std::malloc(n > 0 ? n : 1));
-  if (!p) return 0;
-  volatile uintptr_t addr = reinterpret_cast<uintptr_t>(p.get());  // an observed allocation
-  return static_cast<size_t>(addr % kBlock);
-}
-
 }  // namespace sllm

@@ -11,8 +11,8 @@
 // buffer of the calling thread and written with O_DIRECT, so the download does not pay for
 // page-cache allocation and faults (about 7 thread-seconds per 6.4 GB on the H100 machine,
 // taken from the GETs that share the cores). A chunk whose source is 4096-aligned already is
-// written without that copy: malloc_offset() lets the caller arrange for that (see
-// sllm_store/remote/cache.py, aligned GETs).
+// written without that copy: malloc_offset() (memory/malloc_tuning.h) lets the caller arrange
+// for that (see sllm_store/remote/cache.py, aligned GETs).
 #pragma once
 
 #include <cstddef>
@@ -34,12 +34,5 @@ int populate_write(void* addr, size_t n);
 // with a buffered pwrite through `fd`. Returns 0, or the errno of the failed write (EINVAL: the
 // file system refuses this direct write; the caller then writes buffered). Thread-safe.
 int write_direct(int direct_fd, int fd, const void* src, size_t n, uint64_t offset);
-
-// Where in its 4 KiB page this process's malloc() starts a block of n bytes: allocates one,
-// frees it, and returns its address modulo 4096. Large blocks get a mapping of their own and
-// start a fixed header past a page boundary (16 bytes with glibc), so this predicts where a
-// buffer of that size from another library that allocates through malloc (obstore's GET
-// bodies) will start; smaller blocks come from the heap and their offsets vary.
-size_t malloc_offset(size_t n);
 
 }  // namespace sllm

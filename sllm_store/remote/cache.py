@@ -213,7 +213,7 @@ class Download:
                                  f"{self.url}: {e.strerror or e}") from None
             self._marks[f_i] = open(marks, "a")
         self._check_earlier_chunks()
-        reuse_get_buffers(self.index.chunk_size + _BLOCK)
+        reuse_get_buffers(self.index.chunk_size)
         if self._direct and ALIGNED_GETS:
             from sllm_store import _C
 
@@ -522,10 +522,8 @@ class Download:
         elif mapped is not None:
             self._populate(f_i, c)
             t1 = time.perf_counter()
-            src = np.frombuffer(data, dtype=np.uint8)
-            _C.run_copies([(src.ctypes.data, 0, c * cs, raw_len)],
+            _C.run_copies([(_address(data), 0, c * cs, raw_len)],
                           [("cpu", mapped[1].ctypes.data, mapped[1].nbytes)], num_threads=1)
-            del src
         else:
             t1 = time.perf_counter()
             mv = memoryview(data)
@@ -717,9 +715,10 @@ def cache_io_mode() -> str:
 _reusing_get_buffers = False  # keep_large_blocks() applied in this process
 
 
-def reuse_get_buffers(block: int) -> bool:
-    """With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` (off by default): keep GET bodies of ``block``
-    bytes in the heap once freed (``_C.keep_large_blocks``), so that later GETs reuse their pages
+def reuse_get_buffers(chunk_size: int) -> bool:
+    """With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` (off by default): keep the bodies of GETs of
+    ``chunk_size``-byte chunks (with an aligned GET's lead) in the heap once freed
+    (``_C.keep_large_blocks``), so that later GETs reuse their pages
     instead of faulting in a fresh mapping each. Process-wide and for the rest of the process
     (glibc only); each download hands the heap's free pages back when it closes. True if in
     effect.
@@ -734,9 +733,9 @@ def reuse_get_buffers(block: int) -> bool:
     if not _reusing_get_buffers and env_bool("SLLM_STORE_REUSE_GET_BUFFERS"):
         from sllm_store import _C
 
-        _reusing_get_buffers = _C.keep_large_blocks(block)
+        _reusing_get_buffers = _C.keep_large_blocks(chunk_size + _BLOCK)
         if _reusing_get_buffers:
-            logger.debug("GET bodies of up to %s are reused from the heap", format_size(block))
+            logger.debug("GET bodies of %s chunks are reused from the heap", format_size(chunk_size))
     return _reusing_get_buffers
 
 
