@@ -38,7 +38,9 @@ After the rounds, one more (untimed) remote load from an empty cache is compared
 with the local checkpoint loaded to DEVICE (``remote_load_checked``: the tensors compared).
 
 Each contender's CPU time is recorded too, of this process (client) and of the server: on
-loopback both share the machine's cores, and the table shows what each contender costs them.
+loopback both share the machine's cores, and the table shows what each contender costs them. So
+are the client's minor page faults (per GB of payload): every fresh page a GET body or buffer
+touches costs one.
 
 The contenders run in rounds (``--reps``), each round every contender once, so drift of the server
 or disk affects all alike; the table gives best and median. Before each contender that reads
@@ -59,6 +61,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -387,11 +390,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def with_cpu(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
             def run() -> Any:
-                t, s0 = os.times(), server_cpu()
+                t, s0, f0 = os.times(), server_cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 out = fn()
                 sync()
-                t1 = os.times()
-                cpu[name].append([t1.user + t1.system - t.user - t.system, server_cpu() - s0])
+                t1, f1 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                cpu[name].append([t1.user + t1.system - t.user - t.system, server_cpu() - s0, f1 - f0])
                 return out
             return run
 
@@ -400,7 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, samples in cpu.items():
             if samples and "seconds" in results[name]:
                 best = min(range(len(samples)), key=lambda i: results[name]["all_s"][i])
-                results[name]["cpu_client_s"], results[name]["cpu_server_s"] = samples[best]
+                (results[name]["cpu_client_s"], results[name]["cpu_server_s"],
+                 results[name]["minor_faults"]) = samples[best]
         before("")
         results["cache_finish_s"] = finish_s
         results["sllm_remote_reports"] = remote_stats
@@ -429,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  if k.startswith("sllm_remote") and "all_s" in results[k]}
     results["remote_vs_raw_get_per_round"] = per_round
     print(f"\n{f'{args.reps} rounds, best':28} {'GB/s':>7} {'median':>7} {'vs raw GET':>10} {'vs runai':>9}"
-          f" {'CPU s: client':>14} {'server':>7}")
+          f" {'CPU s: client':>14} {'server':>7} {'faults/GB':>10}")
     for name in results:
         if not isinstance(results[name], dict) or not ("gbps" in results[name] or "error" in results[name]):
             continue
@@ -439,7 +443,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         print(f"{name:28} {r['gbps']:7.2f} {r['median_gbps']:7.2f} {r['gbps'] / raw:10.2f} "
               f"{(r['gbps'] / runai_gbps) if runai_gbps else float('nan'):9.2f}"
-              f" {r.get('cpu_client_s', float('nan')):14.2f} {r.get('cpu_server_s', float('nan')):7.2f}")
+              f" {r.get('cpu_client_s', float('nan')):14.2f} {r.get('cpu_server_s', float('nan')):7.2f}"
+              f" {r.get('minor_faults', float('nan')) / (nbytes / GB):10.0f}")
     for name, finish in results["cache_finish_s"].items():
         print(f"{name}: the cache entry was durable {min(finish):.2f} s (median "
               f"{statistics.median(finish):.2f} s) after the load returned")
