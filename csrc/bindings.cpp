@@ -219,7 +219,7 @@ PYBIND11_MODULE(_C, m) {
                            "Copies chunks into destinations (device, address, size), each through "
                            "one of `slots` reused page-locked staging buffers of `staging_size` "
                            "bytes for GPUs, checksumming it in the same pass.")
-      .def(py::init([](const std::vector<DestTuple>& dests, uint64_t staging_size, int slots) {
+      .def(py::init([](const std::vector<DestTuple>& dests, uint64_t staging_size, int slots, int readers) {
              std::map<std::string, std::shared_ptr<Device>> devices;  // one per spec
              std::vector<Destination> ds;
              for (const auto& [spec, ptr, size] : dests) {
@@ -227,9 +227,10 @@ PYBIND11_MODULE(_C, m) {
                if (!dev) dev = make_device(spec);
                ds.push_back(Destination{dev, reinterpret_cast<char*>(ptr), size});
              }
-             return std::make_unique<StagedCopier>(std::move(ds), static_cast<size_t>(staging_size), slots);
+             return std::make_unique<StagedCopier>(std::move(ds), static_cast<size_t>(staging_size), slots,
+                                                   readers);
            }),
-           py::arg("dests"), py::arg("staging_size"), py::arg("slots") = 8)
+           py::arg("dests"), py::arg("staging_size"), py::arg("slots") = 8, py::arg("readers") = 0)
       .def(
           "copy",
           [](StagedCopier& c, const py::buffer& data,
@@ -244,6 +245,28 @@ PYBIND11_MODULE(_C, m) {
           py::arg("data"), py::arg("pieces"),
           "Copy pieces (chunk_offset, dest, dest_offset, length) of the chunk `data` into their "
           "destinations; returns the chunk's XXH3-64 when the copies are done.")
+      .def(
+          "read_back",
+          [](StagedCopier& c, const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces,
+             uint64_t n, const py::function& use) {
+            std::vector<StagedCopier::Piece> ps;
+            ps.reserve(pieces.size());
+            for (const auto& [coff, dest, doff, len] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, len});
+            py::object result = py::none();
+            py::gil_scoped_release nogil;
+            c.read_back(ps, static_cast<size_t>(n), [&](const char* data, uint64_t digest) {
+              py::gil_scoped_acquire gil;
+              result = use(py::memoryview::from_memory(data, static_cast<py::ssize_t>(n)), digest);
+            });
+            return result;
+          },
+          py::arg("pieces"), py::arg("n"), py::arg("use"),
+          "Copy pieces (chunk_offset, dest, dest_offset, length) of a chunk of `n` bytes back from "
+          "their destinations into one of the copier's `readers` buffers (4 KiB-aligned; bytes "
+          "no piece covers are zero) and return use(memoryview, xxh3_64). The memoryview is only "
+          "valid during the call.")
+      .def_property_readonly("to_device", &StagedCopier::to_device,
+                             "Whether any destination is a device (not host memory).")
       .def_property_readonly("staged", &StagedCopier::staged,
                              "False once page-locked memory could not be had.")
       .def_property_readonly("pin_error", &StagedCopier::pin_error,

@@ -7,6 +7,9 @@
 //
 // Fault injection, from the environment:
 //   FAKE_CUDA_FAIL_COPY=N   the N-th cuMemcpyHtoDAsync (1-based) fails with error 700
+//   FAKE_CUDA_FAIL_COPY_BACK=1  every cuMemcpyDtoHAsync fails with error 700
+//   FAKE_CUDA_FLIP_COPY_BACK=1  every cuMemcpyDtoHAsync flips a bit of what it copies (as if the
+//                               device memory had changed since it was loaded)
 //   FAKE_CUDA_COPY_MS=N     every copy takes N ms more (a slow device)
 //   FAKE_CUDA_DEVICES=N     number of devices (default 1)
 //   FAKE_CUDA_NO_HOST_ALLOC=1  cuMemHostAlloc fails (out of page-locked memory)
@@ -25,6 +28,7 @@ constexpr CUresult kInvalidValue = 1;
 constexpr CUresult kIllegalAddress = 700;
 
 static std::atomic<long> g_copies{0};
+static std::atomic<long> g_copies_back{0};
 static int g_context_tag = 0;  // the one primary context: its address is the handle
 
 static int env_int(const char* name, int fallback) {
@@ -72,6 +76,8 @@ CUresult cuStreamSynchronize(void*) { return kOk; }
 // The flags of the last event created (tests read them through fake_last_event_flags()).
 static std::atomic<unsigned> g_event_flags{~0u};
 unsigned fake_last_event_flags() { return g_event_flags.load(); }
+// Device-to-host copies so far (the remote tier's cache written from what it loaded).
+long fake_copies_back() { return g_copies_back.load(); }
 
 CUresult cuEventCreate(void** e, unsigned flags) {
   g_event_flags = flags;
@@ -90,6 +96,14 @@ CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t n,
   if (k == env_int("FAKE_CUDA_FAIL_COPY", 0)) return kIllegalAddress;
   if (int ms = env_int("FAKE_CUDA_COPY_MS", 0)) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   std::memcpy(reinterpret_cast<void*>(dst), src, n);
+  return kOk;
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t n, void*) {
+  ++g_copies_back;
+  if (env_int("FAKE_CUDA_FAIL_COPY_BACK", 0)) return kIllegalAddress;
+  std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+  if (n && env_int("FAKE_CUDA_FLIP_COPY_BACK", 0)) static_cast<unsigned char*>(dst)[n / 2] ^= 1;
   return kOk;
 }
 

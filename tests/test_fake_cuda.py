@@ -224,3 +224,73 @@ def test_copy_threads_sleep_while_they_wait(fake_libcuda) -> None:
     r = _run(fake_libcuda, script, SLLM_STORE_CUDA_SYNC="sometimes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SLLM_STORE_CUDA_SYNC must be 'block' or 'spin'" in r.stdout, r.stdout
+
+
+def test_staged_copier_reads_chunks_back(fake_libcuda) -> None:
+    """_C.StagedCopier.read_back (the remote tier's cache written from the device): a chunk's
+    pieces come back from cuda:0 and host memory into a 4 KiB-aligned reader buffer, with zeros
+    where no piece is, and its XXH3-64; from many threads at once, through `readers` buffers;
+    an exception of the callback reaches the caller and frees the reader; bad pieces are
+    FormatErrors; a failing copy back is a DeviceError."""
+    script = """
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        from sllm_store import _C
+        from sllm_store.errors import DeviceError, FormatError
+        rng = np.random.default_rng(9)
+        gpu = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+        host = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, gpu.nbytes), ("cpu", host.ctypes.data, host.nbytes)],
+                            64 << 10, 2, 2)
+        assert c.to_device
+
+        def case(k):
+            n = 60000 + k
+            pieces = [(100 + k, 0, 5000 * k, 3000), (4000, 1, 77 * k, 1000 + k), (20000, 0, 9, 40000)]
+            want = np.zeros(n, np.uint8)
+            for coff, dest, doff, m in pieces:
+                want[coff:coff + m] = (gpu, host)[dest][doff:doff + m]
+            got = c.read_back(pieces, n, lambda mv, digest: (bytes(mv), digest,
+                                                             np.frombuffer(mv, np.uint8).ctypes.data % 4096))
+            return got == (want.tobytes(), _C.xxh3_64(want), 0)
+
+        with ThreadPoolExecutor(8) as ex:
+            assert all(ex.map(case, range(40)))
+        for _ in range(3):  # more than the readers: each failed call gave its reader back
+            try:
+                c.read_back([(0, 0, 0, 10)], 10, lambda mv, d: 1 / 0)
+                raise SystemExit("no error from the callback")
+            except ZeroDivisionError:
+                pass
+        assert case(3)
+        big = c.read_back([(0, 0, 0, 100 << 10)], 100 << 10, lambda mv, d: bytes(mv))  # over a reader
+        assert big == gpu[:100 << 10].tobytes()
+        for bad in ([(0, 0, (1 << 20) - 1, 2)], [(5, 0, 0, 10)], [(0, 2, 0, 1)]):
+            try:
+                c.read_back(bad, 10, lambda mv, d: None)
+                raise SystemExit(f"no error for {bad}")
+            except FormatError:
+                pass
+        try:
+            c.read_back([(0, 0, 0, 10)], 10, lambda mv, d: None)
+            print("OK")
+        except DeviceError as e:
+            print("DeviceError", e)
+    """
+    r = _run(fake_libcuda, script)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from sllm_store import _C
+        from sllm_store.errors import DeviceError
+        gpu = np.zeros(4096, np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, gpu.nbytes)], 4096, 1, 1)
+        for _ in range(2):  # the reader is given back after the failure
+            try:
+                c.read_back([(0, 0, 0, 10)], 10, lambda mv, d: None)
+            except DeviceError as e:
+                print(type(e).__name__, e)
+    """, FAKE_CUDA_FAIL_COPY_BACK="1")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr
+    assert all(x.startswith("DeviceError") and "illegal memory access" in x for x in lines), r.stdout

@@ -450,8 +450,9 @@ def test_streaming_remote_load_to_gpu(env) -> None:
 
 
 REMOTE_TO_FAKE_GPU = """
-    import sys, torch, sllm_store
+    import ctypes, os, sys, torch, sllm_store
     from sllm_store import _C, loader
+    from sllm_store.remote import cache
 
     url, local = sys.argv[-2], sys.argv[-1]
     assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
@@ -469,26 +470,51 @@ REMOTE_TO_FAKE_GPU = """
     for k in want:
         assert torch.equal(out[k], want[k]), k
     assert 1 <= report.stats["staging_buffers"] <= 4, report.stats  # 2 threads, 2 GETs in flight
-    print("OK", report.stats["staging_buffers"])
+    # The cache entry, written behind the load (from the device where it could), loads the same.
+    assert cache.wait_for_cache(timeout=60)
+    again, rep2 = loader.load_state_dict_with_report(url, "cpu")
+    assert rep2.stats.get("io_mode") != "remote", rep2.stats
+    for k in want:
+        assert torch.equal(again[k], want[k]), k
+    index = sllm_store.read_index(local)
+    chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
+    rb = report.stats["read_backs"]
+    print("OK", report.stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
+          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back())
 """
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress) -> None:
+@pytest.mark.parametrize("fault", ["", "FAKE_CUDA_FLIP_COPY_BACK", "FAKE_CUDA_FAIL_COPY_BACK"])
+def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault) -> None:
     """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
-    page-locked staging buffers made by the core, then host-to-device copies; every byte checked."""
+    page-locked staging buffers made by the core, then host-to-device copies; every byte checked.
+    The cache is written from the device: each chunk is copied back and checked against its
+    checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
+    or cannot be copied back, is fetched again, and the cache entry is still right."""
     import subprocess
     import sys
     import textwrap
 
     from _helpers import subprocess_env
 
-    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}", compress=compress, seed=15)
+    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}", compress=compress, seed=15)
     e = subprocess_env()
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
+    if fault:
+        e[fault] = "1"
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local)], env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    _buffers, chunks, written, refetched, copies_back = (int(x) for x in r.stdout.split()[1:])
+    # Plain chunks are all cached from the device; decoded ones may have been decoded straight
+    # into the cache (where O_DIRECT is refused) and then need no read-back.
+    read_back = written + refetched
+    assert read_back == chunks if not compress else read_back <= chunks, r.stdout
+    if fault:
+        assert written == 0 and refetched == read_back, r.stdout
+    else:
+        assert refetched == 0 and copies_back >= written, r.stdout
 
 
 def test_load_model_streams_from_s3_then_loads_the_cache(env) -> None:

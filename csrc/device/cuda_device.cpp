@@ -76,6 +76,13 @@ void CudaDevice::copy_from_host(void* dst, const void* src, size_t n, int worker
               "cuMemcpyHtoDAsync");
 }
 
+void CudaDevice::copy_to_host(void* dst, const void* src, size_t n, int worker) {
+  make_current();
+  cuda::check(drv_->cuMemcpyDtoHAsync(dst, reinterpret_cast<cuda::CUdeviceptr>(src), n,
+                                      workers_.at(worker).stream),
+              "cuMemcpyDtoHAsync");
+}
+
 uint64_t CudaDevice::record(int worker) {
   make_current();
   Worker& w = workers_.at(worker);

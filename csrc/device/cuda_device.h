@@ -19,6 +19,7 @@ class CudaDevice final : public Device {
   bool host_addressable() const override { return false; }
   void begin(int num_workers) override;
   void copy_from_host(void* dst, const void* src, size_t n, int worker) override;
+  void copy_to_host(void* dst, const void* src, size_t n, int worker) override;
   uint64_t record(int worker) override;
   void wait(int worker, uint64_t token) override;
   void synchronize() override;

@@ -59,6 +59,7 @@ Loaded load() {
             bind(lib, "cuEventRecord", d.cuEventRecord, r) &&
             bind(lib, "cuEventSynchronize", d.cuEventSynchronize, r) &&
             bind(lib, "cuMemcpyHtoDAsync_v2", d.cuMemcpyHtoDAsync, r) &&
+            bind(lib, "cuMemcpyDtoHAsync_v2", d.cuMemcpyDtoHAsync, r) &&
             bind(lib, "cuMemHostAlloc", d.cuMemHostAlloc, r) &&
             bind(lib, "cuMemFreeHost", d.cuMemFreeHost, r) &&
             bind(lib, "cuGetErrorString", d.cuGetErrorString, r) &&

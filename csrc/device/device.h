@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -29,6 +30,11 @@ class Device {
 
   // Copies n bytes from host memory `src` to destination memory `dst`, on behalf of `worker`.
   virtual void copy_from_host(void* dst, const void* src, size_t n, int worker) = 0;
+
+  // Copies n bytes from destination memory `src` back to host memory `dst` (the remote tier
+  // writes its cache from what it loaded). Asynchronous like copy_from_host: wait() on a token
+  // recorded after it before reading dst. Host memory: a plain copy.
+  virtual void copy_to_host(void* dst, const void* src, size_t n, int worker) { std::memcpy(dst, src, n); }
 
   // Marks the copies issued so far by `worker`; wait(worker, token) blocks until they are done.
   virtual uint64_t record(int worker) { return 0; }

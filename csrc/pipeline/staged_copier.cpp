@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <string>
 
 #include "common/errors.h"
@@ -9,19 +10,22 @@
 
 namespace sllm {
 
-StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots)
+StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots, int readers)
     : dests_(std::move(dests)), staging_size_(staging_size) {
   slots = std::max(1, slots);
+  readers = std::max(0, readers);
   for (const auto& d : dests_) {
     if (!d.device) throw Error(ErrorKind::kFormat, "a destination without a device");
     Device* dev = d.device.get();
     if (!dev->host_addressable() && std::find(devices_.begin(), devices_.end(), dev) == devices_.end())
       devices_.push_back(dev);
   }
-  for (Device* dev : devices_) dev->begin(slots);  // a stream per slot
+  for (Device* dev : devices_) dev->begin(slots + readers);  // a stream per slot and per reader
   buffers_.resize(static_cast<size_t>(slots));
+  reader_buffers_.resize(static_cast<size_t>(readers));
   if (devices_.empty()) {
     for (int i = slots - 1; i >= 0; --i) free_.push_back(i);  // host memory only: no staging
+    for (int i = readers - 1; i >= 0; --i) reader_free_.push_back(i);
   } else {
     maker_ = std::thread([this] { make_buffers(); });
   }
@@ -36,21 +40,28 @@ int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
 void StagedCopier::make_buffers() {
   // Never throws: a buffer that cannot be made leaves its slot, and every later one, to copies
   // from the chunk itself (the driver's pageable path), and says why in pin_error().
+  // The staging buffers first (the load waits for them), then the readers'.
   const size_t slots = buffers_.size();
+  const size_t all = slots + reader_buffers_.size();
   size_t i = 0;
   try {
     HostAllocator alloc = devices_.front()->staging_allocator();
-    for (; i < slots && !stopping_; ++i) {
+    for (; i < all && !stopping_; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
       HostBuffer buf = alloc(staging_size_);
       alloc_ns_ += nanoseconds_since(t0);
       {
         std::lock_guard<std::mutex> lock(mu_);
-        buffers_[i] = std::move(buf);
-        ++made_;
-        free_.push_back(static_cast<int>(i));
+        if (i < slots) {
+          buffers_[i] = std::move(buf);
+          ++made_;
+          free_.push_back(static_cast<int>(i));
+        } else {
+          reader_buffers_[i - slots] = std::move(buf);
+          reader_free_.push_back(static_cast<int>(i - slots));
+        }
       }
-      freed_.notify_one();
+      (i < slots ? freed_ : reader_freed_).notify_one();
     }
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -63,9 +74,15 @@ void StagedCopier::make_buffers() {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (; i < slots; ++i) free_.push_back(static_cast<int>(i));  // without a buffer
+    for (; i < all; ++i) {  // without a buffer
+      if (i < slots)
+        free_.push_back(static_cast<int>(i));
+      else
+        reader_free_.push_back(static_cast<int>(i - slots));
+    }
   }
   freed_.notify_all();
+  reader_freed_.notify_all();
 }
 
 StagedCopier::~StagedCopier() {
@@ -111,7 +128,24 @@ void StagedCopier::give(int slot) {
   freed_.notify_one();
 }
 
-uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>& pieces) {
+int StagedCopier::take_reader() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (reader_buffers_.empty()) throw Error(ErrorKind::kFormat, "read_back on a copier without readers");
+  reader_freed_.wait(lock, [this] { return !reader_free_.empty(); });
+  int r = reader_free_.back();
+  reader_free_.pop_back();
+  return r;
+}
+
+void StagedCopier::give_reader(int reader) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reader_free_.push_back(reader);
+  }
+  reader_freed_.notify_one();
+}
+
+void StagedCopier::check(const std::vector<Piece>& pieces, size_t n) const {
   for (const auto& p : pieces) {
     if (p.dest < 0 || static_cast<size_t>(p.dest) >= dests_.size())
       throw Error(ErrorKind::kFormat, "copy refers to destination #" + std::to_string(p.dest));
@@ -123,6 +157,10 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
       throw Error(ErrorKind::kFormat, "copy exceeds its destination (" + std::to_string(p.dest_offset) + "+" +
                                           std::to_string(p.length) + " > " + std::to_string(d.size) + ")");
   }
+}
+
+uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>& pieces) {
+  check(pieces, n);
   bool to_device = false;
   for (const auto& p : pieces) to_device |= !dests_[static_cast<size_t>(p.dest)].device->host_addressable();
   if (!to_device) {  // host memory only: plain copies
@@ -167,6 +205,52 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
     throw;
   }
   return digest;
+}
+
+void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
+                             const std::function<void(const char*, uint64_t)>& use) {
+  check(pieces, n);
+  const int reader = take_reader();
+  struct Release {
+    StagedCopier* c;
+    int reader;
+    ~Release() { c->give_reader(reader); }
+  } release{this, reader};
+  HostBuffer temp;
+  char* dst = static_cast<char*>(reader_buffers_[static_cast<size_t>(reader)].data());
+  if (dst == nullptr || n > reader_buffers_[static_cast<size_t>(reader)].size()) {
+    temp = allocate_aligned_host(std::max<size_t>(n, 1));
+    dst = static_cast<char*>(temp.data());
+  }
+  // Zero what no piece covers (padding between tensors), in chunk order.
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  spans.reserve(pieces.size());
+  for (const auto& p : pieces) spans.emplace_back(p.chunk_offset, p.chunk_offset + p.length);
+  std::sort(spans.begin(), spans.end());
+  uint64_t pos = 0;
+  for (const auto& [lo, hi] : spans) {
+    if (lo > pos) std::memset(dst + pos, 0, lo - pos);
+    pos = std::max(pos, hi);
+  }
+  if (pos < n) std::memset(dst + pos, 0, n - pos);
+  const int stream = static_cast<int>(buffers_.size()) + reader;
+  auto wait_all = [&] {
+    for (Device* dev : devices_) dev->wait(stream, dev->record(stream));
+  };
+  try {
+    for (const auto& p : pieces) {
+      const auto& d = dests_[static_cast<size_t>(p.dest)];
+      d.device->copy_to_host(dst + p.chunk_offset, d.base + p.dest_offset, p.length, stream);
+    }
+    wait_all();
+  } catch (...) {
+    try {
+      wait_all();  // copies issued before the failure may still write the buffer
+    } catch (...) {
+    }
+    throw;
+  }
+  use(dst, xxh3_64(dst, n));
 }
 
 }  // namespace sllm

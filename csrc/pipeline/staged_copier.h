@@ -11,11 +11,18 @@
 // makes one buffer at a time), so a thread of the copier's own makes the buffers from the moment
 // it is constructed, while the load's first GETs are in flight; each buffer comes into service
 // when it is made, rather than on the first copy that needs it.
+//
+// read_back() goes the other way, for the remote tier's cache: it copies a chunk's pieces back
+// from their destinations into one of `readers` page-locked buffers of its own (made after the
+// staging buffers, with a stream each) and checksums it there. The cache is then written from
+// that buffer, so that the GET's own buffer is freed as soon as the chunk is on the device
+// instead of waiting, in fresh memory, for the disk.
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -38,8 +45,9 @@ class StagedCopier {
 
   // dests: where pieces go (several may share one Device); staging_size: the largest chunk;
   // slots: buffers (and streams), made on a thread of the copier's own when a destination is
-  // a device (none for host memory only).
-  StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots);
+  // a device (none for host memory only); readers: read_back() buffers (and streams), made
+  // after them.
+  StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots, int readers = 0);
   ~StagedCopier();
   StagedCopier(const StagedCopier&) = delete;
   StagedCopier& operator=(const StagedCopier&) = delete;
@@ -49,6 +57,14 @@ class StagedCopier {
   // outside the chunk or its destination, and the device's error if a copy fails.
   uint64_t copy(const char* src, size_t n, const std::vector<Piece>& pieces);
 
+  // Copies the pieces of a chunk of n bytes back from their destinations into a buffer (bytes
+  // between pieces are zero), then calls use(buffer, XXH3-64 of it) and returns; the buffer is
+  // another call's afterwards. Through a reader's page-locked buffer when there is one (it is
+  // 4 KiB-aligned and up to staging_size long), else a temporary aligned one. Throws like copy().
+  void read_back(const std::vector<Piece>& pieces, size_t n,
+                 const std::function<void(const char*, uint64_t)>& use);
+  // Whether any destination is a device (not host memory): only then is there staging.
+  bool to_device() const { return !devices_.empty(); }
   // False once page-locked memory could not be had (copies then go from the chunk itself);
   // pin_error() says why.
   bool staged() const;
@@ -62,6 +78,9 @@ class StagedCopier {
  private:
   int take();
   void give(int slot);
+  int take_reader();
+  void give_reader(int reader);
+  void check(const std::vector<Piece>& pieces, size_t n) const;
   void make_buffers();  // the buffer-making thread
 
   std::vector<Destination> dests_;
@@ -72,6 +91,9 @@ class StagedCopier {
   int made_ = 0;
   std::vector<int> free_;
   std::vector<HostBuffer> buffers_;  // per slot; a slot is free only once its buffer is made
+  std::condition_variable reader_freed_;
+  std::vector<int> reader_free_;
+  std::vector<HostBuffer> reader_buffers_;  // per reader (stream slots + reader)
   std::atomic<bool> unpinned_{false};  // page-locked allocation failed: no staging from now on
   std::string pin_error_;              // why (guarded by mu_)
   std::atomic<bool> stopping_{false};

@@ -134,6 +134,9 @@ class Download:
         # copied through an aligned buffer first ("bounced"), for the load report.
         self._body_offset: Optional[int] = None
         self.direct_writes = {"aligned": 0, "bounced": 0}
+        # Chunks written to the cache from what the load put on the device (store_read_back), and
+        # those of them fetched again because it no longer matched their checksum.
+        self.read_backs = {"written": 0, "refetched": 0}
         self._heap_released = False  # reuse_get_buffers: the free heap handed back at close
         # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
         self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
@@ -470,9 +473,57 @@ class Download:
         if self.cache_error is not None:
             return
         try:
-            self.store_chunk(f_i, c, data)
+            self._store(f_i, c, data)
         except CacheError as e:
             self._cache_failed(e)
+
+    def _store(self, f_i: int, c: int, data: Any) -> None:
+        """:meth:`store_chunk` of a buffer, or :meth:`_store_read_back` of a read-back function."""
+        if callable(data):
+            self._store_read_back(f_i, c, data)
+        else:
+            self.store_chunk(f_i, c, data)
+
+    @property
+    def can_read_back(self) -> bool:
+        """Whether chunks may be handed to :meth:`store_later` as read-back functions: the cache
+        is being written behind the download, and every chunk has a checksum to check what is
+        read back against."""
+        return self._write_behind > 0 and self.cache_error is None and \
+            all(f.checksums for f in self.index.files)
+
+    def _store_read_back(self, f_i: int, c: int, read: Callable[[Callable[[Any, int], bool]], bool]) -> None:
+        """Write chunk ``c`` of file ``f_i`` from a copy read back from where the load put it:
+        ``read(use)`` calls ``use(buffer, xxh3_64)`` with the chunk (``_C.StagedCopier.read_back``).
+        The chunk is written only if it still matches the index's checksum; if not (the caller
+        changed the loaded tensors before the write) or if it cannot be read back, it is fetched
+        again. So the GET's own buffer need not wait for the disk."""
+        from sllm_store.errors import SllmStoreError
+
+        want = self.index.files[f_i].checksums[c]
+
+        def use(buf: Any, digest: int) -> bool:
+            if digest != want:
+                return False
+            self.store_chunk(f_i, c, buf)
+            return True
+
+        try:
+            written = read(use)
+        except CacheError:
+            raise
+        except SllmStoreError as e:  # the copy back failed (a device error)
+            logger.info("%s: cannot read %s back from the device (%s); fetching it again", self.url,
+                        self._where(f_i, c), e)
+            written = False
+        with self._lock:
+            self.read_backs["written" if written else "refetched"] += 1
+        if not written:
+            logger.debug("%s: %s changed on the device before it was cached; fetching it again",
+                         self.url, self._where(f_i, c))
+            data, stored = self.fetch_chunk(f_i, c)
+            if not stored:
+                self.store_chunk(f_i, c, data)
 
     def _populate(self, f_i: int, c: int) -> None:
         """Fault a chunk's pages of a mapped file in: an I/O error is a CacheError, not SIGBUS."""
@@ -547,7 +598,10 @@ class Download:
         (GETs, device copies) does not wait for the page cache. At most ``write_behind`` bytes
         wait for their write; beyond that this blocks, and the download slows to the write
         speed. ``write_behind=0`` writes here and now. After a failed write, chunks are no
-        longer written (see ``cache_errors``)."""
+        longer written (see ``cache_errors``).
+
+        ``data`` may also be a read-back function (see :meth:`_store_read_back`; only when
+        :attr:`can_read_back`): it holds no memory while it waits."""
         if self._write_behind <= 0 or self.cache_error is not None:
             self._store_or_fail(f_i, c, data)
             return
@@ -769,7 +823,7 @@ class _WriteBehind:
         self.error: Optional[BaseException] = None
 
     def submit(self, f_i: int, c: int, data: Any) -> None:
-        n = len(memoryview(data))
+        n = 0 if callable(data) else len(memoryview(data))  # a read-back function holds no memory
         with self._cond:
             while self._waiting and self._waiting + n > self._limit and self.error is None:
                 self._cond.wait()
@@ -786,7 +840,7 @@ class _WriteBehind:
     def _write(self, f_i: int, c: int, data: Any, n: int) -> None:
         try:
             if self.error is None and self._d.cache_error is None:
-                self._d.store_chunk(f_i, c, data)
+                self._d._store(f_i, c, data)
         except BaseException as e:
             if isinstance(e, CacheError):
                 with contextlib.suppress(CacheError):

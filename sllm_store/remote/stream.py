@@ -9,11 +9,17 @@ at a time:
 2. the copy of the chunk's pieces into their destinations and its checksum, in one pass
    (``_C.StagedCopier``: for a GPU a memcpy into one of 8 reused page-locked staging buffers,
    checksummed block by block as it goes, then a DMA from it);
-3. the write-through into the cache's partial download, handed to write-behind threads
-   (``SLLM_STORE_WRITE_BEHIND`` bytes may wait) that write with O_DIRECT (``SLLM_STORE_CACHE_IO``),
-   so that neither the disk nor the page cache holds up the GETs. Each GET starts a few KiB
-   early, so that its chunk arrives 4 KiB-aligned and is written from where it arrived
-   (``Download._lead``).
+3. the write-through into the cache's partial download, on write-behind threads that write
+   with O_DIRECT (``SLLM_STORE_CACHE_IO``), so that neither the disk nor the page cache holds up
+   the GETs. For a GPU the chunk is written from the device: a write-behind thread copies it back
+   into one of 4 page-locked buffers of the copier (a DMA), checks it against its checksum and
+   writes it from there (``Download._store_read_back``). So the GET's buffer is freed as soon as
+   the chunk is on the GPU: when the disk is slower than the network, the chunks waiting for it
+   take no memory, and later GETs reuse freed buffers rather than fault in fresh ones. A chunk
+   changed on the device before it was written is fetched again. Other chunks (host memory,
+   checkpoints without checksums) wait for their write in the GET's buffer
+   (``SLLM_STORE_WRITE_BEHIND`` bytes may wait); each such GET starts a few KiB early, so that
+   its chunk arrives 4 KiB-aligned and is written from where it arrived (``Download._lead``).
 
 The load returns when every tensor is in place. The cache writes left, the sync of the data to
 disk and the promotion of the entry finish on a background thread (``wait_for_cache``); the next
@@ -38,6 +44,7 @@ from sllm_store.utils import parallel_map
 logger = logging.getLogger(__name__)
 
 STAGING_SLOTS = 8  # page-locked staging buffers (and streams) of a streamed load to a GPU
+READ_BACK_BUFFERS = 4  # page-locked buffers (and streams) that cache writes read chunks back into
 
 
 def load_remote(url: str, device: Any, config: LoadConfig,
@@ -94,7 +101,15 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     # No more buffers than chunks can be copied at once (by the 2 * remote_gets workers): they
     # are made up front, while the first GETs are in flight.
     slots = max(1, min(STAGING_SLOTS, 2 * config.remote_gets, len(by_unit)))
-    copier = _C.StagedCopier(dests, index.chunk_size, slots)
+    to_device = any(dev.type != "cpu" for dev in plan.devices)
+    # The cache is written from the device (see the module's docstring) where it can be.
+    readers = READ_BACK_BUFFERS if to_device and d.can_read_back else 0
+    copier = _C.StagedCopier(dests, index.chunk_size, slots, readers)
+    covered = _covered_units(index, plan, by_unit) if readers else set()
+
+    def read_back(pieces: list[tuple[int, int, int, int]], n: int) -> Any:
+        # Holds the copier and the device memory until the chunk is written.
+        return lambda use, _keep=buffers: copier.read_back(pieces, n, use)
 
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
@@ -102,7 +117,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         pieces = [(coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
         data, stored = d.fetch_chunk(f_i, c, deliver=(lambda b: copier.copy(b, pieces)) if pieces else None)
         if not stored:
-            d.store_later(f_i, c, data)  # the cache write, off this thread when memory allows
+            # The cache write, off this thread: of what is on the device now, or of the GET's
+            # buffer (held until then, as memory allows).
+            d.store_later(f_i, c, read_back(pieces, d.chunk_length(f_i, c)) if u in covered else data)
         del data
         return length
 
@@ -135,7 +152,28 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                # an aligned copy; the same dict, counted until the write-behind
                                # is done (wait_for_cache)
                                "direct_writes": d.direct_writes,
+                               # chunks cached from the device (and fetched again): the same
+                               # dict, counted until the write-behind is done
+                               "read_backs": d.read_backs,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
     return tensors, report
+
+
+def _covered_units(index: Any, plan: Any,
+                   by_unit: dict[int, list[tuple[int, int, int, int, int]]]) -> set[int]:
+    """The read units whose pieces hold every tensor byte of their chunk once, so that the chunk
+    can be read back from the destinations (the bytes between tensors are zeros)."""
+    tensors: dict[int, list[tuple[int, int]]] = {}
+    for t in index.tensors.values():
+        if t.alias_of is None:
+            tensors.setdefault(t.file, []).append((t.offset, t.offset + t.nbytes))
+    out = set()
+    for u, segs in by_unit.items():
+        f_i, off, length, _ = plan.units[u]
+        got = sum(seg[4] for seg in segs)
+        want = sum(max(0, min(off + length, hi) - max(off, lo)) for lo, hi in tensors.get(f_i, ()))
+        if got == length or got == want:
+            out.add(u)
+    return out
