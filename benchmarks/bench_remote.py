@@ -21,6 +21,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
 * ``--unaligned`` adds a remote load whose GETs fetch exactly their chunk (the library's
   ``ALIGNED_GETS`` off): each O_DIRECT cache write then copies its chunk into an aligned buffer.
+* ``--body-writes`` adds a remote load that writes the cache from the GETs' buffers (kept until
+  written), as before session 7, instead of reading each chunk back from the device
+  (``READ_BACK_BUFFERS`` 0).
 * ``--cuda-sync spin`` adds a remote load whose copy threads spin while they wait for their
   device copies (``SLLM_STORE_CUDA_SYNC``; the default, ``block``, sleeps), and
   ``--staging-slots 16`` one with 16 staging buffers (the library's ``STAGING_SLOTS``, 8).
@@ -158,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also remote loads with other numbers of staging buffers (e.g. 16)")
     ap.add_argument("--unaligned", action="store_true",
                     help="also a remote load without block-aligned GETs (A/B)")
+    ap.add_argument("--body-writes", action="store_true",
+                    help="also a remote load that writes the cache from the GET buffers, not read back "
+                         "from the device (A/B)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -245,8 +251,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             remote_stats.append({"contender": name, "seconds": report.seconds, **report.stats})
             stages = {k: round(v, 2) for k, v in report.stats["stage_seconds"].items()}
             log.info("%s: stage thread-seconds %s; staging buffers made in %.2f, waited for %.2f "
-                     "thread-seconds", name, stages, report.stats["staging_alloc_s"],
-                     report.stats["staging_wait_s"])
+                     "thread-seconds; cache writes: %s, from the device %s", name, stages,
+                     report.stats["staging_alloc_s"], report.stats["staging_wait_s"],
+                     report.stats["direct_writes"], report.stats["read_backs"])
             return out
 
         def check_remote() -> int:
@@ -355,6 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      for k in args.staging_slots]
         if args.unaligned:
             variants += [("sllm_remote_unaligned", lambda: attr(remote_cache, "ALIGNED_GETS", False))]
+        if args.body_writes:
+            variants += [("sllm_remote_body_writes", lambda: attr(remote_stream, "READ_BACK_BUFFERS", 0))]
         contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]
         contenders += [("sllm_remote", remote, nbytes),
                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
