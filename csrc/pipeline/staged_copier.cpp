@@ -24,8 +24,8 @@ StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, 
   buffers_.resize(static_cast<size_t>(slots));
   reader_buffers_.resize(static_cast<size_t>(readers));
   if (devices_.empty()) {
-    for (int i = slots - 1; i >= 0; --i) free_.push_back(i);  // host memory only: no staging
-    for (int i = readers - 1; i >= 0; --i) reader_free_.push_back(i);
+    for (int i = slots - 1; i >= 0; --i) slots_.free.push_back(i);  // host memory only: no staging
+    for (int i = readers - 1; i >= 0; --i) readers_.free.push_back(i);
   } else {
     maker_ = std::thread([this] { make_buffers(); });
   }
@@ -55,13 +55,13 @@ void StagedCopier::make_buffers() {
         if (i < slots) {
           buffers_[i] = std::move(buf);
           ++made_;
-          free_.push_back(static_cast<int>(i));
+          slots_.free.push_back(static_cast<int>(i));
         } else {
           reader_buffers_[i - slots] = std::move(buf);
-          reader_free_.push_back(static_cast<int>(i - slots));
+          readers_.free.push_back(static_cast<int>(i - slots));
         }
       }
-      (i < slots ? freed_ : reader_freed_).notify_one();
+      (i < slots ? slots_ : readers_).freed.notify_one();
     }
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -76,13 +76,13 @@ void StagedCopier::make_buffers() {
     std::lock_guard<std::mutex> lock(mu_);
     for (; i < all; ++i) {  // without a buffer
       if (i < slots)
-        free_.push_back(static_cast<int>(i));
+        slots_.free.push_back(static_cast<int>(i));
       else
-        reader_free_.push_back(static_cast<int>(i - slots));
+        readers_.free.push_back(static_cast<int>(i - slots));
     }
   }
-  freed_.notify_all();
-  reader_freed_.notify_all();
+  slots_.freed.notify_all();
+  readers_.freed.notify_all();
 }
 
 StagedCopier::~StagedCopier() {
@@ -108,42 +108,35 @@ int StagedCopier::buffers() const {
   return made_;
 }
 
-int StagedCopier::take() {
+int StagedCopier::take(FreeList& list, bool timed) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (free_.empty()) {
+  if (list.free.empty()) {
     const auto t0 = std::chrono::steady_clock::now();
-    freed_.wait(lock, [this] { return !free_.empty(); });
-    wait_ns_ += nanoseconds_since(t0);
+    list.freed.wait(lock, [&list] { return !list.free.empty(); });
+    if (timed) wait_ns_ += nanoseconds_since(t0);
   }
-  int slot = free_.back();
-  free_.pop_back();
-  return slot;
+  int index = list.free.back();
+  list.free.pop_back();
+  return index;
 }
 
-void StagedCopier::give(int slot) {
+void StagedCopier::give(FreeList& list, int index) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(slot);
+    list.free.push_back(index);
   }
-  freed_.notify_one();
+  list.freed.notify_one();
 }
 
-int StagedCopier::take_reader() {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (reader_buffers_.empty()) throw Error(ErrorKind::kFormat, "read_back on a copier without readers");
-  reader_freed_.wait(lock, [this] { return !reader_free_.empty(); });
-  int r = reader_free_.back();
-  reader_free_.pop_back();
-  return r;
-}
-
-void StagedCopier::give_reader(int reader) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    reader_free_.push_back(reader);
-  }
-  reader_freed_.notify_one();
-}
+struct StagedCopier::Lease {
+  StagedCopier& copier;
+  FreeList& list;
+  const int index;
+  Lease(StagedCopier& c, FreeList& l, bool timed) : copier(c), list(l), index(c.take(l, timed)) {}
+  ~Lease() { copier.give(list, index); }
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+};
 
 void StagedCopier::check(const std::vector<Piece>& pieces, size_t n) const {
   for (const auto& p : pieces) {
@@ -172,12 +165,8 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
     return digest;
   }
 
-  const int slot = take();
-  struct Release {
-    StagedCopier* c;
-    int slot;
-    ~Release() { c->give(slot); }
-  } release{this, slot};
+  const Lease lease(*this, slots_, true);
+  const int slot = lease.index;
   HostBuffer& buf = buffers_[static_cast<size_t>(slot)];  // none if it could not be made
   const char* from = src;
   uint64_t digest;
@@ -210,12 +199,9 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
 void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
                              const std::function<void(const char*, uint64_t)>& use) {
   check(pieces, n);
-  const int reader = take_reader();
-  struct Release {
-    StagedCopier* c;
-    int reader;
-    ~Release() { c->give_reader(reader); }
-  } release{this, reader};
+  if (reader_buffers_.empty()) throw Error(ErrorKind::kFormat, "read_back on a copier without readers");
+  const Lease lease(*this, readers_, false);
+  const int reader = lease.index;
   HostBuffer temp;
   char* dst = static_cast<char*>(reader_buffers_[static_cast<size_t>(reader)].data());
   if (dst == nullptr || n > reader_buffers_[static_cast<size_t>(reader)].size()) {

@@ -76,10 +76,14 @@ class StagedCopier {
   double wait_seconds() const { return static_cast<double>(wait_ns_.load()) * 1e-9; }
 
  private:
-  int take();
-  void give(int slot);
-  int take_reader();
-  void give_reader(int reader);
+  // Free staging slots, or free readers: indices handed out one per call.
+  struct FreeList {
+    std::vector<int> free;
+    std::condition_variable freed;
+  };
+  struct Lease;  // an index of a FreeList for the length of a call
+  int take(FreeList& list, bool timed);
+  void give(FreeList& list, int index);
   void check(const std::vector<Piece>& pieces, size_t n) const;
   void make_buffers();  // the buffer-making thread
 
@@ -87,12 +91,10 @@ class StagedCopier {
   std::vector<Device*> devices_;  // distinct devices of dests_ that are not host memory
   size_t staging_size_;
   mutable std::mutex mu_;
-  std::condition_variable freed_;
   int made_ = 0;
-  std::vector<int> free_;
+  FreeList slots_;
   std::vector<HostBuffer> buffers_;  // per slot; a slot is free only once its buffer is made
-  std::condition_variable reader_freed_;
-  std::vector<int> reader_free_;
+  FreeList readers_;
   std::vector<HostBuffer> reader_buffers_;  // per reader (stream slots + reader)
   std::atomic<bool> unpinned_{false};  // page-locked allocation failed: no staging from now on
   std::string pin_error_;              // why (guarded by mu_)
