@@ -37,8 +37,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` freed GET bodies are kept in the heap for every
 contender, raw GETs included, as the library then does (``sllm_store.remote.cache.reuse_get_buffers``).
 
-After the rounds, one more (untimed) remote load from an empty cache is compared, tensor by tensor,
-with the local checkpoint loaded to DEVICE (``remote_load_checked``: the tensors compared).
+After the rounds, one more (untimed) remote load from an empty cache, and then the reload from the
+cache entry it wrote, are compared, tensor by tensor, with the local checkpoint loaded to DEVICE
+(``remote_load_checked``: the tensors compared).
 
 Each contender's CPU time is recorded too, of this process (client) and of the server: on
 loopback both share the machine's cores, and the table shows what each contender costs them. So
@@ -257,19 +258,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             return out
 
         def check_remote() -> int:
-            """Untimed, after the rounds: a streamed load from an empty cache gives every tensor of
-            the local checkpoint, bit for bit, on DEVICE. Returns the tensors compared."""
+            """Untimed, after the rounds: a streamed load from an empty cache, and the reload from the
+            cache entry it wrote, give every tensor of the local checkpoint, bit for bit, on
+            DEVICE. Returns the tensors compared."""
             shutil.rmtree(work / "cache", ignore_errors=True)
             got = sllm_store.load_state_dict(url, args.device)
             wait_for_cache()
             want = sllm_store.load_state_dict(converted, args.device)
-            if set(got) != set(want):
-                odd = sorted(set(got) ^ set(want))[:5]
-                raise SystemExit(f"the remote load's tensors differ in names: {odd}")
-            bad = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
-            if bad:
-                raise SystemExit(f"the remote load gave wrong tensors: {bad[:5]}")
-            log.info("checked: the remote load's %d tensors equal the local checkpoint's", len(want))
+
+            def compare(what: str, got: Dict[str, Any]) -> None:
+                if set(got) != set(want):
+                    odd = sorted(set(got) ^ set(want))[:5]
+                    raise SystemExit(f"{what}: the tensor names differ: {odd}")
+                bad = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+                if bad:
+                    raise SystemExit(f"{what}: wrong tensors: {bad[:5]}")
+                log.info("checked, %s: its %d tensors equal the local checkpoint's", what, len(want))
+
+            compare("the remote load", got)
+            del got
+            compare("the reload from its cache entry", sllm_store.load_state_dict(url, args.device))
             return len(want)
 
         def cache_files() -> List[Path]:

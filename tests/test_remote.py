@@ -442,11 +442,25 @@ def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
 
 @pytest.mark.gpu
 def test_streaming_remote_load_to_gpu(env) -> None:
+    """A streamed load to a real GPU, compressed and plain: every tensor right; its cache entry,
+    written from the GPU (read back and checked), reloads the same."""
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote.cache import wait_for_cache
 
-    local, sd, url = _uploaded(env, "gpu", compress=True, seed=6)
-    out = sllm_store.load_state_dict(url, "cuda:0")
-    assert {t.device.type for t in out.values()} == {"cuda"}
-    assert_state_dict_identical(out, sd)
+    for compress in (True, False):
+        (env / f"gpu-{int(compress)}").mkdir()
+        local, sd, url = _uploaded(env / f"gpu-{int(compress)}", f"gpu-{int(compress)}", compress=compress,
+                                   seed=6)
+        out, report = load_state_dict_with_report(url, "cuda:0")
+        assert {t.device.type for t in out.values()} == {"cuda"}
+        assert_state_dict_identical(out, sd)
+        # The cache entry was written from the GPU (read back, checked, written): it loads the same.
+        assert wait_for_cache(timeout=60)
+        rb = report.stats["read_backs"]
+        assert rb["refetched"] == 0 and (rb["written"] > 0 or compress), rb
+        again, rep2 = load_state_dict_with_report(url, "cuda:0")
+        assert rep2.stats.get("io_mode") != "remote", rep2.stats
+        assert_state_dict_identical(again, sd)
 
 
 REMOTE_TO_FAKE_GPU = """
