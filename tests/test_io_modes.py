@@ -81,7 +81,7 @@ def test_chunks_read_back_only_where_the_load_holds_all_their_tensors(tmp_path) 
     sd = {f"t{i}": torch.randn(10000 + 3333 * i, generator=g) for i in range(8)}
     path = sllm_store.save_state_dict(sd, tmp_path / "m", chunk_size="16KiB")
     index = sllm_store.read_index(path)
-    for names in (list(sd), ["t1", "t4", "t5"], ["t7"], []):
+    for names in (list(sd), ["t1", "t4", "t5"], ["t0", "t2", "t3", "t6"], ["t3"], ["t7"], []):
         assign = _assign_devices(index, dict.fromkeys(names, "cpu")) if len(names) < len(sd) else \
             _assign_devices(index, "cpu")
         plan = _make_plan(index, assign, LoadConfig(2, "buffered", None, True))

@@ -510,6 +510,9 @@ class Download:
 
         try:
             written = read(use)
+            if not written:
+                logger.debug("%s: %s changed on the device before it was cached; fetching it again",
+                             self.url, self._where(f_i, c))
         except CacheError:
             raise
         except SllmStoreError as e:  # the copy back failed (a device error)
@@ -519,8 +522,6 @@ class Download:
         with self._lock:
             self.read_backs["written" if written else "refetched"] += 1
         if not written:
-            logger.debug("%s: %s changed on the device before it was cached; fetching it again",
-                         self.url, self._where(f_i, c))
             data, stored = self.fetch_chunk(f_i, c)
             if not stored:
                 self.store_chunk(f_i, c, data)

@@ -28,6 +28,7 @@ load of the URL, in any process, is then a disk (or page-cache) load.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from typing import Any
@@ -165,15 +166,26 @@ def _covered_units(index: Any, plan: Any,
                    by_unit: dict[int, list[tuple[int, int, int, int, int]]]) -> set[int]:
     """The read units whose pieces hold every tensor byte of their chunk once, so that the chunk
     can be read back from the destinations (the bytes between tensors are zeros)."""
-    tensors: dict[int, list[tuple[int, int]]] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}  # per file: (start, end) of its tensors, sorted
     for t in index.tensors.values():
         if t.alias_of is None:
-            tensors.setdefault(t.file, []).append((t.offset, t.offset + t.nbytes))
+            spans.setdefault(t.file, []).append((t.offset, t.offset + t.nbytes))
+    for v in spans.values():
+        v.sort()
+    starts = {f: [lo for lo, _ in v] for f, v in spans.items()}
     out = set()
     for u, segs in by_unit.items():
         f_i, off, length, _ = plan.units[u]
         got = sum(seg[4] for seg in segs)
-        want = sum(max(0, min(off + length, hi) - max(off, lo)) for lo, hi in tensors.get(f_i, ()))
-        if got == length or got == want:
+        if got == length:  # the whole chunk (a file loaded whole)
+            out.add(u)
+            continue
+        # Tensors are laid out one after another: the ones overlapping [off, off + length) start
+        # before its end, from the last one that starts at or before off.
+        v, first = spans.get(f_i, []), bisect.bisect_right(starts.get(f_i, []), off)
+        want = 0
+        for lo, hi in v[max(0, first - 1):bisect.bisect_left(starts.get(f_i, []), off + length)]:
+            want += max(0, min(off + length, hi) - max(off, lo))
+        if got == want:
             out.add(u)
     return out
