@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "common/errors.h"
 #include "format/checksum.h"
@@ -21,8 +22,8 @@ StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, 
       devices_.push_back(dev);
   }
   for (Device* dev : devices_) dev->begin(slots + readers);  // a stream per slot and per reader
-  buffers_.resize(static_cast<size_t>(slots));
-  reader_buffers_.resize(static_cast<size_t>(readers));
+  slots_.buffers.resize(static_cast<size_t>(slots));
+  readers_.buffers.resize(static_cast<size_t>(readers));
   if (devices_.empty()) {
     for (int i = slots - 1; i >= 0; --i) slots_.free.push_back(i);  // host memory only: no staging
     for (int i = readers - 1; i >= 0; --i) readers_.free.push_back(i);
@@ -40,9 +41,13 @@ int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
 void StagedCopier::make_buffers() {
   // Never throws: a buffer that cannot be made leaves its slot, and every later one, to copies
   // from the chunk itself (the driver's pageable path), and says why in pin_error().
-  // The staging buffers first (the load waits for them), then the readers'.
-  const size_t slots = buffers_.size();
-  const size_t all = slots + reader_buffers_.size();
+  // The staging buffers first (the load waits for them), then the readers': buffer i of all.
+  const size_t slots = slots_.buffers.size();
+  const size_t all = slots + readers_.buffers.size();
+  auto at = [&](size_t i) -> std::pair<FreeList&, int> {
+    if (i < slots) return {slots_, static_cast<int>(i)};
+    return {readers_, static_cast<int>(i - slots)};
+  };
   size_t i = 0;
   try {
     HostAllocator alloc = devices_.front()->staging_allocator();
@@ -50,18 +55,14 @@ void StagedCopier::make_buffers() {
       const auto t0 = std::chrono::steady_clock::now();
       HostBuffer buf = alloc(staging_size_);
       alloc_ns_ += nanoseconds_since(t0);
+      auto [list, k] = at(i);
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (i < slots) {
-          buffers_[i] = std::move(buf);
-          ++made_;
-          slots_.free.push_back(static_cast<int>(i));
-        } else {
-          reader_buffers_[i - slots] = std::move(buf);
-          readers_.free.push_back(static_cast<int>(i - slots));
-        }
+        list.buffers[static_cast<size_t>(k)] = std::move(buf);
+        if (&list == &slots_) ++made_;
+        list.free.push_back(k);
       }
-      (i < slots ? slots_ : readers_).freed.notify_one();
+      list.freed.notify_one();
     }
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -75,10 +76,8 @@ void StagedCopier::make_buffers() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (; i < all; ++i) {  // without a buffer
-      if (i < slots)
-        slots_.free.push_back(static_cast<int>(i));
-      else
-        readers_.free.push_back(static_cast<int>(i - slots));
+      auto [list, k] = at(i);
+      list.free.push_back(k);
     }
   }
   slots_.freed.notify_all();
@@ -167,7 +166,7 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
 
   const Lease lease(*this, slots_, true);
   const int slot = lease.index;
-  HostBuffer& buf = buffers_[static_cast<size_t>(slot)];  // none if it could not be made
+  HostBuffer& buf = slots_.buffers[static_cast<size_t>(slot)];  // none if it could not be made
   const char* from = src;
   uint64_t digest;
   if (buf.data() != nullptr && n <= buf.size()) {
@@ -199,12 +198,13 @@ uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>&
 void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
                              const std::function<void(const char*, uint64_t)>& use) {
   check(pieces, n);
-  if (reader_buffers_.empty()) throw Error(ErrorKind::kFormat, "read_back on a copier without readers");
+  if (readers_.buffers.empty()) throw Error(ErrorKind::kFormat, "read_back on a copier without readers");
   const Lease lease(*this, readers_, false);
   const int reader = lease.index;
   HostBuffer temp;
-  char* dst = static_cast<char*>(reader_buffers_[static_cast<size_t>(reader)].data());
-  if (dst == nullptr || n > reader_buffers_[static_cast<size_t>(reader)].size()) {
+  const HostBuffer& own = readers_.buffers[static_cast<size_t>(reader)];  // none if it could not be made
+  char* dst = static_cast<char*>(own.data());
+  if (dst == nullptr || n > own.size()) {
     temp = allocate_aligned_host(std::max<size_t>(n, 1));
     dst = static_cast<char*>(temp.data());
   }
@@ -219,7 +219,7 @@ void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
     pos = std::max(pos, hi);
   }
   if (pos < n) std::memset(dst + pos, 0, n - pos);
-  const int stream = static_cast<int>(buffers_.size()) + reader;
+  const int stream = static_cast<int>(slots_.buffers.size()) + reader;
   auto wait_all = [&] {
     for (Device* dev : devices_) dev->wait(stream, dev->record(stream));
   };

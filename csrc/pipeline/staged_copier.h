@@ -76,8 +76,10 @@ class StagedCopier {
   double wait_seconds() const { return static_cast<double>(wait_ns_.load()) * 1e-9; }
 
  private:
-  // Free staging slots, or free readers: indices handed out one per call.
+  // Staging slots, or readers: a buffer each, and the free ones, handed out one per call. An
+  // index is free only once its buffer is made (or cannot be).
   struct FreeList {
+    std::vector<HostBuffer> buffers;  // by index; none if it could not be made
     std::vector<int> free;
     std::condition_variable freed;
   };
@@ -92,10 +94,8 @@ class StagedCopier {
   size_t staging_size_;
   mutable std::mutex mu_;
   int made_ = 0;
-  FreeList slots_;
-  std::vector<HostBuffer> buffers_;  // per slot; a slot is free only once its buffer is made
-  FreeList readers_;
-  std::vector<HostBuffer> reader_buffers_;  // per reader (stream slots + reader)
+  FreeList slots_;    // stream index: the slot
+  FreeList readers_;  // stream index: slots + the reader
   std::atomic<bool> unpinned_{false};  // page-locked allocation failed: no staging from now on
   std::string pin_error_;              // why (guarded by mu_)
   std::atomic<bool> stopping_{false};

@@ -778,11 +778,12 @@ def reuse_get_buffers(chunk_size: int) -> bool:
     (glibc only); each download hands the heap's free pages back when it closes. True if in
     effect.
 
-    For raw GETs the faults are 60 % of the client's CPU (docs/benchmarks.md, run X), but a
-    streamed load keeps most bodies alive until the write-behind has written them, so few are
-    reused: on the 2-core development machine a 1.26 GB load faulted 520-600 k times instead
-    of 620 k; the second and third loads ran 10-16 % faster, the first 19 % slower. Off until
-    measured on the GPU machine.
+    For raw GETs the faults are 60 % of the client's CPU (docs/benchmarks.md, run X). A
+    streamed load that kept its bodies until the write-behind had written them gained nothing
+    on the GPU machine (runs Y2, Y6). A load to a GPU now writes its cache from the device and
+    frees each body at once (``Download._store_read_back``); together with this setting that
+    removed 220 k faults per 1.26 GB load on the 2-core machine. Off until that is measured on
+    the GPU machine.
     """
     global _reusing_get_buffers
     if not _reusing_get_buffers and env_bool("SLLM_STORE_REUSE_GET_BUFFERS"):

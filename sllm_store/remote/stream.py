@@ -182,10 +182,9 @@ def _covered_units(index: Any, plan: Any,
             continue
         # Tensors are laid out one after another: the ones overlapping [off, off + length) start
         # before its end, from the last one that starts at or before off.
-        v, first = spans.get(f_i, []), bisect.bisect_right(starts.get(f_i, []), off)
-        want = 0
-        for lo, hi in v[max(0, first - 1):bisect.bisect_left(starts.get(f_i, []), off + length)]:
-            want += max(0, min(off + length, hi) - max(off, lo))
+        v, s = spans.get(f_i, []), starts.get(f_i, [])
+        first, end = max(0, bisect.bisect_right(s, off) - 1), bisect.bisect_left(s, off + length)
+        want = sum(max(0, min(off + length, hi) - max(off, lo)) for lo, hi in v[first:end])
         if got == want:
             out.add(u)
     return out
