@@ -250,7 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             out, report = load_state_dict_with_report(url, args.device)
             remote_stats.append({"contender": name, "seconds": report.seconds, **report.stats})
-            stages = {k: round(v, 2) for k, v in report.stats["stage_seconds"].items()}
+            stages = {k: f"{v:.2f} ({report.stats['stage_cpu_seconds'][k]:.2f} CPU)"
+                      for k, v in report.stats["stage_seconds"].items()}
             log.info("%s: stage thread-seconds %s; staging buffers made in %.2f, waited for %.2f "
                      "thread-seconds; cache writes: %s, from the device %s", name, stages,
                      report.stats["staging_alloc_s"], report.stats["staging_wait_s"],

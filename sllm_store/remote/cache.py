@@ -63,6 +63,11 @@ _ALIGNED_GET_MIN = 1 << 20
 ALIGNED_GETS = True  # bench_remote turns it off for an A/B
 
 
+def _mark() -> tuple[float, float]:
+    """Now, as wall-clock and this thread's CPU time (for :meth:`Download.add_seconds`)."""
+    return time.perf_counter(), time.thread_time()
+
+
 def _address(buf: Any) -> int:
     """Address of the first byte of a buffer (bytes, memoryview, obstore's Bytes)."""
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(memoryview(buf)) else 0
@@ -138,9 +143,11 @@ class Download:
         # those of them fetched again because it no longer matched their checksum.
         self.read_backs = {"written": 0, "refetched": 0}
         self._heap_released = False  # reuse_get_buffers: the free heap handed back at close
-        # Thread-seconds spent per stage of chunk(): where a download's time goes (load reports).
-        self.stage_seconds = {"get": 0.0, "decode": 0.0, "verify": 0.0, "fault": 0.0, "write": 0.0,
-                              "copy": 0.0}
+        # Thread-seconds spent per stage of fetch_chunk() and the cache writes, of wall-clock time
+        # and of CPU time: where a download's time goes (load reports).
+        stages = ("get", "decode", "copy", "verify", "fault", "write", "read_back")
+        self.stage_seconds = dict.fromkeys(stages, 0.0)
+        self.stage_cpu_seconds = dict.fromkeys(stages, 0.0)
 
     def open(self) -> Download:
         if self.lookup() is not None:
@@ -338,11 +345,14 @@ class Download:
     def missing(self) -> list[tuple[int, int]]:
         return [(f, c) for f, c in self.chunks() if c not in self.done[f]]
 
-    def add_seconds(self, **stages: float) -> None:
-        """Add thread-seconds to ``stage_seconds`` (thread-safe; callers may add stages)."""
+    def add_seconds(self, marks: list[tuple[float, float]], *stages: str) -> None:
+        """Add the time between consecutive ``marks`` (from :func:`_mark`, on one thread) to
+        ``stages``: wall-clock to ``stage_seconds``, CPU to ``stage_cpu_seconds``
+        (thread-safe)."""
         with self._lock:
-            for k, dt in stages.items():
-                self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + dt
+            for k, (w0, c0), (w1, c1) in zip(stages, marks, marks[1:]):
+                self.stage_seconds[k] += w1 - w0
+                self.stage_cpu_seconds[k] += c1 - c0
 
     def _where(self, f_i: int, c: int) -> str:
         return f"'{self.url}/{self.index.files[f_i].name}' chunk at offset {c * self.index.chunk_size}"
@@ -400,14 +410,14 @@ class Download:
         with self._get_slots:
             if self._failed is not None:
                 raise _same_error(self._failed)
-            t0 = time.perf_counter()
+            m0 = _mark()
             try:
                 data: Any = obstore.get_range(self.store, f.name, start=off - lead, length=length + lead) \
                     if length else b""
             except Exception as e:
                 self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
                 raise self._failed from None
-            t1 = time.perf_counter()
+            m1 = _mark()
         if len(data) != length + lead:
             raise RemoteError(f"{where}: the object is shorter than its index says")
         if self._body_offset is not None and not decoded and length == cs and f_i in self._direct:
@@ -441,16 +451,15 @@ class Download:
             except ChecksumError as e:
                 raise ChecksumError(f"{where}: the remote object is corrupted ({e}); nothing was cached") \
                     from None
-        t2 = time.perf_counter()
+        m2 = _mark()
         digest = deliver(data) if deliver is not None else None
-        t3 = time.perf_counter()
+        m3 = _mark()
         if f.checksums and (_C.xxh3_64(data) if digest is None else digest) != f.checksums[c]:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
-        t4 = time.perf_counter()
         with self._lock:
             self.bytes_downloaded += length + lead
-        self.add_seconds(get=t1 - t0, decode=t2 - t1, copy=t3 - t2, verify=t4 - t3)
+        self.add_seconds([m0, m1, m2, m3, _mark()], "get", "decode", "copy", "verify")
         if in_place:
             self._record(f_i, c)
             return data, True
@@ -502,7 +511,11 @@ class Download:
 
         want = self.index.files[f_i].checksums[c]
 
+        marks = [_mark()]
+
         def use(buf: Any, digest: int) -> bool:
+            marks.append(_mark())  # copied back and checksummed
+            self.add_seconds(marks, "read_back")
             if digest != want:
                 return False
             self.store_chunk(f_i, c, buf)
@@ -550,13 +563,13 @@ class Download:
         """
         from sllm_store import _C
 
-        t0 = time.perf_counter()
+        m0 = _mark()
         cs = self.index.chunk_size
         raw_len = self.chunk_length(f_i, c)
         mapped = self._maps.get(f_i)
         direct = self._direct.get(f_i)
         if direct is not None:
-            t1 = t0
+            m1 = m0
             aligned = raw_len < _BLOCK or _address(data) % _BLOCK == 0
             err = _C.write_direct(direct, self._fds[f_i], data, c * cs)
             if err == errno.EINVAL:  # refused after all (an odd alignment rule): write buffered
@@ -573,11 +586,11 @@ class Download:
                 self.direct_writes["aligned" if aligned else "bounced"] += 1
         elif mapped is not None:
             self._populate(f_i, c)
-            t1 = time.perf_counter()
+            m1 = _mark()
             _C.run_copies([(_address(data), 0, c * cs, raw_len)],
                           [("cpu", mapped[1].ctypes.data, mapped[1].nbytes)], num_threads=1)
         else:
-            t1 = time.perf_counter()
+            m1 = _mark()
             mv = memoryview(data)
             pos = 0
             try:
@@ -586,7 +599,7 @@ class Download:
             except OSError as e:
                 raise self._write_error(f_i, c, e.strerror or str(e)) from None
         self._record(f_i, c)
-        self.add_seconds(fault=t1 - t0, write=time.perf_counter() - t1)
+        self.add_seconds([m0, m1, _mark()], "fault", "write")
 
     def _record(self, f_i: int, c: int) -> None:
         with self._lock:

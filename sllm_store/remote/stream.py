@@ -145,6 +145,9 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                "bytes_downloaded": d.bytes_downloaded,
                                # thread-seconds per stage: where the time went
                                "stage_seconds": dict(d.stage_seconds),
+                               # and their CPU thread-seconds (the rest of the process's CPU time
+                               # is the object store client's own threads and the interpreter)
+                               "stage_cpu_seconds": dict(d.stage_cpu_seconds),
                                "staging_buffers": copier.buffers,
                                # thread-seconds making them, and waiting for a free one
                                "staging_alloc_s": copier.alloc_seconds,
