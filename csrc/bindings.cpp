@@ -215,11 +215,50 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("data"), "XXH3-64 (seed 0) of a C-contiguous buffer.");
 
+  // One chunk on its way through a StagedCopier (StagedCopier.fill), owned by its Python handle:
+  // leaving the `with` block (or collecting the handle) waits for its copies and frees its
+  // staging blocks; a closed handle raises instead of touching a freed Fill.
+  struct Fill {
+    std::unique_ptr<StagedCopier::Fill> fill;
+    StagedCopier::Fill& get() {
+      if (!fill) throw Error(ErrorKind::kFormat, "the fill is closed");
+      return *fill;
+    }
+  };
+  py::class_<Fill>(m, "StagedFill",
+                   "One chunk on its way through a StagedCopier, its bytes given in order "
+                   "(StagedCopier.fill). A context manager: leaving it waits for the copies and frees "
+                   "the staging blocks, finished or not.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](Fill& f, const py::args&) {
+        py::gil_scoped_release nogil;
+        f.fill.reset();
+      })
+      .def(
+          "add",
+          [](Fill& f, const py::buffer& data) {
+            StagedCopier::Fill& fill = f.get();
+            py::buffer_info info = contiguous_bytes(data);
+            py::gil_scoped_release nogil;
+            fill.add(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize));
+          },
+          py::arg("data"), "The chunk's next bytes.")
+      .def(
+          "finish",
+          [](Fill& f) {
+            StagedCopier::Fill& fill = f.get();
+            py::gil_scoped_release nogil;
+            return fill.finish();
+          },
+          "Wait for the copies; return the chunk's XXH3-64. Raises if bytes are missing.")
+      .def_property_readonly("added", [](Fill& f) { return f.get().added(); }, "Bytes given so far.");
+
   py::class_<StagedCopier>(m, "StagedCopier",
-                           "Copies chunks into destinations (device, address, size), each through "
-                           "one of `slots` reused page-locked staging buffers of `staging_size` "
-                           "bytes for GPUs, checksumming it in the same pass.")
-      .def(py::init([](const std::vector<DestTuple>& dests, uint64_t staging_size, int slots, int readers) {
+                           "Copies chunks into destinations (device, address, size); for GPUs through "
+                           "`slots` reused page-locked staging blocks of `staging_size` bytes, "
+                           "checksumming them in the same pass.")
+      .def(py::init([](const std::vector<DestTuple>& dests, uint64_t staging_size, int slots, int readers,
+                       uint64_t reader_size) {
              std::map<std::string, std::shared_ptr<Device>> devices;  // one per spec
              std::vector<Destination> ds;
              for (const auto& [spec, ptr, size] : dests) {
@@ -228,9 +267,10 @@ PYBIND11_MODULE(_C, m) {
                ds.push_back(Destination{dev, reinterpret_cast<char*>(ptr), size});
              }
              return std::make_unique<StagedCopier>(std::move(ds), static_cast<size_t>(staging_size), slots,
-                                                   readers);
+                                                   readers, static_cast<size_t>(reader_size));
            }),
-           py::arg("dests"), py::arg("staging_size"), py::arg("slots") = 8, py::arg("readers") = 0)
+           py::arg("dests"), py::arg("staging_size"), py::arg("slots") = 8, py::arg("readers") = 0,
+           py::arg("reader_size") = 0)
       .def(
           "copy",
           [](StagedCopier& c, const py::buffer& data,
@@ -245,6 +285,18 @@ PYBIND11_MODULE(_C, m) {
           py::arg("data"), py::arg("pieces"),
           "Copy pieces (chunk_offset, dest, dest_offset, length) of the chunk `data` into their "
           "destinations; returns the chunk's XXH3-64 when the copies are done.")
+      .def(
+          "fill",
+          [](StagedCopier& c, uint64_t n, const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces) {
+            std::vector<StagedCopier::Piece> ps;
+            ps.reserve(pieces.size());
+            for (const auto& [coff, dest, doff, len] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, len});
+            return Fill{c.fill(static_cast<size_t>(n), std::move(ps))};
+          },
+          py::arg("n"), py::arg("pieces"), py::keep_alive<0, 1>(),
+          "Like copy() for a chunk of `n` bytes given piece by piece: `with copier.fill(n, pieces) "
+          "as f: f.add(b) ...; digest = f.finish()`. Each staging block is copied on as soon as it "
+          "is full.")
       .def(
           "read_back",
           [](StagedCopier& c, const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces,

@@ -178,6 +178,77 @@ def test_staged_copier_checksums_and_copies_through_pinned_buffers(fake_libcuda)
     assert r.stdout.startswith("OK") and "illegal memory access" in r.stdout, r.stdout
 
 
+def test_staged_copier_fill_streams_pieces_through_blocks(fake_libcuda) -> None:
+    """StagedCopier.fill (a GET's body streamed into the staging blocks): chunks given in pieces
+    of any size, from more threads than there are blocks (a fill that must wait for a block holds
+    none, so none waits forever), land in cuda:0 and host memory with their XXH3-64; too many
+    bytes, too few, and a closed fill are FormatErrors; a fill left unfinished gives its blocks
+    back."""
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        from sllm_store import _C
+        from sllm_store.errors import FormatError
+        rng = np.random.default_rng(11)
+        sizes = [int(rng.integers(1, 3 << 20)) for _ in range(24)] + [1 << 20, 2 << 20, 1]
+        chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+        total = sum(sizes)
+        offs = np.cumsum([0] + sizes[:-1])
+        gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
+                            1 << 20, 2)
+
+        def one(i):
+            n, o, x = sizes[i], int(offs[i]), chunks[i]
+            third = n // 3  # a third to host memory, the rest (and a gap) to the GPU
+            pieces = [(0, 1, o, third), (third + 1, 0, o + third + 1, n - third - 1)] if n > 2 else \
+                [(0, 0, o, n)]
+            with c.fill(n, pieces) as f:
+                pos = 0
+                while pos < n:
+                    k = int(rng.integers(1, 700 << 10))
+                    f.add(memoryview(x)[pos:pos + k])
+                    pos += len(memoryview(x)[pos:pos + k])
+                assert f.added == n
+                return f.finish()
+
+        with ThreadPoolExecutor(6) as ex:
+            digests = list(ex.map(one, range(len(chunks))))
+        assert digests == [_C.xxh3_64(x) for x in chunks]
+        for i, x in enumerate(chunks):
+            n, o, third = sizes[i], int(offs[i]), sizes[i] // 3
+            if n > 2:
+                assert host[o:o + third].tobytes() == x[:third], i
+                assert gpu[o + third + 1:o + n].tobytes() == x[third + 1:], i
+        # Errors; each fill below leaves its blocks to the next (two blocks in all).
+        for extra in (b"", b"x"):
+            with c.fill(3, [(0, 0, 0, 3)]) as f:
+                f.add(b"ab")
+                try:
+                    f.add(b"cd") if extra else f.finish()
+                    raise SystemExit("no error")
+                except FormatError as e:
+                    assert ("more bytes" in str(e)) if extra else ("ended after 2 of its 3" in str(e)), e
+        try:
+            with c.fill(4 << 20, [(0, 0, 0, 4 << 20)]) as f:
+                f.add(bytes(3 << 20))  # three blocks' worth: two sent, one filling
+                raise KeyError("the GET failed")
+        except KeyError:
+            pass
+        try:
+            f.add(b"x")
+            raise SystemExit("a closed fill took bytes")
+        except FormatError as e:
+            assert "closed" in str(e), e
+        with c.fill(2 << 20, [(0, 0, 0, 2 << 20)]) as f:  # both blocks are free again
+            f.add(bytes(2 << 20))
+            assert f.finish() == _C.xxh3_64(bytes(2 << 20))
+        print("OK", c.buffers, c.wait_seconds > 0)
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["OK", "2", "True"], r.stdout
+
+
 def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
     """When page-locked memory cannot be had, the staged copier copies from the chunk itself
     (the driver's pageable path): still every byte in place and the right checksum."""
@@ -189,6 +260,12 @@ def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
         c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, gpu.nbytes)], 4 << 20, 2)
         for _ in range(3):
             assert c.copy(src, [(0, 0, 0, len(src))]) == _C.xxh3_64(src)
+        assert gpu.tobytes() == src
+        gpu[:] = 0
+        with c.fill(len(src), [(0, 0, 0, len(src))]) as f:  # pieces, each straight from its bytes
+            for pos in range(0, len(src), 300 << 10):
+                f.add(src[pos:pos + (300 << 10)])
+            assert f.finish() == _C.xxh3_64(src)
         assert gpu.tobytes() == src
         print("OK", c.staged, c.buffers, "cuMemHostAlloc" in c.pin_error)
     """, FAKE_CUDA_NO_HOST_ALLOC="1")

@@ -466,9 +466,9 @@ def test_streaming_remote_load_to_gpu(env) -> None:
 REMOTE_TO_FAKE_GPU = """
     import ctypes, os, sys, torch, sllm_store
     from sllm_store import _C, loader
-    from sllm_store.remote import cache
+    from sllm_store.remote import cache, stream
 
-    url, local = sys.argv[-2], sys.argv[-1]
+    url, local, streamed = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
     assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
 
     def allocate(dev, size):  # the fake driver's "device memory" is host memory
@@ -478,12 +478,14 @@ REMOTE_TO_FAKE_GPU = """
     loader._allocate = allocate
     views = loader._views
     loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
+    stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
+    cache.STREAM_PIECE = (4 << 10) if streamed else 0  # several pieces per chunk
     out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want)
     for k in want:
         assert torch.equal(out[k], want[k]), k
-    assert 1 <= report.stats["staging_buffers"] <= 4, report.stats  # 2 threads, 2 GETs in flight
+    assert 1 <= report.stats["staging_buffers"] <= 12, report.stats  # 2 GETs in flight: 2 * 2 + 8 blocks
     # The cache entry, written behind the load (from the device where it could), loads the same.
     assert cache.wait_for_cache(timeout=60)
     again, rep2 = loader.load_state_dict_with_report(url, "cpu")
@@ -494,15 +496,18 @@ REMOTE_TO_FAKE_GPU = """
     chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
     rb = report.stats["read_backs"]
     print("OK", report.stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
-          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back())
+          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["streamed_gets"])
 """
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@pytest.mark.parametrize("fault", ["", "FAKE_CUDA_FLIP_COPY_BACK", "FAKE_CUDA_FAIL_COPY_BACK"])
-def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault) -> None:
+@pytest.mark.parametrize("fault, streamed", [("", False), ("", True), ("FAKE_CUDA_FLIP_COPY_BACK", True),
+                                             ("FAKE_CUDA_FAIL_COPY_BACK", False)])
+def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, streamed) -> None:
     """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
-    page-locked staging buffers made by the core, then host-to-device copies; every byte checked.
+    page-locked staging blocks made by the core, then host-to-device copies; every byte checked.
+    With SLLM_STORE_STREAM_GETS (``streamed``) plain chunks' GETs go into the blocks piece by
+    piece as they arrive.
     The cache is written from the device: each chunk is copied back and checked against its
     checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
     or cannot be copied back, is fetched again, and the cache entry is still right."""
@@ -512,15 +517,19 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
 
     from _helpers import subprocess_env
 
-    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}", compress=compress, seed=15)
+    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}-{int(streamed)}", compress=compress,
+                               seed=15)
     e = subprocess_env()
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
     if fault:
         e[fault] = "1"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local)], env=e,
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local),
+                        str(int(streamed))], env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
-    _buffers, chunks, written, refetched, copies_back = (int(x) for x in r.stdout.split()[1:])
+    _buffers, chunks, written, refetched, copies_back, gets_streamed = (int(x) for x in r.stdout.split()[1:])
+    # Streamed, plain chunks' GETs go into the staging blocks as they arrive; decoded ones never.
+    assert gets_streamed == (chunks if streamed and not compress else 0), r.stdout
     # Plain chunks are all cached from the device; decoded ones may have been decoded straight
     # into the cache (where O_DIRECT is refused) and then need no read-back.
     read_back = written + refetched
@@ -529,6 +538,93 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
         assert written == 0 and refetched == read_back, r.stdout
     else:
         assert refetched == 0 and copies_back >= written, r.stdout
+
+
+REMOTE_STREAM_FAULTS_TO_FAKE_GPU = """
+    import sys, obstore, torch, sllm_store
+    from sllm_store import _C, loader
+    from sllm_store.errors import ChecksumError, RemoteError
+    from sllm_store.remote import cache
+
+    url, bad_url, local = sys.argv[-3:]
+    assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
+
+    def allocate(dev, size):  # the fake driver's "device memory" is host memory
+        buf = torch.zeros(size + 4096, dtype=torch.uint8)
+        return buf, -buf.data_ptr() % 4096
+
+    loader._allocate = allocate
+    views = loader._views
+    loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
+    cache.STREAM_PIECE = 4 << 10
+    real_get, fault = obstore.get, {"now": ""}
+
+    class Body:  # a GET whose body breaks off after its first piece
+        def __init__(self, got):
+            self.got = got
+
+        def __getattr__(self, name):
+            return getattr(self.got, name)
+
+        def stream(self, min_chunk_size):
+            for piece in self.got.stream(min_chunk_size=min_chunk_size):
+                if fault["now"] == "short":
+                    yield piece[:-1]
+                    return
+                yield piece
+                if fault["now"] == "reset":
+                    raise ConnectionResetError("connection reset by peer (test)")
+
+    obstore.get = lambda *a, **k: Body(real_get(*a, **k))
+    for fault["now"], err in (("reset", RemoteError), ("short", RemoteError), ("", ChecksumError)):
+        try:
+            loader.load_state_dict_with_report(bad_url if err is ChecksumError else url, "cuda:0",
+                                               num_threads=2)
+            raise SystemExit(f"{fault['now']}: no error")
+        except err as e:
+            print(fault["now"] or "corrupted", type(e).__name__, str(e).replace(" ", "_")[:200])
+    cache.wait_for_cache(timeout=60)
+    assert cache.entries() == [], cache.entries()
+    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)  # resumes
+    want = sllm_store.load_state_dict(local)
+    assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
+    assert cache.wait_for_cache(timeout=60)
+    assert [e.url for e in cache.entries()] == [url], cache.entries()
+    print("OK", report.stats["streamed_gets"] > 0)
+"""
+
+
+def test_streamed_gets_to_fake_gpu_fail_cleanly(env, fake_libcuda) -> None:
+    """GETs streamed into the staging blocks (a load to a GPU, through the fake driver): a body
+    that breaks off, one that ends short, and a corrupted object each fail the load with the
+    library's error (and cache nothing); the next load resumes and completes the cache entry."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+    from obstore.store import S3Store
+
+    from sllm_store.remote.cache import upload
+
+    local, sd, url = _uploaded(env, "stream-faults", seed=16)
+    bad_url = f"s3://{BUCKET}/stream-faults-bad/m"
+    upload(local, bad_url, quiet=True)
+    data = bytearray((local / "data-00000.bin").read_bytes())
+    data[70_000] ^= 0xFF
+    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(store, "stream-faults-bad/m/data-00000.bin", bytes(data))
+    e = subprocess_env()
+    e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_STREAM_FAULTS_TO_FAKE_GPU), url, bad_url,
+                        str(local)], env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0].startswith("reset RemoteUnavailableError") and "connection_reset" in lines[0], r.stdout
+    assert lines[1].startswith("short RemoteError") and "shorter_than_its_index" in lines[1], r.stdout
+    assert lines[2].startswith("corrupted ChecksumError") and "corrupted" in lines[2], r.stdout
+    assert lines[3] == "OK True", r.stdout
 
 
 def test_load_model_streams_from_s3_then_loads_the_cache(env) -> None:
@@ -936,7 +1032,7 @@ def test_aligned_gets(env, monkeypatch) -> None:
 REUSE_CHILD = """
     import sys, platform, sllm_store
     from sllm_store import _C
-    from sllm_store.remote import cache
+    from sllm_store.remote import cache, stream
 
     url, local = sys.argv[-2], sys.argv[-1]
     trims = []
@@ -1216,3 +1312,19 @@ def test_unreachable_store_falls_back_to_the_cached_copy(env, monkeypatch, caplo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(RemoteAuthError):
         sllm_store.load_state_dict(url)
+
+
+def test_stream_gets_setting(monkeypatch) -> None:
+    """SLLM_STORE_STREAM_GETS: GETs streamed into the staging blocks in pieces of that size;
+    off when unset; a bad value is an error that names the variable."""
+    from sllm_store.remote import cache
+
+    monkeypatch.delenv("SLLM_STORE_STREAM_GETS", raising=False)
+    assert cache.stream_piece() == 0
+    monkeypatch.setenv("SLLM_STORE_STREAM_GETS", "1MiB")
+    assert cache.stream_piece() == 1 << 20
+    monkeypatch.setenv("SLLM_STORE_STREAM_GETS", "lots")
+    with pytest.raises(ValueError, match="SLLM_STORE_STREAM_GETS"):
+        cache.stream_piece()
+    monkeypatch.setattr(cache, "STREAM_PIECE", 4096)  # the bench's A/B
+    assert cache.stream_piece() == 4096

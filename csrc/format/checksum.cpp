@@ -12,24 +12,37 @@ namespace sllm {
 
 uint64_t xxh3_64(const void* data, size_t size) { return XXH3_64bits(data, size); }
 
-uint64_t copy_xxh3_64(void* dst, const void* src, size_t size) {
+struct Xxh3::State {
+  XXH3_state_t* s = XXH3_createState();
+  ~State() { XXH3_freeState(s); }
+};
+
+Xxh3::Xxh3() : state_(new State()) {
+  if (state_->s == nullptr) throw std::bad_alloc();
+  XXH3_64bits_reset(state_->s);
+}
+
+Xxh3::~Xxh3() = default;
+
+void Xxh3::update(const void* data, size_t size) { XXH3_64bits_update(state_->s, data, size); }
+
+void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   constexpr size_t kBlock = 256u << 10;  // fits in L2 with room to spare
-  if (size <= kBlock) {
-    std::memcpy(dst, src, size);
-    return XXH3_64bits(dst, size);
-  }
-  XXH3_state_t* state = XXH3_createState();
-  if (state == nullptr) throw std::bad_alloc();
-  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> guard(state, XXH3_freeState);
-  XXH3_64bits_reset(state);
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
   for (size_t pos = 0; pos < size; pos += kBlock) {
     const size_t n = std::min(kBlock, size - pos);
     std::memcpy(d + pos, s + pos, n);
-    XXH3_64bits_update(state, d + pos, n);
+    XXH3_64bits_update(state_->s, d + pos, n);
   }
-  return XXH3_64bits_digest(state);
+}
+
+uint64_t Xxh3::digest() const { return XXH3_64bits_digest(state_->s); }
+
+uint64_t copy_xxh3_64(void* dst, const void* src, size_t size) {
+  Xxh3 h;
+  h.copy_update(dst, src, size);
+  return h.digest();
 }
 
 struct ChunkHasher::State {

@@ -10,8 +10,26 @@ namespace sllm {
 
 uint64_t xxh3_64(const void* data, size_t size);
 
-// Copies [src, src + size) to dst and returns its XXH3-64, in one pass: block by block, each
-// block hashed while it is still in the CPU cache (one read of src from memory, not two).
+// The XXH3-64 of bytes given piece by piece (the same digest as xxh3_64 of them all).
+class Xxh3 {
+ public:
+  Xxh3();
+  ~Xxh3();
+  Xxh3(const Xxh3&) = delete;
+  Xxh3& operator=(const Xxh3&) = delete;
+
+  void update(const void* data, size_t size);
+  // Copies [src, src + size) to dst and hashes it, in one pass: block by block, each block
+  // hashed while it is still in the CPU cache (one read of src from memory, not two).
+  void copy_update(void* dst, const void* src, size_t size);
+  uint64_t digest() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// copy_update of one buffer: returns its XXH3-64.
 uint64_t copy_xxh3_64(void* dst, const void* src, size_t size);
 
 // Splits a byte stream into fixed-size chunks and records the XXH3-64 digest of each one.

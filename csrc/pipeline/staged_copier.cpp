@@ -11,9 +11,11 @@
 
 namespace sllm {
 
-StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, int slots, int readers)
-    : dests_(std::move(dests)), staging_size_(staging_size) {
-  slots = std::max(1, slots);
+StagedCopier::StagedCopier(std::vector<Destination> dests, size_t block_size, int blocks, int readers,
+                           size_t reader_size)
+    : dests_(std::move(dests)), block_size_(std::max<size_t>(block_size, 1)),
+      reader_size_(reader_size > 0 ? reader_size : block_size_) {
+  blocks = std::max(1, blocks);
   readers = std::max(0, readers);
   for (const auto& d : dests_) {
     if (!d.device) throw Error(ErrorKind::kFormat, "a destination without a device");
@@ -21,11 +23,11 @@ StagedCopier::StagedCopier(std::vector<Destination> dests, size_t staging_size, 
     if (!dev->host_addressable() && std::find(devices_.begin(), devices_.end(), dev) == devices_.end())
       devices_.push_back(dev);
   }
-  for (Device* dev : devices_) dev->begin(slots + readers);  // a stream per slot and per reader
-  slots_.buffers.resize(static_cast<size_t>(slots));
+  for (Device* dev : devices_) dev->begin(blocks + readers);  // a stream per block and per reader
+  blocks_.buffers.resize(static_cast<size_t>(blocks));
   readers_.buffers.resize(static_cast<size_t>(readers));
   if (devices_.empty()) {
-    for (int i = slots - 1; i >= 0; --i) slots_.free.push_back(i);  // host memory only: no staging
+    for (int i = blocks - 1; i >= 0; --i) blocks_.free.push_back(i);  // host memory only: no staging
     for (int i = readers - 1; i >= 0; --i) readers_.free.push_back(i);
   } else {
     maker_ = std::thread([this] { make_buffers(); });
@@ -39,27 +41,27 @@ int64_t nanoseconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 void StagedCopier::make_buffers() {
-  // Never throws: a buffer that cannot be made leaves its slot, and every later one, to copies
+  // Never throws: a buffer that cannot be made leaves its block, and every later one, to copies
   // from the chunk itself (the driver's pageable path), and says why in pin_error().
-  // The staging buffers first (the load waits for them), then the readers': buffer i of all.
-  const size_t slots = slots_.buffers.size();
-  const size_t all = slots + readers_.buffers.size();
+  // The staging blocks first (the load waits for them), then the readers': buffer i of all.
+  const size_t blocks = blocks_.buffers.size();
+  const size_t all = blocks + readers_.buffers.size();
   auto at = [&](size_t i) -> std::pair<FreeList&, int> {
-    if (i < slots) return {slots_, static_cast<int>(i)};
-    return {readers_, static_cast<int>(i - slots)};
+    if (i < blocks) return {blocks_, static_cast<int>(i)};
+    return {readers_, static_cast<int>(i - blocks)};
   };
   size_t i = 0;
   try {
     HostAllocator alloc = devices_.front()->staging_allocator();
     for (; i < all && !stopping_; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
-      HostBuffer buf = alloc(staging_size_);
+      HostBuffer buf = alloc(i < blocks ? block_size_ : reader_size_);
       alloc_ns_ += nanoseconds_since(t0);
       auto [list, k] = at(i);
       {
         std::lock_guard<std::mutex> lock(mu_);
         list.buffers[static_cast<size_t>(k)] = std::move(buf);
-        if (&list == &slots_) ++made_;
+        if (&list == &blocks_) ++made_;
         list.free.push_back(k);
       }
       list.freed.notify_one();
@@ -80,7 +82,7 @@ void StagedCopier::make_buffers() {
       list.free.push_back(k);
     }
   }
-  slots_.freed.notify_all();
+  blocks_.freed.notify_all();
   readers_.freed.notify_all();
 }
 
@@ -119,6 +121,14 @@ int StagedCopier::take(FreeList& list, bool timed) {
   return index;
 }
 
+int StagedCopier::try_take(FreeList& list) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (list.free.empty()) return -1;
+  int index = list.free.back();
+  list.free.pop_back();
+  return index;
+}
+
 void StagedCopier::give(FreeList& list, int index) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -151,48 +161,122 @@ void StagedCopier::check(const std::vector<Piece>& pieces, size_t n) const {
   }
 }
 
-uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>& pieces) {
-  check(pieces, n);
-  bool to_device = false;
-  for (const auto& p : pieces) to_device |= !dests_[static_cast<size_t>(p.dest)].device->host_addressable();
-  if (!to_device) {  // host memory only: plain copies
-    uint64_t digest = xxh3_64(src, n);
-    for (const auto& p : pieces) {
-      const auto& d = dests_[static_cast<size_t>(p.dest)];
-      d.device->copy_from_host(d.base + p.dest_offset, src + p.chunk_offset, p.length, 0);
-    }
-    return digest;
-  }
+std::unique_ptr<StagedCopier::Fill> StagedCopier::fill(size_t n, std::vector<Piece> pieces) {
+  return std::make_unique<Fill>(*this, n, std::move(pieces));
+}
 
-  const Lease lease(*this, slots_, true);
-  const int slot = lease.index;
-  HostBuffer& buf = slots_.buffers[static_cast<size_t>(slot)];  // none if it could not be made
-  const char* from = src;
-  uint64_t digest;
-  if (buf.data() != nullptr && n <= buf.size()) {
-    digest = copy_xxh3_64(buf.data(), src, n);
-    from = static_cast<const char*>(buf.data());
-  } else {
-    digest = xxh3_64(src, n);
-  }
+uint64_t StagedCopier::copy(const char* src, size_t n, const std::vector<Piece>& pieces) {
+  Fill f(*this, n, pieces);
+  f.add(src, n);
+  return f.finish();
+}
+
+StagedCopier::Fill::Fill(StagedCopier& copier, size_t n, std::vector<Piece> pieces)
+    : c_(copier), n_(n), pieces_(std::move(pieces)) {
+  c_.check(pieces_, n_);
+}
+
+StagedCopier::Fill::~Fill() { release(); }
+
+StagedCopier::Fill::Sent StagedCopier::Fill::send(const char* from, uint64_t lo, uint64_t hi, int block) {
+  const int stream = std::max(block, 0);  // host memory only: no streams (and no block)
   try {
-    for (const auto& p : pieces) {
-      const auto& d = dests_[static_cast<size_t>(p.dest)];
-      d.device->copy_from_host(d.base + p.dest_offset, from + p.chunk_offset, p.length, slot);
+    for (const auto& p : pieces_) {
+      const uint64_t a = std::max(lo, p.chunk_offset);
+      const uint64_t b = std::min(hi, p.chunk_offset + p.length);
+      if (a >= b) continue;
+      const auto& d = c_.dests_[static_cast<size_t>(p.dest)];
+      d.device->copy_from_host(d.base + p.dest_offset + (a - p.chunk_offset), from + (a - lo), b - a, stream);
     }
-    for (Device* dev : devices_) dev->wait(slot, dev->record(slot));  // the buffer is free again
+    Sent sent{block, {}};
+    for (Device* dev : c_.devices_) sent.tokens.push_back(dev->record(stream));
+    return sent;
   } catch (...) {
-    // Copies issued before the failure may still read the buffer: let them finish (best effort)
-    // before another thread takes it.
-    for (Device* dev : devices_) {
+    // Copies issued before the failure may still read `from`: let them finish (best effort).
+    for (Device* dev : c_.devices_) {
       try {
-        dev->wait(slot, dev->record(slot));
+        dev->wait(stream, dev->record(stream));
       } catch (...) {
       }
     }
     throw;
   }
-  return digest;
+}
+
+void StagedCopier::Fill::retire(bool give_back) {
+  Sent sent = std::move(sent_.front());
+  sent_.pop_front();
+  struct GiveBack {  // even if a wait fails: the copies have failed, or finished
+    StagedCopier& c;
+    int block;
+    ~GiveBack() {
+      if (block >= 0) c.give(c.blocks_, block);
+    }
+  } guard{c_, give_back ? sent.block : -1};
+  for (size_t i = 0; i < c_.devices_.size(); ++i) c_.devices_[i]->wait(sent.block, sent.tokens[i]);
+}
+
+void StagedCopier::Fill::add(const char* src, size_t len) {
+  if (len > n_ - pos_)
+    throw Error(ErrorKind::kFormat, "more bytes than the chunk's " + std::to_string(n_) + " (" +
+                                        std::to_string(pos_) + " + " + std::to_string(len) + ")");
+  if (c_.devices_.empty()) {  // host memory only: plain copies
+    hash_.update(src, len);
+    send(src, pos_, pos_ + len, -1);
+    pos_ += len;
+    return;
+  }
+  while (len > 0) {
+    if (block_ < 0) {
+      block_ = c_.try_take(c_.blocks_);
+      if (block_ < 0) {  // none free: wait holding none (no fill waits for a block another holds while waiting)
+        while (!sent_.empty()) retire(true);
+        block_ = c_.take(c_.blocks_, true);
+      }
+      block_from_ = pos_;
+    }
+    HostBuffer& buf = c_.blocks_.buffers[static_cast<size_t>(block_)];
+    if (buf.data() == nullptr) {  // no page-locked block: straight from src, done before returning
+      hash_.update(src, len);
+      sent_.push_back(send(src, pos_, pos_ + len, block_));
+      block_ = -1;
+      pos_ += len;
+      while (!sent_.empty()) retire(true);
+      return;
+    }
+    const size_t at = pos_ - block_from_;
+    const size_t k = std::min(len, c_.block_size_ - at);
+    hash_.copy_update(static_cast<char*>(buf.data()) + at, src, k);
+    pos_ += k;
+    src += k;
+    len -= k;
+    if (at + k == c_.block_size_ || pos_ == n_) {  // full: on to the destinations
+      sent_.push_back(send(static_cast<const char*>(buf.data()), block_from_, pos_, block_));
+      block_ = -1;
+      while (sent_.size() > 1) retire(true);  // one block in flight while the next fills
+    }
+  }
+}
+
+uint64_t StagedCopier::Fill::finish() {
+  if (pos_ != n_)
+    throw Error(ErrorKind::kFormat, "the chunk ended after " + std::to_string(pos_) + " of its " +
+                                        std::to_string(n_) + " bytes");
+  while (!sent_.empty()) retire(true);
+  return hash_.digest();
+}
+
+void StagedCopier::Fill::release() noexcept {
+  if (block_ >= 0) {  // nothing sent from it
+    c_.give(c_.blocks_, block_);
+    block_ = -1;
+  }
+  while (!sent_.empty()) {
+    try {
+      retire(true);
+    } catch (...) {  // never throw from a destructor: the block is given back all the same
+    }
+  }
 }
 
 void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
@@ -219,7 +303,7 @@ void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
     pos = std::max(pos, hi);
   }
   if (pos < n) std::memset(dst + pos, 0, n - pos);
-  const int stream = static_cast<int>(slots_.buffers.size()) + reader;
+  const int stream = static_cast<int>(blocks_.buffers.size()) + reader;
   auto wait_all = [&] {
     for (Device* dev : devices_) dev->wait(stream, dev->record(stream));
   };

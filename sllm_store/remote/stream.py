@@ -7,15 +7,19 @@ at a time:
 
 1. a ranged GET (``obstore``, GIL released; compressed chunks are then decoded, in C++);
 2. the copy of the chunk's pieces into their destinations and its checksum, in one pass
-   (``_C.StagedCopier``: for a GPU a memcpy into one of 8 reused page-locked staging buffers,
-   checksummed block by block as it goes, then a DMA from it);
+   (``_C.StagedCopier``: for a GPU a memcpy into reused 4 MiB page-locked staging blocks,
+   checksummed as it goes, each block DMAed on as soon as it is full). With
+   ``SLLM_STORE_STREAM_GETS`` (off by default: slower on the 16-core GPU machine, see
+   ``cache.stream_piece``), a plain chunk whose every tensor byte the load holds is streamed
+   to a GPU instead: the GET's body goes into the staging blocks piece by piece as it arrives
+   (``Download.fetch_chunk(fill=...)``) and no buffer for the whole chunk is made;
 3. the write-through into the cache's partial download, on write-behind threads that write
    with O_DIRECT (``SLLM_STORE_CACHE_IO``), so that neither the disk nor the page cache holds up
    the GETs. For a GPU the chunk is written from the device: a write-behind thread copies it back
    into one of 4 page-locked buffers of the copier (a DMA), checks it against its checksum and
-   writes it from there (``Download._store_read_back``). So the GET's buffer is freed as soon as
-   the chunk is on the GPU: when the disk is slower than the network, the chunks waiting for it
-   take no memory, and later GETs reuse freed buffers rather than fault in fresh ones. A chunk
+   writes it from there (``Download._store_read_back``). So no host copy of the chunk waits
+   for the disk: when the disk is slower than the network, the chunks waiting for it take no
+   memory. A chunk
    changed on the device before it was written is fetched again. Other chunks (host memory,
    checkpoints without checksums) wait for their write in the GET's buffer
    (``SLLM_STORE_WRITE_BEHIND`` bytes may wait); each such GET starts a few KiB early, so that
@@ -44,7 +48,8 @@ from sllm_store.utils import parallel_map
 
 logger = logging.getLogger(__name__)
 
-STAGING_SLOTS = 8  # page-locked staging buffers (and streams) of a streamed load to a GPU
+STAGING_BLOCK = 4 << 20  # the page-locked staging blocks of a streamed load to a GPU: their size,
+STAGING_BLOCKS = 0  # and number (and streams; 0: two per GET in flight, and 8 more)
 READ_BACK_BUFFERS = 4  # page-locked buffers (and streams) that cache writes read chunks back into
 
 
@@ -97,15 +102,17 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     for seg in plan.segments:
         by_unit.setdefault(seg[0], []).append(seg)
 
-    # Copies each chunk's pieces into place (for a GPU through one of STAGING_SLOTS reused page-locked
-    # buffers, a memcpy fused with the chunk's checksum, then a DMA), returning the checksum.
-    # No more buffers than chunks can be copied at once (by the 2 * remote_gets workers): they
-    # are made up front, while the first GETs are in flight.
-    slots = max(1, min(STAGING_SLOTS, 2 * config.remote_gets, len(by_unit)))
+    # Copies each chunk's pieces into place (for a GPU through reused page-locked staging blocks,
+    # a memcpy fused with the chunk's checksum, then a DMA per block), returning the checksum.
+    # A chunk holds at most two blocks at a time; they are made up front, while the first GETs
+    # are in flight, and no more than the load's bytes fill.
+    blocks = STAGING_BLOCKS or 2 * config.remote_gets + 8
+    blocks = max(1, min(blocks, -(-sum(u[2] for u in plan.units) // STAGING_BLOCK)))
     to_device = any(dev.type != "cpu" for dev in plan.devices)
-    # The cache is written from the device (see the module's docstring) where it can be.
+    # The cache is written from the device (see the module's docstring) where it can be: only
+    # then are chunks streamed into the staging blocks.
     readers = READ_BACK_BUFFERS if to_device and d.can_read_back else 0
-    copier = _C.StagedCopier(dests, index.chunk_size, slots, readers)
+    copier = _C.StagedCopier(dests, STAGING_BLOCK, blocks, readers, index.chunk_size)
     covered = _covered_units(index, plan, by_unit) if readers else set()
 
     def read_back(pieces: list[tuple[int, int, int, int]], n: int) -> Any:
@@ -116,7 +123,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         f_i, off, length, _ = plan.units[u]
         c = off // index.chunk_size
         pieces = [(coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
-        data, stored = d.fetch_chunk(f_i, c, deliver=(lambda b: copier.copy(b, pieces)) if pieces else None)
+        data, stored = d.fetch_chunk(f_i, c, deliver=(lambda b: copier.copy(b, pieces)) if pieces else None,
+                                     fill=(lambda n: copier.fill(n, pieces)) if u in covered else None)
         if not stored:
             # The cache write, off this thread: of what is on the device now, or of the GET's
             # buffer (held until then, as memory allows).
@@ -159,6 +167,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                # chunks cached from the device (and fetched again): the same
                                # dict, counted until the write-behind is done
                                "read_backs": d.read_backs,
+                               # chunks whose GET went into the staging blocks as it arrived
+                               "streamed_gets": d.streamed_gets,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
