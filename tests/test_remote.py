@@ -463,12 +463,13 @@ def test_streaming_remote_load_to_gpu(env) -> None:
         assert_state_dict_identical(again, sd)
 
 
-REMOTE_TO_FAKE_GPU = """
-    import ctypes, os, sys, torch, sllm_store
+# The start of a script that loads to cuda:0 through tests/fake_cuda.cpp (subprocess).
+FAKE_GPU_PRELUDE = """
+    import ctypes, os, sys, obstore, torch, sllm_store
     from sllm_store import _C, loader
+    from sllm_store.errors import ChecksumError, RemoteError
     from sllm_store.remote import cache, stream
 
-    url, local, streamed = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
     assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
 
     def allocate(dev, size):  # the fake driver's "device memory" is host memory
@@ -478,6 +479,10 @@ REMOTE_TO_FAKE_GPU = """
     loader._allocate = allocate
     views = loader._views
     loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
+"""
+
+REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
+    url, local, streamed = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
     stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
     cache.STREAM_PIECE = (4 << 10) if streamed else 0  # several pieces per chunk
     out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
@@ -540,22 +545,8 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
         assert refetched == 0 and copies_back >= written, r.stdout
 
 
-REMOTE_STREAM_FAULTS_TO_FAKE_GPU = """
-    import sys, obstore, torch, sllm_store
-    from sllm_store import _C, loader
-    from sllm_store.errors import ChecksumError, RemoteError
-    from sllm_store.remote import cache
-
+REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     url, bad_url, local = sys.argv[-3:]
-    assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
-
-    def allocate(dev, size):  # the fake driver's "device memory" is host memory
-        buf = torch.zeros(size + 4096, dtype=torch.uint8)
-        return buf, -buf.data_ptr() % 4096
-
-    loader._allocate = allocate
-    views = loader._views
-    loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
     cache.STREAM_PIECE = 4 << 10
     real_get, fault = obstore.get, {"now": ""}
 
