@@ -16,7 +16,9 @@ loopback, so that the effect can be seen without a GPU. ``--disk-gbps`` emulates
 that speed (one O_DIRECT write at a time, each held for ``bytes / speed``), as the GPU machine's
 disk is slower than its loopback GETs. ``SLLM_STORE_REUSE_GET_BUFFERS=1`` (freed GET buffers
 reused from the heap) applies to both variants: without it, every GET buffer is fresh memory
-anyway. Each variant runs in a fresh process, ``--reps`` loads each (the first is a warm-up and
+anyway. ``streamed`` is ``read_back`` with every plain chunk's GET streamed into the staging
+blocks in 256 KiB pieces (``SLLM_STORE_STREAM_GETS``), so that no buffer holds a whole chunk.
+Each variant (``--variants``) runs in a fresh process, ``--reps`` loads each (the first is a warm-up and
 not counted in the best). The numbers are only a proxy: host "device" memory costs page faults
 of its own, and the real DMA and disk are elsewhere. Example::
 
@@ -47,6 +49,7 @@ from bench_load import write_json  # noqa: E402
 from bench_remote import BUCKET, KEY, SECRET, start_weed  # noqa: E402
 
 log = logging.getLogger("bench_read_back")
+VARIANTS = ("read_back", "body", "streamed")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,6 +74,7 @@ def child(args: argparse.Namespace) -> None:
     loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
     if args.variant == "body":
         stream.READ_BACK_BUFFERS = 0
+    cache.STREAM_PIECE = (256 << 10) if args.variant == "streamed" else 0
     if args.disk_gbps:
         disk = threading.Lock()
         real = _C.write_direct
@@ -93,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
         del out
         print(json.dumps({"seconds": seconds, "gbps": rep.bytes / seconds / 1e9, "durable_s": durable,
                           "cpu_client_s": t1.user + t1.system - t.user - t.system, "minor_faults": f1 - f0,
-                          "read_backs": rep.stats["read_backs"],
+                          "read_backs": rep.stats["read_backs"], "streamed_gets": rep.stats["streamed_gets"],
                           "direct_writes": rep.stats["direct_writes"]}),
               flush=True)
 
@@ -107,9 +111,15 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--disk-gbps", type=float, default=0.25,
                     help="emulated cache disk speed (0: the real one)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--variant", choices=["read_back", "body"], help=argparse.SUPPRESS)
+    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x],
+                    default=["read_back", "body"],
+                    help="loads to compare, in fresh processes: read_back, body, streamed (default "
+                         "read_back,body); each is compared with the first")
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if set(args.variants) - set(VARIANTS) or not args.variants:
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if args.variant:
         child(args)
         return 0
@@ -136,7 +146,7 @@ def main(argv: List[str] | None = None) -> int:
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
             os.environ[k] = env[k]  # for the upload, from this process
         upload(args.src, url, quiet=True)
-        for variant in ("read_back", "body"):
+        for variant in args.variants:
             r = subprocess.run([sys.executable, __file__, "--src", str(args.src), "--variant", variant,
                                 "--url", url, "--threads", str(args.threads), "--reps", str(args.reps),
                                 "--disk-gbps", str(args.disk_gbps)], env=env, capture_output=True, text=True,
@@ -154,13 +164,15 @@ def main(argv: List[str] | None = None) -> int:
 
     print(f"\n{'load':10} {'round':>5} {'GB/s':>6} {'load s':>7} {'durable s':>10} {'client CPU s':>13} "
           f"{'faults':>9}")
-    for variant in ("read_back", "body"):
+    for variant in args.variants:
         for i, r in enumerate(results[variant]):
             print(f"{variant:10} {i:5} {r['gbps']:6.2f} {r['seconds']:7.2f} {r['durable_s']:10.2f} "
                   f"{r['cpu_client_s']:13.2f} {r['minor_faults']:9d}")
-    best = {v: max(r["gbps"] for r in results[v][1:] or results[v]) for v in ("read_back", "body")}
-    results["read_back_vs_body"] = best["read_back"] / best["body"]
-    print(f"read_back vs body (best after the warm-up): {results['read_back_vs_body']:.2f}x")
+    best = {v: max(r["gbps"] for r in results[v][1:] or results[v]) for v in args.variants}
+    first = args.variants[0]
+    for v in args.variants[1:]:
+        results[f"{first}_vs_{v}"] = best[first] / best[v]
+        print(f"{first} vs {v} (best after the warm-up): {results[f'{first}_vs_{v}']:.2f}x")
     if args.json:
         write_json(args.json, results)
     return 0

@@ -5,12 +5,27 @@
 #include <new>
 #include <stdexcept>
 
+#include "format/xxh3_avx2.h"
+
 #define XXH_INLINE_ALL
 #include "xxhash/xxhash.h"
 
 namespace sllm {
 
-uint64_t xxh3_64(const void* data, size_t size) { return XXH3_64bits(data, size); }
+namespace {
+// Every XXH3 of the library goes through these two: AVX2 where the CPU has it.
+uint64_t hash(const void* data, size_t size) {
+  return xxh3_avx2::available() ? xxh3_avx2::hash(data, size) : XXH3_64bits(data, size);
+}
+void update(XXH3_state_t* state, const void* data, size_t size) {
+  if (xxh3_avx2::available())
+    xxh3_avx2::update(state, data, size);
+  else
+    XXH3_64bits_update(state, data, size);
+}
+}  // namespace
+
+uint64_t xxh3_64(const void* data, size_t size) { return hash(data, size); }
 
 struct Xxh3::State {
   XXH3_state_t* s = XXH3_createState();
@@ -24,7 +39,7 @@ Xxh3::Xxh3() : state_(new State()) {
 
 Xxh3::~Xxh3() = default;
 
-void Xxh3::update(const void* data, size_t size) { XXH3_64bits_update(state_->s, data, size); }
+void Xxh3::update(const void* data, size_t size) { sllm::update(state_->s, data, size); }
 
 void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   constexpr size_t kBlock = 256u << 10;  // fits in L2 with room to spare
@@ -33,7 +48,7 @@ void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   for (size_t pos = 0; pos < size; pos += kBlock) {
     const size_t n = std::min(kBlock, size - pos);
     std::memcpy(d + pos, s + pos, n);
-    XXH3_64bits_update(state_->s, d + pos, n);
+    sllm::update(state_->s, d + pos, n);
   }
 }
 
@@ -62,7 +77,7 @@ void ChunkHasher::update(const void* data, size_t size) {
   const char* p = static_cast<const char*>(data);
   while (size > 0) {
     uint64_t take = std::min<uint64_t>(size, chunk_size_ - in_chunk_);
-    XXH3_64bits_update(state_->s, p, take);
+    sllm::update(state_->s, p, take);
     p += take;
     size -= take;
     in_chunk_ += take;
