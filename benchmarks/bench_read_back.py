@@ -16,8 +16,8 @@ loopback, so that the effect can be seen without a GPU. ``--disk-gbps`` emulates
 that speed (one O_DIRECT write at a time, each held for ``bytes / speed``), as the GPU machine's
 disk is slower than its loopback GETs. ``SLLM_STORE_REUSE_GET_BUFFERS=1`` (freed GET buffers
 reused from the heap) applies to both variants: without it, every GET buffer is fresh memory
-anyway. ``streamed`` is ``read_back`` with every plain chunk's GET streamed into the staging
-blocks in 256 KiB pieces (``SLLM_STORE_STREAM_GETS``), so that no buffer holds a whole chunk.
+anyway. ``read_back`` fetches each chunk as the library does, in GETs of 16 MiB
+(``SLLM_STORE_GET_PIECE``); ``whole_gets`` is ``read_back`` with one GET per chunk.
 Each variant (``--variants``) runs in a fresh process, ``--reps`` loads each (the first is a warm-up and
 not counted in the best). The numbers are only a proxy: host "device" memory costs page faults
 of its own, and the real DMA and disk are elsewhere. Example::
@@ -49,7 +49,7 @@ from bench_load import write_json  # noqa: E402
 from bench_remote import BUCKET, KEY, SECRET, start_weed  # noqa: E402
 
 log = logging.getLogger("bench_read_back")
-VARIANTS = ("read_back", "body", "streamed")
+VARIANTS = ("read_back", "body", "whole_gets")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,7 +74,8 @@ def child(args: argparse.Namespace) -> None:
     loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
     if args.variant == "body":
         stream.READ_BACK_BUFFERS = 0
-    cache.STREAM_PIECE = (256 << 10) if args.variant == "streamed" else 0
+    if args.variant == "whole_gets":
+        cache.GET_PIECE = 0
     if args.disk_gbps:
         disk = threading.Lock()
         real = _C.write_direct
@@ -97,7 +98,7 @@ def child(args: argparse.Namespace) -> None:
         del out
         print(json.dumps({"seconds": seconds, "gbps": rep.bytes / seconds / 1e9, "durable_s": durable,
                           "cpu_client_s": t1.user + t1.system - t.user - t.system, "minor_faults": f1 - f0,
-                          "read_backs": rep.stats["read_backs"], "streamed_gets": rep.stats["streamed_gets"],
+                          "read_backs": rep.stats["read_backs"], "pieced_chunks": rep.stats["pieced_chunks"],
                           "direct_writes": rep.stats["direct_writes"]}),
               flush=True)
 
@@ -113,7 +114,7 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x],
                     default=["read_back", "body"],
-                    help="loads to compare, in fresh processes: read_back, body, streamed (default "
+                    help="loads to compare, in fresh processes: read_back, body, whole_gets (default "
                          "read_back,body); each is compared with the first")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)

@@ -6,9 +6,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 
 * ``raw GET``: parallel ranged GETs (``obstore``, 32 MiB, ``--threads``, and the remote load's
   default GET count if different; and GETs of the checkpoint's chunk size if not 32 MiB) of the
-  converted data files into memory, and the same GETs streamed in 256 KiB pieces that are
-  dropped (``raw_get_stream``, as a load with ``SLLM_STORE_STREAM_GETS`` fetches): the
-  network/server limit (the fastest of them).
+  converted data files into memory, and GETs of the size in which a load to a GPU fetches its
+  chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` (its default GETs in flight) with an
@@ -30,8 +29,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   device copies (``SLLM_STORE_CUDA_SYNC``; the default, ``block``, sleeps), and
   ``--staging-blocks 16`` one with 16 staging blocks (the library's ``STAGING_BLOCKS``; by
   default two per GET in flight, and 8 more).
-* ``--stream-pieces 262144`` adds remote loads whose GETs are streamed into the staging blocks in
-  pieces of that many bytes (``SLLM_STORE_STREAM_GETS``; off by default: each GET arrives whole).
+* ``--get-pieces 0,8388608`` adds remote loads that fetch each chunk into the staging blocks as
+  GETs of that many bytes (``SLLM_STORE_GET_PIECE``; 0: one GET per chunk; default 16 MiB).
 * ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
   adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
   default, ``direct``, writes it with O_DIRECT).
@@ -165,8 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also remote loads with SLLM_STORE_CUDA_SYNC=MODE (e.g. spin)")
     ap.add_argument("--staging-blocks", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="also remote loads with other numbers of staging blocks (e.g. 16)")
-    ap.add_argument("--stream-pieces", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also remote loads whose GETs are streamed in pieces of these sizes (bytes)")
+    ap.add_argument("--get-pieces", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also remote loads that fetch chunks as GETs of these sizes (bytes; 0: whole)")
     ap.add_argument("--unaligned", action="store_true",
                     help="also a remote load without block-aligned GETs (A/B)")
     ap.add_argument("--body-writes", action="store_true",
@@ -186,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import sllm_store
     from sllm_store import _C
     from sllm_store.config import DEFAULT_REMOTE_GETS
-    from sllm_store.remote.cache import upload, wait_for_cache
+    from sllm_store.remote.cache import get_piece, upload, wait_for_cache
     from sllm_store.remote.stream import STAGING_BLOCK
 
     cuda = args.device.startswith("cuda")
@@ -236,17 +235,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 got = sum(ex.map(lambda r: len(obstore.get_range(
                     store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
             assert got == get_bytes
-
-        def raw_get_stream(threads: int, piece: int = 256 << 10) -> None:
-            """The same GETs, each body streamed in pieces (dropped), as a remote load to a GPU
-            with SLLM_STORE_STREAM_GETS fetches its plain chunks: no buffer for a whole body."""
-            def one(r: Any) -> int:
-                name, off, n = r
-                got = obstore.get(store, f"sllm/{converted.name}/{name}", options={"range": (off, off + n)})
-                return sum(len(b) for b in got.stream(min_chunk_size=piece))
-
-            with ThreadPoolExecutor(threads) as ex:
-                assert sum(ex.map(one, ranges)) == get_bytes
 
         def runai() -> Dict[str, Any]:
             from runai_model_streamer import SafetensorsStreamer
@@ -367,11 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if DEFAULT_REMOTE_GETS != args.threads:
             n = DEFAULT_REMOTE_GETS
             contenders += [(f"raw_get_{n}t", lambda: raw_get(n), get_bytes)]
-        contenders += [(f"raw_get_stream_{DEFAULT_REMOTE_GETS}t", lambda: raw_get_stream(DEFAULT_REMOTE_GETS),
-                        get_bytes)]
-        if index.chunk_size != 32 << 20:  # and GETs of the checkpoint's chunk size
-            mib = index.chunk_size >> 20
-            contenders += [(f"raw_get_{mib}mib", lambda: raw_get(DEFAULT_REMOTE_GETS, index.chunk_size),
+        # and GETs of the checkpoint's chunk size, and of the pieces a load to a GPU fetches
+        for size in sorted({index.chunk_size, get_piece() if cuda else 0} - {0, 32 << 20}):
+            contenders += [(f"raw_get_{size >> 20}mib", lambda size=size: raw_get(DEFAULT_REMOTE_GETS, size),
                             get_bytes)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
@@ -390,8 +376,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      for m in args.cuda_sync]
         variants += [(f"sllm_remote_{k}blocks", lambda k=k: attr(remote_stream, "STAGING_BLOCKS", k))
                      for k in args.staging_blocks]
-        variants += [(f"sllm_remote_stream_{k >> 10}k", lambda k=k: attr(remote_cache, "STREAM_PIECE", k))
-                     for k in args.stream_pieces]
+        variants += [(f"sllm_remote_pieces_{k >> 20}mib" if k else "sllm_remote_whole_gets",
+                      lambda k=k: attr(remote_cache, "GET_PIECE", k)) for k in args.get_pieces]
         if args.unaligned:
             variants += [("sllm_remote_unaligned", lambda: attr(remote_cache, "ALIGNED_GETS", False))]
         if args.body_writes:

@@ -482,9 +482,9 @@ FAKE_GPU_PRELUDE = """
 """
 
 REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
-    url, local, streamed = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
+    url, local, pieces = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
     stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
-    cache.STREAM_PIECE = (4 << 10) if streamed else 0  # several pieces per chunk
+    cache.GET_PIECE = (24 << 10) if pieces else 0  # GETs of 24 + 24 + 16 KiB per 64 KiB chunk
     out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want)
@@ -501,18 +501,18 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
     rb = report.stats["read_backs"]
     print("OK", report.stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
-          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["streamed_gets"])
+          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["pieced_chunks"])
 """
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@pytest.mark.parametrize("fault, streamed", [("", False), ("", True), ("FAKE_CUDA_FLIP_COPY_BACK", True),
-                                             ("FAKE_CUDA_FAIL_COPY_BACK", False)])
-def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, streamed) -> None:
+@pytest.mark.parametrize("fault, pieces", [("", False), ("", True), ("FAKE_CUDA_FLIP_COPY_BACK", True),
+                                           ("FAKE_CUDA_FAIL_COPY_BACK", False)])
+def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, pieces) -> None:
     """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
     page-locked staging blocks made by the core, then host-to-device copies; every byte checked.
-    With SLLM_STORE_STREAM_GETS (``streamed``) plain chunks' GETs go into the blocks piece by
-    piece as they arrive.
+    With ``pieces`` (as by default, SLLM_STORE_GET_PIECE) plain chunks come as several ranged
+    GETs, each body added to the blocks; else as one GET each.
     The cache is written from the device: each chunk is copied back and checked against its
     checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
     or cannot be copied back, is fetched again, and the cache entry is still right."""
@@ -522,19 +522,19 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
 
     from _helpers import subprocess_env
 
-    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}-{int(streamed)}", compress=compress,
+    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}-{int(pieces)}", compress=compress,
                                seed=15)
     e = subprocess_env()
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
     if fault:
         e[fault] = "1"
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local),
-                        str(int(streamed))], env=e,
+                        str(int(pieces))], env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
-    _buffers, chunks, written, refetched, copies_back, gets_streamed = (int(x) for x in r.stdout.split()[1:])
-    # Streamed, plain chunks' GETs go into the staging blocks as they arrive; decoded ones never.
-    assert gets_streamed == (chunks if streamed and not compress else 0), r.stdout
+    _buffers, chunks, written, refetched, copies_back, pieced = (int(x) for x in r.stdout.split()[1:])
+    # In pieces, plain chunks' GETs go into the staging blocks one by one; decoded ones never.
+    assert pieced == (chunks if pieces and not compress else 0), r.stdout
     # Plain chunks are all cached from the device; decoded ones may have been decoded straight
     # into the cache (where O_DIRECT is refused) and then need no read-back.
     read_back = written + refetched
@@ -547,26 +547,18 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
 
 REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     url, bad_url, local = sys.argv[-3:]
-    cache.STREAM_PIECE = 4 << 10
-    real_get, fault = obstore.get, {"now": ""}
+    cache.GET_PIECE = 24 << 10  # GETs of 24 + 24 + 16 KiB per 64 KiB chunk
+    real_get_range, fault = obstore.get_range, {"now": ""}
 
-    class Body:  # a GET whose body breaks off after its first piece
-        def __init__(self, got):
-            self.got = got
+    def get_range(store, path, start, length):  # a chunk's second GET fails or comes back short
+        body = real_get_range(store, path, start=start, length=length)
+        if start % (64 << 10) == 24 << 10 and fault["now"] == "reset":
+            raise ConnectionResetError("connection reset by peer (test)")
+        if start % (64 << 10) == 24 << 10 and fault["now"] == "short":
+            return bytes(memoryview(body)[:-1])
+        return body
 
-        def __getattr__(self, name):
-            return getattr(self.got, name)
-
-        def stream(self, min_chunk_size):
-            for piece in self.got.stream(min_chunk_size=min_chunk_size):
-                if fault["now"] == "short":
-                    yield piece[:-1]
-                    return
-                yield piece
-                if fault["now"] == "reset":
-                    raise ConnectionResetError("connection reset by peer (test)")
-
-    obstore.get = lambda *a, **k: Body(real_get(*a, **k))
+    obstore.get_range = get_range
     for fault["now"], err in (("reset", RemoteError), ("short", RemoteError), ("", ChecksumError)):
         try:
             loader.load_state_dict_with_report(bad_url if err is ChecksumError else url, "cuda:0",
@@ -581,14 +573,15 @@ REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
     assert cache.wait_for_cache(timeout=60)
     assert [e.url for e in cache.entries()] == [url], cache.entries()
-    print("OK", report.stats["streamed_gets"] > 0)
+    print("OK", report.stats["pieced_chunks"] > 0)
 """
 
 
-def test_streamed_gets_to_fake_gpu_fail_cleanly(env, fake_libcuda) -> None:
-    """GETs streamed into the staging blocks (a load to a GPU, through the fake driver): a body
-    that breaks off, one that ends short, and a corrupted object each fail the load with the
-    library's error (and cache nothing); the next load resumes and completes the cache entry."""
+def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) -> None:
+    """Chunks fetched in pieces into the staging blocks (a load to a GPU, through the fake
+    driver): a second GET that fails, one that comes back short, and a corrupted object each fail
+    the load with the library's error (and cache nothing), with the first piece already on its
+    way to the device; the next load resumes and completes the cache entry."""
     import subprocess
     import sys
     import textwrap
@@ -1305,17 +1298,19 @@ def test_unreachable_store_falls_back_to_the_cached_copy(env, monkeypatch, caplo
         sllm_store.load_state_dict(url)
 
 
-def test_stream_gets_setting(monkeypatch) -> None:
-    """SLLM_STORE_STREAM_GETS: GETs streamed into the staging blocks in pieces of that size;
-    off when unset; a bad value is an error that names the variable."""
+def test_get_piece_setting(monkeypatch) -> None:
+    """SLLM_STORE_GET_PIECE: chunks fetched into the staging blocks as GETs of that size; 16 MiB
+    when unset, one GET per chunk with 0; a bad value is an error that names the variable."""
     from sllm_store.remote import cache
 
-    monkeypatch.delenv("SLLM_STORE_STREAM_GETS", raising=False)
-    assert cache.stream_piece() == 0
-    monkeypatch.setenv("SLLM_STORE_STREAM_GETS", "1MiB")
-    assert cache.stream_piece() == 1 << 20
-    monkeypatch.setenv("SLLM_STORE_STREAM_GETS", "lots")
-    with pytest.raises(ValueError, match="SLLM_STORE_STREAM_GETS"):
-        cache.stream_piece()
-    monkeypatch.setattr(cache, "STREAM_PIECE", 4096)  # the bench's A/B
-    assert cache.stream_piece() == 4096
+    monkeypatch.delenv("SLLM_STORE_GET_PIECE", raising=False)
+    assert cache.get_piece() == 16 << 20
+    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "8MiB")
+    assert cache.get_piece() == 8 << 20
+    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "0")
+    assert cache.get_piece() == 0
+    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "lots")
+    with pytest.raises(ValueError, match="SLLM_STORE_GET_PIECE"):
+        cache.get_piece()
+    monkeypatch.setattr(cache, "GET_PIECE", 4096)  # the bench's A/B
+    assert cache.get_piece() == 4096

@@ -229,7 +229,7 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
   while (len > 0) {
     if (block_ < 0) {
       block_ = c_.try_take(c_.blocks_);
-      if (block_ < 0) {  // none free: wait holding none (no fill waits for a block another holds while waiting)
+      if (block_ < 0) {  // none free: wait holding none, so that no two fills wait on each other
         while (!sent_.empty()) retire(true);
         block_ = c_.take(c_.blocks_, true);
       }

@@ -61,10 +61,10 @@ _BLOCK = 4096  # O_DIRECT alignment of cache writes (memory and file offsets)
 # block-aligned (Download._lead): the few KiB fetched twice are then under 0.4 % of a GET.
 _ALIGNED_GET_MIN = 1 << 20
 ALIGNED_GETS = True  # bench_remote turns it off for an A/B
-# GETs streamed into a load's staging blocks (fetch_chunk(fill=...)) come in pieces of at least
-# this many bytes (0: none is streamed; each GET arrives whole in a buffer of its own). None:
-# SLLM_STORE_STREAM_GETS, off by default (see stream_piece()). bench_remote patches it.
-STREAM_PIECE: Optional[int] = None
+# A chunk fetched into a load's staging blocks (fetch_chunk(fill=...)) comes as ranged GETs of
+# this many bytes each (0: one GET). None: SLLM_STORE_GET_PIECE, by default 16 MiB (see
+# get_piece()). bench_remote patches it.
+GET_PIECE: Optional[int] = None
 
 
 def _mark() -> tuple[float, float]:
@@ -146,7 +146,7 @@ class Download:
         # Chunks written to the cache from what the load put on the device (store_read_back), and
         # those of them fetched again because it no longer matched their checksum.
         self.read_backs = {"written": 0, "refetched": 0}
-        self.streamed_gets = 0  # chunks streamed into a load's staging blocks (fetch_chunk(fill=...))
+        self.pieced_chunks = 0  # chunks fetched in pieces into staging blocks (fetch_chunk(fill=...))
         self._heap_released = False  # reuse_get_buffers: the free heap handed back at close
         # Thread-seconds spent per stage of fetch_chunk() and the cache writes, of wall-clock time
         # and of CPU time: where a download's time goes (load reports).
@@ -394,9 +394,9 @@ class Download:
         this returns, the delivered bytes are not verified: a ChecksumError means they are wrong.
 
         ``fill(n)``, if given, returns a ``_C.StagedFill`` for a chunk of ``n`` bytes: a plain
-        (not encoded) chunk's GET is then streamed into it piece by piece as it arrives, no
-        buffer holds the chunk, and ``data`` is None; the caller caches it some other way (a
-        read-back function). Other chunks go to ``deliver``.
+        (not encoded) chunk is then fetched as ranged GETs of :func:`get_piece` bytes, each body
+        added to it and freed, no buffer holds the whole chunk, and ``data`` is None; the
+        caller caches it some other way (a read-back function). Other chunks go to ``deliver``.
         """
         import obstore
 
@@ -417,9 +417,9 @@ class Download:
             off, length = c * cs, raw_len
         where = self._where(f_i, c)
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
-        piece = stream_piece() if fill is not None and not decoded and length else 0
+        piece = get_piece() if fill is not None and not decoded and length else 0
         if piece:
-            return self._stream_chunk(f_i, c, off, length, fill(length), piece), False
+            return self._fetch_in_pieces(f_i, c, off, length, fill(length), piece), False
         lead = 0 if decoded else self._lead(f_i, off)
         with self._get_slots:
             if self._failed is not None:
@@ -482,49 +482,44 @@ class Download:
             return data, True
         return data, False
 
-    def _stream_chunk(self, f_i: int, c: int, off: int, length: int, sink: Any, piece_size: int) -> None:
+    def _fetch_in_pieces(self, f_i: int, c: int, off: int, length: int, sink: Any, piece: int) -> None:
         """:meth:`fetch_chunk` of plain chunk ``c`` of file ``f_i`` (``length`` bytes at ``off`` in
-        the object) into ``sink`` (a ``_C.StagedFill``): the GET's body as it arrives, in pieces
-        of at least ``piece_size`` bytes; then its checksum is checked."""
+        the object) into ``sink`` (a ``_C.StagedFill``): ranged GETs of ``piece`` bytes, one
+        after the other in one GET slot, each body added and freed; then its checksum is
+        checked."""
         import obstore
 
         f = self.index.files[f_i]
         where = self._where(f_i, c)
-        got = 0
-        copy_wall = copy_cpu = 0.0
+        get = (0.0, 0.0)
         with self._get_slots, sink:
             if self._failed is not None:
                 raise _same_error(self._failed)
             m0 = _mark()
-            try:
-                body = obstore.get(self.store, f.name, options={"range": (off, off + length)})
-                for piece in body.stream(min_chunk_size=piece_size):
-                    got += len(piece)
-                    if got > length:
-                        raise RemoteError(f"{where}: the object's range is longer than its index says")
-                    w0, c0 = _mark()
-                    sink.add(piece)
-                    w1, c1 = _mark()
-                    copy_wall += w1 - w0
-                    copy_cpu += c1 - c0
-            except SllmStoreError:
-                raise
-            except Exception as e:
-                self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
-                raise self._failed from None
-            if got != length:
-                raise RemoteError(f"{where}: the object is shorter than its index says")
-            m1 = _mark()
+            for start in range(off, off + length, piece):
+                n = min(piece, off + length - start)
+                g0 = _mark()
+                try:
+                    body = obstore.get_range(self.store, f.name, start=start, length=n)
+                except Exception as e:
+                    self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
+                    raise self._failed from None
+                g1 = _mark()
+                get = (get[0] + g1[0] - g0[0], get[1] + g1[1] - g0[1])
+                if len(body) != n:
+                    raise RemoteError(f"{where}: the object is shorter than its index says")
+                sink.add(body)
+                del body  # before the next GET: its memory is the next body's
             digest = sink.finish()
-            m2 = _mark()
+            m1 = _mark()
         if f.checksums and digest != f.checksums[c]:
             raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
                                 "nothing was cached")
         with self._lock:
             self.bytes_downloaded += length
-            self.streamed_gets += 1
-        # The copies ran between the pieces' arrivals: "get" is the GET without them.
-        self.add_seconds([m0, (m1[0] - copy_wall, m1[1] - copy_cpu), m1, m2], "get", "copy", "copy")
+            self.pieced_chunks += 1
+        # The GETs and the copies took turns: "copy" is the rest of the time.
+        self.add_seconds([m0, (m0[0] + get[0], m0[1] + get[1]), m1], "get", "copy")
 
     def _cache_failed(self, e: CacheError) -> None:
         """A cache write failed: raise it (``cache_errors="raise"``), or keep the first and stop
@@ -865,22 +860,23 @@ def reuse_get_buffers(chunk_size: int) -> bool:
     return _reusing_get_buffers
 
 
-def stream_piece() -> int:
-    """The piece size of GETs streamed into a load's staging blocks, 0 if they are not:
-    ``SLLM_STORE_STREAM_GETS`` (e.g. ``256KiB``; off by default).
+def get_piece() -> int:
+    """The size of the ranged GETs that fetch a chunk into a load's staging blocks, 0 for one GET
+    per chunk: ``SLLM_STORE_GET_PIECE`` (e.g. ``8MiB``), by default 16 MiB.
 
-    Streamed, a GET's body goes into the page-locked staging blocks piece by piece, copied while
-    it is still in the CPU cache, and no buffer for the whole chunk is made: on the 2-core
-    machine raw GETs so took 0.67 s of client CPU per GB instead of 1.1, and ran faster. On the
-    16-core GPU machine they used half the CPU but ran slower (3.5-3.9 GB/s against 4.6-5.0),
-    and so did the load (2.5-2.7 against 4.2-4.3 GB/s; docs/benchmarks.md, session 8): obstore's
-    iterator reads the socket only while the caller asks for the next piece, so a connection
-    stalls while its thread copies or waits for the GIL. Worth it only where the client's CPU is
-    the limit.
+    glibc serves a block of up to 32 MiB from the heap once one that size has been freed (its
+    mmap threshold rises to it), but a 32 MiB chunk's body is a little more: every whole-chunk
+    GET is a fresh mapping, faulted in page by page (244 k faults per GB, 60 % of the raw GETs'
+    CPU; docs/benchmarks.md, run X). Two 16 MiB GETs per chunk, each body added to the staging
+    blocks and freed before the next GET, reuse freed heap memory with glibc's defaults: on the
+    2-core machine raw GETs so ran 35-45 % faster, with half the CPU and almost no faults. It is
+    what ``SLLM_STORE_REUSE_GET_BUFFERS=1`` does, without changing malloc for the process (on
+    the GPU machine that made the load 10-20 % faster, with 40 % less client CPU: runs Z3, Z4).
     """
-    if STREAM_PIECE is not None:
-        return STREAM_PIECE
-    return env_size("SLLM_STORE_STREAM_GETS") or 0
+    if GET_PIECE is not None:
+        return GET_PIECE
+    value = env_size("SLLM_STORE_GET_PIECE")
+    return 16 << 20 if value is None else value
 
 
 def write_behind_limit() -> int:

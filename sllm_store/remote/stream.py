@@ -8,19 +8,19 @@ at a time:
 1. a ranged GET (``obstore``, GIL released; compressed chunks are then decoded, in C++);
 2. the copy of the chunk's pieces into their destinations and its checksum, in one pass
    (``_C.StagedCopier``: for a GPU a memcpy into reused 4 MiB page-locked staging blocks,
-   checksummed as it goes, each block DMAed on as soon as it is full). With
-   ``SLLM_STORE_STREAM_GETS`` (off by default: slower on the 16-core GPU machine, see
-   ``cache.stream_piece``), a plain chunk whose every tensor byte the load holds is streamed
-   to a GPU instead: the GET's body goes into the staging blocks piece by piece as it arrives
-   (``Download.fetch_chunk(fill=...)``) and no buffer for the whole chunk is made;
+   checksummed as it goes, each block DMAed on as soon as it is full). For a GPU, a plain
+   chunk whose every tensor byte the load holds is fetched as two 16 MiB GETs
+   (``cache.get_piece``, ``SLLM_STORE_GET_PIECE``), each body added to the staging blocks and
+   freed before the next GET (``Download.fetch_chunk(fill=...)``): glibc then reuses the
+   freed bodies from its heap, where a whole 32 MiB chunk's body is a fresh mapping, faulted
+   in page by page;
 3. the write-through into the cache's partial download, on write-behind threads that write
    with O_DIRECT (``SLLM_STORE_CACHE_IO``), so that neither the disk nor the page cache holds up
    the GETs. For a GPU the chunk is written from the device: a write-behind thread copies it back
    into one of 4 page-locked buffers of the copier (a DMA), checks it against its checksum and
    writes it from there (``Download._store_read_back``). So no host copy of the chunk waits
    for the disk: when the disk is slower than the network, the chunks waiting for it take no
-   memory. A chunk
-   changed on the device before it was written is fetched again. Other chunks (host memory,
+   memory. A chunk changed on the device before it was written is fetched again. Other chunks (host memory,
    checkpoints without checksums) wait for their write in the GET's buffer
    (``SLLM_STORE_WRITE_BEHIND`` bytes may wait); each such GET starts a few KiB early, so that
    its chunk arrives 4 KiB-aligned and is written from where it arrived (``Download._lead``).
@@ -167,8 +167,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                # chunks cached from the device (and fetched again): the same
                                # dict, counted until the write-behind is done
                                "read_backs": d.read_backs,
-                               # chunks whose GET went into the staging blocks as it arrived
-                               "streamed_gets": d.streamed_gets,
+                               # chunks fetched in pieces (get_piece) into the staging blocks
+                               "pieced_chunks": d.pieced_chunks,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
