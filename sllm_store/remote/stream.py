@@ -20,8 +20,8 @@ at a time:
    into one of 4 page-locked buffers of the copier (a DMA), checks it against its checksum and
    writes it from there (``Download._store_read_back``). So no host copy of the chunk waits
    for the disk: when the disk is slower than the network, the chunks waiting for it take no
-   memory. A chunk changed on the device before it was written is fetched again. Other chunks (host memory,
-   checkpoints without checksums) wait for their write in the GET's buffer
+   memory. A chunk changed on the device before it was written is fetched again. Other chunks
+   (host memory, checkpoints without checksums) wait for their write in the GET's buffer
    (``SLLM_STORE_WRITE_BEHIND`` bytes may wait); each such GET starts a few KiB early, so that
    its chunk arrives 4 KiB-aligned and is written from where it arrived (``Download._lead``).
 
@@ -110,7 +110,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     blocks = max(1, min(blocks, -(-sum(u[2] for u in plan.units) // STAGING_BLOCK)))
     to_device = any(dev.type != "cpu" for dev in plan.devices)
     # The cache is written from the device (see the module's docstring) where it can be: only
-    # then are chunks streamed into the staging blocks.
+    # then are chunks fetched in pieces into the staging blocks.
     readers = READ_BACK_BUFFERS if to_device and d.can_read_back else 0
     copier = _C.StagedCopier(dests, STAGING_BLOCK, blocks, readers, index.chunk_size)
     covered = _covered_units(index, plan, by_unit) if readers else set()
