@@ -75,6 +75,14 @@ py::bytes regrouped(const py::buffer& b, int group, void (*fn)(const char*, char
 using ChunkTuple = std::tuple<int, uint64_t, uint64_t, std::optional<uint64_t>>;
 using SegmentTuple = std::tuple<int, uint64_t, int, uint64_t, uint64_t>;
 using DestTuple = std::tuple<std::string, uint64_t, uint64_t>;
+using PieceTuple = std::tuple<uint64_t, int, uint64_t, uint64_t>;  // chunk_offset, dest, dest_offset, length
+
+std::vector<StagedCopier::Piece> to_pieces(const std::vector<PieceTuple>& pieces) {
+  std::vector<StagedCopier::Piece> ps;
+  ps.reserve(pieces.size());
+  for (const auto& [coff, dest, doff, n] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, n});
+  return ps;
+}
 
 using EncodingTuple = std::optional<std::tuple<uint64_t, uint64_t, int, int>>;
 
@@ -273,12 +281,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("reader_size") = 0)
       .def(
           "copy",
-          [](StagedCopier& c, const py::buffer& data,
-             const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces) {
+          [](StagedCopier& c, const py::buffer& data, const std::vector<PieceTuple>& pieces) {
             py::buffer_info info = contiguous_bytes(data);
-            std::vector<StagedCopier::Piece> ps;
-            ps.reserve(pieces.size());
-            for (const auto& [coff, dest, doff, n] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, n});
+            std::vector<StagedCopier::Piece> ps = to_pieces(pieces);
             py::gil_scoped_release nogil;
             return c.copy(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize), ps);
           },
@@ -287,11 +292,8 @@ PYBIND11_MODULE(_C, m) {
           "destinations; returns the chunk's XXH3-64 when the copies are done.")
       .def(
           "fill",
-          [](StagedCopier& c, uint64_t n, const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces) {
-            std::vector<StagedCopier::Piece> ps;
-            ps.reserve(pieces.size());
-            for (const auto& [coff, dest, doff, len] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, len});
-            return Fill{c.fill(static_cast<size_t>(n), std::move(ps))};
+          [](StagedCopier& c, uint64_t n, const std::vector<PieceTuple>& pieces) {
+            return Fill{c.fill(static_cast<size_t>(n), to_pieces(pieces))};
           },
           py::arg("n"), py::arg("pieces"), py::keep_alive<0, 1>(),
           "Like copy() for a chunk of `n` bytes given piece by piece: `with copier.fill(n, pieces) "
@@ -299,11 +301,8 @@ PYBIND11_MODULE(_C, m) {
           "is full.")
       .def(
           "read_back",
-          [](StagedCopier& c, const std::vector<std::tuple<uint64_t, int, uint64_t, uint64_t>>& pieces,
-             uint64_t n, const py::function& use) {
-            std::vector<StagedCopier::Piece> ps;
-            ps.reserve(pieces.size());
-            for (const auto& [coff, dest, doff, len] : pieces) ps.push_back(StagedCopier::Piece{coff, dest, doff, len});
+          [](StagedCopier& c, const std::vector<PieceTuple>& pieces, uint64_t n, const py::function& use) {
+            std::vector<StagedCopier::Piece> ps = to_pieces(pieces);
             py::object result = py::none();
             py::gil_scoped_release nogil;
             c.read_back(ps, static_cast<size_t>(n), [&](const char* data, uint64_t digest) {

@@ -12,20 +12,10 @@
 
 namespace sllm {
 
-namespace {
-// Every XXH3 of the library goes through these two: AVX2 where the CPU has it.
-uint64_t hash(const void* data, size_t size) {
+// Every XXH3 of the library goes through xxh3_64 and Xxh3::update: AVX2 where the CPU has it.
+uint64_t xxh3_64(const void* data, size_t size) {
   return xxh3_avx2::available() ? xxh3_avx2::hash(data, size) : XXH3_64bits(data, size);
 }
-void update(XXH3_state_t* state, const void* data, size_t size) {
-  if (xxh3_avx2::available())
-    xxh3_avx2::update(state, data, size);
-  else
-    XXH3_64bits_update(state, data, size);
-}
-}  // namespace
-
-uint64_t xxh3_64(const void* data, size_t size) { return hash(data, size); }
 
 struct Xxh3::State {
   XXH3_state_t* s = XXH3_createState();
@@ -39,7 +29,12 @@ Xxh3::Xxh3() : state_(new State()) {
 
 Xxh3::~Xxh3() = default;
 
-void Xxh3::update(const void* data, size_t size) { sllm::update(state_->s, data, size); }
+void Xxh3::update(const void* data, size_t size) {
+  if (xxh3_avx2::available())
+    xxh3_avx2::update(state_->s, data, size);
+  else
+    XXH3_64bits_update(state_->s, data, size);
+}
 
 void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   constexpr size_t kBlock = 256u << 10;  // fits in L2 with room to spare
@@ -48,27 +43,16 @@ void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   for (size_t pos = 0; pos < size; pos += kBlock) {
     const size_t n = std::min(kBlock, size - pos);
     std::memcpy(d + pos, s + pos, n);
-    sllm::update(state_->s, d + pos, n);
+    update(d + pos, n);
   }
 }
 
 uint64_t Xxh3::digest() const { return XXH3_64bits_digest(state_->s); }
 
-uint64_t copy_xxh3_64(void* dst, const void* src, size_t size) {
-  Xxh3 h;
-  h.copy_update(dst, src, size);
-  return h.digest();
-}
+void Xxh3::reset() { XXH3_64bits_reset(state_->s); }
 
-struct ChunkHasher::State {
-  XXH3_state_t* s = XXH3_createState();
-  ~State() { XXH3_freeState(s); }
-};
-
-ChunkHasher::ChunkHasher(uint64_t chunk_size) : state_(new State()), chunk_size_(chunk_size) {
+ChunkHasher::ChunkHasher(uint64_t chunk_size) : chunk_size_(chunk_size) {
   if (chunk_size == 0) throw std::invalid_argument("chunk_size must be positive");
-  if (state_->s == nullptr) throw std::bad_alloc();
-  XXH3_64bits_reset(state_->s);
 }
 
 ChunkHasher::~ChunkHasher() = default;
@@ -77,14 +61,14 @@ void ChunkHasher::update(const void* data, size_t size) {
   const char* p = static_cast<const char*>(data);
   while (size > 0) {
     uint64_t take = std::min<uint64_t>(size, chunk_size_ - in_chunk_);
-    sllm::update(state_->s, p, take);
+    hash_.update(p, take);
     p += take;
     size -= take;
     in_chunk_ += take;
     total_ += take;
     if (in_chunk_ == chunk_size_) {
-      digests_.push_back(XXH3_64bits_digest(state_->s));
-      XXH3_64bits_reset(state_->s);
+      digests_.push_back(hash_.digest());
+      hash_.reset();
       in_chunk_ = 0;
     }
   }
@@ -92,8 +76,8 @@ void ChunkHasher::update(const void* data, size_t size) {
 
 std::vector<uint64_t> ChunkHasher::finish() {
   if (in_chunk_ > 0) {
-    digests_.push_back(XXH3_64bits_digest(state_->s));
-    XXH3_64bits_reset(state_->s);
+    digests_.push_back(hash_.digest());
+    hash_.reset();
     in_chunk_ = 0;
   }
   return std::move(digests_);

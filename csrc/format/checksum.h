@@ -23,14 +23,12 @@ class Xxh3 {
   // hashed while it is still in the CPU cache (one read of src from memory, not two).
   void copy_update(void* dst, const void* src, size_t size);
   uint64_t digest() const;
+  void reset();  // back to no bytes
 
  private:
   struct State;
   std::unique_ptr<State> state_;
 };
-
-// copy_update of one buffer: returns its XXH3-64.
-uint64_t copy_xxh3_64(void* dst, const void* src, size_t size);
 
 // Splits a byte stream into fixed-size chunks and records the XXH3-64 digest of each one.
 // Used by the writer, which streams tensors of arbitrary size into a data file.
@@ -47,8 +45,7 @@ class ChunkHasher {
   uint64_t bytes_seen() const { return total_; }
 
  private:
-  struct State;
-  std::unique_ptr<State> state_;
+  Xxh3 hash_;
   uint64_t chunk_size_;
   uint64_t in_chunk_ = 0;
   uint64_t total_ = 0;

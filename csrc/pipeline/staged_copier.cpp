@@ -203,16 +203,14 @@ StagedCopier::Fill::Sent StagedCopier::Fill::send(const char* from, uint64_t lo,
   }
 }
 
-void StagedCopier::Fill::retire(bool give_back) {
+void StagedCopier::Fill::retire() {
   Sent sent = std::move(sent_.front());
   sent_.pop_front();
   struct GiveBack {  // even if a wait fails: the copies have failed, or finished
     StagedCopier& c;
     int block;
-    ~GiveBack() {
-      if (block >= 0) c.give(c.blocks_, block);
-    }
-  } guard{c_, give_back ? sent.block : -1};
+    ~GiveBack() { c.give(c.blocks_, block); }
+  } guard{c_, sent.block};
   for (size_t i = 0; i < c_.devices_.size(); ++i) c_.devices_[i]->wait(sent.block, sent.tokens[i]);
 }
 
@@ -230,7 +228,7 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
     if (block_ < 0) {
       block_ = c_.try_take(c_.blocks_);
       if (block_ < 0) {  // none free: wait holding none, so that no two fills wait on each other
-        while (!sent_.empty()) retire(true);
+        while (!sent_.empty()) retire();
         block_ = c_.take(c_.blocks_, true);
       }
       block_from_ = pos_;
@@ -241,7 +239,7 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
       sent_.push_back(send(src, pos_, pos_ + len, block_));
       block_ = -1;
       pos_ += len;
-      while (!sent_.empty()) retire(true);
+      while (!sent_.empty()) retire();
       return;
     }
     const size_t at = pos_ - block_from_;
@@ -253,7 +251,7 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
     if (at + k == c_.block_size_ || pos_ == n_) {  // full: on to the destinations
       sent_.push_back(send(static_cast<const char*>(buf.data()), block_from_, pos_, block_));
       block_ = -1;
-      while (sent_.size() > 1) retire(true);  // one block in flight while the next fills
+      while (sent_.size() > 1) retire();  // one block in flight while the next fills
     }
   }
 }
@@ -262,7 +260,7 @@ uint64_t StagedCopier::Fill::finish() {
   if (pos_ != n_)
     throw Error(ErrorKind::kFormat, "the chunk ended after " + std::to_string(pos_) + " of its " +
                                         std::to_string(n_) + " bytes");
-  while (!sent_.empty()) retire(true);
+  while (!sent_.empty()) retire();
   return hash_.digest();
 }
 
@@ -273,7 +271,7 @@ void StagedCopier::Fill::release() noexcept {
   }
   while (!sent_.empty()) {
     try {
-      retire(true);
+      retire();
     } catch (...) {  // never throw from a destructor: the block is given back all the same
     }
   }

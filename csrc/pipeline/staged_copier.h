@@ -141,7 +141,7 @@ class StagedCopier::Fill {
   };
   // Copies the chunk's bytes [lo, hi), at `from`, to the pieces' destinations on `stream`.
   Sent send(const char* from, uint64_t lo, uint64_t hi, int block);
-  void retire(bool give_back);  // waits for the oldest sent block's copies
+  void retire();  // waits for the oldest sent block's copies and gives the block back
   void release() noexcept;      // waits for every copy and gives every block back
 
   StagedCopier& c_;
