@@ -223,18 +223,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             obstore.put(store, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
         log.info("uploaded (%.2f GB/s)", results["upload_gbps"])
 
+        def spans(block: int) -> List[tuple[str, int, int]]:
+            """(data file, offset, length) of every ``block`` bytes of the converted data files."""
+            return [(f.name, off, min(block, f.size - off))
+                    for f in index.files for off in range(0, f.size, block)]
+
         # Raw ranged GETs of the same objects.
-        ranges = [(f.name, off, min(32 << 20, f.size - off)) for f in index.files
-                  for off in range(0, f.size, 32 << 20)]
-        get_bytes = sum(r[2] for r in ranges)
 
         def raw_get(threads: int, block: int = 32 << 20) -> None:
-            rs = ranges if block == 32 << 20 else [(f.name, off, min(block, f.size - off))
-                                                   for f in index.files for off in range(0, f.size, block)]
+            rs = spans(block)
             with ThreadPoolExecutor(threads) as ex:
                 got = sum(ex.map(lambda r: len(obstore.get_range(
                     store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
-            assert got == get_bytes
+            assert got == nbytes_on_disk
 
         def runai() -> Dict[str, Any]:
             from runai_model_streamer import SafetensorsStreamer
@@ -297,9 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         def cached() -> Dict[str, Any]:
             return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
 
-        chunk_ranges = [(f.name, c * index.chunk_size, min(index.chunk_size, f.size - c * index.chunk_size))
-                        for f in index.files for c in range(-(-f.size // index.chunk_size))]
-        stage_bytes = sum(r[2] for r in chunk_ranges)
+        chunk_ranges = spans(index.chunk_size)
 
         def get_write() -> None:
             """The library's download of every chunk (GET, checksum, write into the cache's
@@ -319,8 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             """Ranged GETs of every chunk, each copied into DEVICE memory (no cache write).
             ``staged``: checksummed and copied through the library's staged copier (page-locked
             buffers), else straight from the GET's pageable buffer (the driver's copy)."""
-            dest = torch.empty(stage_bytes, dtype=torch.uint8, device=args.device)
-            dests = [(args.device, dest.data_ptr(), stage_bytes)]
+            dest = torch.empty(nbytes_on_disk, dtype=torch.uint8, device=args.device)
+            dests = [(args.device, dest.data_ptr(), nbytes_on_disk)]
             copier = _C.StagedCopier(dests, STAGING_BLOCK, 2 * args.threads + 8) if staged else None
 
             def one(r: Any) -> int:
@@ -334,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return n
 
             with ThreadPoolExecutor(args.threads) as ex:
-                assert sum(ex.map(one, chunk_ranges)) == stage_bytes
+                assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
             return dest
 
         def remote_with(threads: int) -> Callable[[], Any]:
@@ -351,20 +350,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         reader = RawReader(args.threads, 32 << 20)
         # The raw GETs with --threads and with the remote load's default GET count: the limit is
         # the faster of the two.
-        contenders = [("raw_get", lambda: raw_get(args.threads), get_bytes)]
+        contenders = [("raw_get", lambda: raw_get(args.threads), nbytes_on_disk)]
         if DEFAULT_REMOTE_GETS != args.threads:
             n = DEFAULT_REMOTE_GETS
-            contenders += [(f"raw_get_{n}t", lambda: raw_get(n), get_bytes)]
+            contenders += [(f"raw_get_{n}t", lambda: raw_get(n), nbytes_on_disk)]
         # and GETs of the checkpoint's chunk size, and of the pieces a load to a GPU fetches
         for size in sorted({index.chunk_size, get_piece() if cuda else 0} - {0, 32 << 20}):
             contenders += [(f"raw_get_{size >> 20}mib", lambda size=size: raw_get(DEFAULT_REMOTE_GETS, size),
-                            get_bytes)]
+                            nbytes_on_disk)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
             if not index.compressed:
-                contenders += [("get_copy", lambda: get_copy(False), stage_bytes),
-                               ("get_copy_staged", lambda: get_copy(True), stage_bytes)]
+                contenders += [("get_copy", lambda: get_copy(False), nbytes_on_disk),
+                               ("get_copy_staged", lambda: get_copy(True), nbytes_on_disk)]
         contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
         from sllm_store.remote import cache as remote_cache
         from sllm_store.remote import stream as remote_stream

@@ -398,8 +398,6 @@ class Download:
         added to it and freed, no buffer holds the whole chunk, and ``data`` is None; the
         caller caches it some other way (a read-back function). Other chunks go to ``deliver``.
         """
-        import obstore
-
         from sllm_store import _C
 
         f = self.index.files[f_i]
@@ -425,12 +423,7 @@ class Download:
             if self._failed is not None:
                 raise _same_error(self._failed)
             m0 = _mark()
-            try:
-                data: Any = obstore.get_range(self.store, f.name, start=off - lead, length=length + lead) \
-                    if length else b""
-            except Exception as e:
-                self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
-                raise self._failed from None
+            data: Any = self._get(f.name, off - lead, length + lead) if length else b""
             m1 = _mark()
         if len(data) != length + lead:
             raise RemoteError(f"{where}: the object is shorter than its index says")
@@ -482,13 +475,22 @@ class Download:
             return data, True
         return data, False
 
+    def _get(self, name: str, start: int, length: int) -> Any:
+        """A ranged GET of object ``name`` of the checkpoint, in a GET slot. A failure is kept,
+        so that no new GET starts and the others raise it too."""
+        import obstore
+
+        try:
+            return obstore.get_range(self.store, name, start=start, length=length)
+        except Exception as e:
+            self._failed = remote_error(e, f"{self.url}/{name}", "downloading")
+            raise self._failed from None
+
     def _fetch_in_pieces(self, f_i: int, c: int, off: int, length: int, sink: Any, piece: int) -> None:
         """:meth:`fetch_chunk` of plain chunk ``c`` of file ``f_i`` (``length`` bytes at ``off`` in
         the object) into ``sink`` (a ``_C.StagedFill``): ranged GETs of ``piece`` bytes, one
         after the other in one GET slot, each body added and freed; then its checksum is
         checked."""
-        import obstore
-
         f = self.index.files[f_i]
         where = self._where(f_i, c)
         get = (0.0, 0.0)
@@ -499,11 +501,7 @@ class Download:
             for start in range(off, off + length, piece):
                 n = min(piece, off + length - start)
                 g0 = _mark()
-                try:
-                    body = obstore.get_range(self.store, f.name, start=start, length=n)
-                except Exception as e:
-                    self._failed = remote_error(e, f"{self.url}/{f.name}", "downloading")
-                    raise self._failed from None
+                body = self._get(f.name, start, n)
                 g1 = _mark()
                 get = (get[0] + g1[0] - g0[0], get[1] + g1[1] - g0[1])
                 if len(body) != n:
