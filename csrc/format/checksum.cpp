@@ -5,6 +5,10 @@
 #include <new>
 #include <stdexcept>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "format/xxh3_avx2.h"
 
 #define XXH_INLINE_ALL
@@ -36,15 +40,47 @@ void Xxh3::update(const void* data, size_t size) {
     XXH3_64bits_update(state_->s, data, size);
 }
 
+namespace {
+
+// memcpy with non-temporal stores: the copy's destination (a page-locked staging block, read
+// next by a DMA, not by this core) is written straight to memory, without first reading each of
+// its cache lines in and without evicting the source from the cache. Followed by a fence, so that
+// the stores are visible before the DMA that reads them is queued.
+void copy_streaming(char* d, const char* s, size_t n) {
+#if defined(__SSE2__)
+  const size_t head = std::min(n, (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15);
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 64 <= n; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+#else
+  std::memcpy(d, s, n);
+#endif
+}
+
+}  // namespace
+
 void Xxh3::copy_update(void* dst, const void* src, size_t size) {
   constexpr size_t kBlock = 256u << 10;  // fits in L2 with room to spare
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
   for (size_t pos = 0; pos < size; pos += kBlock) {
     const size_t n = std::min(kBlock, size - pos);
-    std::memcpy(d + pos, s + pos, n);
-    update(d + pos, n);
+    update(s + pos, n);  // src into the cache, where the copy finds it
+    copy_streaming(d + pos, s + pos, n);
   }
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 uint64_t Xxh3::digest() const { return XXH3_64bits_digest(state_->s); }

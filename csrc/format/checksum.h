@@ -19,8 +19,10 @@ class Xxh3 {
   Xxh3& operator=(const Xxh3&) = delete;
 
   void update(const void* data, size_t size);
-  // Copies [src, src + size) to dst and hashes it, in one pass: block by block, each block
-  // hashed while it is still in the CPU cache (one read of src from memory, not two).
+  // Copies [src, src + size) to dst and hashes it, in one pass: block by block, each block of
+  // src hashed, then copied while it is still in the CPU cache (one read of src from memory, not
+  // two), with non-temporal stores (dst is written to memory without being read into the cache:
+  // meant for buffers that a DMA reads next). src must not change meanwhile.
   void copy_update(void* dst, const void* src, size_t size);
   uint64_t digest() const;
   void reset();  // back to no bytes

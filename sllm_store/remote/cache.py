@@ -489,20 +489,22 @@ class Download:
     def _fetch_in_pieces(self, f_i: int, c: int, off: int, length: int, sink: Any, piece: int) -> None:
         """:meth:`fetch_chunk` of plain chunk ``c`` of file ``f_i`` (``length`` bytes at ``off`` in
         the object) into ``sink`` (a ``_C.StagedFill``): ranged GETs of ``piece`` bytes, one
-        after the other in one GET slot, each body added and freed; then its checksum is
-        checked."""
+        after the other, each body added and freed; then its checksum is checked. Each GET holds
+        a GET slot while it runs, not while its body is added: so ``max_gets`` GETs stay in
+        flight while bodies are copied."""
         f = self.index.files[f_i]
         where = self._where(f_i, c)
         get = (0.0, 0.0)
-        with self._get_slots, sink:
-            if self._failed is not None:
-                raise _same_error(self._failed)
+        with sink:
             m0 = _mark()
             for start in range(off, off + length, piece):
                 n = min(piece, off + length - start)
-                g0 = _mark()
-                body = self._get(f.name, start, n)
-                g1 = _mark()
+                with self._get_slots:
+                    if self._failed is not None:
+                        raise _same_error(self._failed)
+                    g0 = _mark()
+                    body = self._get(f.name, start, n)
+                    g1 = _mark()
                 get = (get[0] + g1[0] - g0[0], get[1] + g1[1] - g0[1])
                 if len(body) != n:
                     raise RemoteError(f"{where}: the object is shorter than its index says")
@@ -516,7 +518,8 @@ class Download:
         with self._lock:
             self.bytes_downloaded += length
             self.pieced_chunks += 1
-        # The GETs and the copies took turns: "copy" is the rest of the time.
+        # The GETs and the copies took turns: "copy" is the rest of the time (with the waits for
+        # a GET slot).
         self.add_seconds([m0, (m0[0] + get[0], m0[1] + get[1]), m1], "get", "copy")
 
     def _cache_failed(self, e: CacheError) -> None:
