@@ -9,7 +9,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -1296,6 +1298,51 @@ def test_unreachable_store_falls_back_to_the_cached_copy(env, monkeypatch, caplo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(RemoteAuthError):
         sllm_store.load_state_dict(url)
+
+
+def test_chunk_in_pieces_holds_a_get_slot_only_while_a_get_runs(env, monkeypatch) -> None:
+    """A chunk fetched in pieces gives its GET slot back before a body is added to its fill, so
+    that the slots' GETs stay in flight while bodies are copied: with one slot, another chunk's
+    GET runs while the first chunk's first body is being added (with the slot held through the
+    copy, they would wait for each other); both chunks arrive whole and verified."""
+    from sllm_store import _C
+    from sllm_store.remote import cache
+
+    _local, _sd, url = _uploaded(env, "slots", seed=17)
+    monkeypatch.setattr(cache, "GET_PIECE", 16 << 10)  # 4 GETs per 64 KiB chunk
+    other_get, adding = threading.Event(), threading.Event()
+    Gets(monkeypatch, before=lambda n: other_get.set() if adding.is_set() else None)
+
+    class Sink:  # stands in for a _C.StagedFill
+        def __init__(self, wait: bool) -> None:
+            self.parts: list[bytes] = []
+            self.wait, self.overlapped = wait, False
+
+        def __enter__(self) -> Sink:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def add(self, body: object) -> None:
+            if self.wait and not self.parts:
+                adding.set()
+                self.overlapped = other_get.wait(timeout=10)
+            self.parts.append(bytes(body))
+
+        def finish(self) -> int:
+            return _C.xxh3_64(b"".join(self.parts))
+
+    first, second = Sink(True), Sink(False)
+    with cache.Download(url, max_gets=1).open() as d:
+        with ThreadPoolExecutor(2) as ex:
+            a = ex.submit(d.fetch_chunk, 0, 0, fill=lambda n: first)
+            assert adding.wait(timeout=10)
+            b = ex.submit(d.fetch_chunk, 0, 1, fill=lambda n: second)
+            assert a.result(timeout=30) == (None, False) and b.result(timeout=30) == (None, False)
+        assert first.overlapped, "the other chunk's GET waited for the first chunk's copy"
+        assert len(first.parts) == len(second.parts) == 4
+        assert d.pieced_chunks == 2
 
 
 def test_get_piece_setting(monkeypatch) -> None:
