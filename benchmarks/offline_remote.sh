@@ -8,7 +8,8 @@
 #
 # `run` writes its logs and JSON under $OUT (default ./out). Environment: TESTS (the pytest paths
 # of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
-# no benchmark), and BENCH_ARGS for more bench_remote flags (e.g. "--unaligned --cuda-sync spin").
+# no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
+# (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not).
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
 # and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
 set -uo pipefail
@@ -63,6 +64,12 @@ run)
     # shellcheck disable=SC2086
     timeout 300 python3 -m pytest -q -m gpu ${TESTS-tests} -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
     stamp tests
+  fi
+  if [ -n "${COPY_BENCH:-}" ]; then  # the staging copy's micro-benchmark (COPY_BENCH: thread counts)
+    g++ -O2 -std=c++17 -pthread -Icsrc -Icsrc/third_party -o /tmp/bench_copy_checksum \
+      benchmarks/bench_copy_checksum.cpp csrc/format/checksum.cpp csrc/format/xxh3_avx2.cpp &&
+      /tmp/bench_copy_checksum "$COPY_BENCH" --json "$OUT/copy_checksum.json" | tee "$OUT/copy_checksum.log"
+    stamp copy_bench
   fi
   if [ "${REPS:-4}" != 0 ]; then
     # shellcheck disable=SC2086
