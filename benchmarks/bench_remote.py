@@ -8,6 +8,11 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   default GET count if different; and GETs of the checkpoint's chunk size if not 32 MiB) of the
   converted data files into memory, and GETs of the size in which a load to a GPU fetches its
   chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
+* ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
+  URLs (``obstore.sign``) by the standard library's ``http.client``, each body read straight into
+  a reused buffer of its thread (``HTTPResponse.readinto``): no buffer per body, no copy out of
+  the client's. Another client than the load's, so it is not part of the raw-GET limit; its ratio
+  is printed apart (``remote_vs_presigned_get``).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` (its default GETs in flight) with an
@@ -189,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--body-writes", action="store_true",
                     help="also a remote load that writes the cache from the GET buffers, not read back "
                          "from the device (A/B)")
+    ap.add_argument("--presigned", action="store_true",
+                    help="also raw GETs of presigned URLs by http.client, read into reused buffers")
     ap.add_argument("--server-cores", type=int, default=0,
                     help="pin the server to this many cores and the client to the others, as if the "
                          "server ran on a machine of its own (default: both share all cores)")
@@ -260,6 +267,59 @@ def main(argv: Optional[List[str]] = None) -> int:
             with ThreadPoolExecutor(threads) as ex:
                 got = sum(ex.map(lambda r: len(obstore.get_range(
                     store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
+            assert got == nbytes_on_disk
+
+        presigned_bufs: List[memoryview] = []  # made in the first round, reused by the next
+
+        def presigned_get(threads: int, block: int = 32 << 20) -> None:
+            """Ranged GETs of presigned URLs (obstore signs them) by http.client, one keep-alive
+            connection per thread, each body read into that thread's reused buffer."""
+            import http.client
+            import queue
+            import threading
+            import urllib.parse
+            from datetime import timedelta
+
+            while len(presigned_bufs) < threads:
+                presigned_bufs.append(memoryview(bytearray(block)))
+            free: queue.SimpleQueue = queue.SimpleQueue()
+            for b in presigned_bufs[:threads]:
+                free.put(b)
+            rs = spans(block)
+            urls = {name: urllib.parse.urlsplit(obstore.sign(store, "GET", f"sllm/{converted.name}/{name}",
+                                                             timedelta(hours=1)))
+                    for name in {r[0] for r in rs}}
+            local = threading.local()
+            opened: List[Any] = []
+
+            def one(r: tuple[str, int, int]) -> int:
+                name, off, n = r
+                u = urls[name]
+                if getattr(local, "conn", None) is None:
+                    local.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                    local.buf = free.get_nowait()
+                    opened.append(local.conn)
+                local.conn.request("GET", f"{u.path}?{u.query}",
+                                   headers={"Range": f"bytes={off}-{off + n - 1}"})
+                resp = local.conn.getresponse()
+                if resp.status != 206:
+                    raise RuntimeError(f"presigned GET: HTTP {resp.status}: {resp.read(200)!r}")
+                got = 0
+                while got < n:
+                    k = resp.readinto(local.buf[got:n])
+                    if not k:
+                        break
+                    got += k
+                if got != n or resp.read(1):
+                    raise RuntimeError(f"presigned GET: {got} bytes of {n}")
+                return got
+
+            try:
+                with ThreadPoolExecutor(threads) as ex:
+                    got = sum(ex.map(one, rs))
+            finally:
+                for c in opened:
+                    c.close()
             assert got == nbytes_on_disk
 
         def runai() -> Dict[str, Any]:
@@ -383,6 +443,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for size in sorted({index.chunk_size, get_piece() if cuda else 0} - {0, 32 << 20}):
             contenders += [(f"raw_get_{size >> 20}mib", lambda size=size: raw_get(DEFAULT_REMOTE_GETS, size),
                             nbytes_on_disk)]
+        if args.presigned:
+            contenders += [("presigned_get", lambda: presigned_get(DEFAULT_REMOTE_GETS), nbytes_on_disk)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
@@ -474,6 +536,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ratios: Dict[str, float] = {"remote_vs_raw_get": results["sllm_remote"]["gbps"] / raw}
     if runai_gbps:
         ratios["remote_vs_runai"] = results["sllm_remote"]["gbps"] / runai_gbps
+    if results.get("presigned_get", {}).get("gbps"):
+        ratios["remote_vs_presigned_get"] = results["sllm_remote"]["gbps"] / results["presigned_get"]["gbps"]
     if disk:
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios
