@@ -252,6 +252,29 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("data"), "The chunk's next bytes.")
       .def(
+          "reserve",
+          [](Fill& f) -> py::object {
+            StagedCopier::Fill& fill = f.get();
+            std::pair<char*, size_t> space;
+            {
+              py::gil_scoped_release nogil;  // may wait for a free block
+              space = fill.reserve();
+            }
+            if (space.first == nullptr) return py::none();
+            return py::memoryview::from_memory(space.first, static_cast<py::ssize_t>(space.second), false);
+          },
+          "For bytes read in place (readinto), with no copy: a writable memoryview of the free part "
+          "of the current page-locked staging block, up to the chunk's end; None if there is none "
+          "(then add() the bytes). Valid until the next commit(), add() or the end of the fill.")
+      .def(
+          "commit",
+          [](Fill& f, size_t n) {
+            StagedCopier::Fill& fill = f.get();
+            py::gil_scoped_release nogil;
+            fill.commit(n);
+          },
+          py::arg("n"), "The first n bytes of the last reserve() hold the chunk's next bytes.")
+      .def(
           "finish",
           [](Fill& f) {
             StagedCopier::Fill& fill = f.get();

@@ -249,6 +249,75 @@ def test_staged_copier_fill_streams_pieces_through_blocks(fake_libcuda) -> None:
     assert r.stdout.split() == ["OK", "2", "True"], r.stdout
 
 
+def test_staged_copier_fill_reads_in_place(fake_libcuda) -> None:
+    """StagedFill.reserve/commit (bytes read straight into the staging blocks, readinto): chunks
+    written into reserved views in steps of any size, mixed with add(), from more threads than
+    blocks, land in cuda:0 and host memory with their XXH3-64; committing more than was reserved,
+    or reserving past the chunk's end, is a FormatError; a copier for host memory only, or
+    without page-locked blocks, reserves None."""
+    r = _run(fake_libcuda, """
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        from sllm_store import _C
+        from sllm_store.errors import FormatError
+        rng = np.random.default_rng(12)
+        sizes = [int(rng.integers(1, 3 << 20)) for _ in range(16)] + [1 << 20, 1]
+        chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+        total = sum(sizes)
+        offs = np.cumsum([0] + sizes[:-1])
+        gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
+        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
+                            1 << 20, 2)
+
+        def one(i):
+            n, o, x = sizes[i], int(offs[i]), chunks[i]
+            half = n // 2  # half to host memory, the rest to the GPU
+            pieces = [(0, 1, o, half), (half, 0, o + half, n - half)]
+            with c.fill(n, pieces) as f:
+                pos = 0
+                while pos < n:
+                    if rng.integers(0, 4) == 0:  # now and then bytes that were not read in place
+                        k = min(n - pos, int(rng.integers(1, 300 << 10)))
+                        f.add(x[pos:pos + k])
+                    else:
+                        view = f.reserve()
+                        assert view is not None and 0 < len(view) <= min(1 << 20, n - pos)
+                        k = min(len(view), int(rng.integers(1, 700 << 10)))
+                        view[:k] = x[pos:pos + k]
+                        f.commit(k)
+                    pos += k
+                return f.finish()
+
+        with ThreadPoolExecutor(6) as ex:
+            digests = list(ex.map(one, range(len(chunks))))
+        assert digests == [_C.xxh3_64(x) for x in chunks]
+        for i, x in enumerate(chunks):
+            n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
+            assert host[o:o + half].tobytes() == x[:half], i
+            assert gpu[o + half:o + n].tobytes() == x[half:], i
+        with c.fill(3, [(0, 0, 0, 3)]) as f:
+            view = f.reserve()
+            assert len(view) == 3
+            for bad in (lambda: f.commit(4), lambda: (f.commit(3), f.reserve())):
+                try:
+                    bad()
+                    raise SystemExit("no error")
+                except FormatError as e:
+                    print("error:", str(e).replace(" ", "_"))
+        host_only = _C.StagedCopier([("cpu", host.ctypes.data, total)], 1 << 20, 2)
+        with host_only.fill(3, [(0, 0, 0, 3)]) as f:
+            assert f.reserve() is None
+            f.add(b"abc")
+            assert f.finish() == _C.xxh3_64(b"abc")
+        print("OK")
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.split()
+    assert lines[0] == "error:" and "more_than_reserve" in lines[1], r.stdout
+    assert lines[2] == "error:" and "all_in" in lines[3], r.stdout
+    assert lines[4:] == ["OK"], r.stdout
+
+
 def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
     """When page-locked memory cannot be had, the staged copier copies from the chunk itself
     (the driver's pageable path): still every byte in place and the right checksum."""
@@ -263,6 +332,7 @@ def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
         assert gpu.tobytes() == src
         gpu[:] = 0
         with c.fill(len(src), [(0, 0, 0, len(src))]) as f:  # pieces, each straight from its bytes
+            assert f.reserve() is None  # nothing to read into in place
             for pos in range(0, len(src), 300 << 10):
                 f.add(src[pos:pos + (300 << 10)])
             assert f.finish() == _C.xxh3_64(src)

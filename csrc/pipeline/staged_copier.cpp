@@ -214,6 +214,26 @@ void StagedCopier::Fill::retire() {
   for (size_t i = 0; i < c_.devices_.size(); ++i) c_.devices_[i]->wait(sent.block, sent.tokens[i]);
 }
 
+void StagedCopier::Fill::take_block() {
+  block_ = c_.try_take(c_.blocks_);
+  if (block_ < 0) {  // none free: wait holding none, so that no two fills wait on each other
+    while (!sent_.empty()) retire();
+    block_ = c_.take(c_.blocks_, true);
+  }
+  block_from_ = pos_;
+}
+
+void StagedCopier::Fill::filled(size_t k) {
+  const size_t at = pos_ - block_from_;
+  pos_ += k;
+  if (at + k == c_.block_size_ || pos_ == n_) {  // full: on to the destinations
+    const HostBuffer& buf = c_.blocks_.buffers[static_cast<size_t>(block_)];
+    sent_.push_back(send(static_cast<const char*>(buf.data()), block_from_, pos_, block_));
+    block_ = -1;
+    while (sent_.size() > 1) retire();  // one block in flight while the next fills
+  }
+}
+
 void StagedCopier::Fill::add(const char* src, size_t len) {
   if (len > n_ - pos_)
     throw Error(ErrorKind::kFormat, "more bytes than the chunk's " + std::to_string(n_) + " (" +
@@ -225,14 +245,7 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
     return;
   }
   while (len > 0) {
-    if (block_ < 0) {
-      block_ = c_.try_take(c_.blocks_);
-      if (block_ < 0) {  // none free: wait holding none, so that no two fills wait on each other
-        while (!sent_.empty()) retire();
-        block_ = c_.take(c_.blocks_, true);
-      }
-      block_from_ = pos_;
-    }
+    if (block_ < 0) take_block();
     HostBuffer& buf = c_.blocks_.buffers[static_cast<size_t>(block_)];
     if (buf.data() == nullptr) {  // no page-locked block: straight from src, done before returning
       hash_.update(src, len);
@@ -245,15 +258,33 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
     const size_t at = pos_ - block_from_;
     const size_t k = std::min(len, c_.block_size_ - at);
     hash_.copy_update(static_cast<char*>(buf.data()) + at, src, k);
-    pos_ += k;
     src += k;
     len -= k;
-    if (at + k == c_.block_size_ || pos_ == n_) {  // full: on to the destinations
-      sent_.push_back(send(static_cast<const char*>(buf.data()), block_from_, pos_, block_));
-      block_ = -1;
-      while (sent_.size() > 1) retire();  // one block in flight while the next fills
-    }
+    filled(k);
   }
+}
+
+std::pair<char*, size_t> StagedCopier::Fill::reserve() {
+  if (pos_ == n_) throw Error(ErrorKind::kFormat, "the chunk's " + std::to_string(n_) + " bytes are all in");
+  if (c_.devices_.empty()) return {nullptr, 0};
+  if (block_ < 0) take_block();
+  char* data = static_cast<char*>(c_.blocks_.buffers[static_cast<size_t>(block_)].data());
+  if (data == nullptr) {  // no page-locked block: the caller adds the bytes instead
+    c_.give(c_.blocks_, block_);
+    block_ = -1;
+    return {nullptr, 0};
+  }
+  const size_t at = pos_ - block_from_;
+  return {data + at, std::min(c_.block_size_ - at, n_ - pos_)};
+}
+
+void StagedCopier::Fill::commit(size_t k) {
+  if (block_ < 0 || k > std::min(c_.block_size_ - (pos_ - block_from_), n_ - pos_))
+    throw Error(ErrorKind::kFormat, "commit(" + std::to_string(k) + ") of more than reserve() gave");
+  if (k == 0) return;
+  const char* data = static_cast<const char*>(c_.blocks_.buffers[static_cast<size_t>(block_)].data());
+  hash_.update(data + (pos_ - block_from_), k);
+  filled(k);
 }
 
 uint64_t StagedCopier::Fill::finish() {

@@ -30,6 +30,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "format/checksum.h"
@@ -129,6 +130,13 @@ class StagedCopier::Fill {
   // The chunk's next bytes. Throws sllm::Error(kFormat) past the chunk's end, and the
   // device's error if a copy fails.
   void add(const char* src, size_t len);
+  // For bytes read in place (a socket's, say), with no copy: the free part of the current
+  // staging block, up to the chunk's end (a block is taken if none is held); {nullptr, 0} if
+  // there is no page-locked block to read into (host memory only, or none could be made: then
+  // add() the bytes). commit(k) then says that its first k bytes hold the chunk's next bytes:
+  // they are hashed there, and a full block goes on to the destinations. Both throw like add().
+  std::pair<char*, size_t> reserve();
+  void commit(size_t k);
   // Waits for the copies and returns the chunk's XXH3-64. Throws sllm::Error(kFormat) if fewer
   // than n bytes were added.
   uint64_t finish();
@@ -142,6 +150,8 @@ class StagedCopier::Fill {
   // Copies the chunk's bytes [lo, hi), at `from`, to the pieces' destinations on `stream`.
   Sent send(const char* from, uint64_t lo, uint64_t hi, int block);
   void retire();  // waits for the oldest sent block's copies and gives the block back
+  void take_block();  // a free block to fill (waiting for one holding none)
+  void filled(size_t k);  // k more bytes are in the block: sends it on if full
   void release() noexcept;      // waits for every copy and gives every block back
 
   StagedCopier& c_;
