@@ -484,9 +484,14 @@ FAKE_GPU_PRELUDE = """
 """
 
 REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
-    url, local, pieces = sys.argv[-3], sys.argv[-2], sys.argv[-1] == "1"
+    from sllm_store.remote import signed_gets
+
+    url, local, mode = sys.argv[-3:]
     stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
-    cache.GET_PIECE = (24 << 10) if pieces else 0  # GETs of 24 + 24 + 16 KiB per 64 KiB chunk
+    # "pieces": GETs of 24 + 24 + 16 KiB per 64 KiB chunk; "whole": one GET per chunk; "http":
+    # one GET of a presigned URL per chunk, read into the blocks in place
+    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 16 << 20}[mode]
+    signed_gets.GET_CLIENT = "http" if mode == "http" else "obstore"
     out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want)
@@ -503,18 +508,23 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
     rb = report.stats["read_backs"]
     print("OK", report.stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
-          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["pieced_chunks"])
+          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["pieced_chunks"],
+          report.stats["in_place_chunks"])
 """
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@pytest.mark.parametrize("fault, pieces", [("", False), ("", True), ("FAKE_CUDA_FLIP_COPY_BACK", True),
-                                           ("FAKE_CUDA_FAIL_COPY_BACK", False)])
-def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, pieces) -> None:
+@pytest.mark.parametrize("fault, mode", [("", "whole"), ("", "pieces"), ("", "http"),
+                                         ("FAKE_CUDA_FLIP_COPY_BACK", "pieces"),
+                                         ("FAKE_CUDA_FAIL_COPY_BACK", "whole"),
+                                         ("FAKE_CUDA_FLIP_COPY_BACK", "http")])
+def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, mode) -> None:
     """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
     page-locked staging blocks made by the core, then host-to-device copies; every byte checked.
-    With ``pieces`` (as by default, SLLM_STORE_GET_PIECE) plain chunks come as several ranged
-    GETs, each body added to the blocks; else as one GET each.
+    In ``pieces`` mode (as by default, SLLM_STORE_GET_PIECE) plain chunks come as several ranged
+    GETs, each body added to the blocks; in ``whole`` mode as one GET each; in ``http`` mode
+    (SLLM_STORE_GET_CLIENT=http) as one GET of a presigned URL each, read into the blocks in
+    place. Compressed chunks always come as one obstore GET each, decoded.
     The cache is written from the device: each chunk is copied back and checked against its
     checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
     or cannot be copied back, is fetched again, and the cache entry is still right."""
@@ -524,19 +534,19 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
 
     from _helpers import subprocess_env
 
-    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}-{int(pieces)}", compress=compress,
-                               seed=15)
+    local, sd, url = _uploaded(env, f"fake-gpu-{int(compress)}-{fault}-{mode}", compress=compress, seed=15)
     e = subprocess_env()
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
     if fault:
         e[fault] = "1"
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local),
-                        str(int(pieces))], env=e,
+                        mode], env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
-    _buffers, chunks, written, refetched, copies_back, pieced = (int(x) for x in r.stdout.split()[1:])
+    _buffers, chunks, written, refetched, copies_back, pieced, in_place = map(int, r.stdout.split()[1:])
     # In pieces, plain chunks' GETs go into the staging blocks one by one; decoded ones never.
-    assert pieced == (chunks if pieces and not compress else 0), r.stdout
+    assert pieced == (chunks if mode == "pieces" and not compress else 0), r.stdout
+    assert in_place == (chunks if mode == "http" and not compress else 0), r.stdout
     # Plain chunks are all cached from the device; decoded ones may have been decoded straight
     # into the cache (where O_DIRECT is refused) and then need no read-back.
     read_back = written + refetched

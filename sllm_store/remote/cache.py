@@ -147,6 +147,9 @@ class Download:
         # those of them fetched again because it no longer matched their checksum.
         self.read_backs = {"written": 0, "refetched": 0}
         self.pieced_chunks = 0  # chunks fetched in pieces into staging blocks (fetch_chunk(fill=...))
+        self.in_place_chunks = 0  # or read into them in place (SLLM_STORE_GET_CLIENT=http)
+        self._options = options
+        self._signed: Any = False  # the SignedGets, None without, False until asked
         self._heap_released = False  # reuse_get_buffers: the free heap handed back at close
         # Thread-seconds spent per stage of fetch_chunk() and the cache writes, of wall-clock time
         # and of CPU time: where a download's time goes (load reports).
@@ -395,7 +398,8 @@ class Download:
 
         ``fill(n)``, if given, returns a ``_C.StagedFill`` for a chunk of ``n`` bytes: a plain
         (not encoded) chunk is then fetched as ranged GETs of :func:`get_piece` bytes, each body
-        added to it and freed, no buffer holds the whole chunk, and ``data`` is None; the
+        added to it and freed (with ``SLLM_STORE_GET_CLIENT=http``, one GET of a presigned URL
+        read into it in place), no buffer holds the whole chunk, and ``data`` is None; the
         caller caches it some other way (a read-back function). Other chunks go to ``deliver``.
         """
         from sllm_store import _C
@@ -417,6 +421,9 @@ class Download:
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
         piece = get_piece() if fill is not None and not decoded and length else 0
         if piece:
+            signed = self._signed_gets()
+            if signed is not None:
+                return self._fetch_in_place(f_i, c, off, length, fill(length), signed), False
             return self._fetch_in_pieces(f_i, c, off, length, fill(length), piece), False
         lead = 0 if decoded else self._lead(f_i, off)
         with self._get_slots:
@@ -521,6 +528,46 @@ class Download:
         # The GETs and the copies took turns: "copy" is the rest of the time (with the waits for
         # a GET slot).
         self.add_seconds([m0, (m0[0] + get[0], m0[1] + get[1]), m1], "get", "copy")
+
+    def _signed_gets(self) -> Any:
+        """The store's :class:`~sllm_store.remote.signed_gets.SignedGets` with
+        ``SLLM_STORE_GET_CLIENT=http`` where it can sign URLs, else None (made once)."""
+        from sllm_store.remote import signed_gets
+
+        with self._lock:
+            if self._signed is False:
+                self._signed = None
+                if signed_gets.get_client() == "http":
+                    self._signed = signed_gets.SignedGets.for_store(self.store, self.url, self._options)
+            return self._signed
+
+    def _fetch_in_place(self, f_i: int, c: int, off: int, length: int, sink: Any, signed: Any) -> None:
+        """:meth:`fetch_chunk` of plain chunk ``c`` of file ``f_i`` into ``sink`` (a
+        ``_C.StagedFill``) with one ranged GET of a presigned URL, its body read straight into
+        the staging blocks (:mod:`sllm_store.remote.signed_gets`); then its checksum is checked."""
+        f = self.index.files[f_i]
+        where = self._where(f_i, c)
+        with sink:
+            with self._get_slots:
+                if self._failed is not None:
+                    raise _same_error(self._failed)
+                m0 = _mark()
+                try:
+                    signed.get_into(f.name, off, length, sink)
+                except RemoteError as e:
+                    self._failed = e
+                    raise
+                m1 = _mark()
+            digest = sink.finish()
+            m2 = _mark()
+        if f.checksums and digest != f.checksums[c]:
+            raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
+                                "nothing was cached")
+        with self._lock:
+            self.bytes_downloaded += length
+            self.in_place_chunks += 1
+        # "get" holds the reads into the blocks, with their checksum and device copies.
+        self.add_seconds([m0, m1, m2], "get", "copy")
 
     def _cache_failed(self, e: CacheError) -> None:
         """A cache write failed: raise it (``cache_errors="raise"``), or keep the first and stop
@@ -684,6 +731,8 @@ class Download:
             return
         if self._writer is not None:
             self._writer.close(cancel=True)  # no store may run into an unmapped file
+        if self._signed:
+            self._signed.close()
         self._close_files()
         self._unlock()
         if self.bytes_downloaded and _reusing_get_buffers and not self._heap_released:

@@ -13,7 +13,9 @@ at a time:
    (``cache.get_piece``, ``SLLM_STORE_GET_PIECE``), each body added to the staging blocks and
    freed before the next GET (``Download.fetch_chunk(fill=...)``): glibc then reuses the
    freed bodies from its heap, where a whole 32 MiB chunk's body is a fresh mapping, faulted
-   in page by page;
+   in page by page. With ``SLLM_STORE_GET_CLIENT=http`` such a chunk is one GET of a presigned
+   URL whose body is read straight into the staging blocks instead (``remote/signed_gets.py``:
+   no body buffer, no copy);
 3. the write-through into the cache's partial download, on write-behind threads that write
    with O_DIRECT (``SLLM_STORE_CACHE_IO``), so that neither the disk nor the page cache holds up
    the GETs. For a GPU the chunk is written from the device: a write-behind thread copies it back
@@ -169,6 +171,8 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                "read_backs": d.read_backs,
                                # chunks fetched in pieces (get_piece) into the staging blocks
                                "pieced_chunks": d.pieced_chunks,
+                               # or read into them in place (SLLM_STORE_GET_CLIENT=http)
+                               "in_place_chunks": d.in_place_chunks,
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
