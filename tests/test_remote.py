@@ -589,6 +589,107 @@ REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
 """
 
 
+REMOTE_SIGNED_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
+    import http.client
+    from sllm_store.errors import RemoteAuthError, RemoteNotFoundError, RemoteUnavailableError
+    from sllm_store.remote import RemoteOptions, signed_gets
+
+    url, corrupt_url, short_url, local = sys.argv[-4:]
+    signed_gets.GET_CLIENT = "http"
+    stream.STAGING_BLOCK = 16 << 10  # several reads per chunk
+    real_readinto, real_url_of = http.client.HTTPResponse.readinto, signed_gets.SignedGets._url_of
+    fault = {"now": "", "reads": 0, "cut": 0}
+
+    def readinto(self, b):
+        fault["reads"] += 1
+        if fault["now"] == "cut" and fault["reads"] % 3 == 0 or fault["now"] == "down":
+            fault["cut"] += 1
+            raise ConnectionResetError("connection reset by peer (test)")
+        return real_readinto(self, b)
+
+    def url_of(self, name):
+        if fault["now"] == "missing":
+            return real_url_of(self, name + ".gone")
+        u = real_url_of(self, name)
+        if fault["now"] == "forged":
+            return u._replace(query=u.query.replace("X-Amz-Signature=", "X-Amz-Signature=00"))
+        return u
+
+    http.client.HTTPResponse.readinto, signed_gets.SignedGets._url_of = readinto, url_of
+    # Bodies cut off every third read: each GET resumes where its body stopped.
+    fault["now"] = "cut"
+    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
+    want = sllm_store.load_state_dict(local)
+    assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
+    assert report.stats["in_place_chunks"] > 0 and fault["cut"] > 0, (report.stats, fault)
+    assert cache.wait_for_cache(timeout=60)
+    print("cut", fault["cut"] > 0)
+    cache.remove(url)
+    cases = (("down", url, RemoteUnavailableError), ("forged", url, RemoteAuthError),
+             ("missing", url, RemoteNotFoundError), ("", short_url, RemoteError),
+             ("", corrupt_url, ChecksumError))
+    for fault["now"], which, err in cases:
+        try:
+            loader.load_state_dict_with_report(which, "cuda:0", num_threads=2,
+                                               remote=RemoteOptions(max_retries=1))
+            raise SystemExit(f"{fault['now']}: no error")
+        except err as e:
+            print(fault["now"] or which.split("/")[-2], type(e).__name__, str(e).replace(" ", "_")[:300])
+    cache.wait_for_cache(timeout=60)
+    assert cache.entries() == [], cache.entries()
+    fault["now"] = ""
+    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)  # resumes
+    assert all(torch.equal(out[k], want[k]) for k in want)
+    assert cache.wait_for_cache(timeout=60)
+    assert [e.url for e in cache.entries()] == [url], cache.entries()
+    print("OK", report.stats["in_place_chunks"] > 0)
+"""
+
+
+def test_chunks_read_in_place_to_fake_gpu_recover_or_fail_cleanly(env, fake_libcuda) -> None:
+    """SLLM_STORE_GET_CLIENT=http (presigned URLs, bodies read into the staging blocks in place),
+    through the fake driver: bodies cut off midway resume where they stopped, and the load is
+    right; a connection that keeps failing (after the retries), a forged signature, a missing
+    object, an object shorter than its index and a corrupted one each fail the load with the
+    library's error and cache nothing; the next load resumes and completes the cache entry."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+    from obstore.store import S3Store
+
+    from sllm_store.remote.cache import upload
+
+    local, sd, url = _uploaded(env, "signed-faults", seed=18)
+    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    bad = {}
+    for what in ("corrupt", "short"):
+        bad[what] = f"s3://{BUCKET}/signed-{what}/m"
+        upload(local, bad[what], quiet=True)
+        data = bytearray((local / "data-00000.bin").read_bytes())
+        if what == "corrupt":
+            data[70_000] ^= 0xFF
+        else:
+            del data[-5000:]
+        obstore.put(store, f"signed-{what}/m/data-00000.bin", bytes(data))
+    e = subprocess_env()
+    e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_SIGNED_FAULTS_TO_FAKE_GPU), url,
+                        bad["corrupt"], bad["short"], str(local)], env=e, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0] == "cut True", r.stdout
+    assert lines[1].startswith("down RemoteUnavailableError") and "retries" in lines[1], r.stdout
+    assert lines[2].startswith("forged RemoteAuthError") and "403" in lines[2], r.stdout
+    assert lines[3].startswith("missing RemoteNotFoundError") and "404" in lines[3], r.stdout
+    assert lines[4].startswith("signed-short RemoteError") and "shorter" in lines[4], r.stdout
+    assert lines[5].startswith("signed-corrupt ChecksumError"), r.stdout
+    assert lines[6] == "OK True", r.stdout
+
+
 def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) -> None:
     """Chunks fetched in pieces into the staging blocks (a load to a GPU, through the fake
     driver): a second GET that fails, one that comes back short, and a corrupted object each fail
@@ -1353,6 +1454,25 @@ def test_chunk_in_pieces_holds_a_get_slot_only_while_a_get_runs(env, monkeypatch
         assert first.overlapped, "the other chunk's GET waited for the first chunk's copy"
         assert len(first.parts) == len(second.parts) == 4
         assert d.pieced_chunks == 2
+
+
+def test_get_client_setting(monkeypatch) -> None:
+    """SLLM_STORE_GET_CLIENT: obstore when unset, http on request, a bad value is an error that
+    names the variable; presigned GETs are not used for plain HTTP URLs or anonymous access."""
+    from sllm_store.remote import RemoteOptions, signed_gets
+    from sllm_store.remote.objects import open_store
+
+    monkeypatch.delenv("SLLM_STORE_GET_CLIENT", raising=False)
+    assert signed_gets.get_client() == "obstore"
+    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", "HTTP")
+    assert signed_gets.get_client() == "http"
+    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", "curl")
+    with pytest.raises(ValueError, match="SLLM_STORE_GET_CLIENT"):
+        signed_gets.get_client()
+    plain = "http://127.0.0.1:1/m.sllm"
+    assert signed_gets.SignedGets.for_store(open_store(plain), plain) is None
+    anonymous = RemoteOptions(anonymous=True, endpoint_url="http://127.0.0.1:1")
+    assert signed_gets.SignedGets.for_store(open_store("s3://b/m", anonymous), "s3://b/m", anonymous) is None
 
 
 def test_get_piece_setting(monkeypatch) -> None:
