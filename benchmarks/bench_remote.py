@@ -8,6 +8,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   default GET count if different; and GETs of the checkpoint's chunk size if not 32 MiB) of the
   converted data files into memory, and GETs of the size in which a load to a GPU fetches its
   chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
+* ``--in-place`` adds ``sllm_remote_in_place``: the remote load with ``SLLM_STORE_GET_CLIENT=http``
+  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place).
 * ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
   URLs (``obstore.sign``) by the standard library's ``http.client``, each body read straight into
   a reused buffer of its thread (``HTTPResponse.readinto``): no buffer per body, no copy out of
@@ -194,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--body-writes", action="store_true",
                     help="also a remote load that writes the cache from the GET buffers, not read back "
                          "from the device (A/B)")
+    ap.add_argument("--in-place", action="store_true",
+                    help="also a remote load with SLLM_STORE_GET_CLIENT=http (presigned URLs read into "
+                         "the staging blocks in place)")
     ap.add_argument("--presigned", action="store_true",
                     help="also raw GETs of presigned URLs by http.client, read into reused buffers")
     ap.add_argument("--server-cores", type=int, default=0,
@@ -466,6 +471,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       lambda k=k: attr(remote_cache, "GET_PIECE", k)) for k in args.get_pieces]
         if args.unaligned:
             variants += [("sllm_remote_unaligned", lambda: attr(remote_cache, "ALIGNED_GETS", False))]
+        if args.in_place:
+            from sllm_store.remote import signed_gets
+
+            variants += [("sllm_remote_in_place", lambda: attr(signed_gets, "GET_CLIENT", "http"))]
         if args.body_writes:
             variants += [("sllm_remote_body_writes", lambda: attr(remote_stream, "READ_BACK_BUFFERS", 0))]
         contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]
