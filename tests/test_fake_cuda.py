@@ -178,25 +178,31 @@ def test_staged_copier_checksums_and_copies_through_pinned_buffers(fake_libcuda)
     assert r.stdout.startswith("OK") and "illegal memory access" in r.stdout, r.stdout
 
 
-def test_staged_copier_fill_streams_pieces_through_blocks(fake_libcuda) -> None:
-    """StagedCopier.fill (a GET's body streamed into the staging blocks): chunks given in pieces
-    of any size, from more threads than there are blocks (a fill that must wait for a block holds
-    none, so none waits forever), land in cuda:0 and host memory with their XXH3-64; too many
-    bytes, too few, and a closed fill are FormatErrors; a fill left unfinished gives its blocks
-    back."""
-    r = _run(fake_libcuda, """
+# Random chunks (24 of up to 3 MiB, and `extra` sizes) for a StagedCopier of two 1 MiB blocks
+# into cuda:0 and host memory, laid out one after the other (offs).
+FILL_CHUNKS = """
         import numpy as np
         from concurrent.futures import ThreadPoolExecutor
         from sllm_store import _C
         from sllm_store.errors import FormatError
-        rng = np.random.default_rng(11)
-        sizes = [int(rng.integers(1, 3 << 20)) for _ in range(24)] + [1 << 20, 2 << 20, 1]
+        rng = np.random.default_rng({seed})
+        sizes = [int(rng.integers(1, 3 << 20)) for _ in range(24)] + {extra}
         chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
         total = sum(sizes)
         offs = np.cumsum([0] + sizes[:-1])
         gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
         c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
                             1 << 20, 2)
+"""
+
+
+def test_staged_copier_fill_streams_pieces_through_blocks(fake_libcuda) -> None:
+    """StagedCopier.fill (a GET's body streamed into the staging blocks): chunks given in pieces
+    of any size, from more threads than there are blocks (a fill that must wait for a block holds
+    none, so none waits forever), land in cuda:0 and host memory with their XXH3-64; too many
+    bytes, too few, and a closed fill are FormatErrors; a fill left unfinished gives its blocks
+    back."""
+    r = _run(fake_libcuda, FILL_CHUNKS.format(seed=11, extra=[1 << 20, 2 << 20, 1]) + """
 
         def one(i):
             n, o, x = sizes[i], int(offs[i]), chunks[i]
@@ -255,19 +261,7 @@ def test_staged_copier_fill_reads_in_place(fake_libcuda) -> None:
     blocks, land in cuda:0 and host memory with their XXH3-64; committing more than was reserved,
     or reserving past the chunk's end, is a FormatError; a copier for host memory only, or
     without page-locked blocks, reserves None."""
-    r = _run(fake_libcuda, """
-        import numpy as np
-        from concurrent.futures import ThreadPoolExecutor
-        from sllm_store import _C
-        from sllm_store.errors import FormatError
-        rng = np.random.default_rng(12)
-        sizes = [int(rng.integers(1, 3 << 20)) for _ in range(16)] + [1 << 20, 1]
-        chunks = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
-        total = sum(sizes)
-        offs = np.cumsum([0] + sizes[:-1])
-        gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
-        c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
-                            1 << 20, 2)
+    r = _run(fake_libcuda, FILL_CHUNKS.format(seed=12, extra=[1 << 20, 1]) + """
 
         def one(i):
             n, o, x = sizes[i], int(offs[i]), chunks[i]

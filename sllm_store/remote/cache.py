@@ -519,12 +519,7 @@ class Download:
                 del body  # before the next GET: its memory is the next body's
             digest = sink.finish()
             m1 = _mark()
-        if f.checksums and digest != f.checksums[c]:
-            raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
-                                "nothing was cached")
-        with self._lock:
-            self.bytes_downloaded += length
-            self.pieced_chunks += 1
+        self._filled(f_i, c, digest, length, in_place=False)
         # The GETs and the copies took turns: "copy" is the rest of the time (with the waits for
         # a GET slot).
         self.add_seconds([m0, (m0[0] + get[0], m0[1] + get[1]), m1], "get", "copy")
@@ -546,7 +541,6 @@ class Download:
         ``_C.StagedFill``) with one ranged GET of a presigned URL, its body read straight into
         the staging blocks (:mod:`sllm_store.remote.signed_gets`); then its checksum is checked."""
         f = self.index.files[f_i]
-        where = self._where(f_i, c)
         with sink:
             with self._get_slots:
                 if self._failed is not None:
@@ -560,14 +554,23 @@ class Download:
                 m1 = _mark()
             digest = sink.finish()
             m2 = _mark()
-        if f.checksums and digest != f.checksums[c]:
-            raise ChecksumError(f"checksum mismatch in {where}: the remote object is corrupted; "
-                                "nothing was cached")
-        with self._lock:
-            self.bytes_downloaded += length
-            self.in_place_chunks += 1
+        self._filled(f_i, c, digest, length, in_place=True)
         # "get" holds the reads into the blocks, with their checksum and device copies.
         self.add_seconds([m0, m1, m2], "get", "copy")
+
+    def _filled(self, f_i: int, c: int, digest: int, length: int, in_place: bool) -> None:
+        """The end of chunk ``c`` of file ``f_i`` fetched into a fill: ``digest`` checked against
+        its checksum, then the chunk counted (read in place, or in pieces)."""
+        f = self.index.files[f_i]
+        if f.checksums and digest != f.checksums[c]:
+            raise ChecksumError(f"checksum mismatch in {self._where(f_i, c)}: the remote object is "
+                                "corrupted; nothing was cached")
+        with self._lock:
+            self.bytes_downloaded += length
+            if in_place:
+                self.in_place_chunks += 1
+            else:
+                self.pieced_chunks += 1
 
     def _cache_failed(self, e: CacheError) -> None:
         """A cache write failed: raise it (``cache_errors="raise"``), or keep the first and stop
