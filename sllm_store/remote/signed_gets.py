@@ -42,7 +42,7 @@ from sllm_store.errors import (
     RemoteUnavailableError,
     SllmStoreError,
 )
-from sllm_store.remote.objects import RemoteOptions
+from sllm_store.remote.objects import RemoteOptions, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,10 @@ class SignedGets:
                 failures = 0
             conn: Optional[http.client.HTTPConnection] = None
             try:
-                u = self._url_of(name)
+                try:
+                    u = self._url_of(name)
+                except Exception as e:  # noqa: BLE001 - obstore's, while resolving credentials
+                    raise remote_error(e, where, "signing a GET of") from None
                 conn = self._connection(u)
                 conn.request("GET", f"{u.path}?{u.query}",
                              headers={"Range": f"bytes={start + got}-{start + length - 1}"})
