@@ -1481,6 +1481,21 @@ def test_get_client_setting(monkeypatch) -> None:
     assert signed_gets.SignedGets.for_store(open_store("s3://b/m", anonymous), "s3://b/m", anonymous) is None
 
 
+def test_signed_get_answers_map_to_errors() -> None:
+    """The HTTP answers of a signed GET: 404 and 403 are the library's errors, with the S3 error
+    document's code and message; 429 and 5xx are retried; others are RemoteErrors."""
+    from sllm_store.errors import RemoteAuthError, RemoteError, RemoteNotFoundError
+    from sllm_store.remote.signed_gets import _Retry, _status_error
+
+    doc = b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>gone\n</Message></Error>"
+    e = _status_error(404, doc, "s3://b/m/x")
+    assert isinstance(e, RemoteNotFoundError) and "NoSuchKey: gone" in str(e) and "<" not in str(e), e
+    assert isinstance(_status_error(403, b"denied", "s3://b/m/x"), RemoteAuthError)
+    assert all(isinstance(_status_error(s, b"", "u"), _Retry) for s in (429, 500, 502, 503, 504))
+    e = _status_error(301, b"<Error><Code>PermanentRedirect</Code></Error>", "s3://b/m/x")
+    assert type(e) is RemoteError and "HTTP 301: PermanentRedirect" in str(e), e
+
+
 def test_get_piece_setting(monkeypatch) -> None:
     """SLLM_STORE_GET_PIECE: chunks fetched into the staging blocks as GETs of that size; 16 MiB
     when unset, one GET per chunk with 0; a bad value is an error that names the variable."""

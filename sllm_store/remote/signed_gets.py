@@ -193,21 +193,13 @@ class SignedGets:
                 conn = None
             except SllmStoreError:  # ours (some are OSErrors too): not retried
                 raise
-            except _Retry as e:
+            except (_Retry, OSError, http.client.HTTPException) as e:  # 429/5xx, reset, timeout, cut off
                 failures, failed_at = failures + 1, got
+                why = str(e) if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
                 if failures > self._retries:
-                    raise RemoteUnavailableError(f"downloading '{where}': {e} (after {self._retries} "
-                                                 "retries)") from None
-                logger.debug("%s: %s; retrying (%d)", where, e, failures)
-                time.sleep(min(0.1 * 2 ** (failures - 1), 3.0))
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout, cut off, refused
-                failures, failed_at = failures + 1, got
-                if failures > self._retries:
-                    raise RemoteUnavailableError(f"downloading '{where}': the object store is unreachable "
-                                                 f"({type(e).__name__}: {e}; after {self._retries} "
-                                                 "retries)") from None
-                logger.debug("%s: %s after %d of %d bytes; retrying (%d)", where, type(e).__name__, got,
-                             length, failures)
+                    raise RemoteUnavailableError(f"downloading '{where}': the object store is unavailable "
+                                                 f"({why}; after {self._retries} retries)") from None
+                logger.debug("%s: %s after %d of %d bytes; retrying (%d)", where, why, got, length, failures)
                 time.sleep(min(0.1 * 2 ** (failures - 1), 3.0))
             finally:
                 if conn is not None:
