@@ -489,8 +489,8 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     url, local, mode = sys.argv[-3:]
     stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
     # "pieces": GETs of 24 + 24 + 16 KiB per 64 KiB chunk; "whole": one GET per chunk; "http":
-    # one GET of a presigned URL per chunk, read into the blocks in place
-    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 16 << 20}[mode]
+    # one GET of a presigned URL per chunk, read into the blocks in place (whatever GET_PIECE says)
+    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 0}[mode]
     signed_gets.GET_CLIENT = "http" if mode == "http" else "obstore"
     out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
     want = sllm_store.load_state_dict(local)

@@ -419,16 +419,15 @@ class Download:
             off, length = c * cs, raw_len
         where = self._where(f_i, c)
         decoded = f.chunks is not None and (f.chunks[c].codec != "none" or f.chunks[c].group > 1)
-        piece = get_piece() if fill is not None and not decoded and length else 0
-        if piece:
+        if fill is not None and not decoded and length:
             signed = self._signed_gets()
             if signed is not None:
                 return self._fetch_in_place(f_i, c, off, length, fill(length), signed), False
-            return self._fetch_in_pieces(f_i, c, off, length, fill(length), piece), False
+            piece = get_piece()
+            if piece:
+                return self._fetch_in_pieces(f_i, c, off, length, fill(length), piece), False
         lead = 0 if decoded else self._lead(f_i, off)
-        with self._get_slots:
-            if self._failed is not None:
-                raise _same_error(self._failed)
+        with self._get_slot():
             m0 = _mark()
             data: Any = self._get(f.name, off - lead, length + lead) if length else b""
             m1 = _mark()
@@ -482,6 +481,15 @@ class Download:
             return data, True
         return data, False
 
+    @contextlib.contextmanager
+    def _get_slot(self) -> Iterator[None]:
+        """One of the ``max_gets`` GET slots, for one GET; after a GET has failed, its error
+        instead (no new GET starts)."""
+        with self._get_slots:
+            if self._failed is not None:
+                raise _same_error(self._failed)
+            yield
+
     def _get(self, name: str, start: int, length: int) -> Any:
         """A ranged GET of object ``name`` of the checkpoint, in a GET slot. A failure is kept,
         so that no new GET starts and the others raise it too."""
@@ -506,9 +514,7 @@ class Download:
             m0 = _mark()
             for start in range(off, off + length, piece):
                 n = min(piece, off + length - start)
-                with self._get_slots:
-                    if self._failed is not None:
-                        raise _same_error(self._failed)
+                with self._get_slot():
                     g0 = _mark()
                     body = self._get(f.name, start, n)
                     g1 = _mark()
@@ -542,9 +548,7 @@ class Download:
         the staging blocks (:mod:`sllm_store.remote.signed_gets`); then its checksum is checked."""
         f = self.index.files[f_i]
         with sink:
-            with self._get_slots:
-                if self._failed is not None:
-                    raise _same_error(self._failed)
+            with self._get_slot():
                 m0 = _mark()
                 try:
                     signed.get_into(f.name, off, length, sink)
