@@ -11,9 +11,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 * ``--in-place`` adds ``sllm_remote_in_place``: the remote load with ``SLLM_STORE_GET_CLIENT=http``
   (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place).
 * ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
-  URLs (``obstore.sign``) by the standard library's ``http.client``, each body read straight into
-  a reused buffer of its thread (``HTTPResponse.readinto``): no buffer per body, no copy out of
-  the client's. Another client than the load's, so it is not part of the raw-GET limit; its ratio
+  URLs through the library's ``SignedGets`` (obstore signs, the standard library's ``http.client``
+  reads), each body read straight into a reused buffer of its thread: no buffer per body, no
+  copy out of the client's. Another client than the load's, so it is not part of the raw-GET limit; its ratio
   is printed apart (``remote_vs_presigned_get``).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
@@ -277,54 +277,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         presigned_bufs: List[memoryview] = []  # made in the first round, reused by the next
 
         def presigned_get(threads: int, block: int = 32 << 20) -> None:
-            """Ranged GETs of presigned URLs (obstore signs them) by http.client, one keep-alive
-            connection per thread, each body read into that thread's reused buffer."""
-            import http.client
+            """Ranged GETs of presigned URLs by the library's own signed GETs
+            (``SignedGets.get_into``: obstore signs, http.client reads), each body read into
+            its thread's reused buffer instead of staging blocks."""
             import queue
             import threading
-            import urllib.parse
-            from datetime import timedelta
+
+            from sllm_store.remote import RemoteOptions
+            from sllm_store.remote.signed_gets import SignedGets
+
+            class IntoBuffer:  # stands in for a _C.StagedFill: the body lands in buf, nothing more
+                def __init__(self, buf: memoryview, n: int) -> None:
+                    self.buf, self.n, self.at = buf, n, 0
+
+                def reserve(self) -> memoryview:
+                    return self.buf[self.at:self.n]
+
+                def commit(self, k: int) -> None:
+                    self.at += k
 
             while len(presigned_bufs) < threads:
                 presigned_bufs.append(memoryview(bytearray(block)))
             free: queue.SimpleQueue = queue.SimpleQueue()
             for b in presigned_bufs[:threads]:
                 free.put(b)
-            rs = spans(block)
-            urls = {name: urllib.parse.urlsplit(obstore.sign(store, "GET", f"sllm/{converted.name}/{name}",
-                                                             timedelta(hours=1)))
-                    for name in {r[0] for r in rs}}
+            gets = SignedGets.for_store(store, f"s3://{BUCKET}", RemoteOptions())
+            assert gets is not None, "the store cannot sign URLs"
             local = threading.local()
-            opened: List[Any] = []
 
             def one(r: tuple[str, int, int]) -> int:
                 name, off, n = r
-                u = urls[name]
-                if getattr(local, "conn", None) is None:
-                    local.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                if getattr(local, "buf", None) is None:
                     local.buf = free.get_nowait()
-                    opened.append(local.conn)
-                local.conn.request("GET", f"{u.path}?{u.query}",
-                                   headers={"Range": f"bytes={off}-{off + n - 1}"})
-                resp = local.conn.getresponse()
-                if resp.status != 206:
-                    raise RuntimeError(f"presigned GET: HTTP {resp.status}: {resp.read(200)!r}")
-                got = 0
-                while got < n:
-                    k = resp.readinto(local.buf[got:n])
-                    if not k:
-                        break
-                    got += k
-                if got != n or resp.read(1):
-                    raise RuntimeError(f"presigned GET: {got} bytes of {n}")
-                return got
+                sink = IntoBuffer(local.buf, n)
+                gets.get_into(f"sllm/{converted.name}/{name}", off, n, sink)
+                return sink.at
 
             try:
                 with ThreadPoolExecutor(threads) as ex:
-                    got = sum(ex.map(one, rs))
+                    got = sum(ex.map(one, spans(block)))
             finally:
-                for c in opened:
-                    c.close()
+                gets.close()
             assert got == nbytes_on_disk
 
         def runai() -> Dict[str, Any]:
