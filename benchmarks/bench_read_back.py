@@ -105,7 +105,8 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps({"seconds": seconds, "gbps": rep.bytes / seconds / 1e9, "durable_s": durable,
                           "cpu_client_s": t1.user + t1.system - t.user - t.system, "minor_faults": f1 - f0,
                           "read_backs": rep.stats["read_backs"], "pieced_chunks": rep.stats["pieced_chunks"],
-                          "direct_writes": rep.stats["direct_writes"]}),
+                          "direct_writes": rep.stats["direct_writes"],
+                          "timeline_s": rep.stats["timeline_s"]}),
               flush=True)
 
 

@@ -9,7 +9,8 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   converted data files into memory, and GETs of the size in which a load to a GPU fetches its
   chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
 * ``--in-place`` adds ``sllm_remote_in_place``: the remote load with ``SLLM_STORE_GET_CLIENT=http``
-  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place).
+  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place);
+  ``--in-place-threads 16`` adds such loads with other ``num_threads`` (GETs in flight).
 * ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
   URLs through the library's ``SignedGets`` (obstore signs, the standard library's ``http.client``
   reads), each body read straight into a reused buffer of its thread: no buffer per body, no
@@ -199,6 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--in-place", action="store_true",
                     help="also a remote load with SLLM_STORE_GET_CLIENT=http (presigned URLs read into "
                          "the staging blocks in place)")
+    ap.add_argument("--in-place-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also remote loads with SLLM_STORE_GET_CLIENT=http and these num_threads")
     ap.add_argument("--presigned", action="store_true",
                     help="also raw GETs of presigned URLs by http.client, read into reused buffers")
     ap.add_argument("--server-cores", type=int, default=0,
@@ -335,11 +338,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         remote_stats: List[Dict[str, Any]] = []
 
-        def remote(name: str = "sllm_remote") -> Dict[str, Any]:
-            """A remote load with the library's defaults (GET count too); its report is kept."""
+        def remote(name: str = "sllm_remote", threads: Optional[int] = None) -> Dict[str, Any]:
+            """A remote load with the library's defaults (GET count too, unless ``threads``); its
+            report is kept."""
             from sllm_store.loader import load_state_dict_with_report
 
-            out, report = load_state_dict_with_report(url, args.device)
+            out, report = load_state_dict_with_report(url, args.device, num_threads=threads)
             remote_stats.append({"contender": name, "seconds": report.seconds, **report.stats})
             stages = {k: f"{v:.2f} ({report.stats['stage_cpu_seconds'][k]:.2f} CPU)"
                       for k, v in report.stats["stage_seconds"].items()}
@@ -347,6 +351,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "thread-seconds; cache writes: %s, from the device %s", name, stages,
                      report.stats["staging_alloc_s"], report.stats["staging_wait_s"],
                      report.stats["direct_writes"], report.stats["read_backs"])
+            timeline = sorted(report.stats["timeline_s"].items(), key=lambda kv: kv[1])
+            log.info("%s: timeline (s) %s, returned %.3f", name,
+                     ", ".join(f"{k} {v:.3f}" for k, v in timeline), report.seconds)
             return out
 
         def check_remote() -> int:
@@ -419,15 +426,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
             return dest
 
-        def remote_with(threads: int) -> Callable[[], Any]:
-            return lambda: sllm_store.load_state_dict(url, args.device, num_threads=threads)
+        def remote_with(threads: int, name: str) -> Callable[[], Any]:
+            return lambda: remote(name, threads)
 
-        def remote_patched(name: str, patch: Callable[[], Any]) -> Callable[[], Any]:
+        def remote_patched(name: str, patch: Callable[[], Any],
+                           threads: Optional[int] = None) -> Callable[[], Any]:
             """:func:`remote` inside ``patch()`` (a ``unittest.mock`` patcher of an environment
             variable or a library setting, restored afterwards)."""
             def run() -> Any:
                 with patch():
-                    return remote(name)
+                    return remote(name, threads)
             return run
 
         reader = RawReader(args.threads, 32 << 20)
@@ -449,7 +457,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not index.compressed:
                 contenders += [("get_copy", lambda: get_copy(False), nbytes_on_disk),
                                ("get_copy_staged", lambda: get_copy(True), nbytes_on_disk)]
-        contenders += [(f"sllm_remote_{n}t", remote_with(n), nbytes) for n in args.remote_threads]
+        contenders += [(f"sllm_remote_{n}t", remote_with(n, f"sllm_remote_{n}t"), nbytes)
+                       for n in args.remote_threads]
         from sllm_store.remote import cache as remote_cache
         from sllm_store.remote import stream as remote_stream
 
@@ -468,6 +477,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             from sllm_store.remote import signed_gets
 
             variants += [("sllm_remote_in_place", lambda: attr(signed_gets, "GET_CLIENT", "http"))]
+        if args.in_place_threads:
+            from sllm_store.remote import signed_gets
+
+            contenders += [(f"sllm_remote_in_place_{n}t",
+                            remote_patched(f"sllm_remote_in_place_{n}t",
+                                           lambda: attr(signed_gets, "GET_CLIENT", "http"), n), nbytes)
+                           for n in args.in_place_threads]
         if args.body_writes:
             variants += [("sllm_remote_body_writes", lambda: attr(remote_stream, "READ_BACK_BUFFERS", 0))]
         contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]

@@ -156,6 +156,9 @@ class Download:
         stages = ("get", "decode", "copy", "verify", "fault", "write", "read_back")
         self.stage_seconds = dict.fromkeys(stages, 0.0)
         self.stage_cpu_seconds = dict.fromkeys(stages, 0.0)
+        # perf_counter() when the first GET of a chunk started and the last one ended (None
+        # before): with the load's own marks, its timeline (load reports).
+        self.gets_span: list[Optional[float]] = [None, None]
 
     def open(self) -> Download:
         if self.lookup() is not None:
@@ -488,7 +491,14 @@ class Download:
         with self._get_slots:
             if self._failed is not None:
                 raise _same_error(self._failed)
-            yield
+            if self.gets_span[0] is None:
+                with self._lock:
+                    if self.gets_span[0] is None:
+                        self.gets_span[0] = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.gets_span[1] = time.perf_counter()  # a float store: atomic
 
     def _get(self, name: str, start: int, length: int) -> Any:
         """A ranged GET of object ``name`` of the checkpoint, in a GET slot. A failure is kept,

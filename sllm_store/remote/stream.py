@@ -91,6 +91,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     )
     from sllm_store.writer import default_quiet
 
+    marks = {"opened": time.perf_counter()}  # the load's timeline (with t0 and d.gets_span)
     index = d.index
     assign = _assign_devices(index, device)
     for dev in set(assign.values()):
@@ -116,6 +117,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     readers = READ_BACK_BUFFERS if to_device and d.can_read_back else 0
     copier = _C.StagedCopier(dests, STAGING_BLOCK, blocks, readers, index.chunk_size)
     covered = _covered_units(index, plan, by_unit) if readers else set()
+    marks["planned"] = time.perf_counter()  # the device memory and the copier made
 
     def read_back(pieces: list[tuple[int, int, int, int]], n: int) -> Any:
         # Holds the copier and the device memory until the chunk is written.
@@ -140,6 +142,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         # have arrived does not leave the connection idle.
         for n in parallel_map(one, range(len(plan.units)), 2 * config.remote_gets, "sllm-remote"):
             bar.update(n)
+    marks["fetched"] = time.perf_counter()
     if not copier.staged:
         logger.warning("%s: no page-locked staging memory (%s); the chunks were copied to the GPU from "
                        "pageable memory, more slowly", url, copier.pin_error)
@@ -149,6 +152,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
     cached = d.finish_later()
     tensors = _views(index, assign, plan, buffers)
     seconds = time.perf_counter() - t0
+    marks["first_get"], marks["last_get_end"] = d.gets_span
     report = LoadReport(path=url, bytes=_payload_bytes(index, assign), seconds=seconds,
                         devices=_bytes_per_device(plan),
                         stats={"io_mode": "remote", "threads": config.remote_gets,
@@ -173,6 +177,11 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
                                "pieced_chunks": d.pieced_chunks,
                                # or read into them in place (SLLM_STORE_GET_CLIENT=http)
                                "in_place_chunks": d.in_place_chunks,
+                               # seconds from the call: the index fetched and the cache entry
+                               # opened, the memory made, the first GET started, the last one
+                               # ended, every chunk in place (then the load returns at "seconds")
+                               "timeline_s": {k: round(v - t0, 4) for k, v in marks.items()
+                                              if v is not None},
                                "cached": str(cached) if cached else None})
     logger.info("loaded %s while downloading %s in %.2f s (%.2f GB/s)", url, format_size(d.bytes_downloaded),
                 seconds, report.gb_per_s)
