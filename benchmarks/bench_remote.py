@@ -15,7 +15,10 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   URLs through the library's ``SignedGets`` (obstore signs, the standard library's ``http.client``
   reads), each body read straight into a reused buffer of its thread: no buffer per body, no
   copy out of the client's. Another client than the load's, so it is not part of the raw-GET limit; its ratio
-  is printed apart (``remote_vs_presigned_get``).
+  is printed apart (``remote_vs_presigned_get``). For a GPU and an uncompressed checkpoint also
+  ``presigned_staged``: the same GETs read in place into the library's staging blocks
+  (checksummed, copied to DEVICE), as ``SLLM_STORE_GET_CLIENT=http`` loads do, without the
+  download around them (cache writes, checksums compared, the load's threads).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` (its default GETs in flight) with an
@@ -432,6 +435,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                 assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
             return dest
 
+        def presigned_staged(threads: int) -> Any:
+            """The GETs of ``presigned_get``, each read in place into the library's staging
+            blocks (``_C.StagedCopier.fill``: checksummed, then copied to DEVICE), as the remote
+            load with ``SLLM_STORE_GET_CLIENT=http`` does, but without its download (no cache
+            writes, no checksums compared, no other threads)."""
+            from sllm_store.remote import RemoteOptions
+            from sllm_store.remote.signed_gets import SignedGets
+
+            dest = torch.empty(nbytes_on_disk, dtype=torch.uint8, device=args.device)
+            dests = [(args.device, dest.data_ptr(), nbytes_on_disk)]
+            copier = _C.StagedCopier(dests, STAGING_BLOCK, 2 * threads + 8)
+            gets = SignedGets.for_store(store, f"s3://{BUCKET}", RemoteOptions())
+            assert gets is not None, "the store cannot sign URLs"
+
+            def one(r: Any) -> int:
+                name, off, n = r
+                with copier.fill(n, [(0, 0, starts[(name, off)], n)]) as fill:
+                    gets.get_into(f"sllm/{converted.name}/{name}", off, n, fill)
+                    fill.finish()
+                return n
+
+            try:
+                with ThreadPoolExecutor(threads) as ex:
+                    assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
+            finally:
+                gets.close()
+            return dest
+
         def remote_with(threads: int, name: str) -> Callable[[], Any]:
             return lambda: remote(name, threads)
 
@@ -457,6 +488,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                             nbytes_on_disk)]
         if args.presigned:
             contenders += [("presigned_get", lambda: presigned_get(DEFAULT_REMOTE_GETS), nbytes_on_disk)]
+            if cuda and not index.compressed:
+                contenders += [("presigned_staged", lambda: presigned_staged(DEFAULT_REMOTE_GETS),
+                                nbytes_on_disk)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
