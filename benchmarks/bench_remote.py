@@ -36,8 +36,6 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 * ``--body-writes`` adds a remote load that writes the cache from the GETs' buffers (kept until
   written), as before session 7, instead of reading each chunk back from the device
   (``READ_BACK_BUFFERS`` 0).
-* ``--deferred-writes`` adds a remote load whose cache writes (chunks read back from the device)
-  are queued once every chunk is in place, not as each arrives (the library's ``DEFER_READ_BACKS``).
 * ``--cuda-sync spin`` adds a remote load whose copy threads spin while they wait for their
   device copies (``SLLM_STORE_CUDA_SYNC``; the default, ``block``, sleeps), and
   ``--staging-blocks 16`` one with 16 staging blocks (the library's ``STAGING_BLOCKS``; by
@@ -83,7 +81,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -203,9 +200,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--body-writes", action="store_true",
                     help="also a remote load that writes the cache from the GET buffers, not read back "
                          "from the device (A/B)")
-    ap.add_argument("--deferred-writes", action="store_true",
-                    help="also a remote load whose cache writes (read back from the device) start once "
-                         "every chunk is in place (A/B)")
     ap.add_argument("--in-place", action="store_true",
                     help="also a remote load with SLLM_STORE_GET_CLIENT=http (presigned URLs read into "
                          "the staging blocks in place)")
@@ -528,21 +522,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                             remote_patched(f"sllm_remote_in_place_{n}t",
                                            lambda: attr(signed_gets, "GET_CLIENT", "http"), n), nbytes)
                            for n in args.in_place_threads]
-        if args.deferred_writes:
-            def deferred() -> Any:
-                return attr(remote_stream, "DEFER_READ_BACKS", True)
-
-            variants += [("sllm_remote_deferred_writes", deferred)]
-            if args.in_place:  # and both
-                from sllm_store.remote import signed_gets
-
-                def in_place_deferred() -> Any:
-                    stack = contextlib.ExitStack()
-                    stack.enter_context(deferred())
-                    stack.enter_context(attr(signed_gets, "GET_CLIENT", "http"))
-                    return stack
-
-                variants += [("sllm_remote_in_place_deferred_writes", in_place_deferred)]
         if args.body_writes:
             variants += [("sllm_remote_body_writes", lambda: attr(remote_stream, "READ_BACK_BUFFERS", 0))]
         contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]

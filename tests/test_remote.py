@@ -490,10 +490,9 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
     # "pieces": GETs of 24 + 24 + 16 KiB per 64 KiB chunk; "whole": one GET per chunk; "http":
     # one GET of a presigned URL per chunk, read into the blocks in place (whatever GET_PIECE
-    # says); "deferred": pieces, with the cache writes queued once every chunk is in place
-    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 0, "deferred": 24 << 10}[mode]
+    # says)
+    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 0}[mode]
     signed_gets.GET_CLIENT = "http" if mode == "http" else "obstore"
-    stream.DEFER_READ_BACKS = mode == "deferred"
     queued, fetched = [], []  # when each read-back write was queued, and each chunk fetched
     store_later, fetch_chunk = cache.Download.store_later, cache.Download.fetch_chunk
 
@@ -516,11 +515,9 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     # (the last GET may be a refetch of a chunk that came back changed, running meanwhile)
     refetches = any(k in os.environ for k in ("FAKE_CUDA_FLIP_COPY_BACK", "FAKE_CUDA_FAIL_COPY_BACK"))
     assert t["first_get"] < t["last_get_end"] and (refetches or t["last_get_end"] <= t["fetched"]), t
-    assert queued and fetched
-    if mode == "deferred":  # all after the last chunk's GETs
-        assert min(queued) >= max(fetched), (queued, fetched)
-    else:  # each as its chunk arrived
-        assert min(queued) < max(fetched), (queued, fetched)
+    # The cache is written through: each chunk's write from the device is queued as the chunk
+    # arrives, not at the end (decoded chunks may have gone straight into the cache instead)
+    assert fetched and (not queued or min(queued) < max(fetched)), (queued, fetched)
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want)
     for k in want:
@@ -546,7 +543,6 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("fault, mode", [("", "whole"), ("", "pieces"), ("", "http"),
                                          ("FAKE_CUDA_FLIP_COPY_BACK", "pieces"),
-                                         ("FAKE_CUDA_FLIP_COPY_BACK", "deferred"),
                                          ("FAKE_CUDA_FAIL_COPY_BACK", "whole"),
                                          ("FAKE_CUDA_FLIP_COPY_BACK", "http"),
                                          ("FAKE_CUDA_NO_HOST_ALLOC", "http")])
@@ -556,9 +552,8 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
     In ``pieces`` mode (as by default, SLLM_STORE_GET_PIECE) plain chunks come as several ranged
     GETs, each body added to the blocks; in ``whole`` mode as one GET each; in ``http`` mode
     (SLLM_STORE_GET_CLIENT=http) as one GET of a presigned URL each, read into the blocks in
-    place (through a scratch buffer when there is no page-locked memory); in ``deferred`` mode
-    as in ``pieces``, and the cache writes are queued after the last GET (DEFER_READ_BACKS).
-    Compressed chunks always come as one obstore GET each, decoded.
+    place (through a scratch buffer when there is no page-locked memory). Compressed chunks
+    always come as one obstore GET each, decoded.
     The cache is written from the device: each chunk is copied back and checked against its
     checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
     or cannot be copied back, is fetched again, and the cache entry is still right."""
@@ -579,7 +574,7 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
     _buffers, chunks, written, refetched, copies_back, pieced, in_place = map(int, r.stdout.split()[1:])
     # In pieces, plain chunks' GETs go into the staging blocks one by one; decoded ones never.
-    assert pieced == (chunks if mode in ("pieces", "deferred") and not compress else 0), r.stdout
+    assert pieced == (chunks if mode == "pieces" and not compress else 0), r.stdout
     assert in_place == (chunks if mode == "http" and not compress else 0), r.stdout
     # Plain chunks are all cached from the device; decoded ones may have been decoded straight
     # into the cache (where O_DIRECT is refused) and then need no read-back.

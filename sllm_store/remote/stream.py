@@ -53,10 +53,6 @@ logger = logging.getLogger(__name__)
 STAGING_BLOCK = 4 << 20  # the page-locked staging blocks of a streamed load to a GPU: their size,
 STAGING_BLOCKS = 0  # and number (and streams; 0: two per GET in flight, and 8 more)
 READ_BACK_BUFFERS = 4  # page-locked buffers (and streams) that cache writes read chunks back into
-# Cache writes of chunks read back from the device: queued as each chunk arrives (False), or once
-# every chunk is in place (True), so that they do not compete with the GETs for memory bandwidth
-# and cores; bench_remote --deferred-writes
-DEFER_READ_BACKS = False
 
 
 def load_remote(url: str, device: Any, config: LoadConfig,
@@ -127,8 +123,6 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         # Holds the copier and the device memory until the chunk is written.
         return lambda use, _keep=buffers: copier.read_back(pieces, n, use)
 
-    deferred: list[tuple[int, int, Any]] = []  # read-back writes queued after the GETs
-
     def one(u: int) -> int:
         f_i, off, length, _ = plan.units[u]
         c = off // index.chunk_size
@@ -138,10 +132,7 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
         if not stored:
             # The cache write, off this thread: of what is on the device now, or of the GET's
             # buffer (held until then, as memory allows).
-            if u in covered and DEFER_READ_BACKS:
-                deferred.append((f_i, c, read_back(pieces, d.chunk_length(f_i, c))))
-            else:
-                d.store_later(f_i, c, read_back(pieces, d.chunk_length(f_i, c)) if u in covered else data)
+            d.store_later(f_i, c, read_back(pieces, d.chunk_length(f_i, c)) if u in covered else data)
         del data
         return length
 
@@ -153,8 +144,6 @@ def _stream(d: Any, url: str, device: Any, config: LoadConfig,
             bar.update(n)
     marks["fetched"] = time.perf_counter()
     marks["first_get"], marks["last_get_end"] = d.gets_span  # by then (a cache write's refetch too)
-    for f_i, c, read in deferred:
-        d.store_later(f_i, c, read)
     if not copier.staged:
         logger.warning("%s: no page-locked staging memory (%s); the chunks were copied to the GPU from "
                        "pageable memory, more slowly", url, copier.pin_error)
