@@ -19,7 +19,8 @@ reused from the heap) applies to both variants: without it, every GET buffer is 
 anyway. ``read_back`` fetches each chunk as the library does, in GETs of 16 MiB
 (``SLLM_STORE_GET_PIECE``); ``whole_gets`` is ``read_back`` with one GET per chunk, and
 ``in_place`` with one GET of a presigned URL per chunk, read into the staging blocks in place
-(``SLLM_STORE_GET_CLIENT=http``).
+(``SLLM_STORE_GET_CLIENT=http``; the socket read by the core, without the GIL), ``in_place_py``
+the same read by ``http.client``, one read at a time (``signed_gets.RECV_IN_CORE`` off).
 Each variant (``--variants``) runs in a fresh process, ``--reps`` loads each (the first is a warm-up and
 not counted in the best). The numbers are only a proxy: host "device" memory costs page faults
 of its own, and the real DMA and disk are elsewhere. Example::
@@ -51,7 +52,7 @@ from bench_load import write_json  # noqa: E402
 from bench_remote import BUCKET, KEY, SECRET, start_weed  # noqa: E402
 
 log = logging.getLogger("bench_read_back")
-VARIANTS = ("read_back", "body", "whole_gets", "in_place")
+VARIANTS = ("read_back", "body", "whole_gets", "in_place", "in_place_py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,10 +79,11 @@ def child(args: argparse.Namespace) -> None:
         stream.READ_BACK_BUFFERS = 0
     if args.variant == "whole_gets":
         cache.GET_PIECE = 0
-    if args.variant == "in_place":
+    if args.variant in ("in_place", "in_place_py"):
         from sllm_store.remote import signed_gets
 
         signed_gets.GET_CLIENT = "http"
+        signed_gets.RECV_IN_CORE = args.variant == "in_place"
     if args.disk_gbps:
         disk = threading.Lock()
         real = _C.write_direct
@@ -121,8 +123,8 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x],
                     default=["read_back", "body"],
-                    help="loads to compare, in fresh processes: read_back, body, whole_gets, in_place "
-                         "(default read_back,body); each is compared with the first")
+                    help="loads to compare, in fresh processes: read_back, body, whole_gets, in_place, "
+                         "in_place_py (default read_back,body); each is compared with the first")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -9,7 +9,9 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   converted data files into memory, and GETs of the size in which a load to a GPU fetches its
   chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
 * ``--in-place`` adds ``sllm_remote_in_place``: the remote load with ``SLLM_STORE_GET_CLIENT=http``
-  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place);
+  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place:
+  over plain HTTP by the core, without the GIL), and ``sllm_remote_in_place_py``, the same with the
+  body read by ``http.client`` (``signed_gets.RECV_IN_CORE`` off);
   ``--in-place-threads 16`` adds such loads with other ``num_threads`` (GETs in flight).
 * ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
   URLs through the library's ``SignedGets`` (obstore signs, the standard library's ``http.client``
@@ -81,6 +83,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -515,6 +518,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             from sllm_store.remote import signed_gets
 
             variants += [("sllm_remote_in_place", lambda: attr(signed_gets, "GET_CLIENT", "http"))]
+
+            def in_place_py() -> Any:  # the socket read by http.client, not by the core
+                stack = contextlib.ExitStack()
+                stack.enter_context(attr(signed_gets, "GET_CLIENT", "http"))
+                stack.enter_context(attr(signed_gets, "RECV_IN_CORE", False))
+                return stack
+
+            variants += [("sllm_remote_in_place_py", in_place_py)]
         if args.in_place_threads:
             from sllm_store.remote import signed_gets
 

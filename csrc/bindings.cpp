@@ -26,6 +26,7 @@
 #include "memory/malloc_tuning.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
+#include "pipeline/socket_fill.h"
 #include "pipeline/staged_copier.h"
 #include "pipeline/loader.h"
 
@@ -274,6 +275,23 @@ PYBIND11_MODULE(_C, m) {
             fill.commit(n);
           },
           py::arg("n"), "The first n bytes of the last reserve() hold the chunk's next bytes.")
+      .def(
+          "recv",
+          [](Fill& f, int fd, uint64_t n, int timeout_ms) {
+            StagedCopier::Fill& fill = f.get();
+            SocketFillResult r;
+            {
+              py::gil_scoped_release nogil;
+              r = recv_into_fill(fd, fill, static_cast<size_t>(n), timeout_ms);
+            }
+            return std::make_tuple(static_cast<uint64_t>(r.got), r.error);
+          },
+          py::arg("fd"), py::arg("n"), py::arg("timeout_ms"),
+          "Read up to n of the chunk's next bytes from the connected socket `fd` in place, without "
+          "the GIL, waiting at most timeout_ms (< 0: for ever) for each read: (bytes read, error). "
+          "error: 0 (done, or the peer closed the connection early: fewer bytes), an errno "
+          "(ETIMEDOUT when nothing came in time), or -1 when there is no page-locked block to read "
+          "into (add() the rest instead).")
       .def(
           "finish",
           [](Fill& f) {

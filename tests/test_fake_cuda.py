@@ -312,6 +312,80 @@ def test_staged_copier_fill_reads_in_place(fake_libcuda) -> None:
     assert lines[4:] == ["OK"], r.stdout
 
 
+def test_staged_fill_reads_a_socket_in_place(fake_libcuda) -> None:
+    """StagedFill.recv (the rest of a presigned GET's body read from its socket by the core,
+    without the GIL): chunks sent in writes of any size over socket pairs, blocking or not,
+    from more threads than blocks, land in cuda:0 and host memory with their XXH3-64; a peer
+    that closes early gives fewer bytes and no error, a silent one ETIMEDOUT, a bad descriptor
+    its errno (a half-read fill is then given up cleanly); without page-locked blocks, -1."""
+    r = _run(fake_libcuda, FILL_CHUNKS.format(seed=13, extra=[1 << 20, 1]) + """
+        import errno, socket, threading, time
+
+        def send(sock, data, close_at=None):
+            def run():
+                pos, end = 0, len(data) if close_at is None else close_at
+                while pos < end:
+                    k = min(end - pos, int(np.random.default_rng(pos).integers(1, 400 << 10)))
+                    sock.sendall(data[pos:pos + k])
+                    pos += k
+                sock.close()
+            t = threading.Thread(target=run)
+            t.start()
+            return t
+
+        def one(i):
+            n, o, x = sizes[i], int(offs[i]), chunks[i]
+            half = n // 2  # half to host memory, the rest to the GPU
+            a, b = socket.socketpair()
+            if i % 2:
+                a.settimeout(5.0)  # non-blocking underneath: the core polls
+            t = send(b, x)
+            with c.fill(n, [(0, 1, o, half), (half, 0, o + half, n - half)]) as f:
+                f.add(a.recv(1, socket.MSG_WAITALL))  # a byte read the other way first
+                got, err = f.recv(a.fileno(), n - 1, 5000)
+                assert (got, err) == (n - 1, 0), (i, got, err)
+                digest = f.finish()
+            t.join()
+            a.close()
+            return digest
+
+        with ThreadPoolExecutor(6) as ex:
+            digests = list(ex.map(one, range(len(chunks))))
+        assert digests == [_C.xxh3_64(x) for x in chunks]
+        for i, x in enumerate(chunks):
+            n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
+            assert host[o:o + half].tobytes() == x[:half], i
+            assert gpu[o + half:o + n].tobytes() == x[half:], i
+        x = chunks[0]
+        n = len(x)
+        a, b = socket.socketpair()
+        t = send(b, x, close_at=n // 3)  # the server goes away a third of the way in
+        with c.fill(n, [(0, 0, 0, n)]) as f:
+            got, err = f.recv(a.fileno(), n, 5000)
+            print("closed", got == n // 3, err)
+            f.add(x[got:])  # the rest from elsewhere (a resumed GET)
+            assert f.finish() == _C.xxh3_64(x)
+        t.join()
+        a.close()
+        a, b = socket.socketpair()
+        a.settimeout(0.05)
+        with c.fill(n, [(0, 0, 0, n)]) as f:
+            b.sendall(x[:1000])  # then nothing
+            t0 = time.monotonic()
+            got, err = f.recv(a.fileno(), n, 50)
+            print("silent", got, err == errno.ETIMEDOUT, 0.04 < time.monotonic() - t0 < 5)
+        a.close()
+        b.close()
+        with c.fill(n, [(0, 0, 0, n)]) as f:
+            got, err = f.recv(-1, n, 50)  # no socket
+            print("bad", got, err == errno.EBADF)
+        print("OK")
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["closed", "True", "0", "silent", "1000", "True", "True",
+                                "bad", "0", "True", "OK"], r.stdout
+
+
 def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
     """When page-locked memory cannot be had, the staged copier copies from the chunk itself
     (the driver's pageable path): still every byte in place and the right checksum."""
@@ -327,6 +401,7 @@ def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
         gpu[:] = 0
         with c.fill(len(src), [(0, 0, 0, len(src))]) as f:  # pieces, each straight from its bytes
             assert f.reserve() is None  # nothing to read into in place
+            assert f.recv(0, len(src), 10) == (0, -1)  # nor to read a socket into
             for pos in range(0, len(src), 300 << 10):
                 f.add(src[pos:pos + (300 << 10)])
             assert f.finish() == _C.xxh3_64(src)

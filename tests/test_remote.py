@@ -621,7 +621,7 @@ REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
 
 
 REMOTE_SIGNED_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
-    import http.client
+    import errno, http.client
     from sllm_store.errors import RemoteAuthError, RemoteNotFoundError, RemoteUnavailableError
     from sllm_store.remote import RemoteOptions, signed_gets
 
@@ -646,16 +646,32 @@ REMOTE_SIGNED_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
             return u._replace(query=u.query.replace("X-Amz-Signature=", "X-Amz-Signature=00"))
         return u
 
+    real_recv = signed_gets.SignedGets._recv
+
+    def recv(self, fill, sock, n):  # the core's reads of the socket (plain HTTP)
+        fault["recvs"] = fault.get("recvs", 0) + 1
+        if fault["now"] == "down":
+            return 0, errno.ECONNRESET
+        if fault["now"] == "cut" and fault["recvs"] % 3 == 0:
+            fault["cut"] += 1
+            got, _err = real_recv(self, fill, sock, n // 2)  # half the body, then a reset
+            return got, errno.ECONNRESET
+        return real_recv(self, fill, sock, n)
+
     http.client.HTTPResponse.readinto, signed_gets.SignedGets._url_of = readinto, url_of
-    # Bodies cut off every third read: each GET resumes where its body stopped.
-    fault["now"] = "cut"
-    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
+    signed_gets.SignedGets._recv = recv
     want = sllm_store.load_state_dict(local)
-    assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
-    assert report.stats["in_place_chunks"] > 0 and fault["cut"] > 0, (report.stats, fault)
-    assert cache.wait_for_cache(timeout=60)
-    print("cut", fault["cut"] > 0)
-    cache.remove(url)
+    # Bodies cut off every third read: each GET resumes where its body stopped; read by the
+    # core (plain HTTP), and then by http.client
+    for signed_gets.RECV_IN_CORE in (True, False):
+        fault["now"], fault["cut"] = "cut", 0
+        out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
+        assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
+        assert report.stats["in_place_chunks"] > 0 and fault["cut"] > 0, (report.stats, fault)
+        assert cache.wait_for_cache(timeout=60)
+        cache.remove(url)
+    print("cut", fault["recvs"] > 0)
+    signed_gets.RECV_IN_CORE = True
     cases = (("down", url, RemoteUnavailableError), ("forged", url, RemoteAuthError),
              ("missing", url, RemoteNotFoundError), ("", short_url, RemoteError),
              ("", corrupt_url, ChecksumError))

@@ -5,9 +5,12 @@ buffer into its page-locked staging blocks (``_C.StagedFill.add``): a memcpy of 
 the page faults of the buffers. With ``SLLM_STORE_GET_CLIENT=http`` (:func:`get_client`), a load
 to a GPU fetches such a chunk with one ranged GET of a presigned URL instead. obstore signs the
 URL (``obstore.sign``), so the credentials are still resolved by obstore. The standard library's
-``http.client`` sends the request and reads the body in place into the staging blocks
-(``HTTPResponse.readinto`` into ``StagedFill.reserve()``, then ``commit``), where the chunk is
-hashed and copied to the device. There is no body buffer and no copy.
+``http.client`` sends the request and parses the response's headers. The body is read in place
+into the staging blocks, where the chunk is hashed and copied to the device: there is no body
+buffer and no copy. Over plain HTTP the core reads the socket (``StagedFill.recv``,
+``csrc/pipeline/socket_fill.cpp``): no GIL, and each read hashed while it is in the CPU cache.
+Over HTTPS (or with ``RECV_IN_CORE`` off), ``http.client`` reads it, one read at a time
+(``HTTPResponse.readinto`` into ``StagedFill.reserve()``, then ``commit``).
 
 It needs an ``s3://`` store that can sign (not anonymous access) and no HTTP proxy for the
 endpoint; otherwise the load uses obstore as usual. Requests have the store's timeout. Connection
@@ -29,6 +32,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -56,6 +60,10 @@ _SIGN_FOR = timedelta(hours=1)  # presigned URLs expire after this,
 _RESIGN_AFTER = 1800.0  # and are signed again after this many seconds
 _TRANSIENT = {408, 429, 500, 502, 503, 504}
 _SCRATCH = 4 << 20  # where bytes go when there is no staging block to read into
+# Over plain HTTP, the rest of a body is read from the socket by the core, without the GIL
+# (StagedFill.recv, csrc/pipeline/socket_fill.cpp); False: by http.client, a read at a time
+# (HTTPS always is). bench_read_back's in_place_py patches it.
+RECV_IN_CORE = True
 
 
 def get_client() -> str:
@@ -174,6 +182,21 @@ class SignedGets:
                     raise _status_error(resp.status, body, where)
                 if resp.length is not None and resp.length < length - got:
                     raise RemoteError(f"downloading '{where}': the object is shorter than its index says")
+                sock = self._plain_socket(conn, resp, length - got, fill)
+                if sock is not None:
+                    # The bytes that came with the headers, in the response's read buffer, first
+                    head = resp.read(min(len(resp.fp.peek(1)), length - got)) if resp.fp else b""
+                    if head:
+                        fill.add(head)
+                        got += len(head)
+                    k, err = self._recv(fill, sock, length - got)
+                    got += k
+                    resp.length -= k  # http.client's count of the body's bytes left
+                    if err > 0:
+                        raise OSError(err, os.strerror(err))
+                    if err == 0 and got < length:  # the server closed the connection
+                        raise http.client.IncompleteRead(b"", length - got)
+                    # err -1: no page-locked block to read into; the rest below
                 while got < length:
                     view = fill.reserve()
                     if view is None:  # no staging block: through this thread's scratch buffer
@@ -206,6 +229,23 @@ class SignedGets:
             finally:
                 if conn is not None:
                     conn.close()
+
+    @staticmethod
+    def _plain_socket(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, n: int,
+                      fill: Any) -> Optional[socket.socket]:
+        """The connection's socket where the core can read the body's ``n`` bytes left from it:
+        plain HTTP, a body of known length, and a fill of the core's; else None."""
+        sock = conn.sock
+        if not RECV_IN_CORE or type(sock) is not socket.socket or not hasattr(fill, "recv"):
+            return None
+        if resp.chunked or resp.length != n:
+            return None
+        return sock
+
+    def _recv(self, fill: Any, sock: socket.socket, n: int) -> tuple[int, int]:
+        """``fill.recv`` of ``n`` bytes from ``sock`` with its timeout: (bytes read, error)."""
+        timeout = sock.gettimeout()
+        return fill.recv(sock.fileno(), n, -1 if timeout is None else max(1, int(timeout * 1000)))
 
     def close(self) -> None:
         """Close the idle connections (idempotent)."""
