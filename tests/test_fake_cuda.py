@@ -179,7 +179,8 @@ def test_staged_copier_checksums_and_copies_through_pinned_buffers(fake_libcuda)
 
 
 # Random chunks (24 of up to 3 MiB, and `extra` sizes) for a StagedCopier of two 1 MiB blocks
-# into cuda:0 and host memory, laid out one after the other (offs).
+# into cuda:0 and host memory, laid out one after the other (offs); fill_halves(one) runs and
+# checks fills that split each chunk between the two.
 FILL_CHUNKS = """
         import numpy as np
         from concurrent.futures import ThreadPoolExecutor
@@ -193,6 +194,15 @@ FILL_CHUNKS = """
         gpu, host = np.zeros(total, np.uint8), np.zeros(total, np.uint8)
         c = _C.StagedCopier([("cuda:0", gpu.ctypes.data, total), ("cpu", host.ctypes.data, total)],
                             1 << 20, 2)
+
+        def fill_halves(one):  # one(i) fills chunk i, its first half to host memory, the rest to the GPU
+            with ThreadPoolExecutor(6) as ex:
+                digests = list(ex.map(one, range(len(chunks))))
+            assert digests == [_C.xxh3_64(x) for x in chunks]
+            for i, x in enumerate(chunks):
+                n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
+                assert host[o:o + half].tobytes() == x[:half], i
+                assert gpu[o + half:o + n].tobytes() == x[half:], i
 """
 
 
@@ -282,13 +292,7 @@ def test_staged_copier_fill_reads_in_place(fake_libcuda) -> None:
                     pos += k
                 return f.finish()
 
-        with ThreadPoolExecutor(6) as ex:
-            digests = list(ex.map(one, range(len(chunks))))
-        assert digests == [_C.xxh3_64(x) for x in chunks]
-        for i, x in enumerate(chunks):
-            n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
-            assert host[o:o + half].tobytes() == x[:half], i
-            assert gpu[o + half:o + n].tobytes() == x[half:], i
+        fill_halves(one)
         with c.fill(3, [(0, 0, 0, 3)]) as f:
             view = f.reserve()
             assert len(view) == 3
@@ -349,13 +353,7 @@ def test_staged_fill_reads_a_socket_in_place(fake_libcuda) -> None:
             a.close()
             return digest
 
-        with ThreadPoolExecutor(6) as ex:
-            digests = list(ex.map(one, range(len(chunks))))
-        assert digests == [_C.xxh3_64(x) for x in chunks]
-        for i, x in enumerate(chunks):
-            n, o, half = sizes[i], int(offs[i]), sizes[i] // 2
-            assert host[o:o + half].tobytes() == x[:half], i
-            assert gpu[o + half:o + n].tobytes() == x[half:], i
+        fill_halves(one)
         x = chunks[0]
         n = len(x)
         a, b = socket.socketpair()
