@@ -443,19 +443,24 @@ def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
 
 
 @pytest.mark.gpu
-def test_streaming_remote_load_to_gpu(env) -> None:
+@pytest.mark.parametrize("client", ["obstore", "http"])
+def test_streaming_remote_load_to_gpu(env, monkeypatch, client) -> None:
     """A streamed load to a real GPU, compressed and plain: every tensor right; its cache entry,
-    written from the GPU (read back and checked), reloads the same."""
+    written from the GPU (read back and checked), reloads the same. With
+    SLLM_STORE_GET_CLIENT=http, plain chunks are read into the staging blocks in place (from the
+    socket, by the core: SeaweedFS speaks plain HTTP)."""
     from sllm_store.loader import load_state_dict_with_report
     from sllm_store.remote.cache import wait_for_cache
 
+    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", client)
     for compress in (True, False):
-        (env / f"gpu-{int(compress)}").mkdir()
-        local, sd, url = _uploaded(env / f"gpu-{int(compress)}", f"gpu-{int(compress)}", compress=compress,
-                                   seed=6)
+        name = f"gpu-{client}-{int(compress)}"
+        (env / name).mkdir()
+        local, sd, url = _uploaded(env / name, name, compress=compress, seed=6)
         out, report = load_state_dict_with_report(url, "cuda:0")
         assert {t.device.type for t in out.values()} == {"cuda"}
         assert_state_dict_identical(out, sd)
+        assert (report.stats["in_place_chunks"] > 0) == (client == "http" and not compress), report.stats
         # The cache entry was written from the GPU (read back, checked, written): it loads the same.
         assert wait_for_cache(timeout=60)
         rb = report.stats["read_backs"]
