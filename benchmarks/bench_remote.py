@@ -83,7 +83,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -519,13 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             variants += [("sllm_remote_in_place", lambda: attr(signed_gets, "GET_CLIENT", "http"))]
 
-            def in_place_py() -> Any:  # the socket read by http.client, not by the core
-                stack = contextlib.ExitStack()
-                stack.enter_context(attr(signed_gets, "GET_CLIENT", "http"))
-                stack.enter_context(attr(signed_gets, "RECV_IN_CORE", False))
-                return stack
-
-            variants += [("sllm_remote_in_place_py", in_place_py)]
+            # the socket read by http.client, not by the core
+            variants += [("sllm_remote_in_place_py",
+                          lambda: mock.patch.multiple(signed_gets, GET_CLIENT="http", RECV_IN_CORE=False))]
         if args.in_place_threads:
             from sllm_store.remote import signed_gets
 
