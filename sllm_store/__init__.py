@@ -25,6 +25,7 @@ _LAZY = {
     "load_state_dict": "sllm_store.loader",
     "verify": "sllm_store.loader",
     "LoadConfig": "sllm_store.config",
+    "RemoteOptions": "sllm_store.config",
     "save_state_dict": "sllm_store.writer",
     "convert": "sllm_store.converter",
     "read_index": "sllm_store.index",
@@ -35,7 +36,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sllm_store.config import LoadConfig
+    from sllm_store.config import LoadConfig, RemoteOptions
     from sllm_store.converter import convert
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_state_dict, verify
@@ -70,4 +71,5 @@ __all__ = [
     "read_index",
     "Index",
     "LoadConfig",
+    "RemoteOptions",
 ] + list(_errors.__all__)

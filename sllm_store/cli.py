@@ -112,7 +112,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     for dev, nbytes in report.devices.items():
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
-    if stats.get("io_mode") == "remote":
+    if stats["tier"] == "remote":
         from sllm_store.remote.cache import wait_for_cache
 
         wait_for_cache()  # the entry is finished in the background; this process ends next
@@ -125,7 +125,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(f"  remote: {format_size(stats['bytes_downloaded'])} downloaded while loading "
               f"({stats['threads']} GETs in flight), {cached}")
         return 0
-    if stats.get("io_mode") == "store":
+    if stats["tier"] == "store":
         print(f"  store {stats['store']}: {'hit' if stats['hit'] else 'miss'}"
               f"{' (streamed)' if stats['streamed'] else ''}, server {stats['server_seconds']:.3f} s "
               f"of which copying {stats['copy_seconds']:.3f} s")
@@ -147,11 +147,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202 - StoreClient, imported lazily
-    import os
-
+    from sllm_store.config import store_address
     from sllm_store.server.client import StoreClient
 
-    return StoreClient(args.store or os.environ.get("SLLM_STORE_ADDRESS") or None)
+    return StoreClient(store_address(args.store))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -202,7 +201,7 @@ def _cmd_evict(args: argparse.Namespace) -> int:
 
 
 def _remote_options(args: argparse.Namespace):  # noqa: ANN202 - RemoteOptions, imported lazily
-    from sllm_store.remote import RemoteOptions
+    from sllm_store.config import RemoteOptions
 
     return RemoteOptions(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous)
 

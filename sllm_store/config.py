@@ -1,46 +1,87 @@
-"""Load settings: one dataclass, filled from arguments first, then environment, then defaults.
+"""Settings: every ``SLLM_STORE_*`` environment variable is read here, and nowhere else.
 
-Environment variables (all optional):
+A load's settings are one object, :class:`LoadConfig`, with a section per tier: the local reads
+(its own fields), ``store`` (:class:`StoreSettings`, the store server's client), ``remote``
+(:class:`RemoteOptions`, object-store connections) and ``cache`` (:class:`CacheSettings`, the local
+disk cache of remote checkpoints). Each value comes from the argument when one is given, else from
+the environment, else from the default. :data:`VARIABLES` lists every variable with its default
+and meaning (docs/configuration.md is that table). The AWS variables (``AWS_REGION``...) are read
+where object-store connections are made (:mod:`sllm_store.remote.objects`), as every AWS client
+reads them.
 
-``SLLM_STORE_NUM_THREADS``   worker threads (default: CPU count, between 4 and 16)
-``SLLM_STORE_IO_MODE``       ``auto`` | ``buffered`` | ``direct`` | ``mmap`` (default ``auto``:
-                             O_DIRECT when the files are not in the page cache, else buffered)
-``SLLM_STORE_CHUNK_SIZE``    read unit, e.g. ``16MiB`` (default: the checkpoint's chunk size)
-``SLLM_STORE_VERIFY``        ``1`` to verify checksums on every load
-``SLLM_STORE_STAGING_BUFFERS`` staging buffers per thread for GPU loads (default 2: one filling
-                             while one is copied to the device)
-``SLLM_STORE_ADDRESS``       load through this store server (``unix:///path`` or ``host:port``);
-                             unset: load in this process
-``SLLM_STORE_TIMEOUT``       seconds a load through a store server may take (default 600)
+Example::
+
+    config = LoadConfig.resolve(num_threads=8, verify=True)
+    config.remote.max_gets, config.cache.directory
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from sllm_store._units import SizeLike, parse_size
 
 IO_MODES = ("auto", "buffered", "direct", "mmap")
 
-
-def default_num_threads() -> int:
-    # Reads are I/O bound: more threads than cores still help to keep the device queue full.
-    return max(4, min(16, os.cpu_count() or 4))
+DEFAULT_REMOTE_GETS = 24  # GETs in flight for a remote load (docs/benchmarks.md, design notes)
+DEFAULT_STORE_TIMEOUT = 600.0  # seconds a load through a store server may take
 
 
-# GETs in flight for a remote load when num_threads is not given. On the H100 machine (16 cores,
-# SeaweedFS on loopback, 3B checkpoint) 24 beat 16 in each of 7 paired rounds, by 2-11 %, and 32
-# was in between (bench_remote, runs S and T in docs/benchmarks.md); real object stores, with
-# more latency per request, want at least as many.
-DEFAULT_REMOTE_GETS = 24
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its section, default (as documented) and what it changes."""
+
+    name: str
+    section: str
+    default: str
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("SLLM_STORE_NUM_THREADS", "load", "CPU count, clamped to 4..16",
+             "Reader threads of a local load (`num_threads=`)."),
+    Variable("SLLM_STORE_IO_MODE", "load", "`auto`",
+             "`auto` (O_DIRECT when under half of the files' pages are cached, else buffered), "
+             "`buffered`, `direct` or `mmap` (CPU only) (`io_mode=`)."),
+    Variable("SLLM_STORE_CHUNK_SIZE", "load", "the checkpoint's chunk size",
+             "Read unit of a local load, e.g. `16MiB`; not with verification (`chunk_size=`)."),
+    Variable("SLLM_STORE_VERIFY", "load", "`0`",
+             "`1`: check every chunk's checksum while loading (`verify=`)."),
+    Variable("SLLM_STORE_STAGING_BUFFERS", "load", "`2`",
+             "Page-locked staging buffers per reader thread of a GPU load (one fills while one "
+             "is copied)."),
+    Variable("SLLM_STORE_ADDRESS", "store", "unset (load in this process)",
+             "Load through the store server at this address: `unix:///path` or `host:port` "
+             "(`store=`)."),
+    Variable("SLLM_STORE_TIMEOUT", "store", "`600`",
+             "Seconds a load through the store server may take."),
+    Variable("SLLM_STORE_REMOTE_GETS", "remote", "`24`",
+             "Ranged GETs in flight for a remote load (`RemoteOptions(max_gets=)`)."),
+    Variable("SLLM_STORE_CACHE_DIR", "cache", "`~/.cache/sllm-store`",
+             "Directory of the local cache of remote checkpoints."),
+    Variable("SLLM_STORE_CACHE_SIZE", "cache", "no limit",
+             "Size limit of that cache, e.g. `200GiB`: least recently used entries are evicted."),
+    Variable("SLLM_STORE_WRITE_BEHIND", "cache", "an eighth of the RAM, at most 8 GiB",
+             "Bytes of downloaded chunks that may wait for their cache write; `0` writes each "
+             "chunk before the next is fetched."),
+    Variable("SLLM_STORE_LIBCUDA", "device", "`libcuda.so.1`",
+             "The CUDA driver library to load (the tests point it at a CPU stand-in)."),
+)
+
+
+def _env(name: str) -> Optional[str]:
+    """The stripped value of a variable, None if unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value or None
 
 
 def _env_int(name: str) -> Optional[int]:
     """An integer environment variable (None if unset or empty), or a ValueError naming it."""
-    value = os.environ.get(name, "").strip()
-    if not value:
+    value = _env(name)
+    if value is None:
         return None
     try:
         return int(value)
@@ -48,11 +89,11 @@ def _env_int(name: str) -> Optional[int]:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def env_size(name: str) -> Optional[int]:
+def _env_size(name: str) -> Optional[int]:
     """A size environment variable such as ``16MiB`` (None if unset or empty), or a ValueError
     naming it."""
-    value = os.environ.get(name, "").strip()
-    if not value:
+    value = _env(name)
+    if value is None:
         return None
     try:
         return parse_size(value)
@@ -60,30 +101,130 @@ def env_size(name: str) -> Optional[int]:
         raise ValueError(f"{name}: {e}") from None
 
 
-def env_bool(name: str, default: bool = False) -> bool:
-    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (unset or empty: ``default``)."""
-    value = os.environ.get(name, "").strip().lower()
-    if value == "":
-        return default
-    if value in ("0", "false", "no", "off"):
+def _env_bool(name: str) -> Optional[bool]:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (None if unset or empty)."""
+    value = _env(name)
+    if value is None:
+        return None
+    if value.lower() in ("0", "false", "no", "off"):
         return False
-    if value in ("1", "true", "yes", "on"):
+    if value.lower() in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
+def default_num_threads() -> int:
+    # Reads are I/O bound: more threads than cores still help to keep the device queue full.
+    return max(4, min(16, os.cpu_count() or 4))
+
+
+def cuda_library() -> str:
+    """The CUDA driver library to load (``SLLM_STORE_LIBCUDA``); "" for ``libcuda.so.1``."""
+    return _env("SLLM_STORE_LIBCUDA") or ""
+
+
+def store_address(address: Optional[str] = None) -> Optional[str]:
+    """The store server to load through: ``address``, else ``SLLM_STORE_ADDRESS``, else None."""
+    return address or _env("SLLM_STORE_ADDRESS")
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 16 << 30
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The store server's client: where the server is, and how long a load through it may take."""
+
+    address: Optional[str] = None
+    timeout: float = DEFAULT_STORE_TIMEOUT
+
+    @classmethod
+    def resolve(cls, address: Optional[str] = None, timeout: Optional[float] = None) -> StoreSettings:
+        if timeout is None:
+            raw = _env("SLLM_STORE_TIMEOUT")
+            try:
+                timeout = DEFAULT_STORE_TIMEOUT if raw is None else float(raw)
+            except ValueError:
+                raise ValueError(f"SLLM_STORE_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        if timeout <= 0:
+            raise ValueError(f"the store timeout must be positive, got {timeout}")
+        return cls(address=store_address(address), timeout=float(timeout))
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Object-store connections for ``s3://`` and ``http(s)://`` checkpoints. ``None`` fields
+    come from the environment: the AWS variables and files for the connection (see
+    :mod:`sllm_store.remote.objects`), ``SLLM_STORE_REMOTE_GETS`` for ``max_gets``.
+
+    Example::
+
+        RemoteOptions(endpoint_url="http://127.0.0.1:8333", region="us-east-1", max_gets=32)
+    """
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    anonymous: bool = False
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    max_gets: Optional[int] = None  # ranged GETs in flight for one load
+
+    def resolved(self) -> RemoteOptions:
+        """These options with ``max_gets`` filled in (environment, then the default)."""
+        gets = self.max_gets
+        if gets is None:
+            gets = _env_int("SLLM_STORE_REMOTE_GETS") or DEFAULT_REMOTE_GETS
+        if gets < 1:
+            raise ValueError(f"max_gets (SLLM_STORE_REMOTE_GETS) must be >= 1, got {gets}")
+        return self if gets == self.max_gets else replace(self, max_gets=int(gets))
+
+    @property
+    def gets(self) -> int:
+        """GETs in flight: ``max_gets`` once resolved."""
+        return self.max_gets if self.max_gets is not None else self.resolved().gets
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The local disk cache of remote checkpoints."""
+
+    directory: Path
+    size_limit: Optional[int] = None  # bytes; None: no limit
+    write_behind: int = 256 << 20  # bytes of fetched chunks that may wait for their cache write
+
+    @classmethod
+    def resolve(cls, directory: Union[str, os.PathLike[str], None] = None,
+                size_limit: Optional[SizeLike] = None,
+                write_behind: Optional[SizeLike] = None) -> CacheSettings:
+        d = Path(directory or _env("SLLM_STORE_CACHE_DIR") or Path.home() / ".cache" / "sllm-store")
+        limit = parse_size(size_limit) if size_limit is not None else _env_size("SLLM_STORE_CACHE_SIZE")
+        behind = (parse_size(write_behind) if write_behind is not None
+                  else _env_size("SLLM_STORE_WRITE_BEHIND"))
+        if behind is None:
+            behind = max(256 << 20, min(8 << 30, _ram_bytes() // 8))
+        if behind < 0 or (limit is not None and limit < 0):
+            raise ValueError("cache sizes must not be negative")
+        return cls(directory=d.expanduser(), size_limit=limit, write_behind=behind)
+
+
 @dataclass(frozen=True)
 class LoadConfig:
-    """Settings of one load. Build it with :meth:`resolve`."""
+    """Settings of one load. Build it with :meth:`resolve` (arguments > environment > defaults)."""
 
     num_threads: int
     io_mode: str
     chunk_size: Optional[int]
     verify: bool
     staging_buffers: int = 2
-    store: Optional[str] = None
-    remote: Any = None  # sllm_store.remote.RemoteOptions for s3:// / https:// paths
-    remote_gets: int = DEFAULT_REMOTE_GETS  # GETs in flight for URLs: num_threads if given
+    store: StoreSettings = field(default_factory=StoreSettings)
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
+    cache: Optional[CacheSettings] = None  # None: CacheSettings.resolve() when a URL needs it
 
     @classmethod
     def resolve(
@@ -94,54 +235,45 @@ class LoadConfig:
         chunk_size: Optional[SizeLike] = None,
         verify: Optional[bool] = None,
         store: Optional[str] = None,
-        remote: Any = None,
+        remote: Optional[RemoteOptions] = None,
+        cache: Optional[CacheSettings] = None,
     ) -> LoadConfig:
-        env = os.environ
         if num_threads is None:
             num_threads = _env_int("SLLM_STORE_NUM_THREADS")
-        if io_mode is None:
-            io_mode = (env.get("SLLM_STORE_IO_MODE") or "auto").strip().lower()
-            if io_mode not in IO_MODES:
-                raise ValueError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
-                                 f"got {io_mode!r}")
-        if chunk_size is None:
-            chunk_size = env_size("SLLM_STORE_CHUNK_SIZE")
-        if verify is None:
-            verify = env_bool("SLLM_STORE_VERIFY")
         threads = default_num_threads() if num_threads is None else int(num_threads)
         if threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {threads}")
+        if io_mode is None:
+            io_mode = (_env("SLLM_STORE_IO_MODE") or "auto").lower()
+            if io_mode not in IO_MODES:
+                raise ValueError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
+                                 f"got {io_mode!r}")
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
-        size = None if chunk_size is None else parse_size(chunk_size)
+        size = parse_size(chunk_size) if chunk_size is not None else _env_size("SLLM_STORE_CHUNK_SIZE")
         if size is not None and (size <= 0 or size % 4096):
             hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
             raise ValueError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
+        if verify is None:
+            verify = bool(_env_bool("SLLM_STORE_VERIFY"))
         staging = _env_int("SLLM_STORE_STAGING_BUFFERS") or 2
         if staging < 1:
             raise ValueError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
-        if store is None:
-            store = env.get("SLLM_STORE_ADDRESS") or None
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
-                   staging_buffers=staging, store=store or None, remote=remote,
-                   remote_gets=DEFAULT_REMOTE_GETS if num_threads is None else threads)
+                   staging_buffers=staging, store=StoreSettings.resolve(store),
+                   remote=(remote or RemoteOptions()).resolved(), cache=cache)
 
-    def io_mode_for(self, files: list[str], compressed: bool = False) -> str:
-        """The read mode to use for ``files``: ``auto`` picks by page-cache residency.
+    def cache_settings(self) -> CacheSettings:
+        """The cache section (resolved from the environment when not given)."""
+        return self.cache if self.cache is not None else CacheSettings.resolve()
 
-        Measured on the H100 machine (docs/benchmarks.md): from a cold disk O_DIRECT reads are
-        as fast as or faster than buffered ones (GPU path 1.69 vs 1.48 GB/s), while from the page
-        cache buffered reads run at tens of GB/s and O_DIRECT goes back to the disk. So: buffered
-        when at least half of the files' pages are cached, O_DIRECT otherwise.
+    def with_changes(self, **changes: Any) -> LoadConfig:
+        """A copy with some fields replaced (``dataclasses.replace``)."""
+        return replace(self, **changes)
 
-        Compressed checkpoints are always read buffered: their variable-length stored chunks
-        loaded cold at 1.99 GB/s buffered against 1.47 GB/s with O_DIRECT (8B bf16, run K).
-        """
-        if self.io_mode != "auto":
-            return self.io_mode
-        if compressed:
-            return "buffered"
-        from sllm_store.utils import page_cache_fraction
 
-        fraction = page_cache_fraction(files)
-        return "buffered" if fraction is None or fraction >= 0.5 else "direct"
+def variables_table() -> str:
+    """:data:`VARIABLES` as the Markdown table of docs/configuration.md."""
+    rows = ["| variable | section | default | what it changes |", "|---|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.section} | {v.default} | {v.meaning} |" for v in VARIABLES]
+    return "\n".join(rows) + "\n"

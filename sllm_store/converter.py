@@ -27,7 +27,7 @@ import torch
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.errors import ConvertError, MissingFileError, MissingSourceError
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
-from sllm_store.sources import (
+from sllm_store.formats import (
     SAFETENSORS_INDEX,
     safetensors_entries,
     safetensors_header,

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,10 +27,11 @@ import torch
 from torch import nn
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import SllmStoreError
+from sllm_store.errors import ModelChangedError, SllmStoreError
 from sllm_store.index import Index, PathLike
-from sllm_store.loader import LoadReport, _as_device, _load
-from sllm_store.sources import open_checkpoint
+from sllm_store.loader import load_opened
+from sllm_store.plan import LoadReport, as_device
+from sllm_store.tiers.base import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ def _normalize_device(d: Any) -> torch.device:
         return torch.device("cuda", d)
     if d == "disk":
         raise SllmStoreError("device_map places weights on 'disk': offloading is not supported")
-    return _as_device(d)
+    return as_device(d)
 
 
 def _auto_device_map(model: nn.Module, dtype: Optional[torch.dtype], max_memory: Any) -> dict[str, Any]:
@@ -280,67 +282,45 @@ def load_model_with_report(
     store: Optional[str] = None,
     **config_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
-    """:func:`load_model`, also returning the :class:`~sllm_store.loader.LoadReport`."""
+    """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport`."""
+    from sllm_store.tiers import open_checkpoint
+
     t0 = time.perf_counter()
     if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
         if torch_dtype is not None and torch_dtype != dtype:
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
         torch_dtype = dtype
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
-    with contextlib.ExitStack() as stack:
-        if load_config.store:
-            from sllm_store.server.client import StoreClient, index_of, model_files
-
-            client = StoreClient.get(load_config.store)
-            name = client.model_name(path)
-            described = client.describe(name)
-            index = index_of(described, name)
-            root = stack.enter_context(model_files(described))  # config files, from the server
-            source: Any = name
-        else:
-            described = None
-            from sllm_store.remote.objects import is_remote
-
-            if is_remote(path):
-                # The config files first (from the cache entry, or downloaded into a temporary
-                # directory); the weights then stream from the URL while the model is built.
-                import shutil
-                import tempfile
-
-                from sllm_store.remote.cache import model_files
-
-                tmp = Path(tempfile.mkdtemp(prefix="sllm-model-"))
-                stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-                root, index, cached = model_files(str(path), tmp, load_config.remote)
-                source = root if cached else str(path)
-            else:
-                root = Path(path)
-                index = open_checkpoint(root)
-                source = root
-        return _load_model(
-            index, root, source, described, t0, load_config, device_map=device_map,
-            torch_dtype=torch_dtype, hf_model_class=hf_model_class, trust_remote_code=trust_remote_code,
-            max_memory=max_memory, config_kwargs=config_kwargs,
-        )
+    options = _ModelOptions(device_map, torch_dtype, hf_model_class, trust_remote_code, max_memory,
+                            config_kwargs)
+    for attempt in (0, 1):
+        # One opening gives the index, the config files and the weights, whatever the tier.
+        with open_checkpoint(path, load_config) as checkpoint:
+            try:
+                return _load_model(checkpoint, t0, options)
+            except ModelChangedError:
+                if attempt:
+                    raise
+                logger.info("%s changed while it was planned; opening it again", path)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_model(
-    index: Index, root: Path, source: Any, described: Any, t0: float, load_config: LoadConfig, *,
-    device_map: DeviceMapLike, torch_dtype: Any, hf_model_class: Any, trust_remote_code: bool,
-    max_memory: Optional[Mapping[Any, Any]], config_kwargs: dict[str, Any],
-) -> tuple[nn.Module, LoadReport]:
-    from sllm_store.writer import resolve_dtype
+@dataclass
+class _ModelOptions:
+    device_map: DeviceMapLike
+    torch_dtype: Any
+    hf_model_class: Any
+    trust_remote_code: bool
+    max_memory: Optional[Mapping[Any, Any]]
+    config_kwargs: dict[str, Any]
 
-    if torch_dtype in (None, "auto"):  # as from_pretrained: the config's dtype, else the weights'
-        dtype = _config_dtype(root) or _checkpoint_dtype(index)
-    else:
-        dtype = resolve_dtype(torch_dtype)
 
-    # When the placement is known up front, the weights stream (in this thread, so that Ctrl-C
-    # cancels the load) while another thread imports transformers and builds the model.
-    if device_map is None:  # from_pretrained's default: everything in host memory
-        device_map = "cpu"
-    early = _fast_single_device(device_map, index)
+def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: Optional[torch.dtype],
+                         early: Optional[torch.device], t0: float) -> tuple[nn.Module, Any]:
+    """The model built on the meta device, and (when ``early`` is known) the weights loaded onto
+    it meanwhile: the load runs in this thread (so that Ctrl-C cancels it) while another thread
+    imports transformers and builds the model."""
+    root = checkpoint.model_dir()
     built: dict[str, Any] = {}
 
     def build() -> None:
@@ -348,9 +328,10 @@ def _load_model(
             import transformers
 
             config = transformers.AutoConfig.from_pretrained(
-                root, trust_remote_code=trust_remote_code, **config_kwargs
+                root, trust_remote_code=options.trust_remote_code, **options.config_kwargs
             )
-            built["model"] = _build(_model_class(hf_model_class), config, dtype, trust_remote_code)
+            built["model"] = _build(_model_class(options.hf_model_class), config, dtype,
+                                    options.trust_remote_code)
         except BaseException as e:  # re-raised in the caller's thread
             built["error"] = e
 
@@ -359,21 +340,35 @@ def _load_model(
         builder = threading.Thread(target=build, name="sllm-build-model", daemon=True)
         builder.start()
         try:
-            loaded = _load(source, early, load_config, described)
+            loaded = load_opened(checkpoint, early, t0)
         finally:
             builder.join()
     else:
         build()
     if "error" in built:
         raise built["error"]
-    model = built["model"]
+    return built["model"], loaded
+
+
+def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tuple[nn.Module, LoadReport]:
+    from sllm_store.writer import resolve_dtype
+
+    index, root = checkpoint.index, checkpoint.model_dir()
+    if options.torch_dtype in (None, "auto"):  # as from_pretrained: the config's dtype, else the weights'
+        dtype = _config_dtype(root) or _checkpoint_dtype(index)
+    else:
+        dtype = resolve_dtype(options.torch_dtype)
+    # from_pretrained's default (None) puts everything in host memory
+    device_map = "cpu" if options.device_map is None else options.device_map
+    early = _fast_single_device(device_map, index)
+    model, loaded = _build_while_loading(checkpoint, options, dtype, early, t0)
 
     if early is not None:
         placement: dict[str, Any] = {"": early}
     elif isinstance(device_map, Mapping):
         placement = dict(device_map)
     else:
-        placement = _auto_device_map(model, dtype, max_memory)
+        placement = _auto_device_map(model, dtype, options.max_memory)
     devices = {k: _normalize_device(v) for k, v in placement.items()}
 
     expected = set(model.state_dict())
@@ -384,10 +379,19 @@ def _load_model(
         logger.warning("%d checkpoint tensors are not used by %s: %s", len(unexpected),
                        type(model).__name__, unexpected[:5])
     if loaded is None:
-        per_tensor = {n: _device_of(names[n], devices) for n in names}
-        loaded = _load(source, per_tensor, load_config, described)
+        loaded = load_opened(checkpoint, {n: _device_of(names[n], devices) for n in names}, t0)
     tensors, report = loaded
+    state = _model_state(model, tensors, names, dtype)
+    _assign_state(model, state, root, expected, devices)
+    model = _place(model, devices, root)
+    report.seconds = time.perf_counter() - t0
+    return model, report
 
+
+def _model_state(model: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str],
+                 dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """The model's state dict from the loaded tensors, cast to ``dtype`` as from_pretrained casts
+    (modules kept in float32 stay so)."""
     keep_fp32 = _keep_in_fp32(model, dtype)
     state: dict[str, torch.Tensor] = {}
     cast_bytes: Counter[torch.device] = Counter()
@@ -412,6 +416,12 @@ def _load_model(
                 if key not in copies:
                     copies[key] = t.clone()
                 state[model_name] = copies[key]
+    return state
+
+
+def _assign_state(model: nn.Module, state: dict[str, torch.Tensor], root: Path, expected: set[str],
+                  devices: Mapping[str, torch.device]) -> None:
+    """Assign the state as the model's parameters and buffers; every parameter must be there."""
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -426,6 +436,10 @@ def _load_model(
         logger.warning("'%s' lacks %d persistent buffers of %s, kept as the model initialised them: %s",
                        root, len(missing_buffers), type(model).__name__, missing_buffers[:5])
     _place_buffers(model, devices)
+
+
+def _place(model: nn.Module, devices: Mapping[str, torch.device], root: Path) -> nn.Module:
+    """The model dispatched over its devices, with its generation config, in eval mode."""
     if len({str(d) for d in devices.values()}) > 1:
         from accelerate import dispatch_model
 
@@ -437,8 +451,7 @@ def _load_model(
 
             model.generation_config = GenerationConfig.from_pretrained(root)
     model.eval()
-    report.seconds = time.perf_counter() - t0
-    return model, report
+    return model
 
 
 def _castable(dtype: torch.dtype) -> bool:

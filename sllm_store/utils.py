@@ -34,20 +34,9 @@ def evict_page_cache(path: Union[str, os.PathLike[str]]) -> int:
     return total
 
 
-def drop_all_caches() -> bool:
-    """``echo 3 > /proc/sys/vm/drop_caches`` when permitted (root); True if it worked."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def page_cache_fraction(paths: Sequence[Union[str, os.PathLike[str]]]) -> Optional[float]:
     """Fraction (0..1) of the files' pages that are in the page cache; None if unknown."""
-    from sllm_store import _C
+    from sllm_store.native import _C
 
     value = _C.page_cache_fraction([os.fspath(p) for p in paths])
     return None if value < 0 else value

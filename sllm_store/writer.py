@@ -203,7 +203,7 @@ class _CompressingFile:
             self._write_next()
 
     def _encode(self, data: bytes, group: int) -> tuple[bytes, str, int]:
-        from sllm_store import _C
+        from sllm_store.native import _C
 
         c = getattr(self.local, "c", None)
         if c is None:
@@ -289,7 +289,7 @@ class CheckpointWriter:
     def write(self, specs: list[TensorSpec], *, source: dict[str, Any]) -> Index:
         from tqdm.auto import tqdm
 
-        from sllm_store import _C
+        from sllm_store.native import _C
 
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

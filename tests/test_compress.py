@@ -10,7 +10,7 @@ import torch
 from _helpers import DTYPES, assert_state_dict_identical, random_tensor, read_index_json, run_cli
 
 import sllm_store
-from sllm_store import _C
+from sllm_store.native import _C
 from sllm_store.errors import ChecksumError, FormatError, UnsupportedVersionError
 from sllm_store.index import CODECS
 
@@ -284,7 +284,7 @@ def test_failed_compressed_write_stops_its_threads(tmp_path, monkeypatch) -> Non
 
 
 def test_auto_reads_compressed_checkpoints_buffered(tmp_path) -> None:
-    """Cold compressed chunks load faster buffered than with O_DIRECT (docs/benchmarks.md, run K)."""
+    """Cold compressed chunks load faster buffered than with O_DIRECT (docs/benchmarks.md, design notes)."""
     from sllm_store.loader import load_state_dict_with_report
     from sllm_store.utils import evict_page_cache
 
@@ -295,6 +295,7 @@ def test_auto_reads_compressed_checkpoints_buffered(tmp_path) -> None:
     assert report.stats["io_mode"] == "buffered"
     assert_state_dict_identical(out, sd)
     from sllm_store.config import LoadConfig
+    from sllm_store.plan import choose_io_mode
 
     files = [str(p) for p in comp.glob("*.bin")]
-    assert LoadConfig.resolve(io_mode="direct").io_mode_for(files, compressed=True) == "direct"  # asked for
+    assert choose_io_mode(LoadConfig.resolve(io_mode="direct"), files, compressed=True) == "direct"  # asked for

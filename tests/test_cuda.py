@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sllm_store
-from sllm_store import _C
+from sllm_store.native import _C
 
 pytestmark = pytest.mark.gpu
 

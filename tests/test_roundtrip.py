@@ -457,7 +457,7 @@ def test_checksums_match_the_reference_xxh3() -> None:
     import numpy as np
 
     xxhash = pytest.importorskip("xxhash")
-    from sllm_store import _C
+    from sllm_store.native import _C
 
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (1 << 20) + 4099, dtype=np.uint8).tobytes()

@@ -1,6 +1,6 @@
-"""Opening checkpoints for loading: our format, or plain safetensors read through the same pipeline.
+"""Checkpoint formats: our format, or plain safetensors read through the same pipeline.
 
-:func:`open_checkpoint` returns an :class:`~sllm_store.index.Index` either way. For safetensors
+:func:`open_index` returns an :class:`~sllm_store.index.Index` either way. For safetensors
 (a ``.safetensors`` file, or a model directory with ``model.safetensors`` or sharded safetensors)
 the index is synthesized from the files' headers: no checksums, tensors at their native offsets.
 The converted format stays the fast path (aligned tensors, O_DIRECT-sized files, checksums).
@@ -143,7 +143,7 @@ def _safetensors_index(root: Path, shards: list[Path]) -> Index:
     )
 
 
-def open_checkpoint(path: PathLike) -> Index:
+def open_index(path: PathLike) -> Index:
     """The index of a converted checkpoint, or one synthesized for safetensors weights.
 
     Raises MissingFileError when ``path`` does not exist or holds neither.
@@ -159,7 +159,7 @@ def open_checkpoint(path: PathLike) -> Index:
 
 
 def synthesized_index_from_json(raw: Any, root: Path) -> Index:
-    """Rebuild an index that :func:`open_checkpoint` synthesized for safetensors weights (sent
+    """Rebuild an index that :func:`open_index` synthesized for safetensors weights (sent
     as JSON by the store server): the same checks as for safetensors headers, no alignment or
     checksums expected."""
     def bad(msg: str) -> FormatError:
