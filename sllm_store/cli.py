@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from sllm_store import __version__
 from sllm_store._units import format_size, parse_size
@@ -179,7 +179,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"{m.name:40} {m.tier:8} {format_size(m.size):>10} {m.in_use:>6} {m.hits:>6}  "
                   f"{now - m.last_used:.0f} s ago")
     else:
-        print("no models cached")
+        print("no models in the pool")
     return 0
 
 
@@ -203,7 +203,8 @@ def _cmd_evict(args: argparse.Namespace) -> int:
 def _remote_options(args: argparse.Namespace):  # noqa: ANN202 - RemoteOptions, imported lazily
     from sllm_store.config import RemoteOptions
 
-    return RemoteOptions(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous)
+    return RemoteOptions(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous,
+                         max_gets=getattr(args, "max_gets", None))
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
@@ -252,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    ld = _add_checkpoint_commands(sub)
+    _add_remote_commands(sub, ld)
+    _add_server_commands(sub)
+    return p
 
+
+def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
+    """convert, verify, info and load; returns load's parser (the remote options join it)."""
     c = sub.add_parser("convert", help="convert a HF model dir / safetensors / torch checkpoint",
                        description="Convert SRC (Hugging Face model directory, .safetensors file "
                        "or torch state-dict file) into an sllm-store checkpoint directory DST.")
@@ -290,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read mode (default auto: O_DIRECT when not page-cached, else buffered)")
     ld.add_argument("--store", default=None, metavar="ADDRESS",
                     help="load through a store server (unix:///path or host:port; env SLLM_STORE_ADDRESS)")
+    ld.add_argument("--max-gets", type=int, default=None, metavar="N",
+                    help="for a URL: ranged GETs in flight (default: SLLM_STORE_REMOTE_GETS, else 24)")
     ld.set_defaults(func=_cmd_load)
+    return ld
 
+
+def _add_remote_commands(sub: Any, ld: argparse.ArgumentParser) -> None:
+    """upload and cache, and the object-store options of upload and load."""
     up = sub.add_parser("upload", help="upload a converted checkpoint to s3:// (multipart, parallel)",
                         description="Upload a converted checkpoint directory to an S3-compatible object "
                         "store. The index is uploaded last. Credentials and endpoint: the standard AWS "
@@ -314,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--cache-dir", default=None)
     ca.set_defaults(func=_cmd_cache)
 
-    sv = sub.add_parser("serve", help="run the store server (pinned-memory model cache)",
+
+def _add_server_commands(sub: Any) -> None:
+    """serve, and the server's clients: status, prefetch, evict."""
+    sv = sub.add_parser("serve", help="run the store server (models held in a pinned memory pool)",
                         description="Serve the models under --storage-path from a pinned host-memory cache. "
                         "Clients load with store=ADDRESS (or env SLLM_STORE_ADDRESS).")
     sv.add_argument("--storage-path", required=True, help="directory holding converted models")
@@ -330,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     for cmd, helptext, fn in (
-        ("status", "show the store server's cache and pool", _cmd_status),
-        ("prefetch", "load models into the store server's cache", _cmd_prefetch),
-        ("evict", "drop models from the store server's cache", _cmd_evict),
+        ("status", "show the store server's memory pool and the models it holds", _cmd_status),
+        ("prefetch", "load models into the store server's memory pool", _cmd_prefetch),
+        ("evict", "drop models from the store server's memory pool", _cmd_evict),
     ):
         sp = sub.add_parser(cmd, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         sp.add_argument("--store", default=None, metavar="ADDRESS",
@@ -346,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "prefetch":
             sp.add_argument("--verify", action="store_true", help="verify checksums while caching")
         sp.set_defaults(func=fn)
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:

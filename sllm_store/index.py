@@ -183,117 +183,56 @@ def read_index(path: PathLike) -> Index:
     return parse_index(raw, root)
 
 
-def parse_index(raw: Any, root: Path) -> Index:
-    where = f"'{index_path(root)}': "
+class _Checker:
+    """Typed field access into a raw index, raising FormatError naming the index file."""
 
-    def bad(msg: str) -> FormatError:
-        return FormatError(where + msg)
+    def __init__(self, root: Path) -> None:
+        self.where = f"'{index_path(root)}': "
 
-    def get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], ctx: str = "") -> Any:
+    def bad(self, msg: str) -> FormatError:
+        return FormatError(self.where + msg)
+
+    def get(self, obj: dict[str, Any], key: str, kind: type | tuple[type, ...], ctx: str = "") -> Any:
         if key not in obj:
-            raise bad(f"missing field {ctx}{key!r}")
+            raise self.bad(f"missing field {ctx}{key!r}")
         value = obj[key]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise bad(f"field {ctx}{key!r} has the wrong type ({type(value).__name__})")
+            raise self.bad(f"field {ctx}{key!r} has the wrong type ({type(value).__name__})")
         return value
 
+
+def parse_index(raw: Any, root: Path) -> Index:
+    """The :class:`Index` of the JSON object ``raw`` (of the checkpoint at ``root``), checked
+    field by field; FormatError (or UnsupportedVersionError) naming what is wrong otherwise."""
+    ck = _Checker(root)
     if not isinstance(raw, dict):
-        raise bad("the index must be a JSON object")
+        raise ck.bad("the index must be a JSON object")
     if raw.get("format") != FORMAT_NAME:
-        raise bad(f"not an sllm-store index (format={raw.get('format')!r})")
-    version = get(raw, "version", int)
+        raise ck.bad(f"not an sllm-store index (format={raw.get('format')!r})")
+    version = ck.get(raw, "version", int)
     if version > FORMAT_VERSION or version < 1:
         raise UnsupportedVersionError(
-            where + f"format version {version} is not supported by this sllm-store "
+            ck.where + f"format version {version} is not supported by this sllm-store "
             f"(supports version {FORMAT_VERSION}); upgrade sllm-store or re-convert"
         )
-    algorithm = get(raw, "checksum", str)
+    algorithm = ck.get(raw, "checksum", str)
     if algorithm != CHECKSUM_ALGORITHM:
-        raise bad(f"unknown checksum algorithm {algorithm!r}")
-    alignment = get(raw, "alignment", int)
-    tensor_alignment = get(raw, "tensor_alignment", int)
-    chunk_size = get(raw, "chunk_size", int)
+        raise ck.bad(f"unknown checksum algorithm {algorithm!r}")
+    alignment = ck.get(raw, "alignment", int)
+    tensor_alignment = ck.get(raw, "tensor_alignment", int)
+    chunk_size = ck.get(raw, "chunk_size", int)
     if alignment <= 0 or alignment & (alignment - 1):
-        raise bad(f"alignment {alignment} is not a positive power of two")
+        raise ck.bad(f"alignment {alignment} is not a positive power of two")
     if tensor_alignment < 64 or tensor_alignment & (tensor_alignment - 1):
-        raise bad(f"tensor_alignment {tensor_alignment} is not a power of two >= 64")
+        raise ck.bad(f"tensor_alignment {tensor_alignment} is not a power of two >= 64")
     if chunk_size <= 0 or chunk_size % alignment:
-        raise bad(f"chunk_size {chunk_size} is not a positive multiple of {alignment}")
-
+        raise ck.bad(f"chunk_size {chunk_size} is not a positive multiple of {alignment}")
     files: list[DataFile] = []
-    for i, f in enumerate(get(raw, "files", list)):
-        ctx = f"files[{i}]."
-        if not isinstance(f, dict):
-            raise bad(f"files[{i}] must be an object")
-        name = get(f, "name", str, ctx)
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise bad(f"data file name {name!r} must be a plain file name")
-        if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
-            raise bad(f"data file name {name!r} is reserved")
-        if any(name == other.name for other in files):
-            raise bad(f"data file name {name!r} is listed twice")
-        size = get(f, "size", int, ctx)
-        if size < 0 or size % alignment:
-            raise bad(f"data file '{name}' size {size} is not a multiple of {alignment}")
-        sums = get(f, "checksums", list, ctx)
-        if len(sums) != math.ceil(size / chunk_size):
-            raise bad(
-                f"data file '{name}' has {len(sums)} checksums, expected "
-                f"{math.ceil(size / chunk_size)} ({size} bytes / chunk_size {chunk_size})"
-            )
-        if not all(isinstance(c, str) and _HEX16.fullmatch(c) for c in sums):
-            raise bad(f"data file '{name}' has malformed checksums (want 16 lowercase hex digits each)")
-        parsed = tuple(int(c, 16) for c in sums)
-        stored: tuple[StoredChunk, ...] | None = None
-        stored_size = None
-        if "chunks" in f:
-            if version < COMPRESSED_VERSION:
-                raise bad(f"data file '{name}' lists stored chunks, which version {version} does not have")
-            stored_size = get(f, "stored_size", int, ctx)
-            if stored_size < 0 or stored_size % STORED_ALIGNMENT:
-                raise bad(f"data file '{name}' stored_size {stored_size} is not a multiple of "
-                          f"{STORED_ALIGNMENT}")
-            stored = _parse_chunks(get(f, "chunks", list, ctx), name, size, stored_size, chunk_size, bad)
-        files.append(DataFile(name, size, parsed, stored_size, stored))
-
-    # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
-    from sllm_store.dtypes import NAME_TO_DTYPE
-
-    tensors: dict[str, TensorEntry] = {}
-    raw_tensors = get(raw, "tensors", dict)
-    for name, t in raw_tensors.items():
-        ctx = f"tensors[{name!r}]."
-        if not isinstance(t, dict):
-            raise bad(f"tensors[{name!r}] must be an object")
-        if "alias_of" in t:
-            target = get(t, "alias_of", str, ctx)
-            tt = raw_tensors.get(target)
-            if not isinstance(tt, dict) or "alias_of" in tt:
-                raise bad(f"tensor {name!r} aliases {target!r}, which is not a stored tensor")
-            tensors[name] = TensorEntry(name, "", (), -1, 0, 0, alias_of=target)
-            continue
-        dtype = get(t, "dtype", str, ctx)
-        if dtype not in NAME_TO_DTYPE:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-        shape = get(t, "shape", list, ctx)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
-        file = get(t, "file", int, ctx)
-        offset = get(t, "offset", int, ctx)
-        nbytes = get(t, "nbytes", int, ctx)
-        if not 0 <= file < len(files):
-            raise bad(f"tensor {name!r} refers to data file #{file}, index lists {len(files)}")
-        itemsize = NAME_TO_DTYPE[dtype].itemsize
-        numel = math.prod(shape)
-        if nbytes != numel * itemsize:
-            raise bad(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
-        if offset < 0 or offset % tensor_alignment or offset + nbytes > files[file].size:
-            raise bad(
-                f"tensor {name!r}: offset {offset} (+{nbytes} bytes) is misaligned or outside "
-                f"data file '{files[file].name}' ({files[file].size} bytes)"
-            )
-        tensors[name] = TensorEntry(name, dtype, tuple(shape), file, offset, nbytes)
-
+    for i, f in enumerate(ck.get(raw, "files", list)):
+        files.append(_parse_file(ck, i, f, files, version, alignment, chunk_size))
+    raw_tensors = ck.get(raw, "tensors", dict)
+    tensors = {name: _parse_tensor(ck, name, t, raw_tensors, files, tensor_alignment)
+               for name, t in raw_tensors.items()}
     source = raw.get("source", {})
     compression = raw.get("compression")
     return Index(
@@ -308,6 +247,80 @@ def parse_index(raw: Any, root: Path) -> Index:
         created_by=str(raw.get("created_by", "")),
         compression=compression if isinstance(compression, dict) else None,
     )
+
+
+def _parse_file(ck: _Checker, i: int, f: Any, earlier: list[DataFile], version: int, alignment: int,
+                chunk_size: int) -> DataFile:
+    ctx = f"files[{i}]."
+    if not isinstance(f, dict):
+        raise ck.bad(f"files[{i}] must be an object")
+    name = ck.get(f, "name", str, ctx)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ck.bad(f"data file name {name!r} must be a plain file name")
+    if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+        raise ck.bad(f"data file name {name!r} is reserved")
+    if any(name == other.name for other in earlier):
+        raise ck.bad(f"data file name {name!r} is listed twice")
+    size = ck.get(f, "size", int, ctx)
+    if size < 0 or size % alignment:
+        raise ck.bad(f"data file '{name}' size {size} is not a multiple of {alignment}")
+    sums = ck.get(f, "checksums", list, ctx)
+    if len(sums) != math.ceil(size / chunk_size):
+        raise ck.bad(
+            f"data file '{name}' has {len(sums)} checksums, expected "
+            f"{math.ceil(size / chunk_size)} ({size} bytes / chunk_size {chunk_size})"
+        )
+    if not all(isinstance(c, str) and _HEX16.fullmatch(c) for c in sums):
+        raise ck.bad(f"data file '{name}' has malformed checksums (want 16 lowercase hex digits each)")
+    parsed = tuple(int(c, 16) for c in sums)
+    stored: tuple[StoredChunk, ...] | None = None
+    stored_size = None
+    if "chunks" in f:
+        if version < COMPRESSED_VERSION:
+            raise ck.bad(f"data file '{name}' lists stored chunks, which version {version} does not have")
+        stored_size = ck.get(f, "stored_size", int, ctx)
+        if stored_size < 0 or stored_size % STORED_ALIGNMENT:
+            raise ck.bad(f"data file '{name}' stored_size {stored_size} is not a multiple of "
+                         f"{STORED_ALIGNMENT}")
+        stored = _parse_chunks(ck.get(f, "chunks", list, ctx), name, size, stored_size, chunk_size, ck.bad)
+    return DataFile(name, size, parsed, stored_size, stored)
+
+
+def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], files: list[DataFile],
+                  tensor_alignment: int) -> TensorEntry:
+    # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
+    from sllm_store.dtypes import NAME_TO_DTYPE
+
+    ctx = f"tensors[{name!r}]."
+    if not isinstance(t, dict):
+        raise ck.bad(f"tensors[{name!r}] must be an object")
+    if "alias_of" in t:
+        target = ck.get(t, "alias_of", str, ctx)
+        tt = raw_tensors.get(target)
+        if not isinstance(tt, dict) or "alias_of" in tt:
+            raise ck.bad(f"tensor {name!r} aliases {target!r}, which is not a stored tensor")
+        return TensorEntry(name, "", (), -1, 0, 0, alias_of=target)
+    dtype = ck.get(t, "dtype", str, ctx)
+    if dtype not in NAME_TO_DTYPE:
+        raise ck.bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+    shape = ck.get(t, "shape", list, ctx)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ck.bad(f"tensor {name!r} has an invalid shape {shape!r}")
+    file = ck.get(t, "file", int, ctx)
+    offset = ck.get(t, "offset", int, ctx)
+    nbytes = ck.get(t, "nbytes", int, ctx)
+    if not 0 <= file < len(files):
+        raise ck.bad(f"tensor {name!r} refers to data file #{file}, index lists {len(files)}")
+    itemsize = NAME_TO_DTYPE[dtype].itemsize
+    numel = math.prod(shape)
+    if nbytes != numel * itemsize:
+        raise ck.bad(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
+    if offset < 0 or offset % tensor_alignment or offset + nbytes > files[file].size:
+        raise ck.bad(
+            f"tensor {name!r}: offset {offset} (+{nbytes} bytes) is misaligned or outside "
+            f"data file '{files[file].name}' ({files[file].size} bytes)"
+        )
+    return TensorEntry(name, dtype, tuple(shape), file, offset, nbytes)
 
 
 def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_size: int,

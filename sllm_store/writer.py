@@ -289,8 +289,6 @@ class CheckpointWriter:
     def write(self, specs: list[TensorSpec], *, source: dict[str, Any]) -> Index:
         from tqdm.auto import tqdm
 
-        from sllm_store.native import _C
-
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SllmStoreError("duplicate tensor names in the input")
@@ -304,54 +302,7 @@ class CheckpointWriter:
             disable=self.quiet, dynamic_ncols=True,
         ) as bar:
             for k, run in enumerate(layout):
-                fname = f"data-{k:0{width}d}.bin"
-                hasher = _C.ChunkHasher(self.chunk_size)
-                pos = 0
-                with open(self.directory / fname, "wb") as f:
-                    sink: Any = None
-                    if self.compression:
-                        sink = _CompressingFile(f, self.chunk_size, self.compression[1], hasher)
-
-                    def emit(data: Any, itemsize: int = 1, floating: bool = False,
-                             sink: Any = sink, f: Any = f, hasher: Any = hasher) -> None:
-                        if sink is not None:
-                            sink.write(data, itemsize, floating)
-                        else:
-                            f.write(data)
-                            hasher.update(data)
-
-                    try:
-                        for spec in run:
-                            pad = _align(pos, self.tensor_alignment) - pos
-                            if pad:
-                                emit(bytes(pad))
-                                pos += pad
-                            tensor = spec.load()
-                            self._check(spec, tensor)
-                            data = _tensor_bytes(tensor)
-                            emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
-                            entries[spec.name] = TensorEntry(
-                                spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
-                            )
-                            pos += spec.nbytes
-                            bar.update(spec.nbytes)
-                            del tensor, data
-                        pad = _align(pos, FILE_ALIGNMENT) - pos
-                        if pad:
-                            emit(bytes(pad))
-                            pos += pad
-                        stored = sink.finish() if sink is not None else None
-                    except BaseException:
-                        if sink is not None:  # stop compressing the queued chunks
-                            sink.pool.shutdown(wait=False, cancel_futures=True)
-                        raise
-                    f.flush()
-                    os.fsync(f.fileno())
-                checksums = tuple(hasher.finish())
-                if stored is not None:
-                    files.append(DataFile(fname, pos, checksums, stored[0], stored[1]))
-                else:
-                    files.append(DataFile(fname, pos, checksums))
+                files.append(self._write_file(k, f"data-{k:0{width}d}.bin", run, entries, bar))
 
         # Index order = the caller's order, aliases included where they appeared.
         ordered: dict[str, TensorEntry] = {}
@@ -375,6 +326,58 @@ class CheckpointWriter:
         )
         write_index(index, self.directory)
         return index
+
+    def _write_file(self, k: int, fname: str, run: list[TensorSpec], entries: dict[str, TensorEntry],
+                    bar: Any) -> DataFile:
+        """Write data file ``k``: the tensors of ``run``, padded and checksummed (compressed if
+        asked), synced; their entries go into ``entries``."""
+        from sllm_store.native import _C
+
+        hasher = _C.ChunkHasher(self.chunk_size)
+        pos = 0
+        with open(self.directory / fname, "wb") as f:
+            sink: Any = None
+            if self.compression:
+                sink = _CompressingFile(f, self.chunk_size, self.compression[1], hasher)
+
+            def emit(data: Any, itemsize: int = 1, floating: bool = False) -> None:
+                if sink is not None:
+                    sink.write(data, itemsize, floating)
+                else:
+                    f.write(data)
+                    hasher.update(data)
+
+            try:
+                for spec in run:
+                    pad = _align(pos, self.tensor_alignment) - pos
+                    if pad:
+                        emit(bytes(pad))
+                        pos += pad
+                    tensor = spec.load()
+                    self._check(spec, tensor)
+                    data = _tensor_bytes(tensor)
+                    emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
+                    entries[spec.name] = TensorEntry(
+                        spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
+                    )
+                    pos += spec.nbytes
+                    bar.update(spec.nbytes)
+                    del tensor, data
+                pad = _align(pos, FILE_ALIGNMENT) - pos
+                if pad:
+                    emit(bytes(pad))
+                    pos += pad
+                stored = sink.finish() if sink is not None else None
+            except BaseException:
+                if sink is not None:  # stop compressing the queued chunks
+                    sink.pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        checksums = tuple(hasher.finish())
+        if stored is not None:
+            return DataFile(fname, pos, checksums, stored[0], stored[1])
+        return DataFile(fname, pos, checksums)
 
     @staticmethod
     def _check(spec: TensorSpec, tensor: torch.Tensor) -> None:
