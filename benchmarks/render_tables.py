@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Render the results tables of the docs from the benchmark JSON in benchmarks/results/.
+
+Every generated table sits between two markers in a doc::
+
+    <!-- BEGIN GENERATED: gpu -->
+    ...
+    <!-- END GENERATED: gpu -->
+
+and only the text between them is rewritten; the name picks the renderer and its JSON file
+(``SECTIONS``). Each renderer reads one benchmark script's layout: ``bench_load.py`` (GPU and CPU
+paths, and the machine), ``bench_store.py``, ``bench_compress.py`` and ``bench_remote.py``.
+
+Usage::
+
+    python benchmarks/render_tables.py           # rewrite the docs whose tables are out of date
+    python benchmarks/render_tables.py --check   # exit 1 (and print the diff) if any would change
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import logging
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+log = logging.getLogger("render_tables")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "benchmarks/results"
+DOCS = ("docs/benchmarks.md", "docs/remote.md")
+MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+
+Data = Dict[str, Any]
+
+# Contender names of the JSON, as the tables show them.
+LOAD_LABELS = {
+    "raw-direct": "raw disk read, O_DIRECT",
+    "raw-buffered": "raw disk read, buffered",
+    "safetensors": "`safetensors.torch.load_file`",
+    "from_pretrained": "`AutoModelForCausalLM.from_pretrained`",
+    "runai": "`runai-model-streamer`",
+    "sllm": "**`load_state_dict`** (defaults)",
+    "sllm-load_model": "`load_model`",
+    "sllm-buffered": '`load_state_dict(io_mode="buffered")`',
+    "sllm-direct": '`load_state_dict(io_mode="direct")`',
+    "sllm-mmap": '`load_state_dict(io_mode="mmap")`',
+}
+COMPRESS_LABELS = {
+    "raw-direct": "raw read, O_DIRECT",
+    "raw-buffered": "raw read, buffered",
+    "sllm": "`load_state_dict`, plain checkpoint",
+    "sllm-zstd": "**`load_state_dict`, compressed checkpoint** (defaults)",
+    "sllm-zstd-direct": '`load_state_dict`, compressed, `io_mode="direct"`',
+    "sllm-zstd-32t": "`load_state_dict`, compressed, 32 threads",
+}
+# bench_remote contenders shown, in this order: (key, label, limit group)
+REMOTE_ROWS = (
+    ("raw_get_16mib", "raw ranged GETs, 16 MiB, 24 in flight", "get"),
+    ("raw_get_24t", "raw ranged GETs, 32 MiB, 24 in flight", "get"),
+    ("raw_get", "raw ranged GETs, 32 MiB, 16 in flight", "get"),
+    ("runai", "`runai-model-streamer` (safetensors from S3, then to the GPU)", "get"),
+    ("sllm_remote", "**remote load to the GPU** (defaults)", "get"),
+    ("raw_disk_direct", "raw disk read of the cache entry, O_DIRECT", "disk"),
+    ("raw_disk_buffered", "raw disk read of the cache entry, buffered", "disk"),
+    ("sllm_cached", "**reload from the cache**", "disk"),
+)
+RAW_GETS = ("raw_get_16mib", "raw_get_24t", "raw_get")
+RAW_DISK = ("raw_disk_direct", "raw_disk_buffered")
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def gbps(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def times(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_json(root: Path, name: str) -> Data:
+    return json.loads((root / RESULTS / name).read_text())
+
+
+def commit_of(data: Data) -> Optional[str]:
+    """The commit a JSON records, if any (top level or in its environment)."""
+    for where in (data, data.get("environment") or {}):
+        for key in ("commit", "git_commit", "git_sha"):
+            if isinstance(where, dict) and where.get(key):
+                return str(where[key])
+    return None
+
+
+def date_of(data: Data) -> str:
+    date = data.get("date") or (data.get("environment") or {}).get("date") or ""
+    return str(date)[:10] or "no date recorded"
+
+
+def source(*runs: tuple[str, Data]) -> str:
+    """The line naming a table's JSON files, with the date and commit each records."""
+    parts = []
+    for name, data in runs:
+        commit = commit_of(data)
+        at = f"commit `{commit[:12]}`" if commit else "no commit recorded"
+        parts.append(f"[`{RESULTS}/{name}`](../{RESULTS}/{name}) ({date_of(data)}, {at})")
+    return ("Source: " if len(parts) == 1 else "Sources: ") + "; ".join(parts) + ".\n"
+
+
+def with_median(best: Optional[float], median: Optional[float]) -> str:
+    if best is None:
+        return "–"
+    return gbps(best) if median is None else f"{gbps(best)} ({gbps(median)})"
+
+
+def thousands(x: float) -> str:
+    return f"{x / 1000:.0f} k" if x >= 1000 else f"{x:.0f}"
+
+
+# --- bench_load.py: GPU and CPU paths, and the machine ------------------------------------------
+
+def _load_gbps(rec: Optional[Data]) -> tuple[Optional[float], Optional[float]]:
+    """Best GB/s of a bench_load result, and the median when it has more than one time."""
+    if rec is None:
+        return None, None
+    ts = [t for t in rec.get("times", []) if isinstance(t, (int, float)) and t > 0]
+    median = rec["bytes"] / 1e9 / statistics.median(ts) if len(ts) > 1 else None
+    return rec["gbps"], median
+
+
+def _load_limits(data: Data, by: Dict[tuple, Data]) -> str:
+    raw = data["raw_disk_best"]
+    parts = [f"raw disk read {gbps(raw['gbps'])} GB/s (the best cold raw read, `{raw['contender']}`)"]
+    page = by.get(("raw-buffered", "warm"))
+    if page:
+        parts.append(f"page-cache read {gbps(page['gbps'])} GB/s (buffered raw read, warm)")
+    h2d = (data.get("h2d_copy") or {}).get("pinned_gbps")
+    if h2d:
+        parts.append(f"pinned host-to-device copy {gbps(h2d)} GB/s")
+    args, sizes = data.get("args") or {}, data["sizes"]
+    return (f"Limits in this run: {'; '.join(parts)}. Checkpoint {sizes['tensor_bytes'] / 1e9:.2f} GB "
+            f"in {sizes['converted_files']} data file{'s' if sizes['converted_files'] != 1 else ''}, "
+            f"to `{data['device']}`; "
+            f"{args.get('cold_reps', 1)} cold and {args.get('warm_reps', 2)} warm runs per contender.\n")
+
+
+def render_load(name: str, data: Data) -> str:
+    ok = [r for r in data["results"] if r.get("status") == "ok"]
+    by = {(r["contender"], r["mode"]): r for r in ok}
+    names = list(dict.fromkeys(r["contender"] for r in ok))
+    raw = data["raw_disk_best"]["gbps"]
+    page = by.get(("raw-buffered", "warm"))
+    st = by.get(("safetensors", "warm"))
+    header = ["contender", "cold GB/s, best (median)", "cold ÷ raw disk", "warm GB/s, best (median)",
+              "warm ÷ page-cache read"] + (["warm ÷ safetensors"] if st else [])
+    rows = []
+    for n in names:
+        cold, cold_med = _load_gbps(by.get((n, "cold")))
+        warm, warm_med = _load_gbps(by.get((n, "warm")))
+        row = [LOAD_LABELS.get(n, f"`{n}`"), with_median(cold, cold_med),
+               times(cold / raw if cold else None), with_median(warm, warm_med),
+               times(warm / page["gbps"] if warm and page else None)]
+        if st:
+            row.append(times(warm / st["gbps"] if warm else None))
+        rows.append(row)
+    return source((name, data)) + "\n" + table(header, rows) + "\n" + _load_limits(data, by)
+
+
+def _gpu_of(data: Data) -> Optional[str]:
+    return data.get("gpu") or (data.get("environment") or {}).get("gpu")
+
+
+def render_machine(name: str, data: Data, others: Sequence[tuple[str, Data]]) -> str:
+    env = data["environment"]
+    mem_kb = int(str(env.get("mem_total", "0")).split()[0] or 0)
+    rows = [
+        ["GPU", f"{env.get('gpu')} ({env.get('gpu_memory_gib')} GiB), {env.get('gpu_count')} GPU"],
+        ["CPU", f"{env.get('cpu_model')}, {env.get('cpu_count')} cores"],
+        ["RAM", f"{mem_kb / 2**20:.1f} GiB"],
+        ["disk", f"{env.get('fs_converted')}"],
+        ["OS", f"`{env.get('platform')}`"],
+        ["software", f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+                     f"safetensors {env.get('safetensors')}, sllm_store {env.get('sllm_store')}"],
+    ]
+    same = [n for n, d in others if _gpu_of(d) == env.get("gpu")]
+    listed = ", ".join(f"`{n}`" for n in [name, *same])
+    return (table(["", "as recorded"], rows) + "\n"
+            + f"Recorded in `{RESULTS}/{name}`, {date_of(data)}. "
+            + f"The JSON files that record this GPU: {listed}.\n")
+
+
+# --- bench_store.py -----------------------------------------------------------------------------
+
+def _store_times(data: Data) -> str:
+    fresh = data["store_fresh_state_dict"]
+    steps = [
+        ("the load call (`load_state_dict(name, device, store=...)`)", fresh["load_s"]),
+        ("of which the server's copy, pool to GPU", fresh["copy_s"]),
+        ("of which Describe and connecting", fresh["describe_s"]),
+        ("of which allocating and exporting the IPC handle", fresh["allocate_s"]),
+        ("`import torch, sllm_store` in the fresh process", fresh["import_s"]),
+        ("**whole fresh process** (`python -c`: imports, CUDA init, load)", fresh["process_wall_s"]),
+    ]
+    for key, label in (
+        ("store_fresh_load_model", "whole fresh process with `load_model` through the store"),
+        ("fresh_from_pretrained_warm", "whole fresh process with `from_pretrained`, page-cached"),
+    ):
+        if data.get(key):
+            steps.append((label, data[key]["process_wall_s"]))
+    rows = [[label, f"{t['best']:.3f}", f"{t['median']:.3f}"] for label, t in steps]
+    return table(["step (seconds)", "best", "median"], rows)
+
+
+def render_store(name: str, data: Data) -> str:
+    h2d = data["h2d"]["pinned_gbps"]
+    st = data["safetensors_warm_gbps"]
+    fresh = data["store_fresh_state_dict"]
+    best, median = fresh["gbps_best"], fresh["gbps_median"]
+    rows = [
+        ["pinned host-to-GPU copy (torch, 2 GiB): the limit", gbps(h2d), "1.00x", times(h2d / st)],
+        ["`safetensors.torch.load_file`, page-cached", gbps(st), times(st / h2d), "1.00x"],
+        ["`load_state_dict` in the benchmark's process, page-cached, no server",
+         gbps(data["sllm_inprocess_warm_gbps"]), times(data["sllm_inprocess_warm_gbps"] / h2d),
+         times(data["sllm_inprocess_warm_gbps"] / st)],
+        ["**store load, fresh process**", with_median(best, median),
+         f"{times(best / h2d)} ({times(median / h2d)})", f"{times(best / st)} ({times(median / st)})"],
+    ]
+    header = ["contender", "GB/s, best (median)", "÷ pinned copy", "÷ safetensors"]
+    facts = (f"Checkpoint {data['bytes'] / 1e9:.2f} GB, {data['reps']} fresh processes, pool "
+             f"{data['pool_size']}. Server start (pool allocated and page-locked): "
+             f"{data['server_start_s']:.1f} s. "
+             f"Prefetch from a cold disk into the pool: {gbps(data['prefetch_cold']['gbps'])} GB/s.\n")
+    return source((name, data)) + "\n" + table(header, rows) + "\n" + _store_times(data) + "\n" + facts
+
+
+# --- bench_compress.py --------------------------------------------------------------------------
+
+def render_compress(name: str, data: Data) -> str:
+    names = [k for k, v in data.items() if isinstance(v, dict) and "gbps" in v and "seconds" in v]
+    limit = max(data[k]["gbps"] for k in names if k.startswith("raw-"))
+    rows = []
+    for k in names:
+        r = data[k]
+        ratio = times(r["gbps"] / limit) + (" (the limit)" if r["gbps"] == limit else "")
+        rows.append([COMPRESS_LABELS.get(k, f"`{k}`"), f"{r['seconds']:.2f}",
+                     with_median(r["gbps"], r.get("median_gbps")), ratio])
+    header = ["contender (cold)", "best s", "effective GB/s, best (median)", "÷ raw disk"]
+    per_round = ", ".join(times(r["sllm_zstd_vs_raw"]) for r in data.get("rounds", []))
+    facts = (f"Checkpoint {data['bytes'] / 1e9:.2f} GB, stored with zstd level {data['level']} in "
+             f"{data['compressed_file_bytes'] / 1e9:.2f} GB ({data['ratio']:.3f}x); to `{data['device']}`, "
+             f"{len(data['rounds'])} rounds. The compressed load ÷ each round's raw limit: {per_round}.\n")
+    return source((name, data)) + "\n" + table(header, rows) + "\n" + facts
+
+
+def render_decode(name: str, data: Data) -> str:
+    scaling = data["warm_compressed_by_threads"]
+    threads = sorted(scaling, key=int)
+    rows = [["GB/s"] + [gbps(scaling[t]) for t in threads]]
+    what = f"zstd:{data['level']}, {data['bytes'] / 1e9:.2f} GB, page-cached, to `{data['device']}`"
+    header = [f"threads ({what})"]
+    return source((name, data)) + "\n" + table(header + threads, rows)
+
+
+# --- bench_remote.py ----------------------------------------------------------------------------
+
+def _limits(data: Data) -> Dict[str, float]:
+    out = {}
+    for group, keys in (("get", RAW_GETS), ("disk", RAW_DISK)):
+        found = [data[k]["gbps"] for k in keys if k in data]
+        if found:
+            out[group] = max(found)
+    return out
+
+
+def _cores(data: Data) -> str:
+    server, client = data.get("server_cores"), data.get("client_cores")
+    if isinstance(server, list) and isinstance(client, list):
+        return (f"The server runs on cores {min(server)}–{max(server)}, the client (every contender) on "
+                f"cores {min(client)}–{max(client)}.")
+    return "Server and client share the machine's cores."
+
+
+def _remote_facts(data: Data) -> str:
+    load = data["sllm_remote"]
+    facts = [_cores(data), f"{len(load['all_s'])} rounds; checkpoint {data['bytes'] / 1e9:.2f} GB."]
+    per_round = (data.get("remote_vs_raw_get_per_round") or {}).get("sllm_remote")
+    if per_round:
+        each = ", ".join(times(x) for x in per_round)
+        facts.append(f"Remote load ÷ each round's fastest raw GET: {each}.")
+    if "runai" in data:
+        facts.append(f"Remote load ÷ `runai-model-streamer`: {times(load['gbps'] / data['runai']['gbps'])}.")
+    finish = (data.get("cache_finish_s") or {}).get("sllm_remote")
+    if finish:
+        facts.append(f"The cache entry was durable {min(finish):.1f}–{max(finish):.1f} s after the load "
+                     "returned.")
+    if data.get("remote_load_checked"):
+        facts.append(f"All {data['remote_load_checked']} tensors of a remote load and of its reload from the "
+                     "cache matched the local checkpoint.")
+    return " ".join(facts) + "\n"
+
+
+def render_remote(name: str, data: Data) -> str:
+    limits = _limits(data)
+    rows = []
+    for key, label, group in REMOTE_ROWS:
+        r = data.get(key)
+        if not r:
+            continue
+        ratio = times(r["gbps"] / limits[group]) if group in limits else "–"
+        if key in RAW_GETS + RAW_DISK and r["gbps"] == limits.get(group):
+            ratio += " (the limit)"
+        cpu = f"{r['cpu_client_s']:.1f} / {r['cpu_server_s']:.1f}" if "cpu_client_s" in r else "–"
+        faults = thousands(r["minor_faults"] / (data["bytes"] / 1e9)) if r.get("minor_faults") else "–"
+        rows.append([label, with_median(r["gbps"], r.get("median_gbps")), ratio, cpu, faults])
+    header = ["contender", "GB/s, best (median)", "÷ limit", "CPU s, client / server", "client faults per GB"]
+    return source((name, data)) + "\n" + table(header, rows) + "\n" + _remote_facts(data)
+
+
+def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
+    rows = []
+    for _name, data in runs:
+        limits, load = _limits(data), data["sllm_remote"]
+        per_round = (data.get("remote_vs_raw_get_per_round") or {}).get("sllm_remote") or []
+        spread = f" ({times(min(per_round))}–{times(max(per_round))})" if per_round else ""
+        cached = data.get("sllm_cached")
+        rows.append([
+            "shared" if not isinstance(data.get("server_cores"), list) else "split",
+            gbps(limits["get"]), with_median(load["gbps"], load.get("median_gbps")),
+            times(load["gbps"] / limits["get"]) + spread,
+            times(load["gbps"] / data["runai"]["gbps"]) if "runai" in data else "not run",
+            times(cached["gbps"] / limits["disk"]) if cached and "disk" in limits else "not run",
+        ])
+    header = ["cores", "fastest raw GET, GB/s", "remote load, GB/s best (median)",
+              "÷ fastest raw GET, best (per round)", "÷ runai", "cached reload ÷ raw disk"]
+    return source(*runs) + "\n" + table(header, rows)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+# The JSON each section renders: per section the newest run of the current default path.
+GPU = "2026-11-23-h100-gpu-8b.json"  # every peer
+GPU_REPEAT = "2026-11-23-h100-gpu-8b-repeat.json"  # two cold runs each
+CPU = "2026-11-23-h100-cpu-8b.json"
+STORE = "2026-11-23-h100-store-8b.json"
+COMPRESS = "2026-11-23-h100-compress-3b.json"
+DECODE = "2026-11-23-h100-compress-8b.json"  # decoding by threads
+REMOTE = "2026-11-29-h200-remote-3b.json"  # server and client share the cores
+REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
+
+
+def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
+    return render(name, load_json(root, name))
+
+
+def _machine(root: Path) -> str:
+    others = [(n, load_json(root, n)) for n in (GPU_REPEAT, CPU, STORE, COMPRESS, DECODE)]
+    return render_machine(GPU, load_json(root, GPU), others)
+
+
+def _summary(root: Path) -> str:
+    return render_remote_summary([(n, load_json(root, n)) for n in (REMOTE, REMOTE_SPLIT)])
+
+
+SECTIONS: Dict[str, Callable[[Path], str]] = {
+    "machine": _machine,
+    "gpu": functools.partial(_one, render_load, GPU),
+    "gpu-repeat": functools.partial(_one, render_load, GPU_REPEAT),
+    "cpu": functools.partial(_one, render_load, CPU),
+    "store": functools.partial(_one, render_store, STORE),
+    "compress": functools.partial(_one, render_compress, COMPRESS),
+    "compress-decode": functools.partial(_one, render_decode, DECODE),
+    "remote": functools.partial(_one, render_remote, REMOTE),
+    "remote-split": functools.partial(_one, render_remote, REMOTE_SPLIT),
+    "remote-summary": _summary,
+}
+
+
+def render_doc(text: str, root: Path) -> str:
+    """``text`` with every generated section rendered again. Raises KeyError for an unknown name."""
+    def replace(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in SECTIONS:
+            raise KeyError(f"no renderer for the generated section '{name}'")
+        return m.group(1) + SECTIONS[name](root) + m.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a doc is out of date")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    args = ap.parse_args(argv)
+    stale = []
+    for doc in DOCS:
+        path = args.root / doc
+        old = path.read_text()
+        try:
+            new = render_doc(old, args.root)
+        except (KeyError, OSError, ValueError) as e:
+            log.error("%s: %s", doc, e)
+            return 2
+        if new == old:
+            continue
+        stale.append(doc)
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), doc, doc))
+        else:
+            path.write_text(new)
+            log.info("rewrote the generated tables of %s", doc)
+    if args.check and stale:
+        log.error("out of date: %s (run python benchmarks/render_tables.py)", ", ".join(stale))
+        return 1
+    if not stale:
+        log.info("generated tables up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
