@@ -6,25 +6,12 @@ converted checkpoint and the source safetensors, then measures on the same bytes
 
 * ``raw GET``: parallel ranged GETs (``obstore``, 32 MiB, ``--threads``, and the remote load's
   default GET count if different; and GETs of the checkpoint's chunk size if not 32 MiB) of the
-  converted data files into memory, and GETs of the size in which a load to a GPU fetches its
-  chunks (``SLLM_STORE_GET_PIECE``, 16 MiB): the network/server limit (the fastest of them).
-* ``--in-place`` adds ``sllm_remote_in_place``: the remote load with ``SLLM_STORE_GET_CLIENT=http``
-  (each chunk one GET of a presigned URL by ``http.client``, read into the staging blocks in place:
-  over plain HTTP by the core, without the GIL), and ``sllm_remote_in_place_py``, the same with the
-  body read by ``http.client`` (``signed_gets.RECV_IN_CORE`` off);
-  ``--in-place-threads 16`` adds such loads with other ``num_threads`` (GETs in flight).
-* ``--presigned`` adds ``presigned_get``: ranged GETs (32 MiB, the load's GET count) of presigned
-  URLs through the library's ``SignedGets`` (obstore signs, the standard library's ``http.client``
-  reads), each body read straight into a reused buffer of its thread: no buffer per body, no
-  copy out of the client's. Another client than the load's, so it is not part of the raw-GET limit; its ratio
-  is printed apart (``remote_vs_presigned_get``). For a GPU and an uncompressed checkpoint also
-  ``presigned_staged``: the same GETs read in place into the library's staging blocks
-  (checksummed, copied to DEVICE), as ``SLLM_STORE_GET_CLIENT=http`` loads do, without the
-  download around them (cache writes, checksums compared, the load's threads).
+  converted data files into memory, and, for a GPU, GETs of the size in which a load to a GPU
+  fetches its chunks (16 MiB pieces): the network/server limit (the fastest of them).
 * ``runai``: ``runai-model-streamer`` streaming the source safetensors from the same server to
   DEVICE (if installed).
 * ``sllm remote``: ``load_state_dict("s3://...", DEVICE)`` (its default GETs in flight) with an
-  empty local cache (fetch, cache write-through and device copies overlap). The load returns
+  empty local cache (GETs, cache write-through and device copies overlap). The load returns
   when the tensors are loaded; the sync and promotion of the cache entry that follow on a
   background thread are timed apart (``cache_finish_s``: the entry is durable that much later).
 * ``--stages`` adds contenders that each do part of the remote load's work on the same chunks, to
@@ -33,20 +20,11 @@ converted checkpoint and the source safetensors, then measures on the same bytes
   copied into DEVICE memory by the driver from the GET's buffer; uncompressed checkpoints only)
   and ``get_copy_staged`` (GETs, each checksummed and copied into DEVICE by the library's
   ``_C.StagedCopier``, as the remote load does: everything but the cache writes).
-* ``--unaligned`` adds a remote load whose GETs fetch exactly their chunk (the library's
-  ``ALIGNED_GETS`` off): each O_DIRECT cache write then copies its chunk into an aligned buffer.
-* ``--body-writes`` adds a remote load that writes the cache from the GETs' buffers (kept until
-  written), as before session 7, instead of reading each chunk back from the device
-  (``READ_BACK_BUFFERS`` 0).
-* ``--cuda-sync spin`` adds a remote load whose copy threads spin while they wait for their
-  device copies (``SLLM_STORE_CUDA_SYNC``; the default, ``block``, sleeps), and
-  ``--staging-blocks 16`` one with 16 staging blocks (the library's ``STAGING_BLOCKS``; by
-  default two per GET in flight, and 8 more).
-* ``--get-pieces 0,8388608`` adds remote loads that fetch each chunk into the staging blocks as
-  GETs of that many bytes (``SLLM_STORE_GET_PIECE``; 0: one GET per chunk; default 16 MiB).
-* ``--remote-threads 8,32`` adds remote loads with other ``num_threads``; ``--cache-io buffered``
-  adds remote loads that write the cache through the page cache (``SLLM_STORE_CACHE_IO``; the
-  default, ``direct``, writes it with O_DIRECT).
+* ``--remote-gets 8,32`` adds remote loads with other GETs in flight (``RemoteOptions(max_gets=N)``);
+  ``--staging-blocks 16`` one with 16 staging blocks (``Staging(blocks=16)`` of the remote tier; by
+  default two per GET in flight, and 8 more); ``--get-pieces 8388608,33554432`` remote loads that
+  fetch each chunk into the staging blocks as GETs of that many bytes (``Staging(piece=N)``;
+  by default 16 MiB).
 * ``raw disk``: parallel reads of the cache entry's files (page cache evicted), with and without
   O_DIRECT: the best is the disk limit for the next load.
 * ``sllm cached``: the same URL again, now a disk load from the local cache (page cache evicted).
@@ -55,9 +33,6 @@ On loopback the server and the client share the machine's cores, and every CPU-s
 is one the other lacks; in a deployment the object store runs elsewhere. ``--server-cores N``
 pins the server to N cores and this process (every contender) to the others, so that each side
 has cores of its own, as on two machines.
-
-With ``SLLM_STORE_REUSE_GET_BUFFERS=1`` freed GET bodies are kept in the heap for every
-contender, raw GETs included, as the library then does (``sllm_store.remote.cache.reuse_get_buffers``).
 
 After the rounds, one more (untimed) remote load from an empty cache, and then the reload from the
 cache entry it wrote, are compared, tensor by tensor, with the local checkpoint loaded to DEVICE
@@ -74,6 +49,9 @@ from the server, the server's data files are read into the page cache, so that e
 meets the same (fastest) server: its own disk is not what is measured. GB/s are tensor payload bytes (raw GET
 and raw disk: object / file bytes) per second. Ratios (best): remote vs raw GET, remote vs runai,
 cached vs raw disk. ``runai`` needs ``runai-model-streamer`` and ``runai-model-streamer-s3``.
+
+Every setting of the library is passed as a settings object (``LoadConfig``, ``RemoteOptions``,
+``CacheSettings``, the remote tier's ``Staging``); nothing is patched.
 
 Example::
 
@@ -100,7 +78,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import GB, Evictor, RawReader, run_rounds, source_files, write_json  # noqa: E402
@@ -150,14 +127,14 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
     from obstore.store import S3Store
 
     endpoint = f"http://127.0.0.1:{p['s3']}"
-    store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
-                    region="us-east-1", client_options={"allow_http": True})
+    bucket = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                     region="us-east-1", client_options={"allow_http": True})
     deadline = time.monotonic() + 120
     while True:  # create the bucket (a filer directory), then wait until S3 writes work
         try:
             urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{p['filer']}/buckets/{BUCKET}/", method="POST"), timeout=2)
-            obstore.put(store, "probe", b"ok")
+            obstore.put(bucket, "probe", b"ok")
             return proc, endpoint
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -187,28 +164,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="rounds of every contender")
     ap.add_argument("--weed", default=shutil.which("weed"))
     ap.add_argument("--stages", action="store_true", help="also time the remote load's stages apart")
-    ap.add_argument("--remote-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also time the remote load with these num_threads (e.g. 8,32)")
-    ap.add_argument("--cache-io", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="also time the remote load with these SLLM_STORE_CACHE_IO modes (e.g. buffered)")
-    ap.add_argument("--cuda-sync", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="also remote loads with SLLM_STORE_CUDA_SYNC=MODE (e.g. spin)")
+    ap.add_argument("--remote-gets", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also time the remote load with these GETs in flight (e.g. 8,32)")
     ap.add_argument("--staging-blocks", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="also remote loads with other numbers of staging blocks (e.g. 16)")
-    ap.add_argument("--get-pieces", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also remote loads that fetch chunks as GETs of these sizes (bytes; 0: whole)")
-    ap.add_argument("--unaligned", action="store_true",
-                    help="also a remote load without block-aligned GETs (A/B)")
-    ap.add_argument("--body-writes", action="store_true",
-                    help="also a remote load that writes the cache from the GET buffers, not read back "
-                         "from the device (A/B)")
-    ap.add_argument("--in-place", action="store_true",
-                    help="also a remote load with SLLM_STORE_GET_CLIENT=http (presigned URLs read into "
-                         "the staging blocks in place)")
-    ap.add_argument("--in-place-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also remote loads with SLLM_STORE_GET_CLIENT=http and these num_threads")
-    ap.add_argument("--presigned", action="store_true",
-                    help="also raw GETs of presigned URLs by http.client, read into reused buffers")
+    ap.add_argument("--get-pieces", type=lambda v: [int(x) for x in v.split(",") if x and int(x) > 0],
+                    default=[], help="also remote loads that fetch chunks into the staging blocks as GETs "
+                    "of these sizes (bytes, e.g. 8388608)")
     ap.add_argument("--server-cores", type=int, default=0,
                     help="pin the server to this many cores and the client to the others, as if the "
                          "server ran on a machine of its own (default: both share all cores)")
@@ -230,10 +192,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from obstore.store import S3Store
 
     import sllm_store
-    from sllm_store import _C
-    from sllm_store.config import DEFAULT_REMOTE_GETS
-    from sllm_store.remote.cache import get_piece, upload, wait_for_cache
-    from sllm_store.remote.stream import STAGING_BLOCK
+    from sllm_store.config import DEFAULT_REMOTE_GETS, CacheSettings, LoadConfig, RemoteOptions
+    from sllm_store.loader import load, load_opened
+    from sllm_store.native import _C
+    from sllm_store.remote import upload, wait_for_cache
+    from sllm_store.remote.fetcher import PIECE
+    from sllm_store.tiers.remote import RemoteTier, Staging
 
     cuda = args.device.startswith("cuda")
     converted = args.converted or args.src.with_name(args.src.name + ".sllm")
@@ -245,18 +209,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     proc, endpoint = start_weed(args.weed, work, cores[0] if cores else None)
     os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
-                      AWS_REGION="us-east-1", SLLM_STORE_CACHE_DIR=str(work / "cache"))
+                      AWS_REGION="us-east-1")
+    cache_settings = CacheSettings.resolve(directory=work / "cache")
+
+    def config(gets: Optional[int] = None, **kwargs: Any) -> LoadConfig:
+        """The settings of a load: the benchmark's cache, ``gets`` GETs in flight (else the
+        default)."""
+        return LoadConfig.resolve(remote=RemoteOptions(max_gets=gets), cache=cache_settings, **kwargs)
+
     results: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
                                "checkpoint": str(args.src), "bytes": nbytes, "threads": args.threads,
                                "server_cores": cores[0] if cores else "shared",
                                "client_cores": cores[1] if cores else "shared"}
-    # With SLLM_STORE_REUSE_GET_BUFFERS=1 the library keeps freed GET bodies in the heap
-    # (process-wide): then the raw GETs get the same malloc, so that the limit is the same client
-    # library's. An A/B takes two runs.
-    from sllm_store.remote.cache import reuse_get_buffers
-
-    results["reuse_get_buffers"] = reuse_get_buffers(index.chunk_size)
-
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(args.device)
@@ -266,10 +230,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.perf_counter()
         up = upload(converted, url, quiet=True)
         results["upload_gbps"] = up / GB / (time.perf_counter() - t0)
-        store = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
-                        region="us-east-1", client_options={"allow_http": True})
+        bucket = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                         region="us-east-1", client_options={"allow_http": True})
         for f in source_files(args.src):
-            obstore.put(store, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
+            obstore.put(bucket, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
         log.info("uploaded (%.2f GB/s)", results["upload_gbps"])
 
         def spans(block: int) -> List[tuple[str, int, int]]:
@@ -283,53 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rs = spans(block)
             with ThreadPoolExecutor(threads) as ex:
                 got = sum(ex.map(lambda r: len(obstore.get_range(
-                    store, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
-            assert got == nbytes_on_disk
-
-        presigned_bufs: List[memoryview] = []  # made in the first round, reused by the next
-
-        def presigned_get(threads: int, block: int = 32 << 20) -> None:
-            """Ranged GETs of presigned URLs by the library's own signed GETs
-            (``SignedGets.get_into``: obstore signs, http.client reads), each body read into
-            its thread's reused buffer instead of staging blocks."""
-            import queue
-            import threading
-
-            from sllm_store.remote import RemoteOptions
-            from sllm_store.remote.signed_gets import SignedGets
-
-            class IntoBuffer:  # stands in for a _C.StagedFill: the body lands in buf, nothing more
-                def __init__(self, buf: memoryview, n: int) -> None:
-                    self.buf, self.n, self.at = buf, n, 0
-
-                def reserve(self) -> memoryview:
-                    return self.buf[self.at:self.n]
-
-                def commit(self, k: int) -> None:
-                    self.at += k
-
-            while len(presigned_bufs) < threads:
-                presigned_bufs.append(memoryview(bytearray(block)))
-            free: queue.SimpleQueue = queue.SimpleQueue()
-            for b in presigned_bufs[:threads]:
-                free.put(b)
-            gets = SignedGets.for_store(store, f"s3://{BUCKET}", RemoteOptions())
-            assert gets is not None, "the store cannot sign URLs"
-            local = threading.local()
-
-            def one(r: tuple[str, int, int]) -> int:
-                name, off, n = r
-                if getattr(local, "buf", None) is None:
-                    local.buf = free.get_nowait()
-                sink = IntoBuffer(local.buf, n)
-                gets.get_into(f"sllm/{converted.name}/{name}", off, n, sink)
-                return sink.at
-
-            try:
-                with ThreadPoolExecutor(threads) as ex:
-                    got = sum(ex.map(one, spans(block)))
-            finally:
-                gets.close()
+                    bucket, f"sllm/{converted.name}/{r[0]}", start=r[1], length=r[2])), rs))
             assert got == nbytes_on_disk
 
         def runai() -> Dict[str, Any]:
@@ -347,12 +265,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         remote_stats: List[Dict[str, Any]] = []
 
-        def remote(name: str = "sllm_remote", threads: Optional[int] = None) -> Dict[str, Any]:
-            """A remote load with the library's defaults (GET count too, unless ``threads``); its
-            report is kept."""
-            from sllm_store.loader import load_state_dict_with_report
-
-            out, report = load_state_dict_with_report(url, args.device, num_threads=threads)
+        def remote(name: str = "sllm_remote", gets: Optional[int] = None,
+                   staging: Optional[Any] = None) -> Dict[str, Any]:
+            """A remote load with the library's defaults, or ``gets`` GETs in flight, or the
+            remote tier's ``staging`` (a ``Staging``); its report is kept."""
+            if staging is None:
+                out, report = load(url, args.device, config(gets))
+            else:
+                with RemoteTier(staging).open(url, config(gets)) as checkpoint:
+                    out, report = load_opened(checkpoint, args.device)
             remote_stats.append({"contender": name, "seconds": report.seconds, **report.stats})
             stages = {k: f"{v:.2f} ({report.stats['stage_cpu_seconds'][k]:.2f} CPU)"
                       for k, v in report.stats["stage_seconds"].items()}
@@ -366,11 +287,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return out
 
         def check_remote() -> int:
-            """Untimed, after the rounds: a streamed load from an empty cache, and the reload from the
+            """Untimed, after the rounds: a remote load from an empty cache, and the reload from the
             cache entry it wrote, give every tensor of the local checkpoint, bit for bit, on
             DEVICE. Returns the tensors compared."""
             shutil.rmtree(work / "cache", ignore_errors=True)
-            got = sllm_store.load_state_dict(url, args.device)
+            got, _ = load(url, args.device, config())
             wait_for_cache()
             want = sllm_store.load_state_dict(converted, args.device)
 
@@ -385,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             compare("the remote load", got)
             del got
-            compare("the reload from its cache entry", sllm_store.load_state_dict(url, args.device))
+            compare("the reload from its cache entry", load(url, args.device, config())[0])
             return len(want)
 
         def cache_files() -> List[Path]:
@@ -395,17 +316,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return sum(p.stat().st_size for p in cache_files())
 
         def cached() -> Dict[str, Any]:
-            return sllm_store.load_state_dict(url, args.device, num_threads=args.threads)
+            return load(url, args.device, config(num_threads=args.threads))[0]
 
         chunk_ranges = spans(index.chunk_size)
 
         def get_write() -> None:
             """The library's download of every chunk (GET, checksum, write into the cache's
             partial files), without device copies and without the final sync."""
-            from sllm_store.remote.cache import Download
+            from sllm_store.remote.download import Download
             from sllm_store.utils import parallel_map
 
-            with Download(url, max_gets=args.threads).open() as d:
+            with Download(url, RemoteOptions(max_gets=args.threads), cache_settings).open() as d:
                 got = sum(len(memoryview(x)) for x in parallel_map(lambda fc: d.chunk(*fc), d.chunks(),
                                                                      2 * args.threads))
             assert got == nbytes_on_disk
@@ -419,11 +340,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             buffers), else straight from the GET's pageable buffer (the driver's copy)."""
             dest = torch.empty(nbytes_on_disk, dtype=torch.uint8, device=args.device)
             dests = [(args.device, dest.data_ptr(), nbytes_on_disk)]
-            copier = _C.StagedCopier(dests, STAGING_BLOCK, 2 * args.threads + 8) if staged else None
+            copier = _C.StagedCopier(dests, Staging().block, 2 * args.threads + 8) if staged else None
 
             def one(r: Any) -> int:
                 name, off, n = r
-                data = obstore.get_range(store, f"sllm/{converted.name}/{name}", start=off, length=n)
+                data = obstore.get_range(bucket, f"sllm/{converted.name}/{name}", start=off, length=n)
                 if copier is not None:
                     copier.copy(data, [(0, 0, starts[(name, off)], n)])
                 else:
@@ -435,45 +356,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
             return dest
 
-        def presigned_staged(threads: int) -> Any:
-            """The GETs of ``presigned_get``, each read in place into the library's staging
-            blocks (``_C.StagedCopier.fill``: checksummed, then copied to DEVICE), as the remote
-            load with ``SLLM_STORE_GET_CLIENT=http`` does, but without its download (no cache
-            writes, no checksums compared, no other threads)."""
-            from sllm_store.remote import RemoteOptions
-            from sllm_store.remote.signed_gets import SignedGets
-
-            dest = torch.empty(nbytes_on_disk, dtype=torch.uint8, device=args.device)
-            dests = [(args.device, dest.data_ptr(), nbytes_on_disk)]
-            copier = _C.StagedCopier(dests, STAGING_BLOCK, 2 * threads + 8)
-            gets = SignedGets.for_store(store, f"s3://{BUCKET}", RemoteOptions())
-            assert gets is not None, "the store cannot sign URLs"
-
-            def one(r: Any) -> int:
-                name, off, n = r
-                with copier.fill(n, [(0, 0, starts[(name, off)], n)]) as fill:
-                    gets.get_into(f"sllm/{converted.name}/{name}", off, n, fill)
-                    fill.finish()
-                return n
-
-            try:
-                with ThreadPoolExecutor(threads) as ex:
-                    assert sum(ex.map(one, chunk_ranges)) == nbytes_on_disk
-            finally:
-                gets.close()
-            return dest
-
-        def remote_with(threads: int, name: str) -> Callable[[], Any]:
-            return lambda: remote(name, threads)
-
-        def remote_patched(name: str, patch: Callable[[], Any],
-                           threads: Optional[int] = None) -> Callable[[], Any]:
-            """:func:`remote` inside ``patch()`` (a ``unittest.mock`` patcher of an environment
-            variable or a library setting, restored afterwards)."""
-            def run() -> Any:
-                with patch():
-                    return remote(name, threads)
-            return run
+        def remote_with(name: str, gets: Optional[int] = None,
+                        staging: Optional[Any] = None) -> Callable[[], Any]:
+            return lambda: remote(name, gets, staging)
 
         reader = RawReader(args.threads, 32 << 20)
         # The raw GETs with --threads and with the remote load's default GET count: the limit is
@@ -483,58 +368,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             n = DEFAULT_REMOTE_GETS
             contenders += [(f"raw_get_{n}t", lambda: raw_get(n), nbytes_on_disk)]
         # and GETs of the checkpoint's chunk size, and of the pieces a load to a GPU fetches
-        for size in sorted({index.chunk_size, get_piece() if cuda else 0} - {0, 32 << 20}):
+        for size in sorted({index.chunk_size, PIECE if cuda else 0} - {0, 32 << 20}):
             contenders += [(f"raw_get_{size >> 20}mib", lambda size=size: raw_get(DEFAULT_REMOTE_GETS, size),
                             nbytes_on_disk)]
-        if args.presigned:
-            contenders += [("presigned_get", lambda: presigned_get(DEFAULT_REMOTE_GETS), nbytes_on_disk)]
-            if cuda and not index.compressed:
-                contenders += [("presigned_staged", lambda: presigned_staged(DEFAULT_REMOTE_GETS),
-                                nbytes_on_disk)]
         contenders += [("runai", runai, nbytes)]
         if args.stages:
             contenders += [("get_write", get_write, nbytes_on_disk)]
             if not index.compressed:
                 contenders += [("get_copy", lambda: get_copy(False), nbytes_on_disk),
                                ("get_copy_staged", lambda: get_copy(True), nbytes_on_disk)]
-        contenders += [(f"sllm_remote_{n}t", remote_with(n, f"sllm_remote_{n}t"), nbytes)
-                       for n in args.remote_threads]
-        from sllm_store.remote import cache as remote_cache
-        from sllm_store.remote import stream as remote_stream
-
-        env, attr = mock.patch.dict, mock.patch.object
-        variants = [(f"sllm_remote_{m}", lambda m=m: env(os.environ, SLLM_STORE_CACHE_IO=m))
-                    for m in args.cache_io]
-        variants += [(f"sllm_remote_sync_{m}", lambda m=m: env(os.environ, SLLM_STORE_CUDA_SYNC=m))
-                     for m in args.cuda_sync]
-        variants += [(f"sllm_remote_{k}blocks", lambda k=k: attr(remote_stream, "STAGING_BLOCKS", k))
-                     for k in args.staging_blocks]
-        variants += [(f"sllm_remote_pieces_{k >> 20}mib" if k else "sllm_remote_whole_gets",
-                      lambda k=k: attr(remote_cache, "GET_PIECE", k)) for k in args.get_pieces]
-        if args.unaligned:
-            variants += [("sllm_remote_unaligned", lambda: attr(remote_cache, "ALIGNED_GETS", False))]
-        if args.in_place:
-            from sllm_store.remote import signed_gets
-
-            variants += [("sllm_remote_in_place", lambda: attr(signed_gets, "GET_CLIENT", "http"))]
-
-            # the socket read by http.client, not by the core
-            variants += [("sllm_remote_in_place_py",
-                          lambda: mock.patch.multiple(signed_gets, GET_CLIENT="http", RECV_IN_CORE=False))]
-        if args.in_place_threads:
-            from sllm_store.remote import signed_gets
-
-            contenders += [(f"sllm_remote_in_place_{n}t",
-                            remote_patched(f"sllm_remote_in_place_{n}t",
-                                           lambda: attr(signed_gets, "GET_CLIENT", "http"), n), nbytes)
-                           for n in args.in_place_threads]
-        if args.body_writes:
-            variants += [("sllm_remote_body_writes", lambda: attr(remote_stream, "READ_BACK_BUFFERS", 0))]
-        contenders += [(name, remote_patched(name, patch), nbytes) for name, patch in variants]
+        contenders += [(f"sllm_remote_{n}gets", remote_with(f"sllm_remote_{n}gets", gets=n), nbytes)
+                       for n in args.remote_gets]
+        contenders += [(f"sllm_remote_{k}blocks",
+                        remote_with(f"sllm_remote_{k}blocks", staging=Staging(blocks=k)), nbytes)
+                       for k in args.staging_blocks]
+        contenders += [(f"sllm_remote_pieces_{k >> 20}mib",
+                        remote_with(f"sllm_remote_pieces_{k >> 20}mib", staging=Staging(piece=k)), nbytes)
+                       for k in args.get_pieces]
         contenders += [("sllm_remote", remote, nbytes),
-                      ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
-                      ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
-                      ("sllm_cached", cached, nbytes)]
+                       ("raw_disk_direct", lambda: reader.read(cache_files(), True), cache_bytes),
+                       ("raw_disk_buffered", lambda: reader.read(cache_files(), False), cache_bytes),
+                       ("sllm_cached", cached, nbytes)]
 
         server_files = [p for p in (work / "data").rglob("*") if p.is_file()]
         finish_s: Dict[str, List[float]] = {}  # per remote contender
@@ -600,8 +454,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ratios: Dict[str, float] = {"remote_vs_raw_get": results["sllm_remote"]["gbps"] / raw}
     if runai_gbps:
         ratios["remote_vs_runai"] = results["sllm_remote"]["gbps"] / runai_gbps
-    if results.get("presigned_get", {}).get("gbps"):
-        ratios["remote_vs_presigned_get"] = results["sllm_remote"]["gbps"] / results["presigned_get"]["gbps"]
     if disk and results.get("sllm_cached", {}).get("gbps"):
         ratios["cached_vs_raw_disk"] = results["sllm_cached"]["gbps"] / disk
     results["ratios"] = ratios

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The remote-tier benchmark and the GPU tests on a machine without internet (the lent GPU machine).
+# The remote-tier benchmark and the GPU tests on a GPU machine without internet access.
 #
 #   bash benchmarks/offline_remote.sh prepare   # here, with internet: wheels into .whl/, weed and
 #                                               # boto3 (runai's S3 backend needs it) into .bin/

@@ -449,6 +449,8 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
         "obstore will start.");
   m.def("release_staging_buffers", &release_cached_pools,
         "Free the staging buffers cached for later loads; returns the bytes released.");
+  m.def("set_cuda_library", &cuda::set_library, py::arg("path"),
+        "The CUDA driver library to load on first use ('' for libcuda.so.1); True if it is the one used.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");
   m.def("cuda_unavailable_reason", &cuda::unavailable_reason,
         "Why the CUDA driver cannot be used ('' when it can).");

@@ -113,7 +113,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
     if stats["tier"] == "remote":
-        from sllm_store.remote.cache import wait_for_cache
+        from sllm_store.remote import wait_for_cache
 
         wait_for_cache()  # the entry is finished in the background; this process ends next
         if not stats["cached"]:
@@ -208,7 +208,7 @@ def _remote_options(args: argparse.Namespace):  # noqa: ANN202 - RemoteOptions, 
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
 
     n = upload(args.path, args.url, options=_remote_options(args), quiet=True if args.quiet else None)
     print(f"uploaded {args.path} -> {args.url}: {format_size(n)}")
@@ -218,7 +218,8 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import time
 
-    from sllm_store.remote import cache
+    from sllm_store import remote as cache
+    from sllm_store.config import CacheSettings
 
     if args.action == "ls":
         es = cache.entries(args.cache_dir)
@@ -237,7 +238,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed: {', '.join(removed)}" if removed else f"error: nothing cached for {args.target}")
         return 0 if removed else 1
     else:
-        limit = parse_size(args.target) if args.target else cache.cache_limit()
+        limit = parse_size(args.target) if args.target else CacheSettings.resolve().size_limit
         if limit is None:
             raise ValueError("cache prune needs a size (e.g. 100GiB) or SLLM_STORE_CACHE_SIZE")
         removed = cache.prune(limit, args.cache_dir)

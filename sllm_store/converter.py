@@ -186,7 +186,7 @@ def convert(
     Args:
         src: Hugging Face model directory, ``.safetensors`` file or torch state-dict file.
         dst: destination directory (must not exist unless ``overwrite``), or an ``s3://`` URL:
-            converted in a temporary directory, then uploaded (see :func:`sllm_store.remote.cache.upload`).
+            converted in a temporary directory, then uploaded (see :func:`sllm_store.remote.upload`).
         dtype: cast floating-point weights (fp16/bf16/fp32/fp64) to this dtype, e.g. "bfloat16".
         chunk_size: checksum and read unit, a multiple of 4096 (default 32 MiB).
         num_files: number of data files to spread the tensors over.
@@ -204,12 +204,12 @@ def convert(
         ConvertError: ``src`` holds no weights or cannot be read.
         DestinationExistsError: ``dst`` exists and ``overwrite`` is false.
     """
-    from sllm_store.remote.objects import is_remote
+    from sllm_store.remote import is_remote
 
     if is_remote(dst):  # convert beside the source's temp space, upload, clean up
         import tempfile
 
-        from sllm_store.remote.cache import upload
+        from sllm_store.remote import upload
 
         with tempfile.TemporaryDirectory(prefix="sllm-convert-") as tmp:
             local = convert(src, Path(tmp) / "model.sllm", dtype=dtype, chunk_size=chunk_size,

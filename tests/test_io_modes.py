@@ -70,25 +70,23 @@ def test_env_selects_io_mode(ckpt, monkeypatch) -> None:
 
 
 def test_chunks_read_back_only_where_the_load_holds_all_their_tensors(tmp_path) -> None:
-    """The remote load writes a chunk of its cache from the device only if the chunk's pieces hold
-    every tensor byte of it (stream._covered_units); a partial load's other chunks are written
-    from their GET buffers. Checked against a byte map of the checkpoint's tensors."""
+    """A load while downloading writes a chunk of its cache from the device only if the chunk's
+    segments hold every tensor byte of it (``covered_units``); a partial load's other chunks are
+    written from their GET buffers. Checked against a byte map of the checkpoint's tensors."""
     from sllm_store.config import LoadConfig
-    from sllm_store.loader import _assign_devices, _make_plan
-    from sllm_store.remote.stream import _covered_units
+    from sllm_store.plan import assign_devices, make_plan
+    from sllm_store.tiers.remote import covered_units
 
     g = torch.Generator().manual_seed(5)
     sd = {f"t{i}": torch.randn(10000 + 3333 * i, generator=g) for i in range(8)}
     path = sllm_store.save_state_dict(sd, tmp_path / "m", chunk_size="16KiB")
     index = sllm_store.read_index(path)
+    config = LoadConfig.resolve(num_threads=2, verify=True)
     for names in (list(sd), ["t1", "t4", "t5"], ["t0", "t2", "t3", "t6"], ["t3"], ["t7"], []):
-        assign = _assign_devices(index, dict.fromkeys(names, "cpu")) if len(names) < len(sd) else \
-            _assign_devices(index, "cpu")
-        plan = _make_plan(index, assign, LoadConfig(2, "buffered", None, True))
-        by_unit: dict = {}
-        for seg in plan.segments:
-            by_unit.setdefault(seg[0], []).append(seg)
-        got = {plan.units[u][:2] for u in _covered_units(index, plan, by_unit)}
+        assign = assign_devices(index, dict.fromkeys(names, "cpu")) if len(names) < len(sd) else \
+            assign_devices(index, "cpu")
+        plan = make_plan(index, assign, config, whole_chunks=True)
+        got = {plan.units[u][:2] for u in covered_units(index, plan)}
         want = set()
         for f_i, off, length, _ in plan.units:
             inside = [t for t in index.tensors.values() if t.alias_of is None and t.file == f_i

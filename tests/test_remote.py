@@ -19,6 +19,7 @@ import torch
 from _helpers import assert_state_dict_identical, random_tensor, run_cli
 
 import sllm_store
+from sllm_store.config import RemoteOptions
 from sllm_store.errors import ChecksumError, RemoteAuthError, RemoteNotFoundError, RemoteUnavailableError
 
 obstore = pytest.importorskip("obstore")
@@ -83,7 +84,7 @@ class Weed:
         )
         from obstore.store import S3Store
 
-        store = S3Store(BUCKET, endpoint=self.endpoint, access_key_id=KEY, secret_access_key=SECRET,
+        bucket = S3Store(BUCKET, endpoint=self.endpoint, access_key_id=KEY, secret_access_key=SECRET,
                         region="us-east-1", client_options={"allow_http": True})
         deadline = time.monotonic() + 90
         while True:  # the bucket is a filer directory; then wait until S3 writes work
@@ -97,7 +98,7 @@ class Weed:
                 except urllib.error.HTTPError as e:
                     if e.code != 409:  # 409: the bucket exists (a restart)
                         raise
-                obstore.put(store, "probe", b"ok")
+                obstore.put(bucket, "probe", b"ok")
                 return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -152,7 +153,7 @@ def _use(endpoint: str, tmp_path: Path, monkeypatch) -> Path:
 @pytest.fixture
 def env(s3, tmp_path, monkeypatch):
     yield _use(s3, tmp_path, monkeypatch)
-    from sllm_store.remote.cache import wait_for_cache
+    from sllm_store.remote import wait_for_cache
 
     assert wait_for_cache(timeout=60)  # no cache entry of this test is finished during the next
 
@@ -170,7 +171,7 @@ def _model(tmp_path: Path, name: str, compress: bool = False, seed: int = 0) -> 
 
 def _uploaded(tmp_path: Path, prefix: str, compress: bool = False, seed: int = 0) -> tuple[Path, dict, str]:
     """A small model saved under ``tmp_path`` and uploaded to ``s3://BUCKET/PREFIX/m``."""
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
 
     local, sd = _model(tmp_path, "m", compress, seed)
     url = f"s3://{BUCKET}/{prefix}/m"
@@ -200,9 +201,26 @@ class Gets:
         monkeypatch.setattr(obstore, "get_range", get_range)
 
 
+def _n_chunks(local: Path) -> int:
+    index = sllm_store.read_index(local)
+    return sum(-(-f.size // index.chunk_size) for f in index.files)
+
+
+def test_public_names() -> None:
+    """What the CLI and users import: the cache's management and the download functions."""
+    import sllm_store.remote as remote
+    from sllm_store.config import CacheSettings
+
+    assert remote.RemoteOptions is RemoteOptions and remote.CacheSettings is CacheSettings
+    for name in ("is_remote", "wait_for_cache", "fetch", "upload", "entries", "partials", "remove", "prune",
+                 "cache_dir", "CacheEntry", "PartialDownload"):
+        assert callable(getattr(remote, name)), name
+    assert remote.is_remote("s3://b/m") and remote.is_remote("https://h/m") and not remote.is_remote("/m")
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_upload_then_load_then_cache_hit(env, compress, monkeypatch) -> None:
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
 
     local, sd = _model(env, "m", compress)
     url = f"s3://{BUCKET}/rt-{int(compress)}/m.sllm"
@@ -226,7 +244,7 @@ def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
     with pytest.raises(RemoteNotFoundError, match="sllm_index.json"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/no/such/model")
     local, _ = _model(env, "m")
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
 
     upload(local, f"s3://{BUCKET}/auth/m", quiet=True)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
@@ -236,7 +254,7 @@ def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
 
 def test_credentials_from_aws_profile_files(env, monkeypatch) -> None:
     """Keys, region and endpoint from ~/.aws/{credentials,config}; the environment's keys win."""
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
     from sllm_store.remote.objects import aws_profile
 
     local, sd = _model(env, "m")
@@ -269,8 +287,6 @@ def test_credentials_from_aws_profile_files(env, monkeypatch) -> None:
 
 
 def test_unreachable_endpoint(env) -> None:
-    from sllm_store.remote import RemoteOptions
-
     opts = RemoteOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", timeout_s=2, max_retries=1)
     t0 = time.monotonic()
     with pytest.raises(RemoteUnavailableError):
@@ -281,22 +297,22 @@ def test_unreachable_endpoint(env) -> None:
 def test_corrupted_object_is_never_cached(env) -> None:
     from obstore.store import S3Store
 
-    from sllm_store.remote.cache import entries, upload
+    from sllm_store.remote import entries, upload
 
     local, _ = _model(env, "m")
     upload(local, f"s3://{BUCKET}/bad/m", quiet=True)
     data = bytearray((local / "data-00000.bin").read_bytes())
     data[70_000] ^= 0xFF
-    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
-                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
-    obstore.put(store, "bad/m/data-00000.bin", bytes(data))
+    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(bucket, "bad/m/data-00000.bin", bytes(data))
     with pytest.raises(ChecksumError, match="corrupted"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/bad/m")
     assert entries() == []
 
 
 def test_interrupted_download_resumes(env, monkeypatch) -> None:
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries, fetch
 
     local, sd, url = _uploaded(env, "resume", seed=3)
 
@@ -306,13 +322,13 @@ def test_interrupted_download_resumes(env, monkeypatch) -> None:
 
     Gets(monkeypatch, before=reset)
     with pytest.raises(RemoteUnavailableError):
-        cache.fetch(url, num_threads=1, quiet=True)
-    assert cache.entries() == []  # nothing promoted
+        fetch(url, max_gets=1, quiet=True)
+    assert entries() == []  # nothing promoted
     partial = next(p for p in (env / "cache" / ".partial").iterdir() if p.is_dir())
     done = (partial / "data-00000.bin.done").read_text().split()
     assert len(done) == 3
     counted = Gets(monkeypatch)
-    path = cache.fetch(url, num_threads=2, quiet=True)
+    path = fetch(url, max_gets=2, quiet=True)
     total_chunks = len(sllm_store.read_index(path).files[0].checksums)
     assert len(counted.calls) == total_chunks - 3  # only the missing chunks
     assert_state_dict_identical(sllm_store.load_state_dict(path), sd)
@@ -320,9 +336,8 @@ def test_interrupted_download_resumes(env, monkeypatch) -> None:
 
 def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> None:
     """Two loaders of one URL: one downloads, the other waits for its lock, then loads the entry."""
-    import threading
-
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries
+    from sllm_store.remote.entries import PARTIAL
 
     local, sd, url = _uploaded(env, "concurrent")
     gets = Gets(monkeypatch, delay=0.5)  # so that the second loader arrives while the first downloads
@@ -331,7 +346,7 @@ def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> 
     def load(i: int) -> None:
         results[i] = sllm_store.load_state_dict(url)
 
-    caplog.set_level(logging.INFO, logger="sllm_store.remote.cache")
+    caplog.set_level(logging.INFO, logger="sllm_store.remote")
     threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
@@ -341,11 +356,9 @@ def test_concurrent_loads_of_one_url_download_once(env, monkeypatch, caplog) -> 
     for r in results:
         assert_state_dict_identical(r, sd)
     assert "another process is downloading it; waiting" in caplog.text
-    index = sllm_store.read_index(local)
-    n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
-    assert len(gets.calls) == n_chunks  # every chunk fetched once, not twice
-    assert [e.url for e in cache.entries()] == [url]
-    assert not any(p.is_dir() for p in (env / "cache" / cache.PARTIAL).iterdir())  # nothing left over
+    assert len(gets.calls) == _n_chunks(local)  # every chunk fetched once, not twice
+    assert [e.url for e in entries()] == [url]
+    assert not any(p.is_dir() for p in (env / "cache" / PARTIAL).iterdir())  # nothing left over
 
 
 def test_cli_upload_cache_ls_rm_prune(env) -> None:
@@ -367,41 +380,75 @@ def test_cli_upload_cache_ls_rm_prune(env) -> None:
     assert r.returncode == 1 and r.stderr.startswith("error:") and "not found" in r.stderr
 
 
-def test_streaming_load_partial_then_complete_then_cached(env) -> None:
+def test_load_while_downloading_partial_then_complete_then_cached(env) -> None:
     from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.remote import partials, wait_for_cache
 
-    local, sd, url = _uploaded(env, "stream", seed=5)
+    local, sd, url = _uploaded(env, "partial-load", seed=5)
     out, report = load_state_dict_with_report(url, {"w4": "cpu"})
     assert set(out) == {"w4"} and torch.equal(out["w4"], sd["w4"])
-    assert report.stats["io_mode"] == "remote" and report.stats["cached"] is None  # partial: not promoted
+    assert report.stats["tier"] == "remote" and report.stats["io_mode"] == "remote"
+    assert report.stats["cached"] is None  # partial: not promoted
     first = report.stats["bytes_downloaded"]
-    from sllm_store.remote import cache
-
-    assert cache.wait_for_cache(timeout=60)  # its cache writes end on a background thread
-    (partial,) = cache.partials()
+    assert wait_for_cache(timeout=60)  # its cache writes end on a background thread
+    (partial,) = partials()
     assert partial.url == url and not partial.active and 0 < partial.written < partial.size
     r = run_cli("cache", "ls")
     assert "unfinished:" in r.stdout and "interrupted" in r.stdout
     out, report = load_state_dict_with_report(url)  # the rest arrives; the entry is promoted
-    assert cache.wait_for_cache(timeout=60)  # (on a background thread)
-    assert cache.partials() == []
+    assert wait_for_cache(timeout=60)  # (on a background thread)
+    assert partials() == []
     assert_state_dict_identical(out, sd)
     assert report.stats["cached"] and 0 < report.stats["bytes_downloaded"]
-    assert first + report.stats["bytes_downloaded"] == sum(
-        f.size for f in sllm_store.read_index(local).files)
+    assert first + report.stats["bytes_downloaded"] == sum(f.size for f in sllm_store.read_index(local).files)
     out, report = load_state_dict_with_report(url)
-    assert report.stats["io_mode"] != "remote"  # a disk load from the cache
+    assert report.stats["io_mode"] != "remote" and report.stats["tier"] == "local"  # from the cache entry
+    assert report.path == url
     assert_state_dict_identical(out, sd)
+
+
+def test_index_fetched_once_and_model_files_of_a_download(env, monkeypatch) -> None:
+    """Opening a URL fetches its index once, whatever the checkpoint is then asked for (its
+    index, its config files, its weights). An uncached URL's config files are fetched into a
+    temporary directory, removed when the checkpoint is closed; a cached URL's are in its entry."""
+    from sllm_store.config import LoadConfig
+    from sllm_store.index import INDEX_FILE
+    from sllm_store.loader import load_opened
+    from sllm_store.remote import wait_for_cache
+    from sllm_store.tiers import open_checkpoint
+
+    local, sd, url = _uploaded(env, "once", seed=19)
+    real_get, index_gets = obstore.get, []
+
+    def get(bucket, key, *a, **k):
+        if key == INDEX_FILE:
+            index_gets.append(key)
+        return real_get(bucket, key, *a, **k)
+
+    monkeypatch.setattr(obstore, "get", get)
+    config = LoadConfig.resolve()
+    for cached in (False, True):
+        index_gets.clear()
+        with open_checkpoint(url, config) as checkpoint:
+            assert checkpoint.tier == ("local" if cached else "remote")
+            root = checkpoint.model_dir()
+            assert (root / "config.json").read_text() == '{"model_type": "test"}'
+            assert checkpoint.model_dir() == root  # fetched once
+            tensors, report = load_opened(checkpoint, "cpu")
+            assert_state_dict_identical(tensors, sd)
+        assert index_gets == [INDEX_FILE]
+        assert root.is_dir() == cached  # a download's temporary directory is gone
+        assert wait_for_cache(timeout=60)
 
 
 def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
     """The load returns once its tensors are loaded; the entry's sync and promotion follow on a
     background thread, which holds the download lock meanwhile. A failure there is a warning (the
     tensors are fine), and the next load resumes from the verified partial download."""
-    import threading
-
+    from sllm_store.errors import CacheError
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries, partials, remove, wait_for_cache
+    from sllm_store.remote.download import Download
 
     local, sd, url = _uploaded(env, "background", seed=9)
     release = threading.Event()
@@ -411,31 +458,31 @@ def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
         release.wait(30)
         real_fsync(fd)
 
-    monkeypatch.setattr(cache.os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
     out, report = load_state_dict_with_report(url)
     assert_state_dict_identical(out, sd)  # loaded while the entry is not synced yet
-    assert cache.entries() == [] and [p.active for p in cache.partials()] == [True]
-    assert not cache.wait_for_cache(timeout=0.2)
+    assert entries() == [] and [p.active for p in partials()] == [True]
+    assert not wait_for_cache(timeout=0.2)
     release.set()
-    assert cache.wait_for_cache(timeout=60)
-    (entry,) = cache.entries()
-    assert str(entry.path) == report.stats["cached"] and cache.partials() == []
-    monkeypatch.setattr(cache.os, "fsync", real_fsync)
+    assert wait_for_cache(timeout=60)
+    (entry,) = entries()
+    assert str(entry.path) == report.stats["cached"] and partials() == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
 
     # A failing promotion: a warning, and the next load promotes the partial download.
-    cache.remove(url)
+    remove(url)
 
     def broken(self):
-        raise cache.CacheError("disk full (test)")
+        raise CacheError("disk full (test)")
 
-    real_promote = cache.Download._promote
-    monkeypatch.setattr(cache.Download, "_promote", broken)
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+    real_finish = Download.finish
+    monkeypatch.setattr(Download, "finish", broken)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote"):
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
+        assert wait_for_cache(timeout=60)
     assert "could not be cached: disk full (test)" in caplog.text
-    assert cache.entries() == []
-    monkeypatch.setattr(cache.Download, "_promote", real_promote)
+    assert entries() == []
+    monkeypatch.setattr(Download, "finish", real_finish)
     monkeypatch.setattr(obstore, "get_range", lambda *a, **k: (_ for _ in ()).throw(AssertionError("GET")))
     out, report = load_state_dict_with_report(url)  # every chunk is in the partial download
     assert_state_dict_identical(out, sd)
@@ -443,28 +490,25 @@ def test_cache_entry_finished_in_background(env, monkeypatch, caplog) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("client", ["obstore", "http"])
-def test_streaming_remote_load_to_gpu(env, monkeypatch, client) -> None:
-    """A streamed load to a real GPU, compressed and plain: every tensor right; its cache entry,
-    written from the GPU (read back and checked), reloads the same. With
-    SLLM_STORE_GET_CLIENT=http, plain chunks are read into the staging blocks in place (from the
-    socket, by the core: SeaweedFS speaks plain HTTP)."""
+def test_load_while_downloading_to_gpu(env) -> None:
+    """A load while downloading to a real GPU, compressed and plain: every tensor right; its
+    cache entry, written from the GPU (read back and checked) for plain chunks, reloads the
+    same."""
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote.cache import wait_for_cache
+    from sllm_store.remote import wait_for_cache
 
-    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", client)
     for compress in (True, False):
-        name = f"gpu-{client}-{int(compress)}"
+        name = f"gpu-{int(compress)}"
         (env / name).mkdir()
         local, sd, url = _uploaded(env / name, name, compress=compress, seed=6)
         out, report = load_state_dict_with_report(url, "cuda:0")
         assert {t.device.type for t in out.values()} == {"cuda"}
         assert_state_dict_identical(out, sd)
-        assert (report.stats["in_place_chunks"] > 0) == (client == "http" and not compress), report.stats
+        assert (report.stats["pieced_chunks"] > 0) == (not compress), report.stats
         # The cache entry was written from the GPU (read back, checked, written): it loads the same.
         assert wait_for_cache(timeout=60)
         rb = report.stats["read_backs"]
-        assert rb["refetched"] == 0 and (rb["written"] > 0 or compress), rb
+        assert rb["refetched"] == 0 and (rb["written"] > 0) == (not compress), rb
         again, rep2 = load_state_dict_with_report(url, "cuda:0")
         assert rep2.stats.get("io_mode") != "remote", rep2.stats
         assert_state_dict_identical(again, sd)
@@ -473,38 +517,48 @@ def test_streaming_remote_load_to_gpu(env, monkeypatch, client) -> None:
 # The start of a script that loads to cuda:0 through tests/fake_cuda.cpp (subprocess).
 FAKE_GPU_PRELUDE = """
     import ctypes, os, sys, threading, time, obstore, torch, sllm_store
-    from sllm_store import _C, loader
+    from sllm_store.config import LoadConfig, RemoteOptions
     from sllm_store.errors import ChecksumError, RemoteError
-    from sllm_store.remote import cache, stream
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.native import _C
+    from sllm_store.plan import assign_devices, views
+    from sllm_store.remote import entries, wait_for_cache
+    from sllm_store.remote.download import Download
+    from sllm_store.tiers.remote import RemoteTier, Staging
 
     assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
 
-    def allocate(dev, size):  # the fake driver's "device memory" is host memory
-        buf = torch.zeros(size + 4096, dtype=torch.uint8)
-        return buf, -buf.data_ptr() % 4096
-
-    loader._allocate = allocate
-    views = loader._views
-    loader._views = lambda index, assign, *a: views(index, dict.fromkeys(assign, torch.device("cpu")), *a)
+    def load_to_fake_gpu(url, staging=Staging(), max_gets=2):
+        # A load of url to cuda:0 whose "device memory" is host memory (the fake driver's): the
+        # tier's steps, with host buffers, and the tensors made as views of them.
+        t0 = time.perf_counter()
+        config = LoadConfig.resolve(remote=RemoteOptions(max_gets=max_gets))
+        with RemoteTier(staging).open(url, config) as checkpoint:
+            assign = assign_devices(checkpoint.index, "cuda:0")
+            checkpoint.check_devices(set(assign.values()))
+            plan = checkpoint.plan(assign)
+            buffers = []
+            for size in plan.sizes:
+                buf = torch.zeros(size + 4096, dtype=torch.uint8)
+                buffers.append((buf, -buf.data_ptr() % 4096))
+            stats = checkpoint.fill(plan, buffers)
+            plan.assign = dict.fromkeys(plan.assign, torch.device("cpu"))
+            return views(checkpoint.index, plan, buffers), stats, time.perf_counter() - t0
 """
 
 REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
-    from sllm_store.remote import signed_gets
-
     url, local, mode = sys.argv[-3:]
-    stream.STAGING_BLOCK = 16 << 10  # several blocks per chunk
-    # "pieces": GETs of 24 + 24 + 16 KiB per 64 KiB chunk; "whole": one GET per chunk; "http":
-    # one GET of a presigned URL per chunk, read into the blocks in place (whatever GET_PIECE
-    # says)
-    cache.GET_PIECE = {"pieces": 24 << 10, "whole": 0, "http": 0}[mode]
-    signed_gets.GET_CLIENT = "http" if mode == "http" else "obstore"
+    # several 16 KiB staging blocks per 64 KiB chunk; "pieces": GETs of 24 + 24 + 16 KiB per
+    # chunk, "default": one 16 MiB piece, so one GET per chunk
+    piece = {"pieces": 24 << 10, "default": Staging().piece}[mode]
+    staging = Staging(block=16 << 10, piece=piece)
     queued, fetched = [], []  # when each read-back write was queued, and each chunk fetched
-    store_later, fetch_chunk = cache.Download.store_later, cache.Download.fetch_chunk
+    write_later, fetch_chunk = Download.write_later, Download.fetch_chunk
 
-    def record_store(self, f_i, c, data):
+    def record_write(self, f_i, c, data):
         if callable(data):
             queued.append(time.perf_counter())
-        return store_later(self, f_i, c, data)
+        return write_later(self, f_i, c, data)
 
     def record_fetch(self, *a, **k):
         out = fetch_chunk(self, *a, **k)
@@ -512,56 +566,51 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
             fetched.append(time.perf_counter())
         return out
 
-    cache.Download.store_later, cache.Download.fetch_chunk = record_store, record_fetch
-    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
-    t = report.stats["timeline_s"]  # seconds from the call, in order
-    marks = [t["opened"], t["planned"], t["first_get"], t["fetched"], report.seconds]
+    Download.write_later, Download.fetch_chunk = record_write, record_fetch
+    out, stats, seconds = load_to_fake_gpu(url, staging)
+    t = stats["timeline_s"]  # seconds from the open, in order
+    marks = [t["opened"], t["planned"], t["first_get"], t["fetched"], seconds]
     assert 0 < marks[0] and marks == sorted(marks), t
     # (the last GET may be a refetch of a chunk that came back changed, running meanwhile)
     refetches = any(k in os.environ for k in ("FAKE_CUDA_FLIP_COPY_BACK", "FAKE_CUDA_FAIL_COPY_BACK"))
     assert t["first_get"] < t["last_get_end"] and (refetches or t["last_get_end"] <= t["fetched"]), t
     # The cache is written through: each chunk's write from the device is queued as the chunk
-    # arrives, not at the end (decoded chunks may have gone straight into the cache instead)
+    # arrives, not at the end
     assert fetched and (not queued or min(queued) < max(fetched)), (queued, fetched)
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want)
     for k in want:
         assert torch.equal(out[k], want[k]), k
     # 2 GETs in flight: 2 * 2 + 8 blocks (none without page-locked memory)
-    assert (0 if os.environ.get("FAKE_CUDA_NO_HOST_ALLOC") else 1) <= report.stats["staging_buffers"] <= 12, \
-        report.stats
+    assert (0 if os.environ.get("FAKE_CUDA_NO_HOST_ALLOC") else 1) <= stats["staging_buffers"] <= 12, stats
     # The cache entry, written behind the load (from the device where it could), loads the same.
-    assert cache.wait_for_cache(timeout=60)
-    again, rep2 = loader.load_state_dict_with_report(url, "cpu")
+    assert wait_for_cache(timeout=60)
+    again, rep2 = load_state_dict_with_report(url, "cpu")
     assert rep2.stats.get("io_mode") != "remote", rep2.stats
     for k in want:
         assert torch.equal(again[k], want[k]), k
     index = sllm_store.read_index(local)
     chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
-    rb = report.stats["read_backs"]
-    print("OK", report.stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
-          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), report.stats["pieced_chunks"],
-          report.stats["in_place_chunks"])
+    rb = stats["read_backs"]
+    print("OK", stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
+          ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), stats["pieced_chunks"])
 """
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@pytest.mark.parametrize("fault, mode", [("", "whole"), ("", "pieces"), ("", "http"),
+@pytest.mark.parametrize("fault, mode", [("", "default"), ("", "pieces"),
                                          ("FAKE_CUDA_FLIP_COPY_BACK", "pieces"),
-                                         ("FAKE_CUDA_FAIL_COPY_BACK", "whole"),
-                                         ("FAKE_CUDA_FLIP_COPY_BACK", "http"),
-                                         ("FAKE_CUDA_NO_HOST_ALLOC", "http")])
-def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, mode) -> None:
-    """The GPU branch of the streamed load without a GPU (tests/fake_cuda.cpp): chunks go through
-    page-locked staging blocks made by the core, then host-to-device copies; every byte checked.
-    In ``pieces`` mode (as by default, SLLM_STORE_GET_PIECE) plain chunks come as several ranged
-    GETs, each body added to the blocks; in ``whole`` mode as one GET each; in ``http`` mode
-    (SLLM_STORE_GET_CLIENT=http) as one GET of a presigned URL each, read into the blocks in
-    place (through a scratch buffer when there is no page-locked memory). Compressed chunks
-    always come as one obstore GET each, decoded.
-    The cache is written from the device: each chunk is copied back and checked against its
-    checksum. A chunk that comes back changed (as if the caller had changed the loaded tensors),
-    or cannot be copied back, is fetched again, and the cache entry is still right."""
+                                         ("FAKE_CUDA_FAIL_COPY_BACK", "default"),
+                                         ("FAKE_CUDA_NO_HOST_ALLOC", "pieces")])
+def test_load_while_downloading_to_fake_gpu_through_staging(env, fake_libcuda, compress, fault, mode) -> None:
+    """The GPU branch of the load while downloading without a GPU (tests/fake_cuda.cpp): chunks go
+    through page-locked staging blocks made by the core, then host-to-device copies; every byte
+    checked. Plain chunks come as ranged GETs of ``Staging.piece`` bytes (several per chunk in
+    ``pieces`` mode), each body added to the blocks, and are cached from the device: each chunk
+    is copied back and checked against its checksum. A chunk that comes back changed (as if the
+    caller had changed the loaded tensors), or cannot be copied back, is fetched again, and the
+    cache entry is still right. Compressed chunks come as one GET each, decoded, and are cached
+    from their decoded buffers."""
     import subprocess
     import sys
     import textwrap
@@ -573,33 +622,27 @@ def test_streaming_load_to_fake_gpu_through_staging(env, fake_libcuda, compress,
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
     if fault:
         e[fault] = "1"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local),
-                        mode], env=e,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_TO_FAKE_GPU), url, str(local), mode],
+                       env=e, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
-    _buffers, chunks, written, refetched, copies_back, pieced, in_place = map(int, r.stdout.split()[1:])
-    # In pieces, plain chunks' GETs go into the staging blocks one by one; decoded ones never.
-    assert pieced == (chunks if mode == "pieces" and not compress else 0), r.stdout
-    assert in_place == (chunks if mode == "http" and not compress else 0), r.stdout
-    # Plain chunks are all cached from the device; decoded ones may have been decoded straight
-    # into the cache (where O_DIRECT is refused) and then need no read-back.
-    read_back = written + refetched
-    assert read_back == chunks if not compress else read_back <= chunks, r.stdout
-    if fault == "FAKE_CUDA_NO_HOST_ALLOC":
-        assert refetched == 0, r.stdout
-    elif fault:
-        assert written == 0 and refetched == read_back, r.stdout
+    _buffers, chunks, written, refetched, copies_back, pieced = map(int, r.stdout.split()[1:])
+    # Plain chunks' GETs go into the staging blocks; decoded ones never.
+    assert pieced == (0 if compress else chunks), r.stdout
+    # Plain chunks are all cached from the device, decoded ones from their buffers.
+    assert written + refetched == (0 if compress else chunks), r.stdout
+    if fault in ("FAKE_CUDA_FLIP_COPY_BACK", "FAKE_CUDA_FAIL_COPY_BACK"):
+        assert written == 0, r.stdout
     else:
         assert refetched == 0 and copies_back >= written, r.stdout
 
 
-REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
+REMOTE_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     url, bad_url, local = sys.argv[-3:]
-    cache.GET_PIECE = 24 << 10  # GETs of 24 + 24 + 16 KiB per 64 KiB chunk
+    staging = Staging(piece=24 << 10)  # GETs of 24 + 24 + 16 KiB per 64 KiB chunk
     real_get_range, fault = obstore.get_range, {"now": ""}
 
-    def get_range(store, path, start, length):  # a chunk's second GET fails or comes back short
-        body = real_get_range(store, path, start=start, length=length)
+    def get_range(bucket, path, start, length):  # a chunk's second GET fails or comes back short
+        body = real_get_range(bucket, path, start=start, length=length)
         if start % (64 << 10) == 24 << 10 and fault["now"] == "reset":
             raise ConnectionResetError("connection reset by peer (test)")
         if start % (64 << 10) == 24 << 10 and fault["now"] == "short":
@@ -609,142 +652,19 @@ REMOTE_STREAM_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     obstore.get_range = get_range
     for fault["now"], err in (("reset", RemoteError), ("short", RemoteError), ("", ChecksumError)):
         try:
-            loader.load_state_dict_with_report(bad_url if err is ChecksumError else url, "cuda:0",
-                                               num_threads=2)
+            load_to_fake_gpu(bad_url if err is ChecksumError else url, staging)
             raise SystemExit(f"{fault['now']}: no error")
         except err as e:
             print(fault["now"] or "corrupted", type(e).__name__, str(e).replace(" ", "_")[:200])
-    cache.wait_for_cache(timeout=60)
-    assert cache.entries() == [], cache.entries()
-    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)  # resumes
+    wait_for_cache(timeout=60)
+    assert entries() == [], entries()
+    out, stats, _ = load_to_fake_gpu(url, staging)  # resumes
     want = sllm_store.load_state_dict(local)
     assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
-    assert cache.wait_for_cache(timeout=60)
-    assert [e.url for e in cache.entries()] == [url], cache.entries()
-    print("OK", report.stats["pieced_chunks"] > 0)
+    assert wait_for_cache(timeout=60)
+    assert [e.url for e in entries()] == [url], entries()
+    print("OK", stats["pieced_chunks"] > 0)
 """
-
-
-REMOTE_SIGNED_FAULTS_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
-    import errno, http.client
-    from sllm_store.errors import RemoteAuthError, RemoteNotFoundError, RemoteUnavailableError
-    from sllm_store.remote import RemoteOptions, signed_gets
-
-    url, corrupt_url, short_url, local = sys.argv[-4:]
-    signed_gets.GET_CLIENT = "http"
-    stream.STAGING_BLOCK = 16 << 10  # several reads per chunk
-    real_readinto, real_url_of = http.client.HTTPResponse.readinto, signed_gets.SignedGets._url_of
-    fault = {"now": "", "reads": 0, "cut": 0}
-
-    def readinto(self, b):
-        fault["reads"] += 1
-        if fault["now"] == "cut" and fault["reads"] % 3 == 0 or fault["now"] == "down":
-            fault["cut"] += 1
-            raise ConnectionResetError("connection reset by peer (test)")
-        return real_readinto(self, b)
-
-    def url_of(self, name):
-        if fault["now"] == "missing":
-            return real_url_of(self, name + ".gone")
-        u = real_url_of(self, name)
-        if fault["now"] == "forged":
-            return u._replace(query=u.query.replace("X-Amz-Signature=", "X-Amz-Signature=00"))
-        return u
-
-    real_recv = signed_gets.SignedGets._recv
-
-    def recv(self, fill, sock, n):  # the core's reads of the socket (plain HTTP)
-        fault["recvs"] = fault.get("recvs", 0) + 1
-        if fault["now"] == "down":
-            return 0, errno.ECONNRESET
-        if fault["now"] == "cut" and fault["recvs"] % 3 == 0:
-            fault["cut"] += 1
-            got, _err = real_recv(self, fill, sock, n // 2)  # half the body, then a reset
-            return got, errno.ECONNRESET
-        return real_recv(self, fill, sock, n)
-
-    http.client.HTTPResponse.readinto, signed_gets.SignedGets._url_of = readinto, url_of
-    signed_gets.SignedGets._recv = recv
-    want = sllm_store.load_state_dict(local)
-    # Bodies cut off every third read: each GET resumes where its body stopped; read by the
-    # core (plain HTTP), and then by http.client
-    for signed_gets.RECV_IN_CORE in (True, False):
-        fault["now"], fault["cut"] = "cut", 0
-        out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)
-        assert set(out) == set(want) and all(torch.equal(out[k], want[k]) for k in want)
-        assert report.stats["in_place_chunks"] > 0 and fault["cut"] > 0, (report.stats, fault)
-        assert cache.wait_for_cache(timeout=60)
-        cache.remove(url)
-    print("cut", fault["recvs"] > 0)
-    signed_gets.RECV_IN_CORE = True
-    cases = (("down", url, RemoteUnavailableError), ("forged", url, RemoteAuthError),
-             ("missing", url, RemoteNotFoundError), ("", short_url, RemoteError),
-             ("", corrupt_url, ChecksumError))
-    for fault["now"], which, err in cases:
-        try:
-            loader.load_state_dict_with_report(which, "cuda:0", num_threads=2,
-                                               remote=RemoteOptions(max_retries=1))
-            raise SystemExit(f"{fault['now']}: no error")
-        except err as e:
-            print(fault["now"] or which.split("/")[-2], type(e).__name__, str(e).replace(" ", "_")[:300])
-    cache.wait_for_cache(timeout=60)
-    assert cache.entries() == [], cache.entries()
-    fault["now"] = ""
-    connects, connect = [], http.client.HTTPConnection.connect
-    http.client.HTTPConnection.connect = lambda self: (connects.append(1), connect(self))[1]
-    out, report = loader.load_state_dict_with_report(url, "cuda:0", num_threads=2)  # resumes
-    assert all(torch.equal(out[k], want[k]) for k in want)
-    assert cache.wait_for_cache(timeout=60)
-    assert [e.url for e in cache.entries()] == [url], cache.entries()
-    # Each of the 2 GETs in flight keeps its connection for the next GET (the response fully
-    # read, by the core or by http.client)
-    print("OK", len(connects), report.stats["in_place_chunks"])
-"""
-
-
-def test_chunks_read_in_place_to_fake_gpu_recover_or_fail_cleanly(env, fake_libcuda) -> None:
-    """SLLM_STORE_GET_CLIENT=http (presigned URLs, bodies read into the staging blocks in place),
-    through the fake driver: bodies cut off midway resume where they stopped, and the load is
-    right; a connection that keeps failing (after the retries), a forged signature, a missing
-    object, an object shorter than its index and a corrupted one each fail the load with the
-    library's error and cache nothing; the next load resumes and completes the cache entry."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from _helpers import subprocess_env
-    from obstore.store import S3Store
-
-    from sllm_store.remote.cache import upload
-
-    local, sd, url = _uploaded(env, "signed-faults", seed=18)
-    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
-                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
-    bad = {}
-    for what in ("corrupt", "short"):
-        bad[what] = f"s3://{BUCKET}/signed-{what}/m"
-        upload(local, bad[what], quiet=True)
-        data = bytearray((local / "data-00000.bin").read_bytes())
-        if what == "corrupt":
-            data[70_000] ^= 0xFF
-        else:
-            del data[-5000:]
-        obstore.put(store, f"signed-{what}/m/data-00000.bin", bytes(data))
-    e = subprocess_env()
-    e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_SIGNED_FAULTS_TO_FAKE_GPU), url,
-                        bad["corrupt"], bad["short"], str(local)], env=e, capture_output=True, text=True,
-                       timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = r.stdout.split("\n")
-    assert lines[0] == "cut True", r.stdout
-    assert lines[1].startswith("down RemoteUnavailableError") and "retries" in lines[1], r.stdout
-    assert lines[2].startswith("forged RemoteAuthError") and "403" in lines[2], r.stdout
-    assert lines[3].startswith("missing RemoteNotFoundError") and "404" in lines[3], r.stdout
-    assert lines[4].startswith("signed-short RemoteError") and "shorter" in lines[4], r.stdout
-    assert lines[5].startswith("signed-corrupt ChecksumError"), r.stdout
-    ok, connects, in_place = lines[6].split()
-    assert ok == "OK" and int(connects) <= 2 < int(in_place), r.stdout
 
 
 def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) -> None:
@@ -759,19 +679,19 @@ def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) ->
     from _helpers import subprocess_env
     from obstore.store import S3Store
 
-    from sllm_store.remote.cache import upload
+    from sllm_store.remote import upload
 
-    local, sd, url = _uploaded(env, "stream-faults", seed=16)
-    bad_url = f"s3://{BUCKET}/stream-faults-bad/m"
+    local, sd, url = _uploaded(env, "piece-faults", seed=16)
+    bad_url = f"s3://{BUCKET}/piece-faults-bad/m"
     upload(local, bad_url, quiet=True)
     data = bytearray((local / "data-00000.bin").read_bytes())
     data[70_000] ^= 0xFF
-    store = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
-                    secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
-    obstore.put(store, "stream-faults-bad/m/data-00000.bin", bytes(data))
+    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(bucket, "piece-faults-bad/m/data-00000.bin", bytes(data))
     e = subprocess_env()
     e["SLLM_STORE_LIBCUDA"] = str(fake_libcuda)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_STREAM_FAULTS_TO_FAKE_GPU), url, bad_url,
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_FAULTS_TO_FAKE_GPU), url, bad_url,
                         str(local)], env=e, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.split("\n")
@@ -781,12 +701,13 @@ def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) ->
     assert lines[3] == "OK True", r.stdout
 
 
-def test_load_model_streams_from_s3_then_loads_the_cache(env) -> None:
-    """load_model of a URL: config files first, then the weights stream while the model is built
-    (no download-then-load); the next load_model of the URL comes from the cache entry."""
+def test_load_model_loads_while_downloading_then_loads_the_cache(env) -> None:
+    """load_model of a URL: config files first, then the weights load while they download and the
+    model is built (no download-then-load); the next load_model of the URL comes from the cache
+    entry."""
     transformers = pytest.importorskip("transformers")
     from sllm_store.model import load_model_with_report
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries, upload, wait_for_cache
 
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2,
@@ -796,14 +717,14 @@ def test_load_model_streams_from_s3_then_loads_the_cache(env) -> None:
     ref.save_pretrained(env / "hf")
     sllm_store.convert(env / "hf", env / "llama.sllm", quiet=True)
     url = f"s3://{BUCKET}/models/llama.sllm"
-    cache.upload(env / "llama.sllm", url, quiet=True)
+    upload(env / "llama.sllm", url, quiet=True)
     ids = torch.tensor([[1, 5, 9, 2]])
-    for streamed in (True, False):
+    for downloading in (True, False):
         model, report = load_model_with_report(url, device_map="cpu")
-        assert (report.stats.get("io_mode") == "remote") == streamed, report.stats
+        assert (report.stats.get("io_mode") == "remote") == downloading, report.stats
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref(ids).logits)
-        assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+        assert wait_for_cache(timeout=60) and len(entries()) == 1
 
 
 def test_convert_straight_to_s3(env) -> None:
@@ -821,22 +742,22 @@ def test_server_killed_mid_download_then_restarted_resumes(tmp_path, monkeypatch
     """A real server dies during a download: a clear error, nothing promoted; after its restart the
     next load fetches only the missing chunks."""
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote import RemoteOptions, cache
+    from sllm_store.remote import entries
 
     weed = Weed(tmp_path / "weed")
     try:
         _use(weed.endpoint, tmp_path, monkeypatch)
         local, sd, url = _uploaded(tmp_path, "killed", seed=7)
         gets = Gets(monkeypatch, before=lambda n: weed.kill() if n == 4 else None)  # dies mid-transfer
-        fast = RemoteOptions(timeout_s=3, max_retries=1)
+        fast = RemoteOptions(timeout_s=3, max_retries=1, max_gets=1)
         t0 = time.monotonic()
         with pytest.raises(RemoteUnavailableError):
-            sllm_store.load_state_dict(url, num_threads=1, remote=fast)
+            sllm_store.load_state_dict(url, remote=fast)
         assert time.monotonic() - t0 < 60
-        assert cache.entries() == []
+        assert entries() == []
         weed.start()  # same data directory, same ports
         monkeypatch.setattr(obstore, "get_range", gets.real)
-        out, report = load_state_dict_with_report(url, num_threads=2)
+        out, report = load_state_dict_with_report(url, remote=RemoteOptions(max_gets=2))
         assert_state_dict_identical(out, sd)
         total = sum(f.size for f in sllm_store.read_index(local).files)
         assert 0 < report.stats["bytes_downloaded"] < total  # resumed, not restarted
@@ -891,7 +812,6 @@ class _RangeHandler:
 def test_plain_https_style_url_with_range_requests(tmp_path, monkeypatch) -> None:
     """``http(s)://`` checkpoints: any server that honours range requests (here a local one)."""
     import http.server
-    import threading
 
     local, sd = _model(tmp_path, "site/m", compress=True, seed=9)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler.make(tmp_path / "site"))
@@ -909,27 +829,44 @@ def test_plain_https_style_url_with_range_requests(tmp_path, monkeypatch) -> Non
 def test_cache_rm_leaves_a_download_in_progress(tmp_path) -> None:
     import fcntl
 
-    from sllm_store.remote import cache
+    from sllm_store.remote import remove
+    from sllm_store.remote.entries import PARTIAL
 
-    partial = tmp_path / cache.PARTIAL / "abc-123"
+    partial = tmp_path / PARTIAL / "abc-123"
     partial.mkdir(parents=True)
     (partial / "source.json").write_text('{"url": "s3://b/m"}')
     fd = os.open(partial.with_name("abc-123.lock"), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a downloading process holds it
     try:
-        assert cache.remove("s3://b/m", directory=tmp_path) == []
+        assert remove("s3://b/m", directory=tmp_path) == []
         assert partial.is_dir()
     finally:
         os.close(fd)
-    assert cache.remove("s3://b/m", directory=tmp_path) == ["abc-123 (partial)"]
+    assert remove("s3://b/m", directory=tmp_path) == ["abc-123 (partial)"]
     assert not partial.exists()
+
+
+def test_cache_directory_options(tmp_path, monkeypatch) -> None:
+    """``directory=`` (the CLI's ``--cache-dir``) wins over SLLM_STORE_CACHE_DIR; prune keeps the
+    most recently used entries within the limit."""
+    from sllm_store.remote import cache_dir, entries, prune
+
+    monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env" and cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    for i, name in enumerate(("old", "new")):
+        e = tmp_path / "arg" / name
+        e.mkdir()
+        (e / "sllm_index.json").write_text("{}")
+        (e / "source.json").write_text(json.dumps({"url": f"s3://b/{name}"}))
+        (e / "data-00000.bin").write_bytes(b"x" * 1000)
+        os.utime(e, (1000 + i, 1000 + i))
+    assert [e.name for e in entries(tmp_path / "arg")] == ["new", "old"] and entries() == []
+    assert prune(1500, tmp_path / "arg") == ["old"]
+    assert [e.url for e in entries(tmp_path / "arg")] == ["s3://b/new"]
 
 
 def test_a_failed_load_releases_the_download_lock(env) -> None:
     """An error after the download was opened (bad device map) must not leave the entry locked."""
-    import threading
-
-
     local, sd, url = _uploaded(env, "lockleak", compress=True)
     with pytest.raises(KeyError, match="not in the checkpoint"):
         sllm_store.load_state_dict(url, device={"no_such_tensor": "cpu"})
@@ -944,13 +881,15 @@ def test_a_failed_load_releases_the_download_lock(env) -> None:
 def test_resumed_chunks_are_verified_and_bad_records_ignored(env) -> None:
     """Chunks recorded by an interrupted attempt are checked again; a damaged one (a write lost
     before its record, say) is downloaded again, and garbage in the records is ignored."""
-    from sllm_store.remote.cache import Download, fetch
+    from sllm_store.remote import fetch
+    from sllm_store.remote.download import Download
 
     local, sd, url = _uploaded(env, "resume-verify", compress=True)
     d = Download(url).open()
     for fc in d.chunks()[:3]:
         d.chunk(*fc)
-    partial, name, cs = d.partial, d.index.files[0].name, d.index.chunk_size
+    assert d.files is not None and d.index is not None
+    partial, name, cs = d.files.directory, d.index.files[0].name, d.index.chunk_size
     d.close()
     with open(partial / name, "r+b") as fh:  # damage recorded chunk 1
         fh.seek(cs + 100)
@@ -964,7 +903,6 @@ def test_resumed_chunks_are_verified_and_bad_records_ignored(env) -> None:
 
 def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
     """A failing chunk stops the load: the chunks not started yet are not downloaded."""
-
     local, _, url = _uploaded(env, "stop-early")
 
     def reset(n: int) -> None:
@@ -973,23 +911,20 @@ def test_stopping_at_the_first_failed_chunk(env, monkeypatch) -> None:
 
     gets = Gets(monkeypatch, delay=0.05, before=reset)
     with pytest.raises(RemoteUnavailableError):
-        sllm_store.load_state_dict(url, num_threads=2)
-    index = sllm_store.read_index(local)
-    n_chunks = sum(-(-f.size // index.chunk_size) for f in index.files)
-    assert len(gets.calls) <= n_chunks // 2  # not all 12: the rest were cancelled
+        sllm_store.load_state_dict(url, remote=RemoteOptions(max_gets=2))
+    assert len(gets.calls) <= _n_chunks(local) // 2  # not all 12: the rest were cancelled
 
 
 def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     """A full disk is found when the partial files are preallocated, before any GET: CacheError.
-    A write that fails later (on a file system that cannot preallocate, chunks are written with
-    pwrite; a mapped write whose pages cannot be faulted in fails too, never with SIGBUS) leaves
-    the load to finish, with a warning and nothing cached; with no write-behind, or in a
-    download-only ``fetch``, it is a CacheError."""
+    A write that fails later (with O_DIRECT, or with pwrite where the file system refuses direct
+    writes) leaves the load to finish, with a warning and nothing cached; with no write-behind
+    the same; in a download-only ``fetch`` it is a CacheError."""
     import errno
 
-    from sllm_store import _C
     from sllm_store.errors import CacheError
-    from sllm_store.remote import cache
+    from sllm_store.native import _C
+    from sllm_store.remote import entries, fetch, remove, wait_for_cache
 
     local, sd, url = _uploaded(env, "cache-write")
     real_preallocate, real_write_direct = _C.preallocate, _C.write_direct
@@ -998,84 +933,60 @@ def test_cache_write_failure(env, monkeypatch, caplog) -> None:
     with pytest.raises(CacheError, match="No space left on device"):
         sllm_store.load_state_dict(url)
     assert gets.calls == []  # refused before downloading anything
+    monkeypatch.setattr(_C, "preallocate", real_preallocate)
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def loaded_not_cached_and_fetch_fails() -> None:
-        """The load returns every tensor, warns, caches nothing; fetch raises CacheError."""
+    def loaded_not_cached(u: str, expected: dict) -> None:
+        """The load returns every tensor, warns, caches nothing."""
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-            assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-            assert cache.wait_for_cache(timeout=60)
+        with caplog.at_level(logging.WARNING, logger="sllm_store.remote"):
+            assert_state_dict_identical(sllm_store.load_state_dict(u), expected)
+            assert wait_for_cache(timeout=60)
         assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
-        assert cache.entries() == []
-        with pytest.raises(CacheError, match="No space left on device"):
-            cache.fetch(url, quiet=True)
+        assert entries() == []
         caplog.clear()
 
-    # O_DIRECT writes (the default) that fail.
-    monkeypatch.setattr(_C, "preallocate", real_preallocate)
+    # O_DIRECT writes that fail.
     monkeypatch.setattr(_C, "write_direct", lambda *a: errno.ENOSPC)
-    loaded_not_cached_and_fetch_fails()
-    monkeypatch.setattr(_C, "write_direct", real_write_direct)
+    loaded_not_cached(url, sd)
+    with pytest.raises(CacheError, match="No space left on device"):
+        fetch(url, quiet=True)
 
-    # Buffered writes (a file system without O_DIRECT, or SLLM_STORE_CACHE_IO=buffered).
-    monkeypatch.setenv("SLLM_STORE_CACHE_IO", "buffered")
-    monkeypatch.setattr(_C, "preallocate", lambda fd, size: errno.EOPNOTSUPP)
+    # pwrite (the file system refuses direct writes) that fails, for plain and compressed chunks,
+    # behind the load and (no write-behind) in the load's threads.
+    (env / "z").mkdir()
+    zlocal, zsd, zurl = _uploaded(env / "z", "cache-write-zstd", compress=True, seed=12)
+    monkeypatch.setattr(_C, "write_direct", lambda *a: errno.EINVAL)
     monkeypatch.setattr(os, "pwrite", disk_full)
-    loaded_not_cached_and_fetch_fails()
-    monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", "0")  # written in the load's threads: the same
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-        assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
-    assert "No space left on device" in caplog.text and cache.entries() == []
+    loaded_not_cached(url, sd)
+    loaded_not_cached(zurl, zsd)
+    with pytest.raises(CacheError, match="No space left on device"):
+        fetch(zurl, quiet=True)
+    monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", "0")
+    loaded_not_cached(url, sd)
     monkeypatch.delenv("SLLM_STORE_WRITE_BEHIND")
     monkeypatch.setattr(os, "pwrite", _REAL_PWRITE)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # the pwrite path works
-    assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
-    cache.remove(url)
-
-    # Compressed chunks are decoded straight into the cache file, or written in the load's
-    # threads: their failed writes are warnings in a load too.
-    (env / "z").mkdir()
-    zlocal, zsd, zurl = _uploaded(env / "z", "cache-write-zstd", compress=True, seed=12)
-    caplog.clear()
-    monkeypatch.setattr(os, "pwrite", disk_full)
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-        assert_state_dict_identical(sllm_store.load_state_dict(zurl), zsd)
-        assert cache.wait_for_cache(timeout=60)
-    assert "No space left on device" in caplog.text and cache.entries() == []
-    monkeypatch.setattr(os, "pwrite", _REAL_PWRITE)
-
-    monkeypatch.setattr(_C, "preallocate", real_preallocate)
-    real_populate = _C.populate_write
-    # (the first call of each file is the probe for MADV_POPULATE_WRITE: let it through)
-    monkeypatch.setattr(_C, "populate_write", lambda addr, n: real_populate(addr, n) if n == 1 else errno.EIO)
-    for u, expected in ((url, sd), (zurl, zsd)):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
-            assert_state_dict_identical(sllm_store.load_state_dict(u), expected)
-            assert cache.wait_for_cache(timeout=60)
-        assert "Input/output error" in caplog.text and cache.entries() == []
-    with pytest.raises(CacheError, match="Input/output error"):
-        cache.fetch(zurl, quiet=True)
-
-    # A kernel without MADV_POPULATE_WRITE (Linux < 5.14): pwrite, never stores into a mapping.
-    monkeypatch.setattr(_C, "populate_write", lambda addr, n: errno.EINVAL)
-    assert_state_dict_identical(sllm_store.load_state_dict(zurl), zsd)
-    assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+    assert wait_for_cache(timeout=60) and len(entries()) == 1
+    sllm_store.verify(entries()[0].path)
+    remove(url)
+    monkeypatch.setattr(_C, "write_direct", real_write_direct)
 
 
 def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
-    """Downloads are written into the cache with O_DIRECT by default (plain and compressed
-    checkpoints); a file system that refuses a direct write gets buffered writes instead, and a
-    bad SLLM_STORE_CACHE_IO is a clear error."""
+    """Downloads are written into the cache with O_DIRECT (plain and compressed checkpoints); a
+    file system that refuses a direct write gets pwrite instead."""
     import errno
 
-    from sllm_store import _C
-    from sllm_store.remote import cache
+    from sllm_store.native import _C
+    from sllm_store.remote import entries, remove, wait_for_cache
 
+    try:
+        os.close(os.open(env / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
     real = _C.write_direct
     calls: list[int] = []
 
@@ -1089,15 +1000,14 @@ def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
                            _uploaded(env / "z", "direct-zstd", compress=True, seed=22)):
         calls.clear()
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
-        index = sllm_store.read_index(local)
-        assert len(calls) == sum(-(-f.size // index.chunk_size) for f in index.files)
-        entry = [e for e in cache.entries() if e.url == url][0].path
+        assert wait_for_cache(timeout=60)
+        assert len(calls) == _n_chunks(local)
+        entry = [e for e in entries() if e.url == url][0].path
         sllm_store.verify(entry)  # every chunk checksum of the written files
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # from the entry
-        cache.remove(url)
+        remove(url)
 
-    # Refused (EINVAL) at the first write: the rest of the download is written buffered.
+    # Refused (EINVAL) at the first write: the rest of the download is written with pwrite.
     (env / "r").mkdir()
     local, sd, url = _uploaded(env / "r", "direct-refused", seed=23)
     refused: list[int] = []
@@ -1107,18 +1017,14 @@ def test_direct_cache_writes(env, monkeypatch, caplog) -> None:
         return errno.EINVAL
 
     monkeypatch.setattr(_C, "write_direct", refuse)
-    with caplog.at_level(logging.INFO, logger="sllm_store.remote.cache"):
+    with caplog.at_level(logging.INFO, logger="sllm_store.remote"):
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=60)
+        assert wait_for_cache(timeout=60)
     assert refused and "writing buffered" in caplog.text
-    assert [e.url for e in cache.entries()] == [url]
+    assert [e.url for e in entries()] == [url]
     monkeypatch.setattr(_C, "write_direct", real)
-    cache.remove(url)
+    remove(url)
     assert_state_dict_identical(sllm_store.load_state_dict(url, verify=True), sd)
-
-    monkeypatch.setenv("SLLM_STORE_CACHE_IO", "sometimes")
-    with pytest.raises(ValueError, match="SLLM_STORE_CACHE_IO"):
-        sllm_store.load_state_dict(url + "-other")
 
 
 def test_aligned_gets(env, monkeypatch) -> None:
@@ -1128,9 +1034,9 @@ def test_aligned_gets(env, monkeypatch) -> None:
     malloc, then learned from each GET: a wrong guess costs only the copy."""
     import numpy as np
 
-    from sllm_store import _C
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote import cache
+    from sllm_store.native import _C
+    from sllm_store.remote import entries, upload, wait_for_cache
 
     try:
         os.close(os.open(env / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
@@ -1141,7 +1047,7 @@ def test_aligned_gets(env, monkeypatch) -> None:
     local = sllm_store.save_state_dict(sd, env / "m", chunk_size="1MiB", num_files=2)
     index = sllm_store.read_index(local)
     cs, files = index.chunk_size, index.files
-    n_chunks = sum(-(-f.size // cs) for f in files)
+    n_chunks = _n_chunks(local)
     assert len(files) > 1 and n_chunks > 2 * len(files)
 
     gets: list[tuple[int, int]] = []
@@ -1155,104 +1061,38 @@ def test_aligned_gets(env, monkeypatch) -> None:
         return memoryview(raw)[start:start + len(body)]
 
     monkeypatch.setattr(obstore, "get_range", page_plus_16)
-    for guess, threads in ((16, 4), (0, 1)):  # malloc guessed right; wrong, then learned
+    for guess, gets_in_flight in ((16, 4), (0, 1)):  # malloc guessed right; wrong, then learned
         monkeypatch.setattr(_C, "malloc_offset", lambda n, g=guess: g)
         url = f"s3://{BUCKET}/aligned-{guess}/m"
-        cache.upload(local, url, quiet=True)
+        upload(local, url, quiet=True)
         gets.clear()
-        out, report = load_state_dict_with_report(url, num_threads=threads)
+        out, report = load_state_dict_with_report(url, remote=RemoteOptions(max_gets=gets_in_flight))
         assert_state_dict_identical(out, sd)
-        assert cache.wait_for_cache(timeout=60)
+        assert wait_for_cache(timeout=60)
         # every chunk but each file's first (nothing before it to fetch) arrives aligned
         assert report.stats["direct_writes"] == {"aligned": n_chunks - len(files), "bounced": len(files)}
         early = sorted((s + 4080, n - 4080) for s, n in gets if s % cs)
         assert len(early) == n_chunks - len(files) and all(s % cs == 0 for s, _ in early)
         assert report.stats["bytes_downloaded"] == sum(n for _, n in gets)
-        entry = [e for e in cache.entries() if e.url == url][0].path
+        entry = [e for e in entries() if e.url == url][0].path
         sllm_store.verify(entry)
-
-    # Off (bench_remote --unaligned): each GET fetches its chunk exactly, and every write copies.
-    monkeypatch.setattr(cache, "ALIGNED_GETS", False)
-    url = f"s3://{BUCKET}/unaligned/m"
-    cache.upload(local, url, quiet=True)
-    gets.clear()
-    out, report = load_state_dict_with_report(url)
-    assert_state_dict_identical(out, sd)
-    assert cache.wait_for_cache(timeout=60)
-    assert all(s % cs == 0 for s, _ in gets)
-    assert report.stats["direct_writes"] == {"aligned": 0, "bounced": n_chunks}
-
-
-REUSE_CHILD = """
-    import sys, platform, sllm_store
-    from sllm_store import _C
-    from sllm_store.remote import cache, stream
-
-    url, local = sys.argv[-2], sys.argv[-1]
-    trims = []
-    real = _C.release_free_heap
-    _C.release_free_heap = lambda: trims.append(1) or real()
-    out = sllm_store.load_state_dict(url)
-    assert cache.wait_for_cache(timeout=60)
-    want = sllm_store.load_state_dict(local)
-    assert all(out[k].equal(want[k]) for k in want) and set(out) == set(want)
-    glibc = platform.libc_ver()[0] == "glibc"
-    reusing = cache._reusing_get_buffers
-    assert reusing == glibc and len(trims) == int(glibc), (reusing, trims)
-    print("OK", glibc)
-"""
-
-
-def test_reuse_get_buffers(env, monkeypatch) -> None:
-    """SLLM_STORE_REUSE_GET_BUFFERS=1 keeps freed GET bodies in the heap for the rest of the
-    process (glibc's mmap threshold raised just above the chunk) and the download hands the free
-    heap back when it closes; unset (the default), malloc is left alone; a bad value is an error."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from _helpers import subprocess_env
-
-    from sllm_store import _C
-    from sllm_store.remote import cache
-
-    local, sd, url = _uploaded(env, "reuse", seed=25)
-    e = subprocess_env()
-    e["SLLM_STORE_REUSE_GET_BUFFERS"] = "1"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REUSE_CHILD), url, str(local)], env=e,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
-
-    def refuse(block):
-        raise AssertionError("malloc changed without SLLM_STORE_REUSE_GET_BUFFERS=1")
-
-    monkeypatch.setattr(_C, "keep_large_blocks", refuse)
-    monkeypatch.delenv("SLLM_STORE_REUSE_GET_BUFFERS", raising=False)
-    if not cache._reusing_get_buffers:  # this process has not opted in
-        assert cache.reuse_get_buffers(32 << 20) is False
-    monkeypatch.setenv("SLLM_STORE_REUSE_GET_BUFFERS", "0")
-    assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-    cache.wait_for_cache(timeout=60)
-    monkeypatch.setenv("SLLM_STORE_REUSE_GET_BUFFERS", "maybe")
-    monkeypatch.setattr(cache, "_reusing_get_buffers", False)
-    with pytest.raises(ValueError, match="SLLM_STORE_REUSE_GET_BUFFERS"):
-        cache.reuse_get_buffers(32 << 20)
 
 
 def test_gets_in_flight(env, monkeypatch) -> None:
-    """A remote load keeps DEFAULT_REMOTE_GETS GETs in flight unless num_threads (argument or
-    SLLM_STORE_NUM_THREADS) says otherwise; no more than that run at once."""
-    import threading
-
+    """A remote load keeps ``RemoteOptions.max_gets`` GETs in flight (SLLM_STORE_REMOTE_GETS, by
+    default DEFAULT_REMOTE_GETS), however many reader threads ``num_threads`` says; no more than
+    that run at once."""
     from sllm_store.config import DEFAULT_REMOTE_GETS, LoadConfig
     from sllm_store.loader import load_state_dict_with_report
-    from sllm_store.remote import cache
+    from sllm_store.remote import remove, wait_for_cache
 
-    assert LoadConfig.resolve().remote_gets == DEFAULT_REMOTE_GETS == 24
-    assert LoadConfig.resolve(num_threads=3).remote_gets == 3
-    monkeypatch.setenv("SLLM_STORE_NUM_THREADS", "5")
-    assert LoadConfig.resolve().remote_gets == 5
-    monkeypatch.delenv("SLLM_STORE_NUM_THREADS")
+    monkeypatch.delenv("SLLM_STORE_REMOTE_GETS", raising=False)
+    assert LoadConfig.resolve().remote.gets == DEFAULT_REMOTE_GETS == 24
+    assert LoadConfig.resolve(num_threads=3).remote.gets == DEFAULT_REMOTE_GETS
+    assert LoadConfig.resolve(remote=RemoteOptions(max_gets=3)).remote.gets == 3
+    monkeypatch.setenv("SLLM_STORE_REMOTE_GETS", "5")
+    assert LoadConfig.resolve().remote.gets == 5
+    monkeypatch.delenv("SLLM_STORE_REMOTE_GETS")
 
     local, sd, url = _uploaded(env, "gets", seed=24)
     lock, state = threading.Lock(), {"now": 0, "most": 0}
@@ -1273,12 +1113,12 @@ def test_gets_in_flight(env, monkeypatch) -> None:
                 state["now"] -= 1
 
     gets.real = counted
-    out, report = load_state_dict_with_report(url, num_threads=2)
+    out, report = load_state_dict_with_report(url, num_threads=8, remote=RemoteOptions(max_gets=2))
     assert_state_dict_identical(out, sd)
     assert report.stats["threads"] == 2 and state["most"] <= 2 and len(gets.calls) > 2
-    cache.wait_for_cache(timeout=60)
-    cache.remove(url)
-    out, report = load_state_dict_with_report(url)
+    wait_for_cache(timeout=60)
+    remove(url)
+    out, report = load_state_dict_with_report(url, num_threads=2)
     assert report.stats["threads"] == DEFAULT_REMOTE_GETS and state["most"] > 2
 
 
@@ -1323,9 +1163,8 @@ def test_finisher_failures_release_the_entry(env, monkeypatch, caplog) -> None:
     download lock (no hang for wait_for_cache or the next load); with no thread to be had, the
     entry is finished in the loading thread."""
     import errno
-    import threading
 
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries, remove, wait_for_cache
 
     local, sd, url = _uploaded(env, "finisher", seed=13)
     real_close, closed, state = os.close, [], {"fail": True}
@@ -1338,17 +1177,17 @@ def test_finisher_failures_release_the_entry(env, monkeypatch, caplog) -> None:
                 state["fail"] = False
                 raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(cache.os, "close", close)
-    with caplog.at_level(logging.WARNING, logger="sllm_store.remote.cache"):
+    monkeypatch.setattr(os, "close", close)
+    with caplog.at_level(logging.WARNING, logger="sllm_store.remote"):
         assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-        assert cache.wait_for_cache(timeout=30)
+        assert wait_for_cache(timeout=30)
     assert len(closed) == len(set(closed))  # each descriptor closed once
     assert "Input/output error" in caplog.text
-    monkeypatch.setattr(cache.os, "close", real_close)
+    monkeypatch.setattr(os, "close", real_close)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)  # not blocked by a lock
-    assert cache.wait_for_cache(timeout=30)
+    assert wait_for_cache(timeout=30)
 
-    cache.remove(url)
+    remove(url)
     real_start = threading.Thread.start
 
     def start(self):
@@ -1358,25 +1197,24 @@ def test_finisher_failures_release_the_entry(env, monkeypatch, caplog) -> None:
 
     monkeypatch.setattr(threading.Thread, "start", start)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
-    assert cache.wait_for_cache(timeout=1) and len(cache.entries()) == 1  # finished in this thread
+    assert wait_for_cache(timeout=1) and len(entries()) == 1  # finished in this thread
 
 
 def test_forked_child_does_not_hold_the_download_lock(env, monkeypatch) -> None:
     """A child forked while a download holds its lock (e.g. DataLoader workers) closes its copy,
     so the lock is free once this process releases it, not only when the child exits."""
-    import threading
-
-    from sllm_store.remote import cache
+    from sllm_store.remote import wait_for_cache
+    from sllm_store.remote.download import Download
 
     local, sd, url = _uploaded(env, "fork", seed=14)
     release = threading.Event()
-    real_store = cache.Download.store_chunk
+    real_write = Download.write_chunk
 
-    def slow_store(self, f_i, c, data):
+    def slow_write(self, f_i, c, data):
         release.wait(30)
-        real_store(self, f_i, c, data)
+        real_write(self, f_i, c, data)
 
-    monkeypatch.setattr(cache.Download, "store_chunk", slow_store)
+    monkeypatch.setattr(Download, "write_chunk", slow_write)
     sllm_store.load_state_dict(url, {"w4": "cpu"})  # partial: its writes are still waiting
     r, w = os.pipe()
     pid = os.fork()
@@ -1387,7 +1225,7 @@ def test_forked_child_does_not_hold_the_download_lock(env, monkeypatch) -> None:
     os.close(r)
     try:
         release.set()
-        assert cache.wait_for_cache(timeout=30)
+        assert wait_for_cache(timeout=30)
         done = threading.Event()
         loader = threading.Thread(target=lambda: (sllm_store.load_state_dict(url), done.set()), daemon=True)
         loader.start()  # takes the download lock: must not wait for the child
@@ -1401,15 +1239,17 @@ def test_forked_child_does_not_hold_the_download_lock(env, monkeypatch) -> None:
 def test_write_behind_is_bounded(env, monkeypatch) -> None:
     """With a write-behind of one chunk, slow cache writes hold the download back (at most one
     chunk waits), and everything still lands in the cache."""
-    from sllm_store.remote import cache
+    from sllm_store.remote import entries, wait_for_cache
+    from sllm_store.remote.download import Download
+    from sllm_store.remote.partial import WriteBehind
 
     local, sd, url = _uploaded(env, "write-behind", seed=11)
     chunk = sllm_store.read_index(local).chunk_size
     monkeypatch.setenv("SLLM_STORE_WRITE_BEHIND", str(chunk))
     waiting, most = [0], [0]
-    lock = __import__("threading").Lock()
-    real_store = cache.Download.store_chunk
-    real_submit = cache._WriteBehind.submit
+    lock = threading.Lock()
+    real_write = Download.write_chunk
+    real_submit = WriteBehind.submit
 
     def submit(self, f_i, c, data):
         real_submit(self, f_i, c, data)
@@ -1417,28 +1257,27 @@ def test_write_behind_is_bounded(env, monkeypatch) -> None:
             waiting[0] += 1
             most[0] = max(most[0], waiting[0])
 
-    def slow_store(self, f_i, c, data):
+    def slow_write(self, f_i, c, data):
         time.sleep(0.05)
-        real_store(self, f_i, c, data)
+        real_write(self, f_i, c, data)
         with lock:
             waiting[0] -= 1
 
-    monkeypatch.setattr(cache._WriteBehind, "submit", submit)
-    monkeypatch.setattr(cache.Download, "store_chunk", slow_store)
-    assert_state_dict_identical(sllm_store.load_state_dict(url, num_threads=4), sd)
-    assert cache.wait_for_cache(timeout=60) and len(cache.entries()) == 1
+    monkeypatch.setattr(WriteBehind, "submit", submit)
+    monkeypatch.setattr(Download, "write_chunk", slow_write)
+    assert_state_dict_identical(sllm_store.load_state_dict(url, remote=RemoteOptions(max_gets=4)), sd)
+    assert wait_for_cache(timeout=60) and len(entries()) == 1
     assert most[0] <= 2  # one waiting, one being written (counted before its decrement)
 
 
 def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:
     """Another process's prune may remove the entry just found: the load downloads it again."""
-    import shutil
-
-    from sllm_store.remote import cache
+    from sllm_store.remote import download, wait_for_cache
 
     local, sd, url = _uploaded(env, "evicted")
     sllm_store.load_state_dict(url)  # cached
-    real = cache._touch_entry
+    assert wait_for_cache(timeout=60)
+    real = download.touch_entry
 
     def touch_then_evict(final):
         found = real(final)
@@ -1446,19 +1285,42 @@ def test_entry_evicted_between_lookup_and_load(env, monkeypatch) -> None:
             shutil.rmtree(final)
         return found
 
-    monkeypatch.setattr(cache, "_touch_entry", touch_then_evict)
+    monkeypatch.setattr(download, "touch_entry", touch_then_evict)
     assert_state_dict_identical(sllm_store.load_state_dict(url), sd)
 
 
-def test_unreachable_store_falls_back_to_the_cached_copy(env, monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("device", [{"w1": "cpu", "w3": "cpu"}, "cpu"])
+def test_entry_evicted_between_open_and_fill(env, device) -> None:
+    """The entry found when the URL was opened is evicted before its files are read: the load
+    downloads the chunks into the memory planned for the entry (the placement of the tensors is
+    the same), and the entry is cached again."""
+    from sllm_store.config import LoadConfig
+    from sllm_store.loader import load_opened
+    from sllm_store.remote import entries, wait_for_cache
+    from sllm_store.tiers import open_checkpoint
+
+    local, sd, url = _uploaded(env, f"evicted-late-{len(device)}", seed=26)
+    sllm_store.load_state_dict(url)
+    assert wait_for_cache(timeout=60)
+    (entry,) = entries()
+    with open_checkpoint(url, LoadConfig.resolve()) as checkpoint:
+        assert checkpoint.tier == "local"
+        shutil.rmtree(entry.path)
+        tensors, report = load_opened(checkpoint, device)
+    want = {k: sd[k] for k in device} if isinstance(device, dict) else sd
+    assert_state_dict_identical(tensors, want, check_order=False)
+    assert report.stats["tier"] == "remote" and report.stats["bytes_downloaded"] > 0
+    assert wait_for_cache(timeout=60)
+    assert [e.url for e in entries()] == ([] if isinstance(device, dict) else [url])
+
+
+def test_unreachable_object_store_falls_back_to_the_cached_copy(env, monkeypatch, caplog) -> None:
     """A cold start must not fail on a network blip when a complete copy is cached; a missing
     object or refused credentials still fail."""
-    from sllm_store.remote import RemoteOptions
-
     local, sd, url = _uploaded(env, "fallback")
     sllm_store.load_state_dict(url)  # cached now
     dead = RemoteOptions(endpoint_url=f"http://127.0.0.1:{_free_port()}", timeout_s=2, max_retries=1)
-    caplog.set_level(logging.WARNING, logger="sllm_store.remote.cache")
+    caplog.set_level(logging.WARNING, logger="sllm_store.remote")
     assert_state_dict_identical(sllm_store.load_state_dict(url, remote=dead), sd)
     assert "loading the copy cached" in caplog.text
     with pytest.raises(RemoteUnavailableError):  # nothing cached for this URL
@@ -1473,11 +1335,10 @@ def test_chunk_in_pieces_holds_a_get_slot_only_while_a_get_runs(env, monkeypatch
     that the slots' GETs stay in flight while bodies are copied: with one slot, another chunk's
     GET runs while the first chunk's first body is being added (with the slot held through the
     copy, they would wait for each other); both chunks arrive whole and verified."""
-    from sllm_store import _C
-    from sllm_store.remote import cache
+    from sllm_store.native import _C
+    from sllm_store.remote.download import Download
 
     _local, _sd, url = _uploaded(env, "slots", seed=17)
-    monkeypatch.setattr(cache, "GET_PIECE", 16 << 10)  # 4 GETs per 64 KiB chunk
     other_get, adding = threading.Event(), threading.Event()
     Gets(monkeypatch, before=lambda n: other_get.set() if adding.is_set() else None)
 
@@ -1502,64 +1363,12 @@ def test_chunk_in_pieces_holds_a_get_slot_only_while_a_get_runs(env, monkeypatch
             return _C.xxh3_64(b"".join(self.parts))
 
     first, second = Sink(True), Sink(False)
-    with cache.Download(url, max_gets=1).open() as d:
-        with ThreadPoolExecutor(2) as ex:
-            a = ex.submit(d.fetch_chunk, 0, 0, fill=lambda n: first)
+    with Download(url, RemoteOptions(max_gets=1)).open() as d:
+        with ThreadPoolExecutor(2) as ex:  # 4 GETs of 16 KiB per 64 KiB chunk
+            a = ex.submit(d.fetch_chunk, 0, 0, fill=lambda n: first, piece=16 << 10)
             assert adding.wait(timeout=10)
-            b = ex.submit(d.fetch_chunk, 0, 1, fill=lambda n: second)
+            b = ex.submit(d.fetch_chunk, 0, 1, fill=lambda n: second, piece=16 << 10)
             assert a.result(timeout=30) == (None, False) and b.result(timeout=30) == (None, False)
         assert first.overlapped, "the other chunk's GET waited for the first chunk's copy"
         assert len(first.parts) == len(second.parts) == 4
         assert d.pieced_chunks == 2
-
-
-def test_get_client_setting(monkeypatch) -> None:
-    """SLLM_STORE_GET_CLIENT: obstore when unset, http on request, a bad value is an error that
-    names the variable; presigned GETs are not used for plain HTTP URLs or anonymous access."""
-    from sllm_store.remote import RemoteOptions, signed_gets
-    from sllm_store.remote.objects import open_store
-
-    monkeypatch.delenv("SLLM_STORE_GET_CLIENT", raising=False)
-    assert signed_gets.get_client() == "obstore"
-    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", "HTTP")
-    assert signed_gets.get_client() == "http"
-    monkeypatch.setenv("SLLM_STORE_GET_CLIENT", "curl")
-    with pytest.raises(ValueError, match="SLLM_STORE_GET_CLIENT"):
-        signed_gets.get_client()
-    plain = "http://127.0.0.1:1/m.sllm"
-    assert signed_gets.SignedGets.for_store(open_store(plain), plain) is None
-    anonymous = RemoteOptions(anonymous=True, endpoint_url="http://127.0.0.1:1")
-    assert signed_gets.SignedGets.for_store(open_store("s3://b/m", anonymous), "s3://b/m", anonymous) is None
-
-
-def test_signed_get_answers_map_to_errors() -> None:
-    """The HTTP answers of a signed GET: 404 and 403 are the library's errors, with the S3 error
-    document's code and message; 429 and 5xx are retried; others are RemoteErrors."""
-    from sllm_store.errors import RemoteAuthError, RemoteError, RemoteNotFoundError
-    from sllm_store.remote.signed_gets import _Retry, _status_error
-
-    doc = b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>gone\n</Message></Error>"
-    e = _status_error(404, doc, "s3://b/m/x")
-    assert isinstance(e, RemoteNotFoundError) and "NoSuchKey: gone" in str(e) and "<" not in str(e), e
-    assert isinstance(_status_error(403, b"denied", "s3://b/m/x"), RemoteAuthError)
-    assert all(isinstance(_status_error(s, b"", "u"), _Retry) for s in (429, 500, 502, 503, 504))
-    e = _status_error(301, b"<Error><Code>PermanentRedirect</Code></Error>", "s3://b/m/x")
-    assert type(e) is RemoteError and "HTTP 301: PermanentRedirect" in str(e), e
-
-
-def test_get_piece_setting(monkeypatch) -> None:
-    """SLLM_STORE_GET_PIECE: chunks fetched into the staging blocks as GETs of that size; 16 MiB
-    when unset, one GET per chunk with 0; a bad value is an error that names the variable."""
-    from sllm_store.remote import cache
-
-    monkeypatch.delenv("SLLM_STORE_GET_PIECE", raising=False)
-    assert cache.get_piece() == 16 << 20
-    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "8MiB")
-    assert cache.get_piece() == 8 << 20
-    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "0")
-    assert cache.get_piece() == 0
-    monkeypatch.setenv("SLLM_STORE_GET_PIECE", "lots")
-    with pytest.raises(ValueError, match="SLLM_STORE_GET_PIECE"):
-        cache.get_piece()
-    monkeypatch.setattr(cache, "GET_PIECE", 4096)  # the bench's A/B
-    assert cache.get_piece() == 4096

@@ -2,7 +2,7 @@
 
 #include <dlfcn.h>
 
-#include <cstdlib>
+#include <string>
 #include <mutex>
 
 #include "common/errors.h"
@@ -29,14 +29,22 @@ bool bind(void* lib, const char* name, F& slot, std::string& reason) {
   return true;
 }
 
+// The driver library to load (set_library), guarded by its mutex; read once, by the first load().
+std::mutex library_mutex;
+std::string library_path;  // "" = libcuda.so.1
+bool library_used = false;
+
 Loaded load() {
   Loaded l;
+  std::string chosen;
+  {
+    std::lock_guard<std::mutex> lock(library_mutex);
+    library_used = true;
+    chosen = library_path.empty() ? "libcuda.so.1" : library_path;
+  }
+  const char* path = chosen.c_str();
   // The handle is never closed: the driver stays loaded for the life of the process, as it does
   // for PyTorch in the same process.
-  // SLLM_STORE_LIBCUDA names another driver library: the tests use a CPU stand-in
-  // (tests/fake_cuda.cpp) to run the GPU pipeline, its streams, events and errors, without a GPU.
-  const char* path = std::getenv("SLLM_STORE_LIBCUDA");
-  if (path == nullptr || *path == '\0') path = "libcuda.so.1";
   void* lib = ::dlopen(path, RTLD_NOW | RTLD_GLOBAL);
   if (lib == nullptr) {
     const char* e = ::dlerror();
@@ -92,6 +100,13 @@ const Loaded& loaded() {
 }
 
 }  // namespace
+
+bool set_library(const std::string& path) {
+  std::lock_guard<std::mutex> lock(library_mutex);
+  if (library_used) return path == library_path;
+  library_path = path;
+  return true;
+}
 
 const Driver* driver() { return loaded().ok ? &loaded().table : nullptr; }
 

@@ -67,6 +67,10 @@ struct Driver {
 
 // The process-wide driver table, loaded and cuInit'ed on first use; nullptr if unavailable.
 const Driver* driver();
+// The driver library that driver() loads on first use: a path, or "" for libcuda.so.1 (the tests
+// use a CPU stand-in, tests/fake_cuda.cpp, to run the GPU pipeline without a GPU). Takes effect
+// only before the first use; returns whether `path` is (or will be) the one loaded.
+bool set_library(const std::string& path);
 // Why driver() is nullptr ("" when it is not).
 std::string unavailable_reason();
 // Number of visible CUDA devices (0 without a driver).

@@ -1,23 +1,52 @@
-"""Remote checkpoints: ``s3://`` and ``http(s)://`` URLs, fetched into a local cache.
+"""Remote checkpoints: ``s3://`` and ``http(s)://`` URLs, fetched into a local disk cache.
 
-``load_state_dict("s3://bucket/model.sllm", "cuda:0")`` streams the checkpoint with parallel
-ranged GETs (``obstore``), verifying every chunk, into its destinations, and writes it through to
-the local cache (:mod:`sllm_store.remote.cache`; :mod:`sllm_store.remote.stream`); the next load
-is a disk (or page-cache) load. ``wait_for_cache()`` waits until the cache entries of this
-process's loads are on disk. ``sllm-store upload`` and ``sllm-store cache ls|rm|prune`` manage
-the two ends.
+``load_state_dict("s3://bucket/model.sllm", "cuda:0")`` loads the checkpoint while it downloads
+(parallel ranged GETs, every chunk verified) and writes it through to the local cache; the next
+load of the URL is a disk (or page-cache) load (the remote tier, :mod:`sllm_store.tiers.remote`).
+The modules here:
+
+* :mod:`~sllm_store.remote.objects`: object-store connections (``obstore``), error mapping,
+  :func:`upload`;
+* :mod:`~sllm_store.remote.entries`: the cache directory: entries, partial downloads, locks;
+* :mod:`~sllm_store.remote.fetcher`: the chunk fetcher (GETs, decoding, verification);
+* :mod:`~sllm_store.remote.partial`: the files of a partial download and the write-behind;
+* :mod:`~sllm_store.remote.download`: the download of one checkpoint (the coordinator),
+  :func:`fetch` and :func:`wait_for_cache`.
+
+Example::
+
+    from sllm_store.remote import entries, fetch, prune, upload, wait_for_cache
+
+    upload("llama-8b.sllm", "s3://models/llama-8b.sllm")
+    path = fetch("s3://models/llama-8b.sllm")      # the cache entry, downloaded
+    prune(100 << 30)                                # evict the least recently used entries
 """
 
-from typing import Optional
+from sllm_store.config import CacheSettings, RemoteOptions
+from sllm_store.remote.download import fetch, wait_for_cache
+from sllm_store.remote.entries import (
+    CacheEntry,
+    PartialDownload,
+    cache_dir,
+    entries,
+    partials,
+    prune,
+    remove,
+)
+from sllm_store.remote.objects import is_remote, upload
 
-from sllm_store.remote.objects import RemoteOptions, is_remote
-
-
-def wait_for_cache(timeout: Optional[float] = None) -> bool:
-    """See :func:`sllm_store.remote.cache.wait_for_cache` (imported lazily: it needs numpy)."""
-    from sllm_store.remote.cache import wait_for_cache as wait
-
-    return wait(timeout)
-
-
-__all__ = ["RemoteOptions", "is_remote", "wait_for_cache"]
+__all__ = [
+    "CacheEntry",
+    "CacheSettings",
+    "PartialDownload",
+    "RemoteOptions",
+    "cache_dir",
+    "entries",
+    "fetch",
+    "is_remote",
+    "partials",
+    "prune",
+    "remove",
+    "upload",
+    "wait_for_cache",
+]

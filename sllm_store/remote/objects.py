@@ -12,7 +12,7 @@ overrides, in this order:
 3. what the object store client finds itself: web identity tokens, ECS and EC2 instance roles.
 
 ``http(s)://host/path`` reads any server that honours range requests. Every obstore failure becomes
-a :mod:`sllm_store.errors` class.
+a :mod:`sllm_store.errors` class. :func:`upload` puts a converted checkpoint into a bucket.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from __future__ import annotations
 import configparser
 import logging
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+from sllm_store.config import RemoteOptions
 from sllm_store.errors import (
     RemoteAuthError,
     RemoteError,
@@ -39,32 +39,17 @@ _RESOLVED_BY_BOTO3 = ("role_arn", "source_profile", "credential_process", "sso_s
                       "web_identity_token_file")
 
 SCHEMES = ("s3://", "http://", "https://")
+SMALL_FILE_LIMIT = 64 << 20  # non-weight objects (config, tokenizer) fetched with a checkpoint
 
 
 def is_remote(path: Any) -> bool:
+    """Whether ``path`` is the URL of a remote checkpoint (``s3://``, ``http://``, ``https://``)."""
     return isinstance(path, str) and path.startswith(SCHEMES)
 
 
-@dataclass(frozen=True)
-class RemoteOptions:
-    """Connection settings; ``None`` fields come from the environment (AWS variables).
-
-    Example::
-
-        RemoteOptions(endpoint_url="http://127.0.0.1:8333", region="us-east-1")
-    """
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    anonymous: bool = False
-    access_key_id: Optional[str] = None
-    secret_access_key: Optional[str] = None
-    timeout_s: float = 60.0
-    max_retries: int = 5
-
-
-def open_store(url: str, options: Optional[RemoteOptions] = None) -> Any:
-    """An obstore store rooted at ``url`` (object keys are then relative: ``sllm_index.json``)."""
+def open_bucket(url: str, options: Optional[RemoteOptions] = None) -> Any:
+    """An obstore handle rooted at ``url`` (object keys are then relative: ``sllm_index.json``):
+    the bucket (and prefix) of an ``s3://`` URL, the directory of an ``http(s)://`` one."""
     try:
         from obstore.store import HTTPStore, S3Store
     except ImportError:
@@ -176,3 +161,63 @@ def remote_error(e: BaseException, url: str, what: str) -> Exception:
     if isinstance(e, (ConnectionError, TimeoutError)) or any(w in text.lower() for w in unreachable):
         return RemoteUnavailableError(f"{what} '{url}': the object store is unreachable ({text})")
     return RemoteError(f"{what} '{url}' failed: {text}")
+
+
+def upload(local: str | os.PathLike[str], url: str, *, options: Optional[RemoteOptions] = None,
+           quiet: Optional[bool] = None, max_concurrency: int = 16) -> int:
+    """Upload a converted checkpoint directory to ``url`` (multipart, parallel); the index goes
+    last, so a reader never sees a partial checkpoint. Returns the bytes uploaded.
+
+    Example::
+
+        upload("llama-8b.sllm", "s3://models/llama-8b.sllm")
+    """
+    import obstore
+    from tqdm.auto import tqdm
+
+    from sllm_store.index import INDEX_FILE, read_index
+    from sllm_store.writer import default_quiet
+
+    src = Path(local)
+    read_index(src)  # a valid checkpoint only
+    bucket = open_bucket(url, options)
+    files = sorted((p for p in src.rglob("*") if p.is_file() and p.name != INDEX_FILE), key=lambda p: str(p))
+    files.append(src / INDEX_FILE)
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
+              disable=default_quiet() if quiet is None else quiet, dynamic_ncols=True) as bar:
+        for p in files:
+            key = p.relative_to(src).as_posix()
+            try:
+                obstore.put(bucket, key, p, chunk_size=32 << 20, max_concurrency=max_concurrency)
+            except Exception as e:
+                raise remote_error(e, f"{url.rstrip('/')}/{key}", "uploading") from None
+            bar.update(p.stat().st_size)
+    return total
+
+
+def fetch_small_files(bucket: Any, url: str, weights: set[str], dest: Path) -> None:
+    """Copy the checkpoint's other top-level objects (config.json, tokenizer...) into ``dest``:
+    every listed object under :data:`SMALL_FILE_LIMIT` bytes that is not in ``weights`` (the
+    data files and the index). A server that cannot list (plain HTTP) gives none."""
+    import obstore
+
+    from sllm_store.errors import CacheError
+
+    try:
+        listing = obstore.list_with_delimiter(bucket)
+    except Exception:  # e.g. plain HTTP servers cannot list: weights only
+        logger.debug("%s: cannot list; fetching weights only", url)
+        return
+    for obj in listing.get("objects", []):
+        key = obj["path"].rsplit("/", 1)[-1]
+        if key in weights or obj["size"] > SMALL_FILE_LIMIT or key.startswith("."):
+            continue
+        try:
+            content = bytes(obstore.get(bucket, key).bytes())
+        except Exception as e:
+            raise remote_error(e, f"{url}/{key}", "downloading") from None
+        try:
+            (dest / key).write_bytes(content)
+        except OSError as e:
+            raise CacheError(f"cannot write '{dest / key}': {e.strerror or e}") from None
