@@ -23,10 +23,9 @@
 #include "format/codec.h"
 #include "io/file_reader.h"
 #include "io/cache_file.h"
-#include "memory/malloc_tuning.h"
+#include "memory/malloc_offset.h"
 #include "io/page_cache.h"
 #include "pipeline/copier.h"
-#include "pipeline/socket_fill.h"
 #include "pipeline/staged_copier.h"
 #include "pipeline/loader.h"
 
@@ -253,46 +252,6 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("data"), "The chunk's next bytes.")
       .def(
-          "reserve",
-          [](Fill& f) -> py::object {
-            StagedCopier::Fill& fill = f.get();
-            std::pair<char*, size_t> space;
-            {
-              py::gil_scoped_release nogil;  // may wait for a free block
-              space = fill.reserve();
-            }
-            if (space.first == nullptr) return py::none();
-            return py::memoryview::from_memory(space.first, static_cast<py::ssize_t>(space.second), false);
-          },
-          "For bytes read in place (readinto), with no copy: a writable memoryview of the free part "
-          "of the current page-locked staging block, up to the chunk's end; None if there is none "
-          "(then add() the bytes). Valid until the next commit(), add() or the end of the fill.")
-      .def(
-          "commit",
-          [](Fill& f, size_t n) {
-            StagedCopier::Fill& fill = f.get();
-            py::gil_scoped_release nogil;
-            fill.commit(n);
-          },
-          py::arg("n"), "The first n bytes of the last reserve() hold the chunk's next bytes.")
-      .def(
-          "recv",
-          [](Fill& f, int fd, uint64_t n, int timeout_ms) {
-            StagedCopier::Fill& fill = f.get();
-            SocketFillResult r;
-            {
-              py::gil_scoped_release nogil;
-              r = recv_into_fill(fd, fill, static_cast<size_t>(n), timeout_ms);
-            }
-            return std::make_tuple(static_cast<uint64_t>(r.got), r.error);
-          },
-          py::arg("fd"), py::arg("n"), py::arg("timeout_ms"),
-          "Read up to n of the chunk's next bytes from the connected socket `fd` in place, without "
-          "the GIL, waiting at most timeout_ms (< 0: for ever) for each read: (bytes read, error). "
-          "error: 0 (done, or the peer closed the connection early: fewer bytes), an errno "
-          "(ETIMEDOUT when nothing came in time), or -1 when there is no page-locked block to read "
-          "into (add() the rest instead).")
-      .def(
           "finish",
           [](Fill& f) {
             StagedCopier::Fill& fill = f.get();
@@ -415,15 +374,6 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       py::arg("fd"), py::arg("size"),
       "fallocate(fd, 0, 0, size): 0, or the errno (EOPNOTSUPP: the file system cannot).");
   m.def(
-      "populate_write",
-      [](uint64_t addr, uint64_t n) {
-        py::gil_scoped_release nogil;
-        return populate_write(reinterpret_cast<void*>(addr), static_cast<size_t>(n));
-      },
-      py::arg("address"), py::arg("length"),
-      "Fault in [address, address + length) of a shared file mapping for writing "
-      "(MADV_POPULATE_WRITE): 0, or the errno.");
-  m.def(
       "write_direct",
       [](int direct_fd, int fd, const py::buffer& data, uint64_t offset) {
         py::buffer_info info = contiguous_bytes(data);
@@ -435,20 +385,10 @@ dests: (device, address, size). Returns statistics as a dict.)doc");
       "Write `data` at `offset` (a multiple of 4096) of a file: whole 4 KiB blocks with O_DIRECT "
       "through `direct_fd` (via an aligned buffer of this thread), the rest buffered through "
       "`fd`. Returns 0, or the errno (EINVAL: the file system refuses the direct write).");
-  m.def(
-      "keep_large_blocks", [](uint64_t block) { return keep_large_blocks(static_cast<size_t>(block)); },
-      py::arg("block"),
-      "Raise glibc's mmap threshold just above `block` (at least 32 MiB) for the rest of the "
-      "process, so that freed blocks that large (obstore's GET bodies) are reused from the heap "
-      "with their pages faulted in; True if applied (glibc only).");
-  m.def("release_free_heap", &release_free_heap,
-        "malloc_trim(0): hand the heap's free pages back to the system; True if any were.");
   m.def("malloc_offset", &malloc_offset, py::arg("size"),
         "Where in its 4 KiB page this process's malloc starts a block of `size` bytes (the "
         "address modulo 4096 of one allocated and freed): where a GET body of that size from "
         "obstore will start.");
-  m.def("release_staging_buffers", &release_cached_pools,
-        "Free the staging buffers cached for later loads; returns the bytes released.");
   m.def("set_cuda_library", &cuda::set_library, py::arg("path"),
         "The CUDA driver library to load on first use ('' for libcuda.so.1); True if it is the one used.");
   m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the driver (0 if none).");
@@ -547,5 +487,4 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
       "Decode one stored chunk (codec id as in the index's CODECS, then un-grouping) as the loader does: "
       "into `out` (a writable buffer of at least raw_length bytes; returns None) or a new bytes object.");
 
-  m.attr("DIRECT_ALIGNMENT") = kDirectAlignment;
 }

@@ -2,7 +2,6 @@
 
 #include <sys/mman.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "common/errors.h"
@@ -12,18 +11,9 @@ namespace sllm {
 namespace {
 constexpr size_t kEventsPerWorker = 8;  // > buffers in flight per worker
 
-// Flags of the events that copy threads wait on. By default a waiting thread sleeps until the
-// copy is done (CU_EVENT_BLOCKING_SYNC): with one context on a many-core machine the driver
-// would otherwise spin on a core for the whole copy, and the remote tier's GETs and checksums
-// need those cores. SLLM_STORE_CUDA_SYNC=spin restores spinning (a few microseconds less
-// latency per wait, at a core per waiting thread).
-unsigned event_flags() {
-  const char* v = std::getenv("SLLM_STORE_CUDA_SYNC");
-  std::string mode = v ? v : "";
-  if (mode.empty() || mode == "block") return cuda::CU_EVENT_DISABLE_TIMING | cuda::CU_EVENT_BLOCKING_SYNC;
-  if (mode == "spin") return cuda::CU_EVENT_DISABLE_TIMING;
-  throw Error(ErrorKind::kDevice, "SLLM_STORE_CUDA_SYNC must be 'block' or 'spin', not '" + mode + "'");
-}
+// A copy thread waiting for its copy sleeps until the copy is done (CU_EVENT_BLOCKING_SYNC)
+// instead of spinning on a core that the reads, GETs and checksums need.
+constexpr unsigned kEventFlags = cuda::CU_EVENT_DISABLE_TIMING | cuda::CU_EVENT_BLOCKING_SYNC;
 }  // namespace
 
 CudaDevice::CudaDevice(int ordinal) : drv_(cuda::driver()), ordinal_(ordinal) {
@@ -55,7 +45,7 @@ void CudaDevice::make_current() const {
 }
 
 void CudaDevice::begin(int num_workers) {
-  const unsigned flags = event_flags();
+  const unsigned flags = kEventFlags;
   make_current();
   workers_.resize(static_cast<size_t>(num_workers));
   for (auto& w : workers_) {

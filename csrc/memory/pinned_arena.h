@@ -1,9 +1,9 @@
-// A large block of host memory allocated once, up front: the store server's model cache.
+// A large block of host memory allocated once, up front: the store server's memory pool.
 //
 // It is made of fixed-size segments allocated in parallel. Pinning costs ~0.4 s per GiB with
 // cuMemHostAlloc; almost all of it is faulting the pages in, which parallelises, so segments are
-// faulted in by worker threads and then registered with the driver (cuMemHostRegister, measured
-// ~0.05 s per GiB on the H100 machine). With a usable CUDA driver the segments are
+// faulted in by worker threads and then registered with the driver (cuMemHostRegister, about
+// 0.05 s per GiB). With a usable CUDA driver the segments are
 // page-locked and portable (DMA-able by every GPU at full speed); without one they are plain
 // page-aligned memory, touched so that it is resident from the start.
 #pragma once

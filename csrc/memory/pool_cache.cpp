@@ -48,16 +48,4 @@ std::unique_ptr<PoolLease> lease_pool(const std::string& kind, size_t count, siz
   return std::make_unique<PoolLease>(key, std::make_unique<BufferPool>(count, size, allocator));
 }
 
-size_t release_cached_pools() {
-  std::multimap<std::string, std::unique_ptr<BufferPool>> drop;
-  {
-    Cache& c = cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    drop.swap(c.idle);
-  }
-  size_t bytes = 0;
-  for (auto& kv : drop) bytes += kv.second->allocated_bytes();
-  return bytes;  // pools freed as `drop` goes out of scope
-}
-
 }  // namespace sllm

@@ -29,7 +29,4 @@ class PoolLease {
 std::unique_ptr<PoolLease> lease_pool(const std::string& kind, size_t count, size_t size,
                                       const HostAllocator& allocator);
 
-// Frees every idle cached pool; returns the bytes released.
-size_t release_cached_pools();
-
 }  // namespace sllm

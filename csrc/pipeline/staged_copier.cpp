@@ -264,29 +264,6 @@ void StagedCopier::Fill::add(const char* src, size_t len) {
   }
 }
 
-std::pair<char*, size_t> StagedCopier::Fill::reserve() {
-  if (pos_ == n_) throw Error(ErrorKind::kFormat, "the chunk's " + std::to_string(n_) + " bytes are all in");
-  if (c_.devices_.empty()) return {nullptr, 0};
-  if (block_ < 0) take_block();
-  char* data = static_cast<char*>(c_.blocks_.buffers[static_cast<size_t>(block_)].data());
-  if (data == nullptr) {  // no page-locked block: the caller adds the bytes instead
-    c_.give(c_.blocks_, block_);
-    block_ = -1;
-    return {nullptr, 0};
-  }
-  const size_t at = pos_ - block_from_;
-  return {data + at, std::min(c_.block_size_ - at, n_ - pos_)};
-}
-
-void StagedCopier::Fill::commit(size_t k) {
-  if (block_ < 0 || k > std::min(c_.block_size_ - (pos_ - block_from_), n_ - pos_))
-    throw Error(ErrorKind::kFormat, "commit(" + std::to_string(k) + ") of more than reserve() gave");
-  if (k == 0) return;
-  const char* data = static_cast<const char*>(c_.blocks_.buffers[static_cast<size_t>(block_)].data());
-  hash_.update(data + (pos_ - block_from_), k);
-  filled(k);
-}
-
 uint64_t StagedCopier::Fill::finish() {
   if (pos_ != n_)
     throw Error(ErrorKind::kFormat, "the chunk ended after " + std::to_string(pos_) + " of its " +

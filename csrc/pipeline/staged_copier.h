@@ -1,16 +1,16 @@
-// Copies of downloaded chunks into their destinations (the remote tier's streamed load).
+// Copies of downloaded chunks into their destinations (the remote tier's load while downloading).
 //
 // For a GPU, a chunk goes through small reused page-locked staging blocks: its bytes are copied
 // into a block and checksummed in one pass, and each full block is DMAed to where its bytes go
 // while the next one fills. A chunk's bytes may come in pieces (fill(): the pieces of a GET's
 // body as they arrive, copied while they are still in the CPU cache; no buffer for the whole
 // body is ever made) or at once (copy()). The driver's own copy from pageable memory stages
-// through its buffers more slowly (3.49 vs 4.10 GB/s on the H100 machine, bench_remote
-// --stages), and a separate checksum pass reads every byte from memory once more.
+// through its buffers more slowly (about 15 % slower), and a separate checksum pass would read
+// every byte from memory once more.
 // Destinations in host memory get plain copies. Thread-safe: every fill holds at most two
 // blocks (and their streams) at a time.
 //
-// Page-locked memory is slow to make (about 33 ms per 32 MiB on the H200 machine, and the driver
+// Page-locked memory is slow to make (about 1 ms per MiB, and the driver
 // makes one buffer at a time), so a thread of the copier's own makes the blocks from the moment
 // it is constructed, while the load's first GETs are in flight; each block comes into service
 // when it is made, rather than on the first copy that needs it.
@@ -130,13 +130,6 @@ class StagedCopier::Fill {
   // The chunk's next bytes. Throws sllm::Error(kFormat) past the chunk's end, and the
   // device's error if a copy fails.
   void add(const char* src, size_t len);
-  // For bytes read in place (a socket's, say), with no copy: the free part of the current
-  // staging block, up to the chunk's end (a block is taken if none is held); {nullptr, 0} if
-  // there is no page-locked block to read into (host memory only, or none could be made: then
-  // add() the bytes). commit(k) then says that its first k bytes hold the chunk's next bytes:
-  // they are hashed there, and a full block goes on to the destinations. Both throw like add().
-  std::pair<char*, size_t> reserve();
-  void commit(size_t k);
   // Waits for the copies and returns the chunk's XXH3-64. Throws sllm::Error(kFormat) if fewer
   // than n bytes were added.
   uint64_t finish();
