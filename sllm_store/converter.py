@@ -26,7 +26,6 @@ import torch
 
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.errors import ConvertError, MissingFileError, MissingSourceError
-from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
 from sllm_store.formats import (
     SAFETENSORS_INDEX,
     safetensors_entries,
@@ -34,6 +33,7 @@ from sllm_store.formats import (
     safetensors_shards,
     shards_from_index,
 )
+from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
 from sllm_store.writer import (
     CheckpointWriter,
     TensorSpec,

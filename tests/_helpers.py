@@ -287,3 +287,31 @@ def check_checksums(path) -> None:
             for i in range(0, len(data), cs)
         ]
         assert f["checksums"] == expect, f["name"]
+
+
+# Runs ``sllm-store serve ARGS`` with every copy window of the server delayed by DELAY seconds
+# (argv: DELAY ARGS...), so that a test can kill a client or the server mid-load.
+_SLOW_SERVE = """
+import sys
+from sllm_store.cli import main
+from sllm_store.server.models import PooledModels
+
+delay = float(sys.argv.pop(1))
+copy = PooledModels._copy
+
+def slow_copy(self, parts, dests, cancelled=None):
+    if parts:
+        self._closing.wait(delay)
+    return copy(self, parts, dests, cancelled)
+
+PooledModels._copy = slow_copy
+sys.exit(main(["serve", *sys.argv[1:]]))
+"""
+
+
+def serve_command(*args: str, copy_delay: float = 0.0) -> list[str]:
+    """The command that runs ``sllm-store serve ARGS`` in a fresh Python, its copies slowed by
+    ``copy_delay`` seconds each when given."""
+    if copy_delay:
+        return [sys.executable, "-c", _SLOW_SERVE, str(copy_delay), *map(str, args)]
+    return [sys.executable, "-m", "sllm_store", "serve", *map(str, args)]

@@ -10,9 +10,9 @@ import torch
 from _helpers import DTYPES, assert_state_dict_identical, random_tensor, read_index_json, run_cli
 
 import sllm_store
-from sllm_store.native import _C
 from sllm_store.errors import ChecksumError, FormatError, UnsupportedVersionError
 from sllm_store.index import CODECS
+from sllm_store.native import _C
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -298,4 +298,4 @@ def test_auto_reads_compressed_checkpoints_buffered(tmp_path) -> None:
     from sllm_store.plan import choose_io_mode
 
     files = [str(p) for p in comp.glob("*.bin")]
-    assert choose_io_mode(LoadConfig.resolve(io_mode="direct"), files, compressed=True) == "direct"  # asked for
+    assert choose_io_mode(LoadConfig.resolve(io_mode="direct"), files, compressed=True) == "direct"

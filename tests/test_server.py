@@ -3,7 +3,7 @@
 Every test starts real server processes on a unix socket (``python -m sllm_store serve``) and
 loads through them with ``load_state_dict(..., store=ADDRESS)`` or ``StoreClient``. Pools are small
 (a few MiB, blocks of 1 MiB) so that streaming, eviction and exhaustion are easy to reach, and
-``SLLM_STORE_DEBUG_COPY_DELAY`` makes loads slow where a test kills something mid-load.
+``serve_command(copy_delay=...)`` makes loads slow where a test kills something mid-load.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from _helpers import (
     random_tensor,
     read_index_json,
     run_cli,
+    serve_command,
     subprocess_env,
     to_bytes,
     tree_digests,
@@ -224,14 +225,11 @@ class Server:
 
     def start(self) -> Server:
         env = subprocess_env()
-        env.pop("SLLM_STORE_DEBUG_COPY_DELAY", None)
-        if self.delay:
-            env["SLLM_STORE_DEBUG_COPY_DELAY"] = str(self.delay)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(self.storage),
-                 "--mem-pool-size", self.pool, "--chunk-size", str(BLOCK), "--num-threads", "2",
-                 "--listen", self.address, *self.args],
+                serve_command("--storage-path", str(self.storage), "--mem-pool-size", self.pool,
+                              "--chunk-size", str(BLOCK), "--num-threads", "2", "--listen", self.address,
+                              *self.args, copy_delay=self.delay),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT
@@ -981,7 +979,7 @@ def test_cli_status_prefetch_load_evict(store, shared_server, capsys):
 
     rc, out, err = cli("status", "--store", srv.address)
     assert rc == 0, err
-    assert "no models cached" in out and "pool:" in out and str(store.root) in out
+    assert "no models in the pool" in out and "pool:" in out and str(store.root) in out
     rc, out, err = cli("prefetch", "mixed", "sub/nested", "--store", srv.address)
     assert rc == 0, err
     assert "mixed: cached" in out and "sub/nested: cached" in out
@@ -1089,15 +1087,15 @@ def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# ModelCache in-process: change detection, Describe consistency, links out of the storage path
+# PooledModels in-process: change detection, Describe consistency, links out of the storage path
 # --------------------------------------------------------------------------------------------
 
 
 def _cache(root: Path) -> Any:
-    from sllm_store.server.cache import ModelCache
+    from sllm_store.server.models import PooledModels
     from sllm_store.server.pool import BlockPool
 
-    return ModelCache(root, BlockPool(8 << 20, 1 << 20, pin=False), num_threads=2)
+    return PooledModels(root, BlockPool(8 << 20, 1 << 20, pin=False), num_threads=2)
 
 
 def test_in_place_rewrite_with_restored_mtime_is_not_served_stale(tmp_path) -> None:

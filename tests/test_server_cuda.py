@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import assert_state_dict_identical, subprocess_env
+from _helpers import assert_state_dict_identical, serve_command, subprocess_env
 
 import sllm_store
 from sllm_store.loader import load_state_dict_with_report
@@ -38,14 +38,13 @@ def _assert_same(loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 
 
 class Server:
-    def __init__(self, storage: Path, sock: Path, pool: str, chunk: str = "1MiB", **env: str) -> None:
+    def __init__(self, storage: Path, sock: Path, pool: str, chunk: str = "1MiB",
+                 copy_delay: float = 0.0) -> None:
         self.address = f"unix://{sock}"
-        e = subprocess_env()
-        e.update(env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(storage),
-             "--mem-pool-size", pool, "--chunk-size", chunk, "--listen", self.address, "--num-threads", "4"],
-            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            serve_command("--storage-path", str(storage), "--mem-pool-size", pool, "--chunk-size", chunk,
+                          "--listen", self.address, "--num-threads", "4", copy_delay=copy_delay),
+            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         from sllm_store.server.client import StoreClient
 
@@ -160,8 +159,8 @@ def test_load_model_through_store_matches_from_pretrained(tmp_path: Path) -> Non
 
 
 def test_client_killed_mid_gpu_load_leaves_server_healthy(storage: Path, tmp_path: Path) -> None:
-    # Slow copies: each window of the streamed model waits 0.5 s before its copy.
-    s = Server(storage, tmp_path / "s.sock", "8MiB", SLLM_STORE_DEBUG_COPY_DELAY="0.5")
+    # Slow copies: each window of the model passing through the pool waits 0.5 s before its copy.
+    s = Server(storage, tmp_path / "s.sock", "8MiB", copy_delay=0.5)
     try:
         code = textwrap.dedent(f"""
             import sllm_store, torch

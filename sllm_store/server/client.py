@@ -23,10 +23,9 @@ from typing import Any, Optional
 import grpc
 import torch
 
-from sllm_store import _C
 from sllm_store._units import format_size
-from sllm_store.config import LoadConfig
-from sllm_store.errors import ModelChangedError, OutOfMemoryError, StoreBusyError, StoreUnavailableError
+from sllm_store.config import StoreSettings
+from sllm_store.errors import OutOfMemoryError, StoreBusyError, StoreUnavailableError
 from sllm_store.index import Index, PathLike, parse_index
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
@@ -34,11 +33,6 @@ from sllm_store.server import store_pb2 as pb
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds for quick calls (health, describe, status)
-
-
-def default_timeout() -> float:
-    """Seconds a load may take before the client gives up (env ``SLLM_STORE_TIMEOUT``, 600)."""
-    return float(os.environ.get("SLLM_STORE_TIMEOUT") or 600)
 
 
 class StoreClient:
@@ -54,7 +48,9 @@ class StoreClient:
     _cache: dict[tuple[int, str], StoreClient] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, address: Optional[str] = None) -> None:
+    def __init__(self, address: Optional[str] = None, timeout: Optional[float] = None) -> None:
+        # Seconds a Describe or Prefetch may take (the store settings' timeout by default)
+        self.timeout = timeout or StoreSettings.resolve().timeout
         self.target = rpc.normalize_address(address or rpc.default_address())
         self._channel = grpc.insecure_channel(self.target, options=rpc.CHANNEL_OPTIONS)
         self._stubs = {
@@ -124,10 +120,10 @@ class StoreClient:
         return self.call("Status", pb.StatusRequest())
 
     def describe(self, model: str) -> pb.DescribeReply:
-        return self.call("Describe", pb.DescribeRequest(model=model), default_timeout())
+        return self.call("Describe", pb.DescribeRequest(model=model), self.timeout)
 
     def prefetch(self, model: str, *, verify: bool = False) -> pb.PrefetchReply:
-        return self.call("Prefetch", pb.PrefetchRequest(model=model, verify=verify), default_timeout())
+        return self.call("Prefetch", pb.PrefetchRequest(model=model, verify=verify), self.timeout)
 
     def evict(self, model: str = "") -> list[str]:
         return list(self.call("Evict", pb.EvictRequest(model=model)).evicted)
@@ -147,25 +143,13 @@ class StoreClient:
 def index_of(reply: pb.DescribeReply, name: str) -> Index:
     raw = json.loads(reply.index_json)
     if isinstance(raw, dict) and raw.get("synthesized") == "safetensors":
-        from sllm_store.sources import synthesized_index_from_json
+        from sllm_store.formats import synthesized_index_from_json
 
         return synthesized_index_from_json(raw, Path(name))
     return parse_index(raw, Path(name))
 
 
-@contextlib.contextmanager
-def model_files(reply: pb.DescribeReply) -> Any:
-    """A temporary directory holding the model's small files (config.json...), for load_model."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="sllm-store-model-") as d:
-        for name, data in reply.small_files.items():
-            if "/" not in name and name not in (".", ".."):
-                (Path(d) / name).write_bytes(data)
-        yield Path(d)
-
-
-class _SharedMemory:
+class SharedMemory:
     """A host allocation in /dev/shm that the server can map; the file is unlinked once both
     sides have it mapped (or when the load ends)."""
 
@@ -193,117 +177,17 @@ class _SharedMemory:
             os.unlink(self.path)
 
 
-def _copies(plan: Any) -> list[tuple[int, int, int, int, int]]:
-    """The plan's segments as (file, offset, dest, dest_offset, length), contiguous runs merged."""
-    out: list[tuple[int, int, int, int, int]] = []
-    for u, coff, slot, doff, n in sorted(plan.segments, key=lambda s: (s[2], s[3])):
-        f, off = plan.units[u][0], plan.units[u][1] + coff
-        if out:
-            pf, poff, pslot, pdoff, pn = out[-1]
-            if pf == f and pslot == slot and poff + pn == off and pdoff + pn == doff:
-                out[-1] = (pf, poff, pslot, pdoff, pn + n)
-                continue
-        out.append((f, off, slot, doff, n))
-    return out
-
-
 # GPU memory of Load calls that ended without the server's answer (timeout, lost connection,
 # Ctrl-C). The server may still be copying into it through its IPC mapping (it stops when it sees
 # the call end, but the client cannot know when), so it is never handed back to PyTorch's
 # allocator, where other tensors would get it.
-_ABANDONED_GPU_BUFFERS: list[Any] = []
+ABANDONED_GPU_BUFFERS: list[Any] = []
 
 
-def _abandon_gpu_buffers(name: str, buffers: list[tuple[torch.Tensor, int]]) -> None:
+def abandon_gpu_buffers(name: str, buffers: list[tuple[torch.Tensor, int]]) -> None:
     held = [buf for buf, _ in buffers if buf.is_cuda and buf.numel()]
     if held:
-        _ABANDONED_GPU_BUFFERS.append(held)
+        ABANDONED_GPU_BUFFERS.append(held)
         logger.warning("the load of %s ended without the server's answer; keeping its %s of GPU memory "
                        "allocated, as the server may still be writing into it", name,
                        format_size(sum(b.numel() for b in held)))
-
-
-def load_through_store(path: PathLike, device: Any, config: LoadConfig,
-                       described: Optional[pb.DescribeReply] = None) -> tuple[dict[str, torch.Tensor], Any]:
-    """``load_state_dict`` through the server at ``config.store``; returns (tensors, report)."""
-    from sllm_store.loader import (
-        LoadReport,
-        _allocate,
-        _assign_devices,
-        _bytes_per_device,
-        _make_plan,
-        _payload_bytes,
-        _views,
-    )
-
-    if config.io_mode == "mmap":
-        raise ValueError("io_mode='mmap' maps local files; it cannot be used with a store server")
-    from sllm_store.remote.objects import is_remote
-
-    if is_remote(path):
-        raise ValueError(f"the store server serves models under its storage path, not URLs ({path}); "
-                         "load the URL without store=, or fetch it onto the server's storage path")
-    t0 = time.perf_counter()
-    client = StoreClient.get(config.store)
-    name = client.model_name(path)
-    for attempt in (0, 1):
-        reply = described if (described is not None and attempt == 0) else client.describe(name)
-        t_described = time.perf_counter()
-        index = index_of(reply, name)
-        assign = _assign_devices(index, device)
-        plan = _make_plan(index, assign, config)
-        buffers: list[tuple[torch.Tensor, int]] = []
-        shms: list[_SharedMemory] = []
-        dests: list[pb.Destination] = []
-        try:
-            for dev, size in zip(plan.devices, plan.sizes):
-                if size == 0:
-                    buffers.append((torch.empty(0, dtype=torch.uint8, device=dev), 0))
-                    dests.append(pb.Destination(size=0))
-                elif dev.type == "cuda":
-                    buf, shift = _allocate(dev, size)
-                    handle, offset, _, bus_id = _C.cuda_ipc_export(buf.data_ptr() + shift)
-                    buffers.append((buf, shift))
-                    dests.append(pb.Destination(
-                        cuda=pb.CudaIpcMemory(handle=handle, offset=offset, pci_bus_id=bus_id), size=size))
-                elif dev.type == "cpu":
-                    shm = _SharedMemory(size)
-                    shms.append(shm)
-                    buffers.append((shm.tensor, 0))
-                    dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
-                else:
-                    raise ValueError(f"the store server cannot load into {dev}")
-            for dev in {d for d in plan.devices if d.type == "cuda"}:
-                torch.cuda.synchronize(dev)  # the memory is ours before another process writes it
-            copies = [pb.Copy(file=f, offset=o, dest=d, dest_offset=do, length=n)
-                      for f, o, d, do, n in _copies(plan)]
-            request = pb.LoadRequest(model=name, fingerprint=reply.fingerprint, dests=dests, copies=copies,
-                                     verify=config.verify)
-            t_allocated = time.perf_counter()
-            try:
-                result = client.call("Load", request, default_timeout())
-            except (StoreUnavailableError, KeyboardInterrupt):
-                _abandon_gpu_buffers(name, buffers)
-                raise
-            t_loaded = time.perf_counter()
-            break
-        except ModelChangedError:
-            if attempt == 1:
-                raise
-            logger.info("%s changed on the server while planning; describing it again", name)
-        finally:
-            for shm in shms:
-                shm.unlink()
-    tensors = _views(index, assign, plan, buffers)
-    seconds = time.perf_counter() - t0
-    report = LoadReport(
-        path=str(path), bytes=_payload_bytes(index, assign), seconds=seconds,
-        devices=_bytes_per_device(plan),
-        stats={"io_mode": "store", "store": client.target, "hit": result.hit, "streamed": result.streamed,
-               "server_seconds": result.seconds, "copy_seconds": result.copy_seconds,
-               "bytes_copied": result.bytes, "describe_seconds": t_described - t0,
-               "allocate_seconds": t_allocated - t_described, "rpc_seconds": t_loaded - t_allocated},
-    )
-    logger.info("loaded %s through %s (%s, %s) in %.3f s, %.2f GB/s", name, client.target,
-                format_size(report.bytes), "hit" if result.hit else "miss", seconds, report.gb_per_s)
-    return tensors, report

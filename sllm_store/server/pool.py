@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import time
 
-from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.errors import OutOfMemoryError
+from sllm_store.native import _C
 
 logger = logging.getLogger(__name__)
 

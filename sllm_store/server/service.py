@@ -23,12 +23,13 @@ from typing import Any, Callable, Optional
 
 import grpc
 
-from sllm_store import _C, __version__
+from sllm_store import __version__
 from sllm_store._units import format_size
 from sllm_store.errors import DeviceError, FormatError, SllmStoreError, StoreBusyError
+from sllm_store.native import _C
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
-from sllm_store.server.cache import Dest, ModelCache
+from sllm_store.server.models import Dest, PooledModels
 from sllm_store.server.pool import BlockPool
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ RESERVED_RPC_THREADS = 8  # RPC threads beyond that, for Health, Status, Describ
 class StoreService:
     """The RPC handlers. Each takes (request, context) and returns the reply message."""
 
-    def __init__(self, cache: ModelCache, *, cuda: bool, max_loads: int = DEFAULT_MAX_LOADS) -> None:
-        self.cache = cache
+    def __init__(self, models: PooledModels, *, cuda: bool, max_loads: int = DEFAULT_MAX_LOADS) -> None:
+        self.models = models
         self.cuda = cuda
         self.max_loads = max_loads
         self._loads = threading.BoundedSemaphore(max_loads)
@@ -153,16 +154,16 @@ class StoreService:
             sweep_stale_shm()
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
-        return pb.HealthReply(version=__version__, cuda=self.cuda, pinned=self.cache.pool.pinned,
-                              pid=os.getpid(), storage_path=str(self.cache.storage))
+        return pb.HealthReply(version=__version__, cuda=self.cuda, pinned=self.models.pool.pinned,
+                              pid=os.getpid(), storage_path=str(self.models.storage))
 
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
-        s = self.cache.status()
+        s = self.models.status()
         models = [pb.ModelStatus(**m) for m in s.pop("models")]
         return pb.StatusReply(models=models, **s)
 
     def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.DescribeReply:
-        index_json, fp, small = self.cache.describe(request.model)
+        index_json, fp, small = self.models.describe(request.model)
         return pb.DescribeReply(index_json=index_json, fingerprint=fp, small_files=small)
 
     @contextlib.contextmanager
@@ -181,7 +182,7 @@ class StoreService:
     def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
         t0 = time.perf_counter()
         with self._load_slot():
-            hit, nbytes = self.cache.prefetch(request.model, verify=request.verify)
+            hit, nbytes = self.models.prefetch(request.model, verify=request.verify)
         return pb.PrefetchReply(hit=hit, seconds=time.perf_counter() - t0, bytes=nbytes)
 
     def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
@@ -197,7 +198,7 @@ class StoreService:
         gone = threading.Event()
         context.add_callback(gone.set)
         with open_destinations(request.dests) as dests:
-            out = self.cache.load(request.model, request.fingerprint, copies, dests, verify=request.verify,
+            out = self.models.load(request.model, request.fingerprint, copies, dests, verify=request.verify,
                                   cancelled=lambda: gone.is_set() or not context.is_active())
         seconds = time.perf_counter() - t0
         logger.info("served %s: %s in %.3f s (%s%s)", request.model, format_size(out["bytes"]), seconds,
@@ -206,7 +207,7 @@ class StoreService:
                             bytes=out["bytes"], streamed=out["streamed"])
 
     def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictReply:
-        return pb.EvictReply(evicted=self.cache.evict(request.model))
+        return pb.EvictReply(evicted=self.models.evict(request.model))
 
 
 def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -295,14 +296,11 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     import sllm_store.dtypes  # noqa: F401  (imports torch now, not on the first client's request)
 
     pool = BlockPool(mem_pool_size, block_size, threads=threads)
-    cache = ModelCache(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
-    delay = os.environ.get("SLLM_STORE_DEBUG_COPY_DELAY")
-    if delay:
-        cache.debug_copy_delay = float(delay)
+    models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     cuda = _C.cuda_device_count() > 0
     if max_loads < 1:
         raise ValueError(f"max_loads must be >= 1, got {max_loads}")
-    server, target = make_server(StoreService(cache, cuda=cuda, max_loads=max_loads),
+    server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads),
                                  listen or rpc.default_address())
     stop = stop or threading.Event()
     previous = {}
@@ -310,7 +308,7 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     server.start()
-    logger.info("sllm-store %s serving %s on %s (pool %s, %s, %d threads)", __version__, cache.storage,
+    logger.info("sllm-store %s serving %s on %s (pool %s, %s, %d threads)", __version__, models.storage,
                 target, format_size(pool.size), "pinned" if pool.pinned else "pageable", threads)
     if ready is not None:
         ready.set()
@@ -320,7 +318,7 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     finally:
         logger.info("shutting down")
         server.stop(grace=5).wait()
-        cache.close()
+        models.close()
         sock = rpc.unix_path(target)
         if sock is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -18,7 +18,16 @@ from sllm_store.config import LoadConfig
 from sllm_store.errors import DeviceError, SllmStoreError
 from sllm_store.formats import open_index
 from sllm_store.index import Index, PathLike, check_data_files
-from sllm_store.plan import Buffer, Plan, choose_io_mode, destinations, encodings, map_files, mapped_plan, read_units
+from sllm_store.plan import (
+    Buffer,
+    Plan,
+    choose_io_mode,
+    destinations,
+    encodings,
+    map_files,
+    mapped_plan,
+    read_units,
+)
 from sllm_store.tiers.base import Checkpoint
 
 logger = logging.getLogger(__name__)

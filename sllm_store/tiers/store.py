@@ -1,15 +1,140 @@
-"""The store tier (being written)."""
+"""The store tier: loads through a store server (``sllm-store serve``).
+
+When a store server is configured (``store=`` / ``SLLM_STORE_ADDRESS``), :meth:`StoreTier.open`
+asks it to describe the model (one Describe: the index, a fingerprint of the version it describes,
+and the small files such as ``config.json``). The load is planned like every load; the
+destination memory is this process's own (GPU memory exported as CUDA IPC handles, host memory as
+a shared-memory file), and :meth:`StoreCheckpoint.fill` asks the server to copy the plan's bytes
+into it from its pinned memory pool (one Load). A model that changed on the server since it was
+described raises ModelChangedError, and the loader describes and plans it again.
+
+Importing this module is cheap: grpc is imported when a checkpoint opens.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sllm_store.config import LoadConfig
+from sllm_store.errors import StoreUnavailableError
+from sllm_store.index import Index, PathLike
+from sllm_store.plan import Buffer, Plan, allocate, merged_copies
+from sllm_store.tiers.base import Checkpoint
+
+
+class StoreCheckpoint(Checkpoint):
+    """A model of the store server, described; its bytes come from the server's pool."""
+
+    tier = "store"
+
+    def __init__(self, path: PathLike, index: Index, config: LoadConfig, client: Any, name: str,
+                 reply: Any, t0: float) -> None:
+        super().__init__(path, index, config)
+        self.client, self.name, self.reply = client, name, reply
+        self._timings = {"describe_seconds": time.perf_counter() - t0}
+        self._shms: list[Any] = []
+        self._dests: list[Any] = []
+        self._dir: Optional[Path] = None
+
+    def model_dir(self) -> Path:
+        """The model's small files (config.json...) from the Describe reply, in a temporary
+        directory removed at :meth:`close`."""
+        if self._dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="sllm-store-model-")
+            self._closers.callback(tmp.cleanup)
+            self._dir = Path(tmp.name)
+            for name, data in self.reply.small_files.items():
+                if "/" not in name and name not in (".", ".."):
+                    (self._dir / name).write_bytes(data)
+        return self._dir
+
+    def check_devices(self, devices: set[torch.device]) -> None:
+        unsupported = sorted(str(d) for d in devices if d.type not in ("cpu", "cuda"))
+        if unsupported:
+            raise ValueError(f"the store server cannot load into {', '.join(unsupported)}")
+        super().check_devices(devices)
+
+    def allocate(self, plan: Plan) -> list[Buffer]:
+        """GPU memory from PyTorch, exported for the server (CUDA IPC); host memory as shared
+        memory files the server maps."""
+        from sllm_store.native import _C
+        from sllm_store.server import store_pb2 as pb
+        from sllm_store.server.client import SharedMemory
+
+        t0 = time.perf_counter()
+        buffers: list[Buffer] = []
+        self._dests = []
+        for dev, size in zip(plan.devices, plan.sizes):
+            if size == 0:
+                buffers.append((torch.empty(0, dtype=torch.uint8, device=dev), 0))
+                self._dests.append(pb.Destination(size=0))
+            elif dev.type == "cuda":
+                buf, shift = allocate(dev, size)
+                handle, offset, _, bus_id = _C.cuda_ipc_export(buf.data_ptr() + shift)
+                buffers.append((buf, shift))
+                self._dests.append(pb.Destination(
+                    cuda=pb.CudaIpcMemory(handle=handle, offset=offset, pci_bus_id=bus_id), size=size))
+            else:
+                shm = SharedMemory(size)
+                self._shms.append(shm)
+                self._closers.callback(shm.unlink)
+                buffers.append((shm.tensor, 0))
+                self._dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
+        for dev in {d for d in plan.devices if d.type == "cuda"}:
+            torch.cuda.synchronize(dev)  # the memory is ours before another process writes it
+        self._timings["allocate_seconds"] = time.perf_counter() - t0
+        return buffers
+
+    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
+        """One Load: the server copies the plan's bytes into the destinations."""
+        from sllm_store.server import store_pb2 as pb
+        from sllm_store.server.client import abandon_gpu_buffers
+
+        copies = [pb.Copy(file=f, offset=o, dest=d, dest_offset=do, length=n)
+                  for f, o, d, do, n in merged_copies(plan)]
+        request = pb.LoadRequest(model=self.name, fingerprint=self.reply.fingerprint, dests=self._dests,
+                                 copies=copies, verify=self.config.verify)
+        t0 = time.perf_counter()
+        try:
+            try:
+                result = self.client.call("Load", request, self.config.store.timeout)
+            except (StoreUnavailableError, KeyboardInterrupt):
+                abandon_gpu_buffers(self.name, buffers)
+                raise
+        finally:
+            for shm in self._shms:  # mapped by the server by now, or never to be
+                shm.unlink()
+        return {**self._timings, "io_mode": "store", "threads": None, "store": self.client.target,
+                "hit": result.hit, "streamed": result.streamed, "server_seconds": result.seconds,
+                "copy_seconds": result.copy_seconds, "bytes_copied": result.bytes,
+                "rpc_seconds": time.perf_counter() - t0}
 
 
 class StoreTier:
+    """Every path, when a store server is configured: the server serves models under its storage
+    path."""
+
     name = "store"
 
-    def accepts(self, path: Any, config: Any) -> bool:
+    def accepts(self, path: PathLike, config: LoadConfig) -> bool:
         return bool(config.store.address)
 
-    def open(self, path: Any, config: Any) -> Any:
-        raise NotImplementedError
+    def open(self, path: PathLike, config: LoadConfig) -> StoreCheckpoint:
+        from sllm_store.remote import is_remote
+        from sllm_store.server.client import StoreClient, index_of
+
+        if config.io_mode == "mmap":
+            raise ValueError("io_mode='mmap' maps local files; it cannot be used with a store server")
+        if is_remote(path):
+            raise ValueError(f"the store server serves models under its storage path, not URLs ({path}); "
+                             "load the URL without store=, or fetch it onto the server's storage path")
+        t0 = time.perf_counter()
+        client = StoreClient.get(config.store.address)
+        name = client.model_name(path)
+        reply = client.describe(name)
+        return StoreCheckpoint(path, index_of(reply, name), config, client, name, reply, t0)

@@ -1,10 +1,10 @@
-"""Models in the server's memory pool.
+"""Models held in the server's memory pool.
 
-A model is cached whole: every data file laid out over whole pool blocks, read from disk by the
-C++ pipeline (``_C.run_load``) straight into the pinned blocks. Entries are evicted least recently
+A model is held whole: every data file laid out over whole pool blocks, read from disk by the
+C++ pipeline (``_C.run_load``) straight into the pinned blocks. Models are evicted least recently
 used first, never while a load uses them. A model too large for the pool (or one that does not fit
-because the pool is held by models in use) is streamed through the free blocks instead: read a
-window, copy it to the client, reuse the blocks.
+because the pool is held by models in use) passes through the free blocks instead: read a window,
+copy it to the client, reuse the blocks.
 
 Thread-safe: gRPC calls arrive on many threads. The lock guards the table and the pool; disk
 reads and copies run outside it.
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from sllm_store import _C
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
 from sllm_store.errors import (
@@ -38,9 +37,11 @@ from sllm_store.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from sllm_store.formats import open_index, safetensors_shards
 from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
+from sllm_store.native import _C
+from sllm_store.plan import choose_io_mode
 from sllm_store.server.pool import BlockPool
-from sllm_store.sources import open_checkpoint, safetensors_shards
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,14 @@ def _buffer_at(address: int, n: int) -> Any:
     return (ctypes.c_char * n).from_address(address)
 
 
-class ModelCache:
-    """The table of cached models over a :class:`BlockPool`.
+class PooledModels:
+    """The table of models held in a :class:`BlockPool`.
 
     Example::
 
-        cache = ModelCache("/models", BlockPool(32 << 30, 32 << 20), num_threads=16)
-        cache.prefetch("llama-8b")
-        cache.load("llama-8b", fp, copies, dests)   # copies into client memory
+        models = PooledModels("/models", BlockPool(32 << 30, 32 << 20), num_threads=16)
+        models.prefetch("llama-8b")
+        models.load("llama-8b", fp, copies, dests)   # copies into client memory
     """
 
     def __init__(self, storage_path: str | Path, pool: BlockPool, *, num_threads: int,
@@ -115,14 +116,12 @@ class ModelCache:
         self.io_mode = io_mode
         self.copy_threads = copy_threads
         self._lock = threading.Lock()
-        self._streamed = threading.Condition(self._lock)  # notified when a streamed load ends
+        self._window_freed = threading.Condition(self._lock)  # notified when a pass-through load ends
         self._entries: dict[str, _Entry] = {}
         self._index_memo: dict[str, tuple[Any, Index, str]] = {}
-        self._streaming_blocks = 0
+        self._window_blocks = 0
         self.hits = self.misses = self.evictions = self.bytes_served = 0
         self.loads_in_progress = 0
-        # A testing knob: sleep this long before each copy window (makes mid-load kills reliable).
-        self.debug_copy_delay = 0.0
         # How long a load waits for pool blocks held by other loads before PoolExhaustedError.
         self.pool_wait_s = 60.0
         self._closing = threading.Event()  # set by close(): in-flight calls stop at the next window
@@ -166,7 +165,7 @@ class ModelCache:
         if memo is not None and memo[0] == sig:
             index, index_json = memo[1], memo[2]
         else:
-            index = read_index(path) if converted else open_checkpoint(path)
+            index = read_index(path) if converted else open_index(path)
             raw = index.to_json()
             if not converted:
                 raw["synthesized"] = "safetensors"  # plain safetensors: the client must not expect
@@ -190,7 +189,7 @@ class ModelCache:
                 small[p.name] = p.read_bytes()
         return index_json, fp, small
 
-    # -- cache table -------------------------------------------------------------------------
+    # -- the table ---------------------------------------------------------------------------
 
     def _reserve(self, need: int) -> Optional[list[int]]:
         """``need`` blocks, evicting idle models least recently used first; None if impossible.
@@ -213,19 +212,19 @@ class ModelCache:
         for b in e.blocks:
             self.pool.give(b)
 
-    def _acquire(self, key: str, index: Index, fp: str, verify: bool, *, stream_ok: bool
+    def _acquire(self, key: str, index: Index, fp: str, verify: bool, *, pass_through_ok: bool
                  ) -> tuple[Optional[_Entry], bool]:
         """The ready entry of ``key`` with its use count raised (loading it on a miss), and
-        whether it was a hit. (None, False) when the model must be streamed instead."""
+        whether it was a hit. (None, False) when the model must pass through the pool instead."""
         fill = False
         with self._lock:
             e = self._entries.get(key)
             if e is not None and e.fingerprint != fp:
                 if e.in_use == 0:
-                    logger.info("%s changed on disk: dropping the cached copy", key)
+                    logger.info("%s changed on disk: dropping the copy in the pool", key)
                     self._drop(e)
                     e = None
-                elif stream_ok:
+                elif pass_through_ok:
                     return None, False
                 else:
                     raise ModelChangedError(
@@ -236,15 +235,15 @@ class ModelCache:
             else:
                 need = sum(self.pool.blocks_for(f.size) for f in index.files)
                 if need > self.pool.num_blocks:
-                    if stream_ok:
+                    if pass_through_ok:
                         return None, False
                     raise ModelTooLargeError(
                         f"{key!r} ({format_size(need * self.pool.block_size)}) is larger than the whole "
-                        f"memory pool ({format_size(self.pool.size)}); it can only be streamed"
+                        f"memory pool ({format_size(self.pool.size)}); it can only pass through it"
                     )
                 blocks = self._reserve(need)
                 if blocks is None:
-                    if stream_ok:
+                    if pass_through_ok:
                         return None, False
                     raise PoolExhaustedError(
                         f"no room for {key!r} ({format_size(need * self.pool.block_size)}): the memory "
@@ -277,7 +276,7 @@ class ModelCache:
             e.state = "ready"
             e.ready.set()
             dt = time.perf_counter() - t0
-            logger.info("cached %s: %s in %.2f s (%.2f GB/s)", key, format_size(e.size), dt,
+            logger.info("read %s into the pool: %s in %.2f s (%.2f GB/s)", key, format_size(e.size), dt,
                         e.size / dt / 1e9 if dt > 0 else 0)
             return e, False
         e.ready.wait()
@@ -295,7 +294,7 @@ class ModelCache:
         with self._lock:
             e.in_use -= 1
             e.last_used = time.time()
-            self._streamed.notify_all()  # a waiting streamed load may now evict it
+            self._window_freed.notify_all()  # a waiting pass-through load may now evict it
 
     # -- data movement -----------------------------------------------------------------------
 
@@ -325,7 +324,7 @@ class ModelCache:
                 if stored is not None:
                     if not whole:
                         raise PoolExhaustedError(
-                            f"cannot stream '{files[f]}' through {len(blocks)} free block(s): a "
+                            f"cannot pass '{files[f]}' through {len(blocks)} free block(s): a "
                             f"compressed chunk ({format_size(cs)}) must be decoded whole"
                         )
                     encodings.append(stored[pos // cs].encoding)
@@ -346,11 +345,11 @@ class ModelCache:
                 pos = nxt
         config = LoadConfig.resolve(num_threads=self.num_threads, io_mode=self.io_mode)
         _C.run_load(files, units, segments, dests, num_threads=config.num_threads,
-                    io_mode=config.io_mode_for(files, index.compressed), verify=verify,
+                    io_mode=choose_io_mode(config, files, index.compressed), verify=verify,
                     encodings=encodings if any(e is not None for e in encodings) else [])
 
-    def _verify_cached(self, e: _Entry) -> None:
-        """Check the checksums of a model cached without verification (once)."""
+    def _verify_held(self, e: _Entry) -> None:
+        """Check the checksums of a model read into the pool without verification (once)."""
         B, cs = self.pool.block_size, e.index.chunk_size
 
         def check(f: int) -> None:
@@ -364,7 +363,7 @@ class ModelCache:
             for c, (got, want) in enumerate(zip(hasher.finish(), df.checksums)):
                 if got != want:
                     raise ChecksumError(
-                        f"checksum mismatch in cached '{e.files[f]}' chunk at offset {c * cs}: "
+                        f"checksum mismatch in the pool's copy of '{e.files[f]}' chunk at offset {c * cs}: "
                         f"expected {want:016x}, got {got:016x}"
                     )
 
@@ -401,8 +400,6 @@ class ModelCache:
               cancelled: Optional[Callable[[], bool]] = None) -> float:
         if not parts:
             return 0.0
-        if self.debug_copy_delay:
-            self._closing.wait(self.debug_copy_delay)
         self._check_open()
         _check_cancelled(cancelled)
         try:
@@ -417,21 +414,22 @@ class ModelCache:
     def prefetch(self, name: str, *, verify: bool = False) -> tuple[bool, int]:
         """Make ``name`` resident; returns (hit, bytes)."""
         key, index, fp = self._open(name)
-        e, hit = self._acquire(key, index, fp, verify, stream_ok=False)
+        e, hit = self._acquire(key, index, fp, verify, pass_through_ok=False)
         assert e is not None
         try:
             if verify and not e.verified:
-                self._verify_cached(e)
+                self._verify_held(e)
             return hit, e.size
         finally:
             self._release(e)
 
     def load(self, name: str, fp: str, copies: Sequence[CopyReq], dests: Sequence[Dest], *,
              verify: bool = False, cancelled: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
-        """Copy parts of ``name`` into ``dests`` through the cache (or streamed through the pool).
+        """Copy parts of ``name`` into ``dests`` from the pool (reading it in first, or passing it
+        through free blocks when it cannot be held).
 
         ``cancelled()`` True means the client has gone away: nothing more is written into
-        ``dests`` (a cache fill in progress still completes, for the next client).
+        ``dests`` (a read into the pool in progress still completes, for the next client).
         """
         key, index, current = self._open(name)
         if fp and fp != current:
@@ -445,14 +443,14 @@ class ModelCache:
         with self._lock:
             self.loads_in_progress += 1
         try:
-            e, hit = self._acquire(key, index, current, verify, stream_ok=True)
+            e, hit = self._acquire(key, index, current, verify, pass_through_ok=True)
             if e is None:
-                seconds = self._stream(key, index, copies, dests, verify, cancelled)
+                seconds = self._pass_through(key, index, copies, dests, verify, cancelled)
                 out = {"hit": False, "copy_seconds": seconds, "streamed": True}
             else:
                 try:
                     if verify and not e.verified:
-                        self._verify_cached(e)
+                        self._verify_held(e)
                     parts = []
                     for f in range(len(e.files)):
                         parts += self._resolve_copies(copies, f, 0, e.index.files[f].size, e.blocks[f])
@@ -469,11 +467,11 @@ class ModelCache:
             with self._lock:
                 self.loads_in_progress -= 1
 
-    def _stream(self, key: str, index: Index, copies: Sequence[CopyReq], dests: Sequence[Dest],
+    def _pass_through(self, key: str, index: Index, copies: Sequence[CopyReq], dests: Sequence[Dest],
                 verify: bool, cancelled: Optional[Callable[[], bool]] = None) -> float:
         B, cs = self.pool.block_size, index.chunk_size
-        # A stream uses a bounded window (enough chunks for every reader thread), not every free
-        # block: other loads, cached or streamed, keep room meanwhile.
+        # A pass-through uses a bounded window (enough chunks for every reader thread), not every free
+        # block: other loads keep room meanwhile.
         largest = min(max((self.pool.blocks_for(f.size) for f in index.files), default=0),
                       self.pool.blocks_for(cs * max(2, self.num_threads)))
         whole_chunks = verify or index.compressed
@@ -483,7 +481,7 @@ class ModelCache:
             return k == 0 or (whole_chunks and k < one_chunk)
 
         with self._lock:
-            # Room from idle cached models (least recently used first) when the free blocks do
+            # Room from idle models (least recently used first) when the free blocks do
             # not hold one checksum chunk (windows of whole chunks are verified), else one block.
             for want in (min(largest, self.pool.blocks_for(cs)), min(largest, 1)):
                 if self.pool.free_blocks >= want:
@@ -493,23 +491,23 @@ class ModelCache:
                     self.pool.give(room)
                     break
             k = min(self.pool.free_blocks, largest)
-            # Every block is held by loads in progress (streamed, or using cached models): wait,
+            # Every block is held by loads in progress (passing through, or using held models): wait,
             # boundedly, for one of them to end, then evict what became idle.
             deadline = time.monotonic() + self.pool_wait_s
             while too_few(k) and largest > 0 and (
-                    self._streaming_blocks or any(e.in_use for e in self._entries.values())):
+                    self._window_blocks or any(e.in_use for e in self._entries.values())):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._streamed.wait(min(left, 1.0))
+                self._window_freed.wait(min(left, 1.0))
                 if too_few(self.pool.free_blocks):
                     room = self._reserve(one_chunk if whole_chunks else 1)
                     if room is not None:
                         self.pool.give(room)
                 k = min(self.pool.free_blocks, largest)
             if k == 0 and largest > 0:
-                streams = f", {self._streaming_blocks} block(s) by streamed loads" \
-                    if self._streaming_blocks else ""
+                streams = f", {self._window_blocks} block(s) by pass-through loads" \
+                    if self._window_blocks else ""
                 raise PoolExhaustedError(
                     f"cannot serve {key!r} within {self.pool_wait_s:.0f} s: every block of the memory pool "
                     f"({format_size(self.pool.size)}) is held by models in use{streams}"
@@ -518,12 +516,12 @@ class ModelCache:
                     verify or index.compressed):
                 # Windows smaller than a chunk cut chunks: they can be neither verified nor decoded.
                 raise PoolExhaustedError(
-                    f"cannot stream {key!r} {'with verify=True ' if verify else '(compressed) '}through "
+                    f"cannot pass {key!r} {'with verify=True ' if verify else '(compressed) '}through "
                     f"{k} free block(s) ({format_size(k * B)}): whole {format_size(cs)} chunks are needed"
                 )
             blocks = self.pool.take(k) or []
-            self._streaming_blocks += k
-        logger.info("streaming %s through %d free block(s) of the pool", key, k)
+            self._window_blocks += k
+        logger.info("passing %s through %d free block(s) of the pool", key, k)
         files = [str(index.file_path(i)) for i in range(len(index.files))]
         window = k * B if k * B < cs else (k * B) // cs * cs
         seconds = 0.0
@@ -542,12 +540,12 @@ class ModelCache:
         finally:
             with self._lock:
                 self.pool.give(blocks)
-                self._streaming_blocks -= k
-                self._streamed.notify_all()
+                self._window_blocks -= k
+                self._window_freed.notify_all()
         return seconds
 
     def evict(self, name: str = "") -> list[str]:
-        """Drop ``name`` (or every model not in use) from the cache; returns what was dropped."""
+        """Drop ``name`` (or every model not in use) from the pool; returns what was dropped."""
         with self._lock:
             if name:
                 key = str(PurePosixPath(name))
@@ -595,7 +593,7 @@ class ModelCache:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                busy = self.loads_in_progress + self._streaming_blocks + sum(
+                busy = self.loads_in_progress + self._window_blocks + sum(
                     e.in_use for e in self._entries.values())
                 if not busy:
                     for e in list(self._entries.values()):
