@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -22,6 +22,8 @@ from sllm_store.plan import DeviceMap, LoadReport, assign_devices, make_report, 
 from sllm_store.tiers import Checkpoint, open_checkpoint
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def load_opened(checkpoint: Checkpoint, device: DeviceMap,
@@ -42,19 +44,25 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap,
     return tensors, report
 
 
-def load(path: PathLike, device: DeviceMap, config: LoadConfig) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Open ``path`` with the first tier that accepts it and load it; a checkpoint that changed
-    while it was planned (ModelChangedError) is opened again, once."""
-    t0 = time.perf_counter()
+def with_checkpoint(path: PathLike, config: LoadConfig, use: Callable[[Checkpoint], T]) -> T:
+    """``use(checkpoint)`` with ``path`` opened by the first tier that accepts it, and closed
+    after; a checkpoint that changed while it was planned (ModelChangedError) is opened again and
+    used anew, once."""
     for attempt in (0, 1):
         with open_checkpoint(path, config) as checkpoint:
             try:
-                return load_opened(checkpoint, device, t0)
+                return use(checkpoint)
             except ModelChangedError:
                 if attempt:
                     raise
                 logger.info("%s changed while it was planned; opening it again", path)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def load(path: PathLike, device: DeviceMap, config: LoadConfig) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Open ``path`` with the first tier that accepts it and load it onto ``device``."""
+    t0 = time.perf_counter()
+    return with_checkpoint(path, config, lambda checkpoint: load_opened(checkpoint, device, t0))
 
 
 def load_state_dict(

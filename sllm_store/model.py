@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import ModelChangedError, SllmStoreError
+from sllm_store.errors import SllmStoreError
 from sllm_store.index import Index, PathLike
-from sllm_store.loader import load_opened
+from sllm_store.loader import load_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
 from sllm_store.tiers.base import Checkpoint
 
@@ -283,8 +283,6 @@ def load_model_with_report(
     **config_kwargs: Any,
 ) -> tuple[nn.Module, LoadReport]:
     """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport`."""
-    from sllm_store.tiers import open_checkpoint
-
     t0 = time.perf_counter()
     if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
         if torch_dtype is not None and torch_dtype != dtype:
@@ -293,16 +291,8 @@ def load_model_with_report(
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
     options = _ModelOptions(device_map, torch_dtype, hf_model_class, trust_remote_code, max_memory,
                             config_kwargs)
-    for attempt in (0, 1):
-        # One opening gives the index, the config files and the weights, whatever the tier.
-        with open_checkpoint(path, load_config) as checkpoint:
-            try:
-                return _load_model(checkpoint, t0, options)
-            except ModelChangedError:
-                if attempt:
-                    raise
-                logger.info("%s changed while it was planned; opening it again", path)
-    raise AssertionError("unreachable")  # pragma: no cover
+    # One opening gives the index, the config files and the weights, whatever the tier.
+    return with_checkpoint(path, load_config, lambda checkpoint: _load_model(checkpoint, t0, options))
 
 
 @dataclass
