@@ -138,3 +138,11 @@ def test_modules_stay_small(limit):
     big = {str(p.relative_to(ROOT)): n for p in _modules().values()
            if (n := len(p.read_text().splitlines())) > limit}
     assert not big, f"modules over {limit} lines: {big}"
+
+
+def test_every_package_is_installed():
+    """``pip install .`` (not editable) installs the packages pyproject.toml lists: all of them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
