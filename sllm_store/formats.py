@@ -8,7 +8,6 @@ The converted format stays the fast path (aligned tensors, O_DIRECT-sized files,
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from sllm_store.index import (
     TensorEntry,
     is_converted,
     read_index,
+    strict_json,
 )
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -50,11 +50,12 @@ def safetensors_header(path: Path, error: type[Exception] = ConvertError) -> tup
             (n,) = struct.unpack("<Q", head)
             if n > 100 * 2**20:
                 raise error(f"'{path}' is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
+            raw = f.read(n)
     except FileNotFoundError:
         raise MissingFileError(f"safetensors file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise error(f"cannot read safetensors header of '{path}': {e}") from None
+    header = strict_json(raw, f"the safetensors header of '{path}'", error)
     if not isinstance(header, dict):
         raise error(f"'{path}' has a malformed safetensors header")
     return header, 8 + n
@@ -105,9 +106,12 @@ def shards_from_index(directory: Path, index_name: str) -> list[Path]:
     """The shard files named by a Hugging Face shard index (``*.index.json`` with a weight_map)."""
     ipath = directory / index_name
     try:
-        names = sorted(set(json.loads(ipath.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        weight_map = strict_json(ipath.read_bytes(), f"shard index '{ipath}'", ConvertError)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, KeyError, TypeError, AttributeError) as e:
         raise ConvertError(f"cannot read shard index '{ipath}': {e}") from None
+    if not all(isinstance(n, str) and n and "/" not in n and "\x00" not in n for n in names):
+        raise ConvertError(f"shard index '{ipath}' names files outside its directory")
     shards = [directory / n for n in names]
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
@@ -179,7 +183,7 @@ def synthesized_index_from_json(raw: Any, root: Path) -> Index:
                 raise bad(f"tensor {name!r} has inconsistent offsets")
             tensors[name] = TensorEntry(name, dtype, shape, file, offset, nbytes)
         chunk_size = int(raw["chunk_size"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise bad(f"malformed ({e})") from None
     return Index(path=root, version=1, chunk_size=chunk_size, alignment=1, tensor_alignment=1,
                  files=files, tensors=tensors, source=raw.get("source") or {})

@@ -177,10 +177,47 @@ def read_index(path: PathLike) -> Index:
             f"(convert it with `sllm-store convert`)"
         )
     try:
-        raw = json.loads(ipath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = ipath.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise FormatError(f"'{ipath}' is not valid JSON: {e}") from None
-    return parse_index(raw, root)
+    return parse_index(strict_json(text, f"'{ipath}'"), root)
+
+
+MAX_INT = 2**63 - 1  # sizes, offsets and dimensions: what the core and torch can address
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def strict_json(text: Union[str, bytes], what: str, error: type[Exception] = FormatError) -> Any:
+    """``json.loads`` of an index or header that refuses what Python's parser lets through: NaN and
+    Infinity literals (and numbers too large for a float), a key given twice in one object (two
+    tensors of one name), integers too long to convert, and nesting too deep to parse; ``error``
+    naming ``what`` for each."""
+    try:
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite,
+                          object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise error(f"{what} is nested too deeply to be an index") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, our hooks, long integers
+        raise error(f"{what} is not valid JSON: {e}") from None
 
 
 class _Checker:
@@ -198,6 +235,8 @@ class _Checker:
         value = obj[key]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise self.bad(f"field {ctx}{key!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+            raise self.bad(f"field {ctx}{key!r} is out of range ({value})")
         return value
 
 
@@ -255,8 +294,10 @@ def _parse_file(ck: _Checker, i: int, f: Any, earlier: list[DataFile], version: 
     if not isinstance(f, dict):
         raise ck.bad(f"files[{i}] must be an object")
     name = ck.get(f, "name", str, ctx)
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
         raise ck.bad(f"data file name {name!r} must be a plain file name")
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ck.bad(f"data file name {name[:40]!r}... is longer than a file name may be (255 bytes)")
     if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
         raise ck.bad(f"data file name {name!r} is reserved")
     if any(name == other.name for other in earlier):
@@ -304,7 +345,7 @@ def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], 
     if dtype not in NAME_TO_DTYPE:
         raise ck.bad(f"tensor {name!r} has unknown dtype {dtype!r}")
     shape = ck.get(t, "shape", list, ctx)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_INT for d in shape):
         raise ck.bad(f"tensor {name!r} has an invalid shape {shape!r}")
     file = ck.get(t, "file", int, ctx)
     offset = ck.get(t, "offset", int, ctx)
@@ -315,6 +356,8 @@ def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], 
     numel = math.prod(shape)
     if nbytes != numel * itemsize:
         raise ck.bad(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_INT:  # its strides, even when empty
+        raise ck.bad(f"tensor {name!r}: shape {shape} is too large to address")
     if offset < 0 or offset % tensor_alignment or offset + nbytes > files[file].size:
         raise ck.bad(
             f"tensor {name!r}: offset {offset} (+{nbytes} bytes) is misaligned or outside "
@@ -334,15 +377,16 @@ def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_
         if not isinstance(c, dict):
             raise bad(f"data file '{name}' chunk {i} must be an object")
         off, length, codec, group = c.get("offset"), c.get("length"), c.get("codec"), c.get("group", 1)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, length, group)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_INT
+                   for v in (off, length, group)):
             raise bad(f"data file '{name}' chunk {i} has non-integer fields")
-        if codec not in CODECS:
+        if not isinstance(codec, str) or codec not in CODECS:
             raise bad(f"data file '{name}' chunk {i} has unknown codec {codec!r}")
         raw_len = min(chunk_size, size - i * chunk_size)
         if off % STORED_ALIGNMENT or off < end or length < 0 or off + length > stored_size:
             raise bad(f"data file '{name}' chunk {i} at {off} (+{length}) is misaligned, overlaps "
                       f"the previous one or ends past stored_size {stored_size}")
-        if not 1 <= group <= 16 or (codec == "none" and length != raw_len):
+        if not 1 <= group <= 16 or (codec == "none" and (length != raw_len or group != 1)):
             raise bad(f"data file '{name}' chunk {i}: invalid group {group} or raw length {length}")
         out.append(StoredChunk(off, length, codec, group))
         end = off + length

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -37,7 +36,7 @@ from typing import Any, Callable, Optional
 from sllm_store._units import format_size
 from sllm_store.config import CacheSettings, RemoteOptions
 from sllm_store.errors import CacheError, RemoteError, RemoteUnavailableError, SllmStoreError
-from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, write_index
+from sllm_store.index import INDEX_FILE, DataFile, Index, parse_index, strict_json, write_index
 from sllm_store.remote.entries import (
     DONE_SUFFIX,
     PARTIAL,
@@ -150,10 +149,8 @@ class Download:
 
     def parse_index(self, root: Path) -> Index:
         """The fetched index, its data files under ``root``."""
-        try:
-            return parse_index(json.loads(self.index_bytes or b""), root)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RemoteError(f"'{self.url}/{INDEX_FILE}' is not valid JSON: {e}") from None
+        raw = strict_json(self.index_bytes or b"", f"'{self.url}/{INDEX_FILE}'", RemoteError)
+        return parse_index(raw, root)
 
     def _open_partial(self) -> None:
         partial = self.root / PARTIAL / self.name

@@ -10,7 +10,6 @@ timeout raises :class:`~sllm_store.errors.StoreUnavailableError`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import mmap
 import os
@@ -26,7 +25,7 @@ import torch
 from sllm_store._units import format_size
 from sllm_store.config import StoreSettings
 from sllm_store.errors import OutOfMemoryError, StoreBusyError, StoreUnavailableError
-from sllm_store.index import Index, PathLike, parse_index
+from sllm_store.index import Index, PathLike, parse_index, strict_json
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
 
@@ -141,7 +140,7 @@ class StoreClient:
 
 
 def index_of(reply: pb.DescribeReply, name: str) -> Index:
-    raw = json.loads(reply.index_json)
+    raw = strict_json(reply.index_json, f"the index of {name!r} from the store server")
     if isinstance(raw, dict) and raw.get("synthesized") == "safetensors":
         from sllm_store.formats import synthesized_index_from_json
 
