@@ -9,6 +9,7 @@ The converted format stays the fast path (aligned tensors, O_DIRECT-sized files,
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +43,29 @@ SAFETENSORS_DTYPES = {
 
 def safetensors_header(path: Path, error: type[Exception] = ConvertError) -> tuple[dict[str, Any], int]:
     """(header dict, byte offset where the data section starts) of a safetensors file."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise error(f"'{path}' is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20:
-                raise error(f"'{path}' is not a safetensors file (header length {n})")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block us
     except FileNotFoundError:
         raise MissingFileError(f"safetensors file '{path}' does not exist") from None
     except OSError as e:
-        raise error(f"cannot read safetensors header of '{path}': {e}") from None
+        raise error(f"cannot read safetensors header of '{path}': {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"'{path}' is not a regular file")
+        os.set_blocking(fd, True)
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8:
+            raise error(f"'{path}' is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100 * 2**20:
+            raise error(f"'{path}' is not a safetensors file (header length {n})")
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise error(f"cannot read safetensors header of '{path}': {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     header = strict_json(raw, f"the safetensors header of '{path}'", error)
     if not isinstance(header, dict):
         raise error(f"'{path}' has a malformed safetensors header")
@@ -113,6 +124,9 @@ def shards_from_index(directory: Path, index_name: str) -> list[Path]:
     if not all(isinstance(n, str) and n and "/" not in n and "\x00" not in n for n in names):
         raise ConvertError(f"shard index '{ipath}' names files outside its directory")
     shards = [directory / n for n in names]
+    odd = [str(p) for p in shards if p.exists() and not p.is_file()]
+    if odd:
+        raise FormatError(f"shards listed in '{ipath}' are not a regular file: {', '.join(odd)}")
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise MissingFileError(f"shards listed in '{ipath}' are missing: {', '.join(missing)}")

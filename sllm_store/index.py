@@ -176,11 +176,34 @@ def read_index(path: PathLike) -> Index:
             f"'{ipath}' not found: '{root}' is not an sllm-store checkpoint "
             f"(convert it with `sllm-store convert`)"
         )
-    try:
-        text = ipath.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"'{ipath}' is not valid JSON: {e}") from None
+    text = read_regular(ipath, FormatError)
     return parse_index(strict_json(text, f"'{ipath}'"), root)
+
+
+def read_regular(path: Path, error: type[Exception] = FormatError, limit: int = 1 << 30) -> bytes:
+    """The bytes of ``path`` if it is a regular file (opened without blocking: a FIFO's open
+    would wait for a writer), at most ``limit`` of them; ``error`` otherwise."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise MissingFileError(f"'{path}' does not exist") from None
+    except OSError as e:
+        raise error(f"cannot open '{path}': {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"'{path}' is not a regular file")
+        if st.st_size > limit:
+            raise error(f"'{path}' is {st.st_size} bytes, more than an index or header may be")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read '{path}': {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 MAX_INT = 2**63 - 1  # sizes, offsets and dimensions: what the core and torch can address
@@ -394,15 +417,23 @@ def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_
 
 
 def check_data_files(index: Index) -> None:
-    """Raise MissingFileError / TruncatedFileError unless every data file exists at full size."""
+    """Raise MissingFileError / TruncatedFileError unless every data file exists at full size,
+    and FormatError for one that is not a regular file (a FIFO would block its reader)."""
+    import stat
+
     from sllm_store.errors import TruncatedFileError
 
     for i, f in enumerate(index.files):
         p = index.file_path(i)
         try:
-            size = p.stat().st_size
+            st = p.stat()
         except FileNotFoundError:
             raise MissingFileError(f"data file '{p}' listed in the index is missing") from None
+        except OSError as e:
+            raise FormatError(f"cannot stat data file '{p}': {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"data file '{p}' is not a regular file")
+        size = st.st_size
         if size < f.disk_size:
             raise TruncatedFileError(
                 f"data file '{p}' is truncated: {size} bytes, the index says {f.disk_size}"

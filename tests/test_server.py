@@ -1086,6 +1086,26 @@ def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):
         assert_state_dict_identical(out, sd, check_order=False)
 
 
+def test_fifo_in_the_storage_path_is_an_error_not_a_hang(start_server, tmp_path):
+    """A FIFO where a data file should be: each load fails at once with FormatError, and the
+    server keeps serving (no load slot is held by a hung open)."""
+    root = tmp_path / "fifo-models"
+    sllm_store.save_state_dict({"w": torch.randn(64, 64)}, root / "good", quiet=True)
+    bad = sllm_store.save_state_dict({"w": torch.randn(64, 64)}, root / "bad", quiet=True)
+    data = next(bad.glob("*.bin"))
+    data.unlink()
+    os.mkfifo(data)
+    srv = start_server(storage=root, pool="8MiB", args=("--max-loads", "2"))
+    for _ in range(4):  # more than the server's load slots
+        t0 = time.monotonic()
+        with pytest.raises(sllm_store.FormatError, match="not a regular file"):
+            load("bad", srv)
+        assert time.monotonic() - t0 < 10
+    out, _ = load("good", srv)
+    assert set(out) == {"w"}
+    assert_consistent(srv)
+
+
 # --------------------------------------------------------------------------------------------
 # PooledModels in-process: change detection, Describe consistency, links out of the storage path
 # --------------------------------------------------------------------------------------------

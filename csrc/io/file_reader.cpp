@@ -21,10 +21,27 @@ bool aligned(uint64_t v) { return v % kDirectAlignment == 0; }
 
 }  // namespace
 
+int open_regular(const std::string& path, int extra_flags) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | extra_flags);
+  if (fd < 0) return -1;
+  struct stat st;
+  const int err = ::fstat(fd, &st) != 0 ? errno : (S_ISREG(st.st_mode) ? 0 : EINVAL);
+  if (err != 0) {
+    ::close(fd);
+    errno = err;
+    return -1;
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  return fd;
+}
+
 FileReader::FileReader(const std::string& path, IoMode mode) : path_(path) {
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  fd_ = open_regular(path);
   if (fd_ < 0) {
     int err = errno;
+    if (err == EINVAL)
+      throw Error(ErrorKind::kFormat, "data file '" + path + "' is not a regular file");
     throw Error(err == ENOENT ? ErrorKind::kMissing : ErrorKind::kRead,
                 "cannot open data file '" + path + "': " + errno_text(err));
   }
@@ -37,7 +54,7 @@ FileReader::FileReader(const std::string& path, IoMode mode) : path_(path) {
   size_ = static_cast<uint64_t>(st.st_size);
   if (mode == IoMode::kDirect) {
 #ifdef O_DIRECT
-    direct_fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+    direct_fd_ = open_regular(path, O_DIRECT);
     // EINVAL: the filesystem does not support O_DIRECT; stay buffered.
 #endif
   }

@@ -21,6 +21,12 @@ enum class IoMode { kBuffered, kDirect, kMapped };
 // block devices); the format pads data files to it.
 constexpr size_t kDirectAlignment = 4096;
 
+// Opens `path` for reading without blocking (a FIFO or device where a data file should be would
+// otherwise hang the open or the reads) and only if it is a regular file; `extra_flags` are added
+// to O_RDONLY | O_CLOEXEC (O_DIRECT, say). Returns the descriptor, in blocking mode, or -1 with
+// errno set (EINVAL: not a regular file).
+int open_regular(const std::string& path, int extra_flags = 0);
+
 class FileReader {
  public:
   FileReader(const std::string& path, IoMode mode);

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "io/file_reader.h"
+
 namespace sllm {
 
 double page_cache_fraction(const std::vector<std::string>& paths) {
@@ -16,7 +18,7 @@ double page_cache_fraction(const std::vector<std::string>& paths) {
   uint64_t total = 0, resident = 0;
   std::vector<unsigned char> vec;
   for (const auto& path : paths) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    int fd = open_regular(path);  // not a FIFO's open, which would wait for a writer
     if (fd < 0) return -1;
     struct stat st;
     if (::fstat(fd, &st) != 0) {
