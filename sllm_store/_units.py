@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Union
 
+from sllm_store.errors import InvalidArgumentError
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -23,14 +25,14 @@ def parse_size(value: SizeLike) -> int:
     33554432
     """
     if isinstance(value, bool):
-        raise ValueError(f"invalid size: {value!r}")
+        raise InvalidArgumentError(f"invalid size: {value!r}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"size must not be negative: {value}")
+            raise InvalidArgumentError(f"size must not be negative: {value}")
         return value
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"invalid size: {value!r} (examples: 4096, 32MiB, 1.5GB)")
+        raise InvalidArgumentError(f"invalid size: {value!r} (examples: 4096, 32MiB, 1.5GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

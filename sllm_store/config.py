@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from sllm_store._units import SizeLike, parse_size
+from sllm_store.errors import InvalidArgumentError
 
 IO_MODES = ("auto", "buffered", "direct", "mmap")
 
@@ -86,7 +87,7 @@ def _env_int(name: str) -> Optional[int]:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _env_size(name: str) -> Optional[int]:
@@ -98,7 +99,7 @@ def _env_size(name: str) -> Optional[int]:
     try:
         return parse_size(value)
     except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+        raise InvalidArgumentError(f"{name}: {e}") from None
 
 
 def _env_bool(name: str) -> Optional[bool]:
@@ -110,7 +111,7 @@ def _env_bool(name: str) -> Optional[bool]:
         return False
     if value.lower() in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+    raise InvalidArgumentError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
 def default_num_threads() -> int:
@@ -149,9 +150,10 @@ class StoreSettings:
             try:
                 timeout = DEFAULT_STORE_TIMEOUT if raw is None else float(raw)
             except ValueError:
-                raise ValueError(f"SLLM_STORE_TIMEOUT must be a number of seconds, got {raw!r}") from None
+                raise InvalidArgumentError(
+                    f"SLLM_STORE_TIMEOUT must be a number of seconds, got {raw!r}") from None
         if timeout <= 0:
-            raise ValueError(f"the store timeout must be positive, got {timeout}")
+            raise InvalidArgumentError(f"the store timeout must be positive, got {timeout}")
         return cls(address=store_address(address), timeout=float(timeout))
 
 
@@ -179,9 +181,10 @@ class RemoteOptions:
         """These options with ``max_gets`` filled in (environment, then the default)."""
         gets = self.max_gets
         if gets is None:
-            gets = _env_int("SLLM_STORE_REMOTE_GETS") or DEFAULT_REMOTE_GETS
+            gets = _env_int("SLLM_STORE_REMOTE_GETS")
+            gets = DEFAULT_REMOTE_GETS if gets is None else gets
         if gets < 1:
-            raise ValueError(f"max_gets (SLLM_STORE_REMOTE_GETS) must be >= 1, got {gets}")
+            raise InvalidArgumentError(f"max_gets (SLLM_STORE_REMOTE_GETS) must be >= 1, got {gets}")
         return self if gets == self.max_gets else replace(self, max_gets=int(gets))
 
     @property
@@ -209,7 +212,7 @@ class CacheSettings:
         if behind is None:
             behind = max(256 << 20, min(8 << 30, _ram_bytes() // 8))
         if behind < 0 or (limit is not None and limit < 0):
-            raise ValueError("cache sizes must not be negative")
+            raise InvalidArgumentError("cache sizes must not be negative")
         return cls(directory=d.expanduser(), size_limit=limit, write_behind=behind)
 
 
@@ -242,23 +245,24 @@ class LoadConfig:
             num_threads = _env_int("SLLM_STORE_NUM_THREADS")
         threads = default_num_threads() if num_threads is None else int(num_threads)
         if threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {threads}")
+            raise InvalidArgumentError(f"num_threads must be >= 1, got {threads}")
         if io_mode is None:
             io_mode = (_env("SLLM_STORE_IO_MODE") or "auto").lower()
             if io_mode not in IO_MODES:
-                raise ValueError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
+                raise InvalidArgumentError(f"io_mode (env SLLM_STORE_IO_MODE) must be one of {IO_MODES}, "
                                  f"got {io_mode!r}")
         if io_mode not in IO_MODES:
-            raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
+            raise InvalidArgumentError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}")
         size = parse_size(chunk_size) if chunk_size is not None else _env_size("SLLM_STORE_CHUNK_SIZE")
         if size is not None and (size <= 0 or size % 4096):
             hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
-            raise ValueError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
+            raise InvalidArgumentError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
         if verify is None:
             verify = bool(_env_bool("SLLM_STORE_VERIFY"))
-        staging = _env_int("SLLM_STORE_STAGING_BUFFERS") or 2
+        staging = _env_int("SLLM_STORE_STAGING_BUFFERS")
+        staging = 2 if staging is None else staging
         if staging < 1:
-            raise ValueError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
+            raise InvalidArgumentError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
                    staging_buffers=staging, store=StoreSettings.resolve(store),
                    remote=(remote or RemoteOptions()).resolved(), cache=cache)

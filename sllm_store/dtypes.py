@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sllm_store.errors import FormatError
+from sllm_store.errors import FormatError, InvalidArgumentError
 
 _CANDIDATES = [
     "float64", "float32", "float16", "bfloat16",
@@ -29,7 +29,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_TO_NAME[dtype]
     except KeyError:
-        raise ValueError(f"unsupported dtype {dtype}") from None
+        raise InvalidArgumentError(f"unsupported dtype {dtype}") from None
 
 
 def dtype_from_name(name: str, *, where: str = "") -> torch.dtype:

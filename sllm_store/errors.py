@@ -15,6 +15,11 @@ class SllmStoreError(Exception):
     """Base class of every error raised by sllm-store."""
 
 
+class InvalidArgumentError(SllmStoreError, ValueError):
+    """An argument or setting has a value the library cannot use (an unknown ``io_mode``, a
+    ``chunk_size`` that is not a multiple of 4096, an unknown dtype or model class...)."""
+
+
 class FormatError(SllmStoreError):
     """A converted checkpoint is malformed: bad index JSON, missing fields, impossible offsets."""
 
@@ -115,6 +120,7 @@ class CacheError(RemoteError, OSError):
 
 __all__ = [
     "SllmStoreError",
+    "InvalidArgumentError",
     "FormatError",
     "UnsupportedVersionError",
     "MissingFileError",

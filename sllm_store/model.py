@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import SllmStoreError
+from sllm_store.errors import InvalidArgumentError, SllmStoreError
 from sllm_store.index import Index, PathLike
 from sllm_store.loader import load_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
@@ -123,7 +123,7 @@ def _model_class(hf_model_class: Any) -> Any:
 
     cls = getattr(transformers, hf_model_class, None)
     if cls is None:
-        raise ValueError(f"transformers has no class {hf_model_class!r}")
+        raise InvalidArgumentError(f"transformers has no class {hf_model_class!r}")
     return cls
 
 
@@ -286,7 +286,7 @@ def load_model_with_report(
     t0 = time.perf_counter()
     if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
         if torch_dtype is not None and torch_dtype != dtype:
-            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
+            raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
         torch_dtype = dtype
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
     options = _ModelOptions(device_map, torch_dtype, hf_model_class, trust_remote_code, max_memory,

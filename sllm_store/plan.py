@@ -29,7 +29,7 @@ import torch
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
 from sllm_store.dtypes import dtype_from_name
-from sllm_store.errors import DeviceError, OutOfMemoryError
+from sllm_store.errors import DeviceError, InvalidArgumentError, OutOfMemoryError
 from sllm_store.index import Index
 
 DeviceLike = Union[str, int, torch.device]
@@ -129,7 +129,7 @@ def read_units(index: Index, chunk_size: Optional[int], verify: bool) -> list[Re
     read size is asked for (then without checksums, so not with verify)."""
     unit = chunk_size or index.chunk_size
     if verify and unit != index.chunk_size:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"verify=True reads whole checksum chunks ({index.chunk_size} bytes); "
             f"do not set a different chunk_size ({unit})"
         )
@@ -178,7 +178,7 @@ def encodings(index: Index, units: list[ReadUnit]) -> list[Any]:
             out.append(None)
             continue
         if off % index.chunk_size:
-            raise ValueError("compressed chunks must be read whole")
+            raise InvalidArgumentError("compressed chunks must be read whole")
         out.append(f.chunks[off // index.chunk_size].encoding)
     return out
 
@@ -269,9 +269,10 @@ def mapped_plan(index: Index, assign: Mapping[str, torch.device], config: LoadCo
     :func:`map_files`), its tensors views into it; the pipeline faults its pages in."""
     for t in index.tensors.values():
         if t.alias_of is None and t.offset % dtype_from_name(t.dtype).itemsize:
-            raise ValueError(f"io_mode='mmap' cannot view tensor {t.name!r} ({t.dtype}) at byte offset "
-                             f"{t.offset} of its file, which is not a multiple of its element size; "
-                             "load it with the default io_mode (it is copied into aligned memory)")
+            raise InvalidArgumentError(
+                f"io_mode='mmap' cannot view tensor {t.name!r} ({t.dtype}) at byte offset {t.offset} of "
+                "its file, which is not a multiple of its element size; load it with the default "
+                "io_mode (it is copied into aligned memory)")
     units = read_units(index, config.chunk_size, config.verify)
     segments = [(u_i, 0, f_i, off, length) for u_i, (f_i, off, length, _) in enumerate(units)]
     placement = {t.name: (t.file, t.offset) for t in index.tensors.values() if t.alias_of is None}

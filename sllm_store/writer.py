@@ -24,7 +24,7 @@ import torch
 from sllm_store import __version__
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.dtypes import dtype_name
-from sllm_store.errors import ConvertError, DestinationExistsError, SllmStoreError
+from sllm_store.errors import ConvertError, DestinationExistsError, InvalidArgumentError, SllmStoreError
 from sllm_store.index import (
     COMPRESSED_VERSION,
     DEFAULT_CHUNK_SIZE,
@@ -134,13 +134,13 @@ def parse_compression(spec: Optional[str]) -> Optional[tuple[str, int]]:
         return None
     codec, _, level = str(spec).partition(":")
     if codec != "zstd":
-        raise ValueError(f"unknown compression {spec!r} (supported: zstd, zstd:LEVEL)")
+        raise InvalidArgumentError(f"unknown compression {spec!r} (supported: zstd, zstd:LEVEL)")
     try:
         lvl = int(level) if level else 1
     except ValueError:
-        raise ValueError(f"invalid zstd level in {spec!r}") from None
+        raise InvalidArgumentError(f"invalid zstd level in {spec!r}") from None
     if not 1 <= lvl <= 22:
-        raise ValueError(f"zstd level must be 1..22, got {lvl}")
+        raise InvalidArgumentError(f"zstd level must be 1..22, got {lvl}")
     return codec, lvl
 
 
@@ -258,9 +258,10 @@ class CheckpointWriter:
         if sys.byteorder != "little":  # tensors are written as their in-memory bytes
             raise ConvertError("sllm-store checkpoints are little-endian; this host is big-endian")
         if chunk_size <= 0 or chunk_size % FILE_ALIGNMENT:
-            raise ValueError(f"chunk_size must be a positive multiple of {FILE_ALIGNMENT}, got {chunk_size}")
+            raise InvalidArgumentError(
+                f"chunk_size must be a positive multiple of {FILE_ALIGNMENT}, got {chunk_size}")
         if num_files < 1:
-            raise ValueError(f"num_files must be >= 1, got {num_files}")
+            raise InvalidArgumentError(f"num_files must be >= 1, got {num_files}")
         self.directory = directory
         self.chunk_size = chunk_size
         self.num_files = num_files
@@ -405,7 +406,7 @@ def specs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[Tensor
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
         if t.is_sparse or t.layout != torch.strided:
-            raise ValueError(f"state_dict[{name!r}]: only strided (dense) tensors are supported")
+            raise InvalidArgumentError(f"state_dict[{name!r}]: only strided (dense) tensors are supported")
         key = None
         if t.numel() > 0:
             key = (
@@ -431,7 +432,7 @@ def resolve_dtype(dtype: Any) -> Optional[torch.dtype]:
     name = aliases.get(name, name)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or value not in CASTABLE:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unsupported target dtype {dtype!r} (choose float16, bfloat16, float32 or float64)"
         )
     return value

@@ -9,7 +9,7 @@ import logging
 import time
 
 from sllm_store._units import format_size
-from sllm_store.errors import OutOfMemoryError
+from sllm_store.errors import InvalidArgumentError, OutOfMemoryError
 from sllm_store.native import _C
 
 logger = logging.getLogger(__name__)
@@ -30,9 +30,9 @@ class BlockPool:
 
     def __init__(self, size: int, block_size: int, *, pin: bool = True, threads: int = 8) -> None:
         if block_size <= 0 or block_size % 4096:
-            raise ValueError(f"block size must be a positive multiple of 4096, got {block_size}")
+            raise InvalidArgumentError(f"block size must be a positive multiple of 4096, got {block_size}")
         if size < block_size:
-            raise ValueError(f"pool size {size} is smaller than one block ({block_size})")
+            raise InvalidArgumentError(f"pool size {size} is smaller than one block ({block_size})")
         num_blocks = size // block_size
         per_segment = max(1, min(_SEGMENT // block_size, num_blocks))
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import grpc
 
 from sllm_store import __version__
 from sllm_store._units import format_size
-from sllm_store.errors import DeviceError, FormatError, SllmStoreError, StoreBusyError
+from sllm_store.errors import DeviceError, FormatError, InvalidArgumentError, SllmStoreError, StoreBusyError
 from sllm_store.native import _C
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
@@ -299,7 +299,7 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     cuda = _C.cuda_device_count() > 0
     if max_loads < 1:
-        raise ValueError(f"max_loads must be >= 1, got {max_loads}")
+        raise InvalidArgumentError(f"max_loads must be >= 1, got {max_loads}")
     server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads),
                                  listen or rpc.default_address())
     stop = stop or threading.Event()

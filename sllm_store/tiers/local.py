@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import DeviceError, SllmStoreError
+from sllm_store.errors import DeviceError, InvalidArgumentError, SllmStoreError
 from sllm_store.formats import open_index
 from sllm_store.index import Index, PathLike, check_data_files
 from sllm_store.plan import (
@@ -45,7 +45,7 @@ class LocalCheckpoint(Checkpoint):
 
     def check_devices(self, devices: set[torch.device]) -> None:
         if self.config.io_mode == "mmap" and {d.type for d in devices} - {"cpu"}:
-            raise ValueError("io_mode='mmap' loads into host memory only (device='cpu')")
+            raise InvalidArgumentError("io_mode='mmap' loads into host memory only (device='cpu')")
         super().check_devices(devices)
 
     def plan(self, assign: dict[str, torch.device]) -> Plan:
@@ -85,7 +85,7 @@ class LocalTier:
         if config.verify and index.files and not any(f.checksums for f in index.files):
             logger.warning("'%s' has no checksums (not an sllm-store checkpoint): not verified", path)
         if config.io_mode == "mmap" and index.compressed:
-            raise ValueError("io_mode='mmap' cannot read a compressed checkpoint "
+            raise InvalidArgumentError("io_mode='mmap' cannot read a compressed checkpoint "
                              "(its chunks must be decoded)")
         return LocalCheckpoint(path, index, config)
 

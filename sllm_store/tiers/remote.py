@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import MissingFileError, SllmStoreError
+from sllm_store.errors import InvalidArgumentError, MissingFileError, SllmStoreError
 from sllm_store.index import INDEX_FILE, Index, PathLike
 from sllm_store.plan import Buffer, Plan, Segment, destinations, make_plan
 from sllm_store.remote.fetcher import PIECE, is_encoded
@@ -72,7 +72,7 @@ class Staging:
 
     def __post_init__(self) -> None:
         if self.block <= 0 or self.piece <= 0 or self.blocks < 0 or self.read_back_buffers < 1:
-            raise ValueError(f"invalid staging settings: {self}")
+            raise InvalidArgumentError(f"invalid staging settings: {self}")
 
 
 class RemoteTier:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import StoreUnavailableError
+from sllm_store.errors import InvalidArgumentError, StoreUnavailableError
 from sllm_store.index import Index, PathLike
 from sllm_store.plan import Buffer, Plan, allocate, merged_copies
 from sllm_store.tiers.base import Checkpoint
@@ -56,7 +56,7 @@ class StoreCheckpoint(Checkpoint):
     def check_devices(self, devices: set[torch.device]) -> None:
         unsupported = sorted(str(d) for d in devices if d.type not in ("cpu", "cuda"))
         if unsupported:
-            raise ValueError(f"the store server cannot load into {', '.join(unsupported)}")
+            raise InvalidArgumentError(f"the store server cannot load into {', '.join(unsupported)}")
         super().check_devices(devices)
 
     def allocate(self, plan: Plan) -> list[Buffer]:
@@ -129,10 +129,12 @@ class StoreTier:
         from sllm_store.server.client import StoreClient, index_of
 
         if config.io_mode == "mmap":
-            raise ValueError("io_mode='mmap' maps local files; it cannot be used with a store server")
+            raise InvalidArgumentError(
+                "io_mode='mmap' maps local files; it cannot be used with a store server")
         if is_remote(path):
-            raise ValueError(f"the store server serves models under its storage path, not URLs ({path}); "
-                             "load the URL without store=, or fetch it onto the server's storage path")
+            raise InvalidArgumentError(
+                f"the store server serves models under its storage path, not URLs ({path}); "
+                "load the URL without store=, or fetch it onto the server's storage path")
         t0 = time.perf_counter()
         client = StoreClient.get(config.store.address)
         name = client.model_name(path)

@@ -1,0 +1,54 @@
+"""Bad arguments and settings are InvalidArgumentError (an SllmStoreError, and a ValueError), in
+the Python API and the environment alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import sllm_store
+from sllm_store.errors import InvalidArgumentError, SllmStoreError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return sllm_store.save_state_dict({"w": torch.randn(8, 8)}, tmp_path_factory.mktemp("a") / "m.sllm",
+                                      quiet=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"io_mode": "bogus"}, {"chunk_size": "12 parsecs"}, {"chunk_size": 4097}, {"chunk_size": -4096},
+    {"num_threads": 0}, {"chunk_size": "64KiB", "verify": True},
+])
+def test_load_arguments(checkpoint: Path, kwargs: dict) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        sllm_store.load_state_dict(checkpoint, **kwargs)
+    assert isinstance(e.value, SllmStoreError) and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("SLLM_STORE_IO_MODE", "sideways"), ("SLLM_STORE_NUM_THREADS", "many"), ("SLLM_STORE_VERIFY", "perhaps"),
+    ("SLLM_STORE_CHUNK_SIZE", "lots"), ("SLLM_STORE_TIMEOUT", "soon"), ("SLLM_STORE_REMOTE_GETS", "0"),
+    ("SLLM_STORE_STAGING_BUFFERS", "0"),
+])
+def test_environment_settings(checkpoint: Path, monkeypatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidArgumentError, match=name):
+        sllm_store.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": "floaty"}, {"chunk_size": "1KiB"}, {"num_files": 0},
+                                    {"compress": "lzma"}])
+def test_save_arguments(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(InvalidArgumentError):
+        sllm_store.save_state_dict({"w": torch.randn(2)}, tmp_path / "o.sllm", quiet=True, **kwargs)
+    assert not (tmp_path / "o.sllm").exists()
+
+
+def test_unknown_model_class(checkpoint: Path) -> None:
+    pytest.importorskip("transformers")
+    (checkpoint / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}')
+    with pytest.raises(InvalidArgumentError, match="NoSuchModelClass"):
+        sllm_store.load_model(checkpoint, hf_model_class="NoSuchModelClass", device_map="cpu")
