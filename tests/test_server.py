@@ -1106,6 +1106,30 @@ def test_fifo_in_the_storage_path_is_an_error_not_a_hang(start_server, tmp_path)
     assert_consistent(srv)
 
 
+@pytest.mark.parametrize("kind", ["data_file", "safetensors"])
+def test_data_files_linked_out_of_the_storage_path_are_not_served(start_server, tmp_path, kind):
+    """A symlink inside the storage path to a file outside it is refused (PathEscapeError), for
+    a converted checkpoint's data file and a safetensors model alike."""
+    from safetensors.torch import save_file
+
+    root, outside = tmp_path / "linked-models", tmp_path / "outside"
+    outside.mkdir()
+    if kind == "data_file":
+        sllm_store.save_state_dict({"w": torch.randn(64, 64)}, root / "m", quiet=True)
+        data = next((root / "m").glob("*.bin"))
+        secret = outside / "secret.bin"
+        data.rename(secret)
+        data.symlink_to(secret)
+    else:
+        (root / "m").mkdir(parents=True)
+        save_file({"w": torch.randn(8, 8)}, outside / "model.safetensors")
+        (root / "m" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    srv = start_server(storage=root, pool="8MiB")
+    with pytest.raises(sllm_store.PathEscapeError, match="link out of the storage path"):
+        load("m", srv)
+    assert_consistent(srv)
+
+
 # --------------------------------------------------------------------------------------------
 # PooledModels in-process: change detection, Describe consistency, links out of the storage path
 # --------------------------------------------------------------------------------------------

@@ -172,6 +172,10 @@ class PooledModels:
             index_json = json.dumps(raw)             # our alignment or checksums
             self._index_memo[key] = (sig, index, index_json)
         check_data_files(index)
+        for i in range(len(index.files)):  # a data file linked out of the storage path is not served
+            if not index.file_path(i).resolve().is_relative_to(self.storage):
+                raise PathEscapeError(f"{key!r}: data file '{index.files[i].name}' is a link out of the "
+                                      "storage path; the server serves only files inside it")
         return key, index, index_json, fingerprint(index, index_json)
 
     def describe(self, name: str) -> tuple[str, str, dict[str, bytes]]:
