@@ -142,7 +142,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("sllm_store").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     serve(args.storage_path, args.mem_pool_size, listen=args.listen, num_threads=args.num_threads,
-          block_size=args.chunk_size, io_mode=args.io_mode, max_loads=args.max_loads)
+          block_size=args.chunk_size, io_mode=args.io_mode, max_loads=args.max_loads,
+          allow_large_pool=args.allow_large_pool)
     return 0
 
 
@@ -345,6 +346,8 @@ def _add_server_commands(sub: Any) -> None:
     sv.add_argument("--io-mode", choices=("auto", "buffered", "direct"), default="auto")
     sv.add_argument("--max-loads", type=int, default=56,
                     help="loads and prefetches served at once (default 56); more wait in their clients")
+    sv.add_argument("--allow-large-pool", action="store_true",
+                    help="allocate the pool even if it is larger than the memory available now")
     sv.set_defaults(func=_cmd_serve)
 
     for cmd, helptext, fn in (

@@ -1184,3 +1184,16 @@ def test_describe_sends_the_index_it_fingerprinted_and_no_links_out(tmp_path) ->
     text2, fp2, _ = cache.describe("st")
     assert fp2 != fp and json.loads(text2)["synthesized"] == "safetensors"
     index_of(DescribeReply(index_json=text2, fingerprint=fp2), "st")  # parses as a safetensors model
+
+
+def test_serve_checks_its_arguments_before_allocating(tmp_path):
+    """A missing storage path or a pool larger than the memory available fails at once, with one
+    clear line, before any memory is allocated."""
+    t0 = time.monotonic()
+    r = run_cli("serve", "--storage-path", tmp_path / "nope", "--mem-pool-size", "1TiB", timeout=60)
+    assert r.returncode == 1 and "is not a directory" in r.stderr, r.stderr
+    r = run_cli("serve", "--storage-path", tmp_path, "--mem-pool-size", "64TiB", "--listen",
+                f"unix://{short_tmpdir()}/x.sock", timeout=60)
+    assert r.returncode == 1 and "memory available" in r.stderr and "--allow-large-pool" in r.stderr, r.stderr
+    assert "allocating" not in r.stderr
+    assert time.monotonic() - t0 < 30

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from sllm_store._units import format_size
 from sllm_store.errors import InvalidArgumentError, OutOfMemoryError
@@ -15,6 +16,7 @@ from sllm_store.native import _C
 logger = logging.getLogger(__name__)
 
 _SEGMENT = 1 << 30  # pinned in parallel, 1 GiB at a time
+_PART = 4 << 30  # progress is logged after each part of this size
 
 
 class BlockPool:
@@ -36,16 +38,29 @@ class BlockPool:
         num_blocks = size // block_size
         per_segment = max(1, min(_SEGMENT // block_size, num_blocks))
         t0 = time.perf_counter()
-        try:
-            self._arena = _C.PinnedArena(num_blocks * block_size, per_segment * block_size, pin, threads)
-        except MemoryError as e:
-            raise OutOfMemoryError(f"cannot allocate a {format_size(size)} memory pool: {e}") from None
+        # Made in parts of a few GiB, each pinned by `threads` threads, so that progress shows.
+        per_part = max(1, _PART // (per_segment * block_size)) * per_segment
+        self._arenas: list[Any] = []
+        self._addresses: list[int] = []
+        made = 0
+        while made < num_blocks:
+            n = min(per_part, num_blocks - made)
+            try:
+                arena = _C.PinnedArena(n * block_size, min(per_segment, n) * block_size, pin, threads)
+            except MemoryError as e:
+                self.close()
+                raise OutOfMemoryError(f"cannot allocate a {format_size(size)} memory pool: {e}") from None
+            self._arenas.append(arena)
+            self._addresses += [base + k * block_size for base in arena.segments
+                                for k in range(min(per_segment, n))][:n]
+            made += n
+            if made < num_blocks:
+                logger.info("memory pool: %s of %s %s (%.1f s)", format_size(made * block_size),
+                            format_size(num_blocks * block_size), "pinned" if arena.pinned else "allocated",
+                            time.perf_counter() - t0)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.pinned = bool(self._arena.pinned)
-        self._addresses = [
-            base + k * block_size for base in self._arena.segments for k in range(per_segment)
-        ][:num_blocks]
+        self.pinned = all(bool(a.pinned) for a in self._arenas)
         self._free = list(range(num_blocks - 1, -1, -1))
         logger.info("memory pool: %s in %d blocks of %s, %s, allocated in %.2f s",
                     format_size(self.size), num_blocks, format_size(block_size),
@@ -81,6 +96,8 @@ class BlockPool:
 
     def close(self) -> None:
         """Free the memory (every block must be back)."""
-        self._arena.release()
+        for arena in self._arenas:
+            arena.release()
+        self._arenas = []
         self._addresses = []
         self._free = []

@@ -280,11 +280,46 @@ def _socket_alive(target: str) -> bool:
         channel.close()
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (``MemAvailable``); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_serve_arguments(storage_path: str, mem_pool_size: int, block_size: int, max_loads: int,
+                          allow_large_pool: bool = False) -> None:
+    """What :func:`serve` checks before it allocates anything."""
+    from sllm_store.errors import ModelNotFoundError
+
+    if not Path(storage_path).is_dir():
+        raise ModelNotFoundError(f"storage path '{storage_path}' is not a directory")
+    if max_loads < 1:
+        raise InvalidArgumentError(f"max_loads must be >= 1, got {max_loads}")
+    if block_size <= 0 or block_size % 4096 or mem_pool_size < block_size:
+        raise InvalidArgumentError(f"the memory pool ({format_size(mem_pool_size)}) must hold at least one "
+                                   f"block of a positive multiple of 4096 bytes ({block_size})")
+    available = available_memory()
+    if available is not None and mem_pool_size > available and not allow_large_pool:
+        raise InvalidArgumentError(
+            f"a {format_size(mem_pool_size)} memory pool is more than the {format_size(available)} of "
+            "memory available: choose a smaller --mem-pool-size, or pass --allow-large-pool to "
+            "allocate it anyway")
+
+
 def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None,
           num_threads: Optional[int] = None, block_size: int = 32 << 20, io_mode: str = "auto",
           copy_threads: int = 4, max_loads: int = DEFAULT_MAX_LOADS, ready: Optional[threading.Event] = None,
-          stop: Optional[threading.Event] = None) -> None:
+          stop: Optional[threading.Event] = None, allow_large_pool: bool = False) -> None:
     """Run the store server until SIGTERM/SIGINT (or ``stop`` is set).
+
+    The arguments are checked first (the storage path, the load limit, and a pool no larger
+    than the memory available unless ``allow_large_pool``), before the pool is allocated.
 
     Example::
 
@@ -293,13 +328,13 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     from sllm_store.config import default_num_threads
 
     threads = num_threads or default_num_threads()
+    check_serve_arguments(storage_path, mem_pool_size, block_size, max_loads, allow_large_pool)
     import sllm_store.dtypes  # noqa: F401  (imports torch now, not on the first client's request)
 
+    logger.info("allocating the memory pool (%s)", format_size(mem_pool_size))
     pool = BlockPool(mem_pool_size, block_size, threads=threads)
     models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     cuda = _C.cuda_device_count() > 0
-    if max_loads < 1:
-        raise InvalidArgumentError(f"max_loads must be >= 1, got {max_loads}")
     server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads),
                                  listen or rpc.default_address())
     stop = stop or threading.Event()
