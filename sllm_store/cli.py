@@ -339,7 +339,8 @@ def _add_server_commands(sub: Any) -> None:
     sv.add_argument("--storage-path", required=True, help="directory holding converted models")
     sv.add_argument("--mem-pool-size", type=_size, required=True, help="size of the memory pool, e.g. 32GiB")
     sv.add_argument("--listen", default=None,
-                    help="unix:///path (default: $XDG_RUNTIME_DIR or /tmp /sllm-store-UID.sock, mode 0600) "
+                    help="unix:///path (default: $XDG_RUNTIME_DIR or /tmp, then /sllm-store-UID/store.sock, "
+                    "private) "
                     "or [host:]port (TCP; loopback unless a host is given)")
     sv.add_argument("--num-threads", type=int, default=None, help="disk reader threads")
     sv.add_argument("--chunk-size", type=_size, default="32MiB", help="pool block size (default 32MiB)")

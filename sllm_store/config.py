@@ -59,6 +59,9 @@ VARIABLES: tuple[Variable, ...] = (
              "(`store=`)."),
     Variable("SLLM_STORE_TIMEOUT", "store", "`600`",
              "Seconds a load through the store server may take."),
+    Variable("SLLM_STORE_SERVER_UID", "store", "this process's uid",
+             "The user a store server on a unix socket must run as; a server of another user is "
+             "refused (`UntrustedStoreError`)."),
     Variable("SLLM_STORE_REMOTE_GETS", "remote", "`24`",
              "Ranged GETs in flight for a remote load (`RemoteOptions(max_gets=)`)."),
     Variable("SLLM_STORE_CACHE_DIR", "cache", "`~/.cache/sllm-store`",
@@ -142,9 +145,11 @@ class StoreSettings:
 
     address: Optional[str] = None
     timeout: float = DEFAULT_STORE_TIMEOUT
+    server_uid: int = field(default_factory=os.getuid)  # the user a unix-socket server must run as
 
     @classmethod
-    def resolve(cls, address: Optional[str] = None, timeout: Optional[float] = None) -> StoreSettings:
+    def resolve(cls, address: Optional[str] = None, timeout: Optional[float] = None,
+                server_uid: Optional[int] = None) -> StoreSettings:
         if timeout is None:
             raw = _env("SLLM_STORE_TIMEOUT")
             try:
@@ -154,7 +159,10 @@ class StoreSettings:
                     f"SLLM_STORE_TIMEOUT must be a number of seconds, got {raw!r}") from None
         if timeout <= 0:
             raise InvalidArgumentError(f"the store timeout must be positive, got {timeout}")
-        return cls(address=store_address(address), timeout=float(timeout))
+        if server_uid is None:
+            server_uid = _env_int("SLLM_STORE_SERVER_UID")
+        return cls(address=store_address(address), timeout=float(timeout),
+                   server_uid=os.getuid() if server_uid is None else server_uid)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ class ModelChangedError(StoreError):
     """A model's files changed on disk between planning a load and running it."""
 
 
+class UntrustedStoreError(StoreError, PermissionError):
+    """The store server at the address runs as another user than the one the client trusts, or
+    its private socket directory is not this user's: the client refuses to talk to it."""
+
+
 class StoreBusyError(StoreError):
     """The server already runs as many loads as it allows at once (so that Health and Status
     stay answerable); the client retries until its timeout before raising it."""
@@ -140,6 +145,7 @@ __all__ = [
     "ModelTooLargeError",
     "ModelChangedError",
     "StoreBusyError",
+    "UntrustedStoreError",
     "RemoteError",
     "RemoteNotFoundError",
     "RemoteAuthError",

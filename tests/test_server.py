@@ -1197,3 +1197,45 @@ def test_serve_checks_its_arguments_before_allocating(tmp_path):
     assert r.returncode == 1 and "memory available" in r.stderr and "--allow-large-pool" in r.stderr, r.stderr
     assert "allocating" not in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_default_socket_lives_in_a_private_directory(store, tmp_path, monkeypatch):
+    """The default socket is in a directory of this user that nobody else may enter; a directory
+    of that name that is open to others (as another user could make it first) is refused by the
+    server and by the client."""
+    runtime = Path(short_tmpdir())
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    private = runtime / f"sllm-store-{os.getuid()}"
+    env = {**subprocess_env(), "XDG_RUNTIME_DIR": str(runtime)}
+    proc = subprocess.Popen(serve_command("--storage-path", str(store.root), "--mem-pool-size", "8MiB",
+                                          "--chunk-size", str(BLOCK)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (private / "store.sock").exists(), START_TIMEOUT, "the default socket")
+        assert private.stat().st_mode & 0o777 == 0o700
+        client = StoreClient()
+        wait_until(lambda: client.health(timeout=2.0), 30, "the server's answer")
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    private.chmod(0o777)  # as a directory another user made would be
+    r = run_cli("status")  # XDG_RUNTIME_DIR set above
+    assert r.returncode == 1 and "not a private directory" in r.stderr, r.stderr
+    r = subprocess.run(serve_command("--storage-path", str(store.root), "--mem-pool-size", "8MiB",
+                                     "--chunk-size", str(BLOCK)), env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "not a private directory" in r.stderr, r.stderr
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_client_refuses_a_server_of_another_user(start_server):
+    """SO_PEERCRED: a server that does not run as the uid the client trusts is refused."""
+    srv = start_server()
+    client = StoreClient(srv.address, server_uid=os.getuid() + 4242)
+    try:
+        with pytest.raises(sllm_store.UntrustedStoreError, match="runs as uid"):
+            client.health()
+    finally:
+        client.close()
+    assert StoreClient.get(srv.address).health().pid == srv.proc.pid

@@ -24,7 +24,7 @@ import torch
 
 from sllm_store._units import format_size
 from sllm_store.config import StoreSettings
-from sllm_store.errors import OutOfMemoryError, StoreBusyError, StoreUnavailableError
+from sllm_store.errors import OutOfMemoryError, StoreBusyError, StoreUnavailableError, UntrustedStoreError
 from sllm_store.index import Index, PathLike, parse_index, strict_json
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
@@ -47,9 +47,14 @@ class StoreClient:
     _cache: dict[tuple[int, str], StoreClient] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, address: Optional[str] = None, timeout: Optional[float] = None) -> None:
+    def __init__(self, address: Optional[str] = None, timeout: Optional[float] = None,
+                 server_uid: Optional[int] = None) -> None:
+        settings = StoreSettings.resolve()
         # Seconds a Describe or Prefetch may take (the store settings' timeout by default)
-        self.timeout = timeout or StoreSettings.resolve().timeout
+        self.timeout = timeout or settings.timeout
+        # The user a server on a unix socket must run as (this process's by default)
+        self.server_uid = settings.server_uid if server_uid is None else server_uid
+        self._peer_checked = False
         self.target = rpc.normalize_address(address or rpc.default_address())
         self._channel = grpc.insecure_channel(self.target, options=rpc.CHANNEL_OPTIONS)
         self._stubs = {
@@ -78,6 +83,8 @@ class StoreClient:
         """One RPC. A server that is busy (``StoreBusyError``: its load limit reached) is asked
         again, with backoff, until ``timeout`` has passed."""
         timeout = timeout or CONNECT_TIMEOUT
+        if not self._peer_checked:
+            self._check_peer()
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
@@ -89,6 +96,33 @@ class StoreClient:
                 raise err
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _check_peer(self) -> None:
+        """For a unix socket: the default socket's directory is this user's own, and the process
+        listening runs as ``server_uid`` (``SO_PEERCRED``); else UntrustedStoreError. A socket
+        nobody listens on is left to the RPC, which then reports the server unreachable."""
+        import socket
+        import struct
+
+        path = rpc.unix_path(self.target)
+        if path is None or not hasattr(socket, "SO_PEERCRED"):
+            self._peer_checked = True
+            return
+        if rpc.is_default_address(self.target):
+            rpc.private_directory(os.path.dirname(path), create=False)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(CONNECT_TIMEOUT)
+            try:
+                s.connect(path)
+            except OSError:
+                return  # not listening (yet): checked on a later call
+            _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+        if uid != self.server_uid:
+            raise UntrustedStoreError(
+                f"the store server at {self.target} runs as uid {uid}, not {self.server_uid}: refusing to "
+                "load through it (set SLLM_STORE_SERVER_UID to the uid of a server you trust)")
+        self._peer_checked = True
 
     def _error(self, method: str, e: Any, timeout: float) -> Exception:
         code = e.code() if hasattr(e, "code") else None

@@ -40,9 +40,38 @@ CHANNEL_OPTIONS = [
 
 
 def default_address() -> str:
-    """``unix://`` socket in ``$XDG_RUNTIME_DIR`` (else ``/tmp``), one per user."""
+    """``unix://`` socket in a private directory of this user (mode 0700) under
+    ``$XDG_RUNTIME_DIR`` (else ``/tmp``): ``sllm-store-UID/store.sock``."""
     base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return f"unix://{base}/sllm-store-{os.getuid()}.sock"
+    return f"unix://{base}/sllm-store-{os.getuid()}/store.sock"
+
+
+def is_default_address(target: str) -> bool:
+    return target == normalize_address(default_address())
+
+
+def private_directory(path: str, create: bool) -> None:
+    """Check (and with ``create``, make) the directory of the default socket: a real directory of
+    this user that nobody else may enter. Another user could otherwise create the socket (or the
+    directory) first and stand in for the server; UntrustedStoreError then."""
+    import stat
+
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise errors.StoreError(f"cannot create the socket directory '{path}': {e.strerror or e}") \
+                from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return  # no server has made it: connecting finds no server
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise errors.UntrustedStoreError(
+            f"the socket directory '{path}' is not a private directory of this user (uid {os.getuid()}): "
+            "another user may have made it; remove it, or give the server an address of your own")
 
 
 def normalize_address(address: str) -> str:

@@ -249,6 +249,8 @@ def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
                          options=rpc.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rpc.SERVICE, handlers),))
     sock = rpc.unix_path(target)
+    if sock is not None and rpc.is_default_address(target):
+        rpc.private_directory(os.path.dirname(sock), create=True)
     if sock is not None:
         Path(sock).parent.mkdir(parents=True, exist_ok=True)
         if os.path.exists(sock):
@@ -329,14 +331,16 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
 
     threads = num_threads or default_num_threads()
     check_serve_arguments(storage_path, mem_pool_size, block_size, max_loads, allow_large_pool)
+    address = rpc.normalize_address(listen or rpc.default_address())
+    if rpc.is_default_address(address):  # before the pool: a directory another user made is refused
+        rpc.private_directory(os.path.dirname(rpc.unix_path(address) or ""), create=True)
     import sllm_store.dtypes  # noqa: F401  (imports torch now, not on the first client's request)
 
     logger.info("allocating the memory pool (%s)", format_size(mem_pool_size))
     pool = BlockPool(mem_pool_size, block_size, threads=threads)
     models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     cuda = _C.cuda_device_count() > 0
-    server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads),
-                                 listen or rpc.default_address())
+    server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads), address)
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
