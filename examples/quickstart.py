@@ -22,10 +22,16 @@ import sllm_store
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(sys.argv) > 1:  # keep the files there
+        return run(Path(sys.argv[1]))
+    with tempfile.TemporaryDirectory(prefix="sllm-") as work:  # removed afterwards
+        return run(Path(work))
+
+
+def run(work: Path) -> int:
     log = logging.getLogger("quickstart")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="sllm-"))
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
