@@ -20,6 +20,15 @@ class InvalidArgumentError(SllmStoreError, ValueError):
     ``chunk_size`` that is not a multiple of 4096, an unknown dtype or model class...)."""
 
 
+class MissingDependencyError(SllmStoreError, ImportError):
+    """An optional package that this use needs is not installed; the message names the extra
+    that brings it."""
+
+    def __init__(self, what: str, package: str, extra: str) -> None:
+        super().__init__(f"{what} needs the '{package}' package: pip install 'sllm-store[{extra}]' "
+                         f"(from a checkout: pip install -e '.[{extra}]')")
+
+
 class FormatError(SllmStoreError):
     """A converted checkpoint is malformed: bad index JSON, missing fields, impossible offsets."""
 
@@ -126,6 +135,7 @@ class CacheError(RemoteError, OSError):
 __all__ = [
     "SllmStoreError",
     "InvalidArgumentError",
+    "MissingDependencyError",
     "FormatError",
     "UnsupportedVersionError",
     "MissingFileError",

@@ -24,7 +24,13 @@ import torch
 from sllm_store import __version__
 from sllm_store._units import SizeLike, parse_size
 from sllm_store.dtypes import dtype_name
-from sllm_store.errors import ConvertError, DestinationExistsError, InvalidArgumentError, SllmStoreError
+from sllm_store.errors import (
+    ConvertError,
+    DestinationExistsError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    SllmStoreError,
+)
 from sllm_store.index import (
     COMPRESSED_VERSION,
     DEFAULT_CHUNK_SIZE,
@@ -160,9 +166,7 @@ class _CompressingFile:
         try:
             import zstandard
         except ImportError:
-            raise SllmStoreError(
-                "compression needs the 'zstandard' package: pip install 'sllm-store[compress]'"
-            ) from None
+            raise MissingDependencyError("compression", "zstandard", "compress") from None
         self._zstd = zstandard
         self.f = f
         self.chunk_size = chunk_size

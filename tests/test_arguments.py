@@ -52,3 +52,33 @@ def test_unknown_model_class(checkpoint: Path) -> None:
     (checkpoint / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}')
     with pytest.raises(InvalidArgumentError, match="NoSuchModelClass"):
         sllm_store.load_model(checkpoint, hf_model_class="NoSuchModelClass", device_map="cpu")
+
+
+@pytest.mark.parametrize("blocked,code,extra", [
+    ("grpc", "sllm_store.load_state_dict('m', store='unix:///nowhere.sock')", "server"),
+    ("obstore", "sllm_store.load_state_dict('s3://bucket/m.sllm')", "remote"),
+    ("zstandard", "sllm_store.save_state_dict({'w': torch.ones(2)}, sys.argv[1], compress='zstd')",
+     "compress"),
+])
+def test_missing_optional_package_names_its_extra(tmp_path: Path, blocked: str, code: str,
+                                                  extra: str) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules[{blocked!r}] = None  # as if it were not installed
+        import torch, sllm_store
+        try:
+            {code}
+        except sllm_store.MissingDependencyError as e:
+            assert isinstance(e, ImportError)
+            print(e)
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.sllm")], capture_output=True,
+                       text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert f"pip install 'sllm-store[{extra}]'" in r.stdout and f"'.[{extra}]'" in r.stdout, r.stdout

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from sllm_store.config import RemoteOptions
 from sllm_store.errors import (
+    MissingDependencyError,
     RemoteAuthError,
     RemoteError,
     RemoteNotFoundError,
@@ -53,8 +54,7 @@ def open_bucket(url: str, options: Optional[RemoteOptions] = None) -> Any:
     try:
         from obstore.store import HTTPStore, S3Store
     except ImportError:
-        raise RemoteError("remote checkpoints need the 'obstore' package: pip install 'sllm-store[remote]'") \
-            from None
+        raise MissingDependencyError("remote checkpoints", "obstore", "remote") from None
     o = options or RemoteOptions()
     client = {"timeout": f"{int(o.timeout_s)}s", "connect_timeout": "10s"}
     retry = {"max_retries": o.max_retries, "retry_timeout": timedelta(seconds=o.timeout_s * 3)}

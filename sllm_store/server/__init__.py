@@ -11,3 +11,11 @@ host-memory pool and copies them into the memory of client processes.
 Nothing here is imported by ``import sllm_store``; ``grpc`` is imported only when a server or a
 client is used.
 """
+
+from sllm_store.errors import MissingDependencyError
+
+try:
+    import google.protobuf  # noqa: F401
+    import grpc  # noqa: F401
+except ImportError as e:
+    raise MissingDependencyError("the store server and its clients", e.name or "grpcio", "server") from None
