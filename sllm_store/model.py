@@ -116,11 +116,17 @@ def _config_dtype(root: Path) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def _model_class(hf_model_class: Any) -> Any:
-    if not isinstance(hf_model_class, str):
-        return hf_model_class
+def _model_class(hf_model_class: Any, config: Any = None) -> Any:
+    """The class to build: ``hf_model_class`` (a class, or its name in transformers), else the
+    architecture that the config names (``config.architectures``), else AutoModelForCausalLM."""
     import transformers
 
+    if hf_model_class is None:
+        names = list(getattr(config, "architectures", None) or [])
+        found = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
+        return next((c for c in found if c is not None), transformers.AutoModelForCausalLM)
+    if not isinstance(hf_model_class, str):
+        return hf_model_class
     cls = getattr(transformers, hf_model_class, None)
     if cls is None:
         raise InvalidArgumentError(f"transformers has no class {hf_model_class!r}")
@@ -218,7 +224,7 @@ def load_model(
     device_map: DeviceMapLike = "auto",
     torch_dtype: Any = None,
     dtype: Any = None,
-    hf_model_class: Any = "AutoModelForCausalLM",
+    hf_model_class: Any = None,
     trust_remote_code: bool = False,
     max_memory: Optional[Mapping[Any, Any]] = None,
     num_threads: Optional[int] = None,
@@ -240,7 +246,8 @@ def load_model(
         torch_dtype: dtype of floating weights (``dtype`` is the same, as transformers 5 names it);
             ``None`` or ``"auto"``: the config's ``dtype`` if it sets one, else the checkpoint's.
         hf_model_class: a ``transformers`` class or its name (``"AutoModelForCausalLM"``,
-            ``"AutoModel"``, ``"BertForMaskedLM"``, ...).
+            ``"AutoModel"``, ``"BertForMaskedLM"``, ...). By default, the architecture that the
+            checkpoint's config.json names (``architectures``), else ``AutoModelForCausalLM``.
         trust_remote_code: passed to ``AutoConfig`` / the auto class.
         max_memory: for ``device_map="auto"``, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
         num_threads, verify, store: see :func:`sllm_store.load_state_dict`. With a store server,
@@ -274,7 +281,7 @@ def load_model_with_report(
     device_map: DeviceMapLike = "auto",
     torch_dtype: Any = None,
     dtype: Any = None,
-    hf_model_class: Any = "AutoModelForCausalLM",
+    hf_model_class: Any = None,
     trust_remote_code: bool = False,
     max_memory: Optional[Mapping[Any, Any]] = None,
     num_threads: Optional[int] = None,
@@ -320,8 +327,13 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
             config = transformers.AutoConfig.from_pretrained(
                 root, trust_remote_code=options.trust_remote_code, **options.config_kwargs
             )
-            built["model"] = _build(_model_class(options.hf_model_class), config, dtype,
-                                    options.trust_remote_code)
+            cls = _model_class(options.hf_model_class, config)
+            try:
+                built["model"] = _build(cls, config, dtype, options.trust_remote_code)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:  # a class for another config
+                raise SllmStoreError(
+                    f"cannot build {cls.__name__} from '{root}/config.json' ({type(e).__name__}: {e}); "
+                    "if the checkpoint is of another model class, pass it as hf_model_class=...") from e
         except BaseException as e:  # re-raised in the caller's thread
             built["error"] = e
 
@@ -418,7 +430,8 @@ def _assign_state(model: nn.Module, state: dict[str, torch.Tensor], root: Path, 
     if still_meta:
         raise SllmStoreError(
             f"'{root}' lacks weights for {len(still_meta)} parameters of {type(model).__name__}: "
-            f"{still_meta[:5]}" + (" ..." if len(still_meta) > 5 else "")
+            f"{still_meta[:5]}" + (" ..." if len(still_meta) > 5 else "") + "; if the checkpoint is of "
+            f"another model class than {type(model).__name__}, pass it as hf_model_class=..."
         )
     logger.debug("missing keys re-tied or buffers: %s", incompatible.missing_keys[:10])
     missing_buffers = [n for n, _ in model.named_buffers() if n in expected and n not in state]

@@ -252,3 +252,23 @@ def test_cast_load_frees_the_loaded_block(llama_dirs, tmp_path) -> None:
         assert p.dtype == torch.float32, name
         assert p.untyped_storage().nbytes() == p.nbytes, name
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_default_class_is_the_architecture_the_config_names(tmp_path):
+    """Without hf_model_class, load_model builds the class config.json's ``architectures`` names
+    (a masked-language BERT here, which AutoModelForCausalLM would not load), not a causal LM."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    ref = transformers.BertForMaskedLM(config).eval()
+    ref.save_pretrained(tmp_path / "bert")
+    sllm_store.convert(tmp_path / "bert", tmp_path / "bert.sllm", quiet=True)
+    model = sllm_store.load_model(tmp_path / "bert.sllm", device_map="cpu")
+    assert type(model).__name__ == "BertForMaskedLM"
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    with pytest.raises(sllm_store.SllmStoreError, match="hf_model_class"):
+        sllm_store.load_model(tmp_path / "bert.sllm", device_map="cpu", hf_model_class="GPT2LMHeadModel")
