@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld = _add_checkpoint_commands(sub)
     _add_remote_commands(sub, ld)
     _add_server_commands(sub)
+    for command in sub.choices.values():  # -v after the command too (sllm-store load -v ...)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log progress (INFO level)")
     return p
 
 
@@ -281,7 +284,8 @@ def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check index, data files and every chunk checksum",
                        description="Verify a converted checkpoint completely; exit 1 on any problem.")
     v.add_argument("path", help="converted checkpoint directory")
-    v.add_argument("--num-threads", type=int, default=None)
+    v.add_argument("--num-threads", type=int, default=None,
+                   help="reader threads (default: SLLM_STORE_NUM_THREADS, else the CPU count, 4..16)")
     v.set_defaults(func=_cmd_verify)
 
     i = sub.add_parser("info", help="show what a converted checkpoint holds",
@@ -295,7 +299,8 @@ def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
     ld.add_argument("path", help="converted checkpoint directory")
     ld.add_argument("--device", default="cpu", help="target device (default cpu)")
     ld.add_argument("--verify", action="store_true", help="verify checksums while loading")
-    ld.add_argument("--num-threads", type=int, default=None)
+    ld.add_argument("--num-threads", type=int, default=None,
+                    help="reader threads (default: SLLM_STORE_NUM_THREADS, else the CPU count, 4..16)")
     ld.add_argument("--io-mode", choices=("auto", "buffered", "direct", "mmap"), default=None,
                     help="read mode (default auto: O_DIRECT when not page-cached, else buffered)")
     ld.add_argument("--store", default=None, metavar="ADDRESS",
@@ -327,7 +332,8 @@ def _add_remote_commands(sub: Any, ld: argparse.ArgumentParser) -> None:
     ca.add_argument("action", choices=("ls", "rm", "prune"))
     ca.add_argument("target", nargs="?", default=None,
                     help="rm: entry name or URL; prune: size limit (default SLLM_STORE_CACHE_SIZE)")
-    ca.add_argument("--cache-dir", default=None)
+    ca.add_argument("--cache-dir", default=None,
+                    help="the cache's directory (default: SLLM_STORE_CACHE_DIR, else ~/.cache/sllm-store)")
     ca.set_defaults(func=_cmd_cache)
 
 
@@ -360,7 +366,7 @@ def _add_server_commands(sub: Any) -> None:
         sp.add_argument("--store", default=None, metavar="ADDRESS",
                         help="server address (default: env SLLM_STORE_ADDRESS, else the default socket)")
         if cmd == "status":
-            sp.add_argument("--json", action="store_true")
+            sp.add_argument("--json", action="store_true", help="print the server's replies as JSON")
         else:
             sp.add_argument("models", nargs="*" if cmd == "evict" else "+",
                             help="model names (relative to the storage path)"

@@ -5,22 +5,12 @@ from __future__ import annotations
 import torch
 
 from sllm_store.errors import FormatError, InvalidArgumentError
-
-_CANDIDATES = [
-    "float64", "float32", "float16", "bfloat16",
-    "complex128", "complex64", "complex32",
-    "int64", "int32", "int16", "int8",
-    "uint64", "uint32", "uint16", "uint8",
-    "bool",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "float4_e2m1fn_x2",
-    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
-]
+from sllm_store.index import ITEMSIZES
 
 # Names known to this torch build (older builds lack some float8 / uint types). Quantized
 # dtypes are not listed: their scale and zero point are not plain bytes.
 NAME_TO_DTYPE: dict[str, torch.dtype] = {
-    n: getattr(torch, n) for n in _CANDIDATES if isinstance(getattr(torch, n, None), torch.dtype)
+    n: getattr(torch, n) for n in ITEMSIZES if isinstance(getattr(torch, n, None), torch.dtype)
 }
 DTYPE_TO_NAME: dict[torch.dtype, str] = {d: n for n, d in NAME_TO_DTYPE.items()}
 

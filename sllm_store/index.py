@@ -206,6 +206,16 @@ def read_regular(path: Path, error: type[Exception] = FormatError, limit: int = 
         os.close(fd)
 
 
+# Bytes per element of every dtype name the format knows (torch's names; parsing an index needs
+# no torch: a dtype this torch build lacks is refused when the tensor is made).
+ITEMSIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+    "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4,
+    "uint16": 2, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2,
+    "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+}
+
 MAX_INT = 2**63 - 1  # sizes, offsets and dimensions: what the core and torch can address
 
 
@@ -352,9 +362,6 @@ def _parse_file(ck: _Checker, i: int, f: Any, earlier: list[DataFile], version: 
 
 def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], files: list[DataFile],
                   tensor_alignment: int) -> TensorEntry:
-    # Deferred import: keeps `read_index` usable for validation of names without torch loaded.
-    from sllm_store.dtypes import NAME_TO_DTYPE
-
     ctx = f"tensors[{name!r}]."
     if not isinstance(t, dict):
         raise ck.bad(f"tensors[{name!r}] must be an object")
@@ -365,7 +372,7 @@ def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], 
             raise ck.bad(f"tensor {name!r} aliases {target!r}, which is not a stored tensor")
         return TensorEntry(name, "", (), -1, 0, 0, alias_of=target)
     dtype = ck.get(t, "dtype", str, ctx)
-    if dtype not in NAME_TO_DTYPE:
+    if dtype not in ITEMSIZES:
         raise ck.bad(f"tensor {name!r} has unknown dtype {dtype!r}")
     shape = ck.get(t, "shape", list, ctx)
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_INT for d in shape):
@@ -375,7 +382,7 @@ def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], 
     nbytes = ck.get(t, "nbytes", int, ctx)
     if not 0 <= file < len(files):
         raise ck.bad(f"tensor {name!r} refers to data file #{file}, index lists {len(files)}")
-    itemsize = NAME_TO_DTYPE[dtype].itemsize
+    itemsize = ITEMSIZES[dtype]
     numel = math.prod(shape)
     if nbytes != numel * itemsize:
         raise ck.bad(f"tensor {name!r}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -280,3 +281,22 @@ def test_unexpected_errors_are_one_line(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: unexpected RuntimeError: something no check foresaw")
     assert "Traceback" not in err
+
+
+def test_reading_commands_do_not_import_torch(tmp_path):
+    """`info` and `status` read JSON and talk to the server: no torch import (it costs seconds)."""
+    from _helpers import subprocess_env
+
+    ckpt = sllm_store.save_state_dict({"w": torch.ones(4)}, tmp_path / "m.sllm", quiet=True)
+    for args in (["info", str(ckpt)], ["info", str(ckpt), "--json"],
+                 ["status", "--store", f"unix://{tmp_path}/nowhere.sock"]):
+        code = f"import sys; from sllm_store.cli import main; main({args!r}); print('torch' in sys.modules)"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env=subprocess_env())
+        assert r.stdout.strip().splitlines()[-1] == "False", (args, r.stdout, r.stderr)
+
+
+def test_verbose_after_the_command(tmp_path):
+    ckpt = sllm_store.save_state_dict({"w": torch.ones(4)}, tmp_path / "m.sllm", quiet=True)
+    r = run_cli("load", ckpt, "-v")
+    assert r.returncode == 0 and "INFO" in r.stderr, r.stderr

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
-import torch
 
 from sllm_store._units import format_size
 from sllm_store.config import StoreSettings
@@ -203,6 +202,8 @@ class SharedMemory:
             raise
         finally:
             os.close(fd)
+        import torch
+
         self.tensor = torch.frombuffer(self.mapping, dtype=torch.uint8)
 
     def unlink(self) -> None:
@@ -217,7 +218,7 @@ class SharedMemory:
 ABANDONED_GPU_BUFFERS: list[Any] = []
 
 
-def abandon_gpu_buffers(name: str, buffers: list[tuple[torch.Tensor, int]]) -> None:
+def abandon_gpu_buffers(name: str, buffers: list[tuple[Any, int]]) -> None:
     held = [buf for buf, _ in buffers if buf.is_cuda and buf.numel()]
     if held:
         ABANDONED_GPU_BUFFERS.append(held)
