@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -376,6 +378,10 @@ def _add_server_commands(sub: Any) -> None:
         sp.set_defaults(func=fn)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -383,6 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so that writers remove their temporary files
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # e.g. `sllm-store info --json | head`

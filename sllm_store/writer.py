@@ -89,13 +89,15 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
             f"destination '{dst}' already exists (pass overwrite=True / --overwrite to replace it)"
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dst.parent)
     tmp = dst.parent / f"{TMP_PREFIX}{dst.name}-{uuid.uuid4().hex[:8]}"
+    lock = _hold_lock(tmp)  # while it is held, no other writer takes tmp for a dead one's
     tmp.mkdir()
     trash: Optional[Path] = None
     try:
         yield tmp
         if dst.exists() or dst.is_symlink():
-            trash = dst.parent / f"{TMP_PREFIX}{dst.name}-old-{uuid.uuid4().hex[:8]}"
+            trash = tmp.with_name(tmp.name + "-old")
             os.replace(dst, trash)
         os.replace(tmp, dst)
     except BaseException:
@@ -104,6 +106,7 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
         if trash is not None and not dst.exists() and (trash.exists() or trash.is_symlink()):
             os.replace(trash, dst)
         shutil.rmtree(tmp, ignore_errors=True)
+        _release_lock(tmp, lock)
         raise
     _fsync_dir(dst.parent)
     if trash is not None:  # the new checkpoint is in place: removing the old one is best effort
@@ -114,6 +117,59 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
                 trash.unlink()
         except OSError as e:
             logger.warning("could not remove the replaced checkpoint '%s': %s", trash, e)
+    _release_lock(tmp, lock)
+
+
+def _hold_lock(tmp: Path) -> int:
+    """An exclusive flock on ``<tmp>.lock``, held while ``tmp`` is being written (a dead writer's
+    lock is free: :func:`remove_stale_temporaries` then cleans its temporaries up)."""
+    import fcntl
+
+    fd = os.open(tmp.with_name(tmp.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _release_lock(tmp: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        tmp.with_name(tmp.name + ".lock").unlink()
+    os.close(fd)
+
+
+def remove_stale_temporaries(parent: Path) -> list[str]:
+    """Remove the temporary directories that writers killed in ``parent`` left behind (their
+    locks are free), putting back a checkpoint that a killed overwrite had moved aside; returns
+    the names removed. A writer that is alive holds its lock, and its files stay."""
+    import fcntl
+
+    removed = []
+    for lock in parent.glob(f"{TMP_PREFIX}*.lock"):
+        tmp = lock.with_name(lock.name[: -len(".lock")])
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            trash = tmp.with_name(tmp.name + "-old")
+            dst = parent / tmp.name[len(TMP_PREFIX):-9]  # "<name>-<8 hex>"
+            if (trash.exists() or trash.is_symlink()) and not (dst.exists() or dst.is_symlink()):
+                os.replace(trash, dst)  # killed between the two renames of an overwrite
+            for p in (tmp, trash):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            removed.append(tmp.name)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("removed %d temporary director%s left by killed writers in '%s'", len(removed),
+                    "y" if len(removed) == 1 else "ies", parent)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
