@@ -149,24 +149,21 @@ def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
 
 
 def _extra_files(src: Path, weights: list[Path], dst: Path) -> list[Path]:
-    """Non-weight files of a model directory, relative to it (hidden entries skipped)."""
+    """The files a model needs besides its weights: the regular files at the top of its directory
+    (config, tokenizer, generation config, model card), relative to it. Subdirectories (training
+    checkpoints, an earlier conversion) and hidden files are not copied."""
     skip = {p.resolve() for p in weights}
     out = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or p.is_symlink() and not p.resolve().is_relative_to(src.resolve()):
             continue
-        if p.resolve() in skip or p.suffix in FOREIGN_WEIGHTS or p.suffix == ".safetensors":
+        if not p.is_file() or p.resolve() in skip or p.suffix in (*FOREIGN_WEIGHTS, ".safetensors"):
             continue
-        if p.suffix in TORCH_SUFFIXES and (p.name.startswith("pytorch_model") or
-                                           p.name.startswith("model")):
+        if p.suffix in TORCH_SUFFIXES and (p.name.startswith("pytorch_model") or p.name.startswith("model")):
             continue
-        try:
-            p.resolve().relative_to(dst.resolve())
-            continue  # the destination itself lives inside the source
-        except ValueError:
-            pass
-        out.append(rel)
+        if p.resolve() == dst.resolve():
+            continue
+        out.append(p.relative_to(src))
     return out
 
 

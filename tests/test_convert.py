@@ -403,3 +403,24 @@ def test_convert_attribute_is_the_function_after_submodule_import():
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_only_the_model_directorys_top_level_files_are_copied(tmp_path):
+    """Subdirectories (training checkpoints, an earlier conversion inside the model directory)
+    and hidden files are not copied; config, tokenizer and model card files are."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "model"
+    src.mkdir()
+    save_file({"w": torch.randn(4, 4)}, src / "model.safetensors")
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "README.md").write_text("# card\n")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "x").write_text("x")
+    (src / "checkpoint-100").mkdir()
+    (src / "checkpoint-100" / "optimizer.pt").write_bytes(b"0" * 1000)
+    sllm_store.save_state_dict({"w": torch.ones(2)}, src / "old.sllm", quiet=True)
+    dst = sllm_store.convert(src, tmp_path / "out.sllm", quiet=True)
+    copied = sorted(p.name for p in dst.iterdir() if not p.name.startswith(("data-", "sllm_index")))
+    assert copied == ["README.md", "config.json", "tokenizer.json"]
