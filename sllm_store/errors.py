@@ -53,6 +53,11 @@ class ReadError(SllmStoreError, OSError):
     """Reading a data file failed (I/O error reported by the operating system)."""
 
 
+class WriteError(SllmStoreError, OSError):
+    """Writing a checkpoint failed (a full disk, a file size limit, an I/O error); nothing of it
+    was left behind."""
+
+
 class ConvertError(SllmStoreError):
     """The source of a conversion cannot be read or understood."""
 
@@ -142,6 +147,7 @@ __all__ = [
     "TruncatedFileError",
     "ChecksumError",
     "ReadError",
+    "WriteError",
     "ConvertError",
     "MissingSourceError",
     "DestinationExistsError",

@@ -30,6 +30,7 @@ from sllm_store.errors import (
     InvalidArgumentError,
     MissingDependencyError,
     SllmStoreError,
+    WriteError,
 )
 from sllm_store.index import (
     COMPRESSED_VERSION,
@@ -107,6 +108,9 @@ def atomic_directory(dst: PathLike, overwrite: bool) -> Iterator[Path]:
             os.replace(trash, dst)
         shutil.rmtree(tmp, ignore_errors=True)
         _release_lock(tmp, lock)
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and not isinstance(error, SllmStoreError):
+            raise WriteError(f"cannot write '{dst}': {error.strerror or error}") from error
         raise
     _fsync_dir(dst.parent)
     if trash is not None:  # the new checkpoint is in place: removing the old one is best effort

@@ -96,3 +96,31 @@ def test_an_overwrite_killed_between_its_renames_is_undone(tmp_path: Path) -> No
     assert remove_stale_temporaries(tmp_path) == [tmp.name]
     assert [p.name for p in tmp_path.iterdir()] == ["m.sllm"]
     assert set(sllm_store.load_state_dict(tmp_path / "m.sllm")) == {"old"}
+
+
+@pytest.mark.parametrize("how", ["save_state_dict", "convert"])
+def test_a_failed_write_is_a_write_error_and_leaves_nothing(tmp_path: Path, source: Path, how: str) -> None:
+    """A write that fails for the file system (here a 1 MiB file size limit, as a full disk would)
+    is a WriteError (an SllmStoreError and an OSError) from the Python API, with nothing left."""
+    script = textwrap.dedent("""
+        import resource, signal, sys, torch, sllm_store
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            if sys.argv[1] == "convert":
+                sllm_store.convert(sys.argv[2], sys.argv[3], quiet=True)
+            else:
+                sllm_store.save_state_dict({"w": torch.randn(1024, 1024)}, sys.argv[3], quiet=True)
+        except sllm_store.WriteError as e:
+            assert isinstance(e, OSError)
+            print("WriteError", e)
+    """)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(1024, 1024)}, source)  # 4 MiB
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", script, how, str(source), str(out / "m.sllm")],
+                       capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 0 and r.stdout.startswith("WriteError"), r.stdout + r.stderr
+    assert list(out.iterdir()) == []
