@@ -300,3 +300,22 @@ def test_verbose_after_the_command(tmp_path):
     ckpt = sllm_store.save_state_dict({"w": torch.ones(4)}, tmp_path / "m.sllm", quiet=True)
     r = run_cli("load", ckpt, "-v")
     assert r.returncode == 0 and "INFO" in r.stderr, r.stderr
+
+
+def test_every_option_is_documented():
+    """docs/cli.md names every command and every option of the parser."""
+    import argparse
+    from pathlib import Path
+
+    from sllm_store.cli import build_parser
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, command in sub.choices.items():
+        if f"## {name}" not in doc and f", {name}" not in doc:
+            missing.append(name)
+        for action in command._actions:
+            missing += [f"{name} {o}" for o in action.option_strings if o.startswith("--") and o not in doc]
+    assert not missing, f"docs/cli.md lacks: {missing}"
