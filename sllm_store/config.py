@@ -54,6 +54,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SLLM_STORE_STAGING_BUFFERS", "load", "`2`",
              "Page-locked staging buffers per reader thread of a GPU load (one fills while one "
              "is copied)."),
+    Variable("SLLM_STORE_FOLLOW_LINKS", "load", "`0`",
+             "`1`: load a converted checkpoint whose data files are links to files outside its "
+             "directory (refused by default)."),
     Variable("SLLM_STORE_ADDRESS", "store", "unset (load in this process)",
              "Load through the store server at this address: `unix:///path` or `host:port` "
              "(`store=`)."),
@@ -233,6 +236,7 @@ class LoadConfig:
     chunk_size: Optional[int]
     verify: bool
     staging_buffers: int = 2
+    follow_links: bool = False  # data files linked out of a converted checkpoint's directory
     store: StoreSettings = field(default_factory=StoreSettings)
     remote: RemoteOptions = field(default_factory=RemoteOptions)
     cache: Optional[CacheSettings] = None  # None: CacheSettings.resolve() when a URL needs it
@@ -272,7 +276,8 @@ class LoadConfig:
         if staging < 1:
             raise InvalidArgumentError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
-                   staging_buffers=staging, store=StoreSettings.resolve(store),
+                   staging_buffers=staging, follow_links=bool(_env_bool("SLLM_STORE_FOLLOW_LINKS")),
+                   store=StoreSettings.resolve(store),
                    remote=(remote or RemoteOptions()).resolved(), cache=cache)
 
     def cache_settings(self) -> CacheSettings:

@@ -81,3 +81,17 @@ def test_directory_as_data_file_is_a_format_error(checkpoint: Path) -> None:
     data.mkdir()
     with pytest.raises(sllm_store.FormatError, match="not a regular file"):
         sllm_store.load_state_dict(checkpoint)
+
+
+def test_data_file_linked_out_of_the_checkpoint_is_refused(checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """A converted checkpoint's data file that is a link to a file elsewhere is a FormatError,
+    unless SLLM_STORE_FOLLOW_LINKS=1 says to follow it."""
+    data = next(checkpoint.glob("*.bin"))
+    elsewhere = tmp_path / "elsewhere.bin"
+    data.rename(elsewhere)
+    data.symlink_to(elsewhere)
+    with pytest.raises(sllm_store.FormatError, match="outside the checkpoint directory"):
+        sllm_store.load_state_dict(checkpoint)
+    monkeypatch.setenv("SLLM_STORE_FOLLOW_LINKS", "1")
+    assert set(sllm_store.load_state_dict(checkpoint, verify=True)) == {"w", "b"}

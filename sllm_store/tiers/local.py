@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import DeviceError, InvalidArgumentError, SllmStoreError
+from sllm_store.errors import DeviceError, FormatError, InvalidArgumentError, SllmStoreError
 from sllm_store.formats import open_index
-from sllm_store.index import Index, PathLike, check_data_files
+from sllm_store.index import Index, PathLike, check_data_files, is_converted
 from sllm_store.plan import (
     Buffer,
     Plan,
@@ -82,12 +83,25 @@ class LocalTier:
             raise DeviceError("sllm-store checkpoints are little-endian; this host is big-endian")
         index = open_index(path)
         check_data_files(index)
+        if is_converted(index.path) and not config.follow_links:
+            _check_links(index)
         if config.verify and index.files and not any(f.checksums for f in index.files):
             logger.warning("'%s' has no checksums (not an sllm-store checkpoint): not verified", path)
         if config.io_mode == "mmap" and index.compressed:
             raise InvalidArgumentError("io_mode='mmap' cannot read a compressed checkpoint "
                              "(its chunks must be decoded)")
         return LocalCheckpoint(path, index, config)
+
+
+def _check_links(index: Index) -> None:
+    """A converted checkpoint's data files must be inside its directory: a link to a file
+    elsewhere is refused (FormatError) unless SLLM_STORE_FOLLOW_LINKS allows it."""
+    root = Path(index.path).resolve()
+    for i in range(len(index.files)):
+        if not index.file_path(i).resolve().is_relative_to(root):
+            raise FormatError(f"data file '{index.file_path(i)}' is a link to a file outside the checkpoint "
+                              f"directory ('{index.file_path(i).resolve()}'); set SLLM_STORE_FOLLOW_LINKS=1 "
+                              "to load it anyway")
 
 
 def verify_files(index: Index, config: LoadConfig) -> None:
