@@ -19,7 +19,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -1054,19 +1053,38 @@ def test_load_waits_for_blocks_held_by_loads_in_progress(store, start_server):
     assert_consistent(srv)
 
 
-def test_shm_files_of_dead_clients_are_swept(store, start_server):
-    srv = start_server(pool="32MiB")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid that no longer runs
-    stale = Path(f"/dev/shm/sllm-store-{dead.pid}-00000000deadbeef")
-    stale.write_bytes(b"x" * 4096)
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # left an hour ago
-    try:
-        sd, _ = load("a", srv)
-        store.check("a", sd)
-        assert not stale.exists()
-    finally:
-        stale.unlink(missing_ok=True)
+def test_host_destinations_must_be_sealed_memfds(store, start_server, monkeypatch):
+    """The server maps a client's host memory only as a memfd sealed against shrinking: the
+    client cannot truncate it under the server's copy (SIGBUS), and an unsealed one is refused."""
+    import fcntl
+
+    from sllm_store.server import client as client_module
+
+    srv = start_server()
+    name = next(iter(store.models))
+    before = shm_files()
+    shm = client_module.SharedMemory(1 << 20)
+    with pytest.raises(PermissionError):  # sealed: the client cannot shrink it
+        os.ftruncate(shm.fd, 4096)
+    shm.unlink()
+
+    class Unsealed(client_module.SharedMemory):
+        def __init__(self, size: int) -> None:
+            real = fcntl.fcntl
+            monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, *a: 0 if cmd == fcntl.F_ADD_SEALS
+                                else real(fd, cmd, *a))
+            try:
+                super().__init__(size)
+            finally:
+                monkeypatch.setattr(fcntl, "fcntl", real)
+
+    monkeypatch.setattr(client_module, "SharedMemory", Unsealed)
+    with pytest.raises(sllm_store.FormatError, match="not a memfd sealed"):
+        load(name, srv)
+    monkeypatch.undo()
+    out, _ = load(name, srv)
+    store.check(name, out)
+    assert shm_files() == before  # memfds have no path: nothing in /dev/shm, ever
 
 
 def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):

@@ -1,10 +1,11 @@
-"""The client side of the store server: what ``load_state_dict(..., store=...)`` runs.
+"""The client of the store server: :class:`StoreClient` (RPCs), and the destination memory a
+load hands to the server (:class:`SharedMemory` for host memory; GPU memory through CUDA IPC).
 
-The client plans the load exactly like the in-process loader (one allocation per device, tensors
-as views), allocates the memory itself (PyTorch for GPUs, a ``/dev/shm`` file for host memory),
-and asks the server to fill it. Errors come back as the :mod:`sllm_store.errors` class the server
-raised; an unreachable server, one that dies mid-call, or one that does not answer within the
-timeout raises :class:`~sllm_store.errors.StoreUnavailableError`.
+The store tier (:mod:`sllm_store.tiers.store`) plans a load like every tier (one allocation per
+device, tensors as views), allocates the memory itself and asks the server to fill it. Errors come
+back as the :mod:`sllm_store.errors` class the server raised; an unreachable server, one that dies
+mid-call, or one that does not answer within the timeout raises
+:class:`~sllm_store.errors.StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import logging
 import mmap
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -34,7 +34,9 @@ CONNECT_TIMEOUT = 5.0  # seconds for quick calls (health, describe, status)
 
 
 class StoreClient:
-    """A connection to a store server.
+    """A connection to a store server. Unset arguments come from the store settings
+    (:class:`sllm_store.config.StoreSettings`: ``SLLM_STORE_ADDRESS``, ``SLLM_STORE_TIMEOUT``,
+    ``SLLM_STORE_SERVER_UID``); without an address it is the default socket.
 
     Example::
 
@@ -43,18 +45,16 @@ class StoreClient:
         print(client.status().pool_used)
     """
 
-    _cache: dict[tuple[int, str], StoreClient] = {}
-    _cache_lock = threading.Lock()
+    _shared: dict[tuple[Any, ...], StoreClient] = {}
+    _shared_lock = threading.Lock()
 
     def __init__(self, address: Optional[str] = None, timeout: Optional[float] = None,
                  server_uid: Optional[int] = None) -> None:
-        settings = StoreSettings.resolve()
-        # Seconds a Describe or Prefetch may take (the store settings' timeout by default)
-        self.timeout = timeout or settings.timeout
-        # The user a server on a unix socket must run as (this process's by default)
-        self.server_uid = settings.server_uid if server_uid is None else server_uid
+        settings = StoreSettings.resolve(address, timeout, server_uid)
+        self.timeout = settings.timeout  # seconds a Describe or Prefetch may take
+        self.server_uid = settings.server_uid  # the user a server on a unix socket must run as
         self._peer_checked = False
-        self.target = rpc.normalize_address(address or rpc.default_address())
+        self.target = rpc.normalize_address(settings.address or rpc.default_address())
         self._channel = grpc.insecure_channel(self.target, options=rpc.CHANNEL_OPTIONS)
         self._stubs = {
             name: self._channel.unary_unary(
@@ -66,13 +66,16 @@ class StoreClient:
         self._storage_path: Optional[str] = None
 
     @classmethod
-    def get(cls, address: Optional[str] = None) -> StoreClient:
-        """A client shared by this process for ``address`` (channels are reusable)."""
-        key = (os.getpid(), rpc.normalize_address(address or rpc.default_address()))
-        with cls._cache_lock:
-            client = cls._cache.get(key)
+    def get(cls, address: Optional[str] = None, *, timeout: Optional[float] = None,
+            server_uid: Optional[int] = None) -> StoreClient:
+        """A client shared by this process for these arguments (channels are reusable)."""
+        s = StoreSettings.resolve(address, timeout, server_uid)
+        target = rpc.normalize_address(s.address or rpc.default_address())
+        key = (os.getpid(), target, s.timeout, s.server_uid)
+        with cls._shared_lock:
+            client = cls._shared.get(key)
             if client is None:
-                client = cls._cache[key] = cls(address)
+                client = cls._shared[key] = cls(s.address, s.timeout, s.server_uid)
             return client
 
     def close(self) -> None:
@@ -182,33 +185,38 @@ def index_of(reply: pb.DescribeReply, name: str) -> Index:
 
 
 class SharedMemory:
-    """A host allocation in /dev/shm that the server can map; the file is unlinked once both
-    sides have it mapped (or when the load ends)."""
+    """A host allocation that the server can map: a memfd, sized and then sealed against
+    shrinking and growing (``F_SEAL_SHRINK | F_SEAL_GROW``), so that nothing this process does
+    to it can make the server's copy into it fault. The server opens it through
+    ``/proc/PID/fd/FD`` (its name says which) and checks the seals. It has no path: it is gone
+    when this process and the server have both closed it, whatever happens to either."""
 
     def __init__(self, size: int) -> None:
-        self.name = f"{rpc.SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        self.path = f"/dev/shm/{self.name}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        import fcntl
+
+        fd = os.memfd_create(rpc.SHM_PREFIX + "load", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as e:
                 raise OutOfMemoryError(f"cannot allocate {format_size(size)} of shared memory: {e}") from None
-            self.mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            self.unlink()
-            raise
-        finally:
             os.close(fd)
+            raise
+        self.fd: Optional[int] = fd
+        self.name = f"{rpc.SHM_PREFIX}fd-{os.getpid()}-{fd}"
         import torch
 
         self.tensor = torch.frombuffer(self.mapping, dtype=torch.uint8)
 
     def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Close the descriptor (the mapping, and the tensors on it, stay valid)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 # GPU memory of Load calls that ended without the server's answer (timeout, lost connection,

@@ -16,7 +16,7 @@ from sllm_store.server import store_pb2 as pb
 SERVICE = "sllm_store.v1.SllmStore"
 ERROR_KEY = "sllm-store-error"
 SHM_PREFIX = "sllm-store-"
-SHM_NAME = re.compile(r"sllm-store-[A-Za-z0-9_.-]{1,200}")
+SHM_NAME = re.compile(r"sllm-store-fd-([0-9]{1,10})-([0-9]{1,10})")  # a client's memfd
 MAX_MESSAGE = 256 * 1024 * 1024
 
 # method -> (request class, reply class)

@@ -1,8 +1,8 @@
 """The gRPC service of ``sllm-store serve`` and :func:`serve`.
 
 Destinations named by a client are opened here: CUDA IPC handles with ``_C.CudaIpcMapping``
-(the GPU is found by PCI bus id), shared-memory files (``/dev/shm/sllm-store-*``) by mapping them.
-A shared-memory file is unlinked as soon as it is mapped, so nothing is left behind if either side
+(the GPU is found by PCI bus id), host memory as the client's sealed memfd (opened through
+``/proc/PID/fd/FD`` and mapped). A memfd has no path, so nothing is left behind if either side
 dies. Every opened destination is closed when the call ends, successfully or not.
 """
 
@@ -34,9 +34,6 @@ from sllm_store.server.pool import BlockPool
 
 logger = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
-
-
 @contextlib.contextmanager
 def open_destinations(dests: Any) -> Iterator[list[Dest]]:
     """Map the client's destinations; yields (device, address, size) for ``_C.run_copies``."""
@@ -62,29 +59,35 @@ def open_destinations(dests: Any) -> Iterator[list[Dest]]:
 
 
 def _open_shm(name: str, size: int, stack: contextlib.ExitStack) -> Dest:
-    if not rpc.SHM_NAME.fullmatch(name):
-        raise FormatError(f"invalid shared-memory name {name!r} (expected {rpc.SHM_PREFIX}*)")
-    path = os.path.join(SHM_DIR, name)
+    """Map a client's host destination: its sealed memfd, opened through ``/proc/PID/fd/FD``.
+    Only a memfd sealed against shrinking is taken, so that the client cannot truncate it under
+    the server's copy (which would kill the server with SIGBUS)."""
+    import fcntl
+
+    m = rpc.SHM_NAME.fullmatch(name)
+    if m is None:
+        raise FormatError(f"invalid shared-memory name {name!r} (expected {rpc.SHM_PREFIX}fd-PID-FD)")
+    path = f"/proc/{int(m.group(1))}/fd/{int(m.group(2))}"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise FormatError(f"shared memory '{path}' does not exist (did the client exit?)") from None
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise FormatError(f"cannot open the client's shared memory {name!r}: {e.strerror or e} "
+                          "(did the client exit?)") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            raise FormatError(f"'{path}' is not a shared-memory file of this user")
-        if st.st_size < size:
-            raise FormatError(f"shared memory '{path}' has {st.st_size} bytes, the load needs {size}")
-        # Reserve the pages now: running out of /dev/shm later would be a SIGBUS, not an error.
+            raise FormatError(f"{name!r} is not shared memory of this user")
         try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            raise DeviceError(f"cannot reserve {format_size(size)} of shared memory: {e}") from None
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise FormatError(f"{name!r} is not a memfd sealed against shrinking")
+        if st.st_size < size:
+            raise FormatError(f"shared memory {name!r} has {st.st_size} bytes, the load needs {size}")
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # mapped on both sides now; nothing to clean up if either dies
     import ctypes
 
     view = (ctypes.c_char * size).from_buffer(mm)
@@ -99,40 +102,6 @@ def _open_shm(name: str, size: int, stack: contextlib.ExitStack) -> Dest:
     return ("cpu", address, size)
 
 
-def sweep_stale_shm() -> int:
-    """Remove ``/dev/shm/sllm-store-PID-*`` files of this user, older than a minute, whose client
-    process is gone (a client killed between creating its file and the server mapping it)."""
-    import re
-
-    pattern = re.compile(rf"{re.escape(rpc.SHM_PREFIX)}(\d+)-[0-9a-f]+")
-    removed = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
-        m = pattern.fullmatch(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # the client is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        with contextlib.suppress(OSError):
-            path = os.path.join(SHM_DIR, name)
-            st = os.stat(path, follow_symlinks=False)
-            # Old files only: a client in another PID namespace looks dead but its file is fresh.
-            if st.st_uid == os.getuid() and time.time() - st.st_mtime > 60:
-                os.unlink(path)
-                removed += 1
-    if removed:
-        logger.info("removed %d shared-memory file(s) left by dead clients", removed)
-    return removed
-
-
 DEFAULT_MAX_LOADS = 56  # loads and prefetches at once; more are refused with StoreBusyError
 RESERVED_RPC_THREADS = 8  # RPC threads beyond that, for Health, Status, Describe and Evict
 
@@ -145,13 +114,6 @@ class StoreService:
         self.cuda = cuda
         self.max_loads = max_loads
         self._loads = threading.BoundedSemaphore(max_loads)
-        self._next_sweep = 0.0  # sweep_stale_shm runs at most once a minute, off the copy path
-
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + 60
-            sweep_stale_shm()
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         return pb.HealthReply(version=__version__, cuda=self.cuda, pinned=self.models.pool.pinned,
@@ -192,7 +154,6 @@ class StoreService:
     def _load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
         t0 = time.perf_counter()
         copies = [(c.file, c.offset, c.dest, c.dest_offset, c.length) for c in request.copies]
-        self._maybe_sweep()
         # The client may give up (deadline, cancellation, a dead process): then stop writing into
         # its memory at once; with a GPU destination it may hand that memory to other tensors.
         gone = threading.Event()
