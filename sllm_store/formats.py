@@ -25,6 +25,7 @@ from sllm_store.index import (
     PathLike,
     TensorEntry,
     is_converted,
+    open_regular,
     read_index,
     strict_json,
 )
@@ -43,18 +44,8 @@ SAFETENSORS_DTYPES = {
 
 def safetensors_header(path: Path, error: type[Exception] = ConvertError) -> tuple[dict[str, Any], int]:
     """(header dict, byte offset where the data section starts) of a safetensors file."""
-    import stat
-
+    fd = open_regular(path, error, f"safetensors file '{path}'")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block us
-    except FileNotFoundError:
-        raise MissingFileError(f"safetensors file '{path}' does not exist") from None
-    except OSError as e:
-        raise error(f"cannot read safetensors header of '{path}': {e.strerror or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"'{path}' is not a regular file")
-        os.set_blocking(fd, True)
         head = os.pread(fd, 8, 0)
         if len(head) != 8:
             raise error(f"'{path}' is not a safetensors file (too short)")

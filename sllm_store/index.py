@@ -180,24 +180,37 @@ def read_index(path: PathLike) -> Index:
     return parse_index(strict_json(text, f"'{ipath}'"), root)
 
 
-def read_regular(path: Path, error: type[Exception] = FormatError, limit: int = 1 << 30) -> bytes:
-    """The bytes of ``path`` if it is a regular file (opened without blocking: a FIFO's open
-    would wait for a writer), at most ``limit`` of them; ``error`` otherwise."""
+def open_regular(path: Path, error: type[Exception] = FormatError, what: str = "") -> int:
+    """A blocking read-only descriptor of ``path`` if it is a regular file, opened without
+    blocking (a FIFO's open would wait for a writer); MissingFileError or ``error`` naming
+    ``what`` (default: the path) otherwise. The caller closes it."""
     import stat
 
+    what = what or f"'{path}'"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise MissingFileError(f"'{path}' does not exist") from None
+        raise MissingFileError(f"{what} does not exist") from None
     except OSError as e:
-        raise error(f"cannot open '{path}': {e.strerror or e}") from None
+        raise error(f"cannot open {what}: {e.strerror or e}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"'{path}' is not a regular file")
-        if st.st_size > limit:
-            raise error(f"'{path}' is {st.st_size} bytes, more than an index or header may be")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{what} is not a regular file")
         os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path, error: type[Exception] = FormatError, limit: int = 1 << 30) -> bytes:
+    """The bytes of ``path`` if it is a regular file (:func:`open_regular`), at most ``limit`` of
+    them; ``error`` otherwise."""
+    fd = open_regular(path, error)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(f"'{path}' is {size} bytes, more than an index or header may be")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(limit + 1)
     except OSError as e:
