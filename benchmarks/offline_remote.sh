@@ -9,7 +9,8 @@
 # `run` writes its logs and JSON under $OUT (default ./out). Environment: TESTS (the pytest paths
 # of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
 # no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
-# (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not).
+# (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
+# SUITES (suites of benchmarks/run.py to run on the 3B checkpoint, e.g. "verify"; default: none).
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
 # and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
 set -uo pipefail
@@ -71,6 +72,11 @@ run)
       /tmp/bench_copy_checksum "$COPY_BENCH" --json "$OUT/copy_checksum.json" | tee "$OUT/copy_checksum.log"
     stamp copy_bench
   fi
+  for suite in ${SUITES:-}; do  # suites of benchmarks/run.py on the 3B checkpoint
+    timeout 540 python3 benchmarks/run.py "$suite" --src /tmp/ck3 --device cuda:0 --out "$OUT" \
+      2>&1 | tee "$OUT/$suite.log" | grep -v "^20..-..-.. "
+    stamp "$suite"
+  done
   if [ "${REPS:-4}" != 0 ]; then
     # shellcheck disable=SC2086
     timeout 450 python3 benchmarks/bench_remote.py --src /tmp/ck3 --device cuda:0 --reps "${REPS:-4}" \

@@ -1,0 +1,311 @@
+"""What every benchmark suite shares: the record of a run (git commit, settings, machine, library
+versions), cold and warm page-cache states applied the same way to every contender, interleaved
+rounds with best and median, and bit-for-bit output checks.
+
+A suite gets a :class:`Run` from ``benchmarks/run.py`` and writes one JSON through it::
+
+    run = Run("verify", args)
+    rounds = Rounds(run.rounds)
+    rounds.add("sllm-cold", lambda: load(...), nbytes, before=run.cold(files), check=check)
+    run.results["contenders"] = rounds.run()
+    run.write()
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+log = logging.getLogger("benchmarks")
+
+GB = 1e9
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------
+# The record of a run
+# ------------------------------------------------------------------------------------------------
+
+
+def git_state() -> Dict[str, Any]:
+    """The commit the run measured and whether the tree had uncommitted changes."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "describe": git("log", "-1", "--format=%h %s")}
+
+
+def settings() -> Dict[str, Any]:
+    """Every ``SLLM_STORE_*`` variable set in the environment, and the resolved load settings."""
+    from sllm_store.config import LoadConfig
+
+    config = LoadConfig.resolve()
+    return {"environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SLLM_STORE_")},
+            "resolved": {"num_threads": config.num_threads, "io_mode": config.io_mode,
+                         "chunk_size": config.chunk_size, "verify": config.verify,
+                         "staging_buffers": config.staging_buffers}}
+
+
+def _fs_type(path: Path) -> Optional[str]:
+    best, fstype = "", None
+    p = str(path.resolve())
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and (p == parts[1] or p.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) >= len(best):
+                        best, fstype = parts[1], f"{parts[2]} ({parts[0]} on {parts[1]})"
+    except OSError:
+        return None
+    return fstype
+
+
+def _meminfo() -> Dict[str, str]:
+    try:
+        with open("/proc/meminfo") as f:
+            return {ln.split(":")[0]: ln.split(":")[1].strip() for ln in f}
+    except OSError:
+        return {}
+
+
+def machine(data_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """CPU, cores, RAM, GPU and driver, the disk and file system under ``data_dir``."""
+    m: Dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "mem_total": _meminfo().get("MemTotal"),
+        "is_root": hasattr(os, "geteuid") and os.geteuid() == 0,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            m["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                                  None)
+    except OSError:
+        pass
+    if data_dir is not None:
+        m["data_dir"] = str(data_dir)
+        m["filesystem"] = _fs_type(data_dir)
+        usage = shutil.disk_usage(data_dir)
+        m["disk_free_bytes"] = usage.free
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            m["gpus"] = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return m
+
+
+def versions() -> Dict[str, Any]:
+    """Python and the libraries a suite may use (None where not installed)."""
+    out: Dict[str, Any] = {"python": platform.python_version()}
+    for name in ("torch", "safetensors", "transformers", "sllm_store", "zstandard", "obstore",
+                 "runai_model_streamer", "fastsafetensors"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "installed")
+        except Exception:  # not installed, or broken: recorded as absent
+            out[name] = None
+    try:
+        import torch
+
+        out["torch_cuda"] = torch.version.cuda
+    except Exception:
+        pass
+    return out
+
+
+def output_name(suite: str, machine_info: Mapping[str, Any]) -> str:
+    """``<date>-<gpu or cpu>-<suite>.json``."""
+    gpus = machine_info.get("gpus") or []
+    kind = gpus[0].split(",")[0].split()[-1].lower() if gpus else "cpu"
+    return f"{datetime.date.today().isoformat()}-{kind}-{suite}.json"
+
+
+class Run:
+    """One suite's run: its record (``git``, ``settings``, ``machine``, ``versions``, ``args``) and
+    its ``results``, written as one JSON."""
+
+    def __init__(self, suite: str, args: Any, data_dir: Optional[Path] = None) -> None:
+        self.suite = suite
+        self.args = args
+        self.rounds: int = getattr(args, "rounds", 3)
+        self.evictor = Evictor()
+        self.record: Dict[str, Any] = {
+            "suite": suite,
+            "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(),
+            "git": git_state(), "settings": settings(), "machine": machine(data_dir),
+            "versions": versions(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k != "func"},
+        }
+        self.results: Dict[str, Any] = {}
+        self.record["results"] = self.results
+
+    def write(self) -> Path:
+        self.record["cold_method"] = self.evictor.method()
+        out_dir = Path(getattr(self.args, "out", None) or ROOT / "benchmarks" / "results")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / output_name(self.suite, self.record["machine"])
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
+        os.replace(tmp, path)
+        log.info("wrote %s", path)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Page-cache states
+# ------------------------------------------------------------------------------------------------
+
+
+class Evictor:
+    """Cold: every file's pages dropped (``posix_fadvise``), plus ``drop_caches`` when root.
+    Warm: every file read once through the page cache when not all of it is resident."""
+
+    def __init__(self) -> None:
+        self.drop_caches: Optional[str] = None
+
+    def method(self) -> str:
+        return "posix_fadvise(DONTNEED) per file" + (
+            f"; drop_caches: {self.drop_caches}" if self.drop_caches else "")
+
+    def evict(self, files: Sequence[Path]) -> None:
+        from sllm_store.utils import evict_page_cache
+
+        os.sync()
+        for f in files:
+            evict_page_cache(f)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            try:
+                with open("/proc/sys/vm/drop_caches", "w") as fh:
+                    fh.write("3\n")
+                self.drop_caches = "yes"
+            except OSError as e:
+                self.drop_caches = f"failed: {e}"
+
+    @staticmethod
+    def warm(files: Sequence[Path]) -> None:
+        from sllm_store.utils import page_cache_fraction
+
+        if (page_cache_fraction(files) or 0.0) >= 0.999:
+            return
+        buf = bytearray(64 << 20)
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaved rounds
+# ------------------------------------------------------------------------------------------------
+
+
+def digest(state_dict: Mapping[str, Any]) -> str:
+    """One SHA-256 over every tensor's name and bytes, in name order (GPU tensors copied back)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        flat = t.reshape(-1).contiguous()
+        if flat.numel():
+            h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Contender:
+    name: str
+    fn: Callable[[], Any]
+    nbytes: int
+    before: Optional[Callable[[], None]] = None  # untimed: evict, warm, free memory
+    check: Optional[Callable[[Any], Optional[str]]] = None  # None when the output is right, else why
+    seconds_of: Optional[Callable[[Any], float]] = None  # a time the contender reports itself
+
+
+class Rounds:
+    """Contenders timed in ``rounds`` rounds, each round every contender once; the order is
+    reversed every other round so that drift (disk, server, thermal) falls on all alike. Every
+    output is checked when the contender has a check; a contender that raises or fails its check
+    is not run again and its error is recorded."""
+
+    def __init__(self, rounds: int, sync: Callable[[], None] = lambda: None) -> None:
+        self.rounds = rounds
+        self.sync = sync
+        self.contenders: List[Contender] = []
+
+    def add(self, name: str, fn: Callable[[], Any], nbytes: int, **kw: Any) -> None:
+        self.contenders.append(Contender(name, fn, nbytes, **kw))
+
+    def run(self) -> Dict[str, Dict[str, Any]]:
+        times: Dict[str, List[float]] = {c.name: [] for c in self.contenders}
+        errors: Dict[str, str] = {}
+        for r in range(self.rounds):
+            order = self.contenders if r % 2 == 0 else self.contenders[::-1]
+            for c in order:
+                if c.name in errors:
+                    continue
+                try:
+                    times[c.name].append(self._time(c))
+                    log.info("round %d  %-28s %8.3f s  %7.2f GB/s", r + 1, c.name, times[c.name][-1],
+                             c.nbytes / GB / times[c.name][-1])
+                except Exception as e:  # one failing contender must not end the run
+                    errors[c.name] = f"{type(e).__name__}: {e}"[:500]
+                    log.error("%s: %s", c.name, errors[c.name])
+                gc.collect()
+        return {c.name: summary(times[c.name], c.nbytes, errors.get(c.name)) for c in self.contenders}
+
+    def _time(self, c: Contender) -> float:
+        if c.before is not None:
+            c.before()
+        t0 = time.perf_counter()
+        out = c.fn()
+        self.sync()
+        elapsed = time.perf_counter() - t0
+        if c.seconds_of is not None:
+            elapsed = c.seconds_of(out)
+        if c.check is not None:
+            problem = c.check(out)
+            if problem:
+                raise AssertionError(f"wrong output: {problem}")
+        del out
+        return elapsed
+
+
+def summary(times: Sequence[float], nbytes: int, error: Optional[str] = None) -> Dict[str, Any]:
+    """Best and median seconds and GB/s of a contender's rounds (and its error, if any)."""
+    out: Dict[str, Any] = {"bytes": nbytes, "all_s": list(times)}
+    if times:
+        best, median = min(times), statistics.median(times)
+        out.update(best_s=best, median_s=median, best_gbps=nbytes / GB / best,
+                   median_gbps=nbytes / GB / median)
+    if error:
+        out["error"] = error
+    return out

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""The benchmark entry point: ``python benchmarks/run.py SUITE [options]``.
+
+Every suite records the git commit, the settings, the machine and the library versions in one
+JSON (``--out``, default ``benchmarks/results/``), runs its contenders in interleaved rounds
+(``--rounds``) and checks their outputs. ``python benchmarks/run.py SUITE --help`` lists a suite's
+options.
+
+Suites:
+
+* ``verify``: what checksum verification costs on each load path (off against on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SUITES = {"verify": "suites.verify"}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="suite", required=True)
+    modules = {}
+    for name, module_name in SUITES.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        sp = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+        sp.add_argument("--out", type=Path, default=None,
+                        help="directory of the results JSON (default benchmarks/results)")
+        sp.add_argument("-v", "--verbose", action="store_true")
+        module.add_arguments(sp)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    return modules[args.suite].main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
