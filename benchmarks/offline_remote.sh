@@ -10,7 +10,7 @@
 # of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
 # no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
 # (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
-# SUITES (suites of benchmarks/run.py to run on the 3B checkpoint, e.g. "verify"; default: none).
+# SUITES (suites of benchmarks/run.py to run on the 3B checkpoint, e.g. "verify"; default: none; SUITE_ARGS: more flags, e.g. "--rounds 5").
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
 # and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
 set -uo pipefail
@@ -73,7 +73,7 @@ run)
     stamp copy_bench
   fi
   for suite in ${SUITES:-}; do  # suites of benchmarks/run.py on the 3B checkpoint
-    timeout 540 python3 benchmarks/run.py "$suite" --src /tmp/ck3 --device cuda:0 --out "$OUT" \
+    timeout 540 python3 benchmarks/run.py "$suite" --src /tmp/ck3 --device cuda:0 --out "$OUT" ${SUITE_ARGS:-} \
       2>&1 | tee "$OUT/$suite.log" | grep -v "^20..-..-.. "
     stamp "$suite"
   done
