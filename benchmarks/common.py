@@ -41,7 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_state() -> Dict[str, Any]:
-    """The commit the run measured and whether the tree had uncommitted changes."""
+    """The commit the run measured and whether the tree had uncommitted changes.
+
+    ``BENCH_GIT_COMMIT`` (and ``BENCH_GIT_DIRTY=1``) name them for a copy of the tree without its
+    git history, e.g. on a machine the tree was copied to.
+    """
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return {"commit": os.environ["BENCH_GIT_COMMIT"], "dirty": os.environ.get("BENCH_GIT_DIRTY") == "1",
+                "source": "BENCH_GIT_COMMIT"}
     def git(*args: str) -> Optional[str]:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,

@@ -99,7 +99,7 @@ def load_json(root: Path, name: str) -> Data:
 
 def commit_of(data: Data) -> Optional[str]:
     """The commit a JSON records, if any (top level or in its environment)."""
-    for where in (data, data.get("environment") or {}):
+    for where in (data, data.get("environment") or {}, data.get("git") or {}):
         for key in ("commit", "git_commit", "git_sha"):
             if isinstance(where, dict) and where.get(key):
                 return str(where[key])
@@ -360,6 +360,32 @@ COMPRESS = "2026-11-23-h100-compress-3b.json"
 DECODE = "2026-11-23-h100-compress-8b.json"  # decoding by threads
 REMOTE = "2026-11-29-h200-remote-3b.json"  # server and client share the cores
 REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
+VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
+
+
+# --- benchmarks/run.py verify: verification off against on ----------------------------------------
+
+VERIFY_LABELS = {
+    "cpu-cold": "CPU memory, cold (O_DIRECT)", "cpu-warm": "CPU memory, page-cached",
+    "gpu-cold": "GPU, cold (O_DIRECT, staged)", "gpu-warm": "GPU, page-cached (staged)",
+    "store-cold-prefetch": "store server: disk to its pool (server time)",
+    "store-warm": "store server: resident model to the GPU",
+}
+
+
+def render_verify(name: str, data: Data) -> str:
+    r = data["results"]
+    c = r["contenders"]
+    rows = []
+    for key, cost in r["costs"].items():
+        off, on = c[key + "-verify-off"], c[key + "-verify-on"]
+        rows.append([VERIFY_LABELS.get(key, key), f"{off['best_s']:.3f} ({off['median_s']:.3f})",
+                     f"{on['best_s']:.3f} ({on['median_s']:.3f})",
+                     f"{100 * (cost['best_ratio'] - 1):+.1f}% ({cost['median_extra_percent']:+.1f}%)"])
+    head = (f"{r['bytes'] / 1e9:.2f} GB checkpoint, {data['args'].get('rounds')} interleaved rounds, "
+            f"outputs checked every round; XXH3 on one core: {r['xxh3_one_thread_gbps']:.1f} GB/s.\n\n")
+    return head + table(["path", "verify off: s, best (median)", "verify on: s, best (median)",
+                         "extra time, best (median)"], rows) + "\n" + source((name, data))
 
 
 def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
@@ -386,6 +412,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "remote": functools.partial(_one, render_remote, REMOTE),
     "remote-split": functools.partial(_one, render_remote, REMOTE_SPLIT),
     "remote-summary": _summary,
+    "verify": functools.partial(_one, render_verify, VERIFY),
 }
 
 

@@ -106,7 +106,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     from sllm_store.loader import load_state_dict_with_report
 
     tensors, report = load_state_dict_with_report(
-        args.path, args.device, num_threads=args.num_threads, verify=args.verify or None,
+        args.path, args.device, num_threads=args.num_threads, verify=args.verify,
         io_mode=args.io_mode, store=args.store, remote=_remote_options(args),
     )
     print(f"loaded {len(tensors)} tensors, {format_size(report.bytes)} in {report.seconds:.3f} s "
@@ -189,7 +189,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_prefetch(args: argparse.Namespace) -> int:
     client = _client(args)
     for name in args.models:
-        r = client.prefetch(client.model_name(name), verify=args.verify)
+        r = client.prefetch(client.model_name(name), verify=args.verify is not False)
         state = "already cached" if r.hit else "cached"
         print(f"{name}: {state}, {format_size(r.bytes)} in {r.seconds:.2f} s")
     return 0
@@ -300,7 +300,9 @@ def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
                         description="Load a converted checkpoint and report time, GB/s and placement.")
     ld.add_argument("path", help="converted checkpoint directory")
     ld.add_argument("--device", default="cpu", help="target device (default cpu)")
-    ld.add_argument("--verify", action="store_true", help="verify checksums while loading")
+    ld.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                    help="check every chunk's checksum while loading (default: on for a GPU or a store "
+                    "server, off for CPU memory; SLLM_STORE_VERIFY)")
     ld.add_argument("--num-threads", type=int, default=None,
                     help="reader threads (default: SLLM_STORE_NUM_THREADS, else the CPU count, 4..16)")
     ld.add_argument("--io-mode", choices=("auto", "buffered", "direct", "mmap"), default=None,
@@ -374,7 +376,8 @@ def _add_server_commands(sub: Any) -> None:
                             help="model names (relative to the storage path)"
                             + ("; none: every model not in use" if cmd == "evict" else ""))
         if cmd == "prefetch":
-            sp.add_argument("--verify", action="store_true", help="verify checksums while caching")
+            sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                            help="check every chunk's checksum while caching (default: on)")
         sp.set_defaults(func=fn)
 
 

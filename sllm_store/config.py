@@ -49,8 +49,9 @@ VARIABLES: tuple[Variable, ...] = (
              "`buffered`, `direct` or `mmap` (CPU only) (`io_mode=`)."),
     Variable("SLLM_STORE_CHUNK_SIZE", "load", "the checkpoint's chunk size",
              "Read unit of a local load, e.g. `16MiB`; not with verification (`chunk_size=`)."),
-    Variable("SLLM_STORE_VERIFY", "load", "`0`",
-             "`1`: check every chunk's checksum while loading (`verify=`)."),
+    Variable("SLLM_STORE_VERIFY", "load", "on, except for loads into CPU memory from local files",
+             "`1`: check every chunk's checksum while loading; `0`: do not (`verify=`). Remote "
+             "downloads are always checked."),
     Variable("SLLM_STORE_STAGING_BUFFERS", "load", "`2`",
              "Page-locked staging buffers per reader thread of a GPU load (one fills while one "
              "is copied)."),
@@ -234,7 +235,7 @@ class LoadConfig:
     num_threads: int
     io_mode: str
     chunk_size: Optional[int]
-    verify: bool
+    verify: Optional[bool]  # None: the default for the load's tier and devices (with_default_verify)
     staging_buffers: int = 2
     follow_links: bool = False  # data files linked out of a converted checkpoint's directory
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -270,12 +271,12 @@ class LoadConfig:
             hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
             raise InvalidArgumentError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
         if verify is None:
-            verify = bool(_env_bool("SLLM_STORE_VERIFY"))
+            verify = _env_bool("SLLM_STORE_VERIFY")
         staging = _env_int("SLLM_STORE_STAGING_BUFFERS")
         staging = 2 if staging is None else staging
         if staging < 1:
             raise InvalidArgumentError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
-        return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=bool(verify),
+        return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=verify,
                    staging_buffers=staging, follow_links=bool(_env_bool("SLLM_STORE_FOLLOW_LINKS")),
                    store=StoreSettings.resolve(store),
                    remote=(remote or RemoteOptions()).resolved(), cache=cache)
@@ -283,6 +284,24 @@ class LoadConfig:
     def cache_settings(self) -> CacheSettings:
         """The cache section (resolved from the environment when not given)."""
         return self.cache if self.cache is not None else CacheSettings.resolve()
+
+    def with_default_verify(self, tier: str, device_types: set[str], checksummed: bool) -> LoadConfig:
+        """This config with ``verify`` decided, when neither the argument nor the environment did.
+
+        Verification is on by default wherever it costs little (docs/benchmarks.md): loads to a
+        GPU, whose chunks are checked in the staging buffers as they are read, and loads through
+        the store server, which checks a model once when it reads it into its pool. It is off for
+        loads of local files into CPU memory, where hashing adds about a tenth to a load from the
+        page cache, and when a read size other than the checksummed chunk is asked for
+        (``chunk_size``), or when the checkpoint has no checksums (safetensors files).
+        """
+        if self.verify is not None:
+            return self
+        if not checksummed:
+            return replace(self, verify=False)
+        if tier == "store":
+            return replace(self, verify=True)
+        return replace(self, verify=self.chunk_size is None and bool(device_types - {"cpu"}))
 
     def with_changes(self, **changes: Any) -> LoadConfig:
         """A copy with some fields replaced (``dataclasses.replace``)."""

@@ -33,6 +33,8 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap,
     t0 = time.perf_counter() if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
     checkpoint.check_devices(set(assign.values()))
+    checkpoint.config = checkpoint.config.with_default_verify(
+        checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in checkpoint.index.files))
     plan = checkpoint.plan(assign)
     buffers = checkpoint.allocate(plan)
     stats = checkpoint.fill(plan, buffers)
@@ -90,7 +92,10 @@ def load_state_dict(
             clamped to 4..16), also for a URL's copy in the local cache. The GETs in flight of a
             download are ``remote``'s ``max_gets``.
         chunk_size: read unit in bytes or as ``"16MiB"`` (default: the checkpoint's chunk size).
-        verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY=1``).
+        verify: check every chunk's checksum while loading (env ``SLLM_STORE_VERIFY``). Default:
+            on for loads to a GPU and through a store server, off for loads of local files into
+            CPU memory (where it adds about a tenth to a load from the page cache). A ``chunk_size``
+            other than the checkpoint's turns the default off. Remote downloads are always checked.
         io_mode: ``"auto"`` (O_DIRECT when the files are not in the page cache, else buffered;
             env ``SLLM_STORE_IO_MODE``), ``"buffered"``, ``"direct"`` (O_DIRECT, falling back to
             buffered where the filesystem refuses it) or ``"mmap"`` (CPU only: tensors are views

@@ -589,8 +589,11 @@ def test_verify_through_server_and_corruption(store, shared_server):
     with pytest.raises(ChecksumError):
         sllm_store.load_state_dict("corrupt/bad", store=srv.address, verify=True)
     assert names(assert_consistent(srv)) == {"mixed"}
-    # without verify the corrupted bytes are served (and cached unverified) ...
-    sd = sllm_store.load_state_dict("corrupt/bad", store=srv.address)
+    with pytest.raises(ChecksumError):  # loads through the server verify by default
+        sllm_store.load_state_dict("corrupt/bad", store=srv.address)
+    assert names(assert_consistent(srv)) == {"mixed"}
+    # with verify=False the corrupted bytes are served (and cached unverified) ...
+    sd = sllm_store.load_state_dict("corrupt/bad", store=srv.address, verify=False)
     assert not torch.equal(to_bytes(sd["big.f32"]), to_bytes(store.models["mixed"]["big.f32"]))
     assert_tensor_identical(sd["big.bf16"], store.models["mixed"]["big.bf16"])
     # ... and a later load with verify checks the cached copy

@@ -157,7 +157,7 @@ class StoreClient:
     def describe(self, model: str) -> pb.DescribeReply:
         return self.call("Describe", pb.DescribeRequest(model=model), self.timeout)
 
-    def prefetch(self, model: str, *, verify: bool = False) -> pb.PrefetchReply:
+    def prefetch(self, model: str, *, verify: bool = True) -> pb.PrefetchReply:
         return self.call("Prefetch", pb.PrefetchRequest(model=model, verify=verify), self.timeout)
 
     def evict(self, model: str = "") -> list[str]:
