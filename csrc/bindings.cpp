@@ -228,6 +228,14 @@ PYBIND11_MODULE(_C, m) {
   // staging blocks; a closed handle raises instead of touching a freed Fill.
   struct Fill {
     std::unique_ptr<StagedCopier::Fill> fill;
+    Fill(std::unique_ptr<StagedCopier::Fill> f) : fill(std::move(f)) {}
+    Fill(Fill&&) = default;
+    ~Fill() {  // collected without __exit__: wait for the copies without holding the GIL
+      if (fill && PyGILState_Check()) {
+        py::gil_scoped_release nogil;
+        fill.reset();
+      }
+    }
     StagedCopier::Fill& get() {
       if (!fill) throw Error(ErrorKind::kFormat, "the fill is closed");
       return *fill;
@@ -419,23 +427,31 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
                                  out.push_back(reinterpret_cast<uint64_t>(a.segment(i)));
                                return out;
                              })
-      .def("release", &PinnedArena::release, "Free the memory now.");
+      .def("release", &PinnedArena::release, py::call_guard<py::gil_scoped_release>(), "Free the memory now.");
 
   m.def(
       "cuda_ipc_export",
       [](uint64_t ptr) {
-        IpcExport e = ipc_export(ptr);
+        IpcExport e;
+        {
+          py::gil_scoped_release nogil;
+          e = ipc_export(ptr);
+        }
         return py::make_tuple(py::bytes(e.handle), e.offset, e.alloc_size, e.pci_bus_id);
       },
       py::arg("ptr"),
       "Export the GPU allocation holding `ptr`: (handle, offset, allocation size, PCI bus id).");
 
   py::class_<IpcMapping>(m, "CudaIpcMapping", "GPU memory of another process, open while this lives.")
-      .def(py::init<const std::string&, const std::string&>(), py::arg("pci_bus_id"), py::arg("handle"))
+      .def(py::init([](const std::string& pci_bus_id, const std::string& handle) {
+             py::gil_scoped_release nogil;
+             return std::make_unique<IpcMapping>(pci_bus_id, handle);
+           }),
+           py::arg("pci_bus_id"), py::arg("handle"))
       .def_property_readonly("base", &IpcMapping::base)
-      .def_property_readonly("size", &IpcMapping::size, "bytes mapped from base (0: unknown)")
+      .def_property_readonly("size", &IpcMapping::size, "bytes mapped from base")
       .def_property_readonly("ordinal", &IpcMapping::ordinal)
-      .def("close", &IpcMapping::close);
+      .def("close", &IpcMapping::close, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "group_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, group_bytes); },

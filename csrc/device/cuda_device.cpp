@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cstdio>
 #include <string>
 
 #include "common/errors.h"
@@ -9,11 +10,47 @@
 namespace sllm {
 
 namespace {
-constexpr size_t kEventsPerWorker = 8;  // > buffers in flight per worker
+constexpr size_t kEventsPerWorker = 8;  // waits on older tokens wait on a later record instead
 
 // A copy thread waiting for its copy sleeps until the copy is done (CU_EVENT_BLOCKING_SYNC)
 // instead of spinning on a core that the reads, GETs and checksums need.
 constexpr unsigned kEventFlags = cuda::CU_EVENT_DISABLE_TIMING | cuda::CU_EVENT_BLOCKING_SYNC;
+
+// A reference on a device's primary context, held by every page-locked buffer made under it, so
+// that the context (and with it the buffer) outlives the buffer's last user.
+class ContextRef {
+ public:
+  ContextRef(const cuda::Driver* d, cuda::CUdevice dev) : d_(d), dev_(dev) {
+    cuda::check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+  }
+  ~ContextRef() { d_->cuDevicePrimaryCtxRelease(dev_); }
+  ContextRef(const ContextRef&) = delete;
+  ContextRef& operator=(const ContextRef&) = delete;
+  cuda::CUcontext get() const { return ctx_; }
+
+ private:
+  const cuda::Driver* d_;
+  cuda::CUdevice dev_;
+  cuda::CUcontext ctx_ = nullptr;
+};
+
+// Frees page-locked memory under its context; a failure can only be reported, not thrown.
+void free_pinned(const cuda::Driver* d, const ContextRef& ctx, void* p, bool registered) {
+  cuda::CUresult r = cuda::CUDA_SUCCESS;
+  try {
+    cuda::ScopedContext scope(d, ctx.get());
+    r = registered ? d->cuMemHostUnregister(p) : d->cuMemFreeHost(p);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sllm-store: cannot free page-locked memory: %s\n", e.what());
+    return;
+  }
+  if (r != cuda::CUDA_SUCCESS) {
+    const char* s = nullptr;
+    d->cuGetErrorString(r, &s);
+    std::fprintf(stderr, "sllm-store: %s failed: %s\n", registered ? "cuMemHostUnregister" : "cuMemFreeHost",
+                 s ? s : std::to_string(r).c_str());
+  }
+}
 }  // namespace
 
 CudaDevice::CudaDevice(int ordinal) : drv_(cuda::driver()), ordinal_(ordinal) {
@@ -30,51 +67,48 @@ CudaDevice::CudaDevice(int ordinal) : drv_(cuda::driver()), ordinal_(ordinal) {
 
 CudaDevice::~CudaDevice() {
   // Best effort: never throw from a destructor.
-  drv_->cuCtxSetCurrent(ctx_);
-  for (auto& w : workers_) {
-    for (auto e : w.events) drv_->cuEventDestroy(e);
-    if (w.stream) drv_->cuStreamDestroy(w.stream);
+  try {
+    cuda::ScopedContext scope(drv_, ctx_);
+    for (auto& w : workers_) {
+      if (w.stream) drv_->cuStreamSynchronize(w.stream);  // copies still queued finish first
+      for (auto e : w.events) drv_->cuEventDestroy(e);
+      if (w.stream) drv_->cuStreamDestroy(w.stream);
+    }
+  } catch (...) {
   }
   drv_->cuDevicePrimaryCtxRelease(dev_);
 }
 
-void CudaDevice::make_current() const {
-  cuda::CUcontext cur = nullptr;
-  drv_->cuCtxGetCurrent(&cur);
-  if (cur != ctx_) cuda::check(drv_->cuCtxSetCurrent(ctx_), "cuCtxSetCurrent");
-}
-
 void CudaDevice::begin(int num_workers) {
-  const unsigned flags = kEventFlags;
-  make_current();
+  cuda::ScopedContext scope(drv_, ctx_);
   workers_.resize(static_cast<size_t>(num_workers));
   for (auto& w : workers_) {
     if (w.stream == nullptr)
       cuda::check(drv_->cuStreamCreate(&w.stream, cuda::CU_STREAM_NON_BLOCKING), "cuStreamCreate");
     while (w.events.size() < kEventsPerWorker) {
       cuda::CUevent e = nullptr;
-      cuda::check(drv_->cuEventCreate(&e, flags), "cuEventCreate");
+      cuda::check(drv_->cuEventCreate(&e, kEventFlags), "cuEventCreate");
       w.events.push_back(e);
     }
   }
 }
 
 void CudaDevice::copy_from_host(void* dst, const void* src, size_t n, int worker) {
-  make_current();
+  cuda::ScopedContext scope(drv_, ctx_);
   cuda::check(drv_->cuMemcpyHtoDAsync(reinterpret_cast<cuda::CUdeviceptr>(dst), src, n,
                                       workers_.at(worker).stream),
               "cuMemcpyHtoDAsync");
 }
 
 void CudaDevice::copy_to_host(void* dst, const void* src, size_t n, int worker) {
-  make_current();
+  cuda::ScopedContext scope(drv_, ctx_);
   cuda::check(drv_->cuMemcpyDtoHAsync(dst, reinterpret_cast<cuda::CUdeviceptr>(src), n,
                                       workers_.at(worker).stream),
               "cuMemcpyDtoHAsync");
 }
 
 uint64_t CudaDevice::record(int worker) {
-  make_current();
+  cuda::ScopedContext scope(drv_, ctx_);
   Worker& w = workers_.at(worker);
   uint64_t token = w.next_token++;
   cuda::check(drv_->cuEventRecord(w.events[token % w.events.size()], w.stream), "cuEventRecord");
@@ -83,36 +117,45 @@ uint64_t CudaDevice::record(int worker) {
 
 void CudaDevice::wait(int worker, uint64_t token) {
   Worker& w = workers_.at(worker);
-  if (token + w.events.size() < w.next_token) return;  // long done: its event was reused
-  make_current();
+  if (token >= w.next_token) throw Error(ErrorKind::kDevice, "wait on a token never recorded");
+  cuda::ScopedContext scope(drv_, ctx_);
+  // The slot holds this token's record or a later one of the same stream: either way, once it
+  // completes, so have the copies before `token`.
   cuda::check(drv_->cuEventSynchronize(w.events[token % w.events.size()]), "cuEventSynchronize");
 }
 
 void CudaDevice::synchronize() {
-  make_current();
+  cuda::ScopedContext scope(drv_, ctx_);
   for (auto& w : workers_)
     if (w.stream) cuda::check(drv_->cuStreamSynchronize(w.stream), "cuStreamSynchronize");
 }
 
+void CudaDevice::drain(int worker) noexcept {
+  if (worker < 0 || static_cast<size_t>(worker) >= workers_.size() || !workers_[worker].stream) return;
+  try {
+    cuda::ScopedContext scope(drv_, ctx_);
+    drv_->cuStreamSynchronize(workers_[worker].stream);  // its error is the load's error already
+  } catch (...) {
+  }
+}
+
 HostAllocator CudaDevice::staging_allocator() const {
   const cuda::Driver* drv = drv_;
-  cuda::CUcontext ctx = ctx_;
-  return [drv, ctx](size_t size) {
-    drv->cuCtxSetCurrent(ctx);
+  cuda::CUdevice dev = dev_;
+  return [drv, dev](size_t size) {
+    auto ctx = std::make_shared<ContextRef>(drv, dev);
+    cuda::ScopedContext scope(drv, ctx->get());
     void* p = nullptr;
     cuda::check(drv->cuMemHostAlloc(&p, size, cuda::CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc");
-    return HostBuffer(p, size, [drv](void* q) { drv->cuMemFreeHost(q); });
+    return HostBuffer(p, size, [drv, ctx](void* q) { free_pinned(drv, *ctx, q, false); });
   };
 }
 
-}  // namespace sllm
-
-namespace sllm {
-
 HostAllocator CudaDevice::registered_allocator() const {
   const cuda::Driver* drv = drv_;
-  cuda::CUcontext ctx = ctx_;
-  return [drv, ctx](size_t size) {
+  cuda::CUdevice dev = dev_;
+  return [drv, dev](size_t size) {
+    auto ctx = std::make_shared<ContextRef>(drv, dev);
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       throw Error(ErrorKind::kOutOfMemory, "cannot map " + std::to_string(size) + " bytes of host memory");
@@ -121,15 +164,17 @@ HostAllocator CudaDevice::registered_allocator() const {
 #endif
     char* c = static_cast<char*>(p);
     for (size_t o = 0; o < size; o += 4096) c[o] = 0;
-    drv->cuCtxSetCurrent(ctx);
-    cuda::CUresult r = drv->cuMemHostRegister(p, size, cuda::CU_MEMHOSTREGISTER_PORTABLE);
+    cuda::CUresult r;
+    {
+      cuda::ScopedContext scope(drv, ctx->get());
+      r = drv->cuMemHostRegister(p, size, cuda::CU_MEMHOSTREGISTER_PORTABLE);
+    }
     if (r != cuda::CUDA_SUCCESS) {
       ::munmap(p, size);
       cuda::check(r, "cuMemHostRegister");
     }
     return HostBuffer(p, size, [drv, ctx, size](void* q) {
-      drv->cuCtxSetCurrent(ctx);
-      drv->cuMemHostUnregister(q);
+      free_pinned(drv, *ctx, q, true);
       ::munmap(q, size);
     });
   };

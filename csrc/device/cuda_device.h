@@ -23,6 +23,7 @@ class CudaDevice final : public Device {
   uint64_t record(int worker) override;
   void wait(int worker, uint64_t token) override;
   void synchronize() override;
+  void drain(int worker) noexcept override;
   HostAllocator staging_allocator() const override;
   // Large page-locked buffers made by faulting in ordinary memory (huge pages where possible) and
   // registering it with the driver: several times faster to create than cuMemHostAlloc, and the
@@ -30,11 +31,11 @@ class CudaDevice final : public Device {
   HostAllocator registered_allocator() const;
 
  private:
-  void make_current() const;
-
   struct Worker {
     cuda::CUstream stream = nullptr;
-    std::vector<cuda::CUevent> events;  // ring, indexed by token % size
+    // Ring indexed by token % size. A slot re-recorded for a later token still answers for the
+    // earlier one: the stream runs in order, so the later record completes after it.
+    std::vector<cuda::CUevent> events;
     uint64_t next_token = 0;
   };
 

@@ -128,5 +128,16 @@ void check(CUresult r, const char* what) {
               std::string(what) + " failed: " + (s ? s : ("CUDA error " + std::to_string(r))));
 }
 
+ScopedContext::ScopedContext(const Driver* d, CUcontext ctx) : d_(d) {
+  if (d_->cuCtxGetCurrent(&previous_) != CUDA_SUCCESS) previous_ = nullptr;
+  if (previous_ == ctx) return;
+  check(d_->cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
+  changed_ = true;
+}
+
+ScopedContext::~ScopedContext() {
+  if (changed_) d_->cuCtxSetCurrent(previous_);  // best effort: never throw from a destructor
+}
+
 }  // namespace cuda
 }  // namespace sllm

@@ -79,5 +79,22 @@ int device_count();
 // Throws sllm::Error(kDevice) naming `what` unless r is CUDA_SUCCESS.
 void check(CUresult r, const char* what);
 
+// Makes `ctx` the calling thread's current context for the scope and puts back the one that was
+// current before (another device's, or none), so that no entry point changes the context of a
+// caller's thread (PyTorch's work on "cuda" follows it). Throws sllm::Error(kDevice) if `ctx`
+// cannot be made current.
+class ScopedContext {
+ public:
+  ScopedContext(const Driver* d, CUcontext ctx);
+  ~ScopedContext();
+  ScopedContext(const ScopedContext&) = delete;
+  ScopedContext& operator=(const ScopedContext&) = delete;
+
+ private:
+  const Driver* d_;
+  CUcontext previous_ = nullptr;
+  bool changed_ = false;
+};
+
 }  // namespace cuda
 }  // namespace sllm

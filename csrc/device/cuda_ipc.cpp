@@ -1,6 +1,7 @@
 #include "device/cuda_ipc.h"
 
 #include <cstring>
+#include <optional>
 
 #include "common/errors.h"
 
@@ -14,18 +15,23 @@ const cuda::Driver* need_driver(const char* what) {
   return d;
 }
 
-// Makes `dev`'s primary context current on this thread for the scope; releases it after.
+// A reference on `dev`'s primary context for the scope, made current on this thread for the
+// scope (the thread's previous context is put back after).
 class PrimaryContext {
  public:
   PrimaryContext(const cuda::Driver* d, cuda::CUdevice dev) : d_(d), dev_(dev) {
     cuda::check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
-    cuda::CUresult r = d_->cuCtxSetCurrent(ctx_);
-    if (r != cuda::CUDA_SUCCESS) {
+    try {
+      scope_.emplace(d_, ctx_);
+    } catch (...) {
       d_->cuDevicePrimaryCtxRelease(dev_);
-      cuda::check(r, "cuCtxSetCurrent");
+      throw;
     }
   }
-  ~PrimaryContext() { d_->cuDevicePrimaryCtxRelease(dev_); }
+  ~PrimaryContext() {
+    scope_.reset();
+    d_->cuDevicePrimaryCtxRelease(dev_);
+  }
   PrimaryContext(const PrimaryContext&) = delete;
   PrimaryContext& operator=(const PrimaryContext&) = delete;
   cuda::CUcontext get() const { return ctx_; }
@@ -34,6 +40,7 @@ class PrimaryContext {
   const cuda::Driver* d_;
   cuda::CUdevice dev_;
   cuda::CUcontext ctx_ = nullptr;
+  std::optional<cuda::ScopedContext> scope_;
 };
 
 std::string bus_id(const cuda::Driver* d, cuda::CUdevice dev) {
@@ -84,27 +91,33 @@ IpcMapping::IpcMapping(const std::string& pci_bus_id, const std::string& handle)
                                     "(check CUDA_VISIBLE_DEVICES of the store server)");
   ordinal_ = static_cast<int>(dev_);
   cuda::check(drv_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
-  cuda::CUipcMemHandle h{};
-  std::memcpy(h.reserved, handle.data(), sizeof h.reserved);
-  cuda::CUresult r = drv_->cuCtxSetCurrent(ctx_);
-  if (r == cuda::CUDA_SUCCESS)
-    r = drv_->cuIpcOpenMemHandle(&base_, h, cuda::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
-  if (r != cuda::CUDA_SUCCESS) {
-    drv_->cuDevicePrimaryCtxRelease(dev_);
-    ctx_ = nullptr;
-    cuda::check(r, "cuIpcOpenMemHandle");
+  try {
+    cuda::CUipcMemHandle h{};
+    std::memcpy(h.reserved, handle.data(), sizeof h.reserved);
+    cuda::ScopedContext scope(drv_, ctx_);
+    cuda::check(drv_->cuIpcOpenMemHandle(&base_, h, cuda::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                "cuIpcOpenMemHandle");
+    // The size of what the handle maps bounds every copy into it. A mapping whose size the driver
+    // cannot tell is refused: a copy past its end would leave a sticky error in this process's
+    // context and break every later load.
+    cuda::CUdeviceptr start = 0;
+    size_t size = 0;
+    if (drv_->cuMemGetAddressRange(&start, &size, base_) != cuda::CUDA_SUCCESS || start != base_ || size == 0)
+      throw Error(ErrorKind::kDevice, "cannot tell the size of the client's GPU memory (cuMemGetAddressRange)");
+    size_ = size;
+  } catch (...) {
+    close();
+    throw;
   }
-  // The size of what the handle maps, to check the client's destination ranges against; 0 when
-  // the driver cannot say (then only the client's sizes bound the copies).
-  cuda::CUdeviceptr start = 0;
-  size_t size = 0;
-  if (drv_->cuMemGetAddressRange(&start, &size, base_) == cuda::CUDA_SUCCESS && start == base_) size_ = size;
 }
 
 void IpcMapping::close() {
   if (base_ != 0) {
-    drv_->cuCtxSetCurrent(ctx_);
-    drv_->cuIpcCloseMemHandle(base_);
+    try {
+      cuda::ScopedContext scope(drv_, ctx_);
+      drv_->cuIpcCloseMemHandle(base_);
+    } catch (...) {  // the context is gone: so is the mapping
+    }
     base_ = 0;
   }
   if (ctx_ != nullptr) {

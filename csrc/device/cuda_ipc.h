@@ -33,7 +33,7 @@ class IpcMapping {
   IpcMapping& operator=(const IpcMapping&) = delete;
 
   uint64_t base() const { return base_; }
-  uint64_t size() const { return size_; }  // bytes mapped from base(); 0 if unknown
+  uint64_t size() const { return size_; }  // bytes mapped from base()
   int ordinal() const { return ordinal_; }  // in this process's numbering
   void close();
 

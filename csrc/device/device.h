@@ -43,6 +43,10 @@ class Device {
   // Blocks until every copy issued by any worker has completed (called after workers joined).
   virtual void synchronize() {}
 
+  // Blocks until every copy `worker` issued has finished, whatever their outcome, and never
+  // throws: error paths call it before giving the worker's staging buffers back.
+  virtual void drain(int worker) noexcept {}
+
   // Makes staging buffers suited to this device (page-locked for DMA-capable devices).
   virtual HostAllocator staging_allocator() const { return allocate_aligned_host; }
 

@@ -71,7 +71,7 @@ size_t FileReader::pread_full(int fd, char* dst, size_t size, uint64_t offset) {
     ssize_t n = ::pread(fd, dst + done, size - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return done == 0 ? static_cast<size_t>(-1) : done;  // caller inspects errno
+      return static_cast<size_t>(-1);  // an I/O error, even after some bytes: caller inspects errno
     }
     if (n == 0) break;  // end of file
     done += static_cast<size_t>(n);

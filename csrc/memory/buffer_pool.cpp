@@ -3,7 +3,10 @@
 namespace sllm {
 
 BufferPool::BufferPool(size_t count, size_t buffer_size, const HostAllocator& allocator)
-    : buffers_(count), buffer_size_(buffer_size), allocator_(allocator) {}
+    : buffers_(count), buffer_size_(buffer_size), allocator_(allocator) {
+  unmade_.reserve(count);
+  for (size_t i = count; i-- > 0;) unmade_.push_back(static_cast<int>(i));  // slot 0 made first
+}
 
 int BufferPool::acquire() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -14,24 +17,31 @@ int BufferPool::acquire() {
       free_.pop_back();
       return index;
     }
-    if (made_ < buffers_.size()) break;
+    if (!unmade_.empty()) break;
     cv_.wait(lock);
   }
   // Make a new buffer outside the lock: page-locking is slow and may run in parallel.
-  size_t index = made_++;
+  int index = unmade_.back();
+  unmade_.pop_back();
+  making_++;
   lock.unlock();
   HostBuffer buffer;
   try {
     buffer = allocator_(buffer_size_);
   } catch (...) {
     lock.lock();
-    made_--;  // the slot stays empty; another acquire may retry
+    making_--;
+    unmade_.push_back(index);  // exactly this slot stays empty; another acquire may retry it
+    failed_ = true;
+    lock.unlock();
+    cv_.notify_one();
     throw;
   }
   lock.lock();
   buffers_[index] = std::move(buffer);
+  making_--;
   ready_++;
-  return static_cast<int>(index);
+  return index;
 }
 
 void BufferPool::release(int index) {
@@ -53,7 +63,7 @@ void BufferPool::cancel() {
 bool BufferPool::reset() {
   std::lock_guard<std::mutex> lock(mu_);
   cancelled_ = false;
-  return free_.size() == made_ && ready_ == made_;
+  return !failed_ && making_ == 0 && free_.size() == ready_;
 }
 
 size_t BufferPool::allocated_bytes() const {

@@ -25,7 +25,8 @@ class BufferPool {
   int acquire();
   void release(int index);
   void cancel();
-  // Makes a cancelled pool usable again; false if some buffer was never released.
+  // Makes a cancelled pool usable again; false if some buffer was never released, is still being
+  // made, or an allocation failed (such a pool must not be reused).
   bool reset();
 
   void* data(int index) const { return buffers_[index].data(); }
@@ -36,11 +37,13 @@ class BufferPool {
  private:
   std::vector<HostBuffer> buffers_;  // size() == capacity; empty slots not yet made
   std::vector<int> free_;            // made and free
-  size_t made_ = 0;                  // slots [0, made_) are made or being made
+  std::vector<int> unmade_;          // slots nobody is making (never made, or whose making failed)
+  size_t making_ = 0;                // slots being made right now
   size_t ready_ = 0;                 // slots whose allocation finished
   size_t buffer_size_;
   HostAllocator allocator_;
   bool cancelled_ = false;
+  bool failed_ = false;  // an allocation failed: the pool is not reused by later loads
   mutable std::mutex mu_;
   std::condition_variable cv_;
 };

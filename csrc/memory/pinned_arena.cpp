@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/threads.h"
 #include "device/cuda_device.h"
 #include "device/cuda_driver.h"
 
@@ -55,9 +56,14 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
   };
   int n = std::max(1, std::min<int>(threads, static_cast<int>(std::max<size_t>(count, 1))));
   {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < n; ++t) pool.emplace_back(work);
-    for (auto& t : pool) t.join();
+    ThreadGroup pool;
+    try {
+      for (int t = 0; t < n; ++t) pool.spawn(work);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!error) error = std::current_exception();
+      next.store(count);  // the threads started stop; the group joins them
+    }
   }
   if (error) {
     segments_.clear();

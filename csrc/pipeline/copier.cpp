@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/threads.h"
 
 namespace sllm {
 
@@ -52,8 +53,13 @@ CopyStats run_copies(const std::vector<CopySpec>& copies, const std::vector<Dest
   };
   bool was_cancelled = false;
   {
-    std::vector<std::thread> group;
-    for (int i = 0; i < threads; ++i) group.emplace_back(worker, i);
+    ThreadGroup group;
+    try {
+      for (int i = 0; i < threads; ++i) group.spawn([&worker, i] { worker(i); });
+    } catch (...) {
+      stop.store(true);  // the workers started stop; the group joins them
+      throw;
+    }
     // Poll for cancellation while the workers run (they also stop on the first error).
     while (cancelled && next.load() < pieces.size() && !stop.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -62,7 +68,7 @@ CopyStats run_copies(const std::vector<CopySpec>& copies, const std::vector<Dest
         stop.store(true);
       }
     }
-    for (auto& t : group) t.join();
+    group.join();
   }
   for (const auto& d : dests) {
     try {

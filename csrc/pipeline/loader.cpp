@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "common/errors.h"
+#include "common/threads.h"
 #include "format/checksum.h"
 #include "format/codec.h"
 #include "memory/buffer_pool.h"
@@ -26,20 +27,6 @@ std::string hex64(uint64_t v) {
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
   return buf;
 }
-
-// Joins every thread it holds when it goes out of scope, whatever happened.
-class ThreadGroup {
- public:
-  ~ThreadGroup() {
-    for (auto& t : threads_)
-      if (t.joinable()) t.join();
-  }
-  template <class F>
-  void spawn(F&& f) { threads_.emplace_back(std::forward<F>(f)); }
-
- private:
-  std::vector<std::thread> threads_;
-};
 
 class Run {
  public:
@@ -68,6 +55,8 @@ class Run {
   bool chunk_is_direct(size_t index) const;
   void fail(std::exception_ptr e);
   void release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep);
+  void abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept;
+  void drain(int id) noexcept;
 
   const LoadPlan& plan_;
   const LoadOptions& options_;
@@ -92,6 +81,11 @@ void Run::validate_and_open() {
   for (const auto& c : plan_.chunks) {
     if (c.file < 0 || static_cast<size_t>(c.file) >= nfiles)
       throw Error(ErrorKind::kFormat, "chunk refers to file #" + std::to_string(c.file));
+    if (c.offset + c.length < c.offset)
+      throw Error(ErrorKind::kFormat, "chunk range overflows in '" + plan_.files[c.file] + "'");
+    if (c.encoded && (c.stored_offset + c.stored_length < c.stored_offset ||
+                      c.stored_length > UINT64_MAX - kDirectAlignment))
+      throw Error(ErrorKind::kFormat, "stored chunk range overflows in '" + plan_.files[c.file] + "'");
   }
   for (const auto& s : plan_.segments) {
     if (s.chunk < 0 || static_cast<size_t>(s.chunk) >= plan_.chunks.size())
@@ -164,12 +158,23 @@ void Run::fail(std::exception_ptr e) {
 
 void Run::release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep) {
   while (in_flight.size() > keep) {
-    InFlight f = std::move(in_flight.front());
-    in_flight.pop_front();
-    for (size_t k = 0; k < staging_devices_.size(); ++k)
+    const InFlight& f = in_flight.front();
+    for (size_t k = 0; k < staging_devices_.size(); ++k)  // a throw leaves f in flight, abandoned
       plan_.dests[staging_devices_[k]].device->wait(id, f.tokens[k]);
     pool_->release(f.buffer);
+    in_flight.pop_front();
   }
+}
+
+void Run::drain(int id) noexcept {
+  for (int d : staging_devices_) plan_.dests[d].device->drain(id);
+}
+
+// On an error: every copy this worker issued finishes (or fails) before its buffers go back.
+void Run::abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept {
+  drain(id);
+  for (const InFlight& f : in_flight) pool_->release(f.buffer);
+  in_flight.clear();
 }
 
 void Run::read_chunk(size_t index, char* dst, Scratch& scratch) {
@@ -255,14 +260,15 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, S
       plan_.dests[s.dest].device->copy_from_host(plan_.dests[s.dest].base + s.dest_offset,
                                                   staging + s.chunk_offset, s.length, id);
     }
+    InFlight f{buffer, {}};
+    f.tokens.reserve(staging_devices_.size());
+    for (int d : staging_devices_) f.tokens.push_back(plan_.dests[d].device->record(id));
+    in_flight.push_back(std::move(f));
   } catch (...) {
+    drain(id);  // copies of the chunk's earlier segments may still read the buffer
     pool_->release(buffer);
     throw;
   }
-  InFlight f{buffer, {}};
-  f.tokens.reserve(staging_devices_.size());
-  for (int d : staging_devices_) f.tokens.push_back(plan_.dests[d].device->record(id));
-  in_flight.push_back(std::move(f));
   staged_++;
   bytes_ += c.length;
 }
@@ -279,11 +285,7 @@ void Run::worker(int id) {
     if (pool_) release_in_flight(id, in_flight, 0);
   } catch (...) {
     fail(std::current_exception());
-    // Buffers still in flight belong to this worker; wait for their copies before returning them.
-    try {
-      if (pool_) release_in_flight(id, in_flight, 0);
-    } catch (...) {
-    }
+    if (pool_) abandon_in_flight(id, in_flight);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -340,7 +342,12 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   {
     ThreadGroup group;
     running_ = threads;
-    for (int i = 0; i < threads; ++i) group.spawn([this, i] { worker(i); });
+    try {
+      for (int i = 0; i < threads; ++i) group.spawn([this, i] { worker(i); });
+    } catch (...) {
+      fail(std::current_exception());  // the workers started stop; the group joins them
+      throw;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     while (running_ > 0) {
       done_cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return running_ == 0; });

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "common/errors.h"
+#include "common/threads.h"
 #include "format/checksum.h"
 
 namespace sllm {
@@ -30,7 +31,7 @@ StagedCopier::StagedCopier(std::vector<Destination> dests, size_t block_size, in
     for (int i = blocks - 1; i >= 0; --i) blocks_.free.push_back(i);  // host memory only: no staging
     for (int i = readers - 1; i >= 0; --i) readers_.free.push_back(i);
   } else {
-    maker_ = std::thread([this] { make_buffers(); });
+    maker_ = start_thread([this] { make_buffers(); });
   }
 }
 

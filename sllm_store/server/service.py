@@ -49,7 +49,7 @@ def open_destinations(dests: Any) -> Iterator[list[Dest]]:
                 except SllmStoreError as e:
                     raise DeviceError(f"cannot open the client's GPU memory: {e}") from None
                 stack.callback(m.close)
-                if m.size and d.cuda.offset + d.size > m.size:
+                if d.cuda.offset + d.size > m.size:
                     raise FormatError(f"GPU destination of {d.size} bytes at offset {d.cuda.offset} overruns "
                                       f"the client's allocation ({m.size} bytes)")
                 out.append((f"cuda:{m.ordinal}", m.base + d.cuda.offset, d.size))
