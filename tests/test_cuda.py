@@ -217,3 +217,53 @@ def test_ctrl_c_during_gpu_load(tmp_path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert "interrupted" in out
     assert proc.returncode == 0
+
+
+def _current_context() -> int:
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    assert lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+    return ctx.value or 0
+
+
+def test_loads_leave_the_callers_context_alone(ckpt) -> None:
+    """The native load, run on a thread with no current context, leaves it with none; a load on
+    the main thread keeps its context."""
+    import threading
+
+    from sllm_store.config import LoadConfig
+    from sllm_store.plan import assign_devices, make_plan
+
+    path, sd = ckpt
+    torch.empty(1, device="cuda:0")
+    before = _current_context()
+    index = sllm_store.read_index(path)
+    plan = make_plan(index, assign_devices(index, "cuda:0"), LoadConfig.resolve(verify=True))
+    bufs = [torch.empty(size, dtype=torch.uint8, device="cuda:0") for size in plan.sizes]
+    dests = [("cuda:0", b.data_ptr(), size) for b, size in zip(bufs, plan.sizes)]
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    seen: dict[str, int] = {}
+
+    def fresh_thread() -> None:
+        seen["before"] = _current_context()
+        _C.run_load(files, plan.units, plan.segments, dests, num_threads=4, io_mode="buffered", verify=True,
+                    buffers_per_thread=2)
+        seen["after"] = _current_context()
+
+    t = threading.Thread(target=fresh_thread)
+    t.start()
+    t.join()
+    assert seen == {"before": 0, "after": 0}
+    torch.cuda.synchronize()
+    _assert_same(sllm_store.load_state_dict(path, "cuda:0", num_threads=4), sd)
+    assert _current_context() == before
+
+
+def test_more_staging_buffers_than_events(ckpt, monkeypatch) -> None:
+    """Twelve staging buffers per thread (more than the events each worker keeps) load intact."""
+    path, sd = ckpt
+    monkeypatch.setenv("SLLM_STORE_STAGING_BUFFERS", "12")
+    for _ in range(3):
+        _assert_same(sllm_store.load_state_dict(path, "cuda:0", num_threads=2, io_mode="buffered"), sd)
