@@ -235,6 +235,6 @@ def fake_libcuda(tmp_path_factory) -> Path:
     if cxx is None:
         pytest.skip("no C++ compiler to build the fake CUDA driver")
     out = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC",
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread",
                     str(Path(__file__).resolve().parent / "fake_cuda.cpp"), "-o", str(out)], check=True)
     return out
