@@ -193,13 +193,7 @@ StagedCopier::Fill::Sent StagedCopier::Fill::send(const char* from, uint64_t lo,
     for (Device* dev : c_.devices_) sent.tokens.push_back(dev->record(stream));
     return sent;
   } catch (...) {
-    // Copies issued before the failure may still read `from`: let them finish (best effort).
-    for (Device* dev : c_.devices_) {
-      try {
-        dev->wait(stream, dev->record(stream));
-      } catch (...) {
-      }
-    }
+    for (Device* dev : c_.devices_) dev->drain(stream);  // copies issued before may still read `from`
     throw;
   }
 }
@@ -207,12 +201,14 @@ StagedCopier::Fill::Sent StagedCopier::Fill::send(const char* from, uint64_t lo,
 void StagedCopier::Fill::retire() {
   Sent sent = std::move(sent_.front());
   sent_.pop_front();
-  struct GiveBack {  // even if a wait fails: the copies have failed, or finished
-    StagedCopier& c;
-    int block;
-    ~GiveBack() { c.give(c.blocks_, block); }
-  } guard{c_, sent.block};
-  for (size_t i = 0; i < c_.devices_.size(); ++i) c_.devices_[i]->wait(sent.block, sent.tokens[i]);
+  try {
+    for (size_t i = 0; i < c_.devices_.size(); ++i) c_.devices_[i]->wait(sent.block, sent.tokens[i]);
+  } catch (...) {
+    for (Device* dev : c_.devices_) dev->drain(sent.block);  // nothing reads the block once it is back
+    c_.give(c_.blocks_, sent.block);
+    throw;
+  }
+  c_.give(c_.blocks_, sent.block);
 }
 
 void StagedCopier::Fill::take_block() {
@@ -321,10 +317,7 @@ void StagedCopier::read_back(const std::vector<Piece>& pieces, size_t n,
     }
     wait_all();
   } catch (...) {
-    try {
-      wait_all();  // copies issued before the failure may still write the buffer
-    } catch (...) {
-    }
+    for (Device* dev : devices_) dev->drain(stream);  // copies issued before may still write the buffer
     throw;
   }
   use(dst, xxh3_64(dst, n));
