@@ -247,6 +247,29 @@ def digest(state_dict: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
+    """XXH3-64 of every tensor's bytes (GPU tensors copied back)."""
+    import torch
+
+    from sllm_store.native import _C
+
+    out = {}
+    for name, t in state_dict.items():
+        flat = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+        out[name] = _C.xxh3_64(flat.numpy()) if flat.numel() else 0
+    return out
+
+
+def checker(reference: Dict[str, int]) -> Callable[[Any], Optional[str]]:
+    def check(state_dict: Any) -> Optional[str]:
+        got = tensor_digests(state_dict)
+        if got.keys() != reference.keys():
+            return f"tensor names differ ({len(got)} vs {len(reference)})"
+        bad = [n for n in reference if got[n] != reference[n]]
+        return f"{len(bad)} tensors differ, e.g. {bad[0]}" if bad else None
+    return check
+
+
 @dataclass
 class Contender:
     name: str

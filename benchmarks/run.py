@@ -8,6 +8,8 @@ options.
 
 Suites:
 
+* ``local``: local loads (CPU or GPU), cold, warm and in fresh processes, against swept disk
+  limits, the host-to-GPU copy and peers (safetensors, runai-model-streamer, fastsafetensors).
 * ``verify``: what checksum verification costs on each load path (off against on).
 """
 
@@ -23,7 +25,7 @@ from typing import List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SUITES = {"verify": "suites.verify"}
+SUITES = {"local": "suites.local", "verify": "suites.verify"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from common import GB, Rounds, Run
+from common import GB, Rounds, Run, checker, tensor_digests
 
 log = logging.getLogger("benchmarks.verify")
 
@@ -52,29 +52,6 @@ def converted_checkpoint(src: Path) -> Path:
         log.info("converting %s -> %s", src, dst)
         sllm_store.convert(src, dst, quiet=True)
     return dst
-
-
-def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
-    """XXH3-64 of every tensor's bytes (GPU tensors copied back)."""
-    import torch
-
-    from sllm_store.native import _C
-
-    out = {}
-    for name, t in state_dict.items():
-        flat = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
-        out[name] = _C.xxh3_64(flat.numpy()) if flat.numel() else 0
-    return out
-
-
-def checker(reference: Dict[str, int]) -> Callable[[Any], Optional[str]]:
-    def check(state_dict: Any) -> Optional[str]:
-        got = tensor_digests(state_dict)
-        if got.keys() != reference.keys():
-            return f"tensor names differ ({len(got)} vs {len(reference)})"
-        bad = [n for n in reference if got[n] != reference[n]]
-        return f"{len(bad)} tensors differ, e.g. {bad[0]}" if bad else None
-    return check
 
 
 def hash_speed(files: List[Path]) -> float:

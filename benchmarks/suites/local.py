@@ -1,0 +1,273 @@
+"""Local loads, cold and page-cached, against the disk's and the bus's limits and against peers.
+
+One run on one checkpoint (a safetensors model directory and its converted copy):
+
+* limits: raw disk reads swept over O_DIRECT/buffered x threads x block sizes (cold) and buffered
+  reads over threads x block sizes (page-cached); pinned and pageable host-to-GPU copies;
+* contenders in interleaved rounds, cold (every file evicted before each) and warm: ``sllm``
+  (``load_state_dict``, defaults), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
+  as many streams as our threads), ``fastsafetensors`` (without GDS), and ``raw`` (the best cold
+  configuration of the sweep, on all the bytes, each round);
+* every contender's first load in a fresh process (import, CUDA context, pinning included), cold;
+* every output checked against the checkpoint's tensors (XXH3 of each), every round.
+
+On the CPU a contender's time includes one pass over every byte it returns (an XXH3 of each
+tensor): the time until the tensors are usable, whether the loader copies or maps lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+if not __package__:  # run as a script (a fresh process of --child)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import limits  # noqa: E402
+from common import Rounds, Run, checker, summary, tensor_digests  # noqa: E402
+
+log = logging.getLogger("benchmarks.local")
+
+CONTENDERS = ("sllm", "safetensors", "runai", "fastsafetensors")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--src", type=Path, required=True, help="safetensors model directory (HF layout)")
+    ap.add_argument("--converted", type=Path, default=None, help="its converted copy (default SRC.sllm)")
+    ap.add_argument("--device", default="cuda:0", help="cpu or cuda:N")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {CONTENDERS}")
+    ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh")
+    ap.add_argument("--sweep-threads", default="1,4,8,16,32")
+    ap.add_argument("--sweep-blocks-mib", default="4,16,32,64")
+    ap.add_argument("--sweep-bytes", type=float, default=4e9, help="bytes read per sweep point")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI: one round, a small sweep; checks the code, measures nothing")
+
+
+# --- contenders ---------------------------------------------------------------------------------
+
+def shards(src: Path) -> List[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"no .safetensors files in {src}")
+    return files
+
+
+def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Callable[[], Dict[str, Any]]:
+    """The load of one contender (raises ImportError when its package is missing)."""
+    if name == "sllm":
+        import sllm_store
+
+        return lambda: sllm_store.load_state_dict(ck, device)
+    files = [str(f) for f in shards(src)]
+    if name == "safetensors":
+        from safetensors.torch import load_file
+
+        def load() -> Dict[str, Any]:
+            out: Dict[str, Any] = {}
+            for f in files:
+                out.update(load_file(f, device=device))
+            return out
+        return load
+    if name == "runai":
+        from runai_model_streamer import SafetensorsStreamer
+
+        os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(threads))
+
+        def load() -> Dict[str, Any]:
+            out: Dict[str, Any] = {}
+            with SafetensorsStreamer() as streamer:
+                streamer.stream_files(files)
+                for key, t in streamer.get_tensors():  # buffers are reused: copy each out
+                    out[key] = t.to(device) if device != "cpu" else t.clone()
+            return out
+        return load
+    if name == "fastsafetensors":
+        from fastsafetensors import fastsafe_open
+
+        def load() -> Dict[str, Any]:
+            with fastsafe_open(filenames=files, nogds=True, device=device) as f:
+                return {k: f.get_tensor(k).clone() for k in f.get_keys()}
+        return load
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def usable(load: Callable[[], Dict[str, Any]], device: str) -> Callable[[], Any]:
+    """On the CPU: the load and one pass over every byte (the digests, checked afterwards)."""
+    if device != "cpu":
+        return load
+    return lambda: tensor_digests(load())
+
+
+# --- fresh processes ----------------------------------------------------------------------------
+
+def child_main(argv: List[str]) -> int:
+    """``local.py --child NAME SRC CK DEVICE THREADS``: one load in this fresh process; prints JSON."""
+    t0 = time.perf_counter()
+    name, src, ck, device, threads = argv[0], Path(argv[1]), Path(argv[2]), argv[3], int(argv[4])
+    import torch
+
+    t1 = time.perf_counter()
+    if device != "cpu":
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    load = make_loader(name, src, ck, device, threads)
+    t3 = time.perf_counter()
+    out = load()
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+    digests = tensor_digests(out) if device == "cpu" else None
+    t4 = time.perf_counter()
+    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t4 - t3, "setup_s": t3 - t2,
+                      "since_start_s": t4 - t0, "digests_ok": digests is not None}))
+    return 0
+
+
+def fresh_load(name: str, args: argparse.Namespace, ck: Path, threads: int) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, str(args.src), str(ck),
+           args.device, str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"fresh {name} failed: {r.stderr[-1500:]}")
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    rec["process_s"] = wall
+    return rec
+
+
+# --- the suite ----------------------------------------------------------------------------------
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def measure_limits(run: Run, args: argparse.Namespace, files: List[Path]) -> None:
+    evict, warm = (lambda: run.evictor.evict(files)), (lambda: run.evictor.warm(files))
+    if args.device != "cpu":
+        run.results["h2d"] = limits.h2d(args.device)
+    kw = {"threads": _ints(args.sweep_threads), "blocks_mib": _ints(args.sweep_blocks_mib),
+          "limit": int(args.sweep_bytes)}
+    run.results["disk_sweep"] = {"cold": limits.disk_sweep(files, evict, warm, cold=True, **kw),
+                                 "warm": limits.disk_sweep(files, evict, warm, cold=False, **kw),
+                                 "bytes_per_point": kw["limit"]}
+
+
+def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path, files: List[Path],
+                 threads: int) -> Dict[str, Any]:
+    """Each contender's first load in a fresh process, cold, ``rounds`` times (interleaved)."""
+    runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
+    errors: Dict[str, str] = {}
+    for _ in range(run.rounds):
+        for name in names:
+            if name in errors:
+                continue
+            run.evictor.evict(files)
+            try:
+                runs[name].append(fresh_load(name, args, ck, threads))
+            except RuntimeError as e:
+                errors[name] = str(e)[-500:]
+    nbytes = run.results["bytes"]
+    return {n: {"error": errors[n]} if n in errors else
+            {"load": summary([t["load_s"] for t in runs[n]], nbytes),
+             "process": summary([t["process_s"] for t in runs[n]], nbytes), "runs": runs[n]}
+            for n in names}
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    import sllm_store
+    from sllm_store.config import LoadConfig
+
+    if args.quick:
+        args.rounds, args.sweep_threads, args.sweep_blocks_mib, args.sweep_bytes = 1, "1,4", "4,16", 2.5e8
+    ck = args.converted or args.src.with_name(args.src.name + ".sllm")
+    if not (ck / "sllm_index.json").is_file():
+        log.info("converting %s -> %s", args.src, ck)
+        sllm_store.convert(args.src, ck, quiet=True)
+    index = sllm_store.read_index(ck)
+    files = [index.file_path(i) for i in range(len(index.files))]
+    nbytes = index.total_bytes
+    gpu = args.device != "cpu"
+    threads = LoadConfig.resolve().num_threads
+    run = Run("local-" + ("gpu" if gpu else "cpu"), args, data_dir=ck)
+    run.results.update(checkpoint=str(ck), source=str(args.src), bytes=nbytes, files=len(files),
+                       threads=threads)
+    evict, warm = (lambda: run.evictor.evict(files)), (lambda: run.evictor.warm(files))
+    reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
+    if gpu:
+        torch.empty(1, device=args.device)
+    measure_limits(run, args, files)
+
+    modes = set(args.modes.split(","))
+    rounds = Rounds(run.rounds, sync=(lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None))
+    best = run.results["disk_sweep"]["cold"]["best"]
+    if best and "cold" in modes:
+        reader = limits.RawReader(best["threads"], best["block_mib"] << 20)
+        rounds.add("raw-cold", lambda: reader.read(files, best["direct"]), nbytes, before=evict)
+    skipped: Dict[str, str] = {}
+    loaders = {}
+    for name in args.contenders.split(","):
+        try:
+            loaders[name] = usable(make_loader(name, args.src, ck, args.device, threads), args.device)
+        except ImportError as e:
+            skipped[name] = f"not installed ({e})"
+
+    def same_digests(d: Any) -> Optional[str]:  # the CPU contenders return their digests
+        return None if d == reference else "tensor bytes differ"
+
+    for state, before in (("cold", evict), ("warm", warm)):
+        if state in modes:
+            for name, fn in loaders.items():
+                rounds.add(f"{name}-{state}", fn, nbytes, before=before,
+                           check=checker(reference) if gpu else same_digests)
+    contenders = rounds.run() if rounds.contenders else {}
+    fresh = fresh_rounds(run, args, list(loaders), ck, files, threads) if "fresh" in modes else {}
+    run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
+    run.results["ratios"] = ratios(run.results, gpu)
+    run.write()
+    for key, r in run.results["ratios"].items():
+        print(f"{key:44} best {r['best']:.3f}  median {r['median']:.3f}")
+    failed = [n for n, c in {**contenders, **fresh}.items() if "error" in c]
+    return 1 if failed else 0
+
+
+def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
+    """Each contender's GB/s over the limit that bounds it: cold over the best cold raw read (sweep
+    or the rounds of the best configuration), warm over the best page-cached read, and on a GPU
+    also over the pinned host-to-GPU copy."""
+    c = results["contenders"]
+    sweep = results["disk_sweep"]
+    cold_points = [c.get("raw-cold", {}).get("best_gbps", 0.0)]
+    if sweep["cold"]["best"]:
+        cold_points.append(sweep["cold"]["best"]["gbps"])
+    cold_limit = max(cold_points)
+    warm_limit = sweep["warm"]["best"]["gbps"] if sweep["warm"]["best"] else None
+    if gpu and warm_limit is not None:
+        warm_limit = min(warm_limit, results["h2d"]["pinned_gbps"])
+    out = {}
+    for name, rec in c.items():
+        if "best_gbps" not in rec or name == "raw-cold":
+            continue
+        lim = cold_limit if name.endswith("-cold") else warm_limit
+        if lim:
+            out[f"{name} / {'best raw cold read' if name.endswith('-cold') else 'warm limit'}"] = {
+                "best": rec["best_gbps"] / lim, "median": rec["median_gbps"] / lim}
+    sllm_warm, st_warm = c.get("sllm-warm", {}), c.get("safetensors-warm", {})
+    if "best_gbps" in sllm_warm and "best_gbps" in st_warm:
+        out["sllm-warm / safetensors-warm"] = {"best": sllm_warm["best_gbps"] / st_warm["best_gbps"],
+                                              "median": sllm_warm["median_gbps"] / st_warm["median_gbps"]}
+    return out
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
+    raise SystemExit(child_main(sys.argv[2:]))
