@@ -35,7 +35,8 @@ from common import Rounds, Run, checker, summary, tensor_digests  # noqa: E402
 
 log = logging.getLogger("benchmarks.local")
 
-CONTENDERS = ("sllm", "safetensors", "runai", "fastsafetensors")
+CONTENDERS = ("sllm", "safetensors", "runai", "fastsafetensors", "load_model", "from_pretrained")
+MODELS = ("load_model", "from_pretrained")  # whole models: their state_dict is checked
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -66,6 +67,8 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Ca
         import sllm_store
 
         return lambda: sllm_store.load_state_dict(ck, device)
+    if name in MODELS:
+        return model_loader(name, src, ck, device)
     files = [str(f) for f in shards(src)]
     if name == "safetensors":
         from safetensors.torch import load_file
@@ -97,6 +100,26 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Ca
                 return {k: f.get_tensor(k).clone() for k in f.get_keys()}
         return load
     raise ValueError(f"unknown contender {name!r}")
+
+
+def model_loader(name: str, src: Path, ck: Path, device: str) -> Callable[[], Dict[str, Any]]:
+    """``load_model`` or ``from_pretrained`` in bf16; the model's classes are imported here, before
+    any timing (a fresh process pays for them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import sllm_store
+
+    if not (src / "config.json").is_file():
+        raise ImportError(f"{src} has no config.json")
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    if name == "load_model":
+        return lambda: dict(sllm_store.load_model(ck, device_map=device,
+                                                  torch_dtype=torch.bfloat16).state_dict())
+    device_map = None if device == "cpu" else device  # a device_map needs accelerate
+    return lambda: dict(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
+                                                             device_map=device_map).state_dict())
 
 
 def usable(load: Callable[[], Dict[str, Any]], device: str) -> Callable[[], Any]:
@@ -223,13 +246,14 @@ def main(args: argparse.Namespace) -> int:
             skipped[name] = f"not installed ({e})"
 
     def same_digests(d: Any) -> Optional[str]:  # the CPU contenders return their digests
+        d = {k: v for k, v in d.items() if k in reference}  # a model's state_dict may add tied names
         return None if d == reference else "tensor bytes differ"
 
     for state, before in (("cold", evict), ("warm", warm)):
         if state in modes:
             for name, fn in loaders.items():
                 rounds.add(f"{name}-{state}", fn, nbytes, before=before,
-                           check=checker(reference) if gpu else same_digests)
+                           check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
     fresh = fresh_rounds(run, args, list(loaders), ck, files, threads) if "fresh" in modes else {}
     run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
@@ -262,6 +286,11 @@ def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
         if lim:
             out[f"{name} / {'best raw cold read' if name.endswith('-cold') else 'warm limit'}"] = {
                 "best": rec["best_gbps"] / lim, "median": rec["median_gbps"] / lim}
+    for state in ("cold", "warm"):
+        model, sd = c.get(f"load_model-{state}", {}), c.get(f"sllm-{state}", {})
+        if "best_s" in model and "best_s" in sd:
+            out[f"load_model-{state} time / sllm-{state} time"] = {
+                "best": model["best_s"] / sd["best_s"], "median": model["median_s"] / sd["median_s"]}
     sllm_warm, st_warm = c.get("sllm-warm", {}), c.get("safetensors-warm", {})
     if "best_gbps" in sllm_warm and "best_gbps" in st_warm:
         out["sllm-warm / safetensors-warm"] = {"best": sllm_warm["best_gbps"] / st_warm["best_gbps"],
