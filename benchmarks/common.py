@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,13 @@ class Run:
         }
         self.results: Dict[str, Any] = {}
         self.record["results"] = self.results
+        self._scratch: Optional[str] = None
+
+    def scratch(self) -> str:
+        """A temporary directory for the run, removed when the results are written."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"bench-{self.suite}-")
+        return self._scratch
 
     def write(self) -> Path:
         self.record["cold_method"] = self.evictor.method()
@@ -181,6 +189,8 @@ class Run:
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")
         os.replace(tmp, path)
         log.info("wrote %s", path)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
         return path
 
 
@@ -232,21 +242,6 @@ class Evictor:
 # ------------------------------------------------------------------------------------------------
 
 
-def digest(state_dict: Mapping[str, Any]) -> str:
-    """One SHA-256 over every tensor's name and bytes, in name order (GPU tensors copied back)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        flat = t.reshape(-1).contiguous()
-        if flat.numel():
-            h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
     """XXH3-64 of every tensor's bytes (GPU tensors copied back)."""
     import torch
@@ -258,6 +253,13 @@ def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
         flat = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
         out[name] = _C.xxh3_64(flat.numpy()) if flat.numel() else 0
     return out
+
+
+def usable(load: Callable[[], Dict[str, Any]], device: str) -> Callable[[], Any]:
+    """On the CPU: the load and one pass over every byte (the digests, checked afterwards)."""
+    if device != "cpu":
+        return load
+    return lambda: tensor_digests(load())
 
 
 def checker(reference: Dict[str, int], subset: bool = False) -> Callable[[Any], Optional[str]]:
@@ -341,3 +343,36 @@ def summary(times: Sequence[float], nbytes: int, error: Optional[str] = None) ->
     if error:
         out["error"] = error
     return out
+
+
+class StoreServer:
+    """``sllm-store serve`` on a private socket, for the store path."""
+
+    def __init__(self, storage: Path, pool: str) -> None:
+        import sllm_store
+        from sllm_store.server.client import StoreClient
+
+        self.tmp = tempfile.mkdtemp(prefix="bench-verify-")
+        self.address = f"unix://{os.path.join(self.tmp, 'store.sock')}"
+        self.log = open(os.path.join(self.tmp, "server.log"), "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(storage),
+             "--mem-pool-size", pool, "--listen", self.address], stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = StoreClient(self.address)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.client.health(timeout=1.0)
+                return
+            except sllm_store.SllmStoreError:
+                if self.proc.poll() is not None or time.perf_counter() - t0 > 300:
+                    raise RuntimeError(open(self.log.name).read()[-3000:]) from None
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()

@@ -10,6 +10,7 @@ Suites:
 
 * ``local``: local loads (CPU or GPU), cold, warm and in fresh processes, against swept disk
   limits, the host-to-GPU copy and peers (safetensors, runai-model-streamer, fastsafetensors).
+* ``store``: loads through the store server by fresh processes against the pinned host-to-GPU copy.
 * ``verify``: what checksum verification costs on each load path (off against on).
 """
 
@@ -25,7 +26,7 @@ from typing import List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SUITES = {"local": "suites.local", "verify": "suites.verify"}
+SUITES = {"local": "suites.local", "store": "suites.store", "verify": "suites.verify"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,7 +31,7 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, checker, summary, tensor_digests  # noqa: E402
+from common import Rounds, Run, checker, summary, tensor_digests, usable  # noqa: E402
 
 log = logging.getLogger("benchmarks.local")
 
@@ -120,13 +120,6 @@ def model_loader(name: str, src: Path, ck: Path, device: str) -> Callable[[], Di
     device_map = None if device == "cpu" else device  # a device_map needs accelerate
     return lambda: dict(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
                                                              device_map=device_map).state_dict())
-
-
-def usable(load: Callable[[], Dict[str, Any]], device: str) -> Callable[[], Any]:
-    """On the CPU: the load and one pass over every byte (the digests, checked afterwards)."""
-    if device != "cpu":
-        return load
-    return lambda: tensor_digests(load())
 
 
 # --- fresh processes ----------------------------------------------------------------------------

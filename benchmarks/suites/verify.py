@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from common import GB, Rounds, Run, checker, tensor_digests
+from common import GB, Rounds, Run, StoreServer, checker, tensor_digests
 
 log = logging.getLogger("benchmarks.verify")
 
@@ -86,40 +82,7 @@ def add_local(rounds: Rounds, run: Run, ck: Path, device: str, files: List[Path]
                        before=before, check=check)
 
 
-class Server:
-    """``sllm-store serve`` on a private socket, for the store path."""
-
-    def __init__(self, storage: Path, pool: str) -> None:
-        import sllm_store
-        from sllm_store.server.client import StoreClient
-
-        self.tmp = tempfile.mkdtemp(prefix="bench-verify-")
-        self.address = f"unix://{os.path.join(self.tmp, 'store.sock')}"
-        self.log = open(os.path.join(self.tmp, "server.log"), "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(storage),
-             "--mem-pool-size", pool, "--listen", self.address], stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = StoreClient(self.address)
-        t0 = time.perf_counter()
-        while True:
-            try:
-                self.client.health(timeout=1.0)
-                return
-            except sllm_store.SllmStoreError:
-                if self.proc.poll() is not None or time.perf_counter() - t0 > 300:
-                    raise RuntimeError(open(self.log.name).read()[-3000:]) from None
-                time.sleep(0.2)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-def add_store(rounds: Rounds, run: Run, server: Server, ck: Path, device: str, files: List[Path],
+def add_store(rounds: Rounds, run: Run, server: StoreServer, ck: Path, device: str, files: List[Path],
               nbytes: int, check: Callable[[Any], Optional[str]]) -> None:
     import sllm_store
 
@@ -187,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if "store" in paths:
             pool = args.pool_size or f"{(nbytes >> 30) + 2}GiB"
-            server = Server(ck.parent, pool)
+            server = StoreServer(ck.parent, pool)
             add_store(rounds, run, server, ck, args.device if gpu else "cpu", files, nbytes, check)
         contenders = rounds.run()
     finally:

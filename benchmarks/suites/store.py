@@ -1,0 +1,193 @@
+"""Loads through the store server (``sllm-store serve``), the way a serverless worker makes them:
+a fresh process loads a model the server holds in its pinned pool, against the pinned
+host-to-GPU copy measured in the same run.
+
+In interleaved rounds (every output checked against the checkpoint's tensors):
+
+* ``store-fresh``: a new process imports sllm_store and torch, creates its CUDA context and calls
+  ``load_state_dict(name, DEVICE, store=...)``; the load is timed inside the process, and the whole
+  process from launch;
+* ``store-fresh-load_model``: the same with ``load_model`` (when the checkpoint has a config.json);
+* ``store-inprocess``: repeated loads in this (warm) process;
+* ``prefetch-cold``: the server reading the model from a cold disk into its pool (its own time);
+* on the CPU, in-process times include one pass over every byte (as in the local suite);
+* peers on the same bytes: ``sllm-warm`` (``load_state_dict`` without a server, page-cached) and
+  ``safetensors-warm`` (``load_file``, page-cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+if not __package__:  # run as a script (a fresh process of --child)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import limits  # noqa: E402
+from common import Rounds, Run, StoreServer, checker, summary, tensor_digests, usable  # noqa: E402
+
+log = logging.getLogger("benchmarks.store")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--src", type=Path, required=True, help="safetensors model directory (HF layout)")
+    ap.add_argument("--converted", type=Path, default=None, help="its converted copy (default SRC.sllm)")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--pool-size", default=None, help="the server's pool (default: model size + 2 GiB)")
+
+
+def child_main(argv: List[str]) -> int:
+    """``store.py --child KIND NAME DEVICE ADDRESS DIGESTS``: one load in this fresh process."""
+    t0 = time.perf_counter()
+    kind, name, device, address, digests_path = argv
+    import torch
+
+    import sllm_store
+
+    t1 = time.perf_counter()
+    if device != "cpu":
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    if kind == "load_model":
+        out = dict(sllm_store.load_model(name, device_map=device, torch_dtype=torch.bfloat16,
+                                         store=address).state_dict())
+    else:
+        out = sllm_store.load_state_dict(name, device, store=address)
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+    t3 = time.perf_counter()
+    reference = {k: int(v) for k, v in json.loads(Path(digests_path).read_text()).items()}
+    problem = checker(reference, subset=kind == "load_model")(out)
+    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t3 - t2, "problem": problem}))
+    return 0
+
+
+def fresh(kind: str, name: str, device: str, address: str, digests: Path) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, name, device, address,
+                        str(digests)], capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-1500:])
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    if rec["problem"]:
+        raise AssertionError(f"wrong output: {rec['problem']}")
+    rec["process_s"] = wall
+    return rec
+
+
+class FreshContender:
+    """A fresh-process load as a Rounds contender: times the load inside the process; keeps the
+    process figures of every round."""
+
+    def __init__(self, kind: str, *args: Any) -> None:
+        self.kind, self.args, self.runs = kind, args, []
+
+    def __call__(self) -> Dict[str, Any]:
+        rec = fresh(self.kind, *self.args)
+        self.runs.append(rec)
+        return rec
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    import sllm_store
+
+    ck = args.converted or args.src.with_name(args.src.name + ".sllm")
+    if not (ck / "sllm_index.json").is_file():
+        sllm_store.convert(args.src, ck, quiet=True)
+    index = sllm_store.read_index(ck)
+    files = [index.file_path(i) for i in range(len(index.files))]
+    nbytes = index.total_bytes
+    gpu = args.device != "cpu"
+    run = Run("store", args, data_dir=ck)
+    run.results.update(checkpoint=str(ck), bytes=nbytes)
+    reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
+    digests = Path(run.scratch()) / "digests.json"
+    digests.write_text(json.dumps({k: str(v) for k, v in reference.items()}))
+    check = checker(reference) if gpu else (lambda d: None if d == reference else "tensor bytes differ")
+    if gpu:
+        torch.empty(1, device=args.device)
+        run.results["h2d"] = limits.h2d(args.device)
+    shards = [str(f) for f in sorted(args.src.glob("*.safetensors"))]
+    server = StoreServer(ck.parent, args.pool_size or f"{(nbytes >> 30) + 2}GiB")
+    try:
+        name = server.client.model_name(ck)
+        sync = (lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None)
+        rounds = Rounds(run.rounds, sync=sync)
+
+        def cold() -> None:
+            server.client.evict(name)
+            run.evictor.evict(files)
+
+        def resident() -> None:
+            server.client.prefetch(name)
+
+        rounds.add("prefetch-cold", lambda: server.client.prefetch(name), nbytes, before=cold,
+                   seconds_of=lambda reply: reply.seconds)
+        fresh_sd = FreshContender("state_dict", name, args.device, server.address, digests)
+        rounds.add("store-fresh", fresh_sd, nbytes, before=resident, seconds_of=lambda r: r["load_s"])
+        fresh_model = None
+        if (ck / "config.json").is_file():
+            fresh_model = FreshContender("load_model", name, args.device, server.address, digests)
+            rounds.add("store-fresh-load_model", fresh_model, nbytes, before=resident,
+                       seconds_of=lambda r: r["load_s"])
+        rounds.add("store-inprocess",
+                   usable(lambda: sllm_store.load_state_dict(name, args.device, store=server.address),
+                          args.device), nbytes,
+                   before=resident, check=check)
+        warm = lambda: run.evictor.warm(files + [Path(f) for f in shards])  # noqa: E731
+        rounds.add("sllm-warm", usable(lambda: sllm_store.load_state_dict(ck, args.device), args.device),
+                   nbytes, before=warm, check=check)
+        rounds.add("safetensors-warm",
+                   usable(lambda: {k: v for f in shards for k, v in load_file(f, args.device).items()},
+                          args.device), nbytes,
+                   before=warm, check=check)
+        contenders = rounds.run()
+    finally:
+        server.close()
+    run.results["contenders"] = contenders
+    run.results["fresh_processes"] = {
+        "store-fresh": _process(fresh_sd.runs, nbytes),
+        **({"store-fresh-load_model": _process(fresh_model.runs, nbytes)} if fresh_model else {})}
+    run.results["ratios"] = ratios(run.results)
+    run.write()
+    for key, r in run.results["ratios"].items():
+        print(f"{key:40} best {r['best']:.3f}  median {r['median']:.3f}")
+    return 0 if all("error" not in c for c in contenders.values()) else 1
+
+
+def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
+    return {k: summary([r[k] for r in runs], nbytes) for k in ("import_s", "cuda_s", "load_s", "process_s")
+            if runs}
+
+
+def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """The fresh-process store load over the pinned host-to-GPU copy and over safetensors warm."""
+    c = results["contenders"]
+    out = {}
+    fresh_sd = c.get("store-fresh", {})
+    if "best_gbps" not in fresh_sd:
+        return out
+    h2d = results.get("h2d", {}).get("pinned_gbps")
+    if h2d:
+        out["store-fresh / pinned H2D"] = {"best": fresh_sd["best_gbps"] / h2d,
+                                           "median": fresh_sd["median_gbps"] / h2d}
+    st = c.get("safetensors-warm", {})
+    if "best_gbps" in st:
+        out["store-fresh / safetensors-warm"] = {"best": fresh_sd["best_gbps"] / st["best_gbps"],
+                                                 "median": fresh_sd["median_gbps"] / st["median_gbps"]}
+    return out
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
+    raise SystemExit(child_main(sys.argv[2:]))
