@@ -10,6 +10,7 @@ Suites:
 
 * ``local``: local loads (CPU or GPU), cold, warm and in fresh processes, against swept disk
   limits, the host-to-GPU copy and peers (safetensors, runai-model-streamer, fastsafetensors).
+* ``compress``: zstd-compressed against plain cold loads, against the best raw read.
 * ``store``: loads through the store server by fresh processes against the pinned host-to-GPU copy.
 * ``verify``: what checksum verification costs on each load path (off against on).
 """
@@ -26,7 +27,8 @@ from typing import List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SUITES = {"local": "suites.local", "store": "suites.store", "verify": "suites.verify"}
+SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.compress",
+          "verify": "suites.verify"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
