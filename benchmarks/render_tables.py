@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/render_tables.py           # rewrite the docs whose tables are out of date
     python benchmarks/render_tables.py --check   # exit 1 (and print the diff) if any would change
+    python benchmarks/render_tables.py --show results/X.json   # print a run.py result's tables
 
 Standard library only.
 """
@@ -31,6 +32,9 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import suite_tables  # noqa: E402
 
 log = logging.getLogger("render_tables")
 
@@ -363,29 +367,11 @@ REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 
 
-# --- benchmarks/run.py verify: verification off against on ----------------------------------------
+# --- benchmarks/run.py suites ----------------------------------------------------------------------
 
-VERIFY_LABELS = {
-    "cpu-cold": "CPU memory, cold (O_DIRECT)", "cpu-warm": "CPU memory, page-cached",
-    "gpu-cold": "GPU, cold (O_DIRECT, staged)", "gpu-warm": "GPU, page-cached (staged)",
-    "store-cold-prefetch": "store server: disk to its pool (server time)",
-    "store-warm": "store server: resident model to the GPU",
-}
-
-
-def render_verify(name: str, data: Data) -> str:
-    r = data["results"]
-    c = r["contenders"]
-    rows = []
-    for key, cost in r["costs"].items():
-        off, on = c[key + "-verify-off"], c[key + "-verify-on"]
-        rows.append([VERIFY_LABELS.get(key, key), f"{off['best_s']:.3f} ({off['median_s']:.3f})",
-                     f"{on['best_s']:.3f} ({on['median_s']:.3f})",
-                     f"{100 * (cost['best_ratio'] - 1):+.1f}% ({cost['median_extra_percent']:+.1f}%)"])
-    head = (f"{r['bytes'] / 1e9:.2f} GB checkpoint, {data['args'].get('rounds')} interleaved rounds, "
-            f"outputs checked every round; XXH3 on one core: {r['xxh3_one_thread_gbps']:.1f} GB/s.\n\n")
-    return head + table(["path", "verify off: s, best (median)", "verify on: s, best (median)",
-                         "extra time, best (median)"], rows) + "\n" + source((name, data))
+def render_suite(name: str, data: Data) -> str:
+    """A run.py result (suite_tables.py), with its source line."""
+    return suite_tables.render(data) + "\n" + source((name, data))
 
 
 def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
@@ -412,7 +398,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "remote": functools.partial(_one, render_remote, REMOTE),
     "remote-split": functools.partial(_one, render_remote, REMOTE_SPLIT),
     "remote-summary": _summary,
-    "verify": functools.partial(_one, render_verify, VERIFY),
+    "verify": functools.partial(_one, render_suite, VERIFY),
 }
 
 
@@ -432,7 +418,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a doc is out of date")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    ap.add_argument("--show", type=Path, nargs="*", default=None,
+                    help="print the tables of these run.py results instead (rewrite nothing)")
     args = ap.parse_args(argv)
+    if args.show is not None:
+        for path in args.show:
+            print(f"## {path.name}\n\n" + suite_tables.render(json.loads(path.read_text())))
+        return 0
     stale = []
     for doc in DOCS:
         path = args.root / doc

@@ -1,0 +1,147 @@
+"""Markdown tables of the JSON that ``benchmarks/run.py`` writes (one renderer per suite).
+
+Every table states the run it comes from (date, commit, dirty tree, machine, rounds) and gives best
+and median; ratios are against the limits measured in the same run. Standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+Data = Dict[str, Any]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(best: Any, median: Any, fmt: str = "{:.2f}") -> str:
+    if best is None:
+        return "–"
+    return fmt.format(best) + ("" if median is None else " (" + fmt.format(median) + ")")
+
+
+def run_line(data: Data) -> str:
+    """Where and how a run was made."""
+    git = data.get("git") or {}
+    m = data.get("machine") or {}
+    gpu = (m.get("gpus") or ["no GPU"])[0].split(",")[0]
+    commit = (git.get("commit") or "?")[:12] + (" (dirty tree)" if git.get("dirty") else "")
+    fs = m.get("filesystem") or "unknown file system"
+    return (f"{str(data.get('date', ''))[:10]}, commit `{commit}`, {gpu}, {m.get('cpu_count')} cores, {fs}; "
+            f"{data['args'].get('rounds')} interleaved rounds, best (median).\n")
+
+
+def _contender_rows(c: Data) -> List[List[str]]:
+    rows = []
+    for name, rec in c.items():
+        if "error" in rec:
+            rows.append([f"`{name}`", "error: " + rec["error"][:80], "–"])
+        else:
+            rows.append([f"`{name}`", _pair(rec["best_s"], rec["median_s"], "{:.3f}"),
+                         _pair(rec["best_gbps"], rec["median_gbps"])])
+    return rows
+
+
+def _contenders(r: Data, gbps: str = "GB/s") -> str:
+    """The contenders' table, then the ratios against the run's limits."""
+    text = _table(["contender", "seconds", gbps], _contender_rows(r["contenders"]))
+    if r.get("ratios"):
+        text += "\nRatios, best (median):\n\n" + "".join(
+            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
+    return text
+
+
+def render_local(data: Data) -> str:
+    r = data["results"]
+    sweep = r["disk_sweep"]
+    cold, warm = sweep["cold"]["best"], sweep["warm"]["best"]
+    lines = [run_line(data), "\n"]
+    if cold:
+        lines.append(f"Best raw cold read of the sweep: {cold['gbps']:.2f} GB/s "
+                     f"({'O_DIRECT' if cold['direct'] else 'buffered'}, {cold['threads']} threads x "
+                     f"{cold['block_mib']} MiB, of {len(sweep['cold']['points'])} points). ")
+    if warm:
+        lines.append(f"Best page-cached read: {warm['gbps']:.2f} GB/s. ")
+    if "h2d" in r:
+        lines.append(f"Pinned host-to-GPU copy: {r['h2d']['pinned_gbps']:.2f} GB/s, pageable "
+                     f"{r['h2d']['pageable_gbps']:.2f} GB/s. ")
+    lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
+    lines.append(_contenders(r))
+    if r.get("fresh_cold"):
+        rows = []
+        for name, rec in r["fresh_cold"].items():
+            if "error" in rec:
+                rows.append([f"`{name}`", "error", "–"])
+                continue
+            rows.append([f"`{name}`", _pair(rec["load"]["best_s"], rec["load"]["median_s"], "{:.3f}"),
+                         _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
+        lines += ["\nFirst load in a fresh process, cold:\n\n",
+                  _table(["contender", "load s", "whole process s"], rows)]
+    if r.get("skipped"):
+        lines.append("\nNot run: " + "; ".join(f"`{k}` ({v})" for k, v in r["skipped"].items()) + ".\n")
+    return "".join(lines)
+
+
+def render_store(data: Data) -> str:
+    r = data["results"]
+    lines = [run_line(data), "\n"]
+    if "h2d" in r:
+        lines.append(f"Pinned host-to-GPU copy: {r['h2d']['pinned_gbps']:.2f} GB/s. ")
+    lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
+    lines.append(_contenders(r))
+    rows = []
+    for name, rec in r.get("fresh_processes", {}).items():
+        rows.append([f"`{name}`"] + [_pair(rec[k]["best_s"], rec[k]["median_s"], "{:.3f}") if k in rec
+                                     else "–" for k in ("import_s", "cuda_s", "load_s", "process_s")])
+    if rows:
+        header = ["", "import", "CUDA context", "load", "whole process"]
+        lines += ["\nFresh processes, seconds:\n\n", _table(header, rows)]
+    return "".join(lines)
+
+
+def render_compress(data: Data) -> str:
+    r = data["results"]
+    best = r["disk_sweep"]["best"]
+    lines = [run_line(data), "\n", f"Stored {r['stored_bytes'] / 1e9:.2f} GB for {r['bytes'] / 1e9:.2f} GB "
+             f"of tensors ({r['ratio']:.2f}x). Best raw cold read: {best['gbps']:.2f} GB/s.\n\n",
+             _contenders(r, "effective GB/s"),
+             "\nPage-cached compressed load by threads (GB/s): "
+             + ", ".join(f"{t}: {g:.2f}" for t, g in r["warm_compressed_by_threads"].items()) + ".\n"]
+    return "".join(lines)
+
+
+VERIFY_LABELS = {
+    "cpu-cold": "CPU memory, cold (O_DIRECT)", "cpu-warm": "CPU memory, page-cached",
+    "gpu-cold": "GPU, cold (O_DIRECT, staged)", "gpu-warm": "GPU, page-cached (staged)",
+    "store-cold-prefetch": "store server: disk to its pool (server time)",
+    "store-warm": "store server: resident model to the GPU",
+}
+
+
+def render_verify(data: Data) -> str:
+    r = data["results"]
+    c = r["contenders"]
+    rows = []
+    for key, cost in r["costs"].items():
+        off, on = c[key + "-verify-off"], c[key + "-verify-on"]
+        rows.append([VERIFY_LABELS.get(key, key), _pair(off["best_s"], off["median_s"], "{:.3f}"),
+                     _pair(on["best_s"], on["median_s"], "{:.3f}"),
+                     f"{100 * (cost['best_ratio'] - 1):+.1f}% ({cost['median_extra_percent']:+.1f}%)"])
+    head = (f"{r['bytes'] / 1e9:.2f} GB checkpoint, {data['args'].get('rounds')} interleaved rounds, "
+            f"outputs checked every round; XXH3 on one core: {r['xxh3_one_thread_gbps']:.1f} GB/s.\n\n")
+    return head + _table(["path", "verify off: s, best (median)", "verify on: s, best (median)",
+                          "extra time, best (median)"], rows)
+
+
+RENDERERS: Dict[str, Callable[[Data], str]] = {
+    "local-gpu": render_local, "local-cpu": render_local, "store": render_store,
+    "compress": render_compress, "verify": render_verify,
+}
+
+
+def render(data: Data) -> str:
+    """The table of one run.py result, by its suite."""
+    return RENDERERS[data["suite"]](data)
