@@ -10,7 +10,8 @@
 # of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
 # no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
 # (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
-# SUITES (suites of benchmarks/run.py to run on the 3B checkpoint, e.g. "verify"; default: none; SUITE_ARGS: more flags, e.g. "--rounds 5").
+# SUITES (suites of benchmarks/run.py to run, e.g. "local store"; default: none; SUITE_ARGS: more
+# flags, e.g. "--rounds 5"; PRESET: their checkpoint's make_checkpoint preset, default 3B).
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
 # and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
 set -uo pipefail
@@ -58,6 +59,11 @@ run)
   fi
   stamp built
   [ -d /tmp/ck3 ] || python3 benchmarks/make_checkpoint.py --preset 3B --out /tmp/ck3 > "$OUT/ckpt.log" 2>&1 || exit 1
+  ck=/tmp/ck3
+  if [ "${PRESET:-3B}" != 3B ]; then  # the suites' checkpoint (bench_remote keeps the 3B one)
+    ck=/tmp/ck-$PRESET
+    [ -d "$ck" ] || python3 benchmarks/make_checkpoint.py --preset "$PRESET" --out "$ck" >> "$OUT/ckpt.log" 2>&1 || exit 1
+  fi
   stamp checkpoint
   # GPU tests first (TESTS: pytest paths, default all of tests/; empty: none), then the benchmark
   # (REPS=0: none).
@@ -72,8 +78,8 @@ run)
       /tmp/bench_copy_checksum "$COPY_BENCH" --json "$OUT/copy_checksum.json" | tee "$OUT/copy_checksum.log"
     stamp copy_bench
   fi
-  for suite in ${SUITES:-}; do  # suites of benchmarks/run.py on the 3B checkpoint
-    timeout 540 python3 benchmarks/run.py "$suite" --src /tmp/ck3 --device cuda:0 --out "$OUT" ${SUITE_ARGS:-} \
+  for suite in ${SUITES:-}; do  # suites of benchmarks/run.py
+    timeout 540 python3 benchmarks/run.py "$suite" --src "$ck" --device cuda:0 --out "$OUT" ${SUITE_ARGS:-} \
       2>&1 | tee "$OUT/$suite.log" | grep -v "^20..-..-.. "
     stamp "$suite"
   done
