@@ -2,55 +2,93 @@
 //
 // Built by the `fake_libcuda` fixture (tests/conftest.py) and loaded through SLLM_STORE_LIBCUDA, it
 // runs the GPU code paths of the C++ core on a machine without a GPU. "Device memory" is host
-// memory: a device pointer is a host address. Like a GPU, and unlike a synchronous stand-in:
+// memory: a device pointer is a host address.
 //
-// - Streams are asynchronous: each has a thread that runs its operations in order, a little later
-//   (FAKE_CUDA_LAG_US); a copy reads its source when it runs, so a source reused too early
-//   corrupts the destination. Events complete at their place in the stream; synchronize calls
-//   block. Only page-locked sources (cuMemHostAlloc, cuMemHostRegister) copy asynchronously: a copy
-//   from pageable memory returns once it has run.
-// - Contexts: one primary context per device, reference counted (destroyed with its page-locked
-//   memory when the last reference goes), current per thread. Calls that need a context fail with
-//   CUDA_ERROR_INVALID_CONTEXT (201) without one, and streams and events work only under the
-//   context they were made in.
-// - Failures arrive late and stay: a failing copy is reported by the next synchronize that covers
-//   it, then by every call under its context (a sticky error, as after an illegal address).
-// - Misuse that a GPU would punish with corruption or a crash (freeing or unregistering memory
-//   that a queued copy still uses, using memory of a destroyed context or a destroyed stream,
-//   closing an IPC mapping never opened) prints "FAKE CUDA MISUSE: ..." and aborts
-//   (FAKE_CUDA_MISUSE=count: only counts).
+// Model:
+// - Streams are asynchronous. Each stream (cuStreamCreate) has a worker thread that runs its queued
+//   operations in FIFO order, each after a small lag (FAKE_CUDA_LAG_US). A copy reads its source
+//   when it runs, so a source overwritten before that corrupts the destination, as on a GPU.
+//   cuEventRecord queues a marker; an event tracks its latest record and completes when the worker
+//   reaches it. cuStreamSynchronize / cuEventSynchronize block. cuStreamDestroy_v2 lets the queued
+//   work run, then joins the worker. The NULL (default) stream is not modelled (400).
+// - Only page-locked host memory (cuMemHostAlloc, cuMemHostRegister_v2) is copied asynchronously.
+//   A copy to or from other (pageable) host memory is queued like any other, but the call returns
+//   only once it has run (the driver stages pageable memory).
+// - Contexts: one primary context per device, with a stable handle per device, reference counted
+//   (cuDevicePrimaryCtxRetain / cuDevicePrimaryCtxRelease_v2). When the last reference goes, the
+//   work queued on its streams completes and the context is destroyed with the page-locked memory
+//   allocated under it (memory registered under it is pageable again); a later retain makes a new
+//   one. The current context is per thread. Calls that need a context (stream and event creation
+//   and use, copies, cuMemHostAlloc, cuMemFreeHost, cuMemHostRegister_v2, cuMemHostUnregister,
+//   cuIpc*) fail with CUDA_ERROR_INVALID_CONTEXT (201) when none is current (or its context is not
+//   alive), and a stream or event used while another context is current fails with 201 too. Stream
+//   and event destruction and the pointer queries need no current context.
+// - Failures arrive late and stick: a failing copy (FAKE_CUDA_FAIL_COPY) is queued successfully;
+//   when it runs, its context enters the sticky error CUDA_ERROR_ILLEGAL_ADDRESS (700), reported by
+//   the synchronize calls that cover it and by every later call under that context (work still
+//   queued in that context is dropped, as on a faulted GPU, so memory it would have read may be
+//   freed). Context management calls still work; only a new context (after the last release) is
+//   free of the error. Under a faulted context cuMemFreeHost and cuMemHostUnregister return 700
+//   and leave the memory as it is, until the context is destroyed.
+// - Misuse that a GPU would punish with corruption or a crash prints one line
+//   "FAKE CUDA MISUSE: ..." on stderr, is counted, and aborts the process (FAKE_CUDA_MISUSE=count:
+//   only counted; the call then fails and changes nothing). Misuse is: freeing (cuMemFreeHost) or
+//   unregistering (cuMemHostUnregister) memory that a queued copy has not finished with; freeing or
+//   unregistering memory that is not page-locked (or twice); using memory allocated under a
+//   destroyed context, or unregistering memory registered under one; using a stream or an event of
+//   a destroyed context; using a destroyed stream or event; releasing a primary context without a
+//   reference; closing an IPC mapping that is not open.
+// - IPC and address ranges: tests declare "device allocations" with fake_add_device_range;
+//   cuMemGetAddressRange_v2 and cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, always
+//   device 0) answer for them, cuIpcGetMemHandle exports them (64 bytes: pid, base, size), and
+//   cuIpcOpenMemHandle_v2 opens such a handle in the process that made it (elsewhere: 1, invalid
+//   value, since another process's memory is out of reach).
+// Streams and events are never freed (a destroyed stream's worker is joined), so that a late use of
+// a destroyed one is reported instead of reading freed memory; the registry of allocations is never
+// destroyed either, so that workers still running at process exit never touch destroyed state.
 //
-// Environment:
-//   FAKE_CUDA_DEVICES=N          number of devices (default 1)
-//   FAKE_CUDA_LAG_US=N           each stream operation runs N microseconds after the previous one
-//                                (default 200)
-//   FAKE_CUDA_COPY_MS=N          every copy takes N ms more
-//   FAKE_CUDA_FAIL_COPY=N        the N-th host-to-device copy (1-based) fails when it runs (700)
-//   FAKE_CUDA_FAIL_COPY_BACK=1   every device-to-host copy fails at once (700)
-//   FAKE_CUDA_FLIP_COPY_BACK=1   every device-to-host copy flips a bit of what it copies
-//   FAKE_CUDA_NO_HOST_ALLOC=1    cuMemHostAlloc fails (out of page-locked memory)
-//   FAKE_CUDA_FAIL_HOST_ALLOC=N  the N-th cuMemHostAlloc fails; every allocation then takes
-//                                FAKE_CUDA_ALLOC_DELAY_MS (default 20) ms, so that they overlap
-//   FAKE_CUDA_FAIL_ADDRESS_RANGE=1  cuMemGetAddressRange always fails
-//   FAKE_CUDA_MISUSE=count       count misuse instead of aborting
+// Environment (read when used):
+//   FAKE_CUDA_DEVICES=N            number of devices (default 1, at most 8)
+//   FAKE_CUDA_LAG_US=N             each queued operation runs N microseconds after its worker reaches
+//                                  it (default 200)
+//   FAKE_CUDA_COPY_MS=N            every copy takes N ms more, in the worker
+//   FAKE_CUDA_FAIL_COPY=N          the N-th host-to-device copy (1-based, process-wide) fails when it
+//                                  runs: sticky error 700 in its context
+//   FAKE_CUDA_FAIL_COPY_BACK=1     every device-to-host copy fails at once (700, not sticky)
+//   FAKE_CUDA_FLIP_COPY_BACK=1     every device-to-host copy flips a bit of what it copies
+//   FAKE_CUDA_NO_HOST_ALLOC=1      cuMemHostAlloc always fails (2, out of memory)
+//   FAKE_CUDA_FAIL_HOST_ALLOC=N    the N-th cuMemHostAlloc (1-based) fails (2) after
+//   FAKE_CUDA_ALLOC_DELAY_MS=N     N ms (default 20), overlapping other allocations
+//   FAKE_CUDA_FAIL_ADDRESS_RANGE=1 cuMemGetAddressRange_v2 always fails (500)
+//   FAKE_CUDA_MISUSE=count         misuse is counted, not fatal
 //
-// Exported for tests (extern "C"): fake_last_event_flags(), fake_copies_back(),
-// fake_misuse_count(), fake_pending_operations(), fake_current_context(), fake_live_contexts(),
-// fake_pinned_bytes(), fake_add_device_range(ptr, size), fake_remove_device_range(ptr).
+// Exported for tests (extern "C"):
+//   unsigned fake_last_event_flags()  flags of the last cuEventCreate (~0u before any)
+//   long fake_copies_back()           device-to-host copies asked for so far
+//   long fake_misuse_count()          misuse reported so far
+//   long fake_pending_operations()    operations queued on all streams and not finished yet
+//   void* fake_current_context()      the calling thread's current context (NULL: none)
+//   int fake_live_contexts()          primary contexts alive (with references)
+//   long fake_pinned_bytes()          bytes of cuMemHostAlloc memory neither freed nor destroyed
+//   void fake_add_device_range(unsigned long long ptr, size_t size)   declares a device allocation
+//   void fake_remove_device_range(unsigned long long ptr)            forgets the one based at ptr
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <map>
 #include <mutex>
-#include <new>
-#include <string>
+#include <set>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -58,219 +96,318 @@ using CUresult = int;
 constexpr CUresult kOk = 0;
 constexpr CUresult kInvalidValue = 1;
 constexpr CUresult kOutOfMemory = 2;
+constexpr CUresult kInvalidDevice = 101;
 constexpr CUresult kInvalidContext = 201;
+constexpr CUresult kInvalidHandle = 400;
 constexpr CUresult kNotFound = 500;
 constexpr CUresult kIllegalAddress = 700;
+constexpr CUresult kAlreadyRegistered = 712;
 constexpr int kMaxDevices = 8;
+constexpr int kPointerAttributeDeviceOrdinal = 9;  // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+constexpr size_t kPage = 4096;
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : fallback;
 }
 
+int device_count() {
+  int n = env_int("FAKE_CUDA_DEVICES", 1);
+  return n < 0 ? 0 : (n > kMaxDevices ? kMaxDevices : n);
+}
+
 std::atomic<long> g_misuse{0};
 
-void misuse(const std::string& what) {
+// Reports misuse: one line on stderr, counted; aborts unless FAKE_CUDA_MISUSE=count.
+void misuse(const char* fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
   g_misuse++;
-  std::fprintf(stderr, "FAKE CUDA MISUSE: %s\n", what.c_str());
+  std::fprintf(stderr, "FAKE CUDA MISUSE: %s\n", msg);
   std::fflush(stderr);
   const char* mode = std::getenv("FAKE_CUDA_MISUSE");
   if (!(mode && std::strcmp(mode, "count") == 0)) std::abort();
 }
 
+// Runs an entry point's body; nothing thrown crosses the C boundary (only allocation can throw).
+template <class F>
+CUresult guarded(F&& body) noexcept {
+  try {
+    return body();
+  } catch (...) {
+    return kOutOfMemory;
+  }
+}
+
+// One lifetime of a device's primary context, from the retain that made it to the release that
+// destroyed it. Never freed: streams, events and allocations made under it keep pointing at it.
+struct Life {
+  int device;
+  std::atomic<CUresult> sticky{kOk};  // the sticky error, once a copy failed
+  std::atomic<bool> dead{false};
+  explicit Life(int d) : device(d) {}
+};
+
+// A device's primary context handle: stable for the process, as in CUDA.
 struct Context {
   int device = 0;
-  int refs = 0;  // guarded by g_mu
-  std::atomic<CUresult> sticky{kOk};
+  int refs = 0;          // guarded by Registry::mu
+  Life* life = nullptr;  // while refs > 0; guarded by Registry::mu
 };
-Context g_contexts[kMaxDevices];
+
+struct Pinned {  // page-locked host memory
+  size_t size;
+  Life* life;  // the context it was allocated or registered under
+  bool registered;
+};
+
+struct Pending {  // host memory that a queued copy has not finished with
+  uintptr_t start;
+  size_t size;
+  Life* life;
+};
+
+struct Stream;
+
+struct Registry {
+  std::mutex mu;  // guards everything below, and Context::refs / Context::life
+  Context contexts[kMaxDevices];
+  std::map<uintptr_t, Pinned> pinned;          // base -> allocation or registration
+  std::map<uintptr_t, int> dead_registrations; // base -> device, of registrations destroyed with it
+  std::map<uintptr_t, size_t> device_ranges;   // declared "device allocations": base -> size
+  std::map<uintptr_t, long> ipc_open;          // opened IPC mappings: base -> times opened
+  std::map<uint64_t, Pending> pending;         // by id (Op::pending)
+  uint64_t next_pending = 1;
+  std::set<Stream*> streams;                   // streams not destroyed
+  long pinned_bytes = 0;                       // cuMemHostAlloc bytes neither freed nor destroyed
+
+  Registry() {
+    for (int i = 0; i < kMaxDevices; ++i) contexts[i].device = i;
+  }
+};
+
+// Never destroyed: worker threads may still run while the process exits.
+Registry& reg() {
+  static Registry* r = new Registry();
+  return *r;
+}
+
 thread_local Context* t_current = nullptr;
 
-struct Pinned {
-  size_t size;
-  Context* ctx;
-  bool registered;
-  bool dead;  // its context was destroyed
-};
-
-std::mutex g_mu;  // guards the tables below and Context::refs
-std::map<uintptr_t, Pinned> g_pinned;               // base -> allocation or registration
-std::map<uintptr_t, size_t> g_device_ranges;        // declared "device allocations"
-std::map<uintptr_t, int> g_ipc_open;                // opened IPC bases -> count
-std::multimap<uintptr_t, size_t> g_pending_ranges;  // host ranges read or written by queued copies
-std::atomic<long> g_pending{0};
-std::atomic<long> g_pinned_bytes{0};
+std::atomic<long> g_pending_ops{0};
 std::atomic<long> g_h2d{0}, g_copies_back{0}, g_host_allocs{0};
 std::atomic<unsigned> g_event_flags{~0u};
 
-// The page-locked allocation holding [p, p+n), or nullptr. Caller holds g_mu.
+// The context the calling thread works under: its current one, alive and (unless `any_error`)
+// free of a sticky error.
+CUresult current(Life** out, bool any_error = false) {
+  Context* c = t_current;
+  if (c == nullptr) return kInvalidContext;
+  Life* life;
+  {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    life = c->life;
+  }
+  if (life == nullptr) return kInvalidContext;
+  if (!any_error)
+    if (CUresult s = life->sticky.load()) return s;
+  *out = life;
+  return kOk;
+}
+
+// The page-locked allocation holding all of [p, p+n), or nullptr. Caller holds reg().mu.
 Pinned* find_pinned(const void* p, size_t n) {
+  auto& pinned = reg().pinned;
   uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  auto it = g_pinned.upper_bound(a);
-  if (it == g_pinned.begin()) return nullptr;
+  auto it = pinned.upper_bound(a);
+  if (it == pinned.begin()) return nullptr;
   --it;
   return a + n <= it->first + it->second.size ? &it->second : nullptr;
 }
 
-bool pending_overlaps(uintptr_t base, size_t size) {  // caller holds g_mu
-  for (const auto& [start, len] : g_pending_ranges)
-    if (start < base + size && base < start + len) return true;
+// True when a queued copy that will still run uses [base, base+size). Caller holds reg().mu.
+bool pending_overlaps(uintptr_t base, size_t size) {
+  for (const auto& [id, p] : reg().pending)
+    if (p.start < base + size && base < p.start + p.size && p.life->sticky.load() == kOk) return true;
   return false;
 }
 
-void erase_pending(uintptr_t start, size_t len) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto range = g_pending_ranges.equal_range(start);
-  for (auto it = range.first; it != range.second; ++it)
-    if (it->second == len) {
-      g_pending_ranges.erase(it);
-      return;
-    }
-}
-
-// The context a call runs under: the current one, alive, or an error.
-CUresult current(Context** out) {
-  Context* c = t_current;
-  if (c == nullptr) return kInvalidContext;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    if (c->refs == 0) return kInvalidContext;
-  }
-  if (CUresult s = c->sticky.load()) return s;
-  *out = c;
-  return kOk;
-}
-
 struct Op {
-  bool is_copy = false;
+  bool copy = false;  // false: an event's marker
   void* dst = nullptr;
   const void* src = nullptr;
   size_t n = 0;
-  bool fail = false;
-  bool flip = false;
-  uintptr_t host = 0;  // the host range registered in g_pending_ranges (0: none)
+  bool fail = false;      // fails when it runs (FAKE_CUDA_FAIL_COPY)
+  bool flip = false;      // flips a bit of what it copies (FAKE_CUDA_FLIP_COPY_BACK)
+  uint64_t pending = 0;   // its entry in Registry::pending (page-locked host side), 0: none
 };
 
 struct Stream {
-  Context* ctx;
+  Life* const life;
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<Op> queue;
-  uint64_t enqueued = 0, done = 0;
-  CUresult error = kOk;
-  bool stopping = false, destroyed = false;
-  std::thread thread;
+  std::deque<Op> queue;               // queue.front() is running or next
+  uint64_t enqueued = 0, done = 0;    // operations queued and finished so far
+  bool stopping = false;              // destroyed: the worker ends once the queue is empty
+  std::atomic<bool> destroyed{false};
+  std::thread worker;
 
-  explicit Stream(Context* c) : ctx(c) { thread = std::thread([this] { run(); }); }
+  explicit Stream(Life* l) : life(l) {}
 
   void run() {
-    const int lag = env_int("FAKE_CUDA_LAG_US", 200);
-    const int copy_ms = env_int("FAKE_CUDA_COPY_MS", 0);
     std::unique_lock<std::mutex> lock(mu);
     for (;;) {
       cv.wait(lock, [&] { return stopping || !queue.empty(); });
       if (queue.empty()) return;
       Op op = queue.front();
       lock.unlock();
-      if (lag > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag));
-      CUresult r = kOk;
-      if (op.is_copy) {
-        if (copy_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(copy_ms));
-        if (op.fail || ctx->sticky.load() != kOk) {
-          r = kIllegalAddress;
-        } else {
-          std::memcpy(op.dst, op.src, op.n);
-          if (op.flip && op.n) static_cast<unsigned char*>(op.dst)[op.n / 2] ^= 1;
-        }
-        if (op.host) erase_pending(op.host, op.n);
-        g_pending--;
-      }
+      execute(op);
       lock.lock();
       queue.pop_front();
-      if (r != kOk) {
-        if (error == kOk) error = r;
-        ctx->sticky.store(r);
-      }
-      done++;
+      ++done;
+      g_pending_ops--;
       cv.notify_all();
     }
   }
 
-  // Queues op; returns its sequence number.
-  uint64_t push(const Op& op) {
-    std::lock_guard<std::mutex> lock(mu);
-    queue.push_back(op);
-    cv.notify_all();
-    return ++enqueued;
+  void execute(const Op& op) {
+    if (int lag = env_int("FAKE_CUDA_LAG_US", 200); lag > 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(lag));
+    if (!op.copy) return;
+    if (int ms = env_int("FAKE_CUDA_COPY_MS", 0); ms > 0)
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    if (op.fail) {
+      CUresult expected = kOk;
+      life->sticky.compare_exchange_strong(expected, kIllegalAddress);
+    } else if (life->sticky.load() == kOk) {  // a faulted context runs nothing more
+      std::memcpy(op.dst, op.src, op.n);
+      if (op.flip && op.n) static_cast<unsigned char*>(op.dst)[op.n / 2] ^= 1;
+    }
+    if (op.pending) {
+      std::lock_guard<std::mutex> lock(reg().mu);
+      reg().pending.erase(op.pending);
+    }
   }
 
+  // Queues op and sets *seq to its number; false once the stream is being destroyed.
+  bool push(const Op& op, uint64_t* seq) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (stopping) return false;
+      queue.push_back(op);
+      *seq = ++enqueued;
+      g_pending_ops++;
+    }
+    cv.notify_all();
+    return true;
+  }
+
+  uint64_t last() {
+    std::lock_guard<std::mutex> lock(mu);
+    return enqueued;
+  }
+
+  // Blocks until operation `seq` has run; the context's sticky error, if any.
   CUresult wait_for(uint64_t seq) {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return done >= seq; });
-    return error != kOk ? error : ctx->sticky.load();
+    return life->sticky.load();
   }
 };
 
 struct Event {
-  Context* ctx;
-  Stream* stream = nullptr;  // of the latest record
-  uint64_t seq = 0;
+  Life* const life;
+  std::mutex mu;
+  Stream* stream = nullptr;  // of the latest record (nullptr: never recorded)
+  uint64_t seq = 0;          // the latest record's marker in it
+  std::atomic<bool> destroyed{false};
+  explicit Event(Life* l) : life(l) {}
 };
 
-// Streams and events are never freed (a destroyed stream's thread is joined): an event may still
-// point at the stream of its last record.
-CUresult use_stream(void* s, Stream** out) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
+// The stream behind handle s, usable by the calling thread.
+CUresult use_stream(void* s, const char* call, Stream** out) {
   Stream* st = static_cast<Stream*>(s);
-  if (st == nullptr) return kInvalidValue;
-  if (st->destroyed) {
-    misuse("a destroyed stream was used");
-    return kInvalidValue;
+  if (st == nullptr) return kInvalidHandle;
+  if (st->destroyed.load()) {
+    misuse("%s on stream %p, which was destroyed", call, s);
+    return kInvalidHandle;
   }
-  if (st->ctx != c) return kInvalidContext;
+  if (st->life->dead.load()) {
+    misuse("%s on stream %p, whose context (device %d) was destroyed", call, s, st->life->device);
+    return kInvalidContext;
+  }
+  Life* life = nullptr;
+  if (CUresult r = current(&life)) return r;
+  if (life != st->life) return kInvalidContext;
   *out = st;
   return kOk;
 }
 
-CUresult copy(void* dst, const void* src, size_t n, void* s, bool to_device) {
+CUresult use_event(void* e, const char* call, Event** out) {
+  Event* ev = static_cast<Event*>(e);
+  if (ev == nullptr) return kInvalidHandle;
+  if (ev->destroyed.load()) {
+    misuse("%s on event %p, which was destroyed", call, e);
+    return kInvalidHandle;
+  }
+  if (ev->life->dead.load()) {
+    misuse("%s on event %p, whose context (device %d) was destroyed", call, e, ev->life->device);
+    return kInvalidContext;
+  }
+  Life* life = nullptr;
+  if (CUresult r = current(&life)) return r;
+  if (life != ev->life) return kInvalidContext;
+  *out = ev;
+  return kOk;
+}
+
+// cuMemcpyHtoDAsync_v2 / cuMemcpyDtoHAsync_v2: queued on the stream; returns at once when the
+// host side is page-locked, else once the copy has run.
+CUresult copy(void* dst, const void* src, size_t n, void* s, bool to_device, const char* call) {
   Stream* st = nullptr;
-  if (CUresult r = use_stream(s, &st)) return r;
+  if (CUresult r = use_stream(s, call, &st)) return r;
+  if (n > 0 && (dst == nullptr || src == nullptr)) return kInvalidValue;
   const void* host = to_device ? src : dst;
   Op op;
-  op.is_copy = true;
+  op.copy = true;
   op.dst = dst;
   op.src = src;
   op.n = n;
-  bool pinned;
+  bool page_locked = false;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
-    Pinned* p = n ? find_pinned(host, n) : nullptr;
-    if (p != nullptr && p->dead) {
-      misuse("a copy uses page-locked memory of a destroyed context");
-      return kInvalidValue;
-    }
-    pinned = p != nullptr;
-    if (pinned) {
-      op.host = reinterpret_cast<uintptr_t>(host);
-      g_pending_ranges.emplace(op.host, n);
+    std::lock_guard<std::mutex> lock(reg().mu);
+    if (Pinned* p = n ? find_pinned(host, n) : nullptr) {
+      if (p->life->dead.load()) {
+        misuse("%s with host memory %p, page-locked under a context (device %d) that was destroyed", call,
+               host, p->life->device);
+        return kInvalidValue;
+      }
+      page_locked = true;
+      op.pending = reg().next_pending++;
+      reg().pending[op.pending] = Pending{reinterpret_cast<uintptr_t>(host), n, st->life};
     }
   }
   if (to_device) {
     op.fail = ++g_h2d == env_int("FAKE_CUDA_FAIL_COPY", 0);
   } else {
     ++g_copies_back;
-    if (env_int("FAKE_CUDA_FAIL_COPY_BACK", 0)) {
-      if (op.host) erase_pending(op.host, n);
-      return kIllegalAddress;
-    }
     op.flip = env_int("FAKE_CUDA_FLIP_COPY_BACK", 0) != 0;
   }
-  g_pending++;
-  uint64_t seq = st->push(op);
-  if (!pinned) {  // pageable memory: the call returns once the copy ran
-    st->wait_for(seq);
+  const bool fail_now = !to_device && env_int("FAKE_CUDA_FAIL_COPY_BACK", 0) != 0;
+  uint64_t seq = 0;
+  if (fail_now || !st->push(op, &seq)) {
+    if (op.pending) {
+      std::lock_guard<std::mutex> lock(reg().mu);
+      reg().pending.erase(op.pending);
+    }
+    if (fail_now) return kIllegalAddress;
+    misuse("%s on stream %p while it is being destroyed", call, s);
+    return kInvalidHandle;
   }
+  if (!page_locked) st->wait_for(seq);  // pageable memory: read (or written) before returning
   return kOk;
 }
 
@@ -279,188 +416,306 @@ CUresult copy(void* dst, const void* src, size_t n, void* s, bool to_device) {
 extern "C" {
 
 CUresult cuInit(unsigned) { return kOk; }
+
 CUresult cuDeviceGetCount(int* n) {
-  *n = env_int("FAKE_CUDA_DEVICES", 1);
+  if (n == nullptr) return kInvalidValue;
+  *n = device_count();
   return kOk;
 }
+
 CUresult cuDeviceGet(int* dev, int ordinal) {
-  if (ordinal < 0 || ordinal >= env_int("FAKE_CUDA_DEVICES", 1) || ordinal >= kMaxDevices) return kInvalidValue;
+  if (dev == nullptr) return kInvalidValue;
+  if (ordinal < 0 || ordinal >= device_count()) return kInvalidDevice;
   *dev = ordinal;
   return kOk;
 }
 
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
-  if (dev < 0 || dev >= kMaxDevices) return kInvalidValue;
-  std::lock_guard<std::mutex> lock(g_mu);
-  Context& c = g_contexts[dev];
-  if (c.refs++ == 0) {
-    c.device = dev;
-    c.sticky.store(kOk);
-  }
-  *ctx = &c;
-  return kOk;
+  return guarded([&] {
+    if (ctx == nullptr) return kInvalidValue;
+    if (dev < 0 || dev >= device_count()) return kInvalidDevice;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    Context& c = reg().contexts[dev];
+    if (c.refs == 0) c.life = new Life(dev);
+    c.refs++;
+    *ctx = &c;
+    return kOk;
+  });
 }
 
 CUresult cuDevicePrimaryCtxRelease_v2(int dev) {
-  if (dev < 0 || dev >= kMaxDevices) return kInvalidValue;
-  std::lock_guard<std::mutex> lock(g_mu);
-  Context& c = g_contexts[dev];
-  if (c.refs == 0) return kInvalidContext;
-  if (--c.refs == 0) {  // destroyed, with its page-locked memory
-    for (auto& [base, p] : g_pinned)
-      if (p.ctx == &c && !p.dead) {
-        p.dead = true;
-        if (!p.registered) g_pinned_bytes -= static_cast<long>(p.size);
+  return guarded([&] {
+    if (dev < 0 || dev >= device_count()) return kInvalidDevice;
+    Registry& r = reg();
+    std::vector<Stream*> streams;  // of the context being destroyed
+    {
+      std::lock_guard<std::mutex> lock(r.mu);
+      Context& c = r.contexts[dev];
+      if (c.refs == 0) {
+        misuse("cuDevicePrimaryCtxRelease of device %d, whose primary context has no reference", dev);
+        return kInvalidContext;
       }
-  }
-  return kOk;
+      if (--c.refs > 0) return kOk;
+      Life* dying = c.life;
+      c.life = nullptr;
+      dying->dead.store(true);  // with its page-locked memory, streams and events
+      for (auto it = r.pinned.begin(); it != r.pinned.end();) {
+        if (it->second.life != dying) {
+          ++it;
+        } else if (it->second.registered) {  // registered memory is the caller's: pageable again
+          r.dead_registrations[it->first] = dev;
+          it = r.pinned.erase(it);
+        } else {  // allocated memory is gone (kept here, so that a later use is reported)
+          r.pinned_bytes -= static_cast<long>(it->second.size);
+          ++it;
+        }
+      }
+      for (Stream* st : r.streams)
+        if (st->life == dying) streams.push_back(st);
+    }
+    for (Stream* st : streams) st->wait_for(st->last());  // work already queued completes
+    return kOk;
+  });
 }
 
 CUresult cuCtxSetCurrent(void* ctx) {
   Context* c = static_cast<Context*>(ctx);
-  if (c != nullptr) {
-    std::lock_guard<std::mutex> lock(g_mu);
-    if (c < g_contexts || c >= g_contexts + kMaxDevices || c->refs == 0) return kInvalidContext;
-  }
-  t_current = c;
+  Context* first = reg().contexts;
+  if (c != nullptr && (c < first || c >= first + kMaxDevices)) return kInvalidContext;
+  t_current = c;  // a handle whose context is not alive is accepted; calls under it fail with 201
   return kOk;
 }
+
 CUresult cuCtxGetCurrent(void** ctx) {
+  if (ctx == nullptr) return kInvalidValue;
   *ctx = t_current;
   return kOk;
 }
 
 CUresult cuStreamCreate(void** s, unsigned) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
-  *s = new (std::nothrow) Stream(c);
-  return *s ? kOk : kOutOfMemory;
+  return guarded([&] {
+    if (s == nullptr) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    Stream* st = new Stream(life);
+    try {
+      st->worker = std::thread([st] { st->run(); });
+    } catch (...) {
+      delete st;
+      return kOutOfMemory;
+    }
+    std::lock_guard<std::mutex> lock(reg().mu);
+    reg().streams.insert(st);
+    *s = st;
+    return kOk;
+  });
 }
+
 CUresult cuStreamDestroy_v2(void* s) {
-  Stream* st = static_cast<Stream*>(s);
-  if (st == nullptr || st->destroyed) return kInvalidValue;
-  {
-    std::lock_guard<std::mutex> lock(st->mu);
-    st->stopping = true;  // queued work completes first, as with CUDA
+  return guarded([&] {
+    Stream* st = static_cast<Stream*>(s);
+    if (st == nullptr) return kInvalidHandle;
+    if (st->destroyed.exchange(true)) {
+      misuse("cuStreamDestroy of stream %p, which was destroyed already", s);
+      return kInvalidHandle;
+    }
+    const bool dead = st->life->dead.load();
+    if (dead)
+      misuse("cuStreamDestroy of stream %p, whose context (device %d) was destroyed", s, st->life->device);
+    {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->stopping = true;  // what is queued still runs, as with CUDA
+    }
     st->cv.notify_all();
-  }
-  st->thread.join();
-  st->destroyed = true;
-  return kOk;
+    st->worker.join();
+    {
+      std::lock_guard<std::mutex> lock(reg().mu);
+      reg().streams.erase(st);
+    }
+    return dead ? kInvalidContext : st->life->sticky.load();
+  });
 }
+
 CUresult cuStreamSynchronize(void* s) {
-  Stream* st = nullptr;
-  CUresult r = use_stream(s, &st);
-  if (r == kIllegalAddress) return r;
-  if (r != kOk) return r;
-  uint64_t seq;
-  {
-    std::lock_guard<std::mutex> lock(st->mu);
-    seq = st->enqueued;
-  }
-  return st->wait_for(seq);
+  return guarded([&] {
+    Stream* st = nullptr;
+    if (CUresult r = use_stream(s, "cuStreamSynchronize", &st)) return r;
+    return st->wait_for(st->last());
+  });
 }
 
 CUresult cuEventCreate(void** e, unsigned flags) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
-  g_event_flags = flags;
-  *e = new (std::nothrow) Event{c};
-  return *e ? kOk : kOutOfMemory;
+  return guarded([&] {
+    if (e == nullptr) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    g_event_flags = flags;
+    *e = new Event(life);
+    return kOk;
+  });
 }
+
 CUresult cuEventDestroy_v2(void* e) {
-  if (e == nullptr) return kInvalidValue;
-  return kOk;  // kept: a late synchronize on it stays safe
+  Event* ev = static_cast<Event*>(e);
+  if (ev == nullptr) return kInvalidHandle;
+  if (ev->destroyed.exchange(true)) {
+    misuse("cuEventDestroy of event %p, which was destroyed already", e);
+    return kInvalidHandle;
+  }
+  if (ev->life->dead.load()) {
+    misuse("cuEventDestroy of event %p, whose context (device %d) was destroyed", e, ev->life->device);
+    return kInvalidContext;
+  }
+  return ev->life->sticky.load();
 }
+
 CUresult cuEventRecord(void* e, void* s) {
-  Event* ev = static_cast<Event*>(e);
-  Stream* st = nullptr;
-  if (CUresult r = use_stream(s, &st)) return r;
-  if (ev == nullptr || ev->ctx != st->ctx) return kInvalidContext;
-  ev->seq = st->push(Op{});
-  ev->stream = st;
-  return kOk;
+  return guarded([&] {
+    Event* ev = nullptr;
+    Stream* st = nullptr;
+    if (CUresult r = use_event(e, "cuEventRecord", &ev)) return r;
+    if (CUresult r = use_stream(s, "cuEventRecord", &st)) return r;
+    std::lock_guard<std::mutex> lock(ev->mu);  // concurrent records: the later one is the latest
+    uint64_t seq = 0;
+    if (!st->push(Op{}, &seq)) {
+      misuse("cuEventRecord on stream %p while it is being destroyed", s);
+      return kInvalidHandle;
+    }
+    ev->stream = st;
+    ev->seq = seq;
+    return kOk;
+  });
 }
+
 CUresult cuEventSynchronize(void* e) {
-  Event* ev = static_cast<Event*>(e);
-  Context* c = nullptr;
-  CUresult r = current(&c);
-  if (r != kOk) return r;
-  if (ev == nullptr) return kInvalidValue;
-  if (ev->ctx != c) return kInvalidContext;
-  if (ev->stream == nullptr) return kOk;  // never recorded
-  return ev->stream->wait_for(ev->seq);
+  return guarded([&] {
+    Event* ev = nullptr;
+    if (CUresult r = use_event(e, "cuEventSynchronize", &ev)) return r;
+    Stream* st;
+    uint64_t seq;
+    {
+      std::lock_guard<std::mutex> lock(ev->mu);
+      st = ev->stream;
+      seq = ev->seq;
+    }
+    return st ? st->wait_for(seq) : ev->life->sticky.load();
+  });
 }
 
 CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t n, void* s) {
-  return copy(reinterpret_cast<void*>(dst), src, n, s, true);
+  return guarded([&] { return copy(reinterpret_cast<void*>(dst), src, n, s, true, "cuMemcpyHtoDAsync"); });
 }
+
 CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t n, void* s) {
-  return copy(dst, reinterpret_cast<const void*>(src), n, s, false);
+  return guarded(
+      [&] { return copy(dst, reinterpret_cast<const void*>(src), n, s, false, "cuMemcpyDtoHAsync"); });
 }
 
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
-  if (env_int("FAKE_CUDA_NO_HOST_ALLOC", 0)) return kOutOfMemory;
-  if (int fail = env_int("FAKE_CUDA_FAIL_HOST_ALLOC", 0)) {
-    long k = ++g_host_allocs;
-    std::this_thread::sleep_for(std::chrono::milliseconds(env_int("FAKE_CUDA_ALLOC_DELAY_MS", 20)));
-    if (k == fail) return kOutOfMemory;
-  }
-  size_t size = (n + 4095) / 4096 * 4096;
-  *p = std::aligned_alloc(4096, size ? size : 4096);
-  if (*p == nullptr) return kOutOfMemory;
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_pinned[reinterpret_cast<uintptr_t>(*p)] = Pinned{n, c, false, false};
-  g_pinned_bytes += static_cast<long>(n);
-  return kOk;
+  return guarded([&] {
+    if (p == nullptr) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    if (env_int("FAKE_CUDA_NO_HOST_ALLOC", 0)) return kOutOfMemory;
+    if (int fail = env_int("FAKE_CUDA_FAIL_HOST_ALLOC", 0)) {
+      if (++g_host_allocs == fail) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(env_int("FAKE_CUDA_ALLOC_DELAY_MS", 20)));
+        return kOutOfMemory;
+      }
+    }
+    size_t size = ((n ? n : 1) + kPage - 1) / kPage * kPage;
+    void* m = std::aligned_alloc(kPage, size);
+    if (m == nullptr) return kOutOfMemory;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    reg().pinned[reinterpret_cast<uintptr_t>(m)] = Pinned{n, life, false};
+    reg().pinned_bytes += static_cast<long>(n);
+    *p = m;
+    return kOk;
+  });
 }
 
 CUresult cuMemFreeHost(void* p) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c); r != kOk && r != kIllegalAddress) return r;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_pinned.find(reinterpret_cast<uintptr_t>(p));
-  if (it == g_pinned.end() || it->second.registered) {
-    misuse("cuMemFreeHost of memory cuMemHostAlloc did not return");
-    return kInvalidValue;
-  }
-  if (it->second.dead) misuse("cuMemFreeHost of page-locked memory whose context was destroyed");
-  if (pending_overlaps(it->first, it->second.size)) misuse("cuMemFreeHost while a queued copy uses the memory");
-  if (!it->second.dead) g_pinned_bytes -= static_cast<long>(it->second.size);
-  g_pinned.erase(it);
-  std::free(p);
-  return kOk;
+  return guarded([&] {
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto it = reg().pinned.find(reinterpret_cast<uintptr_t>(p));
+    if (it == reg().pinned.end() || it->second.registered) {
+      misuse("cuMemFreeHost(%p): not memory from cuMemHostAlloc, or freed already", p);
+      return kInvalidValue;
+    }
+    if (it->second.life->dead.load()) {
+      misuse("cuMemFreeHost(%p): its context (device %d) was destroyed, and the memory with it", p,
+             it->second.life->device);
+      return kInvalidContext;
+    }
+    if (pending_overlaps(it->first, it->second.size)) {
+      misuse("cuMemFreeHost(%p): a queued copy has not finished with this memory yet", p);
+      return kInvalidValue;
+    }
+    reg().pinned_bytes -= static_cast<long>(it->second.size);
+    reg().pinned.erase(it);
+    std::free(p);
+    return kOk;
+  });
 }
 
 CUresult cuMemHostRegister_v2(void* p, size_t n, unsigned) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_pinned[reinterpret_cast<uintptr_t>(p)] = Pinned{n, c, true, false};
-  return kOk;
+  return guarded([&] {
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    if (p == nullptr || n == 0) return kInvalidValue;
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto& pinned = reg().pinned;
+    auto& dead = reg().dead_registrations;
+    dead.erase(dead.lower_bound(a), dead.lower_bound(a + n));
+    auto next = pinned.lower_bound(a);
+    if (next != pinned.end() && next->first < a + n) return kAlreadyRegistered;
+    if (next != pinned.begin() && std::prev(next)->first + std::prev(next)->second.size > a)
+      return kAlreadyRegistered;
+    pinned[a] = Pinned{n, life, true};
+    return kOk;
+  });
 }
+
 CUresult cuMemHostUnregister(void* p) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c); r != kOk && r != kIllegalAddress) return r;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_pinned.find(reinterpret_cast<uintptr_t>(p));
-  if (it == g_pinned.end() || !it->second.registered) {
-    misuse("cuMemHostUnregister of memory never registered");
-    return kInvalidValue;
-  }
-  if (pending_overlaps(it->first, it->second.size)) misuse("cuMemHostUnregister while a queued copy uses the memory");
-  g_pinned.erase(it);
-  return kOk;
+  return guarded([&] {
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (auto d = reg().dead_registrations.find(a); d != reg().dead_registrations.end()) {
+      misuse("cuMemHostUnregister(%p): registered under a context (device %d) that was destroyed", p,
+             d->second);
+      return kInvalidContext;
+    }
+    auto it = reg().pinned.find(a);
+    if (it == reg().pinned.end() || !it->second.registered) {
+      misuse("cuMemHostUnregister(%p): not registered, or unregistered already", p);
+      return kInvalidValue;
+    }
+    if (pending_overlaps(it->first, it->second.size)) {
+      misuse("cuMemHostUnregister(%p): a queued copy has not finished with this memory yet", p);
+      return kInvalidValue;
+    }
+    reg().pinned.erase(it);
+    return kOk;
+  });
 }
 
 CUresult cuGetErrorString(CUresult r, const char** s) {
+  if (s == nullptr) return kInvalidValue;
   switch (r) {
-    case kIllegalAddress: *s = "an illegal memory access was encountered (fake)"; break;
-    case kInvalidContext: *s = "invalid device context (fake)"; break;
+    case kOk: *s = "no error (fake)"; break;
+    case kInvalidValue: *s = "invalid argument (fake)"; break;
     case kOutOfMemory: *s = "out of memory (fake)"; break;
+    case kInvalidDevice: *s = "invalid device ordinal (fake)"; break;
+    case kInvalidContext: *s = "invalid device context (fake)"; break;
+    case kInvalidHandle: *s = "invalid resource handle (fake)"; break;
     case kNotFound: *s = "named symbol not found (fake)"; break;
+    case kIllegalAddress: *s = "an illegal memory access was encountered (fake)"; break;
+    case kAlreadyRegistered: *s = "part or all of the requested memory range is already mapped (fake)"; break;
     default: *s = "fake CUDA error"; break;
   }
   return kOk;
@@ -470,74 +725,102 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
 struct IpcHandle {
   char reserved[64];
 };
+
 CUresult cuMemGetAddressRange_v2(unsigned long long* base, size_t* size, unsigned long long ptr) {
   if (env_int("FAKE_CUDA_FAIL_ADDRESS_RANGE", 0)) return kNotFound;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_device_ranges.upper_bound(ptr);
-  if (it == g_device_ranges.begin()) return kNotFound;
+  std::lock_guard<std::mutex> lock(reg().mu);
+  auto& ranges = reg().device_ranges;
+  auto it = ranges.upper_bound(ptr);
+  if (it == ranges.begin()) return kNotFound;
   --it;
   if (ptr >= it->first + it->second) return kNotFound;
   if (base) *base = it->first;
   if (size) *size = it->second;
   return kOk;
 }
+
 CUresult cuIpcGetMemHandle(IpcHandle* h, unsigned long long ptr) {
+  if (h == nullptr) return kInvalidValue;
+  Life* life = nullptr;
+  if (CUresult r = current(&life)) return r;
   unsigned long long base = 0;
   size_t size = 0;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = g_device_ranges.find(ptr);
-    if (it == g_device_ranges.end()) return kInvalidValue;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto& ranges = reg().device_ranges;
+    auto it = ranges.upper_bound(ptr);
+    if (it == ranges.begin() || ptr >= std::prev(it)->first + std::prev(it)->second) return kInvalidValue;
+    --it;
     base = it->first;
     size = it->second;
   }
   std::memset(h->reserved, 0, sizeof h->reserved);
-  long pid = ::getpid();
+  long long pid = ::getpid();
   std::memcpy(h->reserved, &pid, sizeof pid);
   std::memcpy(h->reserved + 8, &base, sizeof base);
   std::memcpy(h->reserved + 16, &size, sizeof size);
   return kOk;
 }
+
 CUresult cuIpcOpenMemHandle_v2(unsigned long long* ptr, IpcHandle h, unsigned) {
-  Context* c = nullptr;
-  if (CUresult r = current(&c)) return r;
-  long pid = 0;
-  unsigned long long base = 0;
-  std::memcpy(&pid, h.reserved, sizeof pid);
-  std::memcpy(&base, h.reserved + 8, sizeof base);
-  if (pid != ::getpid()) return kInvalidValue;  // other processes' memory is out of reach here
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (g_device_ranges.find(base) == g_device_ranges.end()) return kInvalidValue;
-  g_ipc_open[base]++;
-  *ptr = base;
-  return kOk;
+  return guarded([&] {
+    if (ptr == nullptr) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    long long pid = 0;
+    unsigned long long base = 0;
+    size_t size = 0;
+    std::memcpy(&pid, h.reserved, sizeof pid);
+    std::memcpy(&base, h.reserved + 8, sizeof base);
+    std::memcpy(&size, h.reserved + 16, sizeof size);
+    if (pid != ::getpid()) return kInvalidValue;  // another process's memory is out of reach here
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto it = reg().device_ranges.find(base);
+    if (it == reg().device_ranges.end() || it->second != size) return kInvalidValue;
+    reg().ipc_open[base]++;
+    *ptr = base;
+    return kOk;
+  });
 }
+
 CUresult cuIpcCloseMemHandle(unsigned long long ptr) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_ipc_open.find(ptr);
-  if (it == g_ipc_open.end()) {
-    misuse("cuIpcCloseMemHandle of a mapping never opened");
+  Life* life = nullptr;
+  if (CUresult r = current(&life)) return r;
+  std::lock_guard<std::mutex> lock(reg().mu);
+  auto it = reg().ipc_open.find(ptr);
+  if (it == reg().ipc_open.end()) {
+    misuse("cuIpcCloseMemHandle(0x%llx): no IPC mapping open there", ptr);
     return kInvalidValue;
   }
-  if (--it->second == 0) g_ipc_open.erase(it);
+  if (--it->second == 0) reg().ipc_open.erase(it);
   return kOk;
 }
+
 CUresult cuPointerGetAttribute(void* data, int attribute, unsigned long long ptr) {
-  if (attribute != 9) return kInvalidValue;  // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
-  if (cuMemGetAddressRange_v2(nullptr, nullptr, ptr) != kOk) return kInvalidValue;
-  *static_cast<int*>(data) = 0;
+  if (data == nullptr || attribute != kPointerAttributeDeviceOrdinal) return kInvalidValue;
+  {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto& ranges = reg().device_ranges;
+    auto it = ranges.upper_bound(ptr);
+    if (it == ranges.begin() || ptr >= std::prev(it)->first + std::prev(it)->second) return kInvalidValue;
+  }
+  *static_cast<int*>(data) = 0;  // declared ranges live on device 0
   return kOk;
 }
+
 CUresult cuDeviceGetPCIBusId(char* buf, int len, int dev) {
-  if (len < 13) return kInvalidValue;
+  if (buf == nullptr || len < 13) return kInvalidValue;
+  if (dev < 0 || dev >= device_count()) return kInvalidDevice;
   std::strcpy(buf, "0000:00:00.0");
-  buf[9] = static_cast<char>('0' + dev % 10);
+  buf[9] = static_cast<char>('0' + dev);
   return kOk;
 }
+
 CUresult cuDeviceGetByPCIBusId(int* dev, const char* id) {
-  if (id == nullptr || std::strlen(id) < 10) return kInvalidValue;
+  if (dev == nullptr || id == nullptr || std::strlen(id) < 12 || id[9] < '0' || id[9] > '9')
+    return kInvalidValue;
   int d = id[9] - '0';
-  if (d < 0 || d >= env_int("FAKE_CUDA_DEVICES", 1)) return kInvalidValue;
+  if (d >= device_count()) return kInvalidDevice;
   *dev = d;
   return kOk;
 }
@@ -546,22 +829,32 @@ CUresult cuDeviceGetByPCIBusId(int* dev, const char* id) {
 unsigned fake_last_event_flags() { return g_event_flags.load(); }
 long fake_copies_back() { return g_copies_back.load(); }
 long fake_misuse_count() { return g_misuse.load(); }
-long fake_pending_operations() { return g_pending.load(); }
+long fake_pending_operations() { return g_pending_ops.load(); }
 void* fake_current_context() { return t_current; }
+
 int fake_live_contexts() {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(reg().mu);
   int n = 0;
-  for (const auto& c : g_contexts) n += c.refs > 0;
+  for (const auto& c : reg().contexts) n += c.refs > 0;
   return n;
 }
-long fake_pinned_bytes() { return g_pinned_bytes.load(); }
-void fake_add_device_range(unsigned long long ptr, size_t size) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_device_ranges[ptr] = size;
+
+long fake_pinned_bytes() {
+  std::lock_guard<std::mutex> lock(reg().mu);
+  return reg().pinned_bytes;
 }
+
+void fake_add_device_range(unsigned long long ptr, size_t size) {
+  try {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    reg().device_ranges[ptr] = size;
+  } catch (...) {
+  }
+}
+
 void fake_remove_device_range(unsigned long long ptr) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_device_ranges.erase(ptr);
+  std::lock_guard<std::mutex> lock(reg().mu);
+  reg().device_ranges.erase(ptr);
 }
 
 }  // extern "C"
