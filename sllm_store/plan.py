@@ -146,14 +146,17 @@ def read_units(index: Index, chunk_size: Optional[int], verify: bool) -> list[Re
     return units
 
 
-def choose_io_mode(config: LoadConfig, files: list[str], compressed: bool = False) -> str:
+def choose_io_mode(config: LoadConfig, files: list[str], compressed: bool = False, *,
+                   may_map: bool = False) -> str:
     """The read mode for ``files``: ``config.io_mode``, where ``auto`` picks by page-cache
     residency.
 
     From a cold disk O_DIRECT reads are as fast as or faster than buffered ones, while from the
-    page cache buffered reads run at tens of GB/s and O_DIRECT goes back to the disk. So: buffered
-    when at least half of the files' pages are cached, O_DIRECT otherwise. Compressed checkpoints
-    are always read buffered: their variable-length stored chunks load faster that way.
+    page cache buffered reads run at tens of GB/s and O_DIRECT goes back to the disk. So: O_DIRECT
+    when under half of the files' pages are cached, else buffered, or ``mmap`` when ``may_map``
+    (every tensor goes to CPU memory): tensors that are views of the cached pages are usable
+    sooner than copies of them (docs/benchmarks.md). Compressed checkpoints are always read
+    buffered: their variable-length stored chunks load faster that way.
     """
     if config.io_mode != "auto":
         return config.io_mode
@@ -162,7 +165,15 @@ def choose_io_mode(config: LoadConfig, files: list[str], compressed: bool = Fals
     from sllm_store.utils import page_cache_fraction
 
     fraction = page_cache_fraction(files)
-    return "buffered" if fraction is None or fraction >= 0.5 else "direct"
+    if fraction is not None and fraction < 0.5:
+        return "direct"
+    return "mmap" if may_map else "buffered"
+
+
+def mappable(index: Index) -> bool:
+    """Whether every tensor can be a view of its data file (offset a multiple of its item size)."""
+    return all(t.alias_of is not None or t.offset % dtype_from_name(t.dtype).itemsize == 0
+               for t in index.tensors.values())
 
 
 def encodings(index: Index, units: list[ReadUnit]) -> list[Any]:

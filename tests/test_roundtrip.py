@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pathlib
 from collections import OrderedDict
 
@@ -39,10 +40,11 @@ def roundtrip(sd, path, *, save_kwargs=None, load_kwargs=None):
     return sllm_store.load_state_dict(path, **(load_kwargs or {}))
 
 
-def check_single_allocation(loaded: dict) -> None:
-    """Every non-empty returned tensor is a view into one host allocation."""
+def check_single_allocation(loaded: dict, most: int = 1) -> None:
+    """Every non-empty returned tensor is a view into one host allocation (or into one mapping per
+    data file, ``most`` of them, when the files were mapped)."""
     ptrs = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel() > 0}
-    assert len(ptrs) <= 1, f"{len(ptrs)} distinct storages"
+    assert len(ptrs) <= most, f"{len(ptrs)} distinct storages"
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def test_num_files(tmp_path, num_files, rng):
     path = tmp_path / "m"
     loaded = roundtrip(sd, path, save_kwargs={"num_files": num_files, "chunk_size": SMALL_CHUNK})
     assert_state_dict_identical(loaded, sd)
-    check_single_allocation(loaded)
+    check_single_allocation(loaded, most=num_files)  # page-cached after the save: the files mapped
     index = check_index_invariants(path)
     assert len(index["files"]) == num_files
     assert sorted(p.name for p in path.glob("data-*.bin")) == [f"data-{i:05d}.bin" for i in range(num_files)]
@@ -217,7 +219,7 @@ def test_io_modes_and_threads(saved_checkpoint, io_mode, num_threads):
     path, sd = saved_checkpoint
     loaded = sllm_store.load_state_dict(path, io_mode=io_mode, num_threads=num_threads)
     assert_state_dict_identical(loaded, sd)
-    check_single_allocation(loaded)
+    check_single_allocation(loaded, most=len(read_index_json(path)["files"]) if io_mode == "auto" else 1)
 
 
 @pytest.mark.parametrize("io_mode", ["buffered", "direct"])
@@ -387,9 +389,33 @@ def test_tied_tensors_three_names_and_views(tmp_path, rng):
     assert "alias_of" not in index["tensors"]["t"]
 
 
+def test_cpu_loads_map_cached_files_and_read_cold_ones(saved_checkpoint):
+    """Into CPU memory, a page-cached checkpoint loads as views of its files (usable sooner than a
+    copy); a cold one is read with O_DIRECT into one allocation; a partial load never maps."""
+    from sllm_store.loader import load_state_dict_with_report
+    from sllm_store.utils import evict_page_cache
+
+    path, sd = saved_checkpoint
+    sllm_store.load_state_dict(path, io_mode="buffered")  # cached now
+    loaded, report = load_state_dict_with_report(path)
+    assert report.stats["io_mode"] == "mmap"
+    assert_state_dict_identical(loaded, sd)
+    del loaded  # mapped pages stay cached while mapped
+    gc.collect()
+    for f in path.glob("data-*.bin"):
+        evict_page_cache(f)
+    loaded, report = load_state_dict_with_report(path)
+    assert report.stats["io_mode"] in ("direct", "buffered")  # buffered where O_DIRECT is refused
+    assert_state_dict_identical(loaded, sd)
+    check_single_allocation(loaded)
+    name = next(iter(sd))
+    loaded, report = load_state_dict_with_report(path, {name: "cpu"})
+    assert report.stats["io_mode"] != "mmap" and set(loaded) == {name}
+
+
 def test_returned_tensors_view_one_allocation(saved_checkpoint):
     path, _ = saved_checkpoint
-    loaded = sllm_store.load_state_dict(path)
+    loaded = sllm_store.load_state_dict(path, io_mode="buffered")
     check_single_allocation(loaded)
     nonempty = [t for t in loaded.values() if t.numel() > 0]
     assert len(nonempty) > 1

@@ -26,6 +26,7 @@ from sllm_store.plan import (
     destinations,
     encodings,
     map_files,
+    mappable,
     mapped_plan,
     read_units,
 )
@@ -42,7 +43,8 @@ class LocalCheckpoint(Checkpoint):
     def __init__(self, path: PathLike, index: Index, config: LoadConfig) -> None:
         super().__init__(path, index, config)
         self.files = [str(index.file_path(i)) for i in range(len(index.files))]
-        self.io_mode = choose_io_mode(config, self.files, compressed=index.compressed)
+        self.io_mode = config.io_mode  # decided by plan(), once the destinations are known
+        self.may_map = True  # whether ``auto`` may map the files (a cache entry may not: it can vanish)
 
     def check_devices(self, devices: set[torch.device]) -> None:
         if self.config.io_mode == "mmap" and {d.type for d in devices} - {"cpu"}:
@@ -50,6 +52,12 @@ class LocalCheckpoint(Checkpoint):
         super().check_devices(devices)
 
     def plan(self, assign: dict[str, torch.device]) -> Plan:
+        # Views of the files suit a whole checkpoint loaded into CPU memory.
+        may_map = (self.may_map and all(d.type == "cpu" for d in assign.values())
+                   and len(assign) == len(self.index.tensors)
+                   and mappable(self.index))
+        self.io_mode = choose_io_mode(self.config, self.files, compressed=self.index.compressed,
+                                      may_map=may_map)
         if self.io_mode == "mmap":
             return mapped_plan(self.index, assign, self.config)
         return super().plan(assign)

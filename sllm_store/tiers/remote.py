@@ -116,6 +116,7 @@ class CachedCheckpoint(Checkpoint):
                  started: float) -> None:
         super().__init__(url, local.index, local.config)
         self.local = local
+        local.may_map = False  # evicted before the fill, the download fills the same (owned) memory
         self.entry = Path(local.path)
         self._download = download
         self._staging = staging
