@@ -306,7 +306,8 @@ def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
     ld.add_argument("--num-threads", type=int, default=None,
                     help="reader threads (default: SLLM_STORE_NUM_THREADS, else the CPU count, 4..16)")
     ld.add_argument("--io-mode", choices=("auto", "buffered", "direct", "mmap"), default=None,
-                    help="read mode (default auto: O_DIRECT when not page-cached, else buffered)")
+                    help="read mode (default auto: O_DIRECT when not page-cached, else buffered, or mmap "
+                    "for a whole checkpoint into CPU memory)")
     ld.add_argument("--store", default=None, metavar="ADDRESS",
                     help="load through a store server (unix:///path or host:port; env SLLM_STORE_ADDRESS)")
     ld.add_argument("--max-gets", type=int, default=None, metavar="N",
