@@ -9,6 +9,7 @@ on worker threads into the plan's destinations, verifying checksums when asked. 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class LocalCheckpoint(Checkpoint):
         # Views of the files suit a whole checkpoint loaded into CPU memory.
         may_map = (self.may_map and all(d.type == "cpu" for d in assign.values())
                    and len(assign) == len(self.index.tensors)
-                   and mappable(self.index))
+                   and mappable(self.index) and _can_map(self.files))
         self.io_mode = choose_io_mode(self.config, self.files, compressed=self.index.compressed,
                                       may_map=may_map)
         if self.io_mode == "mmap":
@@ -76,6 +77,29 @@ class LocalCheckpoint(Checkpoint):
             buffers_per_thread=self.config.staging_buffers, encodings=encodings(self.index, plan.units),
         )
         return {**stats, "io_mode": self.io_mode, "threads": self.config.num_threads}
+
+
+def _can_map(files: list[str]) -> bool:
+    """Whether the file system lets these files be memory-mapped (some network and FUSE file
+    systems do not); nothing is read."""
+    import mmap
+
+    from sllm_store.index import open_regular
+
+    for f in files:
+        try:
+            fd = open_regular(Path(f))
+        except SllmStoreError:
+            return False  # the load itself reports it
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ).close()
+        except (OSError, ValueError):
+            return False
+        finally:
+            os.close(fd)
+    return True
 
 
 class LocalTier:
