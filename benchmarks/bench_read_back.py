@@ -41,7 +41,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import write_json  # noqa: E402
-from bench_remote import BUCKET, KEY, SECRET, start_weed  # noqa: E402
+from weed import BUCKET, KEY, SECRET, start_weed  # noqa: E402
 
 log = logging.getLogger("bench_read_back")
 VARIANTS = ("read_back", "whole_gets")

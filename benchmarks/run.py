@@ -11,6 +11,7 @@ Suites:
 * ``local``: local loads (CPU or GPU), cold, warm and in fresh processes, against swept disk
   limits, the host-to-GPU copy and peers (safetensors, runai-model-streamer, fastsafetensors).
 * ``compress``: zstd-compressed against plain cold loads, against the best raw read.
+* ``remote``: loads from an S3 server (SeaweedFS on loopback) against swept raw GETs and runai.
 * ``store``: loads through the store server by fresh processes against the pinned host-to-GPU copy.
 * ``verify``: what checksum verification costs on each load path (off against on).
 """
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.compress",
-          "verify": "suites.verify"}
+          "remote": "suites.remote", "verify": "suites.verify"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -113,6 +113,22 @@ def render_compress(data: Data) -> str:
     return "".join(lines)
 
 
+def render_remote(data: Data) -> str:
+    r = data["results"]
+    best = r["get_sweep"]["best"]
+    disk = r["cache_disk_sweep"]["best"]
+    cores = ("shared cores" if r["server_cores"] == "shared"
+             else f"server on {len(r['server_cores'])} cores of its own")
+    lines = [run_line(data), "\n",
+             f"SeaweedFS on loopback, {cores}; the load's {r['max_gets']} GETs in flight. Best raw GETs "
+             f"of the sweep: {best['gbps']:.2f} GB/s ({best['piece_mib']} MiB x {best['gets']} in flight, of "
+             f"{len(r['get_sweep']['points'])} points)"]
+    if disk:
+        lines.append(f"; best raw cold read of the cache entry: {disk['gbps']:.2f} GB/s")
+    lines += [f". {r['bytes'] / 1e9:.2f} GB of tensors.\n\n", _contenders(r)]
+    return "".join(lines)
+
+
 VERIFY_LABELS = {
     "cpu-cold": "CPU memory, cold (O_DIRECT)", "cpu-warm": "CPU memory, page-cached",
     "gpu-cold": "GPU, cold (O_DIRECT, staged)", "gpu-warm": "GPU, page-cached (staged)",
@@ -138,7 +154,7 @@ def render_verify(data: Data) -> str:
 
 RENDERERS: Dict[str, Callable[[Data], str]] = {
     "local-gpu": render_local, "local-cpu": render_local, "store": render_store,
-    "compress": render_compress, "verify": render_verify,
+    "compress": render_compress, "remote": render_remote, "verify": render_verify,
 }
 
 

