@@ -1,0 +1,99 @@
+"""vLLM's ``sllm`` load format: ``vllm serve MODEL --load-format sllm`` and
+``LLM(model=MODEL, load_format="sllm")``, with an unpatched vLLM.
+
+sllm-store declares :func:`register` as a ``vllm.general_plugins`` entry point, which vLLM runs in
+every process it starts (engine and workers), so installing both is enough. ``MODEL`` is what
+``load_state_dict`` takes: a converted checkpoint, a Hugging Face model directory of safetensors
+files (loaded through the same pipeline), an ``s3://`` URL (the remote tier and its cache), or,
+with ``SLLM_STORE_ADDRESS`` set or ``store`` given, a model of the store server.
+
+The checkpoint is loaded into host memory (page-cached files are mapped, not copied) and its
+tensors are handed to ``model.load_weights`` in file order, so the engine's own weight loaders do
+the tensor-parallel slicing, stacking and quantization; no second copy of the model is made on the
+device. ``--model-loader-extra-config`` takes the load's settings as JSON: ``num_threads``,
+``verify``, ``io_mode``, ``store``.
+
+Example::
+
+    vllm serve ./llama-8b.sllm --load-format sllm \\
+        --model-loader-extra-config '{"num_threads": 16, "verify": true}'
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig as VllmLoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from sllm_store._units import format_size
+from sllm_store.config import LoadConfig
+from sllm_store.errors import InvalidArgumentError, SllmStoreError
+
+# Under vLLM's logger, so that the line is in vLLM's log (from every worker).
+logger = init_logger("vllm.model_executor.model_loader.sllm")
+
+LOAD_FORMAT = "sllm"
+SETTINGS = ("num_threads", "verify", "io_mode", "store")
+
+
+def load_settings(extra: Any) -> LoadConfig:
+    """The load's settings from ``--model-loader-extra-config`` (unknown keys are an error)."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - set(SETTINGS))
+    if unknown:
+        raise InvalidArgumentError(f"--model-loader-extra-config for load format '{LOAD_FORMAT}' takes "
+                                   f"{', '.join(SETTINGS)}; got {', '.join(unknown)}")
+    return LoadConfig.resolve(**extra)
+
+
+class SllmModelLoader(BaseModelLoader):
+    """Loads a model's weights with sllm-store (see the module's docstring)."""
+
+    def __init__(self, load_config: VllmLoadConfig) -> None:
+        super().__init__(load_config)
+        self.settings = load_settings(load_config.model_loader_extra_config)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Checks that the checkpoint opens (a URL's index is fetched; its data comes with the
+        load)."""
+        from sllm_store.loader import with_checkpoint
+
+        with_checkpoint(model_config.model, self.settings, lambda checkpoint: None)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        from sllm_store.loader import load
+
+        t0 = time.perf_counter()
+        try:
+            tensors, report = load(model_config.model, "cpu", self.settings)
+        except SllmStoreError as e:
+            raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {model_config.model!r}: {e}") from e
+        t1 = time.perf_counter()
+        expected = {name for name, _ in model.named_parameters()}
+        loaded = model.load_weights(iter(tensors.items()))
+        del tensors
+        if loaded is not None and model_config.quantization is None:
+            missing = sorted(expected - set(loaded))
+            if missing:
+                raise SllmStoreError(
+                    f"{model_config.model!r} lacks weights for {len(missing)} parameters of "
+                    f"{type(model).__name__}, e.g. {', '.join(missing[:5])}: is it a checkpoint of this "
+                    "model?")
+        logger.info("sllm-store loaded %s (%s, %s tier) in %.2f s: read %.2f s at %.2f GB/s, "
+                    "handed to the model in %.2f s", model_config.model, format_size(report.bytes),
+                    report.stats["tier"], time.perf_counter() - t0, report.seconds, report.gb_per_s,
+                    time.perf_counter() - t1)
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: registers the ``sllm`` load format."""
+    register_model_loader(LOAD_FORMAT)(SllmModelLoader)
+
+
+__all__ = ["LOAD_FORMAT", "SllmModelLoader", "load_settings", "register"]
