@@ -83,6 +83,32 @@ def test_same_tokens_as_vllms_own_loader(models, tmp_path) -> None:
     assert _generate(tmp_path, models["hf"], "sllm")[0] == want
 
 
+def test_through_the_store_server(models, tmp_path) -> None:
+    """With a store address in the extra config the workers load through the server (the model is
+    named by its path inside the server's storage, where vLLM also reads its config)."""
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([sys.executable, "-m", "sllm_store", "serve", "--storage-path",
+                               str(models["converted"].parent), "--mem-pool-size", "64MiB", "--listen",
+                               f"unix://{sock}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from sllm_store.server.client import StoreClient
+
+        client = StoreClient(f"unix://{sock}")
+        for _ in range(300):
+            try:
+                client.health(timeout=1.0)
+                break
+            except sllm_store.SllmStoreError:
+                __import__("time").sleep(0.1)
+        want, _ = _generate(tmp_path, models["hf"], "safetensors")
+        line, out = _generate(tmp_path, models["converted"], "sllm", {"store": f"unix://{sock}"})
+        assert line == want
+        assert "store tier" in out, out[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def test_bad_input_is_a_clear_error(models, tmp_path) -> None:
     # The config says two layers; the weights are those of a one-layer model.
     mixed = tmp_path / "mixed.sllm"
