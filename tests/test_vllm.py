@@ -116,6 +116,16 @@ def test_bad_input_is_a_clear_error(models, tmp_path) -> None:
     (mixed / "config.json").write_text((models["hf"] / "config.json").read_text())
     line, out = _generate(tmp_path, mixed, "sllm")
     assert line.startswith("ERROR") and "lacks weights for" in out, out[-3000:]
+    # A truncated data file, and a store server that is not there.
+    cut = tmp_path / "cut.sllm"
+    shutil.copytree(models["converted"], cut)
+    data = next(cut.glob("data-*.bin"))
+    os.truncate(data, data.stat().st_size // 2)
+    line, out = _generate(tmp_path, cut, "sllm")
+    assert line.startswith("ERROR"), line
+    assert "TruncatedFileError" in out and "load format 'sllm'" in out, out[-3000:]
+    line, out = _generate(tmp_path, models["converted"], "sllm", {"store": f"unix://{tmp_path}/none.sock"})
+    assert line.startswith("ERROR") and "StoreUnavailableError" in out, out[-3000:]
     line, out = _generate(tmp_path, models["converted"], "sllm", {"threads": 4})
     assert line.startswith("ERROR"), line
     assert "takes num_threads, verify, io_mode, store; got threads" in out, out[-3000:]
