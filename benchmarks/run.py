@@ -13,6 +13,7 @@ Suites:
 * ``compress``: zstd-compressed against plain cold loads, against the best raw read.
 * ``remote``: loads from an S3 server (SeaweedFS on loopback) against swept raw GETs and runai.
 * ``store``: loads through the store server by fresh processes against the pinned host-to-GPU copy.
+* ``vllm``: vLLM engines started with each load format (``sllm`` and vLLM's own), cold and warm.
 * ``verify``: what checksum verification costs on each load path (off against on).
 """
 
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.compress",
-          "remote": "suites.remote", "verify": "suites.verify"}
+          "remote": "suites.remote", "verify": "suites.verify", "vllm": "suites.vllm"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

