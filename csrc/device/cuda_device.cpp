@@ -16,26 +16,8 @@ constexpr size_t kEventsPerWorker = 8;  // waits on older tokens wait on a later
 // instead of spinning on a core that the reads, GETs and checksums need.
 constexpr unsigned kEventFlags = cuda::CU_EVENT_DISABLE_TIMING | cuda::CU_EVENT_BLOCKING_SYNC;
 
-// A reference on a device's primary context, held by every page-locked buffer made under it, so
-// that the context (and with it the buffer) outlives the buffer's last user.
-class ContextRef {
- public:
-  ContextRef(const cuda::Driver* d, cuda::CUdevice dev) : d_(d), dev_(dev) {
-    cuda::check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
-  }
-  ~ContextRef() { d_->cuDevicePrimaryCtxRelease(dev_); }
-  ContextRef(const ContextRef&) = delete;
-  ContextRef& operator=(const ContextRef&) = delete;
-  cuda::CUcontext get() const { return ctx_; }
-
- private:
-  const cuda::Driver* d_;
-  cuda::CUdevice dev_;
-  cuda::CUcontext ctx_ = nullptr;
-};
-
 // Frees page-locked memory under its context; a failure can only be reported, not thrown.
-void free_pinned(const cuda::Driver* d, const ContextRef& ctx, void* p, bool registered) {
+void free_pinned(const cuda::Driver* d, const cuda::PrimaryContextRef& ctx, void* p, bool registered) {
   cuda::CUresult r = cuda::CUDA_SUCCESS;
   try {
     cuda::ScopedContext scope(d, ctx.get());
@@ -143,7 +125,7 @@ HostAllocator CudaDevice::staging_allocator() const {
   const cuda::Driver* drv = drv_;
   cuda::CUdevice dev = dev_;
   return [drv, dev](size_t size) {
-    auto ctx = std::make_shared<ContextRef>(drv, dev);
+    auto ctx = std::make_shared<cuda::PrimaryContextRef>(drv, dev);  // held by the buffer
     cuda::ScopedContext scope(drv, ctx->get());
     void* p = nullptr;
     cuda::check(drv->cuMemHostAlloc(&p, size, cuda::CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc");
@@ -155,7 +137,7 @@ HostAllocator CudaDevice::registered_allocator() const {
   const cuda::Driver* drv = drv_;
   cuda::CUdevice dev = dev_;
   return [drv, dev](size_t size) {
-    auto ctx = std::make_shared<ContextRef>(drv, dev);
+    auto ctx = std::make_shared<cuda::PrimaryContextRef>(drv, dev);  // held by the buffer
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       throw Error(ErrorKind::kOutOfMemory, "cannot map " + std::to_string(size) + " bytes of host memory");

@@ -128,6 +128,12 @@ void check(CUresult r, const char* what) {
               std::string(what) + " failed: " + (s ? s : ("CUDA error " + std::to_string(r))));
 }
 
+PrimaryContextRef::PrimaryContextRef(const Driver* d, CUdevice dev) : d_(d), dev_(dev) {
+  check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
+}
+
+PrimaryContextRef::~PrimaryContextRef() { d_->cuDevicePrimaryCtxRelease(dev_); }
+
 ScopedContext::ScopedContext(const Driver* d, CUcontext ctx) : d_(d) {
   if (d_->cuCtxGetCurrent(&previous_) != CUDA_SUCCESS) previous_ = nullptr;
   if (previous_ == ctx) return;

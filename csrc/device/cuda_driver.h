@@ -79,6 +79,22 @@ int device_count();
 // Throws sllm::Error(kDevice) naming `what` unless r is CUDA_SUCCESS.
 void check(CUresult r, const char* what);
 
+// A reference on a device's primary context, released when destroyed: what keeps the context (and
+// the page-locked memory made under it) alive.
+class PrimaryContextRef {
+ public:
+  PrimaryContextRef(const Driver* d, CUdevice dev);
+  ~PrimaryContextRef();
+  PrimaryContextRef(const PrimaryContextRef&) = delete;
+  PrimaryContextRef& operator=(const PrimaryContextRef&) = delete;
+  CUcontext get() const { return ctx_; }
+
+ private:
+  const Driver* d_;
+  CUdevice dev_;
+  CUcontext ctx_ = nullptr;
+};
+
 // Makes `ctx` the calling thread's current context for the scope and puts back the one that was
 // current before (another device's, or none), so that no entry point changes the context of a
 // caller's thread (PyTorch's work on "cuda" follows it). Throws sllm::Error(kDevice) if `ctx`

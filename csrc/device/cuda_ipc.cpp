@@ -1,7 +1,6 @@
 #include "device/cuda_ipc.h"
 
 #include <cstring>
-#include <optional>
 
 #include "common/errors.h"
 
@@ -19,28 +18,12 @@ const cuda::Driver* need_driver(const char* what) {
 // scope (the thread's previous context is put back after).
 class PrimaryContext {
  public:
-  PrimaryContext(const cuda::Driver* d, cuda::CUdevice dev) : d_(d), dev_(dev) {
-    cuda::check(d_->cuDevicePrimaryCtxRetain(&ctx_, dev_), "cuDevicePrimaryCtxRetain");
-    try {
-      scope_.emplace(d_, ctx_);
-    } catch (...) {
-      d_->cuDevicePrimaryCtxRelease(dev_);
-      throw;
-    }
-  }
-  ~PrimaryContext() {
-    scope_.reset();
-    d_->cuDevicePrimaryCtxRelease(dev_);
-  }
-  PrimaryContext(const PrimaryContext&) = delete;
-  PrimaryContext& operator=(const PrimaryContext&) = delete;
-  cuda::CUcontext get() const { return ctx_; }
+  PrimaryContext(const cuda::Driver* d, cuda::CUdevice dev) : ref_(d, dev), scope_(d, ref_.get()) {}
+  cuda::CUcontext get() const { return ref_.get(); }
 
  private:
-  const cuda::Driver* d_;
-  cuda::CUdevice dev_;
-  cuda::CUcontext ctx_ = nullptr;
-  std::optional<cuda::ScopedContext> scope_;
+  cuda::PrimaryContextRef ref_;  // declared first: released after the scope ends
+  cuda::ScopedContext scope_;
 };
 
 std::string bus_id(const cuda::Driver* d, cuda::CUdevice dev) {
