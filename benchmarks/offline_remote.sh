@@ -4,14 +4,17 @@
 #   bash benchmarks/offline_remote.sh prepare   # here, with internet: wheels into .whl/, weed and
 #                                               # boto3 (runai's S3 backend needs it) into .bin/
 #   bash benchmarks/offline_remote.sh run       # there (carry .whl and .bin): install, build, make
-#                                               # the 3B checkpoint, bench_remote, GPU tests
+#                                               # the checkpoints, GPU tests, suites, bench_remote
 #
 # `run` writes its logs and JSON under $OUT (default ./out). Environment: TESTS (the pytest paths
 # of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
 # no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
 # (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
 # SUITES (suites of benchmarks/run.py to run, e.g. "local store"; default: none; SUITE_ARGS: more
-# flags, e.g. "--rounds 5"; PRESET: their checkpoint's make_checkpoint preset, default 3B).
+# flags, e.g. "--rounds 5"; SUITE_TIMEOUT: seconds per suite, default 540; PRESET and CKPT_ARGS:
+# their checkpoint's make_checkpoint preset, default 3B, and more flags, e.g. "--num-layers 16"),
+# QUICK_SUITES (suites run first in CI's quick mode on the small preset, to check their code on
+# this machine). Logs are packed into $OUT/logs.tar.gz.
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
 # and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
 set -uo pipefail
@@ -23,7 +26,7 @@ prepare)
   plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
-    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3
+    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3 fastsafetensors
   tmp=$(mktemp -d)
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
@@ -44,6 +47,10 @@ run)
   export PYTHONUNBUFFERED=1
   t0=$(date +%s)
   stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }
+  want_ck=${SUITES:-}${PRESET:-}  # the suites' checkpoint is made when there are suites or a PRESET
+  PRESET=${PRESET:-3B} REPS=${REPS:-4}
+  mkdir -p "$OUT/logs"  # packed into $OUT/logs.tar.gz at the end (what comes back is a few files)
+  trap 'tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"' EXIT
   # Each step is skipped when a previous `run` on the same (still warm) machine did it.
   if [ ! -d /tmp/site/obstore ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -54,39 +61,53 @@ run)
   export PATH=/tmp/bin:$PATH  # the remote tests find `weed` on PATH (else they skip)
   native=$(find csrc setup.py pyproject.toml -type f | sort | xargs md5sum | md5sum)  # editable: Python needs no build
   if [ "$(cat /tmp/built 2>/dev/null)" != "$native" ]; then
-    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/logs/build.log" 2>&1 || { tail -30 "$OUT/logs/build.log"; exit 1; }
     echo "$native" > /tmp/built
   fi
   stamp built
-  [ -d /tmp/ck3 ] || python3 benchmarks/make_checkpoint.py --preset 3B --out /tmp/ck3 > "$OUT/ckpt.log" 2>&1 || exit 1
-  ck=/tmp/ck3
-  if [ "${PRESET:-3B}" != 3B ]; then  # the suites' checkpoint (bench_remote keeps the 3B one)
-    ck=/tmp/ck-$PRESET
-    [ -d "$ck" ] || python3 benchmarks/make_checkpoint.py --preset "$PRESET" --out "$ck" >> "$OUT/ckpt.log" 2>&1 || exit 1
+  ck=/tmp/ck-$PRESET${CKPT_ARGS:+-$(echo "$CKPT_ARGS" | md5sum | cut -c1-8)}
+  if [ -n "$want_ck" ] && [ ! -f "$ck.sllm/sllm_index.json" ]; then  # the suites' checkpoint, converted
+    # shellcheck disable=SC2086
+    python3 benchmarks/make_checkpoint.py --preset "$PRESET" ${CKPT_ARGS:-} --out "$ck" >> "$OUT/logs/ckpt.log" 2>&1 &&
+      python3 -c "import sys, sllm_store; sllm_store.convert(sys.argv[1], sys.argv[2], quiet=True)" "$ck" "$ck.sllm" \
+        >> "$OUT/logs/ckpt.log" 2>&1 || exit 1
+  fi
+  if [ "$REPS" != 0 ] && [ ! -d /tmp/ck3 ]; then  # bench_remote's checkpoint
+    python3 benchmarks/make_checkpoint.py --preset 3B --out /tmp/ck3 >> "$OUT/logs/ckpt.log" 2>&1 || exit 1
   fi
   stamp checkpoint
-  # GPU tests first (TESTS: pytest paths, default all of tests/; empty: none), then the benchmark
-  # (REPS=0: none).
   if [ -n "${TESTS-tests}" ]; then
     # shellcheck disable=SC2086
-    timeout 300 python3 -m pytest -q -m gpu ${TESTS-tests} -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+    timeout 300 python3 -m pytest -q -m gpu ${TESTS-tests} -p no:cacheprovider -rs 2>&1 | tee "$OUT/logs/gpu_tests.log" | tail -8
     stamp tests
   fi
   if [ -n "${COPY_BENCH:-}" ]; then  # the staging copy's micro-benchmark (COPY_BENCH: thread counts)
     g++ -O2 -std=c++17 -pthread -Icsrc -Icsrc/third_party -o /tmp/bench_copy_checksum \
       benchmarks/bench_copy_checksum.cpp csrc/format/checksum.cpp csrc/format/xxh3_avx2.cpp &&
-      /tmp/bench_copy_checksum "$COPY_BENCH" --json "$OUT/copy_checksum.json" | tee "$OUT/copy_checksum.log"
+      /tmp/bench_copy_checksum "$COPY_BENCH" --json "$OUT/copy_checksum.json" | tee "$OUT/logs/copy_checksum.log"
     stamp copy_bench
   fi
-  for suite in ${SUITES:-}; do  # suites of benchmarks/run.py
-    timeout 540 python3 benchmarks/run.py "$suite" --src "$ck" --device cuda:0 --out "$OUT" ${SUITE_ARGS:-} \
-      2>&1 | tee "$OUT/$suite.log" | grep -v "^20..-..-.. "
+  if [ -n "${QUICK_SUITES:-}" ]; then  # every suite's code path on this machine, in CI's quick mode
+    [ -d /tmp/ck-small ] || python3 benchmarks/make_checkpoint.py --preset small --out /tmp/ck-small >> "$OUT/logs/ckpt.log" 2>&1
+    for suite in $QUICK_SUITES; do
+      case $suite in local|compress|remote) quick=--quick ;; *) quick="--rounds 1" ;; esac
+      # shellcheck disable=SC2086
+      timeout 300 python3 benchmarks/run.py "$suite" --src /tmp/ck-small --device cuda:0 --out "$OUT/logs/quick" \
+        $quick > "$OUT/logs/quick-$suite.log" 2>&1
+      echo "quick $suite: exit $?"; grep -E "Error|error|Traceback" "$OUT/logs/quick-$suite.log" | head -5
+    done
+    stamp quick
+  fi
+  for suite in ${SUITES:-}; do  # suites of benchmarks/run.py, their JSON into $OUT
+    # shellcheck disable=SC2086
+    timeout "${SUITE_TIMEOUT:-540}" python3 benchmarks/run.py "$suite" --src "$ck" --device cuda:0 --out "$OUT" \
+      ${SUITE_ARGS:-} 2>&1 | tee "$OUT/logs/$suite.log" | grep -v "^20..-..-.. "
     stamp "$suite"
   done
-  if [ "${REPS:-4}" != 0 ]; then
+  if [ "$REPS" != 0 ]; then
     # shellcheck disable=SC2086
-    timeout 450 python3 benchmarks/bench_remote.py --src /tmp/ck3 --device cuda:0 --reps "${REPS:-4}" \
-      --weed /tmp/bin/weed --json "$OUT/remote.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^20..-..-.. "
+    timeout 450 python3 benchmarks/bench_remote.py --src /tmp/ck3 --device cuda:0 --reps "$REPS" \
+      --weed /tmp/bin/weed --json "$OUT/remote.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/logs/bench.log" | grep -v "^20..-..-.. "
     stamp bench
   fi
   ;;

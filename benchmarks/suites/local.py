@@ -97,7 +97,7 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Ca
 
         def load() -> Dict[str, Any]:
             with fastsafe_open(filenames=files, nogds=True, device=device) as f:
-                return {k: f.get_tensor(k).clone() for k in f.get_keys()}
+                return {k: f.get_tensor(k).clone() for k in f.keys()}
         return load
     raise ValueError(f"unknown contender {name!r}")
 
