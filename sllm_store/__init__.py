@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 # Public name -> module that defines it; imported lazily by __getattr__.
 _LAZY = {
     "load_state_dict": "sllm_store.loader",
+    "load_into": "sllm_store.loader",
     "verify": "sllm_store.loader",
     "LoadConfig": "sllm_store.config",
     "RemoteOptions": "sllm_store.config",
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.config import LoadConfig, RemoteOptions
     from sllm_store.converter import convert
     from sllm_store.index import Index, read_index
-    from sllm_store.loader import load_state_dict, verify
+    from sllm_store.loader import load_into, load_state_dict, verify
     from sllm_store.model import load_model, save_model
     from sllm_store.server.client import StoreClient as StoreClient
     from sllm_store.writer import save_state_dict
@@ -63,6 +64,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "__version__",
     "load_state_dict",
+    "load_into",
     "verify",
     "save_state_dict",
     "load_model",

@@ -45,6 +45,11 @@ class TruncatedFileError(FormatError):
     """A data file is shorter than the index says it is."""
 
 
+class CheckpointMismatchError(FormatError):
+    """A checkpoint does not fit what it is loaded into: tensors missing, extra, or of another
+    shape or dtype; or a checkpoint saved for another engine configuration."""
+
+
 class ChecksumError(SllmStoreError):
     """A chunk's checksum does not match the one recorded in the index."""
 
@@ -145,6 +150,7 @@ __all__ = [
     "UnsupportedVersionError",
     "MissingFileError",
     "TruncatedFileError",
+    "CheckpointMismatchError",
     "ChecksumError",
     "ReadError",
     "WriteError",

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 from sllm_store._units import SizeLike, format_size
 from sllm_store.config import LoadConfig, RemoteOptions
-from sllm_store.errors import ModelChangedError
-from sllm_store.index import PathLike, read_index
+from sllm_store.dtypes import dtype_from_name
+from sllm_store.errors import CheckpointMismatchError, ModelChangedError
+from sllm_store.index import Index, PathLike, read_index
 from sllm_store.plan import DeviceMap, LoadReport, assign_devices, make_report, views
 from sllm_store.tiers import Checkpoint, open_checkpoint
 
@@ -44,6 +46,71 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap,
     logger.info("loaded %s (%s, %s tier) in %.3f s, %.2f GB/s", checkpoint.path, format_size(report.bytes),
                 checkpoint.tier, report.seconds, report.gb_per_s)
     return tensors, report
+
+
+def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, strict: bool = True,
+                t0: Optional[float] = None) -> LoadReport:
+    """Copy the tensors of an opened checkpoint into ``targets`` (existing tensors, e.g. an
+    engine's parameters), each in place: no other memory is allocated for them. ``strict``: every
+    tensor of the checkpoint must have a target. Names, shapes and dtypes are checked before any
+    byte is read."""
+    t0 = time.perf_counter() if t0 is None else t0
+    index = checkpoint.index
+    check_targets(index, targets, strict)
+    into: dict[str, torch.Tensor] = {}  # stored tensor -> destination (an alias's, if only it is given)
+    for name, t in targets.items():
+        into.setdefault(index.resolve(name).name, t)
+    assign = {name: t.device for name, t in into.items()}
+    checkpoint.check_devices(set(assign.values()))
+    checkpoint.config = checkpoint.config.with_default_verify(
+        checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in index.files))
+    plan = checkpoint.plan(assign, own_slots=True)
+    stats = checkpoint.fill(plan, checkpoint.adopt(plan, into))
+    for name, t in targets.items():  # tied names given as tensors of their own
+        stored = into[index.resolve(name).name]
+        if t.data_ptr() != stored.data_ptr():
+            t.copy_(stored)
+    report = make_report(checkpoint.path, index, plan, t0, tier=checkpoint.tier, io_mode=stats.pop("io_mode"),
+                         threads=stats.pop("threads"), detail=stats)
+    logger.info("filled %d tensors from %s (%s, %s tier) in %.3f s, %.2f GB/s", len(targets), checkpoint.path,
+                format_size(report.bytes), checkpoint.tier, report.seconds, report.gb_per_s)
+    return report
+
+
+def check_targets(index: Index, targets: Mapping[str, torch.Tensor], strict: bool) -> None:
+    """CheckpointMismatchError naming every target the checkpoint lacks or has in another shape
+    or dtype, every target that is not contiguous, and (``strict``) every stored tensor without a
+    target."""
+    problems = []
+    missing = sorted(n for n in targets if n not in index.tensors)
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the checkpoint ({_some(missing)})")
+    if strict:
+        covered = {index.resolve(n).name for n in targets if n in index.tensors}
+        extra = sorted(t.name for t in index.tensors.values() if t.alias_of is None and t.name not in covered)
+        if extra:
+            problems.append(f"{len(extra)} tensors of the checkpoint with nowhere to go ({_some(extra)})")
+    shaped = []
+    for name, t in targets.items():
+        if name not in index.tensors:
+            continue
+        stored = index.resolve(name)
+        want = (tuple(stored.shape), dtype_from_name(stored.dtype))
+        if (tuple(t.shape), t.dtype) != want:
+            shaped.append(f"{name}: checkpoint {list(want[0])} {stored.dtype}, target {list(t.shape)} "
+                          f"{str(t.dtype).removeprefix('torch.')}")
+        elif not t.is_contiguous():
+            shaped.append(f"{name}: the target is not contiguous")
+    if shaped:
+        problems.append(f"{len(shaped)} tensors that do not match ({'; '.join(shaped[:5])}"
+                        f"{'; ...' if len(shaped) > 5 else ''})")
+    if problems:
+        raise CheckpointMismatchError(f"the checkpoint {index.path} does not fit the tensors to fill: "
+                                      + "; ".join(problems))
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def with_checkpoint(path: PathLike, config: LoadConfig, use: Callable[[Checkpoint], T]) -> T:
@@ -131,6 +198,30 @@ def load_state_dict(
     )
     tensors, _ = load(path, device, config)
     return tensors
+
+
+def load_into(path: PathLike, targets: Mapping[str, torch.Tensor], *, strict: bool = True,
+              **settings: Any) -> LoadReport:
+    """Fill existing tensors in place with a checkpoint's tensors of the same names (e.g. an
+    inference engine's parameters, on any devices): the bytes go straight into their memory, and
+    no other copy of the model is made. ``settings`` are :func:`load_state_dict`'s (threads,
+    verify, store, remote...). ``strict`` (default): every tensor of the checkpoint must have a
+    target. Returns the :class:`LoadReport`.
+
+    Example::
+
+        params = dict(model.named_parameters())
+        sllm_store.load_into("model.sllm", params)
+
+    Raises:
+        CheckpointMismatchError: a target missing from the checkpoint, of another shape or dtype,
+            not contiguous, or (``strict``) a checkpoint tensor without a target; raised before
+            any byte is read. Otherwise as :func:`load_state_dict`.
+    """
+    t0 = time.perf_counter()
+    config = LoadConfig.resolve(**settings)
+    return with_checkpoint(path, config,
+                           lambda checkpoint: fill_opened(checkpoint, targets, strict=strict, t0=t0))
 
 
 def load_state_dict_with_report(

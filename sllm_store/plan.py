@@ -207,6 +207,12 @@ class _Slots:
             self.sizes.append(0)
         return self.devices.index(dev)
 
+    def own(self, dev: torch.device, nbytes: int) -> int:
+        """A slot of its own (memory the caller provides)."""
+        self.devices.append(dev)
+        self.sizes.append(nbytes)
+        return len(self.devices) - 1
+
     def reserve(self, s: int, nbytes: int, align: int) -> int:
         off = (self.sizes[s] + align - 1) // align * align
         self.sizes[s] = off + nbytes
@@ -214,9 +220,11 @@ class _Slots:
 
 
 def make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadConfig,
-              whole_chunks: bool = False) -> Plan:
+              whole_chunks: bool = False, own_slots: bool = False) -> Plan:
     """The plan of loading the ``assign``ed tensors of ``index``. ``whole_chunks``: read units are
-    the checkpoint's chunks whatever ``config.chunk_size`` says (a download's unit)."""
+    the checkpoint's chunks whatever ``config.chunk_size`` says (a download's unit).
+    ``own_slots``: every stored tensor gets a destination slot of its own, at offset 0 (tensors
+    the caller already has, e.g. an engine's parameters: see :func:`tensor_buffers`)."""
     units = read_units(index, None if whole_chunks else config.chunk_size, config.verify)
     slots = _Slots()
     # Device of each stored tensor to load: its own assignment, else that of an alias of it.
@@ -234,7 +242,11 @@ def make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadConf
         # Map the file whole when one device takes all of it and every tensor sits at an offset
         # its dtype can be viewed at (always so in our format; not always in safetensors).
         aligned = all(t.offset % dtype_from_name(t.dtype).itemsize == 0 for t in tensors)
-        if len(devs) == 1 and None not in devs and aligned:
+        if own_slots:
+            by_file[f_i] = tensors = [t for t in tensors if t.name in target]
+            for t in tensors:
+                placement[t.name] = (slots.own(target[t.name], t.nbytes), 0)
+        elif len(devs) == 1 and None not in devs and aligned:
             s = slots.slot(devs.pop())
             base = slots.reserve(s, index.files[f_i].size, REGION_ALIGNMENT)
             file_region[f_i] = (s, base)
@@ -322,6 +334,19 @@ def allocate(dev: torch.device, size: int) -> Buffer:
         raise DeviceError(f"cannot allocate memory on {dev}: {e}") from None
     shift = (-buf.data_ptr()) % REGION_ALIGNMENT if pad else 0
     return buf, shift
+
+
+def slot_names(plan: Plan) -> list[str]:
+    """The stored tensor of each slot of a plan made with ``own_slots``."""
+    names = [""] * len(plan.devices)
+    for name, (s, _) in plan.placement.items():
+        names[s] = name
+    return names
+
+
+def tensor_buffers(plan: Plan, targets: Mapping[str, torch.Tensor]) -> list[Buffer]:
+    """The buffers of a plan made with ``own_slots``: the bytes of the caller's tensors."""
+    return [(targets[name].detach().reshape(-1).view(torch.uint8), 0) for name in slot_names(plan)]
 
 
 def destinations(plan: Plan, buffers: list[Buffer]) -> list[Destination]:

@@ -240,6 +240,21 @@ def test_upload_then_load_then_cache_hit(env, compress, monkeypatch) -> None:
     assert (entry / "config.json").read_text() == '{"model_type": "test"}'  # non-weight files too
 
 
+def test_load_into_while_downloading_and_from_the_cache(env) -> None:
+    from sllm_store.remote import upload, wait_for_cache
+
+    local, sd = _model(env, "into")
+    url = f"s3://{BUCKET}/into/m.sllm"
+    upload(local, url, quiet=True)
+    for tier in ("remote", "local"):  # the download, then the cache entry
+        targets = {n: torch.empty_like(t) for n, t in sd.items()}
+        report = sllm_store.load_into(url, targets)
+        assert report.stats["tier"] == tier
+        for n, t in sd.items():
+            assert torch.equal(targets[n].view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), n
+        wait_for_cache(timeout=60)
+
+
 def test_missing_object_and_bad_credentials(env, monkeypatch) -> None:
     with pytest.raises(RemoteNotFoundError, match="sllm_index.json"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/no/such/model")

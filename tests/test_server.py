@@ -541,6 +541,24 @@ def test_round_trip_bit_identical_tied_and_hit(store, shared_server):
     assert s.bytes_served - s0.bytes_served == 2 * store.file_bytes("mixed")
 
 
+def test_load_into_existing_tensors(store, shared_server):
+    """``load_into`` through the server: host tensors are filled in place (through shared
+    memory), tied names included."""
+    srv = shared_server
+    reset(srv)
+    sd, _ = load("mixed", srv)
+    targets = {n: torch.empty_like(t) for n, t in sd.items()}
+    ptrs = {n: t.data_ptr() for n, t in targets.items()}
+    report = sllm_store.load_into("mixed", targets, store=srv.address)
+    assert report.stats["tier"] == "store" and report.stats["hit"] is True
+    for n, t in sd.items():
+        assert_tensor_identical(targets[n], t, n)
+        assert targets[n].data_ptr() == ptrs[n]
+    with pytest.raises(sllm_store.CheckpointMismatchError, match="nowhere to go"):
+        sllm_store.load_into("mixed", {"big.f32": targets["big.f32"]}, store=srv.address)
+    assert_consistent(srv)
+
+
 def test_partial_load_by_device_map(store, shared_server):
     srv = shared_server
     reset(srv)

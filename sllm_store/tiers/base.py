@@ -31,7 +31,7 @@ import torch
 
 from sllm_store.config import LoadConfig
 from sllm_store.index import Index, PathLike
-from sllm_store.plan import Buffer, Plan, allocate, device_spec, make_plan
+from sllm_store.plan import Buffer, Plan, allocate, device_spec, make_plan, tensor_buffers
 
 
 class Checkpoint:
@@ -62,13 +62,19 @@ class Checkpoint:
         for dev in devices:
             _C.check_device(device_spec(dev))
 
-    def plan(self, assign: dict[str, torch.device]) -> Plan:
-        """The plan of loading the ``assign``ed tensors."""
-        return make_plan(self.index, assign, self.config)
+    def plan(self, assign: dict[str, torch.device], own_slots: bool = False) -> Plan:
+        """The plan of loading the ``assign``ed tensors (``own_slots``: into tensors the caller
+        has, one destination slot each; see :func:`sllm_store.plan.make_plan`)."""
+        return make_plan(self.index, assign, self.config, own_slots=own_slots)
 
     def allocate(self, plan: Plan) -> list[Buffer]:
         """One allocation per destination slot of ``plan``."""
         return [allocate(dev, size) for dev, size in zip(plan.devices, plan.sizes)]
+
+    def adopt(self, plan: Plan, targets: dict[str, torch.Tensor]) -> list[Buffer]:
+        """The buffers of an ``own_slots`` plan: the caller's tensors themselves (a tier whose
+        filler cannot write into this process's memory directly overrides this)."""
+        return tensor_buffers(plan, targets)
 
     def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
         """Put the plan's bytes into ``buffers``. Returns the load's figures: at least ``io_mode``

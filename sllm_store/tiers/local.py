@@ -52,16 +52,19 @@ class LocalCheckpoint(Checkpoint):
             raise InvalidArgumentError("io_mode='mmap' loads into host memory only (device='cpu')")
         super().check_devices(devices)
 
-    def plan(self, assign: dict[str, torch.device]) -> Plan:
+    def plan(self, assign: dict[str, torch.device], own_slots: bool = False) -> Plan:
+        if own_slots and self.config.io_mode == "mmap":
+            raise InvalidArgumentError("io_mode='mmap' makes tensors of the files; it cannot fill tensors "
+                                       "that exist already")
         # Views of the files suit a whole checkpoint loaded into CPU memory.
-        may_map = (self.may_map and all(d.type == "cpu" for d in assign.values())
+        may_map = (self.may_map and not own_slots and all(d.type == "cpu" for d in assign.values())
                    and len(assign) == len(self.index.tensors)
                    and mappable(self.index) and _can_map(self.files))
         self.io_mode = choose_io_mode(self.config, self.files, compressed=self.index.compressed,
                                       may_map=may_map)
         if self.io_mode == "mmap":
             return mapped_plan(self.index, assign, self.config)
-        return super().plan(assign)
+        return super().plan(assign, own_slots)
 
     def allocate(self, plan: Plan) -> list[Buffer]:
         if self.io_mode == "mmap":

@@ -129,8 +129,8 @@ class CachedCheckpoint(Checkpoint):
     def check_devices(self, devices: set[torch.device]) -> None:
         self.local.check_devices(devices)
 
-    def plan(self, assign: dict[str, torch.device]) -> Plan:
-        return self.local.plan(assign)
+    def plan(self, assign: dict[str, torch.device], own_slots: bool = False) -> Plan:
+        return self.local.plan(assign, own_slots)
 
     def allocate(self, plan: Plan) -> list[Buffer]:
         return self.local.allocate(plan)
@@ -186,8 +186,9 @@ class DownloadingCheckpoint(Checkpoint):
             self._model_dir = d
         return self._model_dir
 
-    def plan(self, assign: dict[str, torch.device]) -> Plan:
-        return make_plan(self.index, assign, self.config, whole_chunks=True)  # chunks: the download's unit
+    def plan(self, assign: dict[str, torch.device], own_slots: bool = False) -> Plan:
+        # Chunks: the download's unit.
+        return make_plan(self.index, assign, self.config, whole_chunks=True, own_slots=own_slots)
 
     def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
         return load_while_downloading(self._download, plan, buffers, self._staging, self._started)

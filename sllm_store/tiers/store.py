@@ -23,7 +23,7 @@ import torch
 from sllm_store.config import LoadConfig
 from sllm_store.errors import InvalidArgumentError, StoreUnavailableError
 from sllm_store.index import Index, PathLike
-from sllm_store.plan import Buffer, Plan, allocate, merged_copies
+from sllm_store.plan import Buffer, Plan, allocate, merged_copies, tensor_buffers
 from sllm_store.tiers.base import Checkpoint
 
 
@@ -39,6 +39,8 @@ class StoreCheckpoint(Checkpoint):
         self._timings = {"describe_seconds": time.perf_counter() - t0}
         self._shms: list[Any] = []
         self._dests: list[Any] = []
+        self._slot_dest: list[tuple[int, int]] = []  # own slots: slot -> (destination, offset)
+        self._copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []  # (shared memory, host tensor)
         self._dir: Optional[Path] = None
 
     def model_dir(self) -> Path:
@@ -90,12 +92,46 @@ class StoreCheckpoint(Checkpoint):
         self._timings["allocate_seconds"] = time.perf_counter() - t0
         return buffers
 
+    def adopt(self, plan: Plan, targets: dict[str, torch.Tensor]) -> list[Buffer]:
+        """The caller's tensors as destinations: GPU tensors exported where they lie (one
+        destination per GPU allocation holding some of them), host tensors through shared memory
+        that :meth:`fill` copies into them."""
+        from sllm_store.native import _C
+        from sllm_store.server import store_pb2 as pb
+        from sllm_store.server.client import SharedMemory
+
+        buffers = tensor_buffers(plan, targets)
+        self._dests, self._slot_dest, self._copy_back = [], [], []
+        exported: dict[tuple[bytes, str], int] = {}
+        for (buf, _), size in zip(buffers, plan.sizes):
+            if size == 0:
+                self._dests.append(pb.Destination(size=0))
+                self._slot_dest.append((len(self._dests) - 1, 0))
+            elif buf.is_cuda:
+                handle, offset, alloc_size, bus_id = _C.cuda_ipc_export(buf.data_ptr())
+                if (handle, bus_id) not in exported:
+                    exported[handle, bus_id] = len(self._dests)
+                    self._dests.append(pb.Destination(
+                        cuda=pb.CudaIpcMemory(handle=handle, offset=0, pci_bus_id=bus_id), size=alloc_size))
+                self._slot_dest.append((exported[handle, bus_id], offset))
+            else:
+                shm = SharedMemory(size)
+                self._shms.append(shm)
+                self._closers.callback(shm.unlink)
+                self._dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
+                self._slot_dest.append((len(self._dests) - 1, 0))
+                self._copy_back.append((shm.tensor[:size], buf))
+        for dev in {d for d in plan.devices if d.type == "cuda"}:
+            torch.cuda.synchronize(dev)  # the parameters are written before the server writes them
+        return buffers
+
     def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
         """One Load: the server copies the plan's bytes into the destinations."""
         from sllm_store.server import store_pb2 as pb
         from sllm_store.server.client import abandon_gpu_buffers
 
-        copies = [pb.Copy(file=f, offset=o, dest=d, dest_offset=do, length=n)
+        where = self._slot_dest or [(d, 0) for d in range(len(plan.devices))]
+        copies = [pb.Copy(file=f, offset=o, dest=where[d][0], dest_offset=where[d][1] + do, length=n)
                   for f, o, d, do, n in merged_copies(plan)]
         request = pb.LoadRequest(model=self.name, fingerprint=self.reply.fingerprint, dests=self._dests,
                                  copies=copies, verify=self.config.verify)
@@ -109,6 +145,8 @@ class StoreCheckpoint(Checkpoint):
         finally:
             for shm in self._shms:  # mapped by the server by now, or never to be
                 shm.unlink()
+        for shared, target in self._copy_back:
+            target.copy_(shared)
         return {**self._timings, "io_mode": "store", "threads": None, "store": self.client.target,
                 "hit": result.hit, "streamed": result.streamed, "server_seconds": result.seconds,
                 "copy_seconds": result.copy_seconds, "bytes_copied": result.bytes,
