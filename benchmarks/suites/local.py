@@ -23,6 +23,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -125,9 +126,11 @@ def model_loader(name: str, src: Path, ck: Path, device: str) -> Callable[[], Di
 # --- fresh processes ----------------------------------------------------------------------------
 
 def child_main(argv: List[str]) -> int:
-    """``local.py --child NAME SRC CK DEVICE THREADS``: one load in this fresh process; prints JSON."""
+    """``local.py --child NAME SRC CK DEVICE THREADS DIGESTS``: one load in this fresh process,
+    its output checked against the reference digests afterwards; prints JSON."""
     t0 = time.perf_counter()
     name, src, ck, device, threads = argv[0], Path(argv[1]), Path(argv[2]), argv[3], int(argv[4])
+    reference = {k: int(v) for k, v in json.loads(Path(argv[5]).read_text()).items()}
     import torch
 
     t1 = time.perf_counter()
@@ -137,25 +140,31 @@ def child_main(argv: List[str]) -> int:
     t2 = time.perf_counter()
     load = make_loader(name, src, ck, device, threads)
     t3 = time.perf_counter()
-    out = load()
+    out = usable(load, device)()  # on the CPU: the load and one pass over every byte
     if device != "cpu":
         torch.cuda.synchronize(device)
-    digests = tensor_digests(out) if device == "cpu" else None
     t4 = time.perf_counter()
+    if device == "cpu":  # the digests made in the timed pass
+        got = {k: v for k, v in out.items() if k in reference}
+        problem = None if got == reference else "tensor bytes differ"
+    else:
+        problem = checker(reference, subset=name in MODELS)(out)
     print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t4 - t3, "setup_s": t3 - t2,
-                      "since_start_s": t4 - t0, "digests_ok": digests is not None}))
+                      "since_start_s": t4 - t0, "problem": problem}))
     return 0
 
 
-def fresh_load(name: str, args: argparse.Namespace, ck: Path, threads: int) -> Dict[str, Any]:
+def fresh_load(name: str, args: argparse.Namespace, ck: Path, threads: int, digests: Path) -> Dict[str, Any]:
     t0 = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, str(args.src), str(ck),
-           args.device, str(threads)]
+           args.device, str(threads), str(digests)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"fresh {name} failed: {r.stderr[-1500:]}")
     rec = json.loads(r.stdout.strip().splitlines()[-1])
+    if rec["problem"]:
+        raise RuntimeError(f"fresh {name}: wrong output: {rec['problem']}")
     rec["process_s"] = wall
     return rec
 
@@ -178,8 +187,11 @@ def measure_limits(run: Run, args: argparse.Namespace, files: List[Path]) -> Non
 
 
 def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path, files: List[Path],
-                 threads: int) -> Dict[str, Any]:
-    """Each contender's first load in a fresh process, cold, ``rounds`` times (interleaved)."""
+                 threads: int, reference: Dict[str, int]) -> Dict[str, Any]:
+    """Each contender's first load in a fresh process, cold, ``rounds`` times (interleaved), its
+    output checked against ``reference``."""
+    digests = Path(tempfile.mkdtemp(prefix="bench-digests-")) / "digests.json"
+    digests.write_text(json.dumps(reference))
     runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
     errors: Dict[str, str] = {}
     for _ in range(run.rounds):
@@ -188,7 +200,7 @@ def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path,
                 continue
             run.evictor.evict(files)
             try:
-                runs[name].append(fresh_load(name, args, ck, threads))
+                runs[name].append(fresh_load(name, args, ck, threads, digests))
             except RuntimeError as e:
                 errors[name] = str(e)[-500:]
     nbytes = run.results["bytes"]
@@ -248,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
                 rounds.add(f"{name}-{state}", fn, nbytes, before=before,
                            check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
-    fresh = fresh_rounds(run, args, list(loaders), ck, files, threads) if "fresh" in modes else {}
+    fresh = fresh_rounds(run, args, list(loaders), ck, files, threads, reference) if "fresh" in modes else {}
     run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
     run.results["ratios"] = ratios(run.results, gpu)
     run.write()
