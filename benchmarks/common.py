@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -149,7 +150,9 @@ def versions() -> Dict[str, Any]:
 def output_name(suite: str, machine_info: Mapping[str, Any]) -> str:
     """``<date>-<gpu or cpu>-<suite>.json``."""
     gpus = machine_info.get("gpus") or []
-    kind = gpus[0].split(",")[0].split()[-1].lower() if gpus else "cpu"
+    name = gpus[0].split(",")[0] if gpus else "cpu"
+    model = re.search(r"\b[A-Z]{1,2}\d{2,4}[A-Z]?\b", name)  # "NVIDIA H100 80GB HBM3" -> h100
+    kind = (model.group(0) if model else name.split()[-1]).lower()
     return f"{datetime.date.today().isoformat()}-{kind}-{suite}.json"
 
 

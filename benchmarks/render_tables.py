@@ -356,8 +356,8 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 # --- sections -----------------------------------------------------------------------------------
 
 # The JSON each section renders: per section the newest run of the current default path.
-GPU = "2026-11-23-h100-gpu-8b.json"  # every peer
-GPU_REPEAT = "2026-11-23-h100-gpu-8b-repeat.json"  # two cold runs each
+LOCAL_GPU = "2026-12-05-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU
+GPU = "2026-11-23-h100-gpu-8b.json"  # the machine table's source
 CPU = "2026-11-23-h100-cpu-8b.json"
 STORE = "2026-11-23-h100-store-8b.json"
 COMPRESS = "2026-11-23-h100-compress-3b.json"
@@ -379,7 +379,7 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 
 def _machine(root: Path) -> str:
-    others = [(n, load_json(root, n)) for n in (GPU_REPEAT, CPU, STORE, COMPRESS, DECODE)]
+    others = [(n, load_json(root, n)) for n in (CPU, STORE, COMPRESS, DECODE)]
     return render_machine(GPU, load_json(root, GPU), others)
 
 
@@ -389,8 +389,7 @@ def _summary(root: Path) -> str:
 
 SECTIONS: Dict[str, Callable[[Path], str]] = {
     "machine": _machine,
-    "gpu": functools.partial(_one, render_load, GPU),
-    "gpu-repeat": functools.partial(_one, render_load, GPU_REPEAT),
+    "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "cpu": functools.partial(_one, render_load, CPU),
     "store": functools.partial(_one, render_store, STORE),
     "compress": functools.partial(_one, render_compress, COMPRESS),
