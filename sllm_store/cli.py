@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld = _add_checkpoint_commands(sub)
     _add_remote_commands(sub, ld)
     _add_server_commands(sub)
+    _add_vllm_command(sub)
     for command in sub.choices.values():  # -v after the command too (sllm-store load -v ...)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log progress (INFO level)")
@@ -380,6 +381,35 @@ def _add_server_commands(sub: Any) -> None:
             sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                             help="check every chunk's checksum while caching (default: on)")
         sp.set_defaults(func=fn)
+
+
+def _cmd_save_vllm(args: argparse.Namespace) -> int:
+    from sllm_store.vllm import save
+
+    engine = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    out = save(args.model, args.out, overwrite=args.overwrite, tensor_parallel_size=args.tensor_parallel_size,
+               pipeline_parallel_size=args.pipeline_parallel_size, dtype=args.dtype, enforce_eager=True,
+               skip_tokenizer_init=True, **engine)
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    print(f"saved {args.model} for {ranks} ranks -> {out}")
+    return 0
+
+
+def _add_vllm_command(sub: Any) -> None:
+    sv = sub.add_parser("save-vllm", help="save a model as vLLM holds it, a checkpoint per rank (needs vLLM)",
+                        description="Start a vLLM engine on MODEL with the given parallel sizes and dtype, "
+                        "and save its parameters as an engine-ready checkpoint: one converted checkpoint "
+                        "per rank, loaded straight into the parameters by `vllm serve OUT --load-format "
+                        "sllm` with the same settings.")
+    sv.add_argument("model", help="a converted checkpoint or a safetensors model directory")
+    sv.add_argument("out", help="the engine-ready directory to write")
+    sv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    sv.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    sv.add_argument("--dtype", default="auto", help="the engine's dtype (default: the model's)")
+    sv.add_argument("--max-model-len", type=int, default=None,
+                    help="the engine's context length (smaller: less memory while saving)")
+    sv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    sv.set_defaults(func=_cmd_save_vllm)
 
 
 def _terminated(signum: int, frame: Any) -> None:

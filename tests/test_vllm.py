@@ -109,6 +109,31 @@ def test_through_the_store_server(models, tmp_path) -> None:
         server.wait(timeout=60)
 
 
+def test_engine_ready_checkpoint(models, tmp_path) -> None:
+    """``sllm-store save-vllm`` saves the engine's parameters, one converted checkpoint per rank;
+    ``--load-format sllm`` copies them straight into the parameters (same tokens); a checkpoint
+    saved for other parallel sizes is refused with the reason."""
+    out = tmp_path / "ready"
+    r = subprocess.run([sys.executable, "-m", "sllm_store", "save-vllm", str(models["hf"]), str(out),
+                        "--dtype", "float32", "--max-model-len", "128"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    manifest = json.loads((out / "sllm_vllm.json").read_text())
+    assert manifest["engine"]["tensor_parallel_size"] == 1 and manifest["engine"]["dtype"] == "float32"
+    assert (out / "config.json").is_file() and (out / "rank-0" / "sllm_index.json").is_file()
+    assert not list(tmp_path.glob(".ready.partial-*")) and not list(out.glob("*.safetensors"))
+    want, _ = _generate(tmp_path, models["hf"], "safetensors")
+    line, log = _generate(tmp_path, out, "sllm")
+    assert line == want
+    assert "engine-ready rank 0 of 1" in log and "straight into the parameters" in log, log[-3000:]
+    manifest["engine"]["tensor_parallel_size"] = 2
+    (out / "sllm_vllm.json").write_text(json.dumps(manifest))
+    line, log = _generate(tmp_path, out, "sllm")
+    assert line.startswith("ERROR") and "CheckpointMismatchError" in log, log[-3000:]
+    assert "tensor_parallel_size: saved with 2, the engine runs with 1" in log, log[-3000:]
+
+
 def test_bad_input_is_a_clear_error(models, tmp_path) -> None:
     # The config says two layers; the weights are those of a one-layer model.
     mixed = tmp_path / "mixed.sllm"

@@ -34,6 +34,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
 from sllm_store.errors import InvalidArgumentError, SllmStoreError
+from sllm_store.vllm import SAVE_SETTING
 
 # Under vLLM's logger, so that the line is in vLLM's log (from every worker).
 logger = init_logger("vllm.model_executor.model_loader.sllm")
@@ -45,6 +46,7 @@ SETTINGS = ("num_threads", "verify", "io_mode", "store")
 def load_settings(extra: Any) -> LoadConfig:
     """The load's settings from ``--model-loader-extra-config`` (unknown keys are an error)."""
     extra = dict(extra or {})
+    extra.pop(SAVE_SETTING, None)
     unknown = sorted(set(extra) - set(SETTINGS))
     if unknown:
         raise InvalidArgumentError(f"--model-loader-extra-config for load format '{LOAD_FORMAT}' takes "
@@ -58,6 +60,8 @@ class SllmModelLoader(BaseModelLoader):
     def __init__(self, load_config: VllmLoadConfig) -> None:
         super().__init__(load_config)
         self.settings = load_settings(load_config.model_loader_extra_config)
+        # Set by sllm_store.vllm.save: each worker saves its rank's parameters after loading them.
+        self.save_to = (load_config.model_loader_extra_config or {}).get(SAVE_SETTING)
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Checks that the checkpoint opens (a URL's index is fetched; its data comes with the
@@ -68,7 +72,12 @@ class SllmModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         from sllm_store.loader import load
+        from sllm_store.vllm import read_manifest
 
+        manifest = read_manifest(model_config.model)
+        if manifest is not None:
+            self._load_engine_ready(model, model_config, manifest)
+            return
         t0 = time.perf_counter()
         try:
             tensors, report = load(model_config.model, "cpu", self.settings)
@@ -89,6 +98,51 @@ class SllmModelLoader(BaseModelLoader):
                     "handed to the model in %.2f s", model_config.model, format_size(report.bytes),
                     report.stats["tier"], time.perf_counter() - t0, report.seconds, report.gb_per_s,
                     time.perf_counter() - t1)
+        if self.save_to:
+            self._save_rank(model)
+
+    def _save_rank(self, model: nn.Module) -> None:
+        from sllm_store.vllm import save_rank
+
+        t0 = time.perf_counter()
+        rank = _rank()[0]
+        path = save_rank(model, self.save_to, rank)
+        logger.info("sllm-store saved the parameters of rank %d to %s in %.2f s", rank, path,
+                    time.perf_counter() - t0)
+
+
+    def _load_engine_ready(self, model: nn.Module, model_config: ModelConfig, manifest: dict) -> None:
+        """This rank's converted checkpoint, copied straight into the parameters' memory."""
+        from sllm_store.loader import fill_opened, with_checkpoint
+        from sllm_store.vllm import check_manifest, engine_parameters, engine_signature, rank_path
+
+        rank, tp, pp = _rank()
+        check_manifest(manifest, engine_signature(model_config, tp, pp), repr(model_config.model))
+        path = rank_path(model_config.model, rank)
+        targets = engine_parameters(model)
+        t0 = time.perf_counter()
+        try:
+            report = with_checkpoint(path, self.settings,
+                                     lambda checkpoint: fill_opened(checkpoint, targets, t0=t0))
+        except SllmStoreError as e:
+            raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {path!r}: {e}") from e
+        logger.info("sllm-store loaded %s (engine-ready rank %d of %d, %s, %s tier) in %.2f s, %.2f GB/s, "
+                    "straight into the parameters", model_config.model, rank, tp * pp,
+                    format_size(report.bytes), report.stats["tier"], report.seconds, report.gb_per_s)
+
+
+def _rank() -> tuple[int, int, int]:
+    """(this worker's rank, tensor-parallel size, pipeline-parallel size); rank =
+    pp_rank * tp_size + tp_rank."""
+    from vllm.distributed import (
+        get_pipeline_model_parallel_rank,
+        get_pp_group,
+        get_tensor_model_parallel_rank,
+        get_tp_group,
+    )
+
+    tp, pp = get_tp_group().world_size, get_pp_group().world_size
+    return get_pipeline_model_parallel_rank() * tp + get_tensor_model_parallel_rank(), tp, pp
 
 
 def register() -> None:
