@@ -152,9 +152,37 @@ def render_verify(data: Data) -> str:
                           "extra time, best (median)"], rows)
 
 
+VLLM_LABELS = {"sllm": "`sllm`, converted checkpoint", "sllm-hf": "`sllm`, Hugging Face directory",
+               "sllm-ready": "`sllm`, engine-ready checkpoint", "sharded_state": "`sharded_state`",
+               "safetensors": "`safetensors`", "runai_streamer": "`runai_streamer`",
+               "fastsafetensors": "`fastsafetensors`"}
+
+
+def render_vllm(data: Data) -> str:
+    """Engine ready time and logged weight-loading time per load format, cold and warm."""
+    r = data["results"]
+    rows = []
+    for key, c in r["contenders"].items():
+        fmt, _, mode = key.rpartition("-")
+        label = VLLM_LABELS.get(fmt, f"`{fmt}`")
+        if "error" in c:
+            rows.append([label, mode, "error: " + c["error"].strip().splitlines()[-1][:80], "–"])
+            continue
+        logged = sorted(w for w in r["weights_s"].get(key, []) if w is not None)
+        weights = _pair(logged[0], logged[len(logged) // 2], "{:.3f}") if logged else "not logged"
+        rows.append([label, mode, _pair(c["best_s"], c["median_s"]), weights])
+    saves = "; ".join(f"{VLLM_LABELS.get(k, k)} saved once in {v['seconds']:.1f} s"
+                      for k, v in r["saves"].items())
+    head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint; each engine a fresh process, its 8 "
+            f"greedy tokens equal to `safetensors`' in every round. {saves + '.' if saves else ''}\n\n")
+    return head + _table(["load format", "page cache", "LLM(...) to ready, s",
+                          "weights loaded (vLLM's log), s"], rows)
+
+
 RENDERERS: Dict[str, Callable[[Data], str]] = {
     "local-gpu": render_local, "local-cpu": render_local, "store": render_store,
     "compress": render_compress, "remote": render_remote, "verify": render_verify,
+    "vllm": render_vllm,
 }
 
 

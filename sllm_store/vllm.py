@@ -46,6 +46,7 @@ from sllm_store.errors import (
     MissingDependencyError,
 )
 from sllm_store.index import PathLike
+from sllm_store.integrations.engine import SAVE_SETTING
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ MANIFEST = "sllm_vllm.json"
 FORMAT = "sllm-store vllm engine-ready 1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".sllm")
 SIGNATURE = ("tensor_parallel_size", "pipeline_parallel_size", "dtype", "quantization", "architectures")
-SAVE_SETTING = "save_engine_ready"  # the loader's extra config key that makes workers save their rank
+
 
 
 def engine_signature(model_config: Any, tp_size: int, pp_size: int) -> dict[str, Any]:

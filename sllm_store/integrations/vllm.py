@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from torch import nn
 from vllm.config import ModelConfig
@@ -32,26 +31,18 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from sllm_store._units import format_size
-from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, SllmStoreError
-from sllm_store.vllm import SAVE_SETTING
+from sllm_store.errors import CheckpointMismatchError, SllmStoreError
+from sllm_store.integrations.engine import (
+    LOAD_FORMAT,
+    SAVE_SETTING,
+    check_open,
+    describe,
+    load_for_engine,
+    load_settings,
+)
 
 # Under vLLM's logger, so that the line is in vLLM's log (from every worker).
 logger = init_logger("vllm.model_executor.model_loader.sllm")
-
-LOAD_FORMAT = "sllm"
-SETTINGS = ("num_threads", "verify", "io_mode", "store")
-
-
-def load_settings(extra: Any) -> LoadConfig:
-    """The load's settings from ``--model-loader-extra-config`` (unknown keys are an error)."""
-    extra = dict(extra or {})
-    extra.pop(SAVE_SETTING, None)
-    unknown = sorted(set(extra) - set(SETTINGS))
-    if unknown:
-        raise InvalidArgumentError(f"--model-loader-extra-config for load format '{LOAD_FORMAT}' takes "
-                                   f"{', '.join(SETTINGS)}; got {', '.join(unknown)}")
-    return LoadConfig.resolve(**extra)
 
 
 class SllmModelLoader(BaseModelLoader):
@@ -66,23 +57,16 @@ class SllmModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         """Checks that the checkpoint opens (a URL's index is fetched; its data comes with the
         load)."""
-        from sllm_store.loader import with_checkpoint
-
-        with_checkpoint(model_config.model, self.settings, lambda checkpoint: None)
+        check_open(model_config.model, self.settings)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        from sllm_store.loader import load
         from sllm_store.vllm import read_manifest
 
         manifest = read_manifest(model_config.model)
         if manifest is not None:
             self._load_engine_ready(model, model_config, manifest)
             return
-        t0 = time.perf_counter()
-        try:
-            tensors, report = load(model_config.model, "cpu", self.settings)
-        except SllmStoreError as e:
-            raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {model_config.model!r}: {e}") from e
+        tensors, report, t0 = load_for_engine(model_config.model, self.settings)
         t1 = time.perf_counter()
         expected = {name for name, _ in model.named_parameters()}
         loaded = model.load_weights(iter(tensors.items()))
@@ -90,14 +74,11 @@ class SllmModelLoader(BaseModelLoader):
         if loaded is not None and model_config.quantization is None:
             missing = sorted(expected - set(loaded))
             if missing:
-                raise SllmStoreError(
+                raise CheckpointMismatchError(
                     f"{model_config.model!r} lacks weights for {len(missing)} parameters of "
                     f"{type(model).__name__}, e.g. {', '.join(missing[:5])}: is it a checkpoint of this "
                     "model?")
-        logger.info("sllm-store loaded %s (%s, %s tier) in %.2f s: read %.2f s at %.2f GB/s, "
-                    "handed to the model in %.2f s", model_config.model, format_size(report.bytes),
-                    report.stats["tier"], time.perf_counter() - t0, report.seconds, report.gb_per_s,
-                    time.perf_counter() - t1)
+        logger.info("%s", describe(model_config.model, report, t0, t1))
         if self.save_to:
             self._save_rank(model)
 
@@ -109,7 +90,6 @@ class SllmModelLoader(BaseModelLoader):
         path = save_rank(model, self.save_to, rank)
         logger.info("sllm-store saved the parameters of rank %d to %s in %.2f s", rank, path,
                     time.perf_counter() - t0)
-
 
     def _load_engine_ready(self, model: nn.Module, model_config: ModelConfig, manifest: dict) -> None:
         """This rank's converted checkpoint, copied straight into the parameters' memory."""

@@ -1,0 +1,56 @@
+"""What the engine integrations share: the load's settings from an engine's extra loader config,
+and the host-memory load whose tensors an engine's own weight loaders take. Imports no engine."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from sllm_store._units import format_size
+from sllm_store.config import LoadConfig
+from sllm_store.errors import InvalidArgumentError, SllmStoreError
+from sllm_store.index import PathLike
+
+LOAD_FORMAT = "sllm"
+SETTINGS = ("num_threads", "verify", "io_mode", "store")
+SAVE_SETTING = "save_engine_ready"  # vLLM: the workers save their rank's parameters (sllm_store.vllm)
+
+
+def load_settings(extra: Any, option: str = "--model-loader-extra-config") -> LoadConfig:
+    """The load's settings from an engine's extra loader config (unknown keys are an error)."""
+    extra = dict(extra or {})
+    extra.pop(SAVE_SETTING, None)
+    unknown = sorted(set(extra) - set(SETTINGS))
+    if unknown:
+        raise InvalidArgumentError(f"{option} for load format '{LOAD_FORMAT}' takes "
+                                   f"{', '.join(SETTINGS)}; got {', '.join(unknown)}")
+    return LoadConfig.resolve(**extra)
+
+
+def load_for_engine(model: PathLike, settings: LoadConfig) -> tuple[dict[str, torch.Tensor], Any, float]:
+    """The checkpoint in host memory (page-cached files mapped, not copied), for the engine's
+    weight loaders; (tensors, report, start time). Errors name the load format."""
+    from sllm_store.loader import load
+
+    t0 = time.perf_counter()
+    try:
+        tensors, report = load(model, "cpu", settings)
+    except SllmStoreError as e:
+        raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {str(model)!r}: {e}") from e
+    return tensors, report, t0
+
+
+def describe(model: PathLike, report: Any, t0: float, t1: float) -> str:
+    """The one log line of a load: size, tier, read time and speed, hand-over time."""
+    return (f"sllm-store loaded {model} ({format_size(report.bytes)}, {report.stats['tier']} tier) in "
+            f"{time.perf_counter() - t0:.2f} s: read {report.seconds:.2f} s at {report.gb_per_s:.2f} GB/s, "
+            f"handed to the model in {time.perf_counter() - t1:.2f} s")
+
+
+def check_open(model: PathLike, settings: LoadConfig) -> None:
+    """Open the checkpoint (a URL's index is fetched; its data comes with the load)."""
+    from sllm_store.loader import with_checkpoint
+
+    with_checkpoint(model, settings, lambda checkpoint: None)
