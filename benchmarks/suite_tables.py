@@ -166,7 +166,7 @@ def render_vllm(data: Data) -> str:
         fmt, _, mode = key.rpartition("-")
         label = VLLM_LABELS.get(fmt, f"`{fmt}`")
         if "error" in c:
-            rows.append([label, mode, "error: " + c["error"].strip().splitlines()[-1][:80], "–"])
+            rows.append([label, mode, "error: " + c["error"].split(": ", 1)[-1].splitlines()[0][:100], "–"])
             continue
         logged = sorted(w for w in r["weights_s"].get(key, []) if w is not None)
         weights = _pair(logged[0], logged[len(logged) // 2], "{:.3f}") if logged else "not logged"

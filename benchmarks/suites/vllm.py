@@ -74,6 +74,17 @@ FORMATS = ("sllm", "sllm-hf", "sllm-ready", "sharded_state", "safetensors", "run
            "fastsafetensors")
 
 
+GENERIC = ("Engine core initialization failed", "WorkerProc initialization failed")
+
+
+def root_cause(output: str) -> str:
+    """The first exception an engine's processes logged that is not a generic wrapper."""
+    for m in re.finditer(r"\b(\w+(?:Error|Exception)): (.+)$", output, re.M):
+        if not any(g in m.group(2) for g in GENERIC):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return "no exception in the output"
+
+
 def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str, Any]:
     """One engine in a fresh process: ready time, logged weight-loading time, tokens."""
     t0 = time.perf_counter()
@@ -82,7 +93,8 @@ def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str
     wall = time.perf_counter() - t0
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        raise RuntimeError(f"{load_format} on {model}: {(r.stdout + r.stderr)[-1500:]}")
+        raise RuntimeError(f"{load_format} on {model}: {root_cause(r.stdout + r.stderr)}\n"
+                           f"{(r.stdout + r.stderr)[-1500:]}")
     rec = json.loads(line[len("RESULT "):])
     if load_format.startswith("save-"):
         return rec
