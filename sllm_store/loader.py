@@ -20,7 +20,7 @@ from sllm_store.config import LoadConfig, RemoteOptions
 from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import CheckpointMismatchError, ModelChangedError
 from sllm_store.index import Index, PathLike, read_index
-from sllm_store.plan import DeviceMap, LoadReport, assign_devices, make_report, views
+from sllm_store.plan import Buffer, DeviceMap, LoadReport, Plan, assign_devices, make_report, views
 from sllm_store.tiers import Checkpoint, open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -34,15 +34,9 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap,
     names to devices: the names it leaves out are not loaded); returns (tensors, report)."""
     t0 = time.perf_counter() if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
-    checkpoint.check_devices(set(assign.values()))
-    checkpoint.config = checkpoint.config.with_default_verify(
-        checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in checkpoint.index.files))
-    plan = checkpoint.plan(assign)
-    buffers = checkpoint.allocate(plan)
-    stats = checkpoint.fill(plan, buffers)
+    plan, buffers, stats = _plan_and_fill(checkpoint, assign, checkpoint.allocate)
     tensors = views(checkpoint.index, plan, buffers)
-    report = make_report(checkpoint.path, checkpoint.index, plan, t0, tier=checkpoint.tier,
-                         io_mode=stats.pop("io_mode"), threads=stats.pop("threads"), detail=stats)
+    report = _report(checkpoint, plan, t0, stats)
     logger.info("loaded %s (%s, %s tier) in %.3f s, %.2f GB/s", checkpoint.path, format_size(report.bytes),
                 checkpoint.tier, report.seconds, report.gb_per_s)
     return tensors, report
@@ -61,20 +55,34 @@ def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, 
     for name, t in targets.items():
         into.setdefault(index.resolve(name).name, t)
     assign = {name: t.device for name, t in into.items()}
-    checkpoint.check_devices(set(assign.values()))
-    checkpoint.config = checkpoint.config.with_default_verify(
-        checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in index.files))
-    plan = checkpoint.plan(assign, own_slots=True)
-    stats = checkpoint.fill(plan, checkpoint.adopt(plan, into))
+    plan, _, stats = _plan_and_fill(checkpoint, assign, lambda p: checkpoint.adopt(p, into), own_slots=True)
     for name, t in targets.items():  # tied names given as tensors of their own
         stored = into[index.resolve(name).name]
         if t.data_ptr() != stored.data_ptr():
             t.copy_(stored)
-    report = make_report(checkpoint.path, index, plan, t0, tier=checkpoint.tier, io_mode=stats.pop("io_mode"),
-                         threads=stats.pop("threads"), detail=stats)
+    report = _report(checkpoint, plan, t0, stats)
     logger.info("filled %d tensors from %s (%s, %s tier) in %.3f s, %.2f GB/s", len(targets), checkpoint.path,
                 format_size(report.bytes), checkpoint.tier, report.seconds, report.gb_per_s)
     return report
+
+
+def _plan_and_fill(checkpoint: Checkpoint, assign: dict[str, torch.device],
+                   buffers_for: Callable[[Plan], list[Buffer]],
+                   own_slots: bool = False) -> tuple[Plan, list[Buffer], dict[str, Any]]:
+    """The steps every load shares: check the devices, settle the verification default, plan,
+    take the destination buffers (``buffers_for(plan)``) and fill them; (plan, buffers, the
+    tier's figures)."""
+    checkpoint.check_devices(set(assign.values()))
+    checkpoint.config = checkpoint.config.with_default_verify(
+        checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in checkpoint.index.files))
+    plan = checkpoint.plan(assign, own_slots)
+    buffers = buffers_for(plan)
+    return plan, buffers, checkpoint.fill(plan, buffers)
+
+
+def _report(checkpoint: Checkpoint, plan: Plan, t0: float, stats: dict[str, Any]) -> LoadReport:
+    return make_report(checkpoint.path, checkpoint.index, plan, t0, tier=checkpoint.tier,
+                       io_mode=stats.pop("io_mode"), threads=stats.pop("threads"), detail=stats)
 
 
 def check_targets(index: Index, targets: Mapping[str, torch.Tensor], strict: bool) -> None:

@@ -4,6 +4,8 @@ and the host-memory load whose tensors an engine's own weight loaders take. Impo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,11 +37,19 @@ def load_for_engine(model: PathLike, settings: LoadConfig) -> tuple[dict[str, to
     from sllm_store.loader import load
 
     t0 = time.perf_counter()
-    try:
+    with naming_the_format(model):
         tensors, report = load(model, "cpu", settings)
+    return tensors, report, t0
+
+
+@contextmanager
+def naming_the_format(model: PathLike) -> Iterator[None]:
+    """An sllm-store error inside, raised again (same class) with the load format and the model
+    named, as the engine's log shows it."""
+    try:
+        yield
     except SllmStoreError as e:
         raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {str(model)!r}: {e}") from e
-    return tensors, report, t0
 
 
 def describe(model: PathLike, report: Any, t0: float, t1: float) -> str:

@@ -38,8 +38,7 @@ class SllmSglangLoader(DefaultModelLoader):
 
     def __init__(self, load_config: Any) -> None:
         BaseModelLoader.__init__(self, load_config)  # the default loader's own extra keys differ
-        extra = load_config.model_loader_extra_config
-        self.settings = load_settings(extra if isinstance(extra, dict) else _parse(extra),
+        self.settings = load_settings(load_config.model_loader_extra_config,
                                       option="model_loader_extra_config")
 
     def download_model(self, model_config: Any) -> None:
@@ -55,21 +54,6 @@ class SllmSglangLoader(DefaultModelLoader):
         yield from tensors.items()
         del tensors
         logger.info("%s", describe(model_config.model_path, report, t0, t1))
-
-
-def _parse(extra: Any) -> dict:
-    import json
-
-    if not extra:
-        return {}
-    try:
-        parsed = json.loads(extra)
-    except (TypeError, ValueError) as e:
-        from sllm_store.errors import InvalidArgumentError
-
-        raise InvalidArgumentError(
-            f"model_loader_extra_config must be a JSON object, got {extra!r}: {e}") from None
-    return parsed
 
 
 __all__ = ["SllmSglangLoader"]

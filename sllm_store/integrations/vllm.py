@@ -31,7 +31,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from sllm_store._units import format_size
-from sllm_store.errors import CheckpointMismatchError, SllmStoreError
+from sllm_store.errors import CheckpointMismatchError
 from sllm_store.integrations.engine import (
     LOAD_FORMAT,
     SAVE_SETTING,
@@ -39,6 +39,7 @@ from sllm_store.integrations.engine import (
     describe,
     load_for_engine,
     load_settings,
+    naming_the_format,
 )
 
 # Under vLLM's logger, so that the line is in vLLM's log (from every worker).
@@ -101,11 +102,9 @@ class SllmModelLoader(BaseModelLoader):
         path = rank_path(model_config.model, rank)
         targets = engine_parameters(model)
         t0 = time.perf_counter()
-        try:
+        with naming_the_format(path):
             report = with_checkpoint(path, self.settings,
                                      lambda checkpoint: fill_opened(checkpoint, targets, t0=t0))
-        except SllmStoreError as e:
-            raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {path!r}: {e}") from e
         logger.info("sllm-store loaded %s (engine-ready rank %d of %d, %s, %s tier) in %.2f s, %.2f GB/s, "
                     "straight into the parameters", model_config.model, rank, tp * pp,
                     format_size(report.bytes), report.stats["tier"], report.seconds, report.gb_per_s)

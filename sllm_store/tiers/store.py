@@ -66,7 +66,6 @@ class StoreCheckpoint(Checkpoint):
         memory files the server maps."""
         from sllm_store.native import _C
         from sllm_store.server import store_pb2 as pb
-        from sllm_store.server.client import SharedMemory
 
         t0 = time.perf_counter()
         buffers: list[Buffer] = []
@@ -82,15 +81,22 @@ class StoreCheckpoint(Checkpoint):
                 self._dests.append(pb.Destination(
                     cuda=pb.CudaIpcMemory(handle=handle, offset=offset, pci_bus_id=bus_id), size=size))
             else:
-                shm = SharedMemory(size)
-                self._shms.append(shm)
-                self._closers.callback(shm.unlink)
-                buffers.append((shm.tensor, 0))
-                self._dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
+                buffers.append((self._shared_destination(size), 0))
         for dev in {d for d in plan.devices if d.type == "cuda"}:
             torch.cuda.synchronize(dev)  # the memory is ours before another process writes it
         self._timings["allocate_seconds"] = time.perf_counter() - t0
         return buffers
+
+    def _shared_destination(self, size: int) -> torch.Tensor:
+        """A shared-memory file the server maps, as the next destination; its bytes here."""
+        from sllm_store.server import store_pb2 as pb
+        from sllm_store.server.client import SharedMemory
+
+        shm = SharedMemory(size)
+        self._shms.append(shm)
+        self._closers.callback(shm.unlink)
+        self._dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
+        return shm.tensor
 
     def adopt(self, plan: Plan, targets: dict[str, torch.Tensor]) -> list[Buffer]:
         """The caller's tensors as destinations: GPU tensors exported where they lie (one
@@ -98,7 +104,6 @@ class StoreCheckpoint(Checkpoint):
         that :meth:`fill` copies into them."""
         from sllm_store.native import _C
         from sllm_store.server import store_pb2 as pb
-        from sllm_store.server.client import SharedMemory
 
         buffers = tensor_buffers(plan, targets)
         self._dests, self._slot_dest, self._copy_back = [], [], []
@@ -115,12 +120,9 @@ class StoreCheckpoint(Checkpoint):
                         cuda=pb.CudaIpcMemory(handle=handle, offset=0, pci_bus_id=bus_id), size=alloc_size))
                 self._slot_dest.append((exported[handle, bus_id], offset))
             else:
-                shm = SharedMemory(size)
-                self._shms.append(shm)
-                self._closers.callback(shm.unlink)
-                self._dests.append(pb.Destination(shm=pb.SharedMemory(name=shm.name), size=size))
+                shared = self._shared_destination(size)
                 self._slot_dest.append((len(self._dests) - 1, 0))
-                self._copy_back.append((shm.tensor[:size], buf))
+                self._copy_back.append((shared[:size], buf))
         for dev in {d for d in plan.devices if d.type == "cuda"}:
             torch.cuda.synchronize(dev)  # the parameters are written before the server writes them
         return buffers
