@@ -86,6 +86,18 @@ def test_per_tensor_device_map_mixed_cpu_gpu(ckpt) -> None:
     _assert_same(loaded, sd)
 
 
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_load_into_gpu_and_host_tensors(ckpt, io_mode) -> None:
+    """``load_into`` fills existing tensors in place, on the GPU and on the host in one load."""
+    path, sd = ckpt
+    devices = ["cpu", "cuda:0"]
+    targets = {n: torch.full_like(t, 3, device=devices[i % 2]) for i, (n, t) in enumerate(sd.items())}
+    ptrs = {n: t.data_ptr() for n, t in targets.items()}
+    sllm_store.load_into(path, targets, io_mode=io_mode, verify=True)
+    assert {n: t.data_ptr() for n, t in targets.items()} == ptrs
+    _assert_same(targets, sd)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus(ckpt) -> None:
     path, sd = ckpt

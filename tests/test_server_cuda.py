@@ -99,6 +99,18 @@ def test_load_into_gpu_through_store(server: Server) -> None:
     _assert_same(sd2, ref)
 
 
+def test_load_into_gpu_parameters_through_store(server: Server) -> None:
+    """``load_into`` through the server fills existing GPU tensors in place (CUDA IPC of each
+    tensor's allocation), several tensors sharing one caching-allocator block."""
+    ref = _state_dict(0)
+    targets = {n: torch.full_like(t, 7, device="cuda:0") for n, t in ref.items()}
+    ptrs = {n: t.data_ptr() for n, t in targets.items()}
+    report = sllm_store.load_into("a", targets, store=server.address)
+    assert report.stats["tier"] == "store"
+    assert {n: t.data_ptr() for n, t in targets.items()} == ptrs
+    _assert_same(targets, ref)
+
+
 def test_mixed_gpu_and_cpu_destinations(server: Server) -> None:
     ref = _state_dict(0)
     device = {k: ("cuda:0" if i % 2 else "cpu") for i, k in enumerate(ref)}
