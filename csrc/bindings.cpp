@@ -28,6 +28,7 @@
 #include "pipeline/copier.h"
 #include "pipeline/staged_copier.h"
 #include "pipeline/loader.h"
+#include "pipeline/progress.h"
 
 namespace py = pybind11;
 using namespace sllm;
@@ -43,7 +44,7 @@ const char* python_error_class(ErrorKind kind) {
     case ErrorKind::kRead: return "ReadError";
     case ErrorKind::kDevice: return "DeviceError";
     case ErrorKind::kOutOfMemory: return "OutOfMemoryError";
-    case ErrorKind::kCancelled: return "SllmStoreError";
+    case ErrorKind::kCancelled: return "LoadCancelledError";
   }
   return "SllmStoreError";
 }
@@ -89,7 +90,8 @@ using EncodingTuple = std::optional<std::tuple<uint64_t, uint64_t, int, int>>;
 py::dict run_load_py(const std::vector<std::string>& files, const std::vector<ChunkTuple>& chunks,
                      const std::vector<SegmentTuple>& segments, const std::vector<DestTuple>& dests,
                      int num_threads, const std::string& io_mode, bool verify,
-                     int buffers_per_thread, const std::vector<EncodingTuple>& encodings) {
+                     int buffers_per_thread, const std::vector<EncodingTuple>& encodings,
+                     std::shared_ptr<Progress> progress) {
   if (!encodings.empty() && encodings.size() != chunks.size())
     throw py::value_error("encodings must be empty or give one entry per chunk");
   LoadPlan plan;
@@ -133,6 +135,9 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   }
   options.verify = verify;
   options.buffers_per_thread = buffers_per_thread;
+  if (progress && progress->chunks() != plan.chunks.size())
+    throw py::value_error("progress must count as many chunks as the plan has");
+  options.progress = std::move(progress);
 
   std::optional<py::error_already_set> pending;
   auto interrupted = [&pending]() -> bool {
@@ -351,16 +356,37 @@ PYBIND11_MODULE(_C, m) {
       .def("finish", &ChunkHasher::finish)
       .def_property_readonly("bytes_seen", &ChunkHasher::bytes_seen);
 
+  py::class_<Progress, std::shared_ptr<Progress>>(
+      m, "LoadProgress", "Which chunks of a running load have landed in their destinations.")
+      .def(py::init<size_t>(), py::arg("chunks"))
+      .def_property_readonly("chunks", &Progress::chunks)
+      .def("mark", &Progress::mark, py::arg("chunk"), py::arg("nbytes"),
+           "The chunk's bytes are in place (tiers that fill destinations themselves call this).")
+      .def("close", &Progress::close, "The load ended: waiters stop waiting.")
+      .def("cancel", &Progress::cancel, "Ask the load to stop.")
+      .def_property_readonly("cancelled", &Progress::cancelled)
+      .def_property_readonly("closed", &Progress::closed)
+      .def_property_readonly("bytes", &Progress::bytes, "Bytes of the chunks marked so far.")
+      .def_property_readonly("marked", &Progress::marked, "Chunks marked so far.")
+      .def("all_marked", &Progress::all_marked, py::arg("chunks"))
+      .def("wait", &Progress::wait, py::arg("chunks"), py::arg("timeout"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Block until the chunks are marked, the progress is closed, or `timeout` seconds pass "
+           "(negative: no limit); whether they are all marked.");
+
   m.def("run_load", &run_load_py, py::arg("files"), py::arg("chunks"), py::arg("segments"),
         py::arg("dests"), py::arg("num_threads"), py::arg("io_mode"), py::arg("verify"),
         py::arg("buffers_per_thread") = 2, py::arg("encodings") = std::vector<EncodingTuple>{},
+        py::arg("progress") = std::shared_ptr<Progress>{},
         R"doc(Execute a load plan (see sllm_store/loader.py).
 
 files: data file paths; chunks: (file, offset, length, checksum|None);
 encodings: empty, or per chunk None (stored raw at its offset) or
 (stored_offset, stored_length, codec, group) for compressed files;
 segments: (chunk, chunk_offset, dest, dest_offset, length);
-dests: (device, address, size). Returns statistics as a dict.)doc");
+dests: (device, address, size); progress: a LoadProgress of as many chunks, marked as chunks
+land (its cancel() stops the load). Returns statistics as a dict.)doc");
+
 
   m.def(
       "check_device", [](const std::string& spec) { make_device(spec); }, py::arg("device"),

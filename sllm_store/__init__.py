@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_state_dict": "sllm_store.loader",
     "load_into": "sllm_store.loader",
+    "PendingLoad": "sllm_store.streaming",
     "verify": "sllm_store.loader",
     "LoadConfig": "sllm_store.config",
     "RemoteOptions": "sllm_store.config",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.loader import load_into, load_state_dict, verify
     from sllm_store.model import load_model, save_model
     from sllm_store.server.client import StoreClient as StoreClient
+    from sllm_store.streaming import PendingLoad
     from sllm_store.writer import save_state_dict
 
 
@@ -65,6 +67,7 @@ __all__ = [
     "__version__",
     "load_state_dict",
     "load_into",
+    "PendingLoad",
     "verify",
     "save_state_dict",
     "load_model",

@@ -29,6 +29,11 @@ class MissingDependencyError(SllmStoreError, ImportError):
                          f"(from a checkout: pip install -e '.[{extra}]')")
 
 
+class LoadCancelledError(SllmStoreError):
+    """The load stopped before it completed: cancelled by the caller (``PendingLoad.cancel``)
+    or interrupted."""
+
+
 class FormatError(SllmStoreError):
     """A converted checkpoint is malformed: bad index JSON, missing fields, impossible offsets."""
 
@@ -144,6 +149,7 @@ class CacheError(RemoteError, OSError):
 
 __all__ = [
     "SllmStoreError",
+    "LoadCancelledError",
     "InvalidArgumentError",
     "MissingDependencyError",
     "FormatError",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 import torch
 
@@ -23,19 +23,26 @@ from sllm_store.index import Index, PathLike, read_index
 from sllm_store.plan import Buffer, DeviceMap, LoadReport, Plan, assign_devices, make_report, views
 from sllm_store.tiers import Checkpoint, open_checkpoint
 
+if TYPE_CHECKING:  # pragma: no cover
+    from sllm_store.streaming import PendingLoad
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def load_opened(checkpoint: Checkpoint, device: DeviceMap,
-                t0: Optional[float] = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] = None,
+                stream: Optional[PendingLoad] = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Load the tensors of an opened checkpoint onto ``device`` (a device, or a mapping of tensor
-    names to devices: the names it leaves out are not loaded); returns (tensors, report)."""
+    names to devices: the names it leaves out are not loaded); returns (tensors, report).
+    ``stream``: the tensors are handed to it as soon as their memory is allocated, and it follows
+    the bytes as they land (a non-blocking load)."""
     t0 = time.perf_counter() if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
-    plan, buffers, stats = _plan_and_fill(checkpoint, assign, checkpoint.allocate)
+    plan, buffers = _prepare(checkpoint, assign, checkpoint.allocate)
     tensors = views(checkpoint.index, plan, buffers)
+    progress = stream.begin(checkpoint.index, plan, tensors) if stream is not None else None
+    stats = checkpoint.fill(plan, buffers, progress)
     report = _report(checkpoint, plan, t0, stats)
     logger.info("loaded %s (%s, %s tier) in %.3f s, %.2f GB/s", checkpoint.path, format_size(report.bytes),
                 checkpoint.tier, report.seconds, report.gb_per_s)
@@ -55,7 +62,8 @@ def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, 
     for name, t in targets.items():
         into.setdefault(index.resolve(name).name, t)
     assign = {name: t.device for name, t in into.items()}
-    plan, _, stats = _plan_and_fill(checkpoint, assign, lambda p: checkpoint.adopt(p, into), own_slots=True)
+    plan, buffers = _prepare(checkpoint, assign, lambda p: checkpoint.adopt(p, into), own_slots=True)
+    stats = checkpoint.fill(plan, buffers)
     for name, t in targets.items():  # tied names given as tensors of their own
         stored = into[index.resolve(name).name]
         if t.data_ptr() != stored.data_ptr():
@@ -66,18 +74,16 @@ def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, 
     return report
 
 
-def _plan_and_fill(checkpoint: Checkpoint, assign: dict[str, torch.device],
-                   buffers_for: Callable[[Plan], list[Buffer]],
-                   own_slots: bool = False) -> tuple[Plan, list[Buffer], dict[str, Any]]:
-    """The steps every load shares: check the devices, settle the verification default, plan,
-    take the destination buffers (``buffers_for(plan)``) and fill them; (plan, buffers, the
-    tier's figures)."""
+def _prepare(checkpoint: Checkpoint, assign: dict[str, torch.device],
+             buffers_for: Callable[[Plan], list[Buffer]], own_slots: bool = False,
+             ) -> tuple[Plan, list[Buffer]]:
+    """The steps every load shares before the bytes move: check the devices, settle the
+    verification default, plan, and take the destination buffers (``buffers_for(plan)``)."""
     checkpoint.check_devices(set(assign.values()))
     checkpoint.config = checkpoint.config.with_default_verify(
         checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in checkpoint.index.files))
     plan = checkpoint.plan(assign, own_slots)
-    buffers = buffers_for(plan)
-    return plan, buffers, checkpoint.fill(plan, buffers)
+    return plan, buffers_for(plan)
 
 
 def _report(checkpoint: Checkpoint, plan: Plan, t0: float, stats: dict[str, Any]) -> LoadReport:
@@ -142,6 +148,16 @@ def load(path: PathLike, device: DeviceMap, config: LoadConfig) -> tuple[dict[st
     return with_checkpoint(path, config, lambda checkpoint: load_opened(checkpoint, device, t0))
 
 
+def start(path: PathLike, device: DeviceMap, config: LoadConfig) -> PendingLoad:
+    """:func:`load` in the background: a :class:`~sllm_store.streaming.PendingLoad`, returned
+    once the tensors' memory exists."""
+    from sllm_store.streaming import PendingLoad
+
+    t0 = time.perf_counter()
+    return PendingLoad(str(path)).run(
+        lambda pending: with_checkpoint(path, config, lambda cp: load_opened(cp, device, t0, stream=pending)))
+
+
 def load_state_dict(
     path: PathLike,
     device: DeviceMap = "cpu",
@@ -152,7 +168,8 @@ def load_state_dict(
     io_mode: Optional[str] = None,
     store: Optional[str] = None,
     remote: Optional[RemoteOptions] = None,
-) -> dict[str, torch.Tensor]:
+    wait: bool = True,
+) -> Union[dict[str, torch.Tensor], PendingLoad]:
     """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
 
     Args:
@@ -186,6 +203,11 @@ def load_state_dict(
             credentials, GETs in flight) for URLs; by default from the standard AWS environment
             variables and ``SLLM_STORE_REMOTE_GETS``.
 
+        wait: ``False`` returns a :class:`~sllm_store.streaming.PendingLoad` as soon as the
+            tensors' memory is allocated, while the bytes keep arriving in the background:
+            ``pending.wait(name)`` blocks until a tensor is complete, ``pending.result()`` until
+            all are, ``pending.cancel()`` stops the load (docs/streaming.md).
+
     All tensors of one device are views into a single allocation; tied tensors share storage.
 
     Example::
@@ -204,6 +226,8 @@ def load_state_dict(
         num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify, store=store,
         remote=remote,
     )
+    if not wait:
+        return start(path, device, config)
     tensors, _ = load(path, device, config)
     return tensors
 

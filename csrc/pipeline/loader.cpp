@@ -40,6 +40,7 @@ class Run {
   struct InFlight {
     int buffer;
     std::vector<uint64_t> tokens;  // one per staging device, in staging_devices_ order
+    size_t chunk;
   };
   // Per-worker scratch for encoded chunks: the stored bytes, and the decoded bytes before
   // un-grouping. Allocated on first use, reused for every chunk of the load.
@@ -57,6 +58,9 @@ class Run {
   void release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep);
   void abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept;
   void drain(int id) noexcept;
+  void landed(size_t index) {
+    if (options_.progress) options_.progress->mark(index, plan_.chunks[index].length);
+  }
 
   const LoadPlan& plan_;
   const LoadOptions& options_;
@@ -162,6 +166,7 @@ void Run::release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep
     for (size_t k = 0; k < staging_devices_.size(); ++k)  // a throw leaves f in flight, abandoned
       plan_.dests[staging_devices_[k]].device->wait(id, f.tokens[k]);
     pool_->release(f.buffer);
+    landed(f.chunk);
     in_flight.pop_front();
   }
 }
@@ -240,6 +245,7 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, S
     }
     direct_++;
     bytes_ += c.length;
+    landed(index);
     return;
   }
 
@@ -260,7 +266,7 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, S
       plan_.dests[s.dest].device->copy_from_host(plan_.dests[s.dest].base + s.dest_offset,
                                                   staging + s.chunk_offset, s.length, id);
     }
-    InFlight f{buffer, {}};
+    InFlight f{buffer, {}, index};
     f.tokens.reserve(staging_devices_.size());
     for (int d : staging_devices_) f.tokens.push_back(plan_.dests[d].device->record(id));
     in_flight.push_back(std::move(f));
@@ -353,7 +359,7 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
       done_cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return running_ == 0; });
       if (running_ > 0 && !was_interrupted) {
         lock.unlock();
-        if (interrupted && interrupted()) {
+        if ((interrupted && interrupted()) || (options_.progress && options_.progress->cancelled())) {
           was_interrupted = true;
           cancel_.store(true);
           if (pool_) pool_->cancel();

@@ -9,6 +9,7 @@
 
 #include "device/device.h"
 #include "io/file_reader.h"
+#include "pipeline/progress.h"
 
 namespace sllm {
 
@@ -46,6 +47,9 @@ struct LoadOptions {
   bool verify = false;
   // Staging buffers per worker (2 = double buffering: one in flight to the device, one filling).
   int buffers_per_thread = 2;
+  // When set, each chunk is marked as its bytes land in their destinations, and a cancel()
+  // on it stops the load (as an interrupt does).
+  std::shared_ptr<Progress> progress;
 };
 
 struct LoadPlan {

@@ -76,10 +76,15 @@ class Checkpoint:
         filler cannot write into this process's memory directly overrides this)."""
         return tensor_buffers(plan, targets)
 
-    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
+    def fill(self, plan: Plan, buffers: list[Buffer], progress: Any = None) -> dict[str, Any]:
         """Put the plan's bytes into ``buffers``. Returns the load's figures: at least ``io_mode``
         and ``threads``, then the tier's own. May raise ModelChangedError when the checkpoint
-        changed since it was opened: the load then opens it again and plans anew (once)."""
+        changed since it was opened: the load then opens it again and plans anew (once).
+
+        ``progress`` (a ``_C.LoadProgress`` of the plan's read units, or None): a tier that can
+        tell when a unit's bytes are in place (and checked) marks it there, so that a streaming
+        load hands its tensors out early; a tier that cannot leaves it, and the tensors become
+        ready when ``fill`` returns. Its ``cancelled`` asks the fill to stop."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -71,13 +71,14 @@ class LocalCheckpoint(Checkpoint):
             return map_files(self.index)
         return super().allocate(plan)
 
-    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
+    def fill(self, plan: Plan, buffers: list[Buffer], progress: Any = None) -> dict[str, Any]:
         from sllm_store.native import _C
 
         stats = _C.run_load(
             self.files, plan.units, plan.segments, destinations(plan, buffers),
             num_threads=self.config.num_threads, io_mode=self.io_mode, verify=self.config.verify,
             buffers_per_thread=self.config.staging_buffers, encodings=encodings(self.index, plan.units),
+            progress=progress,
         )
         return {**stats, "io_mode": self.io_mode, "threads": self.config.num_threads}
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, MissingFileError, SllmStoreError
+from sllm_store.errors import InvalidArgumentError, LoadCancelledError, MissingFileError, SllmStoreError
 from sllm_store.index import INDEX_FILE, Index, PathLike
 from sllm_store.plan import Buffer, Plan, Segment, destinations, make_plan
 from sllm_store.remote.fetcher import PIECE, is_encoded
@@ -135,29 +135,29 @@ class CachedCheckpoint(Checkpoint):
     def allocate(self, plan: Plan) -> list[Buffer]:
         return self.local.allocate(plan)
 
-    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
+    def fill(self, plan: Plan, buffers: list[Buffer], progress: Any = None) -> dict[str, Any]:
         try:
-            return self.local.fill(plan, buffers)
+            return self.local.fill(plan, buffers, progress)
         except MissingFileError:
             gone = not (self.entry / INDEX_FILE).is_file()
             if not gone or self.local.io_mode == "mmap" or not self._download.can_download:
                 raise
         logger.info("%s: the cache entry was evicted meanwhile; loading from the object store", self.path)
-        return self._download_instead(plan, buffers)
+        return self._download_instead(plan, buffers, progress)
 
-    def _download_instead(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
+    def _download_instead(self, plan: Plan, buffers: list[Buffer], progress: Any) -> dict[str, Any]:
         d = self._download.open()
         self._closers.callback(d.close)
         if d.cached is not None:  # downloaded again by another process meanwhile
             with LocalTier().open(d.cached, self.config) as local:
-                return local.fill(plan, buffers)
+                return local.fill(plan, buffers, progress)
         assert d.index is not None
         whole = make_plan(d.index, plan.assign, self.config, whole_chunks=True)
         if (whole.devices, whole.sizes, whole.placement) != (plan.devices, plan.sizes, plan.placement):
             raise SllmStoreError(f"{self.path}: the download's plan places the tensors elsewhere than "
                                  "the cache entry's")  # pragma: no cover - placement is by tensor
         self.tier = "remote"
-        return load_while_downloading(d, whole, buffers, self._staging, self._started)
+        return load_while_downloading(d, whole, buffers, self._staging, self._started, progress)
 
 
 class DownloadingCheckpoint(Checkpoint):
@@ -190,15 +190,17 @@ class DownloadingCheckpoint(Checkpoint):
         # Chunks: the download's unit.
         return make_plan(self.index, assign, self.config, whole_chunks=True, own_slots=own_slots)
 
-    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
-        return load_while_downloading(self._download, plan, buffers, self._staging, self._started)
+    def fill(self, plan: Plan, buffers: list[Buffer], progress: Any = None) -> dict[str, Any]:
+        return load_while_downloading(self._download, plan, buffers, self._staging, self._started, progress)
 
 
 def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], staging: Staging,
-                           started: float) -> dict[str, Any]:
+                           started: float, progress: Any = None) -> dict[str, Any]:
     """Fill ``buffers`` with the chunks of the opened download ``d`` as they arrive, writing them
     through to the cache; ``plan`` reads whole chunks. Returns the load's figures; ``started``
-    is when the URL began to open (the origin of the timeline)."""
+    is when the URL began to open (the origin of the timeline). ``progress``: units are marked
+    as they land when every destination is host memory (the copies are then done when a unit's
+    fetch returns); device destinations are ready when the load returns."""
     from tqdm.auto import tqdm
 
     from sllm_store.utils import parallel_map
@@ -210,12 +212,15 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
     copier, covered = _copier(d, plan, buffers, by_unit, staging)
     marks["planned"] = time.perf_counter()  # the copier made (and the memory, before this call)
     chunk_size = d.index.chunk_size
+    host_only = all(dev.type == "cpu" for dev in plan.devices)
 
     def read_back(pieces: list[tuple[int, int, int, int]], n: int) -> Any:
         # Holds the copier and the destinations until the chunk is written.
         return lambda use, _keep=buffers: copier.read_back(pieces, n, use)
 
     def one(u: int) -> int:
+        if progress is not None and progress.cancelled:
+            raise LoadCancelledError(f"the load of {d.url} was cancelled")
         f_i, off, length, _ = plan.units[u]
         c = off // chunk_size
         pieces = [(coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
@@ -225,6 +230,8 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
         if not written:  # written off this thread: from the GET's buffer, or read back
             d.write_later(f_i, c, data if data is not None else read_back(pieces, d.chunk_length(f_i, c)))
         del data
+        if host_only and progress is not None:
+            progress.mark(u, length)
         return length
 
     with tqdm(total=sum(u[2] for u in plan.units), unit="B", unit_scale=True, unit_divisor=1024,

@@ -127,8 +127,9 @@ class StoreCheckpoint(Checkpoint):
             torch.cuda.synchronize(dev)  # the parameters are written before the server writes them
         return buffers
 
-    def fill(self, plan: Plan, buffers: list[Buffer]) -> dict[str, Any]:
-        """One Load: the server copies the plan's bytes into the destinations."""
+    def fill(self, plan: Plan, buffers: list[Buffer], progress: Any = None) -> dict[str, Any]:
+        """One Load: the server copies the plan's bytes into the destinations (from its pinned
+        pool: the tensors of a streaming load become ready when it answers)."""
         from sllm_store.server import store_pb2 as pb
         from sllm_store.server.client import abandon_gpu_buffers
 
