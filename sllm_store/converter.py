@@ -34,6 +34,7 @@ from sllm_store.formats import (
     shards_from_index,
 )
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
+from sllm_store.order import AccessOrder, resolve_order
 from sllm_store.writer import (
     CheckpointWriter,
     TensorSpec,
@@ -177,6 +178,7 @@ def convert(
     overwrite: bool = False,
     quiet: Optional[bool] = None,
     compress: Optional[str] = None,
+    access_order: AccessOrder = "auto",
 ) -> Path:
     """Convert a checkpoint into an sllm-store directory at ``dst``.
 
@@ -191,6 +193,12 @@ def convert(
         quiet: no progress bar (default: quiet unless stderr is a terminal).
         compress: ``"zstd"`` or ``"zstd:LEVEL"`` (1..22, default 1): compress every chunk
             losslessly, byte-grouped for floating-point weights (needs ``zstandard``).
+        access_order: the order in which a forward pass first uses the tensors, in which the data
+            is laid out and which the index records (streaming loads compute in it while the
+            rest loads): ``"auto"`` traces it from the model that ``src/config.json`` describes,
+            built on the meta device (its registration order if its forward cannot run there;
+            the names' natural order without a config or ``transformers``); ``"none"`` keeps
+            the source's order; or the tensor names in order.
 
     Example::
 
@@ -210,7 +218,7 @@ def convert(
 
         with tempfile.TemporaryDirectory(prefix="sllm-convert-") as tmp:
             local = convert(src, Path(tmp) / "model.sllm", dtype=dtype, chunk_size=chunk_size,
-                            num_files=num_files, quiet=quiet, compress=compress)
+                            num_files=num_files, quiet=quiet, compress=compress, access_order=access_order)
             upload(local, str(dst), quiet=quiet)
         return dst  # type: ignore[return-value]  # the URL
     src_p, dst_p = Path(src), Path(dst)
@@ -238,10 +246,13 @@ def convert(
                 len(weights), dst_p)
     source = {"format": kind.split("-")[0] if kind != "torch" else "torch",
               "name": src_p.name, "metadata": metadata}
+    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
+                          {s.name: s.alias_of for s in specs if s.alias_of is not None},
+                          model_dir=src_p if src_p.is_dir() else None)
     with atomic_directory(dst_p, overwrite) as tmp:
         for rel in extras:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_p / rel, tmp / rel)
         writer.directory = tmp
-        writer.write(specs, source=source)
+        writer.write(specs, source=source, access_order=order)
     return dst_p

@@ -95,6 +95,7 @@ class Index:
     source: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
     compression: dict[str, Any] | None = None  # {"codec": "zstd", "level": 3}, if compressed
+    access_order: list[str] | None = None  # stored tensors in the order a forward pass uses them
 
     @property
     def total_bytes(self) -> int:
@@ -139,7 +140,12 @@ class Index:
             "tensors": tensors,
             "source": self.source,
             **({"compression": self.compression} if self.compression else {}),
+            **({"access_order": self.access_order} if self.access_order is not None else {}),
         }
+
+    def ranks(self) -> dict[str, int]:
+        """Each stored tensor's place in the access order (empty without one)."""
+        return {name: i for i, name in enumerate(self.access_order or ())}
 
 
 def _file_json(f: DataFile) -> dict[str, Any]:
@@ -320,6 +326,7 @@ def parse_index(raw: Any, root: Path) -> Index:
                for name, t in raw_tensors.items()}
     source = raw.get("source", {})
     compression = raw.get("compression")
+    access_order = _parse_order(ck, raw, tensors)
     return Index(
         path=root,
         version=version,
@@ -331,7 +338,21 @@ def parse_index(raw: Any, root: Path) -> Index:
         source=source if isinstance(source, dict) else {},
         created_by=str(raw.get("created_by", "")),
         compression=compression if isinstance(compression, dict) else None,
+        access_order=access_order,
     )
+
+
+def _parse_order(ck: _Checker, raw: dict[str, Any], tensors: dict[str, TensorEntry]) -> list[str] | None:
+    """The optional ``access_order``: distinct names of stored tensors."""
+    if "access_order" not in raw:
+        return None
+    order = ck.get(raw, "access_order", list)
+    if not all(isinstance(n, str) for n in order) or len(set(order)) != len(order):
+        raise ck.bad("access_order must list distinct tensor names")
+    bad = [n for n in order if n not in tensors or tensors[n].alias_of is not None]
+    if bad:
+        raise ck.bad(f"access_order names {bad[0]!r}, which is not a stored tensor")
+    return order
 
 
 def _parse_file(ck: _Checker, i: int, f: Any, earlier: list[DataFile], version: int, alignment: int,

@@ -31,6 +31,8 @@ from sllm_store.errors import InvalidArgumentError, SllmStoreError
 from sllm_store.index import Index, PathLike
 from sllm_store.loader import load_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
+from sllm_store.streaming import PendingLoad, start_opened, wait_in_forward
+from sllm_store.tiers import open_checkpoint
 from sllm_store.tiers.base import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ def _config_dtype(root: Path) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def _model_class(hf_model_class: Any, config: Any = None) -> Any:
+def model_class(hf_model_class: Any, config: Any = None) -> Any:
     """The class to build: ``hf_model_class`` (a class, or its name in transformers), else the
     architecture that the config names (``config.architectures``), else AutoModelForCausalLM."""
     import transformers
@@ -230,6 +232,7 @@ def load_model(
     num_threads: Optional[int] = None,
     verify: Optional[bool] = None,
     store: Optional[str] = None,
+    stream: bool = False,
     **config_kwargs: Any,
 ) -> nn.Module:
     """Load a ``transformers`` model from a converted (or plain safetensors) model directory.
@@ -252,6 +255,12 @@ def load_model(
         max_memory: for ``device_map="auto"``, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
         num_threads, verify, store: see :func:`sllm_store.load_state_dict`. With a store server,
             ``path`` is the model's name there; config files come from the server too.
+        stream: return the model as soon as it is built, while its weights still arrive (in the
+            checkpoint's access order): each module's forward first waits for its own weights,
+            so the first layers compute while the last ones load; outputs are bit-identical to
+            a blocking load. ``model.sllm_load`` is the :class:`~sllm_store.PendingLoad`
+            (``wait()``, ``progress``, ``report``); an error of the load is raised by the
+            forward that needs the missing weights (docs/streaming.md).
         **config_kwargs: overrides applied to the config (like ``from_pretrained``'s kwargs).
 
     Returns the model in eval mode, its weights views into one allocation per device.
@@ -270,7 +279,7 @@ def load_model(
     model, _ = load_model_with_report(
         path, device_map=device_map, torch_dtype=torch_dtype, dtype=dtype, hf_model_class=hf_model_class,
         trust_remote_code=trust_remote_code, max_memory=max_memory, num_threads=num_threads,
-        verify=verify, store=store, **config_kwargs,
+        verify=verify, store=store, stream=stream, **config_kwargs,
     )
     return model
 
@@ -287,9 +296,11 @@ def load_model_with_report(
     num_threads: Optional[int] = None,
     verify: Optional[bool] = None,
     store: Optional[str] = None,
+    stream: bool = False,
     **config_kwargs: Any,
-) -> tuple[nn.Module, LoadReport]:
-    """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport`."""
+) -> tuple[nn.Module, Optional[LoadReport]]:
+    """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport` (None for a
+    streaming load: its ``model.sllm_load.report`` once it completes)."""
     t0 = time.perf_counter()
     if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
         if torch_dtype is not None and torch_dtype != dtype:
@@ -297,7 +308,14 @@ def load_model_with_report(
         torch_dtype = dtype
     load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
     options = _ModelOptions(device_map, torch_dtype, hf_model_class, trust_remote_code, max_memory,
-                            config_kwargs)
+                            config_kwargs, stream)
+    if stream:  # the load outlives this call: the checkpoint is closed when it ends
+        checkpoint = open_checkpoint(path, load_config)
+        try:
+            return _load_model(checkpoint, t0, options)
+        except BaseException:
+            checkpoint.close()
+            raise
     # One opening gives the index, the config files and the weights, whatever the tier.
     return with_checkpoint(path, load_config, lambda checkpoint: _load_model(checkpoint, t0, options))
 
@@ -310,6 +328,7 @@ class _ModelOptions:
     trust_remote_code: bool
     max_memory: Optional[Mapping[Any, Any]]
     config_kwargs: dict[str, Any]
+    stream: bool = False
 
 
 def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: Optional[torch.dtype],
@@ -327,7 +346,7 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
             config = transformers.AutoConfig.from_pretrained(
                 root, trust_remote_code=options.trust_remote_code, **options.config_kwargs
             )
-            cls = _model_class(options.hf_model_class, config)
+            cls = model_class(options.hf_model_class, config)
             try:
                 built["model"] = _build(cls, config, dtype, options.trust_remote_code)
             except (AttributeError, KeyError, TypeError, ValueError) as e:  # a class for another config
@@ -337,8 +356,11 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
         except BaseException as e:  # re-raised in the caller's thread
             built["error"] = e
 
-    loaded = None
-    if early is not None:
+    loaded: Any = None
+    if early is not None and options.stream:  # the load runs on its own thread from the start
+        loaded = start_opened(checkpoint, early, t0)
+        build()
+    elif early is not None:
         builder = threading.Thread(target=build, name="sllm-build-model", daemon=True)
         builder.start()
         try:
@@ -348,6 +370,9 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
     else:
         build()
     if "error" in built:
+        if options.stream and loaded is not None:
+            loaded.cancel()
+            loaded.release()
         raise built["error"]
     return built["model"], loaded
 
@@ -380,8 +405,18 @@ def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tu
     if unexpected:
         logger.warning("%d checkpoint tensors are not used by %s: %s", len(unexpected),
                        type(model).__name__, unexpected[:5])
+    assign = {n: _device_of(names[n], devices) for n in names}
+    if options.stream:
+        pending = loaded if loaded is not None else start_opened(checkpoint, assign, t0)
+        try:
+            return _stream_into(model, pending, names, dtype, root, expected, devices), None
+        except BaseException:
+            pending.cancel()
+            raise
+        finally:
+            pending.release()  # the checkpoint is closed when its load ends
     if loaded is None:
-        loaded = load_opened(checkpoint, {n: _device_of(names[n], devices) for n in names}, t0)
+        loaded = load_opened(checkpoint, assign, t0)
     tensors, report = loaded
     state = _model_state(model, tensors, names, dtype)
     _assign_state(model, state, root, expected, devices)
@@ -390,10 +425,28 @@ def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tu
     return model, report
 
 
+def _stream_into(model: nn.Module, pending: PendingLoad, names: dict[str, str], dtype: Optional[torch.dtype],
+                 root: Path, expected: set[str], devices: Mapping[str, torch.device]) -> nn.Module:
+    """The model with the tensors of a pending load as its weights, each module's forward
+    waiting for its own (cast tensors and models over several devices wait for theirs first)."""
+    state = _model_state(model, pending.tensors, names, dtype, pending)
+    _assign_state(model, state, root, expected, devices)
+    if len({str(d) for d in devices.values()}) > 1:
+        logger.info("a model over several devices is dispatched once its weights have loaded")
+        pending.wait()
+    model = _place(model, devices, root)
+    hooked = wait_in_forward(model, pending, names)
+    logger.info("streaming %s: %d modules wait for their weights", pending.path, hooked)
+    model.sllm_load = pending
+    return model
+
+
 def _model_state(model: nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str],
-                 dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+                 dtype: Optional[torch.dtype], pending: Optional[PendingLoad] = None,
+                 ) -> dict[str, torch.Tensor]:
     """The model's state dict from the loaded tensors, cast to ``dtype`` as from_pretrained casts
-    (modules kept in float32 stay so)."""
+    (modules kept in float32 stay so). ``pending``: the tensors are still arriving; a tensor is
+    waited for before it is cast or copied."""
     keep_fp32 = _keep_in_fp32(model, dtype)
     state: dict[str, torch.Tensor] = {}
     cast_bytes: Counter[torch.device] = Counter()
@@ -404,6 +457,8 @@ def _model_state(model: nn.Module, tensors: dict[str, torch.Tensor], names: dict
         all_bytes[t.device] += t.nbytes
         if want is not None and t.is_floating_point() and t.dtype != want and _castable(t.dtype):
             cast_bytes[t.device] += t.nbytes
+            if pending is not None:
+                pending.wait(ckpt_name)
             t = t.to(want)
         state[model_name] = t
     # Cast tensors are new allocations. When they are most of a device's bytes, copy the few
@@ -416,6 +471,8 @@ def _model_state(model: nn.Module, tensors: dict[str, torch.Tensor], names: dict
             if t.device in copy_out and t.data_ptr() in block_views:
                 key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
                 if key not in copies:
+                    if pending is not None:
+                        pending.wait([c for c, m in names.items() if m == model_name])
                     copies[key] = t.clone()
                 state[model_name] = copies[key]
     return state
@@ -478,12 +535,15 @@ def _place_buffers(model: nn.Module, devices: Mapping[str, torch.device]) -> Non
 
 
 def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, quiet: Optional[bool] = None,
-               chunk_size: Any = None, num_files: int = 1, compress: Optional[str] = None) -> Path:
+               chunk_size: Any = None, num_files: int = 1, compress: Optional[str] = None,
+               access_order: Any = "auto") -> Path:
     """Save a ``transformers`` model like ``save_pretrained``, with weights in the sllm-store format.
 
     Writes config.json, generation_config.json (when the model has one) and the weights (tied
     weights stored once) into a temporary directory that is renamed to ``path`` when complete.
     ``compress="zstd"`` stores the weights compressed (see :func:`sllm_store.convert`).
+    ``access_order``: as :func:`sllm_store.convert`'s; ``"auto"`` traces a forward pass of a copy
+    of the model built on the meta device.
 
     Example::
 
@@ -499,7 +559,11 @@ def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, qui
         target, chunk_size=parse_size(chunk_size or DEFAULT_CHUNK_SIZE), num_files=num_files, quiet=quiet,
         compress=compress,
     )
+    from sllm_store.order import resolve_order
+
     specs = specs_from_state_dict(model.state_dict())
+    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
+                          {s.name: s.alias_of for s in specs if s.alias_of is not None}, model=model)
     with atomic_directory(target, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
@@ -507,5 +571,5 @@ def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, qui
             generation_config.save_pretrained(tmp)
         writer.directory = tmp
         writer.write(specs, source={"format": "transformers", "name": type(model).__name__,
-                                    "metadata": {}})
+                                    "metadata": {}}, access_order=order)
     return target

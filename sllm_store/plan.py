@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Mapping
@@ -146,6 +147,34 @@ def read_units(index: Index, chunk_size: Optional[int], verify: bool) -> list[Re
     return units
 
 
+def in_access_order(index: Index, units: list[ReadUnit]) -> list[ReadUnit]:
+    """``units`` sorted by the first place in the checkpoint's access order of the tensors they
+    hold (as they are: without a recorded order), so that the pipeline, which takes units in
+    turn, delivers the bytes a forward pass needs first, first."""
+    ranks = index.ranks()
+    if not ranks:
+        return units
+    per_file: dict[int, tuple[list[int], list[int], list[int]]] = {}  # file -> (starts, ends, ranks)
+    stored = (t for t in index.tensors.values() if t.alias_of is None)
+    for t in sorted(stored, key=lambda t: (t.file, t.offset)):
+        starts, ends, rs = per_file.setdefault(t.file, ([], [], []))
+        starts.append(t.offset)
+        ends.append(t.offset + t.nbytes)
+        rs.append(ranks.get(t.name, len(ranks)))
+
+    def first_use(unit: ReadUnit) -> tuple[int, int, int]:
+        f_i, off, length, _ = unit
+        starts, ends, rs = per_file.get(f_i, ([], [], []))
+        k = bisect.bisect_right(ends, off)
+        best = len(ranks) + 1  # padding only: last
+        while k < len(starts) and starts[k] < off + length:
+            best = min(best, rs[k])
+            k += 1
+        return best, f_i, off
+
+    return sorted(units, key=first_use)
+
+
 def choose_io_mode(config: LoadConfig, files: list[str], compressed: bool = False, *,
                    may_map: bool = False) -> str:
     """The read mode for ``files``: ``config.io_mode``, where ``auto`` picks by page-cache
@@ -226,6 +255,7 @@ def make_plan(index: Index, assign: Mapping[str, torch.device], config: LoadConf
     ``own_slots``: every stored tensor gets a destination slot of its own, at offset 0 (tensors
     the caller already has, e.g. an engine's parameters: see :func:`tensor_buffers`)."""
     units = read_units(index, None if whole_chunks else config.chunk_size, config.verify)
+    units = in_access_order(index, units)
     slots = _Slots()
     # Device of each stored tensor to load: its own assignment, else that of an alias of it.
     target: dict[str, torch.device] = {}

@@ -25,6 +25,7 @@ import bisect
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
@@ -34,6 +35,7 @@ from torch import nn
 from sllm_store.errors import InvalidArgumentError, LoadCancelledError, ModelChangedError
 from sllm_store.index import Index
 from sllm_store.plan import LoadReport, Plan
+from sllm_store.tiers.base import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +116,20 @@ class PendingLoad:
         return self._progress
 
     def run(self, load: Callable[[PendingLoad], tuple[Any, LoadReport]], *,
-            release: bool = True) -> PendingLoad:
+            closer: Optional[Callable[[], None]] = None) -> PendingLoad:
         """Run ``load(self)`` on a thread of its own and return once the tensors exist (raising
-        what the load raised before that). ``release=False``: the thread keeps what ``load``
-        opened until :meth:`release` (a caller still reading the checkpoint's files)."""
-        if release:
+        what the load raised before that). ``closer``: called on that thread once the load has
+        ended and :meth:`release` was called (it closes what the caller opened and still
+        reads: the checkpoint's config files, say)."""
+        if closer is None:
             self._release.set()
-        self._thread = threading.Thread(target=self._body, args=(load,), name="sllm-stream", daemon=True)
+        self._thread = threading.Thread(target=self._body, args=(load, closer), name="sllm-stream",
+                                        daemon=True)
         self._thread.start()
         while not self._begun.wait(_POLL):
             pass
         if self._progress is None:  # failed before any memory was allocated
+            self._release.set()
             self._thread.join()
             assert self._error is not None
             raise self._error
@@ -134,10 +139,13 @@ class PendingLoad:
         """The caller no longer needs the files the load opened (config files, say)."""
         self._release.set()
 
-    def _body(self, load: Callable[[PendingLoad], tuple[Any, LoadReport]]) -> None:
+    def _body(self, load: Callable[[PendingLoad], tuple[Any, LoadReport]],
+              closer: Optional[Callable[[], None]]) -> None:
         try:
             _, self._report = load(self)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting threads
+            # The frames' locals (the load's buffers among them) must not outlive the load.
+            traceback.clear_frames(e.__traceback__)
             self._error = e
         finally:
             self.timeline["done"] = time.perf_counter() - self._t0
@@ -145,6 +153,12 @@ class PendingLoad:
                 self._progress.close()
             self._finished.set()
             self._begun.set()
+            if closer is not None:
+                self._release.wait()
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001 - the load's outcome stands
+                    logger.exception("closing %s after its load failed", self.path)
 
     # -- the caller's side ------------------------------------------------------------------
 
@@ -242,10 +256,14 @@ class PendingLoad:
             raise
 
 
-def start_load(path: str, load: Callable[[PendingLoad], tuple[Any, LoadReport]]) -> PendingLoad:
-    """A :class:`PendingLoad` of ``load(pending)`` (which opens ``path`` and loads it with
-    ``stream=pending``), returned once its tensors exist."""
-    return PendingLoad(path).run(load)
+def start_opened(checkpoint: Checkpoint, device: Any, t0: float) -> PendingLoad:
+    """A :class:`PendingLoad` of an opened checkpoint onto ``device``, returned once its tensors
+    exist. It owns the checkpoint from then on: it closes it once the load has ended and
+    :meth:`PendingLoad.release` was called (when the caller has read the config files)."""
+    from sllm_store.loader import load_opened
+
+    return PendingLoad(checkpoint.path).run(lambda p: load_opened(checkpoint, device, t0, stream=p),
+                                            closer=checkpoint.close)
 
 
 def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str]) -> int:
@@ -278,4 +296,4 @@ def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str
     return len(handles)
 
 
-__all__ = ["PendingLoad", "LoadCancelledError", "start_load", "tensor_units", "wait_in_forward"]
+__all__ = ["PendingLoad", "LoadCancelledError", "start_opened", "tensor_units", "wait_in_forward"]

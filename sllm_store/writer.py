@@ -333,9 +333,13 @@ class CheckpointWriter:
         self.quiet = default_quiet() if quiet is None else quiet
         self.compression = parse_compression(compress)
 
-    def _layout(self, specs: list[TensorSpec]) -> list[list[TensorSpec]]:
-        """Split stored tensors, in order, into ``num_files`` runs of about equal size."""
+    def _layout(self, specs: list[TensorSpec], order: Optional[list[str]]) -> list[list[TensorSpec]]:
+        """Split stored tensors, in ``order`` (names; default: as given), into ``num_files`` runs
+        of about equal size."""
         stored = [s for s in specs if s.alias_of is None]
+        if order is not None:
+            rank = {name: i for i, name in enumerate(order)}
+            stored.sort(key=lambda s: rank.get(s.name, len(rank)))
         total = sum(_align(s.nbytes, self.tensor_alignment) for s in stored)
         target = total / self.num_files if total else 0
         files: list[list[TensorSpec]] = [[] for _ in range(self.num_files)]
@@ -351,13 +355,17 @@ class CheckpointWriter:
             done += size
         return files
 
-    def write(self, specs: list[TensorSpec], *, source: dict[str, Any]) -> Index:
+    def write(self, specs: list[TensorSpec], *, source: dict[str, Any],
+              access_order: Optional[list[str]] = None) -> Index:
+        """Write the tensors of ``specs``; ``access_order`` (stored tensor names, as
+        :func:`sllm_store.order.resolve_order` gives them): the data is laid out in that order
+        and the order recorded in the index. The index lists the tensors in the order given."""
         from tqdm.auto import tqdm
 
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SllmStoreError("duplicate tensor names in the input")
-        layout = self._layout(specs)
+        layout = self._layout(specs, access_order)
         total = sum(s.nbytes for run in layout for s in run)
         width = max(5, len(str(self.num_files - 1)))
         entries: dict[str, TensorEntry] = {}
@@ -388,6 +396,7 @@ class CheckpointWriter:
             created_by=f"sllm-store {__version__}",
             compression={"codec": self.compression[0], "level": self.compression[1]}
             if self.compression else None,
+            access_order=access_order,
         )
         write_index(index, self.directory)
         return index
@@ -513,6 +522,7 @@ def save_state_dict(
     quiet: Optional[bool] = None,
     metadata: Optional[Mapping[str, str]] = None,
     compress: Optional[str] = None,
+    access_order: Any = "none",
 ) -> Path:
     """Save ``state_dict`` as an sllm-store checkpoint directory at ``path``.
 
@@ -520,6 +530,9 @@ def save_state_dict(
     view of one storage under several names) are stored once. ``dtype`` casts floating-point
     tensors (fp16/bf16/fp32/fp64) while saving. ``compress="zstd"`` (or ``"zstd:LEVEL"``)
     compresses every chunk losslessly (needs the ``zstandard`` package; see docs/format.md).
+    ``access_order``: the tensor names in the order a forward pass first uses them (data laid
+    out and recorded so; see :func:`sllm_store.convert`); by default (``"none"``) the data keeps
+    the dict's order and no order is recorded.
 
     Example::
 
@@ -537,7 +550,11 @@ def save_state_dict(
         compress=compress,
     )
     source = {"format": "state_dict", "name": "", "metadata": dict(metadata or {})}
+    from sllm_store.order import resolve_order
+
+    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
+                          {s.name: s.alias_of for s in specs if s.alias_of is not None})
     with atomic_directory(path, overwrite) as tmp:
         writer.directory = tmp
-        writer.write(specs, source=source)
+        writer.write(specs, source=source, access_order=order)
     return Path(path)

@@ -1,0 +1,139 @@
+"""The access order of a checkpoint: the order in which a forward pass first touches its tensors.
+
+:func:`convert` and :func:`save_model` lay a checkpoint's data out in this order and record it in
+the index (``access_order``, docs/format.md), so that a load reads the first layer's bytes first
+and a streaming load (docs/streaming.md) can run the first layers while the last ones arrive.
+
+The order is traced from one forward pass of the model built on the meta device (no memory, no
+computation: forward pre-hooks note which module runs first); where that is not possible (the
+model cannot be built, or its forward does not run on the meta device), it is the modules'
+registration order; without a model, the tensor names in natural order (``layers.2`` before
+``layers.10``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+AccessOrder = Union[str, Sequence[str], None]  # "auto", "none", or the names in order
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def traced_order(model: nn.Module, example: Optional[Any] = None) -> tuple[list[str], str]:
+    """The model's state-dict names in the order one forward pass first touches them, then the
+    untouched ones in registration order; and how it was found (``"traced"``, or
+    ``"registration"`` when the forward failed). ``example``: the forward's positional input
+    (default: ``input_ids`` of 8 tokens, as a language model takes). Run it on a model on the
+    meta device: nothing is computed."""
+    names_of: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(t), []).append(name)
+    order: list[str] = []
+    seen: set[int] = set()
+
+    def note(module: nn.Module, _args: Any) -> None:
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None and id(t) in names_of and id(t) not in seen:
+                seen.add(id(t))
+                order.extend(names_of[id(t)])
+
+    hooks = [m.register_forward_pre_hook(note) for m in model.modules()]
+    how = "traced"
+    try:
+        with torch.no_grad():
+            if example is not None:
+                model(example)
+            else:
+                device = next((p.device for p in model.parameters()), torch.device("meta"))
+                model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device))
+    except Exception as e:  # noqa: BLE001 - any model may fail on the meta device
+        logger.info("cannot trace a forward pass of %s (%s: %s); using its registration order",
+                    type(model).__name__, type(e).__name__, e)
+        order.clear()
+        how = "registration"
+    finally:
+        for h in hooks:
+            h.remove()
+    done = set(order)
+    return order + [n for n in model.state_dict(keep_vars=True) if n not in done], how
+
+
+def hf_order(model_dir: Path, trust_remote_code: bool = False) -> Optional[tuple[list[str], str]]:
+    """:func:`traced_order` of the transformers model that ``model_dir/config.json`` describes,
+    built on the meta device; None when there is no config or transformers cannot build it."""
+    if not (model_dir / "config.json").is_file():
+        return None
+    try:
+        import transformers
+
+        from sllm_store.model import model_class
+
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        cls = model_class(None, config)
+        with torch.device("meta"):
+            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    except Exception as e:  # noqa: BLE001 - no model: the caller falls back to the names
+        logger.info("cannot build the model of %s on the meta device (%s: %s)", model_dir,
+                    type(e).__name__, e)
+        return None
+    return traced_order(model)
+
+
+def module_order(model: nn.Module) -> tuple[list[str], str]:
+    """:func:`traced_order` of a copy of ``model`` built on the meta device from its config (a
+    transformers model); its registration order otherwise."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        try:
+            with torch.device("meta"):
+                copy = type(model)(config)
+            return traced_order(copy)
+        except Exception as e:  # noqa: BLE001 - any model class
+            logger.info("cannot build %s on the meta device (%s: %s)", type(model).__name__,
+                        type(e).__name__, e)
+    return list(model.state_dict(keep_vars=True)), "registration"
+
+
+def resolve_order(order: AccessOrder, names: Sequence[str], aliases: Optional[dict[str, str]] = None,
+                  model_dir: Optional[Path] = None, model: Optional[nn.Module] = None) -> Optional[list[str]]:
+    """The access order to record for the stored tensors ``names`` (``aliases``: tied name ->
+    the stored tensor it shares): ``order`` itself (names in order; those it leaves out follow in
+    natural order), or for ``"auto"`` the traced order of ``model`` or of the model in
+    ``model_dir``, else the names' natural order; None for ``"none"`` (the data keeps the given
+    order, and no order is recorded)."""
+    from sllm_store.errors import InvalidArgumentError
+
+    if order is None or order == "none":
+        return None
+    if isinstance(order, str):
+        if order != "auto":
+            raise InvalidArgumentError(
+                f"access_order must be 'auto', 'none' or a list of names, got {order!r}")
+        found = module_order(model) if model is not None else hf_order(model_dir) if model_dir else None
+        given = found[0] if found else []
+        if found:
+            logger.info("access order: %s (%d tensors)", found[1], len(given))
+    else:
+        given = list(order)
+        unknown = [n for n in given if n not in set(names) and n not in (aliases or {})]
+        if unknown:
+            raise InvalidArgumentError(f"access_order names {len(unknown)} tensors the checkpoint does not "
+                                       f"store: {unknown[:5]}")
+    wanted = set(names)
+    given = [(aliases or {}).get(n, n) for n in given]
+    out = list(dict.fromkeys(n for n in given if n in wanted))
+    placed = set(out)
+    return out + sorted((n for n in names if n not in placed), key=natural_key)
