@@ -15,6 +15,7 @@ Suites:
 * ``store``: loads through the store server by fresh processes against the pinned host-to-GPU copy.
 * ``vllm``: vLLM engines started with each load format (``sllm`` and vLLM's own), cold and warm.
 * ``verify``: what checksum verification costs on each load path (off against on).
+* ``stream``: time to a model's first output from a cold start, streaming against blocking loads.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.compress",
-          "remote": "suites.remote", "verify": "suites.verify", "vllm": "suites.vllm"}
+          "remote": "suites.remote", "verify": "suites.verify", "vllm": "suites.vllm",
+          "stream": "suites.stream"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -90,7 +90,8 @@ class PendingLoad:
         self._error: Optional[BaseException] = None
         self._report: Optional[LoadReport] = None
         self._thread: Optional[threading.Thread] = None
-        self.timeline: dict[str, float] = {}  # event -> seconds since the load started
+        self.started = time.time()  # wall clock when the load started
+        self.timeline: dict[str, float] = {}  # "allocated", "done" -> seconds since then
 
     # -- the loader's side ------------------------------------------------------------------
 
