@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from sllm_store import __version__
 from sllm_store._units import format_size, parse_size
-from sllm_store.errors import SllmStoreError
+from sllm_store.errors import InvalidArgumentError, SllmStoreError
 
 logger = logging.getLogger("sllm_store.cli")
 
@@ -37,17 +37,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from sllm_store.converter import convert
     from sllm_store.index import read_index
 
+    order: Any = args.access_order
+    if order not in ("auto", "none"):
+        try:
+            order = [line.strip() for line in Path(order).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise InvalidArgumentError(f"--access-order: cannot read {args.access_order!r}: {e}") from None
     dst = convert(
         args.src, args.dst, dtype=args.dtype, chunk_size=args.chunk_size,
         num_files=args.num_files, overwrite=args.overwrite, quiet=True if args.quiet else None,
-        compress=args.compress,
+        compress=args.compress, access_order=order,
     )
     if isinstance(dst, str):  # uploaded to a URL
         print(f"converted {args.src} and uploaded it to {dst}")
         return 0
     index = read_index(dst)
     print(f"converted {args.src} -> {dst}: {len(index.tensors)} tensors, "
-          f"{format_size(index.total_bytes)} in {len(index.files)} data file(s)")
+          f"{format_size(index.total_bytes)} in {len(index.files)} data file(s)"
+          + (", in access order" if index.access_order else ""))
     return 0
 
 
@@ -280,6 +287,10 @@ def _add_checkpoint_commands(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--num-files", type=int, default=1, help="number of data files (default 1)")
     c.add_argument("--compress", default=None, metavar="zstd[:LEVEL]",
                    help="compress every chunk losslessly with zstd (level 1..22, default 1)")
+    c.add_argument("--access-order", default="auto", metavar="auto|none|FILE",
+                   help="the order the data is laid out in and the index records: auto (traced from a "
+                   "forward pass of the model config.json describes, on the meta device), none (the "
+                   "source's), or a file of tensor names, one per line (default auto)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)

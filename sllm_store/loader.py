@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 
@@ -21,10 +21,8 @@ from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import CheckpointMismatchError, ModelChangedError
 from sllm_store.index import Index, PathLike, read_index
 from sllm_store.plan import Buffer, DeviceMap, LoadReport, Plan, assign_devices, make_report, views
+from sllm_store.streaming import PendingLoad
 from sllm_store.tiers import Checkpoint, open_checkpoint
-
-if TYPE_CHECKING:  # pragma: no cover
-    from sllm_store.streaming import PendingLoad
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +149,17 @@ def load(path: PathLike, device: DeviceMap, config: LoadConfig) -> tuple[dict[st
 def start(path: PathLike, device: DeviceMap, config: LoadConfig) -> PendingLoad:
     """:func:`load` in the background: a :class:`~sllm_store.streaming.PendingLoad`, returned
     once the tensors' memory exists."""
-    from sllm_store.streaming import PendingLoad
-
     t0 = time.perf_counter()
     return PendingLoad(str(path)).run(
         lambda pending: with_checkpoint(path, config, lambda cp: load_opened(cp, device, t0, stream=pending)))
+
+
+def start_opened(checkpoint: Checkpoint, device: DeviceMap, t0: float) -> PendingLoad:
+    """A :class:`~sllm_store.streaming.PendingLoad` of an opened checkpoint onto ``device``,
+    returned once its tensors exist. It owns the checkpoint from then on: it closes it once the
+    load has ended and ``release()`` was called (when the caller has read the config files)."""
+    return PendingLoad(checkpoint.path).run(lambda p: load_opened(checkpoint, device, t0, stream=p),
+                                            closer=checkpoint.close)
 
 
 def load_state_dict(

@@ -29,9 +29,9 @@ from torch import nn
 from sllm_store.config import LoadConfig
 from sllm_store.errors import InvalidArgumentError, SllmStoreError
 from sllm_store.index import Index, PathLike
-from sllm_store.loader import load_opened, with_checkpoint
+from sllm_store.loader import load_opened, start_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
-from sllm_store.streaming import PendingLoad, start_opened, wait_in_forward
+from sllm_store.streaming import PendingLoad, wait_in_forward
 from sllm_store.tiers import open_checkpoint
 from sllm_store.tiers.base import Checkpoint
 
@@ -118,7 +118,7 @@ def _config_dtype(root: Path) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def model_class(hf_model_class: Any, config: Any = None) -> Any:
+def _model_class(hf_model_class: Any, config: Any = None) -> Any:
     """The class to build: ``hf_model_class`` (a class, or its name in transformers), else the
     architecture that the config names (``config.architectures``), else AutoModelForCausalLM."""
     import transformers
@@ -145,6 +145,24 @@ def _no_init_weights() -> Any:
         except ImportError:  # pragma: no cover - very old transformers: init runs on meta
             return contextlib.nullcontext()
     return no_init_weights()
+
+
+def meta_model(model_dir: Path) -> Optional[nn.Module]:
+    """The transformers model that ``model_dir/config.json`` describes, built wholly on the meta
+    device (for tracing its access order); None when there is no config or it cannot be built."""
+    if not (model_dir / "config.json").is_file():
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        cls = _model_class(None, config)
+        with torch.device("meta"):
+            return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    except Exception as e:  # noqa: BLE001 - no model: the caller falls back to the names
+        logger.info("cannot build the model of %s on the meta device (%s: %s)", model_dir,
+                    type(e).__name__, e)
+        return None
 
 
 def _build(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_code: bool) -> nn.Module:
@@ -346,7 +364,7 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
             config = transformers.AutoConfig.from_pretrained(
                 root, trust_remote_code=options.trust_remote_code, **options.config_kwargs
             )
-            cls = model_class(options.hf_model_class, config)
+            cls = _model_class(options.hf_model_class, config)
             try:
                 built["model"] = _build(cls, config, dtype, options.trust_remote_code)
             except (AttributeError, KeyError, TypeError, ValueError) as e:  # a class for another config

@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -71,27 +70,6 @@ def traced_order(model: nn.Module, example: Optional[Any] = None) -> tuple[list[
     return order + [n for n in model.state_dict(keep_vars=True) if n not in done], how
 
 
-def hf_order(model_dir: Path, trust_remote_code: bool = False) -> Optional[tuple[list[str], str]]:
-    """:func:`traced_order` of the transformers model that ``model_dir/config.json`` describes,
-    built on the meta device; None when there is no config or transformers cannot build it."""
-    if not (model_dir / "config.json").is_file():
-        return None
-    try:
-        import transformers
-
-        from sllm_store.model import model_class
-
-        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        cls = model_class(None, config)
-        with torch.device("meta"):
-            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-    except Exception as e:  # noqa: BLE001 - no model: the caller falls back to the names
-        logger.info("cannot build the model of %s on the meta device (%s: %s)", model_dir,
-                    type(e).__name__, e)
-        return None
-    return traced_order(model)
-
-
 def module_order(model: nn.Module) -> tuple[list[str], str]:
     """:func:`traced_order` of a copy of ``model`` built on the meta device from its config (a
     transformers model); its registration order otherwise."""
@@ -108,12 +86,13 @@ def module_order(model: nn.Module) -> tuple[list[str], str]:
 
 
 def resolve_order(order: AccessOrder, names: Sequence[str], aliases: Optional[dict[str, str]] = None,
-                  model_dir: Optional[Path] = None, model: Optional[nn.Module] = None) -> Optional[list[str]]:
+                  model: Optional[nn.Module] = None,
+                  build: Optional[Callable[[], Optional[nn.Module]]] = None) -> Optional[list[str]]:
     """The access order to record for the stored tensors ``names`` (``aliases``: tied name ->
     the stored tensor it shares): ``order`` itself (names in order; those it leaves out follow in
-    natural order), or for ``"auto"`` the traced order of ``model`` or of the model in
-    ``model_dir``, else the names' natural order; None for ``"none"`` (the data keeps the given
-    order, and no order is recorded)."""
+    natural order), or for ``"auto"`` the traced order of ``model`` (a copy of it built on the
+    meta device) or of the meta-device model that ``build()`` makes, else the names' natural
+    order; None for ``"none"`` (the data keeps the given order, and no order is recorded)."""
     from sllm_store.errors import InvalidArgumentError
 
     if order is None or order == "none":
@@ -122,7 +101,11 @@ def resolve_order(order: AccessOrder, names: Sequence[str], aliases: Optional[di
         if order != "auto":
             raise InvalidArgumentError(
                 f"access_order must be 'auto', 'none' or a list of names, got {order!r}")
-        found = module_order(model) if model is not None else hf_order(model_dir) if model_dir else None
+        if model is not None:
+            found: Optional[tuple[list[str], str]] = module_order(model)
+        else:
+            built = build() if build is not None else None
+            found = traced_order(built) if built is not None else None
         given = found[0] if found else []
         if found:
             logger.info("access order: %s (%d tensors)", found[1], len(given))

@@ -35,7 +35,6 @@ from torch import nn
 from sllm_store.errors import InvalidArgumentError, LoadCancelledError, ModelChangedError
 from sllm_store.index import Index
 from sllm_store.plan import LoadReport, Plan
-from sllm_store.tiers.base import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -257,16 +256,6 @@ class PendingLoad:
             raise
 
 
-def start_opened(checkpoint: Checkpoint, device: Any, t0: float) -> PendingLoad:
-    """A :class:`PendingLoad` of an opened checkpoint onto ``device``, returned once its tensors
-    exist. It owns the checkpoint from then on: it closes it once the load has ended and
-    :meth:`PendingLoad.release` was called (when the caller has read the config files)."""
-    from sllm_store.loader import load_opened
-
-    return PendingLoad(checkpoint.path).run(lambda p: load_opened(checkpoint, device, t0, stream=p),
-                                            closer=checkpoint.close)
-
-
 def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str]) -> int:
     """Forward pre-hooks that make each module of ``model`` wait for its own parameters and
     buffers of the pending load (``names``: checkpoint name -> the model's name) before it
@@ -297,4 +286,4 @@ def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str
     return len(handles)
 
 
-__all__ = ["PendingLoad", "LoadCancelledError", "start_opened", "tensor_units", "wait_in_forward"]
+__all__ = ["PendingLoad", "LoadCancelledError", "tensor_units", "wait_in_forward"]

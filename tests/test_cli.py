@@ -319,3 +319,31 @@ def test_every_option_is_documented():
         for action in command._actions:
             missing += [f"{name} {o}" for o in action.option_strings if o.startswith("--") and o not in doc]
     assert not missing, f"docs/cli.md lacks: {missing}"
+
+
+def test_convert_access_order_flag(cli, tmp_path) -> None:
+    import torch
+
+    import sllm_store
+
+    sd = {f"layers.{i}.w": torch.full((8, 8), float(i)) for i in (0, 1, 2, 10)}
+    src = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(sd, src)
+    r = cli("convert", src, tmp_path / "auto", "-q")
+    assert r.returncode == 0 and "in access order" in r.stdout, r
+    # no config.json: the names' natural order
+    assert sllm_store.read_index(tmp_path / "auto").access_order == [f"layers.{i}.w" for i in (0, 1, 2, 10)]
+    order = tmp_path / "order.txt"
+    order.write_text("layers.10.w\n\nlayers.2.w\n")
+    assert cli("convert", src, tmp_path / "file", "-q", "--access-order", order).returncode == 0
+    assert sllm_store.read_index(tmp_path / "file").access_order[:2] == ["layers.10.w", "layers.2.w"]
+    assert cli("convert", src, tmp_path / "none", "-q", "--access-order", "none").returncode == 0
+    assert sllm_store.read_index(tmp_path / "none").access_order is None
+    assert_clean_error(cli("convert", src, tmp_path / "x", "--access-order", tmp_path / "missing.txt"),
+                       "InvalidArgumentError", "access-order")
+    order.write_text("nope\n")
+    assert_clean_error(cli("convert", src, tmp_path / "y", "--access-order", order), "InvalidArgumentError",
+                       "does not store")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
