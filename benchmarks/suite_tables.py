@@ -179,10 +179,38 @@ def render_vllm(data: Data) -> str:
                           "weights loaded (vLLM's log), s"], rows)
 
 
+STREAM_MARKS = (("model", "model returned"), ("first_layer", "first layer done"),
+                ("first_output", "first output"), ("complete", "every weight in place"))
+
+
+def render_stream(data: Data) -> str:
+    """Per contender and page-cache state: the process timeline from its launch, best (median)."""
+    r = data["results"]
+    rows = []
+    for key, c in r["contenders"].items():
+        kind, _, mode = key.rpartition("-")
+        if "error" in c:
+            rows.append([f"`{kind}`", mode, "error: " + c["error"].splitlines()[-1][:100]] + ["–"] * 3)
+            continue
+        t = r["timelines"].get(key, {})
+        rows.append([f"`{kind}`", mode] + [_pair(t[k]["best_s"], t[k]["median_s"]) if k in t else "–"
+                                           for k, _ in STREAM_MARKS])
+    best = (r.get("disk_sweep", {}).get("best") or {}).get("gbps")
+    head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint, {r.get('access_order', 0)} tensors in "
+            "its access order; each contender a fresh process timed from its launch (imports, CUDA context, "
+            "load, one forward of 16 tokens), its logits equal in every round"
+            + (f"; best raw read of the disk sweep {best:.2f} GB/s" if best else "") + ".\n\n")
+    text = head + _table(["load", "page cache"] + [f"{label}, s" for _, label in STREAM_MARKS], rows)
+    if r.get("ratios"):
+        text += "\nRatios, best (median):\n\n" + "".join(
+            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
+    return text
+
+
 RENDERERS: Dict[str, Callable[[Data], str]] = {
     "local-gpu": render_local, "local-cpu": render_local, "store": render_store,
     "compress": render_compress, "remote": render_remote, "verify": render_verify,
-    "vllm": render_vllm,
+    "vllm": render_vllm, "stream": render_stream,
 }
 
 
