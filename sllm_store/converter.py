@@ -149,7 +149,7 @@ def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
     )
 
 
-def _extra_files(src: Path, weights: list[Path], dst: Path) -> list[Path]:
+def model_files(src: Path, weights: list[Path], dst: Path) -> list[Path]:
     """The files a model needs besides its weights: the regular files at the top of its directory
     (config, tokenizer, generation config, model card), relative to it. Subdirectories (training
     checkpoints, an earlier conversion) and hidden files are not copied."""
@@ -241,7 +241,7 @@ def convert(
     if not specs:
         raise ConvertError(f"'{src_p}' holds no tensors")
     specs = [cast_spec(s, target) for s in specs]
-    extras = _extra_files(src_p, not_copied, dst_p) if src_p.is_dir() else []
+    extras = model_files(src_p, not_copied, dst_p) if src_p.is_dir() else []
     logger.info("converting %s (%s, %d tensors, %d files) -> %s", src_p, kind, len(specs),
                 len(weights), dst_p)
     source = {"format": kind.split("-")[0] if kind != "torch" else "torch",

@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "sllm_vllm.json"
 FORMAT = "sllm-store vllm engine-ready 1"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".sllm")
 SIGNATURE = ("tensor_parallel_size", "pipeline_parallel_size", "dtype", "quantization", "architectures")
 
 
@@ -184,13 +183,15 @@ def _shutdown(llm: Any) -> None:
 
 
 def _copy_model_files(src: Path, dst: Path) -> None:
-    """The model directory's other files (config, tokenizer, generation config), weights left out."""
+    """The model directory's other files (config, tokenizer, generation config), as ``convert``
+    copies them: weights and their index files left out."""
     if not src.is_dir():
         return
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json") \
-                and f.name != MANIFEST:
-            shutil.copy2(f, dst / f.name)
+    from sllm_store.converter import model_files
+
+    indexes = [*src.glob("*.index.json"), src / MANIFEST]
+    for rel in model_files(src, indexes, dst):
+        shutil.copy2(src / rel, dst / rel.name)
 
 
 __all__ = ["MANIFEST", "save", "read_manifest", "check_manifest", "engine_signature", "rank_path"]
