@@ -28,9 +28,12 @@ from sllm_store._units import SizeLike, parse_size
 from sllm_store.errors import ConvertError, MissingFileError, MissingSourceError
 from sllm_store.formats import (
     SAFETENSORS_INDEX,
+    SERVERLESSLLM_INDEX,
+    is_serverlessllm,
     safetensors_entries,
     safetensors_header,
     safetensors_shards,
+    serverlessllm_partitions,
     shards_from_index,
 )
 from sllm_store.index import DEFAULT_CHUNK_SIZE, PathLike
@@ -126,10 +129,26 @@ def _torch_specs(paths: list[Path]) -> list[TensorSpec]:
     return specs
 
 
+def _serverlessllm_specs(src: Path) -> list[TensorSpec]:
+    """The tensors of a ServerlessLLM checkpoint, read through our loader as views of its files
+    (strided ones are written as their contiguous copies; tied names stay tied)."""
+    from sllm_store.errors import InvalidArgumentError
+    from sllm_store.loader import load_state_dict
+
+    try:
+        state = load_state_dict(src, "cpu", io_mode="mmap")
+    except InvalidArgumentError:  # a tensor its dtype cannot be viewed at: copied instead
+        state = load_state_dict(src, "cpu", io_mode="buffered")
+    return specs_from_state_dict(state)
+
+
 def _detect(src: Path) -> tuple[str, list[Path], list[Path]]:
     """(kind, weight files, files that are weights and must not be copied)."""
     if not src.exists():
         raise MissingSourceError(f"source '{src}' does not exist")
+    if is_serverlessllm(src):
+        parts = serverlessllm_partitions(src)
+        return "serverlessllm", parts, parts + [src / SERVERLESSLLM_INDEX]
     if src.is_file():
         if src.suffix == ".safetensors":
             return "safetensors", [src], [src]
@@ -236,6 +255,8 @@ def convert(
     metadata: dict[str, str] = {}
     if kind in ("safetensors", "huggingface"):
         specs, metadata = _safetensors_specs(weights)
+    elif kind == "serverlessllm":
+        specs = _serverlessllm_specs(src_p)
     else:
         specs = _torch_specs(weights)
     if not specs:

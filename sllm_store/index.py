@@ -44,8 +44,9 @@ class TensorEntry:
     shape: tuple[int, ...]
     file: int
     offset: int
-    nbytes: int
+    nbytes: int  # bytes from ``offset`` the tensor spans
     alias_of: str | None = None
+    strides: tuple[int, ...] | None = None  # None: C-contiguous (always so in our format)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Index:
                     "file": t.file,
                     "offset": t.offset,
                     "nbytes": t.nbytes,
+                    **({"strides": list(t.strides)} if t.strides is not None else {}),
                 }
         return {
             "format": FORMAT_NAME,

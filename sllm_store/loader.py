@@ -113,6 +113,8 @@ def check_targets(index: Index, targets: Mapping[str, torch.Tensor], strict: boo
                           f"{str(t.dtype).removeprefix('torch.')}")
         elif not t.is_contiguous():
             shaped.append(f"{name}: the target is not contiguous")
+        elif stored.strides is not None:
+            shaped.append(f"{name}: strided in the checkpoint (load it with load_state_dict)")
     if shaped:
         problems.append(f"{len(shaped)} tensors that do not match ({'; '.join(shaped[:5])}"
                         f"{'; ...' if len(shaped) > 5 else ''})")
@@ -269,6 +271,8 @@ def load_state_dict_with_report(
 
 def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
     """Check a converted checkpoint completely: index, every data file, every chunk checksum.
+    Safetensors weights and ServerlessLLM checkpoints have no checksums: their index and the
+    sizes of their data files are checked.
 
     Returns None if all is well; raises the specific :class:`SllmStoreError` otherwise.
 
@@ -276,7 +280,15 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
 
         sllm_store.verify("llama.sllm")
     """
+    from sllm_store.formats import open_index
+    from sllm_store.index import check_data_files, is_converted
     from sllm_store.tiers.local import verify_files
 
+    if not is_converted(path):  # safetensors or ServerlessLLM: no checksums to check
+        index = open_index(path)
+        check_data_files(index)
+        logger.info("%s (%s) has no checksums: its index and data file sizes are checked", path,
+                    index.source.get("format"))
+        return
     index = read_index(path)
     verify_files(index, LoadConfig.resolve(num_threads=num_threads, verify=True, chunk_size=index.chunk_size))

@@ -418,7 +418,7 @@ def views(index: Index, plan: Plan, buffers: list[Buffer]) -> dict[str, torch.Te
         buf, shift = buffers[s]
         dtype = dtype_from_name(stored.dtype)
         t = torch.empty(0, dtype=dtype, device=buf.device)
-        strides = _contiguous_strides(stored.shape)
+        strides = stored.strides if stored.strides is not None else _contiguous_strides(stored.shape)
         t.set_(buf.untyped_storage(), (shift + off) // dtype.itemsize, stored.shape, strides)
         if entry.alias_of is not None and want != buf.device:
             t = t.to(want)  # an alias placed on another device than its target

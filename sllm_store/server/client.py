@@ -177,7 +177,7 @@ class StoreClient:
 
 def index_of(reply: pb.DescribeReply, name: str) -> Index:
     raw = strict_json(reply.index_json, f"the index of {name!r} from the store server")
-    if isinstance(raw, dict) and raw.get("synthesized") == "safetensors":
+    if isinstance(raw, dict) and raw.get("synthesized"):
         from sllm_store.formats import synthesized_index_from_json
 
         return synthesized_index_from_json(raw, Path(name))

@@ -37,7 +37,13 @@ from sllm_store.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from sllm_store.formats import open_index, safetensors_shards
+from sllm_store.formats import (
+    SERVERLESSLLM_INDEX,
+    describing_files,
+    is_serverlessllm,
+    open_index,
+    safetensors_shards,
+)
 from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
 from sllm_store.native import _C
 from sllm_store.plan import choose_io_mode
@@ -142,10 +148,10 @@ class PooledModels:
             raise PathEscapeError(f"model name {name!r} resolves outside the storage path (symlink)")
         if not real.exists():
             raise ModelNotFoundError(f"no model {name!r} under the storage path '{self.storage}'")
-        if not is_converted(real) and not (real.is_dir() and safetensors_shards(real)):
+        if not (is_converted(real) or is_serverlessllm(real) or (real.is_dir() and safetensors_shards(real))):
             raise ModelNotFoundError(
-                f"{name!r} under '{self.storage}' is neither an sllm-store checkpoint nor a "
-                "safetensors model directory"
+                f"{name!r} under '{self.storage}' is neither an sllm-store checkpoint, a safetensors "
+                "model directory nor a ServerlessLLM checkpoint"
             )
         return str(p), real
 
@@ -158,7 +164,7 @@ class PooledModels:
         """(name, index, the index as sent to clients, fingerprint), consistent with each other."""
         key, path = self.resolve(name)
         converted = is_converted(path)
-        described = [path / INDEX_FILE] if converted else safetensors_shards(path)
+        described = describing_files(path)
         sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                     for st in (p.stat() for p in described))
         memo = self._index_memo.get(key)
@@ -167,9 +173,9 @@ class PooledModels:
         else:
             index = read_index(path) if converted else open_index(path)
             raw = index.to_json()
-            if not converted:
-                raw["synthesized"] = "safetensors"  # plain safetensors: the client must not expect
-            index_json = json.dumps(raw)             # our alignment or checksums
+            if not converted:  # safetensors or ServerlessLLM: the client must not expect our
+                raw["synthesized"] = index.source.get("format", "safetensors")  # alignment or checksums
+            index_json = json.dumps(raw)
             self._index_memo[key] = (sig, index, index_json)
         check_data_files(index)
         for i in range(len(index.files)):  # a data file linked out of the storage path is not served
@@ -182,7 +188,7 @@ class PooledModels:
         """The index as JSON, the fingerprint, and the small non-weight files (config, generation
         config...) that stay inside the storage path."""
         key, index, index_json, fp = self._open_json(name)
-        data = {f.name for f in index.files} | {INDEX_FILE}
+        data = {f.name for f in index.files} | {INDEX_FILE, SERVERLESSLLM_INDEX}
         small: dict[str, bytes] = {}
         for p in sorted(index.path.iterdir()):
             if (p.name not in data and p.suffix in SMALL_FILE_SUFFIXES and p.is_file()
