@@ -5,7 +5,8 @@ One run on one checkpoint (a safetensors model directory and its converted copy)
 * limits: raw disk reads swept over O_DIRECT/buffered x threads x block sizes (cold) and buffered
   reads over threads x block sizes (page-cached); pinned and pageable host-to-GPU copies;
 * contenders in interleaved rounds, cold (every file evicted before each) and warm: ``sllm``
-  (``load_state_dict``, defaults), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
+  (``load_state_dict``, defaults), ``serverlessllm`` (``load_state_dict`` of the same tensors
+  in ServerlessLLM's layout), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
   as many streams as our threads), ``fastsafetensors`` (without GDS), and ``raw`` (the best cold
   configuration of the sweep, on all the bytes, each round);
 * every contender's first load in a fresh process (import, CUDA context, pinning included), cold;
@@ -36,7 +37,8 @@ from common import Rounds, Run, checker, summary, tensor_digests, usable  # noqa
 
 log = logging.getLogger("benchmarks.local")
 
-CONTENDERS = ("sllm", "safetensors", "runai", "fastsafetensors", "load_model", "from_pretrained")
+CONTENDERS = ("sllm", "serverlessllm", "safetensors", "runai", "fastsafetensors", "load_model",
+              "from_pretrained")
 MODELS = ("load_model", "from_pretrained")  # whole models: their state_dict is checked
 
 
@@ -64,10 +66,11 @@ def shards(src: Path) -> List[Path]:
 
 def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Callable[[], Dict[str, Any]]:
     """The load of one contender (raises ImportError when its package is missing)."""
-    if name == "sllm":
+    if name in ("sllm", "serverlessllm"):
         import sllm_store
 
-        return lambda: sllm_store.load_state_dict(ck, device)
+        path = ck if name == "sllm" else serverlessllm_copy(src)
+        return lambda: sllm_store.load_state_dict(path, device)
     if name in MODELS:
         return model_loader(name, src, ck, device)
     files = [str(f) for f in shards(src)]
@@ -101,6 +104,26 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Ca
                 return {k: f.get_tensor(k).clone() for k in f.keys()}
         return load
     raise ValueError(f"unknown contender {name!r}")
+
+
+def serverlessllm_copy(src: Path) -> Path:
+    """The checkpoint in ServerlessLLM's layout (``tensor_index.json`` + ``tensor.data_N``), beside
+    the source (written by ``sllm_store.torch.save_dict`` from the main process, before any timing)."""
+    return src.with_name(src.name + ".serverlessllm")
+
+
+def write_serverlessllm_copy(src: Path, ck: Path) -> List[Path]:
+    """Make :func:`serverlessllm_copy` when it is missing; its data files."""
+    import sllm_store
+    from sllm_store.formats import serverlessllm_partitions
+
+    out = serverlessllm_copy(src)
+    if not (out / "tensor_index.json").is_file():
+        from sllm_store.torch import save_dict
+
+        log.info("writing %s (ServerlessLLM's layout)", out)
+        save_dict(sllm_store.load_state_dict(ck, "cpu"), out)
+    return serverlessllm_partitions(out)
 
 
 def model_loader(name: str, src: Path, ck: Path, device: str) -> Callable[[], Dict[str, Any]]:
@@ -230,8 +253,9 @@ def main(args: argparse.Namespace) -> int:
     run = Run("local-" + ("gpu" if gpu else "cpu"), args, data_dir=ck)
     run.results.update(checkpoint=str(ck), source=str(args.src), bytes=nbytes, files=len(files),
                        threads=threads)
-    evict, warm = (lambda: run.evictor.evict(files)), (lambda: run.evictor.warm(files))
     reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
+    others = write_serverlessllm_copy(args.src, ck) if "serverlessllm" in args.contenders.split(",") else []
+    evict, warm = (lambda: run.evictor.evict(files + others)), (lambda: run.evictor.warm(files + others))
     if gpu:
         torch.empty(1, device=args.device)
     measure_limits(run, args, files)
@@ -260,7 +284,8 @@ def main(args: argparse.Namespace) -> int:
                 rounds.add(f"{name}-{state}", fn, nbytes, before=before,
                            check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
-    fresh = fresh_rounds(run, args, list(loaders), ck, files, threads, reference) if "fresh" in modes else {}
+    fresh = (fresh_rounds(run, args, list(loaders), ck, files + others, threads, reference)
+             if "fresh" in modes else {})
     run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
     run.results["ratios"] = ratios(run.results, gpu)
     run.write()
