@@ -59,35 +59,39 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from sllm_store.index import read_index
+    from sllm_store.formats import open_index
     from sllm_store.loader import verify
 
     verify(args.path, num_threads=args.num_threads)
-    index = read_index(args.path)
+    index = open_index(args.path)
     chunks = sum(len(f.checksums) for f in index.files)
-    print(f"OK: {args.path}: {len(index.tensors)} tensors, {len(index.files)} data file(s), "
-          f"{chunks} chunks verified")
+    checked = (f"{chunks} chunks verified" if chunks else
+               f"no checksums in {index.source.get('format')} checkpoints: index and file sizes checked")
+    print(f"OK: {args.path}: {len(index.tensors)} tensors, {len(index.files)} data file(s), {checked}")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from sllm_store.index import read_index
+    from sllm_store.formats import open_index
 
-    index = read_index(args.path)
+    index = open_index(args.path)
     if args.json:
         print(json.dumps(index.to_json(), indent=1))
         return 0
     dtypes = Counter(t.dtype for t in index.tensors.values() if t.alias_of is None)
     aliases = sum(1 for t in index.tensors.values() if t.alias_of is not None)
     print(f"path:        {index.path}")
-    print(f"format:      sllm-store v{index.version} ({index.created_by})")
+    converted = bool(index.created_by)
+    print("format:      " + (f"sllm-store v{index.version} ({index.created_by})" if converted else
+                             f"{index.source.get('format')} (read as it is; no checksums)"))
     print(f"source:      {index.source.get('format', '?')} {index.source.get('name', '')}")
     print(f"tensors:     {len(index.tensors)} ({aliases} tied)")
     print(f"weights:     {format_size(index.total_bytes)} "
           f"({', '.join(f'{d}: {n}' for d, n in dtypes.most_common())})")
-    print(f"chunk size:  {format_size(index.chunk_size)}, checksum xxh3_64")
+    if converted:
+        print(f"chunk size:  {format_size(index.chunk_size)}, checksum xxh3_64")
     if index.compression:
         raw = sum(f.size for f in index.files)
         disk = sum(f.disk_size for f in index.files)

@@ -209,3 +209,16 @@ def test_through_the_store_server(ckpt) -> None:
         proc.wait(30)
         shutil.rmtree(sock_dir, ignore_errors=True)
     assert os.path.isdir(path)
+
+
+def test_cli_info_verify_and_convert(ckpt, tmp_path, capsys) -> None:
+    from sllm_store.cli import main
+
+    path, sd = ckpt
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "serverlessllm" in out and "tensor.data_0" in out
+    assert main(["verify", str(path)]) == 0
+    assert "index and file sizes checked" in capsys.readouterr().out
+    assert main(["convert", str(path), str(tmp_path / "c"), "-q"]) == 0
+    _same(sllm_store.load_state_dict(tmp_path / "c"), sd)
