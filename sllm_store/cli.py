@@ -74,9 +74,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from sllm_store.formats import open_index
+    from sllm_store.index import is_converted, read_index
 
-    index = open_index(args.path)
+    if is_converted(args.path):
+        index = read_index(args.path)  # JSON only: no torch import
+    else:
+        from sllm_store.formats import open_index
+
+        index = open_index(args.path)
     if args.json:
         print(json.dumps(index.to_json(), indent=1))
         return 0
