@@ -78,6 +78,9 @@ VARIABLES: tuple[Variable, ...] = (
              "chunk before the next is fetched."),
     Variable("SLLM_STORE_LIBCUDA", "device", "`libcuda.so.1`",
              "The CUDA driver library to load (the tests point it at a CPU stand-in)."),
+    Variable("STORAGE_PATH", "serverlessllm", "`./models`",
+             "The directory that ServerlessLLM's API (`sllm_store.torch`, `sllm_store.transformers`) "
+             "resolves `model_path` in when `storage_path` is not given, as ServerlessLLM does."),
 )
 
 
@@ -130,6 +133,12 @@ def default_num_threads() -> int:
 def cuda_library() -> str:
     """The CUDA driver library to load (``SLLM_STORE_LIBCUDA``); "" for ``libcuda.so.1``."""
     return _env("SLLM_STORE_LIBCUDA") or ""
+
+
+def serverlessllm_storage_path(storage_path: Optional[str] = None) -> str:
+    """The storage path of ServerlessLLM's API: ``storage_path``, else ``STORAGE_PATH``, else
+    ``./models``."""
+    return storage_path or _env("STORAGE_PATH") or "./models"
 
 
 def store_address(address: Optional[str] = None) -> Optional[str]:

@@ -222,3 +222,70 @@ def test_cli_info_verify_and_convert(ckpt, tmp_path, capsys) -> None:
     assert "index and file sizes checked" in capsys.readouterr().out
     assert main(["convert", str(path), str(tmp_path / "c"), "-q"]) == 0
     _same(sllm_store.load_state_dict(tmp_path / "c"), sd)
+
+
+# -- ServerlessLLM's API: sllm_store.torch and sllm_store.transformers --------------------------------
+
+def test_save_dict_writes_serverlessllm_layout_byte_for_byte(tmp_path, monkeypatch) -> None:
+    import sllm_store.torch as sllm_torch
+
+    sd = _state()
+    monkeypatch.setattr(sllm_torch, "PARTITION_SIZE", 600)
+    sllm_torch.save_dict(sd, tmp_path / "ours")
+    write_serverlessllm(sd, tmp_path / "ref", partition=600)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == names and len(names) > 3
+    for name in names:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    index = json.loads((tmp_path / "ours" / "tensor_index.json").read_text())
+    assert index["tied"][0] == index["float32.m"][0] and index["strided"][3] == [1, 11]
+    with pytest.raises(sllm_store.DestinationExistsError):
+        sllm_torch.save_dict(sd, tmp_path / "ours")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_load_dict_device_maps_and_storage_path(tmp_path, monkeypatch) -> None:
+    from sllm_store.torch import load_dict, save_dict
+
+    sd = {"model.a.w": torch.arange(6.0), "model.b.w": torch.ones(2, 3), "lm_head.w": torch.zeros(4)}
+    save_dict(sd, tmp_path / "m")
+    maps = ({"": "cpu"}, {"model": "cpu", "lm_head": torch.device("cpu")}, {"model.a": "cpu", "": "cpu"})
+    for device_map in maps:
+        got = load_dict("m", device_map, storage_path=str(tmp_path))
+        _same(got, sd)
+    monkeypatch.setenv("STORAGE_PATH", str(tmp_path))
+    _same(load_dict("m", {"": "cpu"}), sd)
+    with pytest.raises(sllm_store.InvalidArgumentError, match="prefixes of no tensor"):
+        load_dict("m", {"model": "cpu", "lm_head": "cpu", "nothing": "cpu"})
+    with pytest.raises(sllm_store.InvalidArgumentError, match="no prefix"):
+        load_dict("m", {"model": "cpu"})
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_model_and_load_model(tmp_path, tie) -> None:
+    transformers = pytest.importorskip("transformers")
+    from sllm_store.transformers import load_model, save_model
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    save_model(model, str(tmp_path / "llama"))
+    files = {p.name for p in (tmp_path / "llama").iterdir()}
+    assert {"config.json", "generation_config.json", "no_split_modules.json", "tied_no_split_modules.json",
+            "tensor_index.json", "tensor.data_0"} <= files
+    assert not [f for f in files if f.endswith((".safetensors", ".bin"))]
+    assert json.loads((tmp_path / "llama" / "no_split_modules.json").read_text()) == ["model.layers.0",
+                                                                                      "model.layers.1"]
+    ours = load_model("llama", device_map="cpu", storage_path=str(tmp_path), fully_parallel=True)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, model(ids).logits)
+    with pytest.raises(sllm_store.InvalidArgumentError, match="quantiz"):
+        load_model("llama", device_map="cpu", storage_path=str(tmp_path), quantization="int8")
+    converted = sllm_store.convert(tmp_path / "llama", tmp_path / "converted", quiet=True)
+    again = load_model("converted", device_map={"": "cpu"}, storage_path=str(tmp_path))  # our format too
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert (converted / "config.json").is_file()

@@ -1,0 +1,160 @@
+"""ServerlessLLM's ``sllm_store.torch`` API on sllm-store: ``save_dict`` and ``load_dict``.
+
+Code written for ServerlessLLM's store runs unchanged. ``save_dict`` writes ServerlessLLM's layout
+(``tensor_index.json`` + ``tensor.data_N``), so a mixed fleet keeps working; ``load_dict`` reads
+that layout or ours through sllm-store's pipeline, in this process (no server needed) or through
+our store server when ``SLLM_STORE_ADDRESS`` is set. Unlike ServerlessLLM, ``"cpu"`` is accepted
+wherever a GPU index is. See docs/migrating-from-serverlessllm.md.
+
+Example::
+
+    from sllm_store.torch import save_dict, load_dict
+
+    save_dict(model.state_dict(), "./models/my-model")
+    state_dict = load_dict("my-model", {"": 0})          # under STORAGE_PATH, else ./models
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from sllm_store.errors import DestinationExistsError, InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+PARTITION_SIZE = 10 << 30  # a new data partition starts past this many bytes (ServerlessLLM's rule)
+INDEX = "tensor_index.json"
+
+DeviceMapType = Union[str, Mapping[str, Any]]
+
+
+def model_directory(model_path: Union[str, os.PathLike], storage_path: Optional[str]) -> Path:
+    """``storage_path / model_path``; ``storage_path`` defaults to env ``STORAGE_PATH``, else
+    ``./models`` (ServerlessLLM's rule)."""
+    from sllm_store.config import serverlessllm_storage_path
+
+    return Path(serverlessllm_storage_path(storage_path)) / model_path
+
+
+def device_of(value: Any) -> torch.device:
+    """A ServerlessLLM device: a GPU index, or (here) ``"cpu"``, ``"cuda:N"``, a torch device."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"invalid device {value!r}")
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"invalid device {value!r} (a GPU index, 'cpu' or 'cuda:N')") from None
+
+
+def write_dict(state_dict: Mapping[str, torch.Tensor], directory: Path) -> dict[str, Any]:
+    """Write ``state_dict`` into ``directory`` in ServerlessLLM's layout; returns its index.
+
+    In state-dict order, each storage not written yet is written whole (the bytes of its untyped
+    storage), padded with zeros to a multiple of 8; tensors sharing a storage share its offset.
+    A new partition starts when the current one would pass :data:`PARTITION_SIZE`; offsets count
+    in the concatenation of the partitions."""
+    from sllm_store.dtypes import NAME_TO_DTYPE
+
+    index: dict[str, Any] = {}
+    written: dict[tuple[str, int], int] = {}
+    part, part_size, offset, out = -1, 0, 0, None
+    try:
+        for name, t in state_dict.items():
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                raise InvalidArgumentError(f"{name!r} is not a tensor with data")
+            if str(t.dtype).removeprefix("torch.") not in NAME_TO_DTYPE:
+                raise InvalidArgumentError(f"{name!r}: unsupported dtype {t.dtype}")
+            storage = t.untyped_storage()
+            key, size = (str(storage.device), storage.data_ptr()), storage.nbytes()
+            if key not in written:
+                if part == -1 or part_size + size > PARTITION_SIZE:
+                    if out is not None:
+                        out.close()
+                    part, part_size = part + 1, 0
+                    out = open(directory / f"tensor.data_{part}", "wb")  # noqa: SIM115 - closed in turn
+                host = storage.cpu() if storage.device.type != "cpu" else storage
+                data = torch.empty(0, dtype=torch.uint8).set_(host)
+                pad = (8 - size % 8) % 8
+                out.write(memoryview(data.numpy()))
+                out.write(bytes(pad))
+                written[key] = offset
+                offset, part_size = offset + size + pad, part_size + size + pad
+            index[name] = [written[key], size, list(t.shape), list(t.stride()), str(t.dtype)]
+    finally:
+        if out is not None:
+            out.close()
+    (directory / INDEX).write_text(json.dumps(index))
+    logger.info("wrote %d tensors (%d bytes in %d partitions) to %s", len(index), offset, part + 1, directory)
+    return index
+
+
+def fresh_destination(model_path: Union[str, os.PathLike]) -> Path:
+    """``model_path``, which must not exist or be an empty directory."""
+    target = Path(model_path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise DestinationExistsError(f"'{target}' exists and is not empty; save into a new directory")
+    return target
+
+
+def save_dict(state_dict: Mapping[str, torch.Tensor], model_path: Union[str, os.PathLike]) -> None:
+    """Save ``state_dict`` at ``model_path`` in ServerlessLLM's layout.
+
+    Written into a temporary directory beside it and renamed into place when complete;
+    ``model_path`` must not exist or be empty (``DestinationExistsError``). Tensors on any device
+    (copied to host memory one storage at a time); tied tensors are stored once."""
+    from sllm_store.writer import atomic_directory
+
+    target = fresh_destination(model_path)
+    with atomic_directory(target, overwrite=True) as tmp:
+        write_dict(state_dict, tmp)
+
+
+def expand_device_map(device_map: DeviceMapType, names: list[str]) -> dict[str, torch.device]:
+    """Each tensor's device under a ServerlessLLM device map: a dict of name prefixes to devices
+    (the longest prefix that is the name or a dotted parent of it wins; ``""`` matches all)."""
+    if not isinstance(device_map, Mapping):
+        return dict.fromkeys(names, device_of(device_map))
+    prefixes = sorted(device_map, key=len, reverse=True)
+    devices = {p: device_of(device_map[p]) for p in prefixes}
+    out: dict[str, torch.device] = {}
+    used: set[str] = set()
+    for name in names:
+        p = next((p for p in prefixes if p == "" or name == p or name.startswith(p + ".")), None)
+        if p is None:
+            raise InvalidArgumentError(f"device_map places no prefix of tensor {name!r}")
+        out[name] = devices[p]
+        used.add(p)
+    unused = [p for p in prefixes if p not in used]
+    if unused:
+        raise InvalidArgumentError(f"device_map names prefixes of no tensor: {unused[:5]}")
+    return out
+
+
+def load_dict(model_path: Union[str, os.PathLike], device_map: DeviceMapType,
+              storage_path: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Load the checkpoint at ``storage_path / model_path`` (ServerlessLLM's layout or ours) onto
+    ``device_map``: ``{"": 0}`` puts everything on GPU 0, ``{"": "cpu"}`` in host memory, and a
+    dict of name prefixes splits it. Runs in this process, or through our store server when
+    ``SLLM_STORE_ADDRESS`` is set (the checkpoint under its storage path)."""
+    import sllm_store
+
+    path = model_directory(model_path, storage_path)
+    if isinstance(device_map, Mapping) and len({str(device_of(d)) for d in device_map.values()}) == 1 \
+            and "" in device_map:
+        return sllm_store.load_state_dict(path, device_of(device_map[""]))
+    from sllm_store.formats import open_index
+
+    names = list(open_index(path).tensors)
+    return sllm_store.load_state_dict(path, expand_device_map(device_map, names))
+
+
+__all__ = ["save_dict", "load_dict", "PARTITION_SIZE"]
