@@ -61,40 +61,70 @@ def write_dict(state_dict: Mapping[str, torch.Tensor], directory: Path) -> dict[
     In state-dict order, each storage not written yet is written whole (the bytes of its untyped
     storage), padded with zeros to a multiple of 8; tensors sharing a storage share its offset.
     A new partition starts when the current one would pass :data:`PARTITION_SIZE`; offsets count
-    in the concatenation of the partitions."""
-    from sllm_store.dtypes import NAME_TO_DTYPE
+    in the concatenation of the partitions.
 
+    The layout has no place for a view's offset into its storage, so where ServerlessLLM's own
+    writer would lose it (a tensor that starts inside its storage: views into one flat buffer,
+    as loaders return them), the tensor is written as a record of its own (its contiguous bytes);
+    identical views stay shared."""
+    _check_tensors(state_dict)
+    whole = _whole_storages(state_dict)
     index: dict[str, Any] = {}
-    written: dict[tuple[str, int], int] = {}
+    written: dict[Any, tuple[int, int]] = {}  # record key -> (offset, size)
     part, part_size, offset, out = -1, 0, 0, None
     try:
         for name, t in state_dict.items():
-            if not isinstance(t, torch.Tensor) or t.is_meta:
-                raise InvalidArgumentError(f"{name!r} is not a tensor with data")
-            if str(t.dtype).removeprefix("torch.") not in NAME_TO_DTYPE:
-                raise InvalidArgumentError(f"{name!r}: unsupported dtype {t.dtype}")
             storage = t.untyped_storage()
-            key, size = (str(storage.device), storage.data_ptr()), storage.nbytes()
+            ptr = (str(storage.device), storage.data_ptr())
+            own = ptr in whole
+            key = ptr if own else (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if key not in written:
+                data = _bytes_of(storage if own else t.clone(memory_format=torch.contiguous_format)
+                                 .untyped_storage())
+                size = data.numel()
                 if part == -1 or part_size + size > PARTITION_SIZE:
                     if out is not None:
                         out.close()
                     part, part_size = part + 1, 0
                     out = open(directory / f"tensor.data_{part}", "wb")  # noqa: SIM115 - closed in turn
-                host = storage.cpu() if storage.device.type != "cpu" else storage
-                data = torch.empty(0, dtype=torch.uint8).set_(host)
                 pad = (8 - size % 8) % 8
                 out.write(memoryview(data.numpy()))
                 out.write(bytes(pad))
-                written[key] = offset
+                written[key] = (offset, size)
                 offset, part_size = offset + size + pad, part_size + size + pad
-            index[name] = [written[key], size, list(t.shape), list(t.stride()), str(t.dtype)]
+            stride = list(t.stride()) if own else list(t.contiguous().stride())
+            index[name] = [*written[key], list(t.shape), stride, str(t.dtype)]
     finally:
         if out is not None:
             out.close()
     (directory / INDEX).write_text(json.dumps(index))
     logger.info("wrote %d tensors (%d bytes in %d partitions) to %s", len(index), offset, part + 1, directory)
     return index
+
+
+def _check_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
+    from sllm_store.dtypes import NAME_TO_DTYPE
+
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            raise InvalidArgumentError(f"{name!r} is not a tensor with data")
+        if str(t.dtype).removeprefix("torch.") not in NAME_TO_DTYPE:
+            raise InvalidArgumentError(f"{name!r}: unsupported dtype {t.dtype}")
+
+
+def _whole_storages(state_dict: Mapping[str, torch.Tensor]) -> set[tuple[str, int]]:
+    """The storages written whole: those whose every tensor starts at the storage's start."""
+    starts: dict[tuple[str, int], bool] = {}
+    for t in state_dict.values():
+        ptr = (str(t.untyped_storage().device), t.untyped_storage().data_ptr())
+        starts[ptr] = starts.get(ptr, True) and t.storage_offset() == 0
+    return {ptr for ptr, at_start in starts.items() if at_start}
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A storage's bytes as a uint8 tensor in host memory."""
+    host = storage.cpu() if storage.device.type != "cpu" else storage
+    return torch.empty(0, dtype=torch.uint8).set_(host)
 
 
 def fresh_destination(model_path: Union[str, os.PathLike]) -> Path:

@@ -289,3 +289,18 @@ def test_save_model_and_load_model(tmp_path, tie) -> None:
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
     assert (converted / "config.json").is_file()
+
+
+def test_save_dict_keeps_views_into_one_buffer(tmp_path) -> None:
+    """Tensors that start inside a shared storage (as loaders return them) are written as records
+    of their own; ServerlessLLM's rule alone would point them all at the storage's start."""
+    from sllm_store.torch import load_dict, save_dict
+
+    flat = torch.arange(100, dtype=torch.float32)
+    sd = {"a": flat[:10].view(2, 5), "b": flat[10:40].view(5, 6).t(), "b2": None, "c": flat[40:]}
+    sd["b2"] = sd["b"]
+    save_dict(sd, tmp_path / "m")
+    got = load_dict("m", {"": "cpu"}, storage_path=str(tmp_path))
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    assert got["b2"].data_ptr() == got["b"].data_ptr()
