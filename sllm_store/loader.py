@@ -38,9 +38,13 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] =
     t0 = time.perf_counter() if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
     plan, buffers = _prepare(checkpoint, assign, checkpoint.allocate)
-    tensors = views(checkpoint.index, plan, buffers)
-    progress = stream.begin(checkpoint.index, plan, tensors) if stream is not None else None
-    stats = checkpoint.fill(plan, buffers, progress)
+    if stream is not None:  # the tensors go out now, their bytes arriving
+        progress = stream.begin(checkpoint.index, plan, buffers)
+        stats = checkpoint.fill(plan, buffers, progress)
+        tensors = stream.tensors
+    else:  # views once filled: an alias placed on another device is a copy of its target's bytes
+        stats = checkpoint.fill(plan, buffers)
+        tensors = views(checkpoint.index, plan, buffers)
     report = _report(checkpoint, plan, t0, stats)
     logger.info("loaded %s (%s, %s tier) in %.3f s, %.2f GB/s", checkpoint.path, format_size(report.bytes),
                 checkpoint.tier, report.seconds, report.gb_per_s)

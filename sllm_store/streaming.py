@@ -34,7 +34,7 @@ from torch import nn
 
 from sllm_store.errors import InvalidArgumentError, LoadCancelledError, ModelChangedError
 from sllm_store.index import Index
-from sllm_store.plan import LoadReport, Plan
+from sllm_store.plan import Buffer, LoadReport, Plan, views
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class PendingLoad:
 
     # -- the loader's side ------------------------------------------------------------------
 
-    def begin(self, index: Index, plan: Plan, tensors: dict[str, torch.Tensor]) -> Any:
-        """Called by the load once the destination memory exists: publishes the tensors and
-        returns the progress that the tier marks."""
+    def begin(self, index: Index, plan: Plan, buffers: list[Buffer]) -> Any:
+        """Called by the load once the destination memory exists: publishes the tensors (views
+        of ``buffers``) and returns the progress that the tier marks."""
         from sllm_store.native import _C
 
         if self._begun.is_set():
@@ -110,7 +110,7 @@ class PendingLoad:
         self._units = tensor_units(index, plan)
         self._total = sum(u[2] for u in plan.units)
         self._progress = _C.LoadProgress(len(plan.units))
-        self.tensors = tensors
+        self.tensors = views(index, plan, buffers)
         self.timeline["allocated"] = time.perf_counter() - self._t0
         self._begun.set()
         return self._progress
