@@ -1,8 +1,9 @@
 """The ``sllm-store`` command line.
 
 Subcommands: ``convert``, ``verify``, ``info``, ``load``, ``upload``, ``cache``; the store server:
-``serve``, ``status``, ``prefetch``, ``evict``. Expected failures (bad input) print one
-``error: ...`` line on stderr and exit with status 1; usage errors exit with 2; Ctrl-C with 130.
+``serve`` (``start``: the same with ServerlessLLM's flags), ``status``, ``prefetch``, ``evict``.
+Expected failures (bad input) print one ``error: ...`` line on stderr and exit with status 1;
+usage errors exit with 2; Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -165,6 +166,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_start(args: argparse.Namespace) -> int:
+    from sllm_store.server.compat import start
+
+    logging.getLogger("sllm_store").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    start(args)
+    return 0
+
+
 def _client(args: argparse.Namespace):  # noqa: ANN202 - StoreClient, imported lazily
     from sllm_store.config import store_address
     from sllm_store.server.client import StoreClient
@@ -276,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld = _add_checkpoint_commands(sub)
     _add_remote_commands(sub, ld)
     _add_server_commands(sub)
+    _add_start_command(sub)
     _add_vllm_command(sub)
     for command in sub.choices.values():  # -v after the command too (sllm-store load -v ...)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -401,6 +411,34 @@ def _add_server_commands(sub: Any) -> None:
             sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                             help="check every chunk's checksum while caching (default: on)")
         sp.set_defaults(func=fn)
+
+
+def _add_start_command(sub: Any) -> None:
+    """start: ServerlessLLM's `sllm-store start` flags, run by serve (sllm_store.server.compat)."""
+    st = sub.add_parser("start", allow_abbrev=False,
+                        help="run the store server with ServerlessLLM's `sllm-store start` flags",
+                        description="Run the store server (as `serve`) on TCP HOST:PORT, configured with "
+                        "the flags of ServerlessLLM's `sllm-store start`. Sizes: KB, MB, GB are powers of "
+                        "1024, as in ServerlessLLM. Clients load with store=127.0.0.1:PORT (or "
+                        "SLLM_STORE_ADDRESS).")
+    st.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, loopback; 0.0.0.0: every interface, "
+                    "reachable from the network)")
+    st.add_argument("--port", type=int, default=8073, help="TCP port (default 8073)")
+    st.add_argument("--storage-path", default=None,
+                    help="directory holding the models, named relative to it (default: STORAGE_PATH, "
+                    "else ./models)")
+    st.add_argument("--num-thread", type=int, default=None, metavar="N",
+                    help="disk reader threads (default as for serve: the CPU count, 4..16)")
+    st.add_argument("--chunk-size", default="32MB", metavar="SIZE", help="pool block size (default 32MB)")
+    st.add_argument("--mem-pool-size", default="4GB", metavar="SIZE",
+                    help="size of the memory pool (default 4GB)")
+    st.add_argument("--disk-size", default=None, metavar="SIZE",
+                    help="accepted, no effect: the server keeps no disk cache")
+    st.add_argument("--registration-required", default="false", metavar="BOOL",
+                    help="true or false (default false); accepted, no effect: every model under the "
+                    "storage path is served without registration")
+    st.set_defaults(func=_cmd_start)
 
 
 def _cmd_save_vllm(args: argparse.Namespace) -> int:

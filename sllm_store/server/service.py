@@ -206,8 +206,9 @@ def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
         )
         for name, (req, rep) in rpc.METHODS.items()
     }
+    # No SO_REUSEPORT: a second server on a TCP port in use must fail, not share the port.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sllm-rpc"),
-                         options=rpc.CHANNEL_OPTIONS)
+                         options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rpc.SERVICE, handlers),))
     sock = rpc.unix_path(target)
     if sock is not None and rpc.is_default_address(target):
@@ -224,7 +225,10 @@ def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
         finally:
             os.umask(old)
     else:
-        port = server.add_insecure_port(target)
+        try:
+            port = server.add_insecure_port(target)
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            raise SllmStoreError(f"cannot listen on {target} (is the port in use?): {e}") from None
     if port == 0:
         raise SllmStoreError(f"cannot listen on {target}")
     if sock is None and target.endswith(":0"):
