@@ -48,6 +48,8 @@ def device_of(value: Any) -> torch.device:
     if isinstance(value, bool):
         raise InvalidArgumentError(f"invalid device {value!r}")
     if isinstance(value, int):
+        if value < 0:
+            raise InvalidArgumentError(f"invalid GPU index {value} (for host memory, pass 'cpu')")
         return torch.device("cuda", value)
     try:
         return torch.device(value)
@@ -108,6 +110,8 @@ def _check_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor) or t.is_meta:
             raise InvalidArgumentError(f"{name!r} is not a tensor with data")
+        if t.layout != torch.strided:
+            raise InvalidArgumentError(f"{name!r}: unsupported layout {t.layout} (only dense tensors)")
         if str(t.dtype).removeprefix("torch.") not in NAME_TO_DTYPE:
             raise InvalidArgumentError(f"{name!r}: unsupported dtype {t.dtype}")
 
@@ -136,11 +140,15 @@ def fresh_destination(model_path: Union[str, os.PathLike]) -> Path:
 
 
 def save_dict(state_dict: Mapping[str, torch.Tensor], model_path: Union[str, os.PathLike]) -> None:
-    """Save ``state_dict`` at ``model_path`` in ServerlessLLM's layout.
+    """Save ``state_dict`` at ``model_path`` in ServerlessLLM's layout (``tensor_index.json`` and
+    ``tensor.data_0``, ``tensor.data_1``...; see :func:`write_dict`), which ServerlessLLM's
+    loaders and ours both read.
 
-    Written into a temporary directory beside it and renamed into place when complete;
-    ``model_path`` must not exist or be empty (``DestinationExistsError``). Tensors on any device
-    (copied to host memory one storage at a time); tied tensors are stored once."""
+    Unlike ServerlessLLM's: the checkpoint is written into a temporary directory beside
+    ``model_path`` and renamed into place when complete, so a failed save leaves nothing behind;
+    ``model_path`` must not exist or be an empty directory (else ``DestinationExistsError``);
+    tensors may be on any device (each storage is copied to host memory in turn); an unsupported
+    tensor (quantized, sparse, meta) raises ``InvalidArgumentError`` before anything is written."""
     from sllm_store.writer import atomic_directory
 
     target = fresh_destination(model_path)
@@ -150,7 +158,8 @@ def save_dict(state_dict: Mapping[str, torch.Tensor], model_path: Union[str, os.
 
 def expand_device_map(device_map: DeviceMapType, names: list[str]) -> dict[str, torch.device]:
     """Each tensor's device under a ServerlessLLM device map: a dict of name prefixes to devices
-    (the longest prefix that is the name or a dotted parent of it wins; ``""`` matches all)."""
+    (the longest prefix that is the name or a dotted parent of it wins; ``""`` matches all).
+    Tensors no prefix matches are left out (not loaded), as ServerlessLLM leaves them out."""
     if not isinstance(device_map, Mapping):
         return dict.fromkeys(names, device_of(device_map))
     prefixes = sorted(device_map, key=len, reverse=True)
@@ -160,7 +169,7 @@ def expand_device_map(device_map: DeviceMapType, names: list[str]) -> dict[str, 
     for name in names:
         p = next((p for p in prefixes if p == "" or name == p or name.startswith(p + ".")), None)
         if p is None:
-            raise InvalidArgumentError(f"device_map places no prefix of tensor {name!r}")
+            continue
         out[name] = devices[p]
         used.add(p)
     unused = [p for p in prefixes if p not in used]
@@ -171,15 +180,28 @@ def expand_device_map(device_map: DeviceMapType, names: list[str]) -> dict[str, 
 
 def load_dict(model_path: Union[str, os.PathLike], device_map: DeviceMapType,
               storage_path: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Load the checkpoint at ``storage_path / model_path`` (ServerlessLLM's layout or ours) onto
-    ``device_map``: ``{"": 0}`` puts everything on GPU 0, ``{"": "cpu"}`` in host memory, and a
-    dict of name prefixes splits it. Runs in this process, or through our store server when
-    ``SLLM_STORE_ADDRESS`` is set (the checkpoint under its storage path)."""
+    """Load the checkpoint at ``storage_path / model_path`` as a dict of name -> tensor.
+
+    ``storage_path`` defaults to env ``STORAGE_PATH``, else ``./models``, as in ServerlessLLM.
+    ``device_map`` is ServerlessLLM's: a dict of tensor-name prefixes to devices, ``{"": 0}``
+    putting everything on GPU 0; the longest prefix that is a tensor's name or a dotted parent of
+    it places the tensor (``""`` matches every name); tensors no prefix matches are not loaded,
+    and a prefix that matches no tensor raises ``InvalidArgumentError``. A device is a GPU index,
+    ``"cuda:N"`` or a ``torch.device``.
+
+    Unlike ServerlessLLM: ``"cpu"`` is accepted wherever a GPU index is; no store server is
+    needed (the load runs in this process, through sllm-store's pipeline), though with
+    ``SLLM_STORE_ADDRESS`` set it goes through our store server, ``model_path`` then naming the
+    checkpoint under the server's storage path; and checkpoints in sllm-store's own format (as
+    ``sllm_store.convert`` writes them) load through the same call. A map of several prefixes
+    reads the checkpoint's tensor names from ``storage_path / model_path`` first, as
+    ServerlessLLM reads its ``tensor_index.json``. Tied tensors come back sharing storage."""
     import sllm_store
 
     path = model_directory(model_path, storage_path)
-    if isinstance(device_map, Mapping) and len({str(device_of(d)) for d in device_map.values()}) == 1 \
-            and "" in device_map:
+    if not isinstance(device_map, Mapping):
+        return sllm_store.load_state_dict(path, device_of(device_map))
+    if list(device_map) == [""]:  # everything on one device: no need to read the names first
         return sllm_store.load_state_dict(path, device_of(device_map[""]))
     from sllm_store.formats import open_index
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,34 +28,67 @@ from torch import nn
 from sllm_store.errors import InvalidArgumentError
 from sllm_store.torch import DeviceMapType, device_of, fresh_destination, model_directory, write_dict
 
-
-def no_split_modules(model: nn.Module) -> list[str]:
-    """The modules (dotted names) whose class the model lists in ``_no_split_modules``."""
-    classes = set(getattr(model, "_no_split_modules", None) or ())
-    return [name for name, m in model.named_modules() if name and type(m).__name__ in classes]
+logger = logging.getLogger(__name__)
 
 
-def tied_no_split_modules(model: nn.Module, modules: list[str]) -> list[list[str]]:
-    """Groups of those modules that hold the same (tied) parameter."""
-    longest_first = sorted(modules, key=len, reverse=True)
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
-    def owner(param_name: str) -> Optional[str]:
-        return next((m for m in longest_first if param_name.startswith(m + ".")), None)
 
-    by_param: dict[int, set[str]] = {}
+def no_split_modules(model: nn.Module) -> dict[str, int]:
+    """ServerlessLLM's ``no_split_modules.json``: the modules that are placed whole (leaves, and
+    those whose class the model lists in ``_no_split_modules``), by dotted name, with their
+    parameters' bytes."""
+    return _unsplit(model, set(getattr(model, "_no_split_modules", None) or ()), "")
+
+
+def _unsplit(module: nn.Module, classes: set[str], parent: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, child in module.named_children():
+        full = f"{parent}.{name}" if parent else name
+        if not list(child.children()) or type(child).__name__ in classes:
+            out[full] = _param_bytes(child)
+        else:
+            out.update(_unsplit(child, classes, full))
+    return out
+
+
+def tied_no_split_modules(model: nn.Module, modules: Mapping[str, int]) -> list[tuple[list[str], int]]:
+    """ServerlessLLM's ``tied_no_split_modules.json``: per group of tied parameters, the modules
+    of ``modules`` holding them and the parameter's bytes."""
+    by_param: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        m = owner(name)
-        if m is not None:
-            by_param.setdefault(id(p), set()).add(m)
-    return [sorted(g) for g in by_param.values() if len(g) > 1]
+        by_param.setdefault(id(p), []).append(name)
+        sizes[id(p)] = p.numel() * p.element_size()
+    groups = []
+    for key, names in by_param.items():
+        if len(names) < 2:
+            continue
+        owners = []
+        for name in names:
+            owner = name
+            while "." in owner and owner not in modules:
+                owner = owner.rsplit(".", 1)[0]
+            if owner not in modules:
+                raise InvalidArgumentError(f"tied parameter {name!r} is in no module placed whole")
+            owners.append(owner)
+        groups.append((owners, sizes[key]))
+    return groups
 
 
 def save_model(model: nn.Module, model_path: str) -> None:
-    """Save a transformers model at ``model_path`` in ServerlessLLM's layout: config.json,
-    generation_config.json (models that generate), no_split_modules.json,
-    tied_no_split_modules.json, tensor_index.json and tensor.data_N. Written into a temporary
-    directory renamed into place when complete; ``model_path`` must not exist or be empty. The
-    model is not moved (ServerlessLLM's moves it to the CPU): its tensors are copied one at a time."""
+    """Save a transformers model at ``model_path`` in ServerlessLLM's layout: ``config.json``,
+    ``generation_config.json`` (for models that generate), ``no_split_modules.json`` (the modules
+    placed whole, leaves and ``model._no_split_modules`` classes, with their parameter bytes, as
+    ServerlessLLM computes it), ``tied_no_split_modules.json`` (per tied parameter group, the
+    modules holding it and its bytes), and the state dict as :func:`sllm_store.torch.save_dict`
+    writes it (``tensor_index.json``, ``tensor.data_N``); no safetensors or .bin files.
+
+    Unlike ServerlessLLM's: written into a temporary directory renamed into place when complete;
+    ``model_path`` must not exist or be empty (else ``DestinationExistsError``); the model stays
+    where it is (ServerlessLLM's moves it to the CPU): its tensors are copied to host memory one
+    storage at a time."""
     from sllm_store.writer import atomic_directory
 
     target = fresh_destination(model_path)
@@ -69,13 +103,22 @@ def save_model(model: nn.Module, model_path: str) -> None:
         (tmp / "tied_no_split_modules.json").write_text(json.dumps(tied_no_split_modules(model, modules)))
 
 
+# accelerate's placement strategies, which ServerlessLLM accepts besides "auto"; our "auto" spreads
+# the weights over the GPUs as accelerate's balanced placement does.
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _device_map(device_map: DeviceMapType) -> Any:
-    """ServerlessLLM's device map as :func:`sllm_store.load_model` takes it."""
+    """ServerlessLLM's device map as :func:`sllm_store.load_model` takes it: a strategy name
+    becomes ``"auto"``; a GPU index, ``"cpu"``, ``"cuda:N"`` or a torch device one device; a dict
+    of module prefixes to those, an accelerate-style dict of module prefix -> device."""
     if isinstance(device_map, Mapping):
         return {prefix: device_of(d) for prefix, d in device_map.items()}
-    if isinstance(device_map, int) and not isinstance(device_map, bool):
-        return device_of(device_map)
-    return device_map  # "auto", "cpu", "cuda:0", a torch device
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        if device_map != "auto":
+            logger.info("device_map=%r: placing the model as device_map='auto' does", device_map)
+        return "auto"
+    return device_of(device_map)
 
 
 def load_model(
@@ -87,14 +130,30 @@ def load_model(
     fully_parallel: bool = False,
     hf_model_class: str = "AutoModelForCausalLM",
 ) -> nn.Module:
-    """Load the model at ``storage_path / model_path`` (``STORAGE_PATH``, else ``./models``) in
-    ServerlessLLM's layout or ours, with :func:`sllm_store.load_model`.
+    """Load the transformers model saved at ``storage_path / model_path`` (``storage_path``
+    defaults to env ``STORAGE_PATH``, else ``./models``, as in ServerlessLLM), with
+    :func:`sllm_store.load_model`: the model is built on the meta device while its weights stream
+    into one allocation per device; returned in eval mode.
 
-    ``device_map``: ``"auto"``, a device, or a dict of module prefixes to GPU indexes; ``"cpu"``
-    is accepted too (ServerlessLLM refuses it). ``fully_parallel`` changes nothing: the model is
-    always built while its weights load. ``quantization`` other than None raises
-    ``InvalidArgumentError``: load unquantized, then quantize. ``hf_model_class`` names the
-    transformers class to build (default ``AutoModelForCausalLM``, as ServerlessLLM's)."""
+    Args:
+        device_map: ``"auto"`` (also ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``,
+            all placed as ``"auto"`` places them: over the visible GPUs, else in host memory), a
+            device (GPU index, ``"cuda:N"``, ``"cpu"``, ``torch.device``), or a dict of module
+            prefixes to devices (accelerate-style: every module must fall under one).
+        torch_dtype: dtype of the floating weights; None: the config's (else the checkpoint's).
+        quantization: must be None: quantized loading is not supported (``InvalidArgumentError``);
+            load unquantized, then quantize the loaded model.
+        storage_path: directory that ``model_path`` is relative to.
+        fully_parallel: accepted and ignored: loads always overlap building the model with
+            reading the weights (what ServerlessLLM's ``fully_parallel=True`` does).
+        hf_model_class: name of the transformers class to build, as in ServerlessLLM.
+
+    Unlike ServerlessLLM: ``"cpu"`` is accepted (in ``device_map`` and its dicts); no store
+    server is needed (the load runs in this process), though with ``SLLM_STORE_ADDRESS`` set it
+    goes through our store server, ``model_path`` naming the model under the server's storage
+    path; checkpoints in sllm-store's own (checksummed) format load through the same call, as do
+    ServerlessLLM saves; ``no_split_modules.json`` and ``tied_no_split_modules.json`` are not
+    needed. The ``trust_remote_code`` that ServerlessLLM passes is not: custom code is not run."""
     import sllm_store
 
     if quantization is not None:
