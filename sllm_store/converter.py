@@ -269,9 +269,7 @@ def convert(
               "name": src_p.name, "metadata": metadata}
     from sllm_store.model import meta_model
 
-    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
-                          {s.name: s.alias_of for s in specs if s.alias_of is not None},
-                          build=lambda: meta_model(src_p) if src_p.is_dir() else None)
+    order = resolve_order(access_order, specs, build=lambda: meta_model(src_p) if src_p.is_dir() else None)
     with atomic_directory(dst_p, overwrite) as tmp:
         for rel in extras:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from sllm_store._units import SizeLike, format_size
 from sllm_store.config import LoadConfig, RemoteOptions
 from sllm_store.dtypes import dtype_from_name
 from sllm_store.errors import CheckpointMismatchError, ModelChangedError
-from sllm_store.index import Index, PathLike, read_index
+from sllm_store.index import Index, PathLike, check_data_files, is_converted, read_index
 from sllm_store.plan import Buffer, DeviceMap, LoadReport, Plan, assign_devices, make_report, views
 from sllm_store.streaming import PendingLoad
 from sllm_store.tiers import Checkpoint, open_checkpoint
@@ -285,7 +285,6 @@ def verify(path: PathLike, *, num_threads: Optional[int] = None) -> None:
         sllm_store.verify("llama.sllm")
     """
     from sllm_store.formats import open_index
-    from sllm_store.index import check_data_files, is_converted
     from sllm_store.tiers.local import verify_files
 
     if not is_converted(path):  # safetensors or ServerlessLLM: no checksums to check

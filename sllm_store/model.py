@@ -580,8 +580,7 @@ def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, qui
     from sllm_store.order import resolve_order
 
     specs = specs_from_state_dict(model.state_dict())
-    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
-                          {s.name: s.alias_of for s in specs if s.alias_of is not None}, model=model)
+    order = resolve_order(access_order, specs, model=model)
     with atomic_directory(target, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)

@@ -85,18 +85,21 @@ def module_order(model: nn.Module) -> tuple[list[str], str]:
     return list(model.state_dict(keep_vars=True)), "registration"
 
 
-def resolve_order(order: AccessOrder, names: Sequence[str], aliases: Optional[dict[str, str]] = None,
-                  model: Optional[nn.Module] = None,
+def resolve_order(order: AccessOrder, specs: Sequence[Any], model: Optional[nn.Module] = None,
                   build: Optional[Callable[[], Optional[nn.Module]]] = None) -> Optional[list[str]]:
-    """The access order to record for the stored tensors ``names`` (``aliases``: tied name ->
-    the stored tensor it shares): ``order`` itself (names in order; those it leaves out follow in
-    natural order), or for ``"auto"`` the traced order of ``model`` (a copy of it built on the
-    meta device) or of the meta-device model that ``build()`` makes, else the names' natural
-    order; None for ``"none"`` (the data keeps the given order, and no order is recorded)."""
+    """The access order to record for the tensors of ``specs`` (the writer's ``TensorSpec``:
+    ``name``, and ``alias_of`` for a tied name): ``order`` itself (names in order, tied names
+    standing for the tensor they share; those it leaves out follow in natural order), or for
+    ``"auto"`` the traced order of ``model`` (a copy of it built on the meta device) or of the
+    meta-device model that ``build()`` makes, else the names' natural order; None for ``"none"``
+    (the data keeps the given order, and no order is recorded)."""
     from sllm_store.errors import InvalidArgumentError
 
     if order is None or order == "none":
         return None
+    names = [s.name for s in specs if s.alias_of is None]
+    wanted = set(names)
+    aliases = {s.name: s.alias_of for s in specs if s.alias_of is not None}
     if isinstance(order, str):
         if order != "auto":
             raise InvalidArgumentError(
@@ -111,12 +114,10 @@ def resolve_order(order: AccessOrder, names: Sequence[str], aliases: Optional[di
             logger.info("access order: %s (%d tensors)", found[1], len(given))
     else:
         given = list(order)
-        unknown = [n for n in given if n not in set(names) and n not in (aliases or {})]
+        unknown = [n for n in given if n not in wanted and n not in aliases]
         if unknown:
             raise InvalidArgumentError(f"access_order names {len(unknown)} tensors the checkpoint does not "
                                        f"store: {unknown[:5]}")
-    wanted = set(names)
-    given = [(aliases or {}).get(n, n) for n in given]
-    out = list(dict.fromkeys(n for n in given if n in wanted))
+    out = list(dict.fromkeys(n for n in (aliases.get(n, n) for n in given) if n in wanted))
     placed = set(out)
     return out + sorted((n for n in names if n not in placed), key=natural_key)

@@ -552,8 +552,7 @@ def save_state_dict(
     source = {"format": "state_dict", "name": "", "metadata": dict(metadata or {})}
     from sllm_store.order import resolve_order
 
-    order = resolve_order(access_order, [s.name for s in specs if s.alias_of is None],
-                          {s.name: s.alias_of for s in specs if s.alias_of is not None})
+    order = resolve_order(access_order, specs)
     with atomic_directory(path, overwrite) as tmp:
         writer.directory = tmp
         writer.write(specs, source=source, access_order=order)
