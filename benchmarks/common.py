@@ -213,13 +213,14 @@ class Evictor:
         return "posix_fadvise(DONTNEED) per file" + (
             f"; drop_caches: {self.drop_caches}" if self.drop_caches else "")
 
-    def evict(self, files: Sequence[Path]) -> None:
+    def evict(self, files: Sequence[Path], everything: bool = True) -> None:
+        """``everything=False``: only ``files`` leave the page cache (no ``drop_caches``)."""
         from sllm_store.utils import evict_page_cache
 
         os.sync()
         for f in files:
             evict_page_cache(f)
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if everything and hasattr(os, "geteuid") and os.geteuid() == 0:
             try:
                 with open("/proc/sys/vm/drop_caches", "w") as fh:
                     fh.write("3\n")

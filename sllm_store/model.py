@@ -359,14 +359,17 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
 
     def build() -> None:
         try:
+            started = time.perf_counter()
             import transformers
 
+            logger.debug("transformers imported in %.2f s", time.perf_counter() - started)
             config = transformers.AutoConfig.from_pretrained(
                 root, trust_remote_code=options.trust_remote_code, **options.config_kwargs
             )
             cls = _model_class(options.hf_model_class, config)
             try:
                 built["model"] = _build(cls, config, dtype, options.trust_remote_code)
+                logger.debug("model built on the meta device in %.2f s", time.perf_counter() - started)
             except (AttributeError, KeyError, TypeError, ValueError) as e:  # a class for another config
                 raise SllmStoreError(
                     f"cannot build {cls.__name__} from '{root}/config.json' ({type(e).__name__}: {e}); "

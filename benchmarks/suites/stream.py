@@ -2,7 +2,10 @@
 
 Each contender is a fresh process that imports the libraries, creates its CUDA context, loads the
 model and runs one forward pass on a fixed prompt (16 tokens); its timeline is measured from the
-process launch. In interleaved rounds, cold (the files evicted before each) and page-cached:
+process launch. In interleaved rounds, per mode: ``cold`` (the checkpoint's files evicted before
+each, and the whole page cache dropped when root, so the libraries are read from the disk too),
+``cold-weights`` (only the checkpoint's files evicted: the libraries stay cached, as in a warm
+container image) and ``warm`` (everything page-cached):
 
 * ``stream``: ``load_model(ck, device_map=DEVICE, stream=True)`` and the forward at once: each
   module waits for its own weights, read in the checkpoint's access order;
@@ -12,7 +15,8 @@ process launch. In interleaved rounds, cold (the files evicted before each) and 
 
 Every output (the logits' bytes) must equal the first contender's. A contender's time is its
 process's, from launch to the first output. Recorded per process: imports done, CUDA context made,
-load call made, model returned, first layer done, first output, last byte (streaming), every
+load call made, transformers imported and the model built on the meta device (the library's
+debug lines), model returned, first layer done, first output, last byte (streaming), every
 weight in place. Ratios: the streaming load's time to first output over the blocking load's
 (from the load call: its load plus its forward, target <= 0.40; and from the launch), the time
 until every weight is in place over the blocking load's (target <= 1.05), and both loads' GB/s
@@ -22,6 +26,7 @@ over the best raw read of a sweep of the data files (the disk's limit).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +52,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="its converted copy, with an access order (default SRC.sllm, else made as "
                     "SRC.ordered.sllm)")
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--modes", default="cold,warm", help="subset of cold, warm")
+    ap.add_argument("--modes", default="cold,warm",
+                    help="subset of cold (the page cache dropped whole: libraries too), cold-weights "
+                         "(only the weights leave the page cache) and warm")
     ap.add_argument("--contenders", default=",".join(KINDS), help=f"subset of {KINDS}")
     ap.add_argument("--sweep-threads", default="4,16,32")
     ap.add_argument("--sweep-blocks-mib", default="16,64")
@@ -64,12 +71,23 @@ def child_main(argv: List[str]) -> int:
     def mark(name: str) -> None:
         marks[name] = time.time() - launched
 
+    class BuildMarks(logging.Handler):  # the library's debug lines: transformers imported, model built
+        def emit(self, record: logging.LogRecord) -> None:
+            for key, prefix in (("transformers", "transformers imported"), ("built", "model built")):
+                if record.getMessage().startswith(prefix):
+                    mark(key)
+
+    build_log = logging.getLogger("sllm_store.model")
+    build_log.setLevel(logging.DEBUG)
+    build_log.addHandler(BuildMarks())
+
     import torch
 
     import sllm_store
 
     if kind == "from_pretrained":
         import transformers
+        mark("transformers")
     mark("imported")
     if device != "cpu":
         torch.empty(1, device=device)
@@ -165,8 +183,10 @@ def main(args: argparse.Namespace) -> int:
     rounds = Rounds(run.rounds)
     children: Dict[str, Child] = {}
     for mode in [m for m in args.modes.split(",") if m]:
-        before = (lambda: run.evictor.evict(files + shards)) if mode == "cold" else \
-            (lambda: run.evictor.warm(files + shards))
+        if mode == "warm":
+            before = lambda: run.evictor.warm(files + shards)  # noqa: E731
+        else:  # cold: drop_caches too, when root; cold-weights: the weights' pages only
+            before = functools.partial(run.evictor.evict, files + shards, everything=mode == "cold")
         for kind in [k for k in args.contenders.split(",") if k]:
             child = children[f"{kind}-{mode}"] = Child(kind, args.src if kind == "from_pretrained" else ck,
                                                        args.device, reference)
@@ -185,7 +205,7 @@ def timeline(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
     """Best and median of each mark (seconds since the process launch), and from the load call."""
     keys = sorted({k for r in runs for k in r["marks"]})
     out = {k: summary([r["marks"][k] for r in runs if k in r["marks"]], nbytes) for k in keys}
-    for k in ("model", "first_layer", "first_output", "last_byte", "complete"):
+    for k in ("transformers", "built", "model", "first_layer", "first_output", "last_byte", "complete"):
         if k in keys:
             out[f"{k}_from_load_call"] = summary([r["marks"][k] - r["marks"]["load_call"] for r in runs
                                                   if k in r["marks"]], nbytes)
@@ -198,7 +218,7 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     raw read of the sweep."""
     t, out = results.get("timelines", {}), {}
     best = (results.get("disk_sweep", {}).get("best") or {}).get("gbps")
-    for mode in ("cold", "warm"):
+    for mode in ("cold", "cold-weights", "warm"):
         s, b = t.get(f"stream-{mode}"), t.get(f"blocking-{mode}")
         if not (s and b):
             continue
@@ -209,11 +229,11 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
             if n and d and "best_s" in n and "best_s" in d:
                 out[f"stream-{mode} {key}"] = {"best": n["best_s"] / d["best_s"],
                                                "median": n["median_s"] / d["median_s"]}
-        if best and mode == "cold":
+        if best and mode.startswith("cold"):
             for name, rec, k in (("stream", s, "complete"), ("blocking", b, "complete")):
                 if rec.get(f"{k}_from_load_call"):
                     r = rec[f"{k}_from_load_call"]
-                    out[f"{name}-cold load / best raw read"] = {"best": r["best_gbps"] / best,
+                    out[f"{name}-{mode} load / best raw read"] = {"best": r["best_gbps"] / best,
                                                                  "median": r["median_gbps"] / best}
     return out
 
