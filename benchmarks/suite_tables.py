@@ -179,8 +179,10 @@ def render_vllm(data: Data) -> str:
                           "weights loaded (vLLM's log), s"], rows)
 
 
-STREAM_MARKS = (("model", "model returned"), ("first_layer", "first layer done"),
-                ("first_output", "first output"), ("complete", "every weight in place"))
+STREAM_MARKS = (("load_call", "load called"), ("transformers", "transformers imported"),
+                ("last_byte", "last byte"), ("built", "model built"), ("model", "model returned"),
+                ("first_layer", "first layer done"), ("first_output", "first output"),
+                ("complete", "every weight in place"))
 
 
 def render_stream(data: Data) -> str:
@@ -188,9 +190,10 @@ def render_stream(data: Data) -> str:
     r = data["results"]
     rows = []
     for key, c in r["contenders"].items():
-        kind, _, mode = key.rpartition("-")
+        kind, _, mode = key.partition("-")
         if "error" in c:
-            rows.append([f"`{kind}`", mode, "error: " + c["error"].splitlines()[-1][:100]] + ["–"] * 3)
+            rows.append([f"`{kind}`", mode, "error: " + c["error"].splitlines()[-1][:100]]
+                        + ["–"] * (len(STREAM_MARKS) - 1))
             continue
         t = r["timelines"].get(key, {})
         rows.append([f"`{kind}`", mode] + [_pair(t[k]["best_s"], t[k]["median_s"]) if k in t else "–"
