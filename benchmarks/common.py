@@ -352,7 +352,7 @@ def summary(times: Sequence[float], nbytes: int, error: Optional[str] = None) ->
 class StoreServer:
     """``sllm-store serve`` on a private socket, for the store path."""
 
-    def __init__(self, storage: Path, pool: str) -> None:
+    def __init__(self, storage: Path, pool: str, args: Sequence[str] = ()) -> None:
         import sllm_store
         from sllm_store.server.client import StoreClient
 
@@ -361,7 +361,8 @@ class StoreServer:
         self.log = open(os.path.join(self.tmp, "server.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sllm_store", "serve", "--storage-path", str(storage),
-             "--mem-pool-size", pool, "--listen", self.address], stdout=self.log, stderr=subprocess.STDOUT)
+             "--mem-pool-size", pool, "--listen", self.address, *args], stdout=self.log,
+            stderr=subprocess.STDOUT)
         self.client = StoreClient(self.address)
         t0 = time.perf_counter()
         while True:

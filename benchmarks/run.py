@@ -16,6 +16,8 @@ Suites:
 * ``vllm``: vLLM engines started with each load format (``sllm`` and vLLM's own), cold and warm.
 * ``verify``: what checksum verification costs on each load path (off against on).
 * ``stream``: time to a model's first output from a cold start, streaming against blocking loads.
+* ``gpu_tier``: attaching to a model the store server holds in GPU memory, its private copy, and a
+  fine-tune sharing half its bytes with a resident model.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.compress",
           "remote": "suites.remote", "verify": "suites.verify", "vllm": "suites.vllm",
-          "stream": "suites.stream"}
+          "stream": "suites.stream", "gpu_tier": "suites.gpu_tier"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

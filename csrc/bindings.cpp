@@ -15,6 +15,7 @@
 #include "common/errors.h"
 #include "device/cuda_driver.h"
 #include "device/cuda_ipc.h"
+#include "device/cuda_vmm.h"
 #include "device/device.h"
 #include "memory/host_buffer.h"
 #include "memory/pinned_arena.h"
@@ -202,6 +203,15 @@ py::dict run_copies_py(const std::vector<CopyTuple>& copies, const std::vector<D
   out["threads"] = stats.threads;
   out["seconds"] = stats.seconds;
   return out;
+}
+
+// The ordinal of a CUDA device string: "cuda" (0) or "cuda:N".
+int cuda_ordinal(const std::string& spec) {
+  if (spec == "cuda") return 0;
+  if (spec.rfind("cuda:", 0) != 0 || spec.size() == 5 || spec.size() > 14 ||
+      spec.find_first_not_of("0123456789", 5) != std::string::npos)
+    throw Error(ErrorKind::kDevice, "invalid CUDA device '" + spec + "' (expected cuda:N)");
+  return std::stoi(spec.substr(5));
 }
 
 }  // namespace
@@ -478,6 +488,83 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
       .def_property_readonly("size", &IpcMapping::size, "bytes mapped from base")
       .def_property_readonly("ordinal", &IpcMapping::ordinal)
       .def("close", &IpcMapping::close, py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "vmm_unsupported",
+      [](const std::string& device) {
+        int ordinal = cuda_ordinal(device);
+        py::gil_scoped_release nogil;
+        return vmm_unsupported(ordinal);
+      },
+      py::arg("device"),
+      "Why `device` ('cuda:N') cannot allocate GPU memory shareable as a file descriptor ('' when it can).");
+
+  py::class_<VmmAllocation>(m, "VmmAllocation",
+                            "GPU memory of this process (CUDA virtual memory management), mapped read-write "
+                            "at `address` and exportable to other processes as a file descriptor. A context "
+                            "manager: leaving it closes the allocation.")
+      .def(py::init([](const std::string& device, uint64_t size) {
+             int ordinal = cuda_ordinal(device);
+             py::gil_scoped_release nogil;
+             return std::make_unique<VmmAllocation>(ordinal, size);
+           }),
+           py::arg("device"), py::arg("size"),
+           "Allocate at least `size` bytes on `device` ('cuda:N'), rounded up to the allocation granularity.")
+      .def_property_readonly("address", &VmmAllocation::address, "Device address (raises once closed).")
+      .def_property_readonly("size", &VmmAllocation::size, "Bytes allocated (rounded up to the granularity).")
+      .def_property_readonly("device", [](const VmmAllocation& a) { return "cuda:" + std::to_string(a.ordinal()); })
+      .def_property_readonly("pci_bus_id", &VmmAllocation::pci_bus_id)
+      .def("export_fd", &VmmAllocation::export_fd, py::call_guard<py::gil_scoped_release>(),
+           "A new file descriptor for the memory (the caller closes it), for VmmMapping in another process.")
+      .def("close", &VmmAllocation::close, py::call_guard<py::gil_scoped_release>(),
+           "Unmap and release the memory (idempotent); other processes' mappings keep it alive.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](VmmAllocation& a, const py::args&) {
+        py::gil_scoped_release nogil;
+        a.close();
+      });
+
+  py::class_<VmmMapping>(m, "VmmMapping",
+                         "GPU memory of another process, imported from the file descriptor it exported "
+                         "(VmmAllocation.export_fd) and mapped until closed. A context manager.")
+      .def(py::init([](const std::string& pci_bus_id, int fd, uint64_t size, bool read_only) {
+             py::gil_scoped_release nogil;
+             return std::make_unique<VmmMapping>(pci_bus_id, fd, size, read_only);
+           }),
+           py::arg("pci_bus_id"), py::arg("fd"), py::arg("size"), py::arg("read_only") = true,
+           "Map `size` bytes (the exporter's VmmAllocation.size) of the memory `fd` stands for; `fd` stays "
+           "the caller's to close. `read_only` is False afterwards when the driver refused read-only access.")
+      .def_property_readonly("address", &VmmMapping::address, "Device address (raises once closed).")
+      .def_property_readonly("size", &VmmMapping::size)
+      .def_property_readonly("read_only", &VmmMapping::read_only,
+                             "Whether the device may only read the mapping.")
+      .def_property_readonly("ordinal", &VmmMapping::ordinal, "The device, in this process's numbering.")
+      .def("close", &VmmMapping::close, py::call_guard<py::gil_scoped_release>(), "Unmap (idempotent).")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](VmmMapping& v, const py::args&) {
+        py::gil_scoped_release nogil;
+        v.close();
+      });
+
+  m.def(
+      "copy_device_to_device",
+      [](const std::string& device, uint64_t dst, uint64_t src, uint64_t size) {
+        int ordinal = cuda_ordinal(device);
+        py::gil_scoped_release nogil;
+        copy_device_to_device(ordinal, dst, src, size);
+      },
+      py::arg("device"), py::arg("dst"), py::arg("src"), py::arg("size"),
+      "Copy `size` bytes of GPU memory on `device` from address `src` to `dst`; returns when done. The copy "
+      "runs on a stream of its own, unordered with other streams: finish the work that writes `src` first "
+      "(e.g. torch.cuda.synchronize()).");
+  m.def(
+      "cuda_memory_info",
+      [](const std::string& device) {
+        int ordinal = cuda_ordinal(device);
+        py::gil_scoped_release nogil;
+        return device_memory_info(ordinal);
+      },
+      py::arg("device"), "(free, total) bytes of `device`'s memory, as the CUDA driver counts them.");
 
   m.def(
       "group_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, group_bytes); },

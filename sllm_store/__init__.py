@@ -35,6 +35,8 @@ _LAZY = {
     "load_model": "sllm_store.model",
     "StoreClient": "sllm_store.server.client",
     "save_model": "sllm_store.model",
+    "residency": "sllm_store.residency",
+    "estimate_load_time": "sllm_store.residency",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from sllm_store.index import Index, read_index
     from sllm_store.loader import load_into, load_state_dict, verify
     from sllm_store.model import load_model, save_model
+    from sllm_store.residency import estimate_load_time as estimate_load_time
+    from sllm_store.residency import residency as residency
     from sllm_store.server.client import StoreClient as StoreClient
     from sllm_store.streaming import PendingLoad
     from sllm_store.writer import save_state_dict

@@ -157,12 +157,13 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from sllm_store.server.gpu import parse_gpu_pools
     from sllm_store.server.service import serve
 
     logging.getLogger("sllm_store").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     serve(args.storage_path, args.mem_pool_size, listen=args.listen, num_threads=args.num_threads,
           block_size=args.chunk_size, io_mode=args.io_mode, max_loads=args.max_loads,
-          allow_large_pool=args.allow_large_pool)
+          allow_large_pool=args.allow_large_pool, gpu_pools=parse_gpu_pools(args.gpu_pool or []))
     return 0
 
 
@@ -200,12 +201,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"GPU destinations {'yes' if h.cuda else 'no'}")
     print(f"requests:    {s.hits} hits, {s.misses} misses, {s.evictions} evictions, "
           f"{format_size(s.bytes_served)} served, {s.loads_in_progress} load(s) in progress")
+    if s.disk_gbps or s.copy_gbps:
+        print(f"measured:    disk to pool {s.disk_gbps:.2f} GB/s, pool to clients {s.copy_gbps:.2f} GB/s")
+    for g in s.gpu_pools:
+        pct = 100 * g.used / g.budget if g.budget else 0
+        print(f"GPU pool:    {g.device} ({g.pci_bus_id}): {format_size(g.used)} of {format_size(g.budget)} "
+              f"used ({pct:.0f}%), pool to GPU {g.h2d_gbps:.2f} GB/s")
+    if s.attach_socket:
+        print(f"attach:      {s.attach_socket}")
     if s.models:
         print(f"{'model':40} {'tier':8} {'size':>10} {'in use':>6} {'hits':>6}  last used")
         now = time.time()
         for m in s.models:
-            print(f"{m.name:40} {m.tier:8} {format_size(m.size):>10} {m.in_use:>6} {m.hits:>6}  "
-                  f"{now - m.last_used:.0f} s ago")
+            if m.tier != "gpu":
+                print(f"{m.name:40} {m.tier:8} {format_size(m.size):>10} {m.in_use:>6} {m.hits:>6}  "
+                      f"{now - m.last_used:.0f} s ago")
+            for r in m.gpu:
+                shared = f", {format_size(r.shared_bytes)} shared" if r.shared_bytes else ""
+                print(f"{m.name:40} {r.device:8} {format_size(r.bytes):>10} {r.attached:>6} "
+                      f"{'':>6}  {r.state}{', pinned' if r.pinned else ''}{shared} (attached clients)")
     else:
         print("no models in the pool")
     return 0
@@ -214,8 +228,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_prefetch(args: argparse.Namespace) -> int:
     client = _client(args)
     for name in args.models:
-        r = client.prefetch(client.model_name(name), verify=args.verify is not False)
-        state = "already cached" if r.hit else "cached"
+        r = client.prefetch(client.model_name(name), verify=args.verify is not False, to=args.to,
+                            pin=args.pin)
+        if args.to in ("", "dram"):
+            state = "already cached" if r.hit else "cached"
+        else:
+            state = f"already resident on {args.to}" if r.hit else f"resident on {args.to}"
         print(f"{name}: {state}, {format_size(r.bytes)} in {r.seconds:.2f} s")
     return 0
 
@@ -223,7 +241,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 def _cmd_evict(args: argparse.Namespace) -> int:
     client = _client(args)
     names = [client.model_name(m) for m in args.models] or [""]
-    evicted = [e for n in names for e in client.evict(n)]
+    evicted = [e for n in names for e in client.evict(n, tier=args.tier)]
     print(f"evicted: {', '.join(evicted)}" if evicted else "nothing evicted")
     return 0
 
@@ -391,6 +409,9 @@ def _add_server_commands(sub: Any) -> None:
                     help="loads and prefetches served at once (default 56); more wait in their clients")
     sv.add_argument("--allow-large-pool", action="store_true",
                     help="allocate the pool even if it is larger than the memory available now")
+    sv.add_argument("--gpu-pool", action="append", default=None, metavar="cuda:N=SIZE",
+                    help="keep models in GPU memory too, up to SIZE on device N (repeat per device); "
+                    "clients on this host attach to them instead of copying")
     sv.set_defaults(func=_cmd_serve)
 
     for cmd, helptext, fn in (
@@ -410,6 +431,13 @@ def _add_server_commands(sub: Any) -> None:
         if cmd == "prefetch":
             sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                             help="check every chunk's checksum while caching (default: on)")
+            sp.add_argument("--to", default="dram", metavar="dram|cuda:N",
+                            help="the pinned memory pool (default), or the server's GPU pool on cuda:N")
+            sp.add_argument("--pin", action="store_true",
+                            help="(with --to cuda:N) keep it resident until evicted by name")
+        if cmd == "evict":
+            sp.add_argument("--tier", default="", metavar="dram|gpu|cuda:N",
+                            help="evict only from this tier (default: every tier)")
         sp.set_defaults(func=fn)
 
 

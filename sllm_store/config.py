@@ -64,6 +64,9 @@ VARIABLES: tuple[Variable, ...] = (
              "(`store=`)."),
     Variable("SLLM_STORE_TIMEOUT", "store", "`600`",
              "Seconds a load through the store server may take."),
+    Variable("SLLM_STORE_GPU_COPY", "store", "`0`",
+             "`1`: a load to a GPU on which the store server holds the model gets a private copy "
+             "of its weights (a device-to-device copy) instead of read-only shared memory (`copy=`)."),
     Variable("SLLM_STORE_SERVER_UID", "store", "this process's uid",
              "The user a store server on a unix socket must run as; a server of another user is "
              "refused (`UntrustedStoreError`)."),
@@ -155,15 +158,17 @@ def _ram_bytes() -> int:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """The store server's client: where the server is, and how long a load through it may take."""
+    """The store server's client: where the server is, how long a load through it may take, and
+    whether a model the server holds in GPU memory is shared (mapped read-only) or copied."""
 
     address: Optional[str] = None
     timeout: float = DEFAULT_STORE_TIMEOUT
     server_uid: int = field(default_factory=os.getuid)  # the user a unix-socket server must run as
+    gpu_copy: bool = False  # a private device-to-device copy instead of the server's shared memory
 
     @classmethod
     def resolve(cls, address: Optional[str] = None, timeout: Optional[float] = None,
-                server_uid: Optional[int] = None) -> StoreSettings:
+                server_uid: Optional[int] = None, gpu_copy: Optional[bool] = None) -> StoreSettings:
         if timeout is None:
             raw = _env("SLLM_STORE_TIMEOUT")
             try:
@@ -175,8 +180,10 @@ class StoreSettings:
             raise InvalidArgumentError(f"the store timeout must be positive, got {timeout}")
         if server_uid is None:
             server_uid = _env_int("SLLM_STORE_SERVER_UID")
+        if gpu_copy is None:
+            gpu_copy = bool(_env_bool("SLLM_STORE_GPU_COPY"))
         return cls(address=store_address(address), timeout=float(timeout),
-                   server_uid=os.getuid() if server_uid is None else server_uid)
+                   server_uid=os.getuid() if server_uid is None else server_uid, gpu_copy=gpu_copy)
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,7 @@ class LoadConfig:
         store: Optional[str] = None,
         remote: Optional[RemoteOptions] = None,
         cache: Optional[CacheSettings] = None,
+        copy: Optional[bool] = None,
     ) -> LoadConfig:
         if num_threads is None:
             num_threads = _env_int("SLLM_STORE_NUM_THREADS")
@@ -288,7 +296,7 @@ class LoadConfig:
             raise InvalidArgumentError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=verify,
                    staging_buffers=staging, follow_links=bool(_env_bool("SLLM_STORE_FOLLOW_LINKS")),
-                   store=StoreSettings.resolve(store),
+                   store=StoreSettings.resolve(store, gpu_copy=copy),
                    remote=(remote or RemoteOptions()).resolved(), cache=cache)
 
     def cache_settings(self) -> CacheSettings:

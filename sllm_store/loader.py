@@ -179,6 +179,7 @@ def load_state_dict(
     store: Optional[str] = None,
     remote: Optional[RemoteOptions] = None,
     wait: bool = True,
+    copy: Optional[bool] = None,
 ) -> Union[dict[str, torch.Tensor], PendingLoad]:
     """Load a converted checkpoint as a ``dict[str, torch.Tensor]``.
 
@@ -217,6 +218,10 @@ def load_state_dict(
             tensors' memory is allocated, while the bytes keep arriving in the background:
             ``pending.wait(name)`` blocks until a tensor is complete, ``pending.result()`` until
             all are, ``pending.cancel()`` stops the load (docs/streaming.md).
+        copy: with a store server that holds the model in GPU memory (``serve --gpu-pool``), a
+            load to that GPU maps the server's copy read-only (no bytes move); ``True`` makes a
+            private device-to-device copy instead, for weights that will be modified (env
+            ``SLLM_STORE_GPU_COPY``; docs/gpu-tier.md).
 
     All tensors of one device are views into a single allocation; tied tensors share storage.
 
@@ -234,7 +239,7 @@ def load_state_dict(
     """
     config = LoadConfig.resolve(
         num_threads=num_threads, io_mode=io_mode, chunk_size=chunk_size, verify=verify, store=store,
-        remote=remote,
+        remote=remote, copy=copy,
     )
     if not wait:
         return start(path, device, config)

@@ -251,6 +251,7 @@ def load_model(
     verify: Optional[bool] = None,
     store: Optional[str] = None,
     stream: bool = False,
+    copy: Optional[bool] = None,
     **config_kwargs: Any,
 ) -> nn.Module:
     """Load a ``transformers`` model from a converted (or plain safetensors) model directory.
@@ -271,7 +272,7 @@ def load_model(
             checkpoint's config.json names (``architectures``), else ``AutoModelForCausalLM``.
         trust_remote_code: passed to ``AutoConfig`` / the auto class.
         max_memory: for ``device_map="auto"``, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
-        num_threads, verify, store: see :func:`sllm_store.load_state_dict`. With a store server,
+        num_threads, verify, store, copy: see :func:`sllm_store.load_state_dict`. With a store server,
             ``path`` is the model's name there; config files come from the server too.
         stream: return the model as soon as it is built, while its weights still arrive (in the
             checkpoint's access order): each module's forward first waits for its own weights,
@@ -297,7 +298,7 @@ def load_model(
     model, _ = load_model_with_report(
         path, device_map=device_map, torch_dtype=torch_dtype, dtype=dtype, hf_model_class=hf_model_class,
         trust_remote_code=trust_remote_code, max_memory=max_memory, num_threads=num_threads,
-        verify=verify, store=store, stream=stream, **config_kwargs,
+        verify=verify, store=store, stream=stream, copy=copy, **config_kwargs,
     )
     return model
 
@@ -315,6 +316,7 @@ def load_model_with_report(
     verify: Optional[bool] = None,
     store: Optional[str] = None,
     stream: bool = False,
+    copy: Optional[bool] = None,
     **config_kwargs: Any,
 ) -> tuple[nn.Module, Optional[LoadReport]]:
     """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport` (None for a
@@ -324,7 +326,7 @@ def load_model_with_report(
         if torch_dtype is not None and torch_dtype != dtype:
             raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
         torch_dtype = dtype
-    load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store)
+    load_config = LoadConfig.resolve(num_threads=num_threads, verify=verify, store=store, copy=copy)
     options = _ModelOptions(device_map, torch_dtype, hf_model_class, trust_remote_code, max_memory,
                             config_kwargs, stream)
     if stream:  # the load outlives this call: the checkpoint is closed when it ends

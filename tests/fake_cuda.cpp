@@ -13,16 +13,19 @@
 //   work run, then joins the worker. The NULL (default) stream is not modelled (400).
 // - Only page-locked host memory (cuMemHostAlloc, cuMemHostRegister_v2) is copied asynchronously.
 //   A copy to or from other (pageable) host memory is queued like any other, but the call returns
-//   only once it has run (the driver stages pageable memory).
+//   only once it has run (the driver stages pageable memory). A device-to-device copy
+//   (cuMemcpyDtoDAsync_v2) has no host side: it always returns at once.
 // - Contexts: one primary context per device, with a stable handle per device, reference counted
 //   (cuDevicePrimaryCtxRetain / cuDevicePrimaryCtxRelease_v2). When the last reference goes, the
 //   work queued on its streams completes and the context is destroyed with the page-locked memory
 //   allocated under it (memory registered under it is pageable again); a later retain makes a new
 //   one. The current context is per thread. Calls that need a context (stream and event creation
 //   and use, copies, cuMemHostAlloc, cuMemFreeHost, cuMemHostRegister_v2, cuMemHostUnregister,
-//   cuIpc*) fail with CUDA_ERROR_INVALID_CONTEXT (201) when none is current (or its context is not
-//   alive), and a stream or event used while another context is current fails with 201 too. Stream
-//   and event destruction and the pointer queries need no current context.
+//   cuIpc*, cuMemCreate, cuMemAddressReserve, cuMemMap, cuMemSetAccess, cuMemExportToShareableHandle,
+//   cuMemImportFromShareableHandle, cuMemGetInfo_v2) fail with CUDA_ERROR_INVALID_CONTEXT (201) when
+//   none is current (or its context is not alive), and a stream or event used while another context
+//   is current fails with 201 too. Stream and event destruction, the pointer queries, the device
+//   queries, cuMemRelease, cuMemUnmap and cuMemAddressFree need no current context.
 // - Failures arrive late and stick: a failing copy (FAKE_CUDA_FAIL_COPY) is queued successfully;
 //   when it runs, its context enters the sticky error CUDA_ERROR_ILLEGAL_ADDRESS (700), reported by
 //   the synchronize calls that cover it and by every later call under that context (work still
@@ -37,12 +40,37 @@
 //   unregistering memory that is not page-locked (or twice); using memory allocated under a
 //   destroyed context, or unregistering memory registered under one; using a stream or an event of
 //   a destroyed context; using a destroyed stream or event; releasing a primary context without a
-//   reference; closing an IPC mapping that is not open.
-// - IPC and address ranges: tests declare "device allocations" with fake_add_device_range;
-//   cuMemGetAddressRange_v2 and cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, always
+//   reference; closing an IPC mapping that is not open; releasing (cuMemRelease) a handle that is
+//   not one or was released already; unmapping (cuMemUnmap) a range that is not exactly a run of
+//   mapped ranges; freeing (cuMemAddressFree) a range that was not reserved as such, or that still
+//   has memory mapped in it.
+// - IPC and address ranges: tests declare "device allocations" with fake_add_device_range (and
+//   cuMemSetAccess declares the ranges it makes accessible); cuMemGetAddressRange_v2 and cuPointerGetAttribute(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, always
 //   device 0) answer for them, cuIpcGetMemHandle exports them (64 bytes: pid, base, size), and
 //   cuIpcOpenMemHandle_v2 opens such a handle in the process that made it (elsewhere: 1, invalid
 //   value, since another process's memory is out of reach).
+// - Virtual memory management, shared between processes as on a GPU. cuMemCreate makes a memfd of
+//   the size asked for (a multiple of the 2 MiB granularity that cuMemGetAllocationGranularity
+//   gives, else 1); its handle is an id in a registry (never reused) holding the memfd.
+//   cuMemAddressReserve reserves inaccessible address space (aligned to the granularity unless
+//   told otherwise); cuMemMap maps the memfd there (shared, inaccessible until cuMemSetAccess);
+//   cuMemSetAccess makes it readable (CU_MEM_ACCESS_FLAGS_PROT_READ) or readable and writable
+//   (PROT_READWRITE) with mprotect, for every device at once (one address space serves them all:
+//   the widest access asked for wins), and declares each mapped range a device allocation (see
+//   the pointer queries below). cuMemUnmap puts inaccessible reserved space back; cuMemAddressFree
+//   gives the reservation back. cuMemRelease closes the registry's memfd: the memory lives on while
+//   mapped, as in CUDA. cuMemExportToShareableHandle (POSIX file descriptors only, and only for
+//   allocations that requested them: 801 otherwise) returns a duplicate of the memfd, which another
+//   process imports with cuMemImportFromShareableHandle (its own duplicate; the size from fstat):
+//   both then map the same pages, so writes on either side are seen on the other. A write through a
+//   read-only mapping (from the host, or by a copy's worker thread) faults: the process dies of
+//   SIGSEGV, the fake's form of the GPU's illegal-address error in that case. The bytes of live
+//   cuMemCreate allocations (released and unmapped: gone; imported ones do not count) may not exceed
+//   FAKE_CUDA_DEVICE_MEMORY (cuMemCreate: 2, out of memory); cuMemGetInfo_v2 reports that limit as
+//   the total and what is left of it as free. cuDeviceGetAttribute answers 1 for
+//   CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED (102) and
+//   CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED (103) (0 with FAKE_CUDA_NO_VMM=1,
+//   although the entry points still work), 0 for every other attribute.
 // Streams and events are never freed (a destroyed stream's worker is joined), so that a late use of
 // a destroyed one is reported instead of reading freed memory; the registry of allocations is never
 // destroyed either, so that workers still running at process exit never touch destroyed state.
@@ -61,6 +89,9 @@
 //   FAKE_CUDA_ALLOC_DELAY_MS=N     N ms (default 20), overlapping other allocations
 //   FAKE_CUDA_FAIL_ADDRESS_RANGE=1 cuMemGetAddressRange_v2 always fails (500)
 //   FAKE_CUDA_MISUSE=count         misuse is counted, not fatal
+//   FAKE_CUDA_DEVICE_MEMORY=N      bytes of device memory for cuMemCreate (default 80 GiB)
+//   FAKE_CUDA_NO_VMM=1             the devices report no virtual memory management support
+//   FAKE_CUDA_NO_READ_ONLY=1       cuMemSetAccess refuses read-only access (1, invalid value)
 //
 // Exported for tests (extern "C"):
 //   unsigned fake_last_event_flags()  flags of the last cuEventCreate (~0u before any)
@@ -72,6 +103,10 @@
 //   long fake_pinned_bytes()          bytes of cuMemHostAlloc memory neither freed nor destroyed
 //   void fake_add_device_range(unsigned long long ptr, size_t size)   declares a device allocation
 //   void fake_remove_device_range(unsigned long long ptr)            forgets the one based at ptr
+//   long fake_vmm_bytes()             bytes of live cuMemCreate allocations
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -98,13 +133,19 @@ constexpr CUresult kInvalidValue = 1;
 constexpr CUresult kOutOfMemory = 2;
 constexpr CUresult kInvalidDevice = 101;
 constexpr CUresult kInvalidContext = 201;
+constexpr CUresult kAlreadyMapped = 208;
 constexpr CUresult kInvalidHandle = 400;
 constexpr CUresult kNotFound = 500;
 constexpr CUresult kIllegalAddress = 700;
 constexpr CUresult kAlreadyRegistered = 712;
+constexpr CUresult kNotSupported = 801;
 constexpr int kMaxDevices = 8;
 constexpr int kPointerAttributeDeviceOrdinal = 9;  // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
 constexpr size_t kPage = 4096;
+constexpr size_t kGranularity = 2u << 20;  // of cuMemCreate sizes and mapped ranges
+constexpr int kAttributeVmmSupported = 102;  // CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+constexpr int kAttributePosixFdSupported = 103;  // CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
+constexpr int kHandleTypePosixFd = 1;  // CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -170,6 +211,21 @@ struct Pending {  // host memory that a queued copy has not finished with
   Life* life;
 };
 
+// A cuMemCreate allocation or an imported one (cuMemImportFromShareableHandle): a memfd.
+struct VmmHandle {
+  int fd;               // -1 once released
+  size_t size;
+  bool created;         // by cuMemCreate in this process (counted against FAKE_CUDA_DEVICE_MEMORY)
+  int handle_types;     // the shareable handle types it may be exported as
+  int maps = 0;         // mapped ranges backed by it
+  bool counted = false; // its bytes are in Registry::vmm_bytes
+};
+
+struct VmmMap {  // a range mapped with cuMemMap
+  size_t size;
+  uint64_t handle;
+};
+
 struct Stream;
 
 struct Registry {
@@ -183,6 +239,11 @@ struct Registry {
   uint64_t next_pending = 1;
   std::set<Stream*> streams;                   // streams not destroyed
   long pinned_bytes = 0;                       // cuMemHostAlloc bytes neither freed nor destroyed
+  std::map<uint64_t, VmmHandle> vmm_handles;   // by handle; entries are kept once released
+  uint64_t next_vmm_handle = 0x1000;           // handles are never reused
+  std::map<uintptr_t, size_t> reservations;    // cuMemAddressReserve ranges: base -> size
+  std::map<uintptr_t, VmmMap> vmm_maps;        // cuMemMap ranges: base -> mapping
+  unsigned long long vmm_bytes = 0;            // live cuMemCreate bytes (released and unmapped: gone)
 
   Registry() {
     for (int i = 0; i < kMaxDevices; ++i) contexts[i].device = i;
@@ -364,20 +425,51 @@ CUresult use_event(void* e, const char* call, Event** out) {
   return kOk;
 }
 
-// cuMemcpyHtoDAsync_v2 / cuMemcpyDtoHAsync_v2: queued on the stream; returns at once when the
-// host side is page-locked, else once the copy has run.
-CUresult copy(void* dst, const void* src, size_t n, void* s, bool to_device, const char* call) {
+// The device memory of each device (FAKE_CUDA_DEVICE_MEMORY, else 80 GiB).
+unsigned long long device_memory() {
+  const char* v = std::getenv("FAKE_CUDA_DEVICE_MEMORY");
+  return v && *v ? std::strtoull(v, nullptr, 10) : 80ull << 30;
+}
+
+// Drops a released allocation's bytes once nothing maps it any more. Caller holds reg().mu.
+void settle(VmmHandle& h) {
+  if (h.counted && h.fd < 0 && h.maps == 0) {
+    reg().vmm_bytes -= h.size;
+    h.counted = false;
+  }
+}
+
+// The mappings that cover [ptr, ptr+size) exactly, one after another, or none. Caller holds
+// reg().mu.
+std::vector<std::map<uintptr_t, VmmMap>::iterator> mappings_of(uintptr_t ptr, size_t size) {
+  std::vector<std::map<uintptr_t, VmmMap>::iterator> out;
+  auto& maps = reg().vmm_maps;
+  uintptr_t at = ptr;
+  for (auto it = maps.find(ptr); it != maps.end() && it->first == at && at < ptr + size; ++it) {
+    out.push_back(it);
+    at += it->second.size;
+  }
+  if (size == 0 || at != ptr + size) out.clear();
+  return out;
+}
+
+enum class Direction { kToDevice, kToHost, kDeviceToDevice };
+
+// cuMemcpyHtoDAsync_v2 / cuMemcpyDtoHAsync_v2 / cuMemcpyDtoDAsync_v2: queued on the stream; returns
+// at once when the host side is page-locked (or there is none), else once the copy has run.
+CUresult copy(void* dst, const void* src, size_t n, void* s, Direction dir, const char* call) {
   Stream* st = nullptr;
   if (CUresult r = use_stream(s, call, &st)) return r;
   if (n > 0 && (dst == nullptr || src == nullptr)) return kInvalidValue;
-  const void* host = to_device ? src : dst;
+  const bool to_device = dir == Direction::kToDevice;
+  const void* host = dir == Direction::kDeviceToDevice ? nullptr : (to_device ? src : dst);
   Op op;
   op.copy = true;
   op.dst = dst;
   op.src = src;
   op.n = n;
-  bool page_locked = false;
-  {
+  bool page_locked = host == nullptr;
+  if (host != nullptr) {
     std::lock_guard<std::mutex> lock(reg().mu);
     if (Pinned* p = n ? find_pinned(host, n) : nullptr) {
       if (p->life->dead.load()) {
@@ -390,13 +482,13 @@ CUresult copy(void* dst, const void* src, size_t n, void* s, bool to_device, con
       reg().pending[op.pending] = Pending{reinterpret_cast<uintptr_t>(host), n, st->life};
     }
   }
-  if (to_device) {
+  if (dir == Direction::kToDevice) {
     op.fail = ++g_h2d == env_int("FAKE_CUDA_FAIL_COPY", 0);
-  } else {
+  } else if (dir == Direction::kToHost) {
     ++g_copies_back;
     op.flip = env_int("FAKE_CUDA_FLIP_COPY_BACK", 0) != 0;
   }
-  const bool fail_now = !to_device && env_int("FAKE_CUDA_FAIL_COPY_BACK", 0) != 0;
+  const bool fail_now = dir == Direction::kToHost && env_int("FAKE_CUDA_FAIL_COPY_BACK", 0) != 0;
   uint64_t seq = 0;
   if (fail_now || !st->push(op, &seq)) {
     if (op.pending) {
@@ -603,12 +695,13 @@ CUresult cuEventSynchronize(void* e) {
 }
 
 CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t n, void* s) {
-  return guarded([&] { return copy(reinterpret_cast<void*>(dst), src, n, s, true, "cuMemcpyHtoDAsync"); });
+  return guarded(
+      [&] { return copy(reinterpret_cast<void*>(dst), src, n, s, Direction::kToDevice, "cuMemcpyHtoDAsync"); });
 }
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t n, void* s) {
   return guarded(
-      [&] { return copy(dst, reinterpret_cast<const void*>(src), n, s, false, "cuMemcpyDtoHAsync"); });
+      [&] { return copy(dst, reinterpret_cast<const void*>(src), n, s, Direction::kToHost, "cuMemcpyDtoHAsync"); });
 }
 
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
@@ -716,6 +809,8 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
     case kNotFound: *s = "named symbol not found (fake)"; break;
     case kIllegalAddress: *s = "an illegal memory access was encountered (fake)"; break;
     case kAlreadyRegistered: *s = "part or all of the requested memory range is already mapped (fake)"; break;
+    case kAlreadyMapped: *s = "resource already mapped (fake)"; break;
+    case kNotSupported: *s = "operation not supported (fake)"; break;
     default: *s = "fake CUDA error"; break;
   }
   return kOk;
@@ -825,6 +920,255 @@ CUresult cuDeviceGetByPCIBusId(int* dev, const char* id) {
   return kOk;
 }
 
+// Virtual memory management: allocations are memfds, mapped into reserved address ranges.
+struct MemLocation {
+  int type;  // 1: device
+  int id;
+};
+
+struct MemAllocationProp {  // CUmemAllocationProp
+  int type;
+  int requestedHandleTypes;
+  MemLocation location;
+  void* win32HandleMetaData;
+  unsigned char allocFlags[8];
+};
+
+struct MemAccessDesc {  // CUmemAccessDesc
+  MemLocation location;
+  int flags;
+};
+
+CUresult cuDeviceGetAttribute(int* value, int attribute, int dev) {
+  if (value == nullptr) return kInvalidValue;
+  if (dev < 0 || dev >= device_count()) return kInvalidDevice;
+  const bool vmm = env_int("FAKE_CUDA_NO_VMM", 0) == 0;
+  *value = (attribute == kAttributeVmmSupported || attribute == kAttributePosixFdSupported) && vmm ? 1 : 0;
+  return kOk;
+}
+
+CUresult cuMemGetAllocationGranularity(size_t* granularity, const MemAllocationProp* prop, int) {
+  if (granularity == nullptr || prop == nullptr) return kInvalidValue;
+  *granularity = kGranularity;
+  return kOk;
+}
+
+CUresult cuMemCreate(unsigned long long* handle, size_t size, const MemAllocationProp* prop,
+                     unsigned long long flags) {
+  return guarded([&] {
+    if (handle == nullptr || prop == nullptr || flags != 0) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    if (prop->type != 1 || prop->location.type != 1) return kInvalidValue;
+    if (prop->location.id < 0 || prop->location.id >= device_count()) return kInvalidDevice;
+    if (size == 0 || size % kGranularity != 0) return kInvalidValue;
+    int fd = ::memfd_create("fake-cuda-vmm", MFD_CLOEXEC);
+    if (fd < 0) return kOutOfMemory;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    if (reg().vmm_bytes + size > device_memory() || ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+      ::close(fd);
+      return kOutOfMemory;
+    }
+    uint64_t id = reg().next_vmm_handle++;
+    VmmHandle h{fd, size, true, prop->requestedHandleTypes};
+    h.counted = true;
+    reg().vmm_handles.emplace(id, h);
+    reg().vmm_bytes += size;
+    *handle = id;
+    return kOk;
+  });
+}
+
+CUresult cuMemRelease(unsigned long long handle) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto it = reg().vmm_handles.find(handle);
+    if (it == reg().vmm_handles.end() || it->second.fd < 0) {
+      misuse("cuMemRelease(0x%llx): not an allocation handle, or released already", handle);
+      return kInvalidValue;
+    }
+    ::close(it->second.fd);  // a mapping keeps the memory (the memfd) alive, as in CUDA
+    it->second.fd = -1;
+    settle(it->second);
+    return kOk;
+  });
+}
+
+CUresult cuMemAddressReserve(unsigned long long* ptr, size_t size, size_t alignment, unsigned long long,
+                             unsigned long long flags) {
+  return guarded([&] {
+    if (ptr == nullptr || flags != 0 || size == 0 || size % kGranularity != 0) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    const size_t align = alignment ? alignment : kGranularity;
+    if ((align & (align - 1)) != 0) return kInvalidValue;
+    void* m = ::mmap(nullptr, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return kOutOfMemory;
+    const uintptr_t raw = reinterpret_cast<uintptr_t>(m);
+    const uintptr_t base = (raw + align - 1) / align * align;  // the slack on either side goes back
+    if (base > raw) ::munmap(m, base - raw);
+    ::munmap(reinterpret_cast<void*>(base + size), raw + align - base);  // never empty: base < raw + align
+    std::lock_guard<std::mutex> lock(reg().mu);
+    reg().reservations[base] = size;
+    *ptr = base;
+    return kOk;
+  });
+}
+
+CUresult cuMemAddressFree(unsigned long long ptr, size_t size) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto it = reg().reservations.find(ptr);
+    if (it == reg().reservations.end() || it->second != size) {
+      misuse("cuMemAddressFree(0x%llx, %zu): not a reserved address range", ptr, size);
+      return kInvalidValue;
+    }
+    auto& maps = reg().vmm_maps;
+    auto inside = maps.lower_bound(ptr);
+    if (inside != maps.end() && inside->first < ptr + size) {
+      misuse("cuMemAddressFree(0x%llx): memory is still mapped in the range (cuMemUnmap first)", ptr);
+      return kInvalidValue;
+    }
+    ::munmap(reinterpret_cast<void*>(ptr), size);
+    reg().reservations.erase(it);
+    return kOk;
+  });
+}
+
+CUresult cuMemMap(unsigned long long ptr, size_t size, size_t offset, unsigned long long handle,
+                  unsigned long long flags) {
+  return guarded([&] {
+    if (flags != 0 || size == 0 || size % kGranularity != 0 || offset % kGranularity != 0) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto h = reg().vmm_handles.find(handle);
+    if (h == reg().vmm_handles.end() || h->second.fd < 0) return kInvalidValue;
+    if (offset + size > h->second.size) return kInvalidValue;
+    auto& res = reg().reservations;
+    auto r = res.upper_bound(ptr);
+    if (r == res.begin() || ptr + size > std::prev(r)->first + std::prev(r)->second) return kInvalidValue;
+    auto& maps = reg().vmm_maps;
+    auto next = maps.lower_bound(ptr);
+    if (next != maps.end() && next->first < ptr + size) return kAlreadyMapped;
+    if (next != maps.begin() && std::prev(next)->first + std::prev(next)->second.size > ptr) return kAlreadyMapped;
+    void* m = ::mmap(reinterpret_cast<void*>(ptr), size, PROT_NONE, MAP_SHARED | MAP_FIXED, h->second.fd,
+                     static_cast<off_t>(offset));
+    if (m == MAP_FAILED) return kOutOfMemory;
+    maps[ptr] = VmmMap{size, handle};
+    h->second.maps++;
+    return kOk;
+  });
+}
+
+CUresult cuMemSetAccess(unsigned long long ptr, size_t size, const MemAccessDesc* desc, size_t count) {
+  return guarded([&] {
+    if (desc == nullptr || count == 0) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    int prot = PROT_NONE;  // one address space serves every device: the widest access asked for
+    for (size_t i = 0; i < count; ++i) {
+      if (desc[i].location.type != 1 || desc[i].location.id < 0 || desc[i].location.id >= device_count())
+        return kInvalidValue;
+      switch (desc[i].flags) {
+        case 0: break;
+        case 1:
+          if (env_int("FAKE_CUDA_NO_READ_ONLY", 0)) return kInvalidValue;
+          prot |= PROT_READ;
+          break;
+        case 3: prot |= PROT_READ | PROT_WRITE; break;
+        default: return kInvalidValue;
+      }
+    }
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto covered = mappings_of(ptr, size);
+    if (covered.empty()) return kInvalidValue;
+    if (::mprotect(reinterpret_cast<void*>(ptr), size, prot) != 0) return kInvalidValue;
+    for (auto it : covered) {  // accessible mappings are device allocations to the pointer queries
+      if (prot == PROT_NONE) {
+        reg().device_ranges.erase(it->first);
+      } else {
+        reg().device_ranges[it->first] = it->second.size;
+      }
+    }
+    return kOk;
+  });
+}
+
+CUresult cuMemUnmap(unsigned long long ptr, size_t size) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto covered = mappings_of(ptr, size);
+    if (covered.empty()) {
+      misuse("cuMemUnmap(0x%llx, %zu): not a mapped range", ptr, size);
+      return kInvalidValue;
+    }
+    // The range goes back to being reserved: inaccessible, and no longer backed by the memfd.
+    ::mmap(reinterpret_cast<void*>(ptr), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+           -1, 0);
+    for (auto it : covered) {
+      reg().device_ranges.erase(it->first);
+      VmmHandle& h = reg().vmm_handles.at(it->second.handle);
+      h.maps--;
+      settle(h);
+      reg().vmm_maps.erase(it);
+    }
+    return kOk;
+  });
+}
+
+CUresult cuMemExportToShareableHandle(void* out, unsigned long long handle, int type, unsigned long long flags) {
+  return guarded([&] {
+    if (out == nullptr || type != kHandleTypePosixFd || flags != 0) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    auto h = reg().vmm_handles.find(handle);
+    if (h == reg().vmm_handles.end() || h->second.fd < 0) return kInvalidValue;
+    if ((h->second.handle_types & kHandleTypePosixFd) == 0) return kNotSupported;  // not requested at creation
+    int fd = ::fcntl(h->second.fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return kOutOfMemory;
+    *static_cast<int*>(out) = fd;
+    return kOk;
+  });
+}
+
+CUresult cuMemImportFromShareableHandle(unsigned long long* handle, void* os_handle, int type) {
+  return guarded([&] {
+    if (handle == nullptr || type != kHandleTypePosixFd) return kInvalidValue;
+    Life* life = nullptr;
+    if (CUresult r = current(&life)) return r;
+    const int fd = static_cast<int>(reinterpret_cast<intptr_t>(os_handle));
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0 || st.st_size <= 0 || st.st_size % kGranularity != 0) return kInvalidValue;
+    int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);  // the caller keeps its descriptor
+    if (own < 0) return kOutOfMemory;
+    std::lock_guard<std::mutex> lock(reg().mu);
+    uint64_t id = reg().next_vmm_handle++;
+    reg().vmm_handles.emplace(id, VmmHandle{own, static_cast<size_t>(st.st_size), false, kHandleTypePosixFd});
+    *handle = id;
+    return kOk;
+  });
+}
+
+CUresult cuMemcpyDtoDAsync_v2(unsigned long long dst, unsigned long long src, size_t n, void* s) {
+  return guarded([&] {
+    return copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n, s, Direction::kDeviceToDevice,
+                "cuMemcpyDtoDAsync");
+  });
+}
+
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+  if (free_bytes == nullptr || total == nullptr) return kInvalidValue;
+  Life* life = nullptr;
+  if (CUresult r = current(&life)) return r;
+  const unsigned long long limit = device_memory();
+  std::lock_guard<std::mutex> lock(reg().mu);
+  *free_bytes = reg().vmm_bytes < limit ? limit - reg().vmm_bytes : 0;
+  *total = limit;
+  return kOk;
+}
+
 // For tests.
 unsigned fake_last_event_flags() { return g_event_flags.load(); }
 long fake_copies_back() { return g_copies_back.load(); }
@@ -842,6 +1186,11 @@ int fake_live_contexts() {
 long fake_pinned_bytes() {
   std::lock_guard<std::mutex> lock(reg().mu);
   return reg().pinned_bytes;
+}
+
+long fake_vmm_bytes() {
+  std::lock_guard<std::mutex> lock(reg().mu);
+  return static_cast<long>(reg().vmm_bytes);
 }
 
 void fake_add_device_range(unsigned long long ptr, size_t size) {

@@ -29,6 +29,12 @@ bool bind(void* lib, const char* name, F& slot, std::string& reason) {
   return true;
 }
 
+// Binds an entry that older drivers may lack: left nullptr if absent.
+template <class F>
+void bind_optional(void* lib, const char* name, F& slot) {
+  slot = reinterpret_cast<F>(::dlsym(lib, name));
+}
+
 // The driver library to load (set_library), guarded by its mutex; read once, by the first load().
 std::mutex library_mutex;
 std::string library_path;  // "" = libcuda.so.1
@@ -82,6 +88,19 @@ Loaded load() {
             bind(lib, "cuMemHostRegister_v2", d.cuMemHostRegister, r) &&
             bind(lib, "cuMemHostUnregister", d.cuMemHostUnregister, r);
   if (!ok) return l;
+  bind_optional(lib, "cuMemCreate", d.cuMemCreate);
+  bind_optional(lib, "cuMemRelease", d.cuMemRelease);
+  bind_optional(lib, "cuMemAddressReserve", d.cuMemAddressReserve);
+  bind_optional(lib, "cuMemAddressFree", d.cuMemAddressFree);
+  bind_optional(lib, "cuMemMap", d.cuMemMap);
+  bind_optional(lib, "cuMemUnmap", d.cuMemUnmap);
+  bind_optional(lib, "cuMemSetAccess", d.cuMemSetAccess);
+  bind_optional(lib, "cuMemGetAllocationGranularity", d.cuMemGetAllocationGranularity);
+  bind_optional(lib, "cuMemExportToShareableHandle", d.cuMemExportToShareableHandle);
+  bind_optional(lib, "cuMemImportFromShareableHandle", d.cuMemImportFromShareableHandle);
+  bind_optional(lib, "cuDeviceGetAttribute", d.cuDeviceGetAttribute);
+  bind_optional(lib, "cuMemcpyDtoDAsync_v2", d.cuMemcpyDtoDAsync);
+  bind_optional(lib, "cuMemGetInfo_v2", d.cuMemGetInfo);
   CUresult res = d.cuInit(0);
   if (res != CUDA_SUCCESS) {
     const char* s = nullptr;

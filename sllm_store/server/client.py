@@ -157,11 +157,17 @@ class StoreClient:
     def describe(self, model: str) -> pb.DescribeReply:
         return self.call("Describe", pb.DescribeRequest(model=model), self.timeout)
 
-    def prefetch(self, model: str, *, verify: bool = True) -> pb.PrefetchReply:
-        return self.call("Prefetch", pb.PrefetchRequest(model=model, verify=verify), self.timeout)
+    def prefetch(self, model: str, *, verify: bool = True, to: str = "dram", pin: bool = False
+                 ) -> pb.PrefetchReply:
+        """Make ``model`` resident in the pinned pool (``to="dram"``) or in the server's GPU pool
+        on ``to="cuda:N"`` (the server's device numbering); ``pin``: keep it there."""
+        return self.call("Prefetch", pb.PrefetchRequest(model=model, verify=verify, to=to, pin=pin),
+                         self.timeout)
 
-    def evict(self, model: str = "") -> list[str]:
-        return list(self.call("Evict", pb.EvictRequest(model=model)).evicted)
+    def evict(self, model: str = "", tier: str = "") -> list[str]:
+        """Drop ``model`` (or every model not in use) from ``tier`` ("dram", "gpu", "cuda:N";
+        "" for every tier)."""
+        return list(self.call("Evict", pb.EvictRequest(model=model, tier=tier)).evicted)
 
     def model_name(self, path: PathLike) -> str:
         """The name the server knows ``path`` by: a local path inside the server's storage path

@@ -12,12 +12,12 @@ reads and copies run outside it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,24 +29,16 @@ from sllm_store.errors import (
     ChecksumError,
     FormatError,
     ModelChangedError,
-    ModelNotFoundError,
     ModelTooLargeError,
-    PathEscapeError,
     PoolExhaustedError,
     SllmStoreError,
     StoreError,
     StoreUnavailableError,
 )
-from sllm_store.formats import (
-    SERVERLESSLLM_INDEX,
-    describing_files,
-    is_serverlessllm,
-    open_index,
-    safetensors_shards,
-)
-from sllm_store.index import INDEX_FILE, Index, check_data_files, is_converted, read_index
+from sllm_store.index import Index
 from sllm_store.native import _C
 from sllm_store.plan import choose_io_mode
+from sllm_store.server.catalog import Catalog
 from sllm_store.server.pool import BlockPool
 
 logger = logging.getLogger(__name__)
@@ -56,8 +48,7 @@ CopyReq = tuple[int, int, int, int, int]
 # (device spec, address, size), as _C.run_copies takes them
 Dest = tuple[str, int, int]
 
-SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".py", ".jinja", ".tiktoken")
-SMALL_FILE_LIMIT = 32 << 20
+MEASURED_MIN_BYTES = 64 << 20  # transfers smaller than this do not update the measured rates
 
 
 @dataclass
@@ -81,17 +72,6 @@ class _Entry:
         return sum(len(b) for b in self.blocks)
 
 
-def fingerprint(index: Index, index_json: Optional[str] = None) -> str:
-    """Identifies one version of a checkpoint: its index and the identity of its data files."""
-    h = (index_json or json.dumps(index.to_json())).encode()
-    for i in range(len(index.files)):
-        st = index.file_path(i).stat()
-        # ctime too: an in-place rewrite that restores size and mtime (cp -p, touch -r) still
-        # changes it.
-        h += f"|{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode()
-    return f"{_C.xxh3_64(h):016x}"
-
-
 def _check_cancelled(cancelled: Optional[Callable[[], bool]]) -> None:
     if cancelled is not None and cancelled():
         raise StoreError("load cancelled: the client went away (deadline, cancellation or exit)")
@@ -99,6 +79,32 @@ def _check_cancelled(cancelled: Optional[Callable[[], bool]]) -> None:
 
 def _buffer_at(address: int, n: int) -> Any:
     return (ctypes.c_char * n).from_address(address)
+
+
+@dataclass
+class HeldModel:
+    """A model held in the pool (:meth:`PooledModels.held`): where each of its bytes is."""
+
+    key: str
+    fingerprint: str
+    index: Index
+    blocks: list[list[int]]  # per data file
+    pool: BlockPool
+
+    def parts(self, file: int, offset: int, n: int) -> list[tuple[int, int, int]]:
+        """(pool address, position from ``offset``, length) of the ``n`` bytes at ``offset`` of
+        data file ``file``, cut where they cross a block."""
+        B, out, pos = self.pool.block_size, [], 0
+        while pos < n:
+            at = offset + pos
+            m = min(n - pos, B - at % B)
+            out.append((self.pool.address(self.blocks[file][at // B]) + at % B, pos, m))
+            pos += m
+        return out
+
+    @staticmethod
+    def buffer(address: int, n: int) -> Any:
+        return _buffer_at(address, n)
 
 
 class PooledModels:
@@ -113,10 +119,8 @@ class PooledModels:
 
     def __init__(self, storage_path: str | Path, pool: BlockPool, *, num_threads: int,
                  io_mode: str = "auto", copy_threads: int = 4) -> None:
-        root = Path(storage_path)
-        if not root.is_dir():
-            raise ModelNotFoundError(f"storage path '{root}' is not a directory")
-        self.storage = root.resolve()
+        self.catalog = Catalog(storage_path)
+        self.storage = self.catalog.storage
         self.pool = pool
         self.num_threads = num_threads
         self.io_mode = io_mode
@@ -124,80 +128,30 @@ class PooledModels:
         self._lock = threading.Lock()
         self._window_freed = threading.Condition(self._lock)  # notified when a pass-through load ends
         self._entries: dict[str, _Entry] = {}
-        self._index_memo: dict[str, tuple[Any, Index, str]] = {}
         self._window_blocks = 0
         self.hits = self.misses = self.evictions = self.bytes_served = 0
+        self.disk_gbps = self.copy_gbps = 0.0  # measured: the latest read into the pool, copy out of it
         self.loads_in_progress = 0
         # How long a load waits for pool blocks held by other loads before PoolExhaustedError.
         self.pool_wait_s = 60.0
         self._closing = threading.Event()  # set by close(): in-flight calls stop at the next window
 
-    # -- names -------------------------------------------------------------------------------
+    # -- names (sllm_store.server.catalog) ----------------------------------------------------
 
     def resolve(self, name: str) -> tuple[str, Path]:
         """(normalized name, directory) of a model; refuses names that leave the storage path."""
-        if not name or "\x00" in name:
-            raise PathEscapeError(f"invalid model name {name!r}")
-        p = PurePosixPath(name)
-        if p.is_absolute():
-            raise PathEscapeError(f"model name {name!r} is absolute; give it relative to the storage path")
-        if ".." in p.parts:
-            raise PathEscapeError(f"model name {name!r} leaves the storage path ('..')")
-        real = (self.storage / p).resolve()
-        if real != self.storage and self.storage not in real.parents:
-            raise PathEscapeError(f"model name {name!r} resolves outside the storage path (symlink)")
-        if not real.exists():
-            raise ModelNotFoundError(f"no model {name!r} under the storage path '{self.storage}'")
-        if not (is_converted(real) or is_serverlessllm(real) or (real.is_dir() and safetensors_shards(real))):
-            raise ModelNotFoundError(
-                f"{name!r} under '{self.storage}' is neither an sllm-store checkpoint, a safetensors "
-                "model directory nor a ServerlessLLM checkpoint"
-            )
-        return str(p), real
+        return self.catalog.resolve(name)
 
     def _open(self, name: str) -> tuple[str, Index, str]:
-        """(name, index, fingerprint); the parsed index is reused while its file is unchanged."""
-        key, index, _json, fp = self._open_json(name)
-        return key, index, fp
+        return self.catalog.open(name)
 
-    def _open_json(self, name: str) -> tuple[str, Index, str, str]:
-        """(name, index, the index as sent to clients, fingerprint), consistent with each other."""
-        key, path = self.resolve(name)
-        converted = is_converted(path)
-        described = describing_files(path)
-        sig = tuple((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                    for st in (p.stat() for p in described))
-        memo = self._index_memo.get(key)
-        if memo is not None and memo[0] == sig:
-            index, index_json = memo[1], memo[2]
-        else:
-            index = read_index(path) if converted else open_index(path)
-            raw = index.to_json()
-            if not converted:  # safetensors or ServerlessLLM: the client must not expect our
-                raw["synthesized"] = index.source.get("format", "safetensors")  # alignment or checksums
-            index_json = json.dumps(raw)
-            self._index_memo[key] = (sig, index, index_json)
-        check_data_files(index)
-        for i in range(len(index.files)):  # a data file linked out of the storage path is not served
-            if not index.file_path(i).resolve().is_relative_to(self.storage):
-                raise PathEscapeError(f"{key!r}: data file '{index.files[i].name}' is a link out of the "
-                                      "storage path; the server serves only files inside it")
-        return key, index, index_json, fingerprint(index, index_json)
+    def open_model(self, name: str) -> tuple[str, Index, str]:
+        """(normalized name, index, fingerprint) of a model under the storage path."""
+        return self.catalog.open(name)
 
     def describe(self, name: str) -> tuple[str, str, dict[str, bytes]]:
-        """The index as JSON, the fingerprint, and the small non-weight files (config, generation
-        config...) that stay inside the storage path."""
-        key, index, index_json, fp = self._open_json(name)
-        data = {f.name for f in index.files} | {INDEX_FILE, SERVERLESSLLM_INDEX}
-        small: dict[str, bytes] = {}
-        for p in sorted(index.path.iterdir()):
-            if (p.name not in data and p.suffix in SMALL_FILE_SUFFIXES and p.is_file()
-                    and p.stat().st_size <= SMALL_FILE_LIMIT):
-                if not p.resolve().is_relative_to(self.storage):
-                    logger.warning("%s: not sending %s, a link out of the storage path", key, p.name)
-                    continue
-                small[p.name] = p.read_bytes()
-        return index_json, fp, small
+        """The index as JSON, the fingerprint, and the small files (config.json...)."""
+        return self.catalog.describe(name)
 
     # -- the table ---------------------------------------------------------------------------
 
@@ -288,6 +242,8 @@ class PooledModels:
             dt = time.perf_counter() - t0
             logger.info("read %s into the pool: %s in %.2f s (%.2f GB/s)", key, format_size(e.size), dt,
                         e.size / dt / 1e9 if dt > 0 else 0)
+            if dt > 0 and e.size >= MEASURED_MIN_BYTES:
+                self.disk_gbps = e.size / dt / 1e9
             return e, False
         e.ready.wait()
         if e.state == "failed":
@@ -421,6 +377,20 @@ class PooledModels:
 
     # -- operations --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def held(self, name: str, *, verify: bool = False) -> Iterator[HeldModel]:
+        """``name`` held in the pool for the block (read in first on a miss; never evicted
+        meanwhile), as a :class:`HeldModel` that says where its bytes are."""
+        key, index, fp = self._open(name)
+        e, _hit = self._acquire(key, index, fp, verify, pass_through_ok=False)
+        assert e is not None
+        try:
+            if verify and not e.verified:
+                self._verify_held(e)
+            yield HeldModel(key, fp, index, e.blocks, self.pool)
+        finally:
+            self._release(e)
+
     def prefetch(self, name: str, *, verify: bool = False) -> tuple[bool, int]:
         """Make ``name`` resident; returns (hit, bytes)."""
         key, index, fp = self._open(name)
@@ -471,6 +441,8 @@ class PooledModels:
             nbytes = sum(c[4] for c in copies)
             with self._lock:
                 self.bytes_served += nbytes
+                if out["copy_seconds"] > 0 and nbytes >= MEASURED_MIN_BYTES and not out["streamed"]:
+                    self.copy_gbps = nbytes / out["copy_seconds"] / 1e9
             out["bytes"] = nbytes
             return out
         finally:
@@ -585,6 +557,7 @@ class PooledModels:
                 "block_size": self.pool.block_size, "pinned": self.pool.pinned, "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions, "bytes_served": self.bytes_served,
                 "models": models, "loads_in_progress": self.loads_in_progress,
+                "disk_gbps": self.disk_gbps, "copy_gbps": self.copy_gbps,
             }
 
     def _check_open(self) -> None:

@@ -109,8 +109,11 @@ RESERVED_RPC_THREADS = 8  # RPC threads beyond that, for Health, Status, Describ
 class StoreService:
     """The RPC handlers. Each takes (request, context) and returns the reply message."""
 
-    def __init__(self, models: PooledModels, *, cuda: bool, max_loads: int = DEFAULT_MAX_LOADS) -> None:
+    def __init__(self, models: PooledModels, *, cuda: bool, max_loads: int = DEFAULT_MAX_LOADS,
+                 gpus: Any = None, attach_socket: str = "") -> None:
         self.models = models
+        self.gpus = gpus  # sllm_store.server.gpu.GpuPools, or None without --gpu-pool
+        self.attach_socket = attach_socket if gpus is not None else ""
         self.cuda = cuda
         self.max_loads = max_loads
         self._loads = threading.BoundedSemaphore(max_loads)
@@ -121,12 +124,22 @@ class StoreService:
 
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
         s = self.models.status()
-        models = [pb.ModelStatus(**m) for m in s.pop("models")]
-        return pb.StatusReply(models=models, **s)
+        g = self.gpus.status() if self.gpus is not None else {"pools": [], "models": {}}
+        models = [pb.ModelStatus(**m, gpu=[pb.GpuResidency(**r) for r in g["models"].pop(m["name"], [])])
+                  for m in s.pop("models")]
+        models += [pb.ModelStatus(name=name, tier="gpu", gpu=[pb.GpuResidency(**r) for r in rs])
+                   for name, rs in g["models"].items()]  # resident on a GPU, no longer in the pool
+        return pb.StatusReply(models=models, gpu_pools=[pb.GpuPoolStatus(**p) for p in g["pools"]],
+                              attach_socket=self.attach_socket, **s)
 
     def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.DescribeReply:
         index_json, fp, small = self.models.describe(request.model)
-        return pb.DescribeReply(index_json=index_json, fingerprint=fp, small_files=small)
+        gpu = []
+        if self.gpus is not None:
+            key, _ = self.models.resolve(request.model)
+            gpu = [pb.GpuResidency(**self.gpus.residency(r)) for r in self.gpus.resident_on(key, fp)]
+        return pb.DescribeReply(index_json=index_json, fingerprint=fp, small_files=small, gpu=gpu,
+                                attach_socket=self.attach_socket)
 
     @contextlib.contextmanager
     def _load_slot(self) -> Iterator[None]:
@@ -143,8 +156,15 @@ class StoreService:
 
     def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchReply:
         t0 = time.perf_counter()
+        to = request.to or "dram"
         with self._load_slot():
-            hit, nbytes = self.models.prefetch(request.model, verify=request.verify)
+            if to == "dram":
+                hit, nbytes = self.models.prefetch(request.model, verify=request.verify)
+            elif self.gpus is None:
+                raise InvalidArgumentError(f"cannot prefetch to {to}: the server has no GPU pool")
+            else:
+                out = self.gpus.make_resident(request.model, to, pin=request.pin)
+                hit, nbytes = out["hit"], out["bytes"]
         return pb.PrefetchReply(hit=hit, seconds=time.perf_counter() - t0, bytes=nbytes)
 
     def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:
@@ -168,7 +188,18 @@ class StoreService:
                             bytes=out["bytes"], streamed=out["streamed"])
 
     def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictReply:
-        return pb.EvictReply(evicted=self.models.evict(request.model))
+        tier = request.tier
+        if tier not in ("", "dram", "gpu") and not tier.startswith("cuda:"):
+            raise InvalidArgumentError(f"unknown tier {tier!r}: dram, gpu or cuda:N")
+        if tier not in ("", "dram") and self.gpus is None:
+            raise InvalidArgumentError(f"cannot evict from {tier}: the server has no GPU pool (--gpu-pool)")
+        evicted: list[str] = []
+        if self.gpus is not None and tier != "dram":
+            key = self.models.resolve(request.model)[0] if request.model else ""
+            evicted += self.gpus.evict(key, tier if tier.startswith("cuda:") else "")
+        if tier in ("", "dram"):
+            evicted += self.models.evict(request.model)
+        return pb.EvictReply(evicted=evicted)
 
 
 def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -282,11 +313,14 @@ def check_serve_arguments(storage_path: str, mem_pool_size: int, block_size: int
 def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None,
           num_threads: Optional[int] = None, block_size: int = 32 << 20, io_mode: str = "auto",
           copy_threads: int = 4, max_loads: int = DEFAULT_MAX_LOADS, ready: Optional[threading.Event] = None,
-          stop: Optional[threading.Event] = None, allow_large_pool: bool = False) -> None:
+          stop: Optional[threading.Event] = None, allow_large_pool: bool = False,
+          gpu_pools: Optional[dict[str, int]] = None) -> None:
     """Run the store server until SIGTERM/SIGINT (or ``stop`` is set).
 
     The arguments are checked first (the storage path, the load limit, and a pool no larger
     than the memory available unless ``allow_large_pool``), before the pool is allocated.
+    ``gpu_pools``: {"cuda:N": bytes} of GPU memory the server may keep models in, which clients
+    on this host attach to (:mod:`sllm_store.server.gpu`).
 
     Example::
 
@@ -301,11 +335,29 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
         rpc.private_directory(os.path.dirname(rpc.unix_path(address) or ""), create=True)
     import sllm_store.dtypes  # noqa: F401  (imports torch now, not on the first client's request)
 
+    if gpu_pools:  # before the pool: a device that cannot share its memory is refused at once
+        from sllm_store.server.gpu import check_gpu_pools
+
+        check_gpu_pools(gpu_pools)
     logger.info("allocating the memory pool (%s)", format_size(mem_pool_size))
     pool = BlockPool(mem_pool_size, block_size, threads=threads)
     models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
     cuda = _C.cuda_device_count() > 0
-    server, target = make_server(StoreService(models, cuda=cuda, max_loads=max_loads), address)
+    gpus, attach_path = None, ""
+    if gpu_pools:
+        from sllm_store.server.gpu import GpuPools
+
+        gpus = GpuPools(models, gpu_pools, copy_threads=copy_threads)
+    service = StoreService(models, cuda=cuda, max_loads=max_loads, gpus=gpus)
+    server, target = make_server(service, address)
+    attacher = None
+    if gpus is not None:
+        from sllm_store.server.attach import AttachServer, socket_path
+
+        attach_path = socket_path(rpc.unix_path(target), models.storage)
+        attacher = AttachServer(attach_path, gpus)
+        service.attach_socket = attach_path
+        logger.info("clients attach to models in GPU memory through %s", attach_path)
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -322,6 +374,10 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
     finally:
         logger.info("shutting down")
         server.stop(grace=5).wait()
+        if attacher is not None:
+            attacher.close()
+        if gpus is not None:
+            gpus.close()
         models.close()
         sock = rpc.unix_path(target)
         if sock is not None:

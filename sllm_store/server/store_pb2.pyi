@@ -29,7 +29,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "tier", "size", "pool_bytes", "in_use", "hits", "last_used")
+    __slots__ = ("name", "tier", "size", "pool_bytes", "in_use", "hits", "last_used", "gpu")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ModelStatus(_message.Message):
     IN_USE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: str
     size: int
@@ -44,10 +45,43 @@ class ModelStatus(_message.Message):
     in_use: int
     hits: int
     last_used: float
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., size: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., in_use: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[float] = ...) -> None: ...
+    gpu: _containers.RepeatedCompositeFieldContainer[GpuResidency]
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., size: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., in_use: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[float] = ..., gpu: _Optional[_Iterable[_Union[GpuResidency, _Mapping]]] = ...) -> None: ...
+
+class GpuResidency(_message.Message):
+    __slots__ = ("device", "pci_bus_id", "bytes", "shared_bytes", "attached", "pinned", "state")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    pci_bus_id: str
+    bytes: int
+    shared_bytes: int
+    attached: int
+    pinned: bool
+    state: str
+    def __init__(self, device: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., attached: _Optional[int] = ..., pinned: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+
+class GpuPoolStatus(_message.Message):
+    __slots__ = ("device", "pci_bus_id", "budget", "used", "h2d_gbps")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    H2D_GBPS_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    pci_bus_id: str
+    budget: int
+    used: int
+    h2d_gbps: float
+    def __init__(self, device: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., budget: _Optional[int] = ..., used: _Optional[int] = ..., h2d_gbps: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("storage_path", "pool_size", "pool_used", "block_size", "pinned", "hits", "misses", "evictions", "bytes_served", "models", "loads_in_progress")
+    __slots__ = ("storage_path", "pool_size", "pool_used", "block_size", "pinned", "hits", "misses", "evictions", "bytes_served", "models", "loads_in_progress", "gpu_pools", "attach_socket", "disk_gbps", "copy_gbps")
     STORAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
     POOL_USED_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +93,10 @@ class StatusReply(_message.Message):
     BYTES_SERVED_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LOADS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    DISK_GBPS_FIELD_NUMBER: _ClassVar[int]
+    COPY_GBPS_FIELD_NUMBER: _ClassVar[int]
     storage_path: str
     pool_size: int
     pool_used: int
@@ -70,7 +108,11 @@ class StatusReply(_message.Message):
     bytes_served: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     loads_in_progress: int
-    def __init__(self, storage_path: _Optional[str] = ..., pool_size: _Optional[int] = ..., pool_used: _Optional[int] = ..., block_size: _Optional[int] = ..., pinned: _Optional[bool] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_served: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., loads_in_progress: _Optional[int] = ...) -> None: ...
+    gpu_pools: _containers.RepeatedCompositeFieldContainer[GpuPoolStatus]
+    attach_socket: str
+    disk_gbps: float
+    copy_gbps: float
+    def __init__(self, storage_path: _Optional[str] = ..., pool_size: _Optional[int] = ..., pool_used: _Optional[int] = ..., block_size: _Optional[int] = ..., pinned: _Optional[bool] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_served: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., loads_in_progress: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPoolStatus, _Mapping]]] = ..., attach_socket: _Optional[str] = ..., disk_gbps: _Optional[float] = ..., copy_gbps: _Optional[float] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("model",)
@@ -79,7 +121,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("index_json", "fingerprint", "small_files")
+    __slots__ = ("index_json", "fingerprint", "small_files", "gpu", "attach_socket")
     class SmallFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,18 +132,26 @@ class DescribeReply(_message.Message):
     INDEX_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SMALL_FILES_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_SOCKET_FIELD_NUMBER: _ClassVar[int]
     index_json: str
     fingerprint: str
     small_files: _containers.ScalarMap[str, bytes]
-    def __init__(self, index_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., small_files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    gpu: _containers.RepeatedCompositeFieldContainer[GpuResidency]
+    attach_socket: str
+    def __init__(self, index_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., small_files: _Optional[_Mapping[str, bytes]] = ..., gpu: _Optional[_Iterable[_Union[GpuResidency, _Mapping]]] = ..., attach_socket: _Optional[str] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("model", "verify")
+    __slots__ = ("model", "verify", "to", "pin")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     verify: bool
-    def __init__(self, model: _Optional[str] = ..., verify: _Optional[bool] = ...) -> None: ...
+    to: str
+    pin: bool
+    def __init__(self, model: _Optional[str] = ..., verify: _Optional[bool] = ..., to: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class PrefetchReply(_message.Message):
     __slots__ = ("hit", "seconds", "bytes")
@@ -182,10 +232,12 @@ class LoadReply(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., seconds: _Optional[float] = ..., copy_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., streamed: _Optional[bool] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "tier")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    tier: str
+    def __init__(self, model: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class EvictReply(_message.Message):
     __slots__ = ("evicted",)

@@ -5,7 +5,14 @@ asks it to describe the model (one Describe: the index, a fingerprint of the ver
 and the small files such as ``config.json``). The load is planned like every load; the
 destination memory is this process's own (GPU memory exported as CUDA IPC handles, host memory as
 a shared-memory file), and :meth:`StoreCheckpoint.fill` asks the server to copy the plan's bytes
-into it from its pinned memory pool (one Load). A model that changed on the server since it was
+into it from its pinned memory pool (one Load).
+
+A server with a GPU pool (``serve --gpu-pool``) on the GPU a load targets holds the model in its
+own GPU memory instead (copying it there once): the client attaches to that memory
+(:mod:`sllm_store.server.attach`) and its tensors are read-only views of it, with no bytes moved;
+with ``copy=True``, or when filling tensors the caller has (``load_into``), the bytes are copied
+device to device from the attached memory. A server that cannot hold the model there (its GPU
+pool is full of models in use, say) serves it the usual way. A model that changed on the server since it was
 described raises ModelChangedError, and the loader describes and plans it again.
 
 Importing this module is cheap: grpc is imported when a checkpoint opens.
@@ -13,6 +20,7 @@ Importing this module is cheap: grpc is imported when a checkpoint opens.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +33,9 @@ from sllm_store.errors import InvalidArgumentError, StoreUnavailableError
 from sllm_store.index import Index, PathLike
 from sllm_store.plan import Buffer, Plan, allocate, merged_copies, tensor_buffers
 from sllm_store.tiers.base import Checkpoint
+from sllm_store.tiers.gpu_attach import attached_buffers, attached_plan, copy_attached, pci_bus_id
+
+logger = logging.getLogger(__name__)
 
 
 class StoreCheckpoint(Checkpoint):
@@ -42,6 +53,8 @@ class StoreCheckpoint(Checkpoint):
         self._slot_dest: list[tuple[int, int]] = []  # own slots: slot -> (destination, offset)
         self._copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []  # (shared memory, host tensor)
         self._dir: Optional[Path] = None
+        self._attachment: Any = None  # sllm_store.server.attach.Attachment, when attached
+        self._shared = False  # the plan's buffers are the attached memory itself
 
     def model_dir(self) -> Path:
         """The model's small files (config.json...) from the Describe reply, in a temporary
@@ -61,12 +74,56 @@ class StoreCheckpoint(Checkpoint):
             raise InvalidArgumentError(f"the store server cannot load into {', '.join(unsupported)}")
         super().check_devices(devices)
 
+    def plan(self, assign: dict[str, torch.device], own_slots: bool = False) -> Plan:
+        """The load's plan; a load to one GPU where the server has a GPU pool attaches to the
+        server's copy of the model, and (unless copying) plans views into that memory."""
+        devices = set(assign.values())
+        if self.reply.attach_socket and len(devices) == 1 and next(iter(devices)).type == "cuda":
+            self._attachment = self._attach(next(iter(devices)))
+        if self._attachment is not None and not own_slots and not self.config.store.gpu_copy:
+            self._shared = True
+            return attached_plan(self.index, assign, self._attachment)
+        return super().plan(assign, own_slots)
+
+    def _attach(self, dev: torch.device) -> Any:
+        """The server's GPU copy of the model mapped here, or None (logged) where it has none
+        and cannot make one: the load then goes the usual way."""
+        from sllm_store.errors import DeviceError, ModelChangedError, SllmStoreError
+        from sllm_store.server.attach import attach
+
+        if self._attachment is not None:
+            return self._attachment
+        try:
+            t0 = time.perf_counter()
+            a = attach(self.reply.attach_socket, self.name, self.reply.fingerprint, pci_bus_id(dev),
+                       timeout=self.config.store.timeout, server_uid=self.config.store.server_uid)
+            self._closers.callback(self._detach)
+            self._timings["attach_seconds"] = time.perf_counter() - t0
+            if not a.read_only:
+                logger.warning("the driver maps %s's GPU memory read-write: writes to its tensors change "
+                               "the server's copy", self.name)
+            return a
+        except ModelChangedError:
+            raise
+        except (DeviceError, SllmStoreError) as e:
+            logger.info("not attached to %s on %s (%s: %s); loading through the pinned pool", self.name,
+                        dev, type(e).__name__, e)
+            return None
+
+    def _detach(self) -> None:
+        """At close: a copying load lets go of the server's memory; shared tensors hold it
+        until they are freed."""
+        if self._attachment is not None and not self._shared:
+            self._attachment.close()
+
     def allocate(self, plan: Plan) -> list[Buffer]:
         """GPU memory from PyTorch, exported for the server (CUDA IPC); host memory as shared
-        memory files the server maps."""
+        memory files the server maps. Attached: the server's GPU memory itself."""
         from sllm_store.native import _C
         from sllm_store.server import store_pb2 as pb
 
+        if self._shared:
+            return attached_buffers(self._attachment, plan.devices[0] if plan.devices else None)
         t0 = time.perf_counter()
         buffers: list[Buffer] = []
         self._dests = []
@@ -106,6 +163,8 @@ class StoreCheckpoint(Checkpoint):
         from sllm_store.server import store_pb2 as pb
 
         buffers = tensor_buffers(plan, targets)
+        if self._attachment is not None:  # copied device to device at fill
+            return buffers
         self._dests, self._slot_dest, self._copy_back = [], [], []
         exported: dict[tuple[bytes, str], int] = {}
         for (buf, _), size in zip(buffers, plan.sizes):
@@ -133,6 +192,13 @@ class StoreCheckpoint(Checkpoint):
         from sllm_store.server import store_pb2 as pb
         from sllm_store.server.client import abandon_gpu_buffers
 
+        if self._attachment is not None:
+            t0 = time.perf_counter()
+            if not self._shared:
+                copy_attached(self.index, plan, buffers, self._attachment)
+            return {**self._timings, "io_mode": "attach" if self._shared else "attach-copy", "threads": None,
+                    "store": self.client.target, "hit": True, "streamed": False,
+                    "copy_seconds": time.perf_counter() - t0, "bytes_copied": 0 if self._shared else None}
         where = self._slot_dest or [(d, 0) for d in range(len(plan.devices))]
         copies = [pb.Copy(file=f, offset=o, dest=where[d][0], dest_offset=where[d][1] + do, length=n)
                   for f, o, d, do, n in merged_copies(plan)]
