@@ -366,3 +366,32 @@ def test_residency_and_estimates(gpu_server, models) -> None:
     assert sllm_store.estimate_load_time("a", "cpu", store=server.address).tier == "dram"
     with pytest.raises(InvalidArgumentError):
         sllm_store.estimate_load_time("a", "cpu", store=None)
+
+
+WRITER = """
+    import sys, torch, sllm_store
+    sd = sllm_store.load_state_dict("a", "cuda:0", store=sys.argv[1])
+    try:
+        sd["w"].fill_(7)
+        torch.cuda.synchronize()
+    except Exception as e:  # the illegal address, reported by the synchronize (or the launch)
+        print("refused:", type(e).__name__, flush=True)
+        sys.exit(3)
+    print("written", flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_a_client_cannot_write_the_shared_weights(cuda_server, models) -> None:
+    _, sds = models
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(WRITER), cuda_server.address],
+                       capture_output=True, text=True, timeout=120, env=subprocess_env())
+    if "written" in r.stdout:  # the driver refused read-only access: the load must have said so
+        assert "read-write" in r.stderr, r.stderr[-2000:]
+        return
+    assert r.returncode != 0, r.stderr[-2000:]
+    reader = [sys.executable, "-c", textwrap.dedent(GPU_CLIENT), cuda_server.address, "a", "once"]
+    p = subprocess.Popen(reader, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=subprocess_env())
+    assert _first_line(p, 120)["digests"] == {n: _digest(t) for n, t in sds["a"].items()}  # intact
+    p.wait(60)
