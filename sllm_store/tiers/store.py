@@ -124,6 +124,8 @@ class StoreCheckpoint(Checkpoint):
 
         if self._shared:
             return attached_buffers(self._attachment, plan.devices[0] if plan.devices else None)
+        if self._attachment is not None:  # private memory, copied device to device at fill
+            return super().allocate(plan)
         t0 = time.perf_counter()
         buffers: list[Buffer] = []
         self._dests = []
