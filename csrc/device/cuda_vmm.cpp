@@ -192,6 +192,20 @@ VmmAllocation::VmmAllocation(int ordinal, uint64_t size)
   }
 }
 
+// Undoes what a mapping holds, in order (unmap, free the range, release the handle), reporting
+// failures without throwing; clears each flag as its step is done.
+static void unmap_and_release(const cuda::Driver* d, cuda::CUcontext ctx, cuda::CUdeviceptr& address, uint64_t size,
+                       bool& mapped, cuda::CUmemGenericAllocationHandle& handle, bool& held) noexcept {
+  std::unique_ptr<cuda::ScopedContext> scope = try_scope(d, ctx);
+  if (mapped) report(d, d->cuMemUnmap(address, size), "cuMemUnmap");
+  mapped = false;
+  if (address != 0) report(d, d->cuMemAddressFree(address, size), "cuMemAddressFree");
+  address = 0;
+  if (held) report(d, d->cuMemRelease(handle), "cuMemRelease");
+  held = false;
+  handle = 0;
+}
+
 VmmAllocation::~VmmAllocation() { close(); }
 
 uint64_t VmmAllocation::address() const {
@@ -211,16 +225,7 @@ int VmmAllocation::export_fd() {
 
 void VmmAllocation::close() noexcept {
   if (!ctx_) return;
-  {
-    std::unique_ptr<cuda::ScopedContext> scope = try_scope(drv_, ctx_->get());
-    if (mapped_) report(drv_, drv_->cuMemUnmap(address_, size_), "cuMemUnmap");
-    mapped_ = false;
-    if (address_ != 0) report(drv_, drv_->cuMemAddressFree(address_, size_), "cuMemAddressFree");
-    address_ = 0;
-    if (created_) report(drv_, drv_->cuMemRelease(handle_), "cuMemRelease");
-    created_ = false;
-    handle_ = 0;
-  }
+  unmap_and_release(drv_, ctx_->get(), address_, size_, mapped_, handle_, created_);
   ctx_.reset();
 }
 
@@ -282,16 +287,7 @@ uint64_t VmmMapping::address() const {
 
 void VmmMapping::close() noexcept {
   if (!ctx_) return;
-  {
-    std::unique_ptr<cuda::ScopedContext> scope = try_scope(drv_, ctx_->get());
-    if (mapped_) report(drv_, drv_->cuMemUnmap(address_, size_), "cuMemUnmap");
-    mapped_ = false;
-    if (address_ != 0) report(drv_, drv_->cuMemAddressFree(address_, size_), "cuMemAddressFree");
-    address_ = 0;
-    if (imported_) report(drv_, drv_->cuMemRelease(handle_), "cuMemRelease");
-    imported_ = false;
-    handle_ = 0;
-  }
+  unmap_and_release(drv_, ctx_->get(), address_, size_, mapped_, handle_, imported_);
   ctx_.reset();
 }
 
