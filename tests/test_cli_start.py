@@ -26,8 +26,9 @@ pytest.importorskip("grpc")
 pytest.importorskip("google.protobuf")
 
 from sllm_store.cli import build_parser, main  # noqa: E402
-from sllm_store.errors import InvalidArgumentError, StoreError  # noqa: E402
-from sllm_store.server.compat import check_port, parse_serverlessllm_size, start_settings  # noqa: E402
+from sllm_store.errors import InvalidArgumentError, SllmStoreError  # noqa: E402
+from sllm_store.server.compat import parse_serverlessllm_size, start_settings  # noqa: E402
+from sllm_store.server.service import make_server  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -129,13 +130,32 @@ def test_all_interfaces_warns(capsys: pytest.CaptureFixture, caplog: pytest.LogC
     assert any("0.0.0.0:8073" in w and "reachable from the network" in w for w in warnings), warnings
 
 
+def _bind(address: str) -> None:
+    """Bind the server's socket as ``serve`` does first, then let it go."""
+    server, _ = make_server(address, 1)
+    server.stop(None)
+
+
 def test_port_in_use_is_refused() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        with pytest.raises(StoreError, match="port is in use"):
-            check_port(f"127.0.0.1:{s.getsockname()[1]}")
-    check_port(f"127.0.0.1:{free_port()}")
+        with pytest.raises(SllmStoreError, match="in use"):
+            _bind(f"127.0.0.1:{s.getsockname()[1]}")
+    _bind(f"127.0.0.1:{free_port()}")
+
+
+def test_a_port_in_use_is_refused_before_the_pool_is_allocated(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "sllm_store", "serve", "--listen", f"127.0.0.1:{s.getsockname()[1]}",
+               "--storage-path", str(tmp_path / "models"), "--mem-pool-size", "512GiB", "--allow-large-pool"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 1 and "in use" in r.stderr, r.stderr[-2000:]
+    assert "allocating" not in r.stderr and time.monotonic() - t0 < 60
 
 
 def test_start_serves_a_load_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -164,8 +184,8 @@ def test_start_serves_a_load_and_stops_on_sigterm(tmp_path: Path) -> None:
         if Path("/dev/shm").is_dir():  # CPU destinations are shared memory
             loaded = sllm_store.load_state_dict("tiny", store=f"127.0.0.1:{port}")
             assert_state_dict_identical(loaded, saved)
-        with pytest.raises(StoreError, match="in use"):  # a second server on the port is refused
-            check_port(f"127.0.0.1:{port}")
+        with pytest.raises(SllmStoreError, match="in use"):  # a second server on the port is refused
+            _bind(f"127.0.0.1:{port}")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log_path.read_text()
     finally:

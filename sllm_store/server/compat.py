@@ -20,16 +20,14 @@ Example::
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import re
-import socket
 from typing import Any
 
 from sllm_store._units import format_size, parse_size
 from sllm_store.config import serverlessllm_storage_path
-from sllm_store.errors import InvalidArgumentError, StoreError
+from sllm_store.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -130,30 +128,6 @@ def start_settings(args: Any) -> tuple[dict[str, Any], list[str]]:
     return kwargs, warnings
 
 
-def check_port(listen: str) -> None:
-    """StoreError if the TCP address is taken. gRPC binds with SO_REUSEPORT, so a second server
-    on a port in use would start and share it with the first; this refuses before."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise StoreError(f"cannot listen on {listen}: {e.strerror}") from None
-    failure = None
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is free
-            try:
-                s.bind(addr)
-                return
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    raise StoreError(f"cannot listen on {listen}: the port is in use (another server?)") \
-                        from None
-                failure = e
-    raise StoreError(f"cannot listen on {listen}: {failure.strerror if failure else 'no address'}")
-
-
 def start(args: Any) -> None:
     """Run the store server for ``sllm-store start`` ARGS until SIGTERM/SIGINT."""
     from sllm_store.server.service import DEFAULT_MAX_LOADS, available_memory, check_serve_arguments, serve
@@ -170,7 +144,6 @@ def start(args: Any) -> None:
             f"a {format_size(pool)} memory pool is more than the {format_size(available)} of memory "
             "available: choose a smaller --mem-pool-size (sllm-store serve --allow-large-pool allocates "
             "it anyway)")
-    check_port(kwargs["listen"])
     host = _host(args.host)
     logger.info("clients on this machine load with store=%r (or SLLM_STORE_ADDRESS)",
                 client_address(host, args.port))

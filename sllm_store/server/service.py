@@ -224,11 +224,8 @@ def _handler(name: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
     return call
 
 
-def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
-    """A started-not gRPC server bound to ``address``; returns (server, target). It has
-    ``RESERVED_RPC_THREADS`` threads more than the service's load limit, for the quick calls."""
-    max_workers = service.max_loads + RESERVED_RPC_THREADS
-    target = rpc.normalize_address(address)
+def add_service(server: grpc.Server, service: StoreService) -> None:
+    """Serve ``service``'s handlers on ``server`` (before it starts)."""
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _handler(name, getattr(service, name)),
@@ -237,10 +234,19 @@ def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
         )
         for name, (req, rep) in rpc.METHODS.items()
     }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rpc.SERVICE, handlers),))
+
+
+def make_server(address: str, max_loads: int = DEFAULT_MAX_LOADS) -> tuple[grpc.Server, str]:
+    """A gRPC server bound to ``address``, not started, with no service yet (:func:`add_service`);
+    returns (server, target). Binding comes first so that an address in use is refused before
+    anything is allocated. It has ``RESERVED_RPC_THREADS`` threads more than the load limit, for
+    the quick calls."""
+    max_workers = max_loads + RESERVED_RPC_THREADS
+    target = rpc.normalize_address(address)
     # No SO_REUSEPORT: a second server on a TCP port in use must fail, not share the port.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sllm-rpc"),
                          options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rpc.SERVICE, handlers),))
     sock = rpc.unix_path(target)
     if sock is not None and rpc.is_default_address(target):
         rpc.private_directory(os.path.dirname(sock), create=True)
@@ -265,6 +271,13 @@ def make_server(service: StoreService, address: str) -> tuple[grpc.Server, str]:
     if sock is None and target.endswith(":0"):
         target = target[:-2] + f":{port}"
     return server, target
+
+
+def _remove_socket(target: str) -> None:
+    sock = rpc.unix_path(target)
+    if sock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
 
 
 def _socket_alive(target: str) -> bool:
@@ -339,22 +352,28 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
         from sllm_store.server.gpu import check_gpu_pools
 
         check_gpu_pools(gpu_pools)
-    logger.info("allocating the memory pool (%s)", format_size(mem_pool_size))
-    pool = BlockPool(mem_pool_size, block_size, threads=threads)
-    models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode, copy_threads=copy_threads)
-    cuda = _C.cuda_device_count() > 0
-    gpus, attach_path = None, ""
-    if gpu_pools:
-        from sllm_store.server.gpu import GpuPools
+    server, target = make_server(address, max_loads)  # an address in use is refused before the pool
+    try:
+        logger.info("allocating the memory pool (%s)", format_size(mem_pool_size))
+        pool = BlockPool(mem_pool_size, block_size, threads=threads)
+        models = PooledModels(storage_path, pool, num_threads=threads, io_mode=io_mode,
+                              copy_threads=copy_threads)
+        gpus = None
+        if gpu_pools:
+            from sllm_store.server.gpu import GpuPools
 
-        gpus = GpuPools(models, gpu_pools, copy_threads=copy_threads)
-    service = StoreService(models, cuda=cuda, max_loads=max_loads, gpus=gpus)
-    server, target = make_server(service, address)
+            gpus = GpuPools(models, gpu_pools, copy_threads=copy_threads)
+    except BaseException:
+        server.stop(None)
+        _remove_socket(target)
+        raise
+    service = StoreService(models, cuda=_C.cuda_device_count() > 0, max_loads=max_loads, gpus=gpus)
+    add_service(server, service)
     attacher = None
     if gpus is not None:
         from sllm_store.server.attach import AttachServer, socket_path
 
-        attach_path = socket_path(rpc.unix_path(target), models.storage)
+        attach_path = socket_path(rpc.unix_path(target), str(models.storage))
         attacher = AttachServer(attach_path, gpus)
         service.attach_socket = attach_path
         logger.info("clients attach to models in GPU memory through %s", attach_path)
@@ -379,10 +398,7 @@ def serve(storage_path: str, mem_pool_size: int, *, listen: Optional[str] = None
         if gpus is not None:
             gpus.close()
         models.close()
-        sock = rpc.unix_path(target)
-        if sock is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock)
+        _remove_socket(target)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         logger.info("sllm-store server stopped")
