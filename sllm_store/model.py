@@ -489,13 +489,16 @@ def _model_state(model: nn.Module, tensors: dict[str, torch.Tensor], names: dict
     copy_out = {d for d in cast_bytes if cast_bytes[d] * 2 > all_bytes[d]}
     if copy_out:
         block_views = {tensors[c].data_ptr() for c in names}
+        stored_as: dict[str, list[str]] = {}  # model name -> the checkpoint names that fill it
+        for c, m in names.items():
+            stored_as.setdefault(m, []).append(c)
         copies: dict[tuple[Any, ...], torch.Tensor] = {}  # tied views stay tied
         for model_name, t in state.items():
             if t.device in copy_out and t.data_ptr() in block_views:
                 key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
                 if key not in copies:
                     if pending is not None:
-                        pending.wait([c for c, m in names.items() if m == model_name])
+                        pending.wait(stored_as[model_name])
                     copies[key] = t.clone()
                 state[model_name] = copies[key]
     return state
