@@ -33,6 +33,13 @@ DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+CONTENT_HASH_PREFIX = "xxh3-64:"  # content_hash = prefix + XXH3-64 (seed 0) of the tensor's bytes
+_CONTENT_HASH = re.compile(r"xxh3-64:[0-9a-f]{16}")
+
+
+def content_hash_string(h: int) -> str:
+    """The ``content_hash`` form of an XXH3-64 value: ``"xxh3-64:"`` + 16 lowercase hex digits."""
+    return f"{CONTENT_HASH_PREFIX}{h:016x}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,9 @@ class TensorEntry:
     nbytes: int  # bytes from ``offset`` the tensor spans
     alias_of: str | None = None
     strides: tuple[int, ...] | None = None  # None: C-contiguous (always so in our format)
+    # "xxh3-64:<16 hex>" of the ``nbytes`` bytes at ``offset``, if the index records it; a hint
+    # for sharing identical tensors, never a guarantee (see docs/format.md)
+    content_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ class Index:
                     "offset": t.offset,
                     "nbytes": t.nbytes,
                     **({"strides": list(t.strides)} if t.strides is not None else {}),
+                    **({"content_hash": t.content_hash} if t.content_hash is not None else {}),
                 }
         return {
             "format": FORMAT_NAME,
@@ -148,6 +159,24 @@ class Index:
     def ranks(self) -> dict[str, int]:
         """Each stored tensor's place in the access order (empty without one)."""
         return {name: i for i, name in enumerate(self.access_order or ())}
+
+    def content_hashes(self) -> dict[str, str]:
+        """Stored tensor name -> its ``content_hash``, for the stored tensors that have one (in
+        index order; aliases have none, they resolve to their target)."""
+        return {name: t.content_hash for name, t in self.tensors.items()
+                if t.alias_of is None and t.content_hash is not None}
+
+
+def shared_bytes(a: Index, b: Index) -> int:
+    """Bytes of ``b``'s stored tensors whose (``content_hash``, ``nbytes``) also occurs in ``a``:
+    what a holder of ``a``'s tensors need not copy to hold ``b``'s too, as far as the recorded
+    hashes tell. Each such tensor of ``b`` counts, also when several have the same content;
+    tensors without a hash count as not shared. The hashes are a hint: a holder that shares
+    memory on their word must hash the bytes it actually holds (docs/format.md)."""
+    have = {(t.content_hash, t.nbytes) for t in a.tensors.values()
+            if t.alias_of is None and t.content_hash is not None}
+    return sum(t.nbytes for t in b.tensors.values()
+               if t.alias_of is None and t.content_hash is not None and (t.content_hash, t.nbytes) in have)
 
 
 def _file_json(f: DataFile) -> dict[str, Any]:
@@ -429,7 +458,13 @@ def _parse_tensor(ck: _Checker, name: str, t: Any, raw_tensors: dict[str, Any], 
             f"tensor {name!r}: offset {offset} (+{nbytes} bytes) is misaligned or outside "
             f"data file '{files[file].name}' ({files[file].size} bytes)"
         )
-    return TensorEntry(name, dtype, tuple(shape), file, offset, nbytes)
+    content_hash = None
+    if "content_hash" in t:
+        content_hash = t["content_hash"]
+        if not isinstance(content_hash, str) or not _CONTENT_HASH.fullmatch(content_hash):
+            raise ck.bad(f"tensor {name!r} has a malformed content_hash {repr(content_hash)[:60]} "
+                         f"(want \"xxh3-64:\" and 16 lowercase hex digits)")
+    return TensorEntry(name, dtype, tuple(shape), file, offset, nbytes, content_hash=content_hash)
 
 
 def _parse_chunks(raw: list[Any], name: str, size: int, stored_size: int, chunk_size: int,

@@ -41,6 +41,7 @@ from sllm_store.index import (
     Index,
     PathLike,
     TensorEntry,
+    content_hash_string,
     write_index,
 )
 
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".sllm-tmp-"
 # Casting with dtype= applies to these (not to float8 / float4 or integer tensors).
 CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Tensors of at least this many bytes are hashed (content_hash) on a helper thread while they are
+# written and checksummed; smaller ones inline, where handing them over would cost more.
+HASH_BESIDE_WRITE = 1 << 20
 
 
 def _align(n: int, a: int) -> int:
@@ -404,12 +408,16 @@ class CheckpointWriter:
     def _write_file(self, k: int, fname: str, run: list[TensorSpec], entries: dict[str, TensorEntry],
                     bar: Any) -> DataFile:
         """Write data file ``k``: the tensors of ``run``, padded and checksummed (compressed if
-        asked), synced; their entries go into ``entries``."""
+        asked), synced; their entries go into ``entries``, each with the content hash of its
+        bytes as written (before compression)."""
+        import concurrent.futures
+
         from sllm_store.native import _C
 
         hasher = _C.ChunkHasher(self.chunk_size)
         pos = 0
-        with open(self.directory / fname, "wb") as f:
+        with open(self.directory / fname, "wb") as f, concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="sllm-hash") as hashing:
             sink: Any = None
             if self.compression:
                 sink = _CompressingFile(f, self.chunk_size, self.compression[1], hasher)
@@ -430,9 +438,13 @@ class CheckpointWriter:
                     tensor = spec.load()
                     self._check(spec, tensor)
                     data = _tensor_bytes(tensor)
+                    # xxh3_64 releases the GIL: a large tensor is hashed while it is written.
+                    beside = hashing.submit(_C.xxh3_64, data) if data.nbytes >= HASH_BESIDE_WRITE else None
                     emit(data, spec.dtype.itemsize, spec.dtype.is_floating_point)
+                    digest = beside.result() if beside is not None else _C.xxh3_64(data)
                     entries[spec.name] = TensorEntry(
-                        spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes
+                        spec.name, dtype_name(spec.dtype), spec.shape, k, pos, spec.nbytes,
+                        content_hash=content_hash_string(digest),
                     )
                     pos += spec.nbytes
                     bar.update(spec.nbytes)

@@ -395,3 +395,18 @@ def test_a_client_cannot_write_the_shared_weights(cuda_server, models) -> None:
                          env=subprocess_env())
     assert _first_line(p, 120)["digests"] == {n: _digest(t) for n, t in sds["a"].items()}  # intact
     p.wait(60)
+
+
+def test_a_recorded_content_hash_is_checked_not_trusted(gpu_server, models) -> None:
+    from _helpers import read_index_json, write_index_json
+
+    from sllm_store.errors import ChecksumError
+
+    root, _ = models
+    raw = read_index_json(root / "c")
+    raw["tensors"]["w"]["content_hash"] = raw["tensors"]["embed"]["content_hash"]  # well formed, wrong
+    write_index_json(root / "c", raw)
+    server = gpu_server()
+    with pytest.raises(ChecksumError, match="content_hash|records"):
+        server.client().prefetch("c", to="cuda:0")
+    assert "c" not in _residency(server)["models"] and _residency(server)["pools"]["cuda:0"][0] == 0
