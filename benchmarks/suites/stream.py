@@ -60,12 +60,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sweep-blocks-mib", default="16,64")
     ap.add_argument("--sweep-bytes", type=float, default=2e9, help="bytes read per sweep point")
     ap.add_argument("--quick", action="store_true", help="CI: one round, a small sweep")
+    ap.add_argument("--preimport", action="store_true",
+                    help="every process imports transformers' modelling code before the load call (a worker "
+                         "that starts warm): the load, not that import, is then the critical path")
 
 
 def child_main(argv: List[str]) -> int:
-    """``stream.py --child KIND PATH DEVICE LAUNCHED``: one cold start in this fresh process;
-    prints its timeline (seconds since LAUNCHED, the parent's wall clock) and the logits' digest."""
+    """``stream.py --child KIND PATH DEVICE LAUNCHED [preimport]``: one cold start in this fresh
+    process; prints its timeline (seconds since LAUNCHED, the parent's wall clock) and the logits'
+    digest."""
     kind, path, device, launched = argv[0], argv[1], argv[2], float(argv[3])
+    preimport = argv[4:] == ["preimport"]
     marks: Dict[str, float] = {}
 
     def mark(name: str) -> None:
@@ -85,9 +90,11 @@ def child_main(argv: List[str]) -> int:
 
     import sllm_store
 
-    if kind == "from_pretrained":
+    if kind == "from_pretrained" or preimport:
         import transformers
         mark("transformers")
+    if preimport:
+        from transformers import LlamaForCausalLM  # noqa: F401  (the modelling code, imported now)
     mark("imported")
     if device != "cpu":
         torch.empty(1, device=device)
@@ -129,14 +136,16 @@ def child_main(argv: List[str]) -> int:
 class Child:
     """A fresh-process cold start as a Rounds contender; keeps every run's timeline."""
 
-    def __init__(self, kind: str, path: Path, device: str, reference: Dict[str, str]) -> None:
+    def __init__(self, kind: str, path: Path, device: str, reference: Dict[str, str],
+                 preimport: bool = False) -> None:
         self.kind, self.path, self.device, self.reference = kind, path, device, reference
+        self.preimport = preimport
         self.runs: List[Dict[str, Any]] = []
 
     def __call__(self) -> Dict[str, Any]:
         launched = time.time()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", self.kind, str(self.path),
-               self.device, repr(launched)]
+               self.device, repr(launched)] + (["preimport"] if self.preimport else [])
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-1500:])
@@ -189,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
             before = functools.partial(run.evictor.evict, files + shards, everything=mode == "cold")
         for kind in [k for k in args.contenders.split(",") if k]:
             child = children[f"{kind}-{mode}"] = Child(kind, args.src if kind == "from_pretrained" else ck,
-                                                       args.device, reference)
+                                                       args.device, reference, args.preimport)
             rounds.add(f"{kind}-{mode}", child, nbytes, before=before,  # the cold start, whole
                        seconds_of=lambda rec: rec["marks"]["first_output"])
     run.results["contenders"] = rounds.run()
