@@ -410,3 +410,25 @@ def test_a_recorded_content_hash_is_checked_not_trusted(gpu_server, models) -> N
     with pytest.raises(ChecksumError, match="content_hash|records"):
         server.client().prefetch("c", to="cuda:0")
     assert "c" not in _residency(server)["models"] and _residency(server)["pools"]["cuda:0"][0] == 0
+
+
+def test_cli_prefetch_status_evict_with_a_gpu_pool(gpu_server, models) -> None:
+    from _helpers import run_cli
+
+    server = gpu_server()
+    r = run_cli("prefetch", "--store", server.address, "--to", "cuda:0", "--pin", "a", "b")
+    assert r.returncode == 0, r.stderr
+    assert "a: resident on cuda:0" in r.stdout and "b: resident on cuda:0" in r.stdout
+    r = run_cli("status", "--store", server.address)
+    assert r.returncode == 0, r.stderr
+    pool = next(line for line in r.stdout.splitlines() if line.startswith("GPU pool:"))
+    assert "cuda:0 (0000:00:00.0)" in pool and "of 16.0 MiB used" in pool
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if " cuda:0 " in line and "ready" in line}
+    assert set(rows) == {"a", "b"} and "pinned" in rows["b"] and "shared" in rows["b"]
+    assert "attach:" in r.stdout
+    r = run_cli("evict", "--store", server.address, "--tier", "gpu", "a")
+    assert r.returncode == 0 and "a@cuda:0" in r.stdout, r.stdout + r.stderr
+    r = run_cli("evict", "--store", server.address, "--tier", "tape")
+    assert r.returncode != 0 and "unknown tier" in r.stderr
+    r = run_cli("prefetch", "--store", server.address, "--to", "cuda:7", "a")
+    assert r.returncode != 0 and "no GPU pool on cuda:7" in r.stderr
