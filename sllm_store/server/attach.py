@@ -140,9 +140,9 @@ class AttachServer:
                 if device is None:
                     raise errors.InvalidArgumentError(f"the store server has no GPU pool on the GPU {bus_id}")
                 resident, blobs = self.gpus.lease(model, fp, device)
-            except (OSError, ValueError, AttributeError, SllmStoreError) as e:
+            except Exception as e:  # noqa: BLE001 - every failure is answered, none ends the server
                 if not isinstance(e, SllmStoreError):
-                    e = StoreError(f"bad attach request: {e}")
+                    e = StoreError(f"attach request failed: {type(e).__name__}: {e}")
                 logger.info("attach refused: %s", e)
                 self._refuse(conn, e)
                 return

@@ -183,9 +183,9 @@ class GpuPools:
             with self._lock:
                 r = self._residents.get((key, device))
                 if r is not None and r.fingerprint != fp and r.state != "loading":
-                    if r.attached:
-                        raise ModelChangedError(f"{key!r} changed on disk while clients are attached to "
-                                                f"its copy on {device}; retry once they detach")
+                    if r.attached:  # the new version cannot be held beside it: load it another way
+                        raise PoolExhaustedError(f"{key!r} changed on disk while clients are attached to "
+                                                 f"its older copy on {device}")
                     self._drop(r)
                     r = None
                 if r is None:
@@ -356,14 +356,15 @@ class GpuPools:
         """Attach a client to ``name`` on ``device`` (made resident if it is not): the resident
         model with its attach count raised, and its blobs as (size, allocation)."""
         key, _index, fp = self.models.open_model(name)
-        if fingerprint and fingerprint != fp:
-            raise ModelChangedError(f"{key!r} changed on disk since it was described; describe it again")
         while True:
+            if fingerprint and fingerprint != fp:
+                raise ModelChangedError(f"{key!r} changed on disk since it was described; describe it again")
             self.make_resident(key, device)
             with self._lock:
                 r = self._residents.get((key, device))
-                if r is None or r.state != "ready":
-                    continue  # evicted or replaced between the two steps
+                if r is None or r.state != "ready" or r.fingerprint != fp:  # evicted or replaced meanwhile
+                    fp = self.models.open_model(key)[2]
+                    continue
                 r.attached += 1
                 r.last_used = time.time()
                 return r, [(self._blobs[b].size, self._blobs[b].alloc) for b in r.blobs]

@@ -88,7 +88,7 @@ class StoreCheckpoint(Checkpoint):
     def _attach(self, dev: torch.device) -> Any:
         """The server's GPU copy of the model mapped here, or None (logged) where it has none
         and cannot make one: the load then goes the usual way."""
-        from sllm_store.errors import DeviceError, ModelChangedError, SllmStoreError
+        from sllm_store.errors import DeviceError, ModelChangedError, SllmStoreError, UntrustedStoreError
         from sllm_store.server.attach import attach
 
         if self._attachment is not None:
@@ -103,7 +103,7 @@ class StoreCheckpoint(Checkpoint):
                 logger.warning("the driver maps %s's GPU memory read-write: writes to its tensors change "
                                "the server's copy", self.name)
             return a
-        except ModelChangedError:
+        except (ModelChangedError, UntrustedStoreError):
             raise
         except (DeviceError, SllmStoreError) as e:
             logger.info("not attached to %s on %s (%s: %s); loading through the pinned pool", self.name,
