@@ -432,3 +432,22 @@ def test_cli_prefetch_status_evict_with_a_gpu_pool(gpu_server, models) -> None:
     assert r.returncode != 0 and "unknown tier" in r.stderr
     r = run_cli("prefetch", "--store", server.address, "--to", "cuda:7", "a")
     assert r.returncode != 0 and "no GPU pool on cuda:7" in r.stderr
+
+
+def test_a_new_version_beside_an_attached_one_is_refused_not_mixed(gpu_server, models) -> None:
+    root, sds = models
+    server = gpu_server()
+    holder = _client(server, "a", hold=True)
+    first = _first_line(holder)
+    changed = {n: t + 1 if t.is_floating_point() else t for n, t in sds["a"].items()}
+    sllm_store.save_state_dict(changed, root / "a", overwrite=True)
+    with pytest.raises(PoolExhaustedError, match="changed on disk"):
+        server.client().prefetch("a", to="cuda:0")
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert _first_line(holder) == first["digests"]  # the attached client still reads its version
+    holder.wait(30)
+    _wait(lambda: _residency(server)["models"]["a"]["cuda:0"].attached == 0, "the detach")
+    p = _client(server, "a")  # now the new version replaces the old
+    assert _first_line(p)["digests"] == {n: _digest(t) for n, t in changed.items()}
+    p.wait(30)
