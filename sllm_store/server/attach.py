@@ -199,6 +199,7 @@ class Attachment:
     def __init__(self, sock: socket.socket, device: str, sizes: list[int], mappings: list[Any],
                  placement: dict[str, tuple[int, int]]) -> None:
         self._sock: Optional[socket.socket] = sock
+        self._closed = False
         self.server_device, self.sizes, self.mappings, self.placement = device, sizes, mappings, placement
 
     @property
@@ -206,6 +207,11 @@ class Attachment:
         return all(m.read_only for m in self.mappings)
 
     def close(self) -> None:
+        """Unmap the blocks (once the GPU work queued on them has finished) and end the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        _finish_gpu_work({m.ordinal for m in self.mappings})
         for m in self.mappings:
             m.close()
         if self._sock is not None:
@@ -217,6 +223,18 @@ class Attachment:
             self.close()
         except Exception:  # at interpreter exit
             pass
+
+
+def _finish_gpu_work(ordinals: set[int]) -> None:
+    """Wait for this process's queued GPU work on those devices: kernels may still read tensors
+    whose last reference just went (their memory is not PyTorch's, nothing else orders it)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    for ordinal in ordinals:
+        torch.cuda.synchronize(ordinal)
 
 
 def attach(path: str, model: str, fingerprint: str, pci_bus_id: str, *, timeout: float = 60.0,
