@@ -451,3 +451,25 @@ def test_a_new_version_beside_an_attached_one_is_refused_not_mixed(gpu_server, m
     p = _client(server, "a")  # now the new version replaces the old
     assert _first_line(p)["digests"] == {n: _digest(t) for n, t in changed.items()}
     p.wait(30)
+
+
+def test_a_recorded_hash_claiming_resident_bytes_is_caught(gpu_server, models) -> None:
+    from _helpers import read_index_json, write_index_json
+
+    from sllm_store.errors import ChecksumError
+
+    root, sds = models
+    sllm_store.save_state_dict({"x": torch.zeros(512, 1024)}, root / "d")  # the embedding's size
+    raw = read_index_json(root / "d")
+    raw["tensors"]["x"]["content_hash"] = read_index_json(root / "a")["tensors"]["embed"]["content_hash"]
+    write_index_json(root / "d", raw)
+    server = gpu_server()
+    client = server.client()
+    client.prefetch("a", to="cuda:0")
+    used = _residency(server)["pools"]["cuda:0"][0]
+    with pytest.raises(ChecksumError):
+        client.prefetch("d", to="cuda:0")  # placed on a's embedding by its word, then checked
+    assert "d" not in _residency(server)["models"] and _residency(server)["pools"]["cuda:0"][0] == used
+    p = _client(server, "a")
+    assert _first_line(p)["digests"] == {n: _digest(t) for n, t in sds["a"].items()}
+    p.wait(30)

@@ -62,6 +62,10 @@ LOAD_TIME = {
 }
 
 
+# The most device memory our loader took beyond the parameters (logged on a GPU).
+PEAK = re.compile(r"peak extra device memory .*? \(([0-9]+) bytes\)")
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--src", type=Path, required=True, help="Hugging Face model directory (safetensors)")
     ap.add_argument("--device", default="cuda:0", help="recorded only: vLLM picks its platform")
@@ -99,7 +103,9 @@ def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str
     if load_format.startswith("save-"):
         return rec
     m = LOAD_TIME["sllm" if load_format == "sllm" else "default"].search(r.stdout + r.stderr)
-    rec.update(process_s=wall, weights_s=float(m.group(1)) if m else None)
+    peak = PEAK.search(r.stdout + r.stderr)
+    rec.update(process_s=wall, weights_s=float(m.group(1)) if m else None,
+               peak_extra_bytes=int(peak.group(1)) if peak else None)
     return rec
 
 
@@ -164,8 +170,9 @@ def main(args: argparse.Namespace) -> int:
                        check=check, seconds_of=lambda rec: rec["ready_s"])
     contenders = rounds.run()
     weights = {k: [r["weights_s"] for r in v] for k, v in records.items()}
+    peaks = {k: [r.get("peak_extra_bytes") for r in v] for k, v in records.items()}
     run.results.update(bytes=nbytes, reference_tokens=reference, contenders=contenders, engines=records,
-                       weights_s=weights, saves=saves)
+                       weights_s=weights, peak_extra_bytes=peaks, saves=saves)
     run.write()
     for key, c in contenders.items():
         if "best_s" in c:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -52,11 +52,31 @@ def naming_the_format(model: PathLike) -> Iterator[None]:
         raise type(e)(f"load format '{LOAD_FORMAT}' cannot load {str(model)!r}: {e}") from e
 
 
-def describe(model: PathLike, report: Any, t0: float, t1: float) -> str:
-    """The one log line of a load: size, tier, read time and speed, hand-over time."""
+def describe(model: PathLike, report: Any, t0: float, t1: float, peak: Optional[int] = None) -> str:
+    """The one log line of a load: size, tier, read time and speed, hand-over time, and (on a
+    GPU) the most device memory the load took beyond the engine's parameters."""
     return (f"sllm-store loaded {model} ({format_size(report.bytes)}, {report.stats['tier']} tier) in "
             f"{time.perf_counter() - t0:.2f} s: read {report.seconds:.2f} s at {report.gb_per_s:.2f} GB/s, "
-            f"handed to the model in {time.perf_counter() - t1:.2f} s")
+            f"handed to the model in {time.perf_counter() - t1:.2f} s{peak_words(peak)}")
+
+
+def peak_words(peak: Optional[int]) -> str:
+    return "" if peak is None else f"; peak extra device memory {format_size(peak)} ({peak} bytes)"
+
+
+@contextmanager
+def device_peak(out: dict[str, int]) -> Iterator[None]:
+    """``out["peak"]``: the most memory PyTorch allocated on the current CUDA device during the
+    block beyond what was allocated when it began (nothing without CUDA in use). Resets the
+    device's peak statistics, as a memory profiler does."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        yield
+        return
+    dev = torch.cuda.current_device()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    yield
+    out["peak"] = max(0, torch.cuda.max_memory_allocated(dev) - base)
 
 
 def check_open(model: PathLike, settings: LoadConfig) -> None:

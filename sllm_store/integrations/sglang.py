@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
 
-from sllm_store.integrations.engine import check_open, describe, load_for_engine, load_settings
+from sllm_store.integrations.engine import check_open, describe, device_peak, load_for_engine, load_settings
 
 logger = logging.getLogger("sglang.srt.model_loader.sllm")
 
@@ -49,11 +49,13 @@ class SllmSglangLoader(DefaultModelLoader):
     def _get_all_weights(self, model_config: Any,
                          model: Any) -> Generator[tuple[str, torch.Tensor], None, None]:
         """The checkpoint's tensors in file order, for the model's ``load_weights``."""
-        tensors, report, t0 = load_for_engine(model_config.model_path, self.settings)
-        t1 = time.perf_counter()
-        yield from tensors.items()
-        del tensors
-        logger.info("%s", describe(model_config.model_path, report, t0, t1))
+        peak: dict[str, int] = {}
+        with device_peak(peak):
+            tensors, report, t0 = load_for_engine(model_config.model_path, self.settings)
+            t1 = time.perf_counter()
+            yield from tensors.items()
+            del tensors
+        logger.info("%s", describe(model_config.model_path, report, t0, t1, peak.get("peak")))
 
 
 __all__ = ["SllmSglangLoader"]

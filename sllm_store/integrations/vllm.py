@@ -37,9 +37,11 @@ from sllm_store.integrations.engine import (
     SAVE_SETTING,
     check_open,
     describe,
+    device_peak,
     load_for_engine,
     load_settings,
     naming_the_format,
+    peak_words,
 )
 
 # Under vLLM's logger, so that the line is in vLLM's log (from every worker).
@@ -67,11 +69,13 @@ class SllmModelLoader(BaseModelLoader):
         if manifest is not None:
             self._load_engine_ready(model, model_config, manifest)
             return
-        tensors, report, t0 = load_for_engine(model_config.model, self.settings)
-        t1 = time.perf_counter()
-        expected = {name for name, _ in model.named_parameters()}
-        loaded = model.load_weights(iter(tensors.items()))
-        del tensors
+        peak: dict[str, int] = {}
+        with device_peak(peak):
+            tensors, report, t0 = load_for_engine(model_config.model, self.settings)
+            t1 = time.perf_counter()
+            expected = {name for name, _ in model.named_parameters()}
+            loaded = model.load_weights(iter(tensors.items()))
+            del tensors
         if loaded is not None and model_config.quantization is None:
             missing = sorted(expected - set(loaded))
             if missing:
@@ -79,7 +83,7 @@ class SllmModelLoader(BaseModelLoader):
                     f"{model_config.model!r} lacks weights for {len(missing)} parameters of "
                     f"{type(model).__name__}, e.g. {', '.join(missing[:5])}: is it a checkpoint of this "
                     "model?")
-        logger.info("%s", describe(model_config.model, report, t0, t1))
+        logger.info("%s", describe(model_config.model, report, t0, t1, peak.get("peak")))
         if self.save_to:
             self._save_rank(model)
 
@@ -102,12 +106,14 @@ class SllmModelLoader(BaseModelLoader):
         path = rank_path(model_config.model, rank)
         targets = engine_parameters(model)
         t0 = time.perf_counter()
-        with naming_the_format(path):
+        peak: dict[str, int] = {}
+        with naming_the_format(path), device_peak(peak):
             report = with_checkpoint(path, self.settings,
                                      lambda checkpoint: fill_opened(checkpoint, targets, t0=t0))
         logger.info("sllm-store loaded %s (engine-ready rank %d of %d, %s, %s tier) in %.2f s, %.2f GB/s, "
-                    "straight into the parameters", model_config.model, rank, tp * pp,
-                    format_size(report.bytes), report.stats["tier"], report.seconds, report.gb_per_s)
+                    "straight into the parameters%s", model_config.model, rank, tp * pp,
+                    format_size(report.bytes), report.stats["tier"], report.seconds, report.gb_per_s,
+                    peak_words(peak.get("peak")))
 
 
 def _rank() -> tuple[int, int, int]:

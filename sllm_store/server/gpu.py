@@ -223,67 +223,91 @@ class GpuPools:
                 "seconds": seconds}
 
     def _fill(self, r: Resident, dev: _Device, index: Index, verify: bool) -> int:
-        """Hash the model's tensors in the pinned pool, place them (reusing resident copies) and
-        copy the missing ones into a blob of their own. Returns the bytes copied."""
+        """Place the model's tensors (reusing resident copies of the same bytes) and copy the
+        missing ones into a blob of their own. Returns the bytes copied.
+
+        Placement needs every tensor's hash. The server's own, once computed, are kept per
+        version; before that, a checkpoint that records a hash for every tensor is placed on
+        those, and the bytes are hashed while the copy runs: a recorded hash that disagrees with
+        the bytes fails the residency before any client sees it. Otherwise the bytes are hashed
+        first."""
         stored = [t for t in index.tensors.values() if t.alias_of is None]
         with self.models.held(r.name, verify=verify) as held:
             if held.fingerprint != r.fingerprint:
                 raise ModelChangedError(f"{r.name!r} changed on disk while it was made resident; retry")
-            hashes = self._hashes_of.get((r.name, r.fingerprint)) or self._hashes(held, stored)
+            known = self._hashes_of.get((r.name, r.fingerprint))
+            recorded = {t.name: (t.content_hash, t.nbytes) for t in stored}
+            if known is None and not all(h for h, _ in recorded.values()):
+                known = self._hashes(held, stored)
+            missing, need = self._place(r, dev, stored, known or recorded)
+            with ThreadPoolExecutor(1, thread_name_prefix="sllm-gpu-hash") as checker:
+                checking = checker.submit(self._hashes, held, stored) if known is None else None
+                blob = self._copy_missing(r, dev, held, missing, need)
+                hashes = checking.result() if checking is not None else known
             with self._lock:
                 self._hashes_of[r.name, r.fingerprint] = hashes
                 while len(self._hashes_of) > HASH_CACHE_MODELS:
                     self._hashes_of.pop(next(iter(self._hashes_of)))
-            missing: list[tuple[Any, int]] = []  # (tensor, offset in the new blob)
-            with self._lock:
-                taken: set[tuple[int, int]] = set()  # resident locations this model uses already
-                size = 0
-                for t in stored:
-                    where = next((w for w in dev.by_hash.get(hashes[t.name], ()) if w not in taken), None)
-                    if where is not None:
-                        taken.add(where)
-                        r.placement[t.name] = where
-                        r.shared_bytes += t.nbytes
-                    else:
-                        size = _aligned(size)
-                        missing.append((t, size))
-                        size += t.nbytes
-                r.blobs = sorted({b for b, _ in r.placement.values()})
-                for b in r.blobs:
-                    self._blobs[b].users += 1
-                need = _aligned(size)
-                if need:
-                    self._make_room(dev, need, r)
-                    dev.used += need
-            if not need:
-                return 0
-            try:
-                alloc = _C.VmmAllocation(dev.name, need)
-            except BaseException:
-                with self._lock:
-                    dev.used -= need
-                raise
-            with self._lock:
-                blob = _Blob(self._next_blob, dev.name, alloc, alloc.size, users=1)
-                self._next_blob += 1
-                self._blobs[blob.id] = blob
-                dev.used += alloc.size - need  # rounded up to the device's granularity
-                r.blobs.insert(0, blob.id)
-                r.own_bytes = sum(t.nbytes for t, _ in missing)
-            parts = [(addr, 0, off + pos, n) for t, off in missing
-                     for addr, pos, n in held.parts(t.file, t.offset, t.nbytes)]
-            t0 = time.perf_counter()
-            stats = _C.run_copies(parts, [(dev.name, alloc.address, alloc.size)],
-                                  num_threads=self.copy_threads)
-            seconds = float(stats.get("seconds", time.perf_counter() - t0))
-            with self._lock:
-                for t, off in missing:
-                    r.placement[t.name] = (blob.id, off)
-                    blob.hashes.append((hashes[t.name], off))
-                    dev.by_hash.setdefault(hashes[t.name], []).append((blob.id, off))
-                if seconds > 0:
-                    dev.h2d_gbps = r.own_bytes / seconds / 1e9
+                if blob is not None:
+                    for t, off in missing:
+                        r.placement[t.name] = (blob.id, off)
+                        blob.hashes.append((hashes[t.name], off))
+                        dev.by_hash.setdefault(hashes[t.name], []).append((blob.id, off))
             return r.own_bytes
+
+    def _place(self, r: Resident, dev: _Device, stored: list[Any], hashes: Mapping[str, tuple[str, int]]
+               ) -> tuple[list[tuple[Any, int]], int]:
+        """Point ``r``'s tensors at resident copies of their bytes where there are some; the
+        others, as (tensor, offset in a new blob), and the blob's size, reserved in the budget."""
+        missing: list[tuple[Any, int]] = []
+        with self._lock:
+            taken: set[tuple[int, int]] = set()  # resident locations this model uses already
+            size = 0
+            for t in stored:
+                where = next((w for w in dev.by_hash.get(hashes[t.name], ()) if w not in taken), None)
+                if where is not None:
+                    taken.add(where)
+                    r.placement[t.name] = where
+                    r.shared_bytes += t.nbytes
+                else:
+                    size = _aligned(size)
+                    missing.append((t, size))
+                    size += t.nbytes
+            r.blobs = sorted({b for b, _ in r.placement.values()})
+            for b in r.blobs:
+                self._blobs[b].users += 1
+            need = _aligned(size)
+            if need:
+                self._make_room(dev, need, r)
+                dev.used += need
+        return missing, need
+
+    def _copy_missing(self, r: Resident, dev: _Device, held: Any, missing: list[tuple[Any, int]],
+                      need: int) -> Optional[_Blob]:
+        """A blob of ``need`` bytes (reserved) holding the ``missing`` tensors, copied from the pool."""
+        if not need:
+            return None
+        try:
+            alloc = _C.VmmAllocation(dev.name, need)
+        except BaseException:
+            with self._lock:
+                dev.used -= need
+            raise
+        with self._lock:
+            blob = _Blob(self._next_blob, dev.name, alloc, alloc.size, users=1)
+            self._next_blob += 1
+            self._blobs[blob.id] = blob
+            dev.used += alloc.size - need  # rounded up to the device's granularity
+            r.blobs.insert(0, blob.id)
+            r.own_bytes = sum(t.nbytes for t, _ in missing)
+        parts = [(addr, 0, off + pos, n) for t, off in missing
+                 for addr, pos, n in held.parts(t.file, t.offset, t.nbytes)]
+        t0 = time.perf_counter()
+        stats = _C.run_copies(parts, [(dev.name, alloc.address, alloc.size)], num_threads=self.copy_threads)
+        seconds = float(stats.get("seconds", time.perf_counter() - t0))
+        if seconds > 0:
+            dev.h2d_gbps = r.own_bytes / seconds / 1e9
+        return blob
 
     def _hashes(self, held: Any, stored: list[Any]) -> dict[str, tuple[str, int]]:
         """(XXH3-64 of its bytes in the pool, nbytes) of every stored tensor; a recorded
