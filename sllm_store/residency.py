@@ -82,10 +82,11 @@ def estimate_load_time(path: PathLike, device: str = "cuda:0", store: Optional[s
     status = client.status()
     dev = as_device(device)
     if dev.type == "cuda" and where.gpu:
+        from sllm_store.server.gpu import bus_key
         from sllm_store.tiers.gpu_attach import pci_bus_id
 
-        bus = pci_bus_id(dev) if torch.cuda.is_available() else ""
-        held = next((g for g in where.gpu if g["pci_bus_id"].lower() == bus.lower()), None)
+        bus = bus_key(pci_bus_id(dev)) if torch.cuda.is_available() else None
+        held = next((g for g in where.gpu if bus is not None and bus_key(g["pci_bus_id"]) == bus), None)
         if held is not None:
             return LoadEstimate("gpu", 0.0, 0, "held in the server's GPU memory on this GPU: attached, "
                                 "no bytes move (the mapping takes milliseconds)")

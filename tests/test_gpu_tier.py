@@ -252,6 +252,14 @@ def test_gpu_pool_argument_is_checked() -> None:
             parse_gpu_pools([bad])
 
 
+def test_bus_ids_compare_as_numbers() -> None:
+    from sllm_store.server.gpu import bus_key
+
+    assert bus_key("0000:17:00.0") == bus_key("00000000:17:00.0") == bus_key("0000:17:00.0".upper())
+    assert bus_key("0000:17:00.0") != bus_key("0000:18:00.0")
+    assert bus_key("not a bus id") is None
+
+
 # --- on a GPU ------------------------------------------------------------------------------------
 
 GPU_CLIENT = """

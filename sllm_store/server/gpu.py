@@ -121,6 +121,15 @@ def check_gpu_pools(budgets: Mapping[str, int]) -> None:
             raise DeviceError(f"--gpu-pool {dev}: GPU memory cannot be shared from this device ({why})")
 
 
+def bus_key(pci_bus_id: str) -> Optional[tuple[int, ...]]:
+    """A PCI bus id as numbers (domain, bus, device, function): ``0000:17:00.0`` and
+    ``00000000:17:00.0`` (the forms drivers and tools write) name the same GPU."""
+    try:
+        return tuple(int(x, 16) for x in pci_bus_id.replace(".", ":").split(":"))
+    except ValueError:
+        return None
+
+
 def _aligned(n: int) -> int:
     return (n + GPU_ALIGNMENT - 1) // GPU_ALIGNMENT * GPU_ALIGNMENT
 
@@ -161,8 +170,8 @@ class GpuPools:
 
     def device_of(self, pci_bus_id: str) -> Optional[str]:
         """The server's name of the GPU a client names by bus id (None: no pool there)."""
-        want = pci_bus_id.lower()
-        return next((d.name for d in self._devices.values() if d.pci_bus_id.lower() == want), None)
+        want = bus_key(pci_bus_id)
+        return next((d.name for d in self._devices.values() if bus_key(d.pci_bus_id) == want), None)
 
     def _device(self, device: str) -> _Device:
         d = self._devices.get(device)
