@@ -25,13 +25,19 @@ from sllm_store.index import PathLike
 
 @dataclass
 class Residency:
-    """Where the store server holds one model."""
+    """Where one model is: through a store server, its GPU pools and pinned pool (``gpu``,
+    ``dram``) and its disk; without one, the local files (``page_cached``: the fraction of their
+    pages in the page cache) or, for a URL, the object store (``remote``) and whether the local
+    cache holds a copy (``cached``)."""
 
     name: str
-    bytes: int  # the model's data
+    bytes: Optional[int]  # the model's data (None: a URL not cached here, not fetched to say)
     gpu: list[dict[str, Any]] = field(default_factory=list)  # device, pci_bus_id, bytes, shared_bytes...
-    dram: bool = False  # in the pinned host pool
-    disk: bool = True  # under the storage path (always, for a model the server serves)
+    dram: bool = False  # in the store server's pinned host pool
+    disk: bool = True  # local files, or under the server's storage path
+    page_cached: Optional[float] = None
+    remote: Optional[str] = None
+    cached: Optional[bool] = None
 
 
 @dataclass
@@ -57,7 +63,12 @@ def _client(store: Optional[str]) -> Any:
 
 
 def residency(path: PathLike, store: Optional[str] = None) -> Residency:
-    """Where the store server at ``store`` (or ``SLLM_STORE_ADDRESS``) holds ``path``."""
+    """Where ``path`` is: held by the store server at ``store`` (or ``SLLM_STORE_ADDRESS``),
+    else on this machine's disk or in an object store."""
+    from sllm_store.config import store_address
+
+    if not store_address(store):
+        return _local_residency(path)
     from sllm_store.server.client import index_of
 
     client = _client(store)
@@ -101,3 +112,20 @@ def estimate_load_time(path: PathLike, device: str = "cuda:0", store: Optional[s
     basis = (f"read into the pool at {disk:.2f} GB/s, then copied at {copy:.2f} GB/s" if seconds is not None
              else "on disk; the server has not measured its disk and copy rates yet")
     return LoadEstimate("disk", seconds, where.bytes, basis)
+
+
+def _local_residency(path: PathLike) -> Residency:
+    from sllm_store.remote import is_remote
+
+    if is_remote(path):
+        from sllm_store.remote import entries
+
+        entry = next((e for e in entries() if e.url.rstrip("/") == str(path).rstrip("/")), None)
+        return Residency(str(path), entry.size if entry else None, disk=entry is not None, remote=str(path),
+                         cached=entry is not None)
+    from sllm_store.formats import open_index
+    from sllm_store.utils import page_cache_fraction
+
+    index = open_index(path)
+    files = [index.file_path(i) for i in range(len(index.files))]
+    return Residency(str(path), index.total_bytes, page_cached=page_cache_fraction(files))

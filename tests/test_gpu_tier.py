@@ -481,3 +481,15 @@ def test_a_recorded_hash_claiming_resident_bytes_is_caught(gpu_server, models) -
     p = _client(server, "a")
     assert _first_line(p)["digests"] == {n: _digest(t) for n, t in sds["a"].items()}
     p.wait(30)
+
+
+def test_residency_without_a_server(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("SLLM_STORE_ADDRESS", raising=False)
+    monkeypatch.setenv("SLLM_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    sd = {"w": torch.randn(256, 256)}
+    sllm_store.save_state_dict(sd, tmp_path / "m")
+    where = sllm_store.residency(tmp_path / "m")
+    assert where.bytes == sd["w"].nbytes and where.disk and where.remote is None
+    assert where.page_cached is None or 0.0 <= where.page_cached <= 1.0
+    url = sllm_store.residency("s3://bucket/not-here")
+    assert (url.remote, url.cached, url.bytes, url.disk) == ("s3://bucket/not-here", False, None, False)
