@@ -493,3 +493,20 @@ def test_residency_without_a_server(tmp_path, monkeypatch) -> None:
     assert where.page_cached is None or 0.0 <= where.page_cached <= 1.0
     url = sllm_store.residency("s3://bucket/not-here")
     assert (url.remote, url.cached, url.bytes, url.disk) == ("s3://bucket/not-here", False, None, False)
+
+
+def test_corrupted_data_is_never_made_resident(gpu_server, models) -> None:
+    from sllm_store.errors import ChecksumError
+
+    root, _ = models
+    data = next(p for p in (root / "c").iterdir() if p.name != "sllm_index.json")
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    server = gpu_server()
+    with pytest.raises(ChecksumError):
+        server.client().prefetch("c", to="cuda:0")
+    p = _client(server, "c")  # an attaching client gets the same error, not the bytes
+    p.wait(30)
+    assert p.returncode != 0 and "ChecksumError" in (p.stderr.read() if p.stderr else "")
+    assert "c" not in _residency(server)["models"]

@@ -182,7 +182,7 @@ class GpuPools:
 
     # -- making a model resident ------------------------------------------------------------
 
-    def make_resident(self, name: str, device: str, *, verify: bool = False, pin: bool = False
+    def make_resident(self, name: str, device: str, *, verify: bool = True, pin: bool = False
                       ) -> dict[str, Any]:
         """Hold ``name`` on ``device``; returns {"hit", "bytes", "copied", "shared", "seconds"}."""
         dev = self._device(device)
