@@ -182,9 +182,10 @@ class GpuPools:
 
     # -- making a model resident ------------------------------------------------------------
 
-    def make_resident(self, name: str, device: str, *, verify: bool = True, pin: bool = False
-                      ) -> dict[str, Any]:
-        """Hold ``name`` on ``device``; returns {"hit", "bytes", "copied", "shared", "seconds"}."""
+    def make_resident(self, name: str, device: str, *, pin: bool = False) -> dict[str, Any]:
+        """Hold ``name`` on ``device``; returns {"hit", "bytes", "copied", "shared", "seconds"}.
+        Its bytes come from the pinned pool with every chunk's checksum checked: clients that
+        attach share one copy, so it is always a checked one."""
         dev = self._device(device)
         key, index, fp = self.models.open_model(name)
         t0 = time.perf_counter()
@@ -213,7 +214,7 @@ class GpuPools:
             if r.state == "failed" and r.error is not None:
                 raise r.error
         try:
-            copied = self._fill(r, dev, index, verify)
+            copied = self._fill(r, dev, index)
         except BaseException as e:
             with self._lock:
                 r.state, r.error = "failed", e
@@ -231,7 +232,7 @@ class GpuPools:
         return {"hit": False, "bytes": r.bytes, "copied": copied, "shared": r.shared_bytes,
                 "seconds": seconds}
 
-    def _fill(self, r: Resident, dev: _Device, index: Index, verify: bool) -> int:
+    def _fill(self, r: Resident, dev: _Device, index: Index) -> int:
         """Place the model's tensors (reusing resident copies of the same bytes) and copy the
         missing ones into a blob of their own. Returns the bytes copied.
 
@@ -241,7 +242,7 @@ class GpuPools:
         the bytes fails the residency before any client sees it. Otherwise the bytes are hashed
         first."""
         stored = [t for t in index.tensors.values() if t.alias_of is None]
-        with self.models.held(r.name, verify=verify) as held:
+        with self.models.held(r.name, verify=True) as held:
             if held.fingerprint != r.fingerprint:
                 raise ModelChangedError(f"{r.name!r} changed on disk while it was made resident; retry")
             known = self._hashes_of.get((r.name, r.fingerprint))

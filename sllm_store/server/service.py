@@ -163,7 +163,7 @@ class StoreService:
             elif self.gpus is None:
                 raise InvalidArgumentError(f"cannot prefetch to {to}: the server has no GPU pool")
             else:
-                out = self.gpus.make_resident(request.model, to, verify=request.verify, pin=request.pin)
+                out = self.gpus.make_resident(request.model, to, pin=request.pin)
                 hit, nbytes = out["hit"], out["bytes"]
         return pb.PrefetchReply(hit=hit, seconds=time.perf_counter() - t0, bytes=nbytes)
 
