@@ -90,6 +90,8 @@ class HeldModel:
     index: Index
     blocks: list[list[int]]  # per data file
     pool: BlockPool
+    hit: bool  # it was in the pool already
+    size: int  # bytes of its data files
 
     def parts(self, file: int, offset: int, n: int) -> list[tuple[int, int, int]]:
         """(pool address, position from ``offset``, length) of the ``n`` bytes at ``offset`` of
@@ -382,26 +384,19 @@ class PooledModels:
         """``name`` held in the pool for the block (read in first on a miss; never evicted
         meanwhile), as a :class:`HeldModel` that says where its bytes are."""
         key, index, fp = self._open(name)
-        e, _hit = self._acquire(key, index, fp, verify, pass_through_ok=False)
-        assert e is not None
-        try:
-            if verify and not e.verified:
-                self._verify_held(e)
-            yield HeldModel(key, fp, index, e.blocks, self.pool)
-        finally:
-            self._release(e)
-
-    def prefetch(self, name: str, *, verify: bool = False) -> tuple[bool, int]:
-        """Make ``name`` resident; returns (hit, bytes)."""
-        key, index, fp = self._open(name)
         e, hit = self._acquire(key, index, fp, verify, pass_through_ok=False)
         assert e is not None
         try:
             if verify and not e.verified:
                 self._verify_held(e)
-            return hit, e.size
+            yield HeldModel(key, fp, index, e.blocks, self.pool, hit, e.size)
         finally:
             self._release(e)
+
+    def prefetch(self, name: str, *, verify: bool = False) -> tuple[bool, int]:
+        """Make ``name`` resident; returns (hit, bytes)."""
+        with self.held(name, verify=verify) as held:
+            return held.hit, held.size
 
     def load(self, name: str, fp: str, copies: Sequence[CopyReq], dests: Sequence[Dest], *,
              verify: bool = False, cancelled: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
