@@ -69,6 +69,11 @@ def residency(path: PathLike, store: Optional[str] = None) -> Residency:
 
     if not store_address(store):
         return _local_residency(path)
+    return _server_residency(path, store)[0]
+
+
+def _server_residency(path: PathLike, store: Optional[str]) -> tuple[Residency, Any]:
+    """The residency of ``path`` on the store server, and the server's status it was read from."""
     from sllm_store.server.client import index_of
 
     client = _client(store)
@@ -79,7 +84,7 @@ def residency(path: PathLike, store: Optional[str] = None) -> Residency:
     pooled = next((m for m in status.models if m.name == name and m.tier == "dram"), None)
     gpu = [{"device": r.device, "pci_bus_id": r.pci_bus_id, "bytes": r.bytes, "shared_bytes": r.shared_bytes,
             "attached": r.attached, "pinned": r.pinned} for r in reply.gpu]
-    return Residency(name, index.total_bytes, gpu=gpu, dram=pooled is not None)
+    return Residency(name, index.total_bytes, gpu=gpu, dram=pooled is not None), status
 
 
 def estimate_load_time(path: PathLike, device: str = "cuda:0", store: Optional[str] = None) -> LoadEstimate:
@@ -88,9 +93,7 @@ def estimate_load_time(path: PathLike, device: str = "cuda:0", store: Optional[s
 
     from sllm_store.plan import as_device
 
-    client = _client(store)
-    where = residency(path, store)
-    status = client.status()
+    where, status = _server_residency(path, store)
     dev = as_device(device)
     if dev.type == "cuda" and where.gpu:
         from sllm_store.server.gpu import bus_key

@@ -88,7 +88,7 @@ class StoreCheckpoint(Checkpoint):
     def _attach(self, dev: torch.device) -> Any:
         """The server's GPU copy of the model mapped here, or None (logged) where it has none
         and cannot make one: the load then goes the usual way."""
-        from sllm_store.errors import DeviceError, ModelChangedError, SllmStoreError, UntrustedStoreError
+        from sllm_store.errors import ModelChangedError, SllmStoreError, UntrustedStoreError
         from sllm_store.server.attach import attach
 
         if self._attachment is not None:
@@ -105,7 +105,7 @@ class StoreCheckpoint(Checkpoint):
             return a
         except (ModelChangedError, UntrustedStoreError):
             raise
-        except (DeviceError, SllmStoreError) as e:
+        except SllmStoreError as e:  # DeviceError, PoolExhaustedError... the load goes another way
             logger.info("not attached to %s on %s (%s: %s); loading through the pinned pool", self.name,
                         dev, type(e).__name__, e)
             return None
