@@ -183,6 +183,15 @@ class Run:
             self._scratch = tempfile.mkdtemp(prefix=f"bench-{self.suite}-")
         return self._scratch
 
+    def finish(self, ratios: Dict[str, Dict[str, float]], failed: bool) -> int:
+        """Record ``ratios``, write the JSON, print the ratios; the suite's exit status (1 when
+        a contender ``failed``)."""
+        self.results["ratios"] = ratios
+        self.write()
+        for key, r in ratios.items():
+            print(f"{key:48} best {r['best']:.4g}  median {r['median']:.4g}")
+        return 1 if failed else 0
+
     def write(self) -> Path:
         self.record["cold_method"] = self.evictor.method()
         out_dir = Path(getattr(self.args, "out", None) or ROOT / "benchmarks" / "results")
@@ -244,6 +253,23 @@ class Evictor:
 # ------------------------------------------------------------------------------------------------
 # Interleaved rounds
 # ------------------------------------------------------------------------------------------------
+
+
+def run_child(script: str, args: Sequence[str], timeout: float = 900) -> Dict[str, Any]:
+    """``python SCRIPT --child ARGS`` in a fresh process: the JSON it printed last, with
+    ``process_s`` (the process's wall time). Raises on a failed process or a wrong output (its
+    ``problem``)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-1500:])
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    if rec.get("problem"):
+        raise AssertionError(f"wrong output: {rec['problem']}")
+    rec["process_s"] = wall
+    return rec
 
 
 def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:

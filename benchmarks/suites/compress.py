@@ -84,13 +84,10 @@ def main(args: argparse.Namespace) -> int:
     run.results["contenders"] = c
     run.results["warm_compressed_by_threads"] = by_threads(packed, zfiles, args.device, nbytes, run)
     limit = max(best["gbps"], c["raw-cold"].get("best_gbps", 0.0))
-    run.results["ratios"] = {f"{n} / best raw cold read": {"best": c[n]["best_gbps"] / limit,
-                                                           "median": c[n]["median_gbps"] / limit}
-                             for n in ("sllm", "sllm-zstd") if "best_gbps" in c[n]}
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:40} best {r['best']:.3f}  median {r['median']:.3f}")
-    return 0 if all("error" not in v for v in c.values()) else 1
+    return run.finish({f"{n} / best raw cold read": {"best": c[n]["best_gbps"] / limit,
+                                                     "median": c[n]["median_gbps"] / limit}
+                       for n in ("sllm", "sllm-zstd") if "best_gbps" in c[n]},
+                      any("error" in v for v in c.values()))
 
 
 def by_threads(ck: Path, files: List[Path], device: str, nbytes: int, run: Run) -> Dict[str, Any]:

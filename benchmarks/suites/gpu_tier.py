@@ -35,7 +35,7 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, StoreServer, checker, tensor_digests  # noqa: E402
+from common import Rounds, Run, StoreServer, checker, run_child, tensor_digests  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu_tier")
 
@@ -78,16 +78,7 @@ class Fresh:
         self.args = args
 
     def __call__(self) -> Dict[str, Any]:
-        import subprocess
-
-        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *self.args],
-                           capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-1500:])
-        rec = json.loads(r.stdout.strip().splitlines()[-1])
-        if rec["problem"]:
-            raise AssertionError(f"wrong output: {rec['problem']}")
-        return rec
+        return run_child(str(Path(__file__).resolve()), self.args)
 
 
 def finetune(ck: Path) -> Path:
@@ -165,11 +156,7 @@ def main(args: argparse.Namespace) -> int:
         gpu.close()
         dram.close()
     run.results["contenders"] = contenders
-    run.results["ratios"] = ratios(run.results)
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:44} best {r['best']:.4g}  median {r['median']:.4g}")
-    return 0 if all("error" not in c for c in contenders.values()) else 1
+    return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
 
 def _gpu_status(server: StoreServer) -> Dict[str, Any]:

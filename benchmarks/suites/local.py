@@ -287,12 +287,7 @@ def main(args: argparse.Namespace) -> int:
     fresh = (fresh_rounds(run, args, list(loaders), ck, files + others, threads, reference)
              if "fresh" in modes else {})
     run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
-    run.results["ratios"] = ratios(run.results, gpu)
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:44} best {r['best']:.3f}  median {r['median']:.3f}")
-    failed = [n for n, c in {**contenders, **fresh}.items() if "error" in c]
-    return 1 if failed else 0
+    return run.finish(ratios(run.results, gpu), any("error" in c for c in {**contenders, **fresh}.values()))
 
 
 def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:

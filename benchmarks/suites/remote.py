@@ -168,11 +168,7 @@ def main(args: argparse.Namespace) -> int:
         proc.terminate()
         proc.wait(timeout=60)
     run.results["contenders"] = contenders
-    run.results["ratios"] = ratios(run.results)
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:40} best {r['best']:.3f}  median {r['median']:.3f}")
-    return 0 if all("error" not in c for c in contenders.values()) else 1
+    return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:

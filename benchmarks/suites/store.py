@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, StoreServer, checker, summary, tensor_digests, usable  # noqa: E402
+from common import Rounds, Run, StoreServer, checker, run_child, summary, tensor_digests, usable  # noqa: E402
 
 log = logging.getLogger("benchmarks.store")
 
@@ -70,17 +69,7 @@ def child_main(argv: List[str]) -> int:
 
 
 def fresh(kind: str, name: str, device: str, address: str, digests: Path) -> Dict[str, Any]:
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, name, device, address,
-                        str(digests)], capture_output=True, text=True, timeout=900)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-1500:])
-    rec = json.loads(r.stdout.strip().splitlines()[-1])
-    if rec["problem"]:
-        raise AssertionError(f"wrong output: {rec['problem']}")
-    rec["process_s"] = wall
-    return rec
+    return run_child(str(Path(__file__).resolve()), [kind, name, device, address, str(digests)])
 
 
 class FreshContender:
@@ -159,11 +148,7 @@ def main(args: argparse.Namespace) -> int:
     run.results["fresh_processes"] = {
         "store-fresh": _process(fresh_sd.runs, nbytes),
         **({"store-fresh-load_model": _process(fresh_model.runs, nbytes)} if fresh_model else {})}
-    run.results["ratios"] = ratios(run.results)
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:40} best {r['best']:.3f}  median {r['median']:.3f}")
-    return 0 if all("error" not in c for c in contenders.values()) else 1
+    return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
 
 def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:

@@ -203,11 +203,7 @@ def main(args: argparse.Namespace) -> int:
                        seconds_of=lambda rec: rec["marks"]["first_output"])
     run.results["contenders"] = rounds.run()
     run.results["timelines"] = {name: timeline(c.runs, nbytes) for name, c in children.items() if c.runs}
-    run.results["ratios"] = ratios(run.results)
-    run.write()
-    for key, r in run.results["ratios"].items():
-        print(f"{key:48} best {r['best']:.3f}  median {r['median']:.3f}")
-    return 0 if all("error" not in c for c in run.results["contenders"].values()) else 1
+    return run.finish(ratios(run.results), any("error" in c for c in run.results["contenders"].values()))
 
 
 def timeline(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
