@@ -153,3 +153,24 @@ def h2d(device: str, gib: float = 2.0) -> Dict[str, Any]:
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def d2d(device: str, gib: float = 4.0) -> Dict[str, Any]:
+    """Device-to-device copy bandwidth within one GPU with torch (bytes copied per second, best
+    of 3 after a warm-up): what a private copy of GPU-resident weights can reach."""
+    import torch
+
+    n = int(gib * 2**30)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(4):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"bytes": n, "gbps": n / GB / best}

@@ -64,6 +64,8 @@ run)
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/logs/build.log" 2>&1 || { tail -30 "$OUT/logs/build.log"; exit 1; }
     echo "$native" > /tmp/built
   fi
+  # bytecode, as a wheel install writes it (an editable install leaves it to the first import)
+  python3 -m compileall -q -j 0 sllm_store > /dev/null
   stamp built
   ck=/tmp/ck-$PRESET${CKPT_ARGS:+-$(echo "$CKPT_ARGS" | md5sum | cut -c1-8)}
   if [ -n "$want_ck" ] && [ ! -f "$ck.sllm/sllm_index.json" ]; then  # the suites' checkpoint, converted

@@ -7,7 +7,9 @@ one without. In interleaved rounds (every output checked against the checkpoint'
   that holds the model on that GPU: it attaches (maps the server's memory read-only); the call is
   timed inside the process (goal <= 20 ms whatever the tensor count);
 * ``attach-copy-fresh``: the same with ``copy=True``: a private device-to-device copy (goal >=
-  1.5 TB/s effective);
+  1.5 TB/s effective), against the GPU's own device-to-device copy measured in the same run;
+* ``attach-again`` and ``attach-copy-again``: the same loads timed a second time in their process
+  (its libraries imported and its connections open): what attaching costs once a process runs;
 * ``dram-fresh``: the same load from the server without a GPU pool (its pinned pool, copied over
   PCIe);
 * ``safetensors-fresh``: ``safetensors.torch.load_file(shard, DEVICE)`` in a new process,
@@ -54,16 +56,21 @@ def child_main(argv: List[str]) -> int:
 
     import sllm_store
 
+    def load() -> Dict[str, Any]:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            shards = sorted(Path(name).glob("*.safetensors"))
+            return {k: v for f in shards for k, v in load_file(f, device).items()}
+        return sllm_store.load_state_dict(name, device, store=address, copy=kind.startswith("attach-copy"))
+
     torch.empty(1, device=device)
     torch.cuda.synchronize(device)
+    if kind.endswith("-again"):  # the first load is not timed; its tensors are released
+        load()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    if kind == "safetensors":
-        from safetensors.torch import load_file
-
-        shards = sorted(Path(name).glob("*.safetensors"))
-        out = {k: v for f in shards for k, v in load_file(f, device).items()}
-    else:
-        out = sllm_store.load_state_dict(name, device, store=address, copy=kind == "attach-copy")
+    out = load()
     torch.cuda.synchronize(device)
     load_s = time.perf_counter() - t0
     reference = {k: int(v) for k, v in json.loads(Path(digests_path).read_text()).items()}
@@ -122,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
     digests.write_text(json.dumps({k: str(v) for k, v in reference.items()}))
     torch.empty(1, device=args.device)
     run.results["h2d"] = limits.h2d(args.device)
+    run.results["d2d"] = limits.d2d(args.device)
     pool = f"{2 * (nbytes >> 30) + 4}GiB"
     gpu_budget = f"{2 * (nbytes >> 30) + 2}GiB"
     gpu = StoreServer(ck.parent, pool, args=("--gpu-pool", f"{args.device}={gpu_budget}"))
@@ -142,6 +150,9 @@ def main(args: argparse.Namespace) -> int:
                    before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
         rounds.add("attach-copy-fresh", Fresh("attach-copy", name, args.device, gpu.address, str(digests)),
                    nbytes, before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
+        for kind in ("attach-again", "attach-copy-again"):
+            rounds.add(kind, Fresh(kind, name, args.device, gpu.address, str(digests)), nbytes,
+                       before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
         rounds.add("dram-fresh", Fresh("dram", name, args.device, dram.address, str(digests)), nbytes,
                    seconds_of=load_s)
         rounds.add("safetensors-fresh", Fresh("safetensors", str(args.src), args.device, "", str(digests)),
@@ -168,20 +179,25 @@ def _gpu_status(server: StoreServer) -> Dict[str, Any]:
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """Attach time (seconds, not a ratio), the private copy's TB/s, the fine-tune's time over the
-    base model's, and each fresh load over the pinned-pool load and over safetensors."""
+    """Attach time (seconds, not a ratio), the private copy's TB/s and its share of the GPU's own
+    device-to-device copy, the fine-tune's time over the base model's, and each fresh load over
+    the pinned-pool load and over safetensors."""
     c = results["contenders"]
     out: Dict[str, Dict[str, float]] = {}
 
     def ok(k: str) -> bool:
         return "best_s" in c.get(k, {})
 
-    if ok("attach-fresh"):
-        a = c["attach-fresh"]
-        out["attach-fresh seconds"] = {"best": a["best_s"], "median": a["median_s"]}
-    if ok("attach-copy-fresh"):
-        out["attach-copy-fresh TB/s"] = {"best": c["attach-copy-fresh"]["best_gbps"] / 1e3,
-                                         "median": c["attach-copy-fresh"]["median_gbps"] / 1e3}
+    for k in ("attach-fresh", "attach-again"):
+        if ok(k):
+            out[f"{k} seconds"] = {"best": c[k]["best_s"], "median": c[k]["median_s"]}
+    d2d = results.get("d2d", {}).get("gbps")
+    for k in ("attach-copy-fresh", "attach-copy-again"):
+        if ok(k):
+            out[f"{k} TB/s"] = {"best": c[k]["best_gbps"] / 1e3, "median": c[k]["median_gbps"] / 1e3}
+            if d2d:
+                out[f"{k} GB/s / device copy"] = {"best": c[k]["best_gbps"] / d2d,
+                                                  "median": c[k]["median_gbps"] / d2d}
     if ok("finetune-resident") and ok("base-resident"):
         out["finetune-resident / base-resident (time)"] = {
             "best": c["finetune-resident"]["best_s"] / c["base-resident"]["best_s"],

@@ -62,15 +62,23 @@ def attached_buffers(attachment: Any, dev: Optional[torch.device]) -> list[Buffe
 
 
 def copy_attached(index: Index, plan: Plan, buffers: list[Buffer], attachment: Any) -> None:
-    """Copy each planned tensor from the attached memory into ``buffers`` (device to device),
-    then wait for the copies."""
+    """Copy each planned tensor from the attached memory into ``buffers`` (device to device, runs
+    contiguous at both ends as one copy), then wait for the copies."""
     dev = next((b.device for b, _ in buffers if b.is_cuda), None)
     sources = attached_buffers(attachment, dev)
-    for name, (slot, off) in plan.placement.items():
+    runs: list[list[int]] = []  # [block, source offset, slot, destination offset, length]
+    for name, (slot, off) in sorted(plan.placement.items(), key=lambda kv: attachment.placement[kv[0]]):
         n = index.tensors[name].nbytes
         block, src_off = attachment.placement[name]
         if src_off + n > attachment.sizes[block]:
             raise StoreError(f"the server places {name!r} outside the memory it shares")
+        last = runs[-1] if runs else None
+        if last and last[0] == block and last[2] == slot and last[1] + last[4] == src_off \
+                and last[3] + last[4] == off:
+            last[4] += n
+        else:
+            runs.append([block, src_off, slot, off, n])
+    for block, src_off, slot, off, n in runs:
         dst, shift = buffers[slot]
         dst[shift + off:shift + off + n].copy_(sources[block][0][src_off:src_off + n], non_blocking=True)
     if dev is not None:
