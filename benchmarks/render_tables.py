@@ -40,7 +40,8 @@ log = logging.getLogger("render_tables")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
-DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessllm.md", "docs/streaming.md")
+DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessllm.md", "docs/streaming.md",
+        "docs/gpu-tier.md")
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 Data = Dict[str, Any]
@@ -370,6 +371,8 @@ SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both 
 CPU_2CORE = "2026-12-05-cpu-local-2core.json"  # run.py local --device cpu on a 2-core machine, 1B preset
 STREAM_COLD = "2026-12-05-h100-stream-cold.json"  # run.py stream --modes cold (page cache dropped whole)
 STREAM = "2026-12-05-h100-stream.json"  # run.py stream --modes cold-weights,warm
+STREAM_PREIMPORT = "2026-12-05-h100-stream-preimport.json"  # run.py stream --modes cold --preimport
+GPU_TIER = "2026-12-05-h100-gpu-tier-8b16.json"  # run.py gpu_tier, 8B-shaped, 16 layers
 
 
 # --- benchmarks/run.py suites ----------------------------------------------------------------------
@@ -408,6 +411,8 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "cpu-2core": functools.partial(_one, render_suite, CPU_2CORE),
     "stream-cold": functools.partial(_one, render_suite, STREAM_COLD),
     "stream": functools.partial(_one, render_suite, STREAM),
+    "stream-preimport": functools.partial(_one, render_suite, STREAM_PREIMPORT),
+    "gpu-tier": functools.partial(_one, render_suite, GPU_TIER),
 }
 
 

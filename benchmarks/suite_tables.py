@@ -199,9 +199,11 @@ def render_stream(data: Data) -> str:
         rows.append([f"`{kind}`", mode] + [_pair(t[k]["best_s"], t[k]["median_s"]) if k in t else "–"
                                            for k, _ in STREAM_MARKS])
     best = (r.get("disk_sweep", {}).get("best") or {}).get("gbps")
+    preimport = ("; every process imports transformers' modelling code before it calls the load (a worker "
+                 "started ahead of its request)" if data["args"].get("preimport") else "")
     head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint, {r.get('access_order', 0)} tensors in "
             "its access order; each contender a fresh process timed from its launch (imports, CUDA context, "
-            "load, one forward of 16 tokens), its logits equal in every round"
+            "load, one forward of 16 tokens), its logits equal in every round" + preimport
             + (f"; best raw read of the disk sweep {best:.2f} GB/s" if best else "") + ".\n\n")
     text = head + _table(["load", "page cache"] + [f"{label}, s" for _, label in STREAM_MARKS], rows)
     if r.get("ratios"):
@@ -210,10 +212,42 @@ def render_stream(data: Data) -> str:
     return text
 
 
+GPU_TIER_LABELS = {
+    "attach-fresh": "attach, fresh process", "attach-again": "attach, second load of a process",
+    "attach-copy-fresh": "private copy (`copy=True`), fresh process",
+    "attach-copy-again": "private copy (`copy=True`), second load of a process",
+    "dram-fresh": "store server without a GPU pool (pinned DRAM), fresh process",
+    "safetensors-fresh": "`safetensors.torch.load_file`, page-cached, fresh process",
+    "base-resident": "server: base model made resident (all bytes over PCIe)",
+    "finetune-resident": "server: fine-tune made resident beside the base model",
+}
+
+
+def render_gpu_tier(data: Data) -> str:
+    """Loads from the store server's GPU pool against its pinned pool and safetensors, with the
+    run's host-to-device and device-to-device copy limits."""
+    r = data["results"]
+    rows = [[GPU_TIER_LABELS.get(k, f"`{k}`")] + row[1:] for k, row in zip(r["contenders"],
+                                                                           _contender_rows(r["contenders"]))]
+    d2d = (r.get("d2d") or {}).get("gbps")
+    head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint, {r['tensors']} tensors; the fine-tune "
+            f"shares {r['finetune_shared_bytes'] / 1e9:.3f} GB with it. Limits measured in the run: pinned "
+            f"host-to-device copy {r['h2d']['pinned_gbps']:.1f} GB/s"
+            + (f", device-to-device copy {d2d:.0f} GB/s" if d2d else "")
+            + ". Fresh-process loads are timed inside the process, from the load call to its tensors "
+            "ready, every tensor checked against the checkpoint.\n\n")
+    text = head + _table(["contender", "seconds", "GB/s"], rows)
+    if r.get("ratios"):
+        text += "\nRatios, best (median):\n\n" + "".join(
+            f"- {k}: {_pair(v['best'], v['median'], '{:.3f}' if 'seconds' in k else '{:.2f}')}\n"
+            for k, v in r["ratios"].items())
+    return text
+
+
 RENDERERS: Dict[str, Callable[[Data], str]] = {
     "local-gpu": render_local, "local-cpu": render_local, "store": render_store,
     "compress": render_compress, "remote": render_remote, "verify": render_verify,
-    "vllm": render_vllm, "stream": render_stream,
+    "vllm": render_vllm, "stream": render_stream, "gpu_tier": render_gpu_tier,
 }
 
 

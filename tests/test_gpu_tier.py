@@ -510,3 +510,30 @@ def test_corrupted_data_is_never_made_resident(gpu_server, models) -> None:
     p.wait(30)
     assert p.returncode != 0 and "ChecksumError" in (p.stderr.read() if p.stderr else "")
     assert "c" not in _residency(server)["models"]
+
+
+def test_private_copy_runs_merge_only_what_is_contiguous_at_both_ends(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from sllm_store.errors import StoreError
+    from sllm_store.plan import Plan
+    from sllm_store.tiers.gpu_attach import copy_runs
+
+    sd = {"a": torch.zeros(256, dtype=torch.uint8), "b": torch.zeros(512, dtype=torch.uint8),
+          "c": torch.zeros(512, dtype=torch.uint8), "d": torch.zeros(100, dtype=torch.uint8)}
+    sllm_store.save_state_dict(sd, tmp_path / "m")
+    index = sllm_store.read_index(tmp_path / "m")
+    dev = torch.device("cpu")
+    # a, b, c back to back at both ends: one run; d follows c in the source but not in the slot.
+    placement = {"a": (0, 0), "b": (0, 256), "c": (0, 768), "d": (0, 4096)}
+    attachment = SimpleNamespace(sizes=[8192], placement={"a": (0, 512), "b": (0, 768), "c": (0, 1280),
+                                                          "d": (0, 1792)})
+    plan = Plan({n: dev for n in sd}, [], [], [dev], [8192], placement)
+    assert copy_runs(index, plan, attachment) == [(0, 512, 0, 0, 1280), (0, 1792, 0, 4096, 100)]
+    # the source order decides the runs, whatever the plan's order
+    attachment.placement = {"a": (0, 1024), "b": (0, 0), "c": (0, 512), "d": (0, 1280)}
+    placement.update(a=(0, 1024), b=(0, 0), c=(0, 512), d=(0, 1280))
+    assert copy_runs(index, plan, attachment) == [(0, 0, 0, 0, 1380)]
+    attachment.placement["d"] = (0, 8150)  # past the end of the shared block
+    with pytest.raises(StoreError, match="outside the memory it shares"):
+        copy_runs(index, plan, attachment)

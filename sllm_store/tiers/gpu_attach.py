@@ -61,16 +61,15 @@ def attached_buffers(attachment: Any, dev: Optional[torch.device]) -> list[Buffe
     return out
 
 
-def copy_attached(index: Index, plan: Plan, buffers: list[Buffer], attachment: Any) -> None:
-    """Copy each planned tensor from the attached memory into ``buffers`` (device to device, runs
-    contiguous at both ends as one copy), then wait for the copies."""
-    dev = next((b.device for b, _ in buffers if b.is_cuda), None)
-    sources = attached_buffers(attachment, dev)
-    runs: list[list[int]] = []  # [block, source offset, slot, destination offset, length]
+def copy_runs(index: Index, plan: Plan, attachment: Any) -> list[tuple[int, int, int, int, int]]:
+    """The device-to-device copies of :func:`copy_attached`: (block, source offset, slot,
+    destination offset, length), tensors contiguous at both ends merged into one run. Raises
+    StoreError for a tensor the server places outside the memory it shares."""
+    runs: list[list[int]] = []
     for name, (slot, off) in sorted(plan.placement.items(), key=lambda kv: attachment.placement[kv[0]]):
         n = index.tensors[name].nbytes
         block, src_off = attachment.placement[name]
-        if src_off + n > attachment.sizes[block]:
+        if not (0 <= block < len(attachment.sizes) and 0 <= src_off <= attachment.sizes[block] - n):
             raise StoreError(f"the server places {name!r} outside the memory it shares")
         last = runs[-1] if runs else None
         if last and last[0] == block and last[2] == slot and last[1] + last[4] == src_off \
@@ -78,7 +77,15 @@ def copy_attached(index: Index, plan: Plan, buffers: list[Buffer], attachment: A
             last[4] += n
         else:
             runs.append([block, src_off, slot, off, n])
-    for block, src_off, slot, off, n in runs:
+    return [(b, so, s, o, n) for b, so, s, o, n in runs]
+
+
+def copy_attached(index: Index, plan: Plan, buffers: list[Buffer], attachment: Any) -> None:
+    """Copy each planned tensor from the attached memory into ``buffers`` (device to device, one
+    copy per run contiguous at both ends), then wait for the copies."""
+    dev = next((b.device for b, _ in buffers if b.is_cuda), None)
+    sources = attached_buffers(attachment, dev)
+    for block, src_off, slot, off, n in copy_runs(index, plan, attachment):
         dst, shift = buffers[slot]
         dst[shift + off:shift + off + n].copy_(sources[block][0][src_off:src_off + n], non_blocking=True)
     if dev is not None:
