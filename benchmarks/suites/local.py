@@ -5,7 +5,8 @@ One run on one checkpoint (a safetensors model directory and its converted copy)
 * limits: raw disk reads swept over O_DIRECT/buffered x threads x block sizes (cold) and buffered
   reads over threads x block sizes (page-cached); pinned and pageable host-to-GPU copies;
 * contenders in interleaved rounds, cold (every file evicted before each) and warm: ``sllm``
-  (``load_state_dict``, defaults), ``serverlessllm`` (``load_state_dict`` of the same tensors
+  (``load_state_dict``, defaults; ``sllm_direct``, ``sllm_buffered``, ``sllm_mmap``: one io_mode,
+  on request), ``serverlessllm`` (``load_state_dict`` of the same tensors
   in ServerlessLLM's layout), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
   as many streams as our threads), ``fastsafetensors`` (without GDS), and ``raw`` (the best cold
   configuration of the sweep, on all the bytes, each round);
@@ -40,13 +41,15 @@ log = logging.getLogger("benchmarks.local")
 CONTENDERS = ("sllm", "serverlessllm", "safetensors", "runai", "fastsafetensors", "load_model",
               "from_pretrained")
 MODELS = ("load_model", "from_pretrained")  # whole models: their state_dict is checked
+IO_VARIANTS = ("sllm_direct", "sllm_buffered", "sllm_mmap")  # ``sllm`` with one io_mode (not by default)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--src", type=Path, required=True, help="safetensors model directory (HF layout)")
     ap.add_argument("--converted", type=Path, default=None, help="its converted copy (default SRC.sllm)")
     ap.add_argument("--device", default="cuda:0", help="cpu or cuda:N")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {CONTENDERS}")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"subset of {CONTENDERS}, and of {IO_VARIANTS} (the default load with one io_mode)")
     ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh")
     ap.add_argument("--sweep-threads", default="1,4,8,16,32")
     ap.add_argument("--sweep-blocks-mib", default="4,16,32,64")
@@ -71,6 +74,11 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Ca
 
         path = ck if name == "sllm" else serverlessllm_copy(src)
         return lambda: sllm_store.load_state_dict(path, device)
+    if name in IO_VARIANTS:
+        import sllm_store
+
+        io_mode = name.removeprefix("sllm_")
+        return lambda: sllm_store.load_state_dict(ck, device, io_mode=io_mode)
     if name in MODELS:
         return model_loader(name, src, ck, device)
     files = [str(f) for f in shards(src)]
