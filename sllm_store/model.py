@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from sllm_store import warmup
 from sllm_store.config import LoadConfig
 from sllm_store.errors import InvalidArgumentError, SllmStoreError
 from sllm_store.index import Index, PathLike
@@ -411,6 +412,8 @@ def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tu
     # from_pretrained's default (None) puts everything in host memory
     device_map = "cpu" if options.device_map is None else options.device_map
     early = _fast_single_device(device_map, index)
+    if early is not None:  # the first forward's kernels load while the weights do
+        warmup.start(early, dtype, root, index.total_bytes)
     model, loaded = _build_while_loading(checkpoint, options, dtype, early, t0)
 
     if early is not None:

@@ -76,15 +76,16 @@ def child_main(argv: List[str]) -> int:
     def mark(name: str) -> None:
         marks[name] = time.time() - launched
 
-    class BuildMarks(logging.Handler):  # the library's debug lines: transformers imported, model built
-        def emit(self, record: logging.LogRecord) -> None:
-            for key, prefix in (("transformers", "transformers imported"), ("built", "model built")):
+    class BuildMarks(logging.Handler):  # the library's debug lines: transformers imported, model
+        def emit(self, record: logging.LogRecord) -> None:  # built, kernels warmed up
+            for key, prefix in (("transformers", "transformers imported"), ("built", "model built"),
+                                ("warmed", "kernels warmed up")):
                 if record.getMessage().startswith(prefix):
                     mark(key)
 
-    build_log = logging.getLogger("sllm_store.model")
-    build_log.setLevel(logging.DEBUG)
-    build_log.addHandler(BuildMarks())
+    for name in ("sllm_store.model", "sllm_store.warmup"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+        logging.getLogger(name).addHandler(BuildMarks())
 
     import torch
 
