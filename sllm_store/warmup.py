@@ -72,7 +72,7 @@ def warm_up(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) ->
 
 def start(device: torch.device, dtype: Optional[torch.dtype], model_dir: Path, weights_bytes: int
           ) -> Optional[threading.Thread]:
-    """Warm ``device`` up in a daemon thread while ``weights_bytes`` load there. None where there
+    """Warm ``device`` up in a thread of its own while ``weights_bytes`` load there. None where there
     is nothing to warm (not a GPU, no floating dtype, no readable config.json) or no room for the
     scratch tensors beside the weights. A failure is logged, never raised: the load goes on and
     the model's own forward reports any real problem."""
@@ -103,6 +103,7 @@ def start(device: torch.device, dtype: Optional[torch.dtype], model_dir: Path, w
             return
         logger.debug("kernels warmed up on %s in %.2f s", device, time.perf_counter() - t0)
 
-    thread = threading.Thread(target=run, name="sllm-warm-up", daemon=True)
+    # not a daemon: an exit waits for it rather than finalizing under a running CUDA call
+    thread = threading.Thread(target=run, name="sllm-warm-up", daemon=False)
     thread.start()
     return thread
