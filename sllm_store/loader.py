@@ -199,8 +199,8 @@ def load_state_dict(
             on for loads to a GPU and through a store server, off for loads of local files into
             CPU memory (where it adds about a tenth to a load from the page cache). A ``chunk_size``
             other than the checkpoint's turns the default off. Remote downloads are always checked.
-        io_mode: ``"auto"`` (O_DIRECT when the files are not in the page cache; else ``"mmap"``
-            for a whole checkpoint into CPU memory, buffered otherwise; env
+        io_mode: ``"auto"`` (``"mmap"`` for a whole checkpoint into CPU memory; otherwise
+            O_DIRECT when the files are not in the page cache, else buffered; env
             ``SLLM_STORE_IO_MODE``), ``"buffered"``, ``"direct"`` (O_DIRECT, falling back to
             buffered where the filesystem refuses it) or ``"mmap"`` (CPU only: tensors are views
             of private copy-on-write mappings of the data files, faulted in by the worker threads;

@@ -177,26 +177,27 @@ def in_access_order(index: Index, units: list[ReadUnit]) -> list[ReadUnit]:
 
 def choose_io_mode(config: LoadConfig, files: list[str], compressed: bool = False, *,
                    may_map: bool = False) -> str:
-    """The read mode for ``files``: ``config.io_mode``, where ``auto`` picks by page-cache
-    residency.
+    """The read mode for ``files``: ``config.io_mode``; ``auto`` picks ``mmap`` when ``may_map``
+    (a whole checkpoint into CPU memory), else by page-cache residency.
 
-    From a cold disk O_DIRECT reads are as fast as or faster than buffered ones, while from the
-    page cache buffered reads run at tens of GB/s and O_DIRECT goes back to the disk. So: O_DIRECT
-    when under half of the files' pages are cached, else buffered, or ``mmap`` when ``may_map``
-    (every tensor goes to CPU memory): tensors that are views of the cached pages are usable
-    sooner than copies of them (docs/benchmarks.md). Compressed checkpoints are always read
-    buffered: their variable-length stored chunks load faster that way.
+    Tensors that are views of the files' pages need no memory of their own: from the page cache
+    they are usable sooner than copies, and from a cold disk the first load of a fresh process
+    runs faster than O_DIRECT reads into newly allocated memory, whose first touch it pays for
+    (docs/benchmarks.md). For other destinations: O_DIRECT when under half of the files' pages
+    are cached (from a cold disk as fast as or faster than buffered reads), else buffered (the
+    page cache serves tens of GB/s; O_DIRECT would go back to the disk). Compressed checkpoints
+    are always read buffered: their variable-length stored chunks load faster that way.
     """
     if config.io_mode != "auto":
         return config.io_mode
     if compressed:
         return "buffered"
+    if may_map:
+        return "mmap"
     from sllm_store.utils import page_cache_fraction
 
     fraction = page_cache_fraction(files)
-    if fraction is not None and fraction < 0.5:
-        return "direct"
-    return "mmap" if may_map else "buffered"
+    return "direct" if fraction is not None and fraction < 0.5 else "buffered"
 
 
 def mappable(index: Index) -> bool:

@@ -389,9 +389,10 @@ def test_tied_tensors_three_names_and_views(tmp_path, rng):
     assert "alias_of" not in index["tensors"]["t"]
 
 
-def test_cpu_loads_map_cached_files_and_read_cold_ones(saved_checkpoint):
-    """Into CPU memory, a page-cached checkpoint loads as views of its files (usable sooner than a
-    copy); a cold one is read with O_DIRECT into one allocation; a partial load never maps."""
+def test_cpu_loads_map_the_files_cached_or_cold(saved_checkpoint):
+    """Into CPU memory, a whole checkpoint loads as views of its files, page-cached or cold
+    (usable sooner than a copy; no memory of its own to fault in); a partial load never maps, and
+    a cold one is then read with O_DIRECT."""
     from sllm_store.loader import load_state_dict_with_report
     from sllm_store.utils import evict_page_cache
 
@@ -405,12 +406,16 @@ def test_cpu_loads_map_cached_files_and_read_cold_ones(saved_checkpoint):
     for f in path.glob("data-*.bin"):
         evict_page_cache(f)
     loaded, report = load_state_dict_with_report(path)
-    assert report.stats["io_mode"] in ("direct", "buffered")  # buffered where O_DIRECT is refused
+    assert report.stats["io_mode"] == "mmap"
     assert_state_dict_identical(loaded, sd)
-    check_single_allocation(loaded)
+    del loaded
+    gc.collect()
+    for f in path.glob("data-*.bin"):
+        evict_page_cache(f)
     name = next(iter(sd))
     loaded, report = load_state_dict_with_report(path, {name: "cpu"})
-    assert report.stats["io_mode"] != "mmap" and set(loaded) == {name}
+    assert report.stats["io_mode"] in ("direct", "buffered") and set(loaded) == {name}  # buffered where
+    # O_DIRECT is refused, or where the eviction left pages cached
 
 
 def test_returned_tensors_view_one_allocation(saved_checkpoint):
