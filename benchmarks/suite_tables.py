@@ -180,7 +180,8 @@ def render_vllm(data: Data) -> str:
 
 
 STREAM_MARKS = (("load_call", "load called"), ("transformers", "transformers imported"),
-                ("last_byte", "last byte"), ("built", "model built"), ("model", "model returned"),
+                ("warmed", "kernels warmed up"), ("last_byte", "last byte"), ("built", "model built"),
+                ("model", "model returned"),
                 ("first_layer", "first layer done"), ("first_output", "first output"),
                 ("complete", "every weight in place"))
 

@@ -211,7 +211,8 @@ def timeline(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
     """Best and median of each mark (seconds since the process launch), and from the load call."""
     keys = sorted({k for r in runs for k in r["marks"]})
     out = {k: summary([r["marks"][k] for r in runs if k in r["marks"]], nbytes) for k in keys}
-    for k in ("transformers", "built", "model", "first_layer", "first_output", "last_byte", "complete"):
+    for k in ("transformers", "warmed", "built", "model", "first_layer", "first_output", "last_byte",
+              "complete"):
         if k in keys:
             out[f"{k}_from_load_call"] = summary([r["marks"][k] - r["marks"]["load_call"] for r in runs
                                                   if k in r["marks"]], nbytes)
