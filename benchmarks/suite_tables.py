@@ -155,7 +155,8 @@ def render_verify(data: Data) -> str:
 VLLM_LABELS = {"sllm": "`sllm`, converted checkpoint", "sllm-hf": "`sllm`, Hugging Face directory",
                "sllm-ready": "`sllm`, engine-ready checkpoint", "sharded_state": "`sharded_state`",
                "safetensors": "`safetensors`", "runai_streamer": "`runai_streamer`",
-               "fastsafetensors": "`fastsafetensors`"}
+               "fastsafetensors": "`fastsafetensors`",
+               "load_state_dict": "`sllm_store.load_state_dict`, no engine"}
 
 
 def render_vllm(data: Data) -> str:
@@ -168,6 +169,9 @@ def render_vllm(data: Data) -> str:
         if "error" in c:
             rows.append([label, mode, "error: " + c["error"].split(": ", 1)[-1].splitlines()[0][:100], "–"])
             continue
+        if fmt == "load_state_dict":  # ours, no engine: its load time in the weights column
+            rows.append([label, mode, "–", _pair(c["best_s"], c["median_s"], "{:.3f}")])
+            continue
         logged = sorted(w for w in r["weights_s"].get(key, []) if w is not None)
         weights = _pair(logged[0], logged[len(logged) // 2], "{:.3f}") if logged else "not logged"
         rows.append([label, mode, _pair(c["best_s"], c["median_s"]), weights])
@@ -175,8 +179,12 @@ def render_vllm(data: Data) -> str:
                       for k, v in r["saves"].items())
     head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint; each engine a fresh process, its 8 "
             f"greedy tokens equal to `safetensors`' in every round. {saves + '.' if saves else ''}\n\n")
-    return head + _table(["load format", "page cache", "LLM(...) to ready, s",
+    text = head + _table(["load format", "page cache", "LLM(...) to ready, s",
                           "weights loaded (vLLM's log), s"], rows)
+    if r.get("ratios"):
+        text += "\nRatios, best (median):\n\n" + "".join(
+            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
+    return text
 
 
 STREAM_MARKS = (("load_call", "load called"), ("transformers", "transformers imported"),

