@@ -130,6 +130,20 @@ def disk_sweep(files: Sequence[Path], evict: Callable[[], None], warm: Callable[
     return {"points": points, "best": best, "direct_unavailable": why_not}
 
 
+def _best_copy_seconds(device: str, dst: Any, src: Any, non_blocking: bool = False) -> float:
+    """The fastest of 4 ``dst.copy_(src)`` (the first a warm-up), each synchronized."""
+    import torch
+
+    best = float("inf")
+    for _ in range(4):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=non_blocking)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def h2d(device: str, gib: float = 2.0) -> Dict[str, Any]:
     """Pinned and pageable host-to-device copy bandwidth with torch (best of 3 after a warm-up)."""
     import torch
@@ -140,14 +154,7 @@ def h2d(device: str, gib: float = 2.0) -> Dict[str, Any]:
     for name, pinned in (("pinned", True), ("pageable", False)):
         src = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
         src.fill_(1)
-        best = float("inf")
-        for _ in range(4):
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            dst.copy_(src, non_blocking=pinned)
-            torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        res[f"{name}_gbps"] = n / GB / best
+        res[f"{name}_gbps"] = n / GB / _best_copy_seconds(device, dst, src, non_blocking=pinned)
         del src
     del dst
     gc.collect()
@@ -163,13 +170,7 @@ def d2d(device: str, gib: float = 4.0) -> Dict[str, Any]:
     n = int(gib * 2**30)
     src = torch.ones(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(4):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+    best = _best_copy_seconds(device, dst, src)
     del src, dst
     gc.collect()
     torch.cuda.empty_cache()

@@ -34,6 +34,14 @@ def run_line(data: Data) -> str:
             f"{data['args'].get('rounds')} interleaved rounds, best (median).\n")
 
 
+def _ratio_lines(r: Data, fmt: Callable[[str], str] = lambda _key: "{:.2f}") -> str:
+    """The run's ratios as a list, best (median); ``fmt`` gives each key's number format."""
+    if not r.get("ratios"):
+        return ""
+    return "\nRatios, best (median):\n\n" + "".join(
+        f"- {k}: {_pair(v['best'], v['median'], fmt(k))}\n" for k, v in r["ratios"].items())
+
+
 def _contender_rows(c: Data) -> List[List[str]]:
     rows = []
     for name, rec in c.items():
@@ -47,11 +55,7 @@ def _contender_rows(c: Data) -> List[List[str]]:
 
 def _contenders(r: Data, gbps: str = "GB/s") -> str:
     """The contenders' table, then the ratios against the run's limits."""
-    text = _table(["contender", "seconds", gbps], _contender_rows(r["contenders"]))
-    if r.get("ratios"):
-        text += "\nRatios, best (median):\n\n" + "".join(
-            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
-    return text
+    return _table(["contender", "seconds", gbps], _contender_rows(r["contenders"])) + _ratio_lines(r)
 
 
 def render_local(data: Data) -> str:
@@ -179,12 +183,8 @@ def render_vllm(data: Data) -> str:
                       for k, v in r["saves"].items())
     head = (f"{run_line(data)}\n{r['bytes'] / 1e9:.3f} GB checkpoint; each engine a fresh process, its 8 "
             f"greedy tokens equal to `safetensors`' in every round. {saves + '.' if saves else ''}\n\n")
-    text = head + _table(["load format", "page cache", "LLM(...) to ready, s",
-                          "weights loaded (vLLM's log), s"], rows)
-    if r.get("ratios"):
-        text += "\nRatios, best (median):\n\n" + "".join(
-            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
-    return text
+    return head + _table(["load format", "page cache", "LLM(...) to ready, s",
+                          "weights loaded (vLLM's log), s"], rows) + _ratio_lines(r)
 
 
 STREAM_MARKS = (("load_call", "load called"), ("transformers", "transformers imported"),
@@ -214,11 +214,8 @@ def render_stream(data: Data) -> str:
             "its access order; each contender a fresh process timed from its launch (imports, CUDA context, "
             "load, one forward of 16 tokens), its logits equal in every round" + preimport
             + (f"; best raw read of the disk sweep {best:.2f} GB/s" if best else "") + ".\n\n")
-    text = head + _table(["load", "page cache"] + [f"{label}, s" for _, label in STREAM_MARKS], rows)
-    if r.get("ratios"):
-        text += "\nRatios, best (median):\n\n" + "".join(
-            f"- {k}: {_pair(v['best'], v['median'])}\n" for k, v in r["ratios"].items())
-    return text
+    return (head + _table(["load", "page cache"] + [f"{label}, s" for _, label in STREAM_MARKS], rows)
+            + _ratio_lines(r))
 
 
 GPU_TIER_LABELS = {
@@ -245,12 +242,8 @@ def render_gpu_tier(data: Data) -> str:
             + (f", device-to-device copy {d2d:.0f} GB/s" if d2d else "")
             + ". Fresh-process loads are timed inside the process, from the load call to its tensors "
             "ready, every tensor checked against the checkpoint.\n\n")
-    text = head + _table(["contender", "seconds", "GB/s"], rows)
-    if r.get("ratios"):
-        text += "\nRatios, best (median):\n\n" + "".join(
-            f"- {k}: {_pair(v['best'], v['median'], '{:.3f}' if 'seconds' in k else '{:.2f}')}\n"
-            for k, v in r["ratios"].items())
-    return text
+    return head + _table(["contender", "seconds", "GB/s"], rows) + _ratio_lines(
+        r, lambda key: "{:.3f}" if "seconds" in key else "{:.2f}")
 
 
 RENDERERS: Dict[str, Callable[[Data], str]] = {

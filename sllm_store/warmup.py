@@ -45,8 +45,8 @@ def shapes(config: dict[str, Any]) -> tuple[list[int], int, int]:
 def scratch_bytes(config: dict[str, Any], dtype: torch.dtype) -> int:
     """The device memory :func:`warm_up` holds at most (its largest weight, activations)."""
     outs, hidden, _ = shapes(config)
-    item = torch.empty(0, dtype=dtype).element_size()
-    return (max(outs, default=0) * hidden + 4 * TOKENS * max(outs, default=0)) * max(item, 4)
+    widest = max(outs, default=0)
+    return (widest * hidden + 4 * TOKENS * widest) * max(dtype.itemsize, 4)
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, config: dict[str, Any]) -> None:

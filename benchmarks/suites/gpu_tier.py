@@ -146,12 +146,9 @@ def main(args: argparse.Namespace) -> int:
 
         rounds = Rounds(run.rounds, sync=lambda: torch.cuda.synchronize(args.device))
         load_s = lambda r: r["load_s"]  # noqa: E731
-        rounds.add("attach-fresh", Fresh("attach", name, args.device, gpu.address, str(digests)), nbytes,
-                   before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
-        rounds.add("attach-copy-fresh", Fresh("attach-copy", name, args.device, gpu.address, str(digests)),
-                   nbytes, before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
-        for kind in ("attach-again", "attach-copy-again"):
-            rounds.add(kind, Fresh(kind, name, args.device, gpu.address, str(digests)), nbytes,
+        for label, kind in (("attach-fresh", "attach"), ("attach-copy-fresh", "attach-copy"),
+                            ("attach-again", "attach-again"), ("attach-copy-again", "attach-copy-again")):
+            rounds.add(label, Fresh(kind, name, args.device, gpu.address, str(digests)), nbytes,
                        before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
         rounds.add("dram-fresh", Fresh("dram", name, args.device, dram.address, str(digests)), nbytes,
                    seconds_of=load_s)

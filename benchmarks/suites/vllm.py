@@ -106,21 +106,27 @@ def root_cause(output: str) -> str:
     return "no exception in the output"
 
 
+def run_script(script: Path, args: List[str], what: str) -> tuple[Dict[str, Any], str]:
+    """``python SCRIPT ARGS`` in a fresh process: the JSON of its ``RESULT`` line, and all it
+    printed. Raises RuntimeError naming ``what`` and the root cause when it fails."""
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=1800)
+    output = r.stdout + r.stderr
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"{what}: {root_cause(output)}\n{output[-1500:]}")
+    return json.loads(line[len("RESULT "):]), output
+
+
 def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str, Any]:
     """One engine in a fresh process: ready time, logged weight-loading time, tokens."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(script), str(model), load_format, json.dumps(ENGINE), *extra],
-                       capture_output=True, text=True, timeout=1800)
+    rec, output = run_script(script, [str(model), load_format, json.dumps(ENGINE), *extra],
+                             f"{load_format} on {model}")
     wall = time.perf_counter() - t0
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise RuntimeError(f"{load_format} on {model}: {root_cause(r.stdout + r.stderr)}\n"
-                           f"{(r.stdout + r.stderr)[-1500:]}")
-    rec = json.loads(line[len("RESULT "):])
     if load_format.startswith("save-"):
         return rec
-    m = LOAD_TIME["sllm" if load_format == "sllm" else "default"].search(r.stdout + r.stderr)
-    peak = PEAK.search(r.stdout + r.stderr)
+    m = LOAD_TIME["sllm" if load_format == "sllm" else "default"].search(output)
+    peak = PEAK.search(output)
     rec.update(process_s=wall, weights_s=float(m.group(1)) if m else None,
                peak_extra_bytes=int(peak.group(1)) if peak else None)
     return rec
@@ -129,12 +135,7 @@ def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str
 def reference_load(ck: Path, device: str, script: Path) -> Dict[str, Any]:
     """``load_state_dict(ck, device)`` in a fresh process: the call's time, as a loader's log
     times its weights (torch, sllm_store and the CUDA context already there)."""
-    r = subprocess.run([sys.executable, str(script), str(ck), device], capture_output=True, text=True,
-                       timeout=1800)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise RuntimeError(f"load_state_dict of {ck}: {(r.stdout + r.stderr)[-1500:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_script(script, [str(ck), device], f"load_state_dict of {ck}")[0]
 
 
 def save_ready(ck: Path, out: Path) -> Dict[str, Any]:
