@@ -379,10 +379,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("bytes", &Progress::bytes, "Bytes of the chunks marked so far.")
       .def_property_readonly("marked", &Progress::marked, "Chunks marked so far.")
       .def("all_marked", &Progress::all_marked, py::arg("chunks"))
-      .def("wait", &Progress::wait, py::arg("chunks"), py::arg("timeout"),
+      .def("wait", &Progress::wait, py::arg("chunks"), py::arg("timeout"), py::arg("queued") = false,
            py::call_guard<py::gil_scoped_release>(),
-           "Block until the chunks are marked, the progress is closed, or `timeout` seconds pass "
-           "(negative: no limit); whether they are all marked.");
+           "Block until the chunks are marked (`queued`: or their copies to a device queued), the "
+           "progress is closed, or `timeout` seconds pass (negative: no limit); whether they all are.")
+      .def("stream_wait", &Progress::stream_wait, py::arg("chunks"), py::arg("stream"), py::arg("device"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Make `stream` (a CUDA stream handle of `device`, e.g. 'cuda:0') wait on the device for "
+           "the chunks' copies there; returns at once. False, and nothing waits, unless every chunk "
+           "is marked or queued.");
 
   m.def("run_load", &run_load_py, py::arg("files"), py::arg("chunks"), py::arg("segments"),
         py::arg("dests"), py::arg("num_threads"), py::arg("io_mode"), py::arg("verify"),

@@ -6,9 +6,15 @@ the checkpoint lays them out (a forward pass's order, for checkpoints that recor
 docs/format.md). A tensor is *ready* once every chunk holding its bytes has landed in its memory
 (read, and checked when verifying; for a GPU, the copy completed), never before.
 
+On a GPU, a consumer need not wait on the host: :meth:`PendingLoad.wait_on_device` returns as
+soon as the tensors' bytes are read, checked and their copies queued, having made a CUDA stream
+(by default the current one) wait on the device for those copies, through the events the copy
+streams record after each chunk.
+
 ``load_model(path, stream=True)`` returns the model as soon as it is built: forward pre-hooks
-(:func:`wait_in_forward`) make each module wait for its own weights, so the first layers compute
-while the last ones load, and remove themselves once the load is complete.
+(:func:`wait_in_forward`) make each module wait for its own weights (on the device, for a module
+on a GPU), so the first layers compute while the last ones load, and remove themselves once the
+load is complete.
 
 Example::
 
@@ -194,6 +200,44 @@ class PendingLoad:
         units = None if names is None else self._units_of([names] if isinstance(names, str) else names)
         return self._wait_units(units, timeout)
 
+    def wait_on_device(self, names: Union[str, Iterable[str], None] = None, stream: Any = None,
+                       timeout: Optional[float] = None) -> bool:
+        """Make a CUDA stream wait, on the GPU, for the tensor(s) ``names`` (None: every tensor):
+        returns once their bytes are read, checked and their copies queued, without waiting for
+        the copies themselves; work queued on the stream afterwards sees the complete tensors.
+        ``stream``: a ``torch.cuda.Stream`` or a raw stream handle of the tensors' device
+        (default: that device's current stream). Tensors in host memory (or filled by a tier that
+        copies on the host) are waited for on the host, as :meth:`wait` does. False if
+        ``timeout`` seconds pass first; raises the load's error as :meth:`wait` does. A copy that
+        fails on the device after it was queued is reported by the next :meth:`wait` (and leaves
+        the device's context in error, so the stream's later work fails too)."""
+        picked = list(self._units) if names is None else [names] if isinstance(names, str) else list(names)
+        by_device: dict[str, list[str]] = {}
+        for n in picked:
+            if n not in self._units:
+                raise KeyError(f"{n!r} is not a tensor of this load")
+            device = self.tensors[n].device
+            by_device.setdefault(str(device) if device.type == "cuda" else "", []).append(n)
+        cuda_devices = [d for d in by_device if d]
+        if stream is not None and len(cuda_devices) > 1:
+            raise InvalidArgumentError(f"these tensors are on {len(cuda_devices)} GPUs "
+                                       f"({', '.join(cuda_devices)}): one stream cannot wait for them all")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for device, group in by_device.items():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            units = self._units_of(group)
+            if not device:
+                if not self._wait_units(units, left):
+                    return False
+                continue
+            if not self._wait_units(units, left, queued=True):
+                return False
+            handle = _stream_handle(stream, device)
+            if not self._progress.stream_wait(units, handle, device):  # the load ended meanwhile
+                if not self._wait_units(units, left):
+                    return False
+        return True
+
     def result(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
         """The tensors, once every one is complete (TimeoutError after ``timeout`` seconds)."""
         if not self.wait(None, timeout):
@@ -234,7 +278,9 @@ class PendingLoad:
             out.update(self._units[n])
         return sorted(out)
 
-    def _wait_units(self, units: Optional[list[int]], timeout: Optional[float]) -> bool:
+    def _wait_units(self, units: Optional[list[int]], timeout: Optional[float], queued: bool = False) -> bool:
+        """Wait on the host for ``units`` (None: the whole load) to be complete (``queued``: or
+        their copies to a device queued)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
@@ -242,7 +288,7 @@ class PendingLoad:
                     if self._error is not None:
                         raise self._error
                     return True
-                if units is not None and self._progress.all_marked(units):
+                if units is not None and self._progress.wait(units, 0, queued):
                     return True
                 left = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
                 if left <= 0:
@@ -250,16 +296,27 @@ class PendingLoad:
                 if units is None:
                     self._finished.wait(left)
                 else:
-                    self._progress.wait(units, left)
+                    self._progress.wait(units, left, queued)
         except KeyboardInterrupt:
             self.cancel()
             raise
 
 
+def _stream_handle(stream: Any, device: str) -> int:
+    """The driver's handle of ``stream`` (a ``torch.cuda.Stream``, a handle, or None: the current
+    stream of ``device``)."""
+    if stream is None:
+        return int(torch.cuda.current_stream(torch.device(device)).cuda_stream)
+    if isinstance(stream, int):
+        return stream
+    return int(stream.cuda_stream)
+
+
 def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str]) -> int:
     """Forward pre-hooks that make each module of ``model`` wait for its own parameters and
     buffers of the pending load (``names``: checkpoint name -> the model's name) before it
-    runs; they remove themselves once the load is complete. Returns the modules hooked."""
+    runs: on the device (the current stream waits) for a module on a GPU, else on the host.
+    They remove themselves once the load is complete. Returns the modules hooked."""
     by_model_name = {m: c for c, m in names.items()}
     handles: list[Any] = []
 
@@ -275,10 +332,8 @@ def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str
                if prefix + n in by_model_name]
         if not own:
             continue
-        units = pending._units_of(own)
-
-        def hook(_module: nn.Module, _args: Any, units: list[int] = units) -> None:
-            pending._wait_units(units, None)
+        def hook(_module: nn.Module, _args: Any, own: list[str] = own) -> None:
+            pending.wait_on_device(own)
             if pending.done:
                 remove_all()
 

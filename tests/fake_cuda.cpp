@@ -9,7 +9,8 @@
 //   operations in FIFO order, each after a small lag (FAKE_CUDA_LAG_US). A copy reads its source
 //   when it runs, so a source overwritten before that corrupts the destination, as on a GPU.
 //   cuEventRecord queues a marker; an event tracks its latest record and completes when the worker
-//   reaches it. cuStreamSynchronize / cuEventSynchronize block. cuStreamDestroy_v2 lets the queued
+//   reaches it. cuStreamWaitEvent queues a wait for the event's latest record at the time of the
+//   call (an event of any context; none recorded: no wait). cuStreamSynchronize / cuEventSynchronize block. cuStreamDestroy_v2 lets the queued
 //   work run, then joins the worker. The NULL (default) stream is not modelled (400).
 // - Only page-locked host memory (cuMemHostAlloc, cuMemHostRegister_v2) is copied asynchronously.
 //   A copy to or from other (pageable) host memory is queued like any other, but the call returns
@@ -296,8 +297,12 @@ bool pending_overlaps(uintptr_t base, size_t size) {
   return false;
 }
 
+struct Stream;
+
 struct Op {
-  bool copy = false;  // false: an event's marker
+  bool copy = false;  // false: an event's marker, or a wait
+  Stream* after = nullptr;  // a wait (cuStreamWaitEvent): until operation `after_seq` of `after` has run
+  uint64_t after_seq = 0;
   void* dst = nullptr;
   const void* src = nullptr;
   size_t n = 0;
@@ -337,6 +342,7 @@ struct Stream {
   void execute(const Op& op) {
     if (int lag = env_int("FAKE_CUDA_LAG_US", 200); lag > 0)
       std::this_thread::sleep_for(std::chrono::microseconds(lag));
+    if (op.after != nullptr) op.after->wait_for(op.after_seq);
     if (!op.copy) return;
     if (int ms = env_int("FAKE_CUDA_COPY_MS", 0); ms > 0)
       std::this_thread::sleep_for(std::chrono::milliseconds(ms));
@@ -499,8 +505,8 @@ CUresult copy(void* dst, const void* src, size_t n, void* s, Direction dir, cons
     misuse("%s on stream %p while it is being destroyed", call, s);
     return kInvalidHandle;
   }
-  if (!page_locked) st->wait_for(seq);  // pageable memory: read (or written) before returning
-  return kOk;
+  // Pageable memory: read (or written) before returning, and a fault says so.
+  return page_locked ? kOk : st->wait_for(seq);
 }
 
 }  // namespace
@@ -691,6 +697,33 @@ CUresult cuEventSynchronize(void* e) {
       seq = ev->seq;
     }
     return st ? st->wait_for(seq) : ev->life->sticky.load();
+  });
+}
+
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned flags) {
+  return guarded([&] {
+    if (flags != 0) return kInvalidValue;
+    Stream* st = nullptr;
+    if (CUresult r = use_stream(s, "cuStreamWaitEvent", &st)) return r;
+    Event* ev = static_cast<Event*>(e);  // may be of another context, as on a GPU
+    if (ev == nullptr) return kInvalidHandle;
+    if (ev->destroyed.load()) {
+      misuse("cuStreamWaitEvent on event %p, which was destroyed", e);
+      return kInvalidHandle;
+    }
+    Op op;
+    {
+      std::lock_guard<std::mutex> lock(ev->mu);  // the latest record at the time of the call
+      op.after = ev->stream;
+      op.after_seq = ev->seq;
+    }
+    if (op.after == st) return kOk;  // the stream's own order covers it
+    uint64_t seq = 0;
+    if (!st->push(op, &seq)) {
+      misuse("cuStreamWaitEvent on stream %p while it is being destroyed", s);
+      return kInvalidHandle;
+    }
+    return kOk;
   });
 }
 

@@ -279,3 +279,39 @@ def test_more_staging_buffers_than_events(ckpt, monkeypatch) -> None:
     monkeypatch.setenv("SLLM_STORE_STAGING_BUFFERS", "12")
     for _ in range(3):
         _assert_same(sllm_store.load_state_dict(path, "cuda:0", num_threads=2, io_mode="buffered"), sd)
+
+
+def test_streaming_load_waits_on_the_device(tmp_path) -> None:
+    """``wait_on_device`` hands each tensor to torch's current stream once its copies are queued:
+    kernels queued after it see every byte (sums equal the blocking load's), and the first
+    tensors are in use before the load has ended."""
+    g = torch.Generator().manual_seed(5)
+    sd = {f"layer{i}.w": torch.randn(1024, 1024, generator=g) for i in range(48)}  # 192 MiB
+    path = sllm_store.save_state_dict(sd, tmp_path / "m", chunk_size="1MiB", quiet=True)
+    pending = sllm_store.load_state_dict(path, device="cuda:0", wait=False, verify=True)
+    sums, early = [], 0
+    for name in sd:
+        assert pending.wait_on_device(name, timeout=120)
+        early += not pending.ready(name)
+        sums.append(pending.tensors[name].double().sum())
+    pending.result()
+    want = [t.double().sum() for t in sd.values()]
+    assert [s.item() for s in sums] == [w.item() for w in want]
+    assert pending.wait_on_device()  # the whole load, once complete: no wait left
+    print(f"{early} of {len(sd)} tensors handed to the stream before their copies completed")
+
+
+def test_streaming_model_on_the_gpu_equals_a_blocking_load(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    sllm_store.convert(tmp_path / "hf", tmp_path / "sllm", chunk_size="16KiB", quiet=True)
+    ids = torch.arange(1, 17, device="cuda:0").unsqueeze(0)
+    with torch.no_grad():
+        blocking = sllm_store.load_model(tmp_path / "sllm", device_map="cuda:0")(ids).logits
+        streamed_model = sllm_store.load_model(tmp_path / "sllm", device_map="cuda:0", stream=True)
+        streamed = streamed_model(ids).logits
+    streamed_model.sllm_load.result()
+    assert torch.equal(blocking, streamed)

@@ -106,6 +106,15 @@ void CudaDevice::wait(int worker, uint64_t token) {
   cuda::check(drv_->cuEventSynchronize(w.events[token % w.events.size()]), "cuEventSynchronize");
 }
 
+void CudaDevice::stream_wait(int worker, uint64_t token, uintptr_t stream) {
+  // Another thread than the worker's: only the events, fixed since begin(), are read here.
+  const Worker& w = workers_.at(worker);
+  cuda::ScopedContext scope(drv_, ctx_);
+  // As in wait(): the slot holds this token's record or a later one of the same stream.
+  cuda::check(drv_->cuStreamWaitEvent(reinterpret_cast<cuda::CUstream>(stream), w.events[token % w.events.size()], 0),
+              "cuStreamWaitEvent");
+}
+
 void CudaDevice::synchronize() {
   cuda::ScopedContext scope(drv_, ctx_);
   for (auto& w : workers_)

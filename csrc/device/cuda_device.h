@@ -22,6 +22,7 @@ class CudaDevice final : public Device {
   void copy_to_host(void* dst, const void* src, size_t n, int worker) override;
   uint64_t record(int worker) override;
   void wait(int worker, uint64_t token) override;
+  void stream_wait(int worker, uint64_t token, uintptr_t stream) override;
   void synchronize() override;
   void drain(int worker) noexcept override;
   HostAllocator staging_allocator() const override;

@@ -72,6 +72,7 @@ Loaded load() {
             bind(lib, "cuEventDestroy_v2", d.cuEventDestroy, r) &&
             bind(lib, "cuEventRecord", d.cuEventRecord, r) &&
             bind(lib, "cuEventSynchronize", d.cuEventSynchronize, r) &&
+            bind(lib, "cuStreamWaitEvent", d.cuStreamWaitEvent, r) &&
             bind(lib, "cuMemcpyHtoDAsync_v2", d.cuMemcpyHtoDAsync, r) &&
             bind(lib, "cuMemcpyDtoHAsync_v2", d.cuMemcpyDtoHAsync, r) &&
             bind(lib, "cuMemHostAlloc", d.cuMemHostAlloc, r) &&

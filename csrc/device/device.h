@@ -40,6 +40,11 @@ class Device {
   virtual uint64_t record(int worker) { return 0; }
   virtual void wait(int worker, uint64_t token) {}
 
+  // Makes `stream` (a stream of this device, as the driver's handle: a consumer's, e.g. PyTorch's
+  // current stream) wait, on the device, for the copies recorded as `token` by `worker`; returns
+  // at once. Thread-safe against the worker's own calls. Host memory: nothing to wait for.
+  virtual void stream_wait(int worker, uint64_t token, uintptr_t stream) {}
+
   // Blocks until every copy issued by any worker has completed (called after workers joined).
   virtual void synchronize() {}
 

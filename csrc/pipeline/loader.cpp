@@ -269,6 +269,12 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, S
     InFlight f{buffer, {}, index};
     f.tokens.reserve(staging_devices_.size());
     for (int d : staging_devices_) f.tokens.push_back(plan_.dests[d].device->record(id));
+    if (options_.progress) {  // consumers may wait for these copies on the device from now on
+      std::vector<Progress::Queued> queued;
+      for (size_t k = 0; k < staging_devices_.size(); ++k)
+        queued.push_back(Progress::Queued{plan_.dests[staging_devices_[k]].device, id, f.tokens[k]});
+      options_.progress->queue(index, std::move(queued));
+    }
     in_flight.push_back(std::move(f));
   } catch (...) {
     drain(id);  // copies of the chunk's earlier segments may still read the buffer
