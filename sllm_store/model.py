@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from sllm_store import warmup
 from sllm_store.config import LoadConfig
@@ -166,12 +167,42 @@ def meta_model(model_dir: Path) -> Optional[nn.Module]:
         return None
 
 
+class _EmptyOnMeta(TorchFunctionMode):
+    """``torch.empty`` without a device makes a meta tensor (on the thread that enters it: torch's
+    function modes are per thread). Modules make their parameters' storage with it (nn.Linear,
+    nn.Embedding...), so that storage is never allocated: mapping and unmapping gigabytes of it
+    stalls behind a load's page faults running in the same process (seconds, on a cold start)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
 def _build(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_code: bool) -> nn.Module:
+    """The model with its parameters on the meta device and its buffers computed. Built with
+    :class:`_EmptyOnMeta` first; a model that makes a buffer with ``torch.empty`` (it would be
+    left on the meta device) or cannot be built so is built again with real storage."""
+    try:
+        model = _construct(cls, config, dtype, trust_remote_code, empty_on_meta=True)
+        if not any(b.is_meta for b in model.buffers()):
+            return model
+        logger.debug("%s makes a buffer with torch.empty: built again with real storage", cls.__name__)
+    except Exception as e:  # noqa: BLE001 - the build with real storage raises what is wrong
+        logger.debug("%s cannot be built with torch.empty on the meta device (%s: %s)", cls.__name__,
+                     type(e).__name__, e)
+    return _construct(cls, config, dtype, trust_remote_code, empty_on_meta=False)
+
+
+def _construct(cls: Any, config: Any, dtype: Optional[torch.dtype], trust_remote_code: bool,
+               empty_on_meta: bool) -> nn.Module:
     import transformers
 
     major = int(transformers.__version__.split(".")[0])
     kwargs: dict[str, Any] = {("dtype" if major >= 5 else "torch_dtype"): dtype} if dtype else {}
-    with _BUILD_LOCK, _parameters_on_meta(), _default_dtype(dtype), _no_init_weights():
+    empty = _EmptyOnMeta() if empty_on_meta else contextlib.nullcontext()
+    with _BUILD_LOCK, _parameters_on_meta(), _default_dtype(dtype), _no_init_weights(), empty:
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
         return cls._from_config(config, **kwargs)

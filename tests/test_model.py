@@ -272,3 +272,42 @@ def test_default_class_is_the_architecture_the_config_names(tmp_path):
         assert torch.equal(model(ids).logits, ref(ids).logits)
     with pytest.raises(sllm_store.SllmStoreError, match="hf_model_class"):
         sllm_store.load_model(tmp_path / "bert.sllm", device_map="cpu", hf_model_class="GPT2LMHeadModel")
+
+
+def test_parameters_storage_is_never_made_while_building(tmp_path) -> None:
+    """The build makes parameters' storage on the meta device (torch.empty without a device, on
+    the building thread only); values computed at construction stay real."""
+    import threading
+
+    from sllm_store.model import _EmptyOnMeta
+
+    seen: dict[str, torch.device] = {}
+    with _EmptyOnMeta():
+        seen["empty"] = torch.empty(3).device
+        seen["explicit"] = torch.empty(3, device="cpu").device
+        seen["arange"] = torch.arange(3).device
+        other = threading.Thread(target=lambda: seen.setdefault("other thread", torch.empty(3).device))
+        other.start()
+        other.join()
+    assert seen == {"empty": torch.device("meta"), "explicit": torch.device("cpu"),
+                    "arange": torch.device("cpu"), "other thread": torch.device("cpu")}
+
+
+def test_a_buffer_made_with_empty_is_built_with_real_storage(tmp_path) -> None:
+    """A model that fills a buffer made by torch.empty is built again with real storage: the
+    buffer holds its value, never a meta tensor."""
+
+    class FilledBufferLlama(transformers.LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.register_buffer("scale", torch.empty(4).fill_(2.0), persistent=False)
+
+    config, _ = _configs()["llama"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    sllm_store.convert(tmp_path / "hf", tmp_path / "sllm", quiet=True)
+    model = sllm_store.load_model(tmp_path / "sllm", device_map="cpu", hf_model_class=FilledBufferLlama)
+    assert model.scale.device.type == "cpu" and torch.equal(model.scale, torch.full((4,), 2.0))
+    assert not any(p.is_meta for p in model.parameters())
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(_outputs(model), _outputs(ref))
