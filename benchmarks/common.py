@@ -273,15 +273,20 @@ def run_child(script: str, args: Sequence[str], timeout: float = 900) -> Dict[st
 
 
 def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
-    """XXH3-64 of every tensor's bytes (GPU tensors copied back)."""
+    """XXH3-64 of every tensor's bytes (GPU tensors copied back). Names of one tensor (a model's
+    tied weights) share its digest: its bytes are read once, as a model reads them."""
     import torch
 
     from sllm_store.native import _C
 
-    out = {}
+    out: Dict[str, int] = {}
+    seen: Dict[Any, int] = {}
     for name, t in state_dict.items():
-        flat = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
-        out[name] = _C.xxh3_64(flat.numpy()) if flat.numel() else 0
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen or not t.numel():
+            flat = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+            seen[key] = _C.xxh3_64(flat.numpy()) if flat.numel() else 0
+        out[name] = seen[key]
     return out
 
 
