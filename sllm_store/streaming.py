@@ -211,6 +211,8 @@ class PendingLoad:
         ``timeout`` seconds pass first; raises the load's error as :meth:`wait` does. A copy that
         fails on the device after it was queued is reported by the next :meth:`wait` (and leaves
         the device's context in error, so the stream's later work fails too)."""
+        if self._finished.is_set() and self._error is not None:
+            raise self._error  # a cancelled load has no tensors left to look at
         picked = list(self._units) if names is None else [names] if isinstance(names, str) else list(names)
         by_device: dict[str, list[str]] = {}
         for n in picked:

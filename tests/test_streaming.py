@@ -191,6 +191,10 @@ def test_wait_on_device_waits_on_the_host_for_host_tensors(slow, tmp_path) -> No
     with pytest.raises(KeyError, match="nope"):
         pending.wait_on_device("nope")
     assert pending.wait_on_device(timeout=60) and pending.ready()
+    cancelled = sllm_store.load_state_dict(f"slow:{p}", wait=False)
+    assert cancelled.cancel()
+    with pytest.raises(LoadCancelledError):
+        cancelled.wait_on_device("layers.0.w")
 
 
 def test_no_tensor_is_ready_before_its_bytes(slow, tmp_path) -> None:
