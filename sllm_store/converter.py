@@ -267,7 +267,7 @@ def convert(
                 len(weights), dst_p)
     source = {"format": kind.split("-")[0] if kind != "torch" else "torch",
               "name": src_p.name, "metadata": metadata}
-    from sllm_store.model import meta_model
+    from sllm_store.building import meta_model
 
     order = resolve_order(access_order, specs, build=lambda: meta_model(src_p) if src_p.is_dir() else None)
     with atomic_directory(dst_p, overwrite) as tmp:

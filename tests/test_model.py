@@ -279,7 +279,7 @@ def test_parameters_storage_is_never_made_while_building(tmp_path) -> None:
     the building thread only); values computed at construction stay real."""
     import threading
 
-    from sllm_store.model import _EmptyOnMeta
+    from sllm_store.building import _EmptyOnMeta
 
     seen: dict[str, torch.device] = {}
     with _EmptyOnMeta():

@@ -356,8 +356,10 @@ def test_stream_model_build_error_cancels_the_load(llama, slow, tmp_path) -> Non
 
 # -- the pipeline's marks on a GPU (the fake driver: asynchronous, slow copies) -----------------
 
-FAKE_PROGRESS = """
-    import sys, threading, time, numpy as np, torch, sllm_store
+# A load onto "cuda:0" (host memory that the fake driver copies into) run by a thread of its own,
+# with a LoadProgress; `path` and `mode` come last on the command line.
+FAKE_LOAD = """
+    import ctypes, os, sys, threading, time, numpy as np, sllm_store
     from sllm_store.native import _C
     from sllm_store.config import LoadConfig
     from sllm_store.plan import assign_devices, make_plan
@@ -369,7 +371,6 @@ FAKE_PROGRESS = """
     bufs = [np.zeros(size + 4096, np.uint8) for size in plan.sizes]
     dests = [("cuda:0", b.ctypes.data + (-b.ctypes.data % 4096), size) for b, size in zip(bufs, plan.sizes)]
     files = [str(index.file_path(i)) for i in range(len(index.files))]
-    ref = sllm_store.load_state_dict(path)
     progress = _C.LoadProgress(len(plan.units))
     out = {}
 
@@ -381,7 +382,9 @@ FAKE_PROGRESS = """
             out["error"] = e
         finally:
             progress.close()
+"""
 
+FAKE_PROGRESS = FAKE_LOAD + """
     t = threading.Thread(target=run)
     t0 = time.perf_counter()
     t.start()
@@ -431,31 +434,7 @@ def test_fake_gpu_marks_chunks_only_once_copied(fake_libcuda, tmp_path, mode) ->
 
 # -- waiting on the device: a consumer's stream waits for the copies, the host does not ----------
 
-FAKE_STREAM_WAIT = """
-    import ctypes, os, sys, threading, numpy as np, sllm_store
-    from sllm_store.native import _C
-    from sllm_store.config import LoadConfig
-    from sllm_store.plan import assign_devices, make_plan
-    from sllm_store.errors import SllmStoreError
-
-    path, mode = sys.argv[-2], sys.argv[-1]
-    index = sllm_store.read_index(path)
-    plan = make_plan(index, assign_devices(index, "cuda:0"), LoadConfig.resolve(verify=True))
-    bufs = [np.zeros(size + 4096, np.uint8) for size in plan.sizes]
-    dests = [("cuda:0", b.ctypes.data + (-b.ctypes.data % 4096), size) for b, size in zip(bufs, plan.sizes)]
-    files = [str(index.file_path(i)) for i in range(len(index.files))]
-    progress = _C.LoadProgress(len(plan.units))
-    out = {}
-
-    def run():
-        try:
-            _C.run_load(files, plan.units, plan.segments, dests, num_threads=2, io_mode="buffered",
-                        verify=True, progress=progress)
-        except SllmStoreError as e:
-            out["error"] = e
-        finally:
-            progress.close()
-
+FAKE_STREAM_WAIT = FAKE_LOAD + """
     cu = ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"])  # the driver the pipeline loaded
     ctx, stream = ctypes.c_void_p(), ctypes.c_void_p()
     assert cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
