@@ -412,18 +412,24 @@ FAKE_PROGRESS = FAKE_LOAD + """
 """
 
 
-@pytest.mark.parametrize("mode", ["full", "cancel", "fail"])
-def test_fake_gpu_marks_chunks_only_once_copied(fake_libcuda, tmp_path, mode) -> None:
+def _run_fake_load(script: str, fake_libcuda: Path, tmp_path: Path, mode: str, fail_copy: int) -> list[str]:
+    """``script`` on a small checkpoint in a fresh process with the fake driver (40 ms copies;
+    mode "fail": the ``fail_copy``-th copy fails); the words it printed."""
     g = torch.Generator().manual_seed(3)
     sd = {f"w{i}": torch.randn(100, 300, generator=g) for i in range(8)}
     path = sllm_store.save_state_dict(sd, tmp_path / "m", chunk_size="64KiB", quiet=True)
     env = {**subprocess_env(), "SLLM_STORE_LIBCUDA": str(fake_libcuda), "FAKE_CUDA_COPY_MS": "40"}
     if mode == "fail":
-        env["FAKE_CUDA_FAIL_COPY"] = "10"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(FAKE_PROGRESS), str(path), mode], env=env,
+        env["FAKE_CUDA_FAIL_COPY"] = str(fail_copy)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(path), mode], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    _, marked, units, error, seconds = r.stdout.split()
+    return r.stdout.split()
+
+
+@pytest.mark.parametrize("mode", ["full", "cancel", "fail"])
+def test_fake_gpu_marks_chunks_only_once_copied(fake_libcuda, tmp_path, mode) -> None:
+    _, marked, units, error, seconds = _run_fake_load(FAKE_PROGRESS, fake_libcuda, tmp_path, mode, 10)
     if mode == "full":
         assert int(marked) == int(units) and error == "NoneType"
     elif mode == "cancel":
@@ -475,16 +481,8 @@ FAKE_STREAM_WAIT = FAKE_LOAD + """
 def test_fake_gpu_stream_waits_on_the_device(fake_libcuda, tmp_path, mode) -> None:
     """A stream that waits for a unit through stream_wait() sees its bytes, although the host
     hands it over before the (slow) copies complete; a unit never queued is refused."""
-    g = torch.Generator().manual_seed(4)
-    sd = {f"w{i}": torch.randn(100, 300, generator=g) for i in range(8)}
-    path = sllm_store.save_state_dict(sd, tmp_path / "m", chunk_size="64KiB", quiet=True)
-    env = {**subprocess_env(), "SLLM_STORE_LIBCUDA": str(fake_libcuda), "FAKE_CUDA_COPY_MS": "40"}
-    if mode == "fail":
-        env["FAKE_CUDA_FAIL_COPY"] = "6"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(FAKE_STREAM_WAIT), str(path), mode], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    _, waited, before_done, refused, faulted, units, error = r.stdout.split()
+    words = _run_fake_load(FAKE_STREAM_WAIT, fake_libcuda, tmp_path, mode, 6)
+    _, waited, before_done, refused, faulted, units, error = words
     assert int(before_done) > 0  # handed over on the device, not after a wait on the host
     if mode == "full":
         assert int(waited) == int(units) and int(refused) == 0 and error == "NoneType" and faulted == "0"
