@@ -26,7 +26,7 @@ prepare)
   plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
-    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3 fastsafetensors
+    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3 humanize fastsafetensors
   tmp=$(mktemp -d)
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \

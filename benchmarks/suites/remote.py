@@ -153,10 +153,12 @@ def main(args: argparse.Namespace) -> int:
         rounds.add("remote", usable(remote, args.device), nbytes, before=empty_cache, check=check)
         try:
             import runai_model_streamer  # noqa: F401
+            import runai_model_streamer_s3  # noqa: F401  (its S3 backend: a package of its own)
 
             rounds.add("runai", usable(runai, args.device), nbytes, before=warm_server, check=check)
         except ImportError as e:
             run.results["skipped"] = {"runai": f"not installed ({e})"}
+            log.warning("runai is left out: %s", run.results["skipped"]["runai"])
         rounds.add("cached", usable(remote, args.device), nbytes, before=cold_cache, check=check)
         contenders = rounds.run()
         cold_cache()
