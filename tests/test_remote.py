@@ -742,6 +742,34 @@ def test_load_model_loads_while_downloading_then_loads_the_cache(env) -> None:
         assert wait_for_cache(timeout=60) and len(entries()) == 1
 
 
+def test_streaming_loads_of_a_url_while_downloading_and_from_the_cache(env) -> None:
+    """``wait=False`` and ``load_model(stream=True)`` of a URL: while it downloads and from the
+    cache entry, the results equal a blocking load's."""
+    transformers = pytest.importorskip("transformers")
+    from sllm_store.remote import entries, upload, wait_for_cache
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ref.save_pretrained(env / "hf")
+    sllm_store.convert(env / "hf", env / "llama.sllm", quiet=True)
+    url = f"s3://{BUCKET}/models/stream.sllm"
+    upload(env / "llama.sllm", url, quiet=True)
+    blocking = sllm_store.load_state_dict(env / "llama.sllm")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    for downloading in (True, False):
+        pending = sllm_store.load_state_dict(url, "cpu", wait=False)
+        got = pending.result(timeout=60)
+        assert (pending.report.stats.get("io_mode") == "remote") == downloading, pending.report.stats
+        assert all(torch.equal(got[k], v) for k, v in blocking.items())
+        assert wait_for_cache(timeout=60) and len(entries()) == 1
+        model = sllm_store.load_model(url, device_map="cpu", stream=True)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        model.sllm_load.result(timeout=60)
+
+
 def test_convert_straight_to_s3(env) -> None:
     from safetensors.torch import save_file
 

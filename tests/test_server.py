@@ -541,6 +541,16 @@ def test_round_trip_bit_identical_tied_and_hit(store, shared_server):
     assert s.bytes_served - s0.bytes_served == 2 * store.file_bytes("mixed")
 
 
+def test_non_blocking_load_through_the_server(store, shared_server):
+    """``wait=False`` through the store server: the tensors come at once, ready once the server's
+    copy has answered, bit-identical to a blocking load."""
+    pending = sllm_store.load_state_dict("mixed", "cpu", store=shared_server.address, wait=False)
+    assert isinstance(pending, sllm_store.PendingLoad)
+    assert pending.wait_on_device("big.f32", timeout=60)  # host memory: waits on the host
+    store.check("mixed", pending.result(timeout=60))
+    assert pending.report.stats["io_mode"] == "store" and pending.progress[0] == pending.progress[1]
+
+
 def test_load_into_existing_tensors(store, shared_server):
     """``load_into`` through the server: host tensors are filled in place (through shared
     memory), tied names included."""
@@ -1123,6 +1133,23 @@ def test_plain_safetensors_model_directory_is_served(start_server, tmp_path):
         out, report = load("plain", srv)
         assert report["hit"] is expect_hit
         assert_state_dict_identical(out, sd, check_order=False)
+
+
+def test_streaming_model_through_the_server(start_server, tmp_path):
+    """``load_model(stream=True)`` of a model the server holds: the logits equal a blocking load's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    sllm_store.convert(tmp_path / "hf", tmp_path / "models" / "llama", quiet=True)
+    srv = start_server(storage=tmp_path / "models", pool="8MiB")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        blocking = sllm_store.load_model("llama", device_map="cpu", store=srv.address)(ids).logits
+        streamed = sllm_store.load_model("llama", device_map="cpu", store=srv.address, stream=True)
+        assert torch.equal(streamed(ids).logits, blocking)
+    assert streamed.sllm_load.result_report(timeout=60).stats["io_mode"] == "store"
 
 
 def test_fifo_in_the_storage_path_is_an_error_not_a_hang(start_server, tmp_path):

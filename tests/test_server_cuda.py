@@ -163,9 +163,12 @@ def test_load_model_through_store_matches_from_pretrained(tmp_path: Path) -> Non
     try:
         ours = sllm_store.load_model("llama", device_map="cuda:0", torch_dtype=torch.bfloat16,
                                      store=s.address)
+        streamed = sllm_store.load_model("llama", device_map="cuda:0", torch_dtype=torch.bfloat16,
+                                         store=s.address, stream=True)
         ids = torch.randint(0, 512, (2, 16), device="cuda:0")
         with torch.no_grad():
             assert torch.equal(ref(ids).logits, ours(ids).logits)
+            assert torch.equal(ref(ids).logits, streamed(ids).logits)
     finally:
         s.stop()
 
