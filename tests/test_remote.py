@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -716,23 +717,31 @@ def test_chunks_fetched_in_pieces_to_fake_gpu_fail_cleanly(env, fake_libcuda) ->
     assert lines[3] == "OK True", r.stdout
 
 
-def test_load_model_loads_while_downloading_then_loads_the_cache(env) -> None:
-    """load_model of a URL: config files first, then the weights load while they download and the
-    model is built (no download-then-load); the next load_model of the URL comes from the cache
-    entry."""
+def _uploaded_llama(env: Path, name: str) -> tuple[Any, str]:
+    """A tiny random Llama (the reference model, in eval mode), converted to env/llama.sllm and
+    uploaded as s3://BUCKET/models/NAME.sllm; (the model, the URL)."""
     transformers = pytest.importorskip("transformers")
-    from sllm_store.model import load_model_with_report
-    from sllm_store.remote import entries, upload, wait_for_cache
+    from sllm_store.remote import upload
 
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(config).eval()
     ref.save_pretrained(env / "hf")
     sllm_store.convert(env / "hf", env / "llama.sllm", quiet=True)
-    url = f"s3://{BUCKET}/models/llama.sllm"
+    url = f"s3://{BUCKET}/models/{name}.sllm"
     upload(env / "llama.sllm", url, quiet=True)
+    return ref, url
+
+
+def test_load_model_loads_while_downloading_then_loads_the_cache(env) -> None:
+    """load_model of a URL: config files first, then the weights load while they download and the
+    model is built (no download-then-load); the next load_model of the URL comes from the cache
+    entry."""
+    from sllm_store.model import load_model_with_report
+    from sllm_store.remote import entries, wait_for_cache
+
+    ref, url = _uploaded_llama(env, "llama")
     ids = torch.tensor([[1, 5, 9, 2]])
     for downloading in (True, False):
         model, report = load_model_with_report(url, device_map="cpu")
@@ -745,17 +754,9 @@ def test_load_model_loads_while_downloading_then_loads_the_cache(env) -> None:
 def test_streaming_loads_of_a_url_while_downloading_and_from_the_cache(env) -> None:
     """``wait=False`` and ``load_model(stream=True)`` of a URL: while it downloads and from the
     cache entry, the results equal a blocking load's."""
-    transformers = pytest.importorskip("transformers")
-    from sllm_store.remote import entries, upload, wait_for_cache
+    from sllm_store.remote import entries, wait_for_cache
 
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
-    ref.save_pretrained(env / "hf")
-    sllm_store.convert(env / "hf", env / "llama.sllm", quiet=True)
-    url = f"s3://{BUCKET}/models/stream.sllm"
-    upload(env / "llama.sllm", url, quiet=True)
+    ref, url = _uploaded_llama(env, "stream")
     blocking = sllm_store.load_state_dict(env / "llama.sllm")
     ids = torch.tensor([[1, 5, 9, 2]])
     for downloading in (True, False):
