@@ -754,6 +754,24 @@ def test_client_timeout_stops_the_server_copying(store, slow_server, monkeypatch
     store.check("big", sd)
 
 
+def test_cancelling_a_non_blocking_load_stops_the_server_copying(store, slow_server):
+    """``cancel()`` of a pending load through the server cancels its call: the server ends its work
+    at the next copy, and the pending load raises LoadCancelledError."""
+    srv = slow_server  # "big" streams through its pool in windows, each after a 0.3 s delay
+    reset(srv)
+    pending = sllm_store.load_state_dict("big", "cpu", store=srv.address, wait=False)
+    wait_until(lambda: srv.status().loads_in_progress >= 1, 30, "the load to start")
+    t0 = time.monotonic()
+    assert pending.cancel() is True and pending.tensors == {}
+    with pytest.raises(sllm_store.LoadCancelledError):
+        pending.wait()
+    wait_until(lambda: srv.status().loads_in_progress == 0, 30, "the cancelled load to end")
+    assert time.monotonic() - t0 < 1.5  # at the next window, not after the whole stream
+    assert assert_consistent(srv).pool_used == 0
+    sd, _ = load("big", srv)
+    store.check("big", sd)
+
+
 def test_load_limit_keeps_quick_calls_answerable(store, start_server):
     """With --max-loads 1, a second load waits (its client retries while the server says busy)
     and Health answers at once meanwhile."""

@@ -17,13 +17,19 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 
 from sllm_store._units import format_size
 from sllm_store.config import StoreSettings
-from sllm_store.errors import OutOfMemoryError, StoreBusyError, StoreUnavailableError, UntrustedStoreError
+from sllm_store.errors import (
+    LoadCancelledError,
+    OutOfMemoryError,
+    StoreBusyError,
+    StoreUnavailableError,
+    UntrustedStoreError,
+)
 from sllm_store.index import Index, PathLike, parse_index, strict_json
 from sllm_store.server import rpc
 from sllm_store.server import store_pb2 as pb
@@ -81,9 +87,12 @@ class StoreClient:
     def close(self) -> None:
         self._channel.close()
 
-    def call(self, method: str, request: Any, timeout: Optional[float] = None) -> Any:
+    def call(self, method: str, request: Any, timeout: Optional[float] = None,
+             cancelled: Optional[Callable[[], bool]] = None) -> Any:
         """One RPC. A server that is busy (``StoreBusyError``: its load limit reached) is asked
-        again, with backoff, until ``timeout`` has passed."""
+        again, with backoff, until ``timeout`` has passed. ``cancelled``: polled while the call
+        runs; once it is true the call is cancelled (the server stops its work at the next step)
+        and LoadCancelledError raised."""
         timeout = timeout or CONNECT_TIMEOUT
         if not self._peer_checked:
             self._check_peer()
@@ -91,7 +100,10 @@ class StoreClient:
         delay = 0.02
         while True:
             try:
-                return self._stubs[method](request, timeout=max(0.001, deadline - time.monotonic()))
+                left = max(0.001, deadline - time.monotonic())
+                if cancelled is None:
+                    return self._stubs[method](request, timeout=left)
+                return _until_cancelled(self._stubs[method].future(request, timeout=left), cancelled)
             except grpc.RpcError as e:
                 err = self._error(method, e, timeout)
             if not isinstance(err, StoreBusyError) or time.monotonic() + delay >= deadline:
@@ -230,6 +242,18 @@ class SharedMemory:
 # the call end, but the client cannot know when), so it is never handed back to PyTorch's
 # allocator, where other tensors would get it.
 ABANDONED_GPU_BUFFERS: list[Any] = []
+
+
+def _until_cancelled(future: Any, cancelled: Callable[[], bool], poll: float = 0.05) -> Any:
+    """The RPC ``future``'s result, unless ``cancelled()`` turns true first: then the RPC is
+    cancelled and LoadCancelledError raised."""
+    while True:
+        try:
+            return future.result(timeout=poll)
+        except grpc.FutureTimeoutError:
+            if cancelled():
+                future.cancel()
+                raise LoadCancelledError("the load was cancelled while the store server copied it") from None
 
 
 def abandon_gpu_buffers(name: str, buffers: list[tuple[Any, int]]) -> None:

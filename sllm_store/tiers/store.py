@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, StoreUnavailableError
+from sllm_store.errors import InvalidArgumentError, LoadCancelledError, StoreUnavailableError
 from sllm_store.index import Index, PathLike
 from sllm_store.plan import Buffer, Plan, allocate, merged_copies, tensor_buffers
 from sllm_store.tiers.base import Checkpoint
@@ -207,11 +207,12 @@ class StoreCheckpoint(Checkpoint):
         request = pb.LoadRequest(model=self.name, fingerprint=self.reply.fingerprint, dests=self._dests,
                                  copies=copies, verify=self.config.verify)
         t0 = time.perf_counter()
+        cancelled = None if progress is None else (lambda: bool(progress.cancelled))  # a streaming load's
         try:
             try:
-                result = self.client.call("Load", request, self.config.store.timeout)
-            except (StoreUnavailableError, KeyboardInterrupt):
-                abandon_gpu_buffers(self.name, buffers)
+                result = self.client.call("Load", request, self.config.store.timeout, cancelled=cancelled)
+            except (StoreUnavailableError, LoadCancelledError, KeyboardInterrupt):
+                abandon_gpu_buffers(self.name, buffers)  # the server may still be writing there
                 raise
         finally:
             for shm in self._shms:  # mapped by the server by now, or never to be
