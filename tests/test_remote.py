@@ -544,9 +544,10 @@ FAKE_GPU_PRELUDE = """
 
     assert _C.cuda_device_count() == 1, _C.cuda_unavailable_reason()
 
-    def load_to_fake_gpu(url, staging=Staging(), max_gets=2):
+    def load_to_fake_gpu(url, staging=Staging(), max_gets=2, progress_for=None):
         # A load of url to cuda:0 whose "device memory" is host memory (the fake driver's): the
         # tier's steps, with host buffers, and the tensors made as views of them.
+        # progress_for(plan, buffers): the LoadProgress the tier marks, if any.
         t0 = time.perf_counter()
         config = LoadConfig.resolve(remote=RemoteOptions(max_gets=max_gets))
         with RemoteTier(staging).open(url, config) as checkpoint:
@@ -557,7 +558,7 @@ FAKE_GPU_PRELUDE = """
             for size in plan.sizes:
                 buf = torch.zeros(size + 4096, dtype=torch.uint8)
                 buffers.append((buf, -buf.data_ptr() % 4096))
-            stats = checkpoint.fill(plan, buffers)
+            stats = checkpoint.fill(plan, buffers, progress_for and progress_for(plan, buffers))
             plan.assign = dict.fromkeys(plan.assign, torch.device("cpu"))
             return views(checkpoint.index, plan, buffers), stats, time.perf_counter() - t0
 """
@@ -611,6 +612,59 @@ REMOTE_TO_FAKE_GPU = FAKE_GPU_PRELUDE + """
     print("OK", stats["staging_buffers"], chunks, rb["written"], rb["refetched"],
           ctypes.CDLL(os.environ["SLLM_STORE_LIBCUDA"]).fake_copies_back(), stats["pieced_chunks"])
 """
+
+
+REMOTE_MARKS_ON_FAKE_GPU = FAKE_GPU_PRELUDE + """
+    url, local = sys.argv[-2:]
+    index = sllm_store.read_index(local)  # the uploaded checkpoint: the same files
+    files = [str(index.file_path(i)) for i in range(len(index.files))]
+    checked, wrong, watchers = set(), [], []
+
+    def progress_for(plan, buffers):
+        progress = _C.LoadProgress(len(plan.units))
+
+        def watch():  # every unit reported landed holds its bytes, its slow copies being done
+            while len(checked) < len(plan.units) and not progress.closed:
+                for u, (f, off, _, _) in enumerate(plan.units):
+                    if u in checked or not progress.all_marked([u]):
+                        continue
+                    for su, coff, slot, doff, n in plan.segments:
+                        if su == u:
+                            buf, base = buffers[slot]
+                            with open(files[f], "rb") as fh:
+                                fh.seek(off + coff)
+                                if buf[base + doff: base + doff + n].numpy().tobytes() != fh.read(n):
+                                    wrong.append(u)
+                    checked.add(u)
+                time.sleep(0.002)
+
+        watchers.append(threading.Thread(target=watch))
+        watchers[0].start()
+        return progress
+
+    staging = Staging(block=16 << 10, piece=24 << 10)  # several blocks and GETs per chunk
+    out, stats, seconds = load_to_fake_gpu(url, staging, progress_for=progress_for)
+    watchers[0].join(60)
+    print("OK", len(checked), len(wrong))
+"""
+
+
+def test_remote_load_to_fake_gpu_marks_units_once_copied(env, fake_libcuda) -> None:
+    """A streaming load of a URL onto a GPU is ready chunk by chunk: a unit is marked only once
+    its bytes are checked and its (slow, asynchronous) copies to the device have completed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from _helpers import subprocess_env
+
+    local, _, url = _uploaded(env, "fake-gpu-marks", seed=16)
+    e = {**subprocess_env(), "SLLM_STORE_LIBCUDA": str(fake_libcuda), "FAKE_CUDA_COPY_MS": "20"}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_MARKS_ON_FAKE_GPU), url, str(local)],
+                       env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _, checked, wrong = r.stdout.split()[-3:]
+    assert int(checked) == _n_chunks(local) and wrong == "0", r.stdout
 
 
 @pytest.mark.parametrize("compress", [False, True])

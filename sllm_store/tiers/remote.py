@@ -199,8 +199,8 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
     """Fill ``buffers`` with the chunks of the opened download ``d`` as they arrive, writing them
     through to the cache; ``plan`` reads whole chunks. Returns the load's figures; ``started``
     is when the URL began to open (the origin of the timeline). ``progress``: units are marked
-    as they land when every destination is host memory (the copies are then done when a unit's
-    fetch returns); device destinations are ready when the load returns."""
+    as they land (a unit's fetch returns once its bytes are checked and its copies, to host
+    memory or a device, have completed)."""
     from tqdm.auto import tqdm
 
     from sllm_store.utils import parallel_map
@@ -212,7 +212,6 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
     copier, covered = _copier(d, plan, buffers, by_unit, staging)
     marks["planned"] = time.perf_counter()  # the copier made (and the memory, before this call)
     chunk_size = d.index.chunk_size
-    host_only = all(dev.type == "cpu" for dev in plan.devices)
 
     def read_back(pieces: list[tuple[int, int, int, int]], n: int) -> Any:
         # Holds the copier and the destinations until the chunk is written.
@@ -230,7 +229,7 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
         if not written:  # written off this thread: from the GET's buffer, or read back
             d.write_later(f_i, c, data if data is not None else read_back(pieces, d.chunk_length(f_i, c)))
         del data
-        if host_only and progress is not None:
+        if progress is not None:
             progress.mark(u, length)
         return length
 
