@@ -214,30 +214,16 @@ class PendingLoad:
         if self._finished.is_set() and self._error is not None:
             raise self._error  # a cancelled load has no tensors left to look at
         picked = list(self._units) if names is None else [names] if isinstance(names, str) else list(names)
-        by_device: dict[str, list[str]] = {}
-        for n in picked:
-            if n not in self._units:
-                raise KeyError(f"{n!r} is not a tensor of this load")
-            device = self.tensors[n].device
-            by_device.setdefault(str(device) if device.type == "cuda" else "", []).append(n)
-        cuda_devices = [d for d in by_device if d]
+        groups = self._device_groups(picked)
+        cuda_devices = [d for d in groups if d]
         if stream is not None and len(cuda_devices) > 1:
             raise InvalidArgumentError(f"these tensors are on {len(cuda_devices)} GPUs "
                                        f"({', '.join(cuda_devices)}): one stream cannot wait for them all")
         deadline = None if timeout is None else time.monotonic() + timeout
-        for device, group in by_device.items():
+        for device, units in groups.items():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            units = self._units_of(group)
-            if not device:
-                if not self._wait_units(units, left):
-                    return False
-                continue
-            if not self._wait_units(units, left, queued=True):
+            if not self._wait_group(device, units, stream, left):
                 return False
-            handle = _stream_handle(stream, device)
-            if not self._progress.stream_wait(units, handle, device):  # the load ended meanwhile
-                if not self._wait_units(units, left):
-                    return False
         return True
 
     def result(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
@@ -279,6 +265,27 @@ class PendingLoad:
                 raise KeyError(f"{n!r} is not a tensor of this load")
             out.update(self._units[n])
         return sorted(out)
+
+    def _device_groups(self, names: list[str]) -> dict[str, list[int]]:
+        """The read units of the tensors ``names``, by their device ("cuda:N"; "" for host memory)."""
+        by_device: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self._units:
+                raise KeyError(f"{n!r} is not a tensor of this load")
+            device = self.tensors[n].device
+            by_device.setdefault(str(device) if device.type == "cuda" else "", []).append(n)
+        return {device: self._units_of(group) for device, group in by_device.items()}
+
+    def _wait_group(self, device: str, units: list[int], stream: Any, timeout: Optional[float]) -> bool:
+        """:meth:`wait_on_device` for the ``units`` of one device ("": host memory, waited for on
+        the host)."""
+        if not device:
+            return self._wait_units(units, timeout)
+        if not self._wait_units(units, timeout, queued=True):
+            return False
+        if self._progress.stream_wait(units, _stream_handle(stream, device), device):
+            return True
+        return self._wait_units(units, timeout)  # the load ended meanwhile: on the host
 
     def _wait_units(self, units: Optional[list[int]], timeout: Optional[float], queued: bool = False) -> bool:
         """Wait on the host for ``units`` (None: the whole load) to be complete (``queued``: or
@@ -334,8 +341,11 @@ def wait_in_forward(model: nn.Module, pending: PendingLoad, names: dict[str, str
                if prefix + n in by_model_name]
         if not own:
             continue
-        def hook(_module: nn.Module, _args: Any, own: list[str] = own) -> None:
-            pending.wait_on_device(own)
+        groups = pending._device_groups(own)
+
+        def hook(_module: nn.Module, _args: Any, groups: dict[str, list[int]] = groups) -> None:
+            for device, units in groups.items():
+                pending._wait_group(device, units, None, None)
             if pending.done:
                 remove_all()
 

@@ -207,7 +207,7 @@ class StoreCheckpoint(Checkpoint):
         request = pb.LoadRequest(model=self.name, fingerprint=self.reply.fingerprint, dests=self._dests,
                                  copies=copies, verify=self.config.verify)
         t0 = time.perf_counter()
-        cancelled = None if progress is None else (lambda: bool(progress.cancelled))  # a streaming load's
+        cancelled = None if progress is None else (lambda: bool(progress.cancelled))  # cancel() of a pending load
         try:
             try:
                 result = self.client.call("Load", request, self.config.store.timeout, cancelled=cancelled)
