@@ -207,7 +207,8 @@ class StoreCheckpoint(Checkpoint):
         request = pb.LoadRequest(model=self.name, fingerprint=self.reply.fingerprint, dests=self._dests,
                                  copies=copies, verify=self.config.verify)
         t0 = time.perf_counter()
-        cancelled = None if progress is None else (lambda: bool(progress.cancelled))  # cancel() of a pending load
+        # cancel() of a pending (streaming) load cancels the call
+        cancelled = None if progress is None else (lambda: bool(progress.cancelled))
         try:
             try:
                 result = self.client.call("Load", request, self.config.store.timeout, cancelled=cancelled)
