@@ -184,12 +184,16 @@ def _shutdown(llm: Any) -> None:
 
 def _copy_model_files(src: Path, dst: Path) -> None:
     """The model directory's other files (config, tokenizer, generation config), as ``convert``
-    copies them: weights and their index files left out."""
+    copies them: weights and their index files left out, a converted checkpoint's data files and
+    index too."""
     if not src.is_dir():
         return
     from sllm_store.converter import model_files
+    from sllm_store.index import index_path, is_converted, read_index
 
     indexes = [*src.glob("*.index.json"), src / MANIFEST]
+    if is_converted(src):
+        indexes += [index_path(src), *(src / f.name for f in read_index(src).files)]
     for rel in model_files(src, indexes, dst):
         shutil.copy2(src / rel, dst / rel.name)
 

@@ -424,3 +424,24 @@ def test_only_the_model_directorys_top_level_files_are_copied(tmp_path):
     dst = sllm_store.convert(src, tmp_path / "out.sllm", quiet=True)
     copied = sorted(p.name for p in dst.iterdir() if not p.name.startswith(("data-", "sllm_index")))
     assert copied == ["README.md", "config.json", "tokenizer.json"]
+
+
+def test_an_engine_ready_save_copies_the_model_files_and_no_weights(tmp_path):
+    """An engine-ready directory made from a converted checkpoint (or a safetensors directory)
+    gets the model's config and tokenizer files, never its data files or index: the ranks' own
+    checkpoints hold the weights."""
+    from safetensors.torch import save_file
+
+    from sllm_store.vllm import _copy_model_files
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"w": torch.randn(4, 4)}, hf / "model.safetensors")
+    (hf / "config.json").write_text("{}")
+    (hf / "tokenizer.json").write_text("{}")
+    converted = sllm_store.convert(hf, tmp_path / "model.sllm", num_files=1, quiet=True)
+    for src in (hf, converted):
+        out = tmp_path / f"ready-{src.name}"
+        out.mkdir()
+        _copy_model_files(src, out)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"], src
