@@ -73,7 +73,7 @@ print("RESULT " + json.dumps({"load_s": time.perf_counter() - t0}))
 
 # The weight-loading time each loader logs (seconds), by load format.
 LOAD_TIME = {
-    "sllm": re.compile(r"sllm-store loaded .* in ([0-9.]+) s"),
+    "sllm": re.compile(r"sllm-store loaded .*? in ([0-9.]+) s\b"),  # the whole load, not the hand-over
     "default": re.compile(r"Loading weights took ([0-9.]+) seconds"),
 }
 

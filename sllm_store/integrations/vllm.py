@@ -101,11 +101,11 @@ class SllmModelLoader(BaseModelLoader):
         from sllm_store.loader import fill_opened, with_checkpoint
         from sllm_store.vllm import check_manifest, engine_parameters, engine_signature, rank_path
 
+        t0 = time.perf_counter()
         rank, tp, pp = _rank()
         check_manifest(manifest, engine_signature(model_config, tp, pp), repr(model_config.model))
         path = rank_path(model_config.model, rank)
         targets = engine_parameters(model)
-        t0 = time.perf_counter()
         peak: dict[str, int] = {}
         with naming_the_format(path), device_peak(peak):
             report = with_checkpoint(path, self.settings,
