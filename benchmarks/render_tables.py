@@ -373,7 +373,8 @@ CPU_IO_MODES = "2026-12-05-cpu-local-io-modes.json"  # the same, the default aga
 CPU_PEERS = "2026-12-05-cpu-local-peers.json"  # the same, against runai and fastsafetensors
 STREAM_COLD = "2026-12-05-h100-stream-cold.json"  # run.py stream --modes cold (page cache dropped whole)
 STREAM = "2026-12-05-h100-stream.json"  # run.py stream --modes cold-weights,warm
-STREAM_PREIMPORT = "2026-12-05-h100-stream-preimport.json"  # run.py stream --modes cold --preimport
+STREAM_PREIMPORT = "2026-12-06-h100-stream-preimport-cold.json"  # run.py stream --modes cold --preimport
+STREAM_PREIMPORT_WARM = "2026-12-06-h100-stream-preimport.json"  # --modes cold-weights,warm --preimport
 GPU_TIER = "2026-12-05-h100-gpu-tier-8b16.json"  # run.py gpu_tier, 8B-shaped, 16 layers
 
 
@@ -416,6 +417,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "stream-cold": functools.partial(_one, render_suite, STREAM_COLD),
     "stream": functools.partial(_one, render_suite, STREAM),
     "stream-preimport": functools.partial(_one, render_suite, STREAM_PREIMPORT),
+    "stream-preimport-warm": functools.partial(_one, render_suite, STREAM_PREIMPORT_WARM),
     "gpu-tier": functools.partial(_one, render_suite, GPU_TIER),
 }
 
