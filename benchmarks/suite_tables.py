@@ -103,7 +103,27 @@ def render_store(data: Data) -> str:
     if rows:
         header = ["", "import", "CUDA context", "load", "whole process"]
         lines += ["\nFresh processes, seconds:\n\n", _table(header, rows)]
+    steps = r.get("fresh_processes", {}).get("store-fresh", {}).get("steps")
+    if steps:
+        order = [k for k in STORE_STEPS if k in steps] + sorted(set(steps) - set(STORE_STEPS))
+        rows = [[STORE_STEPS.get(k, f"`{k}`"), _pair(steps[k]["best_s"], steps[k]["median_s"], "{:.3f}")]
+                for k in order]
+        lines += ["\nThe fresh process's load, step by step (its report), seconds:\n\n",
+                  _table(["step", "best (median)"], rows)]
     return "".join(lines)
+
+
+# The steps of a store-server load its report times (sllm_store/tiers/store.py).
+STORE_STEPS = {
+    "report_seconds": "the load as its report times it (from the call into the tier to the tensors)",
+    "describe_seconds": "Describe: the model's index from the server",
+    "allocate_seconds": "allocating the destination and exporting its IPC handle",
+    "rpc_seconds": "the Load call, from request to answer",
+    "server_seconds": "of which the server's handling (mapping the destination, copying)",
+    "copy_seconds": "of which the server's copy, pool to the destination",
+    "gc_seconds": "Python's garbage collector, anywhere in the load (a fresh process's first full "
+                  "collection can fall there)",
+}
 
 
 def render_compress(data: Data) -> str:

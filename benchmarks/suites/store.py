@@ -18,12 +18,13 @@ In interleaved rounds (every output checked against the checkpoint's tensors):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,19 +54,44 @@ def child_main(argv: List[str]) -> int:
     if device != "cpu":
         torch.empty(1, device=device)
         torch.cuda.synchronize(device)
+    collections = _CollectionTime()
+    gc.callbacks.append(collections)
     t2 = time.perf_counter()
     if kind == "load_model":
         out = dict(sllm_store.load_model(name, device_map=device, torch_dtype=torch.bfloat16,
                                          store=address).state_dict())
+        steps = {}
     else:
-        out = sllm_store.load_state_dict(name, device, store=address)
+        from sllm_store.loader import load_state_dict_with_report
+
+        out, report = load_state_dict_with_report(name, device, store=address)
+        steps = {k: v for k, v in report.stats.items() if k.endswith("_seconds")}
+        steps["report_seconds"] = report.seconds
     if device != "cpu":
         torch.cuda.synchronize(device)
     t3 = time.perf_counter()
+    gc.callbacks.remove(collections)
+    steps["gc_seconds"] = collections.seconds
     reference = {k: int(v) for k, v in json.loads(Path(digests_path).read_text()).items()}
     problem = checker(reference, subset=kind == "load_model")(out)
-    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t3 - t2, "problem": problem}))
+    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t3 - t2, "steps": steps,
+                      "problem": problem}))
     return 0
+
+
+class _CollectionTime:
+    """A ``gc.callbacks`` entry adding up the seconds Python's garbage collector runs."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: Optional[float] = None
+
+    def __call__(self, phase: str, info: Dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
 
 
 def fresh(kind: str, name: str, device: str, address: str, digests: Path) -> Dict[str, Any]:
@@ -152,8 +178,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
-    return {k: summary([r[k] for r in runs], nbytes) for k in ("import_s", "cuda_s", "load_s", "process_s")
-            if runs}
+    """Best and median of each fresh-process figure, and of each step the load's report timed
+    (``describe_seconds``, ``allocate_seconds``, ``server_seconds``, ``copy_seconds``...)."""
+    out = {k: summary([r[k] for r in runs], nbytes) for k in ("import_s", "cuda_s", "load_s", "process_s")
+           if runs}
+    steps = sorted({k for r in runs for k in r.get("steps", {})})
+    if steps and all(set(r.get("steps", {})) == set(steps) for r in runs):
+        out["steps"] = {k: summary([r["steps"][k] for r in runs], nbytes) for k in steps}
+    return out
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
