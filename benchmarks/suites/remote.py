@@ -124,8 +124,13 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(work / "cache", ignore_errors=True)
             warm_server()
 
-        def remote() -> Any:  # with the benchmark's cache directory; otherwise the defaults
-            return load(url, args.device, config)[0]
+        stats: Dict[str, List[Dict[str, Any]]] = {"remote": [], "cached": []}
+
+        def remote(kind: str = "remote") -> Any:  # the benchmark's cache directory; otherwise the defaults
+            tensors, report = load(url, args.device, config)
+            stats[kind].append({"seconds": report.seconds, **{k: v for k, v in report.stats.items()
+                                                              if k not in ("direct_writes", "read_backs")}})
+            return tensors
 
         def runai() -> Dict[str, Any]:
             from runai_model_streamer import SafetensorsStreamer
@@ -159,8 +164,10 @@ def main(args: argparse.Namespace) -> int:
         except ImportError as e:
             run.results["skipped"] = {"runai": f"not installed ({e})"}
             log.warning("runai is left out: %s", run.results["skipped"]["runai"])
-        rounds.add("cached", usable(remote, args.device), nbytes, before=cold_cache, check=check)
+        rounds.add("cached", usable(lambda: remote("cached"), args.device), nbytes, before=cold_cache,
+                   check=check)
         contenders = rounds.run()
+        run.results["load_stats"] = stats  # per round: each load's report (where its time went)
         cold_cache()
         run.results["cache_disk_sweep"] = limits.disk_sweep(
             cache_files(), lambda: run.evictor.evict(cache_files()), lambda: None, cold=True,
