@@ -9,7 +9,9 @@ The converted checkpoint and the source safetensors are uploaded once; then:
 * in interleaved rounds, every output checked: ``remote`` (``load_state_dict("s3://...")`` with an
   empty cache, its defaults; the cache write-through finishes before the next contender),
   ``runai`` (the source safetensors from the same server, as many GETs in flight as ours), and
-  ``cached`` (the same URL again: a cold reload from the local cache entry).
+  ``cached`` (the same URL again: a cold reload from the local cache entry); with
+  ``--load-pieces-mib 32,64`` on a GPU, ``remote-32MiB``... load the URL through a remote tier
+  whose GETs into the staging blocks are that many MiB (the default's are 16 MiB).
 
 The server's files are read into its page cache before each contender that reads from it, so
 every contender meets the same server. ``--server-cores N`` pins the server to N cores and this
@@ -43,6 +45,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="pin the server to this many cores and the client to the others")
     ap.add_argument("--sweep-pieces-mib", default="8,16,32,64")
     ap.add_argument("--sweep-gets", default="8,16,24,32")
+    ap.add_argument("--load-pieces-mib", default="",
+                    help="also load to the GPU with GETs of these piece sizes into the staging blocks "
+                         "(contenders remote-NMiB; the default piece is the remote tier's)")
     ap.add_argument("--quick", action="store_true", help="CI: one round, a small sweep")
 
 
@@ -81,8 +86,9 @@ def main(args: argparse.Namespace) -> int:
 
     import sllm_store
     from sllm_store.config import CacheSettings, LoadConfig
-    from sllm_store.loader import load
+    from sllm_store.loader import load, load_opened
     from sllm_store.remote import upload, wait_for_cache
+    from sllm_store.tiers.remote import RemoteTier, Staging
 
     if args.quick:
         args.rounds, args.sweep_pieces_mib, args.sweep_gets = 1, "16", "8"
@@ -124,10 +130,18 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(work / "cache", ignore_errors=True)
             warm_server()
 
-        stats: Dict[str, List[Dict[str, Any]]] = {"remote": [], "cached": []}
+        pieces = [int(x) for x in args.load_pieces_mib.split(",") if x] if gpu else []
+        stats: Dict[str, List[Dict[str, Any]]] = {k: [] for k in ["remote", "cached",
+                                                                  *(f"remote-{n}MiB" for n in pieces)]}
 
-        def remote(kind: str = "remote") -> Any:  # the benchmark's cache directory; otherwise the defaults
-            tensors, report = load(url, args.device, config)
+        def remote(kind: str = "remote", piece_mib: int = 0) -> Any:
+            """A load of the URL with the benchmark's cache directory (otherwise the defaults);
+            ``piece_mib``: through a remote tier that fetches GETs of that many MiB."""
+            if piece_mib:
+                with RemoteTier(Staging(piece=piece_mib << 20)).open(url, config) as opened:
+                    tensors, report = load_opened(opened, args.device)
+            else:
+                tensors, report = load(url, args.device, config)
             stats[kind].append({"seconds": report.seconds, **{k: v for k, v in report.stats.items()
                                                               if k not in ("direct_writes", "read_backs")}})
             return tensors
@@ -156,6 +170,9 @@ def main(args: argparse.Namespace) -> int:
         sync = (lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None)
         rounds = Rounds(run.rounds, sync=sync)
         rounds.add("remote", usable(remote, args.device), nbytes, before=empty_cache, check=check)
+        for n in pieces:
+            rounds.add(f"remote-{n}MiB", usable(lambda n=n: remote(f"remote-{n}MiB", n), args.device), nbytes,
+                       before=empty_cache, check=check)
         try:
             import runai_model_streamer  # noqa: F401
             import runai_model_streamer_s3  # noqa: F401  (its S3 backend: a package of its own)
