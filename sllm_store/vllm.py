@@ -184,17 +184,17 @@ def _shutdown(llm: Any) -> None:
 
 def _copy_model_files(src: Path, dst: Path) -> None:
     """The model directory's other files (config, tokenizer, generation config), as ``convert``
-    copies them: weights and their index files left out, a converted checkpoint's data files and
-    index too."""
+    copies them: the weights and the files that index them left out, for every layout a load
+    opens (converted, safetensors, ServerlessLLM)."""
     if not src.is_dir():
         return
     from sllm_store.converter import model_files
-    from sllm_store.index import index_path, is_converted, read_index
+    from sllm_store.formats import describing_files, open_index
 
-    indexes = [*src.glob("*.index.json"), src / MANIFEST]
-    if is_converted(src):
-        indexes += [index_path(src), *(src / f.name for f in read_index(src).files)]
-    for rel in model_files(src, indexes, dst):
+    index = open_index(src)
+    weights = [*src.glob("*.index.json"), src / MANIFEST, *describing_files(src),
+               *(index.file_path(i) for i in range(len(index.files)))]
+    for rel in model_files(src, weights, dst):
         shutil.copy2(src / rel, dst / rel.name)
 
 

@@ -427,10 +427,11 @@ def test_only_the_model_directorys_top_level_files_are_copied(tmp_path):
 
 
 def test_an_engine_ready_save_copies_the_model_files_and_no_weights(tmp_path):
-    """An engine-ready directory made from a converted checkpoint (or a safetensors directory)
-    gets the model's config and tokenizer files, never its data files or index: the ranks' own
-    checkpoints hold the weights."""
+    """An engine-ready directory made from a converted checkpoint (or a safetensors or
+    ServerlessLLM directory) gets the model's config and tokenizer files, never its data files or
+    index: the ranks' own checkpoints hold the weights."""
     from safetensors.torch import save_file
+    from test_serverlessllm import write_serverlessllm
 
     from sllm_store.vllm import _copy_model_files
 
@@ -440,7 +441,10 @@ def test_an_engine_ready_save_copies_the_model_files_and_no_weights(tmp_path):
     (hf / "config.json").write_text("{}")
     (hf / "tokenizer.json").write_text("{}")
     converted = sllm_store.convert(hf, tmp_path / "model.sllm", num_files=1, quiet=True)
-    for src in (hf, converted):
+    serverlessllm = write_serverlessllm({"w": torch.randn(4, 4)}, tmp_path / "sllm-layout")
+    for f in ("config.json", "tokenizer.json"):
+        (serverlessllm / f).write_text("{}")
+    for src in (hf, converted, serverlessllm):
         out = tmp_path / f"ready-{src.name}"
         out.mkdir()
         _copy_model_files(src, out)
