@@ -258,16 +258,16 @@ def render_remote(name: str, data: Data) -> str:
 def _summary_row(data: Data) -> List[str]:
     """A remote-summary row of a ``run.py remote`` result."""
     r = data["results"]
-    c = r["contenders"]
-    load, get = c["remote"], r["get_sweep"]["best"]["gbps"]
+    load, get, ratios = r["contenders"]["remote"], r["get_sweep"]["best"]["gbps"], r["ratios"]
     per_round = [load["bytes"] / t / 1e9 / get for t in load["all_s"]]
-    disk = (r.get("cache_disk_sweep") or {}).get("best")
+
+    def best(key: str) -> str:
+        return times(ratios[key]["best"]) if key in ratios else "not run"
+
     return ["shared" if r["server_cores"] == "shared" else "split", gbps(get),
             with_median(load["best_gbps"], load["median_gbps"]),
-            f"{times(load['best_gbps'] / get)} ({times(min(per_round))}–{times(max(per_round))})",
-            times(load["best_gbps"] / c["runai"]["best_gbps"]) if "best_gbps" in c.get("runai", {})
-            else "not run",
-            times(c["cached"]["best_gbps"] / disk["gbps"]) if disk and "cached" in c else "not run"]
+            f"{best('remote / best raw GET')} ({times(min(per_round))}–{times(max(per_round))})",
+            best("remote / runai"), best("cached / best raw read of the entry")]
 
 
 def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
