@@ -189,9 +189,7 @@ class PendingLoad:
         """Whether tensor ``name`` (None: every tensor) is complete in its memory."""
         if self._finished.is_set():
             return self._error is None
-        if name is None:
-            return False
-        return bool(self._progress.all_marked(self._units_of([name])))
+        return bool(self._progress.all_marked(self._units_of(list(self._units) if name is None else [name])))
 
     def wait(self, names: Union[str, Iterable[str], None] = None, timeout: Optional[float] = None) -> bool:
         """Block until the tensor(s) ``names`` (None: the whole load) are complete; False if
