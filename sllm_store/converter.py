@@ -228,7 +228,7 @@ def convert(
         ConvertError: ``src`` holds no weights or cannot be read.
         DestinationExistsError: ``dst`` exists and ``overwrite`` is false.
     """
-    from sllm_store.remote import is_remote
+    from sllm_store.index import is_remote
 
     if is_remote(dst):  # convert beside the source's temp space, upload, clean up
         import tempfile

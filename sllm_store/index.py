@@ -32,6 +32,12 @@ DEFAULT_TENSOR_ALIGNMENT = 256
 DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+
+
+def is_remote(path: Any) -> bool:
+    """Whether ``path`` is the URL of a remote checkpoint (``s3://``, ``http://``, ``https://``)."""
+    return isinstance(path, str) and path.startswith(REMOTE_SCHEMES)
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 CONTENT_HASH_PREFIX = "xxh3-64:"  # content_hash = prefix + XXH3-64 (seed 0) of the tensor's bytes
 _CONTENT_HASH = re.compile(r"xxh3-64:[0-9a-f]{16}")

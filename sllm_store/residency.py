@@ -118,7 +118,7 @@ def estimate_load_time(path: PathLike, device: str = "cuda:0", store: Optional[s
 
 
 def _local_residency(path: PathLike) -> Residency:
-    from sllm_store.remote import is_remote
+    from sllm_store.index import is_remote
 
     if is_remote(path):
         from sllm_store.remote import entries

@@ -156,6 +156,23 @@ def test_import_is_cheap() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_a_local_load_imports_only_its_own_tier(tmp_path) -> None:
+    """A fresh process's first local load pays for no other tier's imports: neither the store
+    server's client (grpc, protobuf) nor the download machinery of the remote tier."""
+    import subprocess
+    import sys
+
+    sllm_store.save_state_dict({"w": torch.arange(8.0)}, tmp_path / "m", quiet=True)
+    code = (
+        "import sys, sllm_store; "
+        f"sllm_store.load_state_dict({str(tmp_path / 'm')!r}, 'cpu'); "
+        "print(sorted(m for m in ('grpc', 'google.protobuf', 'sllm_store.remote', 'obstore') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory) -> tuple[Path, Path]:
     config, auto = _configs()["llama"]

@@ -23,6 +23,7 @@ Example::
 """
 
 from sllm_store.config import CacheSettings, RemoteOptions
+from sllm_store.index import is_remote
 from sllm_store.remote.download import fetch, wait_for_cache
 from sllm_store.remote.entries import (
     CacheEntry,
@@ -33,7 +34,7 @@ from sllm_store.remote.entries import (
     prune,
     remove,
 )
-from sllm_store.remote.objects import is_remote, upload
+from sllm_store.remote.objects import upload
 
 __all__ = [
     "CacheEntry",

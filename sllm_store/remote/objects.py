@@ -39,13 +39,7 @@ logger = logging.getLogger(__name__)
 _RESOLVED_BY_BOTO3 = ("role_arn", "source_profile", "credential_process", "sso_session", "sso_start_url",
                       "web_identity_token_file")
 
-SCHEMES = ("s3://", "http://", "https://")
 SMALL_FILE_LIMIT = 64 << 20  # non-weight objects (config, tokenizer) fetched with a checkpoint
-
-
-def is_remote(path: Any) -> bool:
-    """Whether ``path`` is the URL of a remote checkpoint (``s3://``, ``http://``, ``https://``)."""
-    return isinstance(path, str) and path.startswith(SCHEMES)
 
 
 def open_bucket(url: str, options: Optional[RemoteOptions] = None) -> Any:

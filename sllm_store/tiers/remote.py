@@ -30,7 +30,8 @@ its read units the checkpoint's chunks. Worker threads, twice as many as GETs in
 The load returns when every tensor is in place; the cache writes left, the sync and the promotion
 of the entry finish on a background thread (:func:`sllm_store.remote.wait_for_cache`).
 
-Importing this module is cheap: the object-store client and numpy are imported when a URL opens.
+Importing this module is cheap: the download machinery, the object-store client and numpy are imported
+when a URL opens.
 """
 
 from __future__ import annotations
@@ -46,10 +47,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from sllm_store.config import LoadConfig
 from sllm_store.errors import InvalidArgumentError, LoadCancelledError, MissingFileError, SllmStoreError
-from sllm_store.index import INDEX_FILE, Index, PathLike
+from sllm_store.index import INDEX_FILE, Index, PathLike, is_remote
 from sllm_store.plan import Buffer, Plan, Segment, destinations, make_plan
-from sllm_store.remote.fetcher import PIECE, is_encoded
-from sllm_store.remote.objects import fetch_small_files, is_remote
 from sllm_store.tiers.base import Checkpoint
 from sllm_store.tiers.local import LocalCheckpoint, LocalTier
 
@@ -68,10 +67,10 @@ class Staging:
     block: int = 4 << 20  # bytes per page-locked staging block
     blocks: int = 0  # staging blocks (and streams); 0: two per GET in flight, and 8 more
     read_back_buffers: int = 4  # page-locked buffers (and streams) that chunks are read back into
-    piece: int = PIECE  # bytes per GET of a chunk fetched into the staging blocks
+    piece: int = 0  # bytes per GET of a chunk fetched into the staging blocks; 0: the fetcher's
 
     def __post_init__(self) -> None:
-        if self.block <= 0 or self.piece <= 0 or self.blocks < 0 or self.read_back_buffers < 1:
+        if self.block <= 0 or self.piece < 0 or self.blocks < 0 or self.read_back_buffers < 1:
             raise InvalidArgumentError(f"invalid staging settings: {self}")
 
 
@@ -181,6 +180,8 @@ class DownloadingCheckpoint(Checkpoint):
         if self._model_dir is None:
             d = Path(tempfile.mkdtemp(prefix="sllm-model-"))
             self._closers.callback(shutil.rmtree, d, ignore_errors=True)
+            from sllm_store.remote.objects import fetch_small_files
+
             weights = {f.name for f in self.index.files} | {INDEX_FILE}
             fetch_small_files(self._download.bucket, self._download.url, weights, d)
             self._model_dir = d
@@ -203,6 +204,7 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
     memory or a device, have completed)."""
     from tqdm.auto import tqdm
 
+    from sllm_store.remote.fetcher import PIECE
     from sllm_store.utils import parallel_map
     from sllm_store.writer import default_quiet
 
@@ -225,7 +227,7 @@ def load_while_downloading(d: Download, plan: Plan, buffers: list[Buffer], stagi
         pieces = [(coff, slot, doff, n) for _u, coff, slot, doff, n in by_unit.get(u, [])]
         data, written = d.fetch_chunk(f_i, c, deliver=(lambda b: copier.copy(b, pieces)) if pieces else None,
                                       fill=(lambda n: copier.fill(n, pieces)) if u in covered else None,
-                                      piece=staging.piece)
+                                      piece=staging.piece or PIECE)
         if not written:  # written off this thread: from the GET's buffer, or read back
             d.write_later(f_i, c, data if data is not None else read_back(pieces, d.chunk_length(f_i, c)))
         del data
@@ -257,6 +259,7 @@ def _copier(d: Download, plan: Plan, buffers: list[Buffer], by_unit: dict[int, l
     tensor byte of them, when the cache is written behind the download). A chunk holds at most
     two blocks at a time; the blocks are made as needed, no more than the load's bytes fill."""
     from sllm_store.native import _C
+    from sllm_store.remote.fetcher import is_encoded
 
     assert d.index is not None
     index = d.index

@@ -236,7 +236,7 @@ class StoreTier:
         return bool(config.store.address)
 
     def open(self, path: PathLike, config: LoadConfig) -> StoreCheckpoint:
-        from sllm_store.remote import is_remote
+        from sllm_store.index import is_remote
         from sllm_store.server.client import StoreClient, index_of
 
         if config.io_mode == "mmap":
