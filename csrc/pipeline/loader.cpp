@@ -54,6 +54,9 @@ class Run {
   void verify_chunk(size_t index, const void* data) const;
   void check_digest(size_t index, uint64_t got) const;
   bool chunk_is_direct(size_t index) const;
+  bool chunk_is_scattered(size_t index) const;
+  bool chunk_is_staged(size_t index) const;
+  uint64_t read_scattered(size_t index);
   void fail(std::exception_ptr e);
   void release_in_flight(int id, std::deque<InFlight>& in_flight, size_t keep);
   void abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept;
@@ -135,6 +138,44 @@ bool Run::chunk_is_direct(size_t index) const {
   const Segment& s = segments_[b];
   return s.chunk_offset == 0 && s.length == plan_.chunks[index].length &&
          plan_.dests[s.dest].device->host_addressable();
+}
+
+// A chunk whose pieces are read one by one straight into host destinations (tensors that exist
+// already, say): plain bytes, buffered reads (O_DIRECT needs aligned pieces), nothing to verify
+// (a checksum covers the whole chunk). Otherwise such a chunk is staged, its bytes copied twice.
+bool Run::chunk_is_scattered(size_t index) const {
+  const ChunkSpec& c = plan_.chunks[index];
+  if (options_.io_mode != IoMode::kBuffered || c.encoded || (options_.verify && c.has_checksum)) return false;
+  size_t b = seg_begin_[index], e = seg_begin_[index + 1];
+  if (b == e) return false;
+  for (size_t k = b; k < e; ++k)
+    if (!plan_.dests[segments_[k].dest].device->host_addressable()) return false;
+  return true;
+}
+
+bool Run::chunk_is_staged(size_t index) const {
+  return !chunk_is_direct(index) && !chunk_is_scattered(index);
+}
+
+// One read per run of segments that follow each other in the file and in one destination.
+// Returns the bytes read.
+uint64_t Run::read_scattered(size_t index) {
+  const ChunkSpec& c = plan_.chunks[index];
+  FileReader& reader = *readers_[c.file];
+  uint64_t total = 0;
+  for (size_t k = seg_begin_[index], e = seg_begin_[index + 1]; k < e;) {
+    const Segment& s = segments_[k];
+    uint64_t length = s.length;
+    for (++k; k < e; ++k) {
+      const Segment& n = segments_[k];
+      if (n.dest != s.dest || n.chunk_offset != s.chunk_offset + length || n.dest_offset != s.dest_offset + length)
+        break;
+      length += n.length;
+    }
+    reader.read_exact(plan_.dests[s.dest].base + s.dest_offset, length, c.offset + s.chunk_offset);
+    total += length;
+  }
+  return total;
 }
 
 void Run::verify_chunk(size_t index, const void* data) const {
@@ -248,6 +289,12 @@ void Run::process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, S
     landed(index);
     return;
   }
+  if (chunk_is_scattered(index)) {
+    bytes_ += read_scattered(index);
+    direct_++;
+    landed(index);
+    return;
+  }
 
   // Keep at most buffers_per_thread - 1 buffers in flight before taking another one.
   release_in_flight(id, in_flight, static_cast<size_t>(std::max(0, options_.buffers_per_thread - 1)));
@@ -317,7 +364,7 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   for (size_t i = 0; i < plan_.chunks.size(); ++i) {
     if (!chunk_is_direct(i) && options_.io_mode == IoMode::kMapped && seg_begin_[i + 1] > seg_begin_[i])
       throw Error(ErrorKind::kFormat, "mapped loads need every chunk mapped whole into host memory");
-    if (!chunk_is_direct(i)) {
+    if (chunk_is_staged(i)) {
       need_staging = true;
       max_len = std::max(max_len, plan_.chunks[i].length);
       for (size_t k = seg_begin_[i]; k < seg_begin_[i + 1]; ++k) {

@@ -61,7 +61,7 @@ struct LoadPlan {
 
 struct LoadStats {
   uint64_t bytes_read = 0;
-  uint64_t chunks_direct = 0;   // read straight into destination memory
+  uint64_t chunks_direct = 0;   // read straight into destination memory (whole, or piece by piece)
   uint64_t chunks_staged = 0;   // read into a staging buffer, then copied
   uint64_t chunks_verified = 0;
   bool o_direct_used = false;   // at least one read went through O_DIRECT
