@@ -75,15 +75,20 @@ def render_local(data: Data) -> str:
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
     lines.append(_contenders(r))
     if r.get("fresh_cold"):
+        # The limit of the cold ratios (the suite's ratios()): the sweep's best or the raw rounds'.
+        raw_rounds = r["contenders"].get("raw-cold", {}).get("best_gbps", 0.0)
+        limit = max(cold["gbps"] if cold else 0.0, raw_rounds)
         rows = []
         for name, rec in r["fresh_cold"].items():
             if "error" in rec:
-                rows.append([f"`{name}`", "error", "–"])
+                rows.append([f"`{name}`", "error", "–", "–"])
                 continue
-            rows.append([f"`{name}`", _pair(rec["load"]["best_s"], rec["load"]["median_s"], "{:.3f}"),
+            load = rec["load"]
+            ratio = _pair(load["best_gbps"] / limit, load["median_gbps"] / limit) if limit else "–"
+            rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
                          _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
         lines += ["\nFirst load in a fresh process, cold:\n\n",
-                  _table(["contender", "load s", "whole process s"], rows)]
+                  _table(["contender", "load s", "load / best raw cold read", "whole process s"], rows)]
     if r.get("skipped"):
         lines.append("\nNot run: " + "; ".join(f"`{k}` ({v})" for k, v in r["skipped"].items()) + ".\n")
     return "".join(lines)
