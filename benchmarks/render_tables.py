@@ -300,6 +300,7 @@ LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes wa
 GPU = "2026-11-23-h100-gpu-8b.json"  # the machine table's source
 CPU = "2026-11-23-h100-cpu-8b.json"
 STORE = "2026-12-06-h100-store.json"  # run.py store
+STORE_CPU = "2026-12-06-cpu-store.json"  # run.py store --device cpu, for its steps
 COMPRESS = "2026-12-06-h100-compress.json"  # run.py compress
 REMOTE = "2026-11-29-h200-remote-3b.json"  # bench_remote.py: server and client share the cores
 REMOTE_SPLIT = "2026-12-06-h100-remote.json"  # run.py remote --server-cores 8
@@ -342,6 +343,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
     "cpu": functools.partial(_one, render_load, CPU),
     "store": functools.partial(_one, render_suite, STORE),
+    "store-cpu": functools.partial(_one, render_suite, STORE_CPU),
     "compress": functools.partial(_one, render_suite, COMPRESS),
     "remote": functools.partial(_one, render_remote, REMOTE),
     "remote-split": functools.partial(_one, render_suite, REMOTE_SPLIT),
