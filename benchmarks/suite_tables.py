@@ -185,7 +185,9 @@ VLLM_LABELS = {"sllm": "`sllm`, converted checkpoint", "sllm-hf": "`sllm`, Huggi
                "sllm-ready": "`sllm`, engine-ready checkpoint", "sharded_state": "`sharded_state`",
                "safetensors": "`safetensors`", "runai_streamer": "`runai_streamer`",
                "fastsafetensors": "`fastsafetensors`",
-               "load_state_dict": "`sllm_store.load_state_dict`, no engine"}
+               "sllm-store": "`sllm`, through the store server",
+               "load_state_dict": "`sllm_store.load_state_dict`, no engine",
+               "load_state_dict-store": "`sllm_store.load_state_dict` through the store server, no engine"}
 
 
 def render_vllm(data: Data) -> str:
@@ -198,7 +200,7 @@ def render_vllm(data: Data) -> str:
         if "error" in c:
             rows.append([label, mode, "error: " + c["error"].split(": ", 1)[-1].splitlines()[0][:100], "–"])
             continue
-        if fmt == "load_state_dict":  # ours, no engine: its load time in the weights column
+        if fmt.startswith("load_state_dict"):  # ours, no engine: its load time in the weights column
             rows.append([label, mode, "–", _pair(c["best_s"], c["median_s"], "{:.3f}")])
             continue
         logged = sorted(w for w in r["weights_s"].get(key, []) if w is not None)

