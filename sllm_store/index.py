@@ -33,11 +33,6 @@ DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
-
-
-def is_remote(path: Any) -> bool:
-    """Whether ``path`` is the URL of a remote checkpoint (``s3://``, ``http://``, ``https://``)."""
-    return isinstance(path, str) and path.startswith(REMOTE_SCHEMES)
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 CONTENT_HASH_PREFIX = "xxh3-64:"  # content_hash = prefix + XXH3-64 (seed 0) of the tensor's bytes
 _CONTENT_HASH = re.compile(r"xxh3-64:[0-9a-f]{16}")
@@ -196,6 +191,11 @@ def _file_json(f: DataFile) -> dict[str, Any]:
 
 def index_path(path: PathLike) -> Path:
     return Path(path) / INDEX_FILE
+
+
+def is_remote(path: Any) -> bool:
+    """Whether ``path`` is the URL of a remote checkpoint (``s3://``, ``http://``, ``https://``)."""
+    return isinstance(path, str) and path.startswith(REMOTE_SCHEMES)
 
 
 def is_converted(path: PathLike) -> bool:
