@@ -102,11 +102,16 @@ def render_store(data: Data) -> str:
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
     lines.append(_contenders(r))
     rows = []
-    for name, rec in r.get("fresh_processes", {}).items():
+    fresh = r.get("fresh_processes", {})
+    columns = {"import_s": "import", "cuda_s": "CUDA context", "setup_s": "model built (meta)",
+               "load_s": "load", "process_s": "whole process"}
+    if not any("setup_s" in rec for rec in fresh.values()):
+        del columns["setup_s"]
+    for name, rec in fresh.items():
         rows.append([f"`{name}`"] + [_pair(rec[k]["best_s"], rec[k]["median_s"], "{:.3f}") if k in rec
-                                     else "–" for k in ("import_s", "cuda_s", "load_s", "process_s")])
+                                     else "–" for k in columns])
     if rows:
-        header = ["", "import", "CUDA context", "load", "whole process"]
+        header = ["", *columns.values()]
         lines += ["\nFresh processes, seconds:\n\n", _table(header, rows)]
     steps = r.get("fresh_processes", {}).get("store-fresh", {}).get("steps")
     if steps:
@@ -121,6 +126,7 @@ def render_store(data: Data) -> str:
 # The steps of a store-server load its report times (sllm_store/tiers/store.py).
 STORE_STEPS = {
     "report_seconds": "the load as its report times it (from the call into the tier to the tensors)",
+    "client_seconds": "importing the gRPC client (grpc, protobuf, the messages) and making its channel",
     "describe_seconds": "Describe: the model's index from the server",
     "allocate_seconds": "allocating the destination and exporting its IPC handle",
     "rpc_seconds": "the Load call, from request to answer",

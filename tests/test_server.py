@@ -569,6 +569,19 @@ def test_load_into_existing_tensors(store, shared_server):
     assert_consistent(srv)
 
 
+def test_store_load_reports_its_steps(shared_server):
+    """A load through the server reports the time of each of its steps, and they fall within
+    the load's own time."""
+    srv = shared_server
+    reset(srv)
+    _, report = load_state_dict_with_report("mixed", "cpu", store=srv.address)
+    steps = ("client_seconds", "describe_seconds", "allocate_seconds", "rpc_seconds")
+    assert all(report.stats[k] >= 0 for k in steps)
+    assert 0 <= report.stats["copy_seconds"] <= report.stats["server_seconds"]
+    assert sum(report.stats[k] for k in steps) <= report.seconds
+    assert_consistent(srv)
+
+
 def test_partial_load_by_device_map(store, shared_server):
     srv = shared_server
     reset(srv)

@@ -7,7 +7,9 @@ In interleaved rounds (every output checked against the checkpoint's tensors):
 * ``store-fresh``: a new process imports sllm_store and torch, creates its CUDA context and calls
   ``load_state_dict(name, DEVICE, store=...)``; the load is timed inside the process, and the whole
   process from launch;
-* ``store-fresh-load_model``: the same with ``load_model`` (when the checkpoint has a config.json);
+* ``store-fresh-load_model``: the same with ``load_model`` (when the checkpoint has a config.json),
+  transformers' modelling code imported and the model built on the meta device once before the
+  timed load (a worker's setup, recorded apart as ``setup_s``), as in the local suite;
 * ``store-inprocess``: repeated loads in this (warm) process;
 * ``prefetch-cold``: the server reading the model from a cold disk into its pool (its own time);
 * on the CPU, in-process times include one pass over every byte (as in the local suite);
@@ -43,9 +45,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def child_main(argv: List[str]) -> int:
-    """``store.py --child KIND NAME DEVICE ADDRESS DIGESTS``: one load in this fresh process."""
+    """``store.py --child KIND NAME DEVICE ADDRESS DIGESTS SRC``: one load in this fresh process."""
     t0 = time.perf_counter()
-    kind, name, device, address, digests_path = argv
+    kind, name, device, address, digests_path, src = argv
     import torch
 
     import sllm_store
@@ -54,9 +56,17 @@ def child_main(argv: List[str]) -> int:
     if device != "cpu":
         torch.empty(1, device=device)
         torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    setup_s = None
+    if kind == "load_model":  # transformers' classes, imported and built once, as a worker's setup
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+        setup_s = time.perf_counter() - t2
     collections = _CollectionTime()
     gc.callbacks.append(collections)
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     if kind == "load_model":
         out = dict(sllm_store.load_model(name, device_map=device, torch_dtype=torch.bfloat16,
                                          store=address).state_dict())
@@ -69,13 +79,14 @@ def child_main(argv: List[str]) -> int:
         steps["report_seconds"] = report.seconds
     if device != "cpu":
         torch.cuda.synchronize(device)
-    t3 = time.perf_counter()
+    t4 = time.perf_counter()
     gc.callbacks.remove(collections)
     steps["gc_seconds"] = collections.seconds
     reference = {k: int(v) for k, v in json.loads(Path(digests_path).read_text()).items()}
     problem = checker(reference, subset=kind == "load_model")(out)
-    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t3 - t2, "steps": steps,
-                      "problem": problem}))
+    record = {"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t4 - t3, "steps": steps,
+              "problem": problem}
+    print(json.dumps(record if setup_s is None else {**record, "setup_s": setup_s}))
     return 0
 
 
@@ -94,8 +105,8 @@ class _CollectionTime:
             self._start = None
 
 
-def fresh(kind: str, name: str, device: str, address: str, digests: Path) -> Dict[str, Any]:
-    return run_child(str(Path(__file__).resolve()), [kind, name, device, address, str(digests)])
+def fresh(kind: str, name: str, device: str, address: str, digests: Path, src: Path) -> Dict[str, Any]:
+    return run_child(str(Path(__file__).resolve()), [kind, name, device, address, str(digests), str(src)])
 
 
 class FreshContender:
@@ -149,11 +160,11 @@ def main(args: argparse.Namespace) -> int:
 
         rounds.add("prefetch-cold", lambda: server.client.prefetch(name), nbytes, before=cold,
                    seconds_of=lambda reply: reply.seconds)
-        fresh_sd = FreshContender("state_dict", name, args.device, server.address, digests)
+        fresh_sd = FreshContender("state_dict", name, args.device, server.address, digests, args.src)
         rounds.add("store-fresh", fresh_sd, nbytes, before=resident, seconds_of=lambda r: r["load_s"])
         fresh_model = None
-        if (ck / "config.json").is_file():
-            fresh_model = FreshContender("load_model", name, args.device, server.address, digests)
+        if (ck / "config.json").is_file() and (args.src / "config.json").is_file():
+            fresh_model = FreshContender("load_model", name, args.device, server.address, digests, args.src)
             rounds.add("store-fresh-load_model", fresh_model, nbytes, before=resident,
                        seconds_of=lambda r: r["load_s"])
         rounds.add("store-inprocess",
@@ -180,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
 def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
     """Best and median of each fresh-process figure, and of each step the load's report timed
     (``describe_seconds``, ``allocate_seconds``, ``server_seconds``, ``copy_seconds``...)."""
-    out = {k: summary([r[k] for r in runs], nbytes) for k in ("import_s", "cuda_s", "load_s", "process_s")
-           if runs}
+    keys = ("import_s", "cuda_s", "setup_s", "load_s", "process_s")
+    out = {k: summary([r[k] for r in runs], nbytes) for k in keys if runs and all(k in r for r in runs)}
     steps = sorted({k for r in runs for k in r.get("steps", {})})
     if steps and all(set(r.get("steps", {})) == set(steps) for r in runs):
         out["steps"] = {k: summary([r["steps"][k] for r in runs], nbytes) for k in steps}
@@ -189,7 +200,8 @@ def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """The fresh-process store load over the pinned host-to-GPU copy and over safetensors warm."""
+    """The fresh-process store load over the pinned host-to-GPU copy and over safetensors warm;
+    ``load_model``'s time over ``load_state_dict``'s, both in fresh processes."""
     c = results["contenders"]
     out = {}
     fresh_sd = c.get("store-fresh", {})
@@ -199,6 +211,10 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     if h2d:
         out["store-fresh / pinned H2D"] = {"best": fresh_sd["best_gbps"] / h2d,
                                            "median": fresh_sd["median_gbps"] / h2d}
+    model = c.get("store-fresh-load_model", {})
+    if "best_s" in model:
+        out["store-fresh-load_model time / store-fresh time"] = {
+            "best": model["best_s"] / fresh_sd["best_s"], "median": model["median_s"] / fresh_sd["median_s"]}
     st = c.get("safetensors-warm", {})
     if "best_gbps" in st:
         out["store-fresh / safetensors-warm"] = {"best": fresh_sd["best_gbps"] / st["best_gbps"],

@@ -44,10 +44,10 @@ class StoreCheckpoint(Checkpoint):
     tier = "store"
 
     def __init__(self, path: PathLike, index: Index, config: LoadConfig, client: Any, name: str,
-                 reply: Any, t0: float) -> None:
+                 reply: Any, timings: dict[str, float]) -> None:
         super().__init__(path, index, config)
         self.client, self.name, self.reply = client, name, reply
-        self._timings = {"describe_seconds": time.perf_counter() - t0}
+        self._timings = dict(timings)  # the steps of the load so far, for its report
         self._shms: list[Any] = []
         self._dests: list[Any] = []
         self._slot_dest: list[tuple[int, int]] = []  # own slots: slot -> (destination, offset)
@@ -236,6 +236,7 @@ class StoreTier:
         return bool(config.store.address)
 
     def open(self, path: PathLike, config: LoadConfig) -> StoreCheckpoint:
+        t0 = time.perf_counter()
         from sllm_store.index import is_remote
         from sllm_store.server.client import StoreClient, index_of
 
@@ -246,8 +247,9 @@ class StoreTier:
             raise InvalidArgumentError(
                 f"the store server serves models under its storage path, not URLs ({path}); "
                 "load the URL without store=, or fetch it onto the server's storage path")
-        t0 = time.perf_counter()
         client = StoreClient.get(config.store.address)
+        t1 = time.perf_counter()
         name = client.model_name(path)
         reply = client.describe(name)
-        return StoreCheckpoint(path, index_of(reply, name), config, client, name, reply, t0)
+        timings = {"client_seconds": t1 - t0, "describe_seconds": time.perf_counter() - t1}
+        return StoreCheckpoint(path, index_of(reply, name), config, client, name, reply, timings)
