@@ -5,7 +5,9 @@ with lazy module loading every kernel is loaded on its first launch. Done after 
 arrive, that start-up delays the first output; :func:`start` runs it in a thread of its own while
 the weights load and the model is built: products at the shapes of the model's layers (from its
 ``config.json``), attention and the element-wise operations of a decoder layer, in the model's
-dtype, on zero-filled scratch tensors that are freed afterwards.
+dtype, on zero-filled scratch tensors that are freed afterwards. A process warms each device up
+once for a dtype and a set of shapes: later loads of such a model find the kernels loaded, and
+their weights the memory torch keeps cached.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 TOKENS = 16  # rows of the scratch activations: a short prompt
+
+# (device, dtype, shapes) warmed up in this process, or being warmed up
+_warmed: set[tuple[str, torch.dtype, tuple[Any, ...]]] = set()
+_warmed_lock = threading.Lock()
 
 
 def shapes(config: dict[str, Any]) -> tuple[list[int], int, int]:
@@ -86,6 +92,13 @@ def start(device: torch.device, dtype: Optional[torch.dtype], model_dir: Path, w
         return None
     if isinstance(config.get("text_config"), dict):  # a multimodal model: its language model's shapes
         config = config["text_config"]
+    outs, hidden, heads = shapes(config)
+    key = (str(device), dtype, (tuple(outs), hidden, heads))
+    with _warmed_lock:
+        if key in _warmed:
+            logger.debug("kernels of %s on %s already warmed up in this process", dtype, device)
+            return None
+        _warmed.add(key)
 
     def run() -> None:
         t0 = time.perf_counter()
@@ -96,10 +109,12 @@ def start(device: torch.device, dtype: Optional[torch.dtype], model_dir: Path, w
             need = 2 * scratch_bytes(config, dtype) + (256 << 20)
             if free < need or total - weights_bytes < need + (1 << 30):
                 logger.debug("no kernel warm-up on %s: no room beside the weights", device)
+                _forget(key)
                 return
             warm_up(device, dtype, config)
         except Exception as e:  # noqa: BLE001 - advisory work: the load must not fail for it
             logger.info("kernel warm-up on %s skipped (%s: %s)", device, type(e).__name__, e)
+            _forget(key)
             return
         logger.debug("kernels warmed up on %s in %.2f s", device, time.perf_counter() - t0)
 
@@ -107,3 +122,9 @@ def start(device: torch.device, dtype: Optional[torch.dtype], model_dir: Path, w
     thread = threading.Thread(target=run, name="sllm-warm-up", daemon=False)
     thread.start()
     return thread
+
+
+def _forget(key: tuple[str, torch.dtype, tuple[Any, ...]]) -> None:
+    """A warm-up that did not run: a later load tries again."""
+    with _warmed_lock:
+        _warmed.discard(key)

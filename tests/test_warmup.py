@@ -58,18 +58,51 @@ def test_a_failed_warm_up_is_logged_never_raised(tmp_path, caplog) -> None:
 
 
 @pytest.mark.gpu
-def test_warm_up_on_the_gpu(tmp_path, caplog) -> None:
+def test_warm_up_on_the_gpu(tmp_path, caplog, monkeypatch) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
+    monkeypatch.setattr(warmup, "_warmed", set())
     caplog.set_level(logging.DEBUG, logger="sllm_store.warmup")
     d = _model_dir(tmp_path, {"text_config": LLAMA})  # a multimodal config: its language model's shapes
     thread = warmup.start(torch.device("cuda:0"), torch.bfloat16, d, 1 << 20)
     assert thread is not None
     thread.join(120)
     assert "kernels warmed up on cuda:0" in caplog.text
+    assert warmup.start(torch.device("cuda:0"), torch.bfloat16, d, 1 << 20) is None  # warmed already
     # a model that leaves no room beside it is left alone
+    monkeypatch.setattr(warmup, "_warmed", set())
     caplog.clear()
     total = torch.cuda.mem_get_info(0)[1]
     thread = warmup.start(torch.device("cuda:0"), torch.bfloat16, d, total)
     thread.join(120)
     assert "no room beside the weights" in caplog.text
+
+
+def test_a_process_warms_a_device_up_once_per_dtype_and_shapes(tmp_path, monkeypatch) -> None:
+    """A second load of a model warms nothing up again; another dtype or other shapes do; a
+    warm-up that failed is tried again."""
+    ran = []
+    monkeypatch.setattr(warmup, "_warmed", set())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 << 30, 80 << 30))
+    monkeypatch.setattr(warmup, "warm_up",
+                        lambda device, dtype, config: ran.append((dtype, config.get("intermediate_size"))))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    llama, small = _model_dir(tmp_path / "a", LLAMA), _model_dir(tmp_path / "b", {"hidden_size": 64})
+    dev = torch.device("cuda:0")
+
+    def start(dtype, d):
+        thread = warmup.start(dev, dtype, d, 1 << 20)
+        if thread is not None:
+            thread.join(30)
+        return thread is not None
+
+    assert start(torch.bfloat16, llama) and not start(torch.bfloat16, llama)
+    assert start(torch.float16, llama) and start(torch.bfloat16, small)
+    assert ran == [(torch.bfloat16, 160), (torch.float16, 160), (torch.bfloat16, None)]
+
+    def fail(device, dtype, config):
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(warmup, "warm_up", fail)
+    assert start(torch.float32, small) and start(torch.float32, small)  # failed: tried again
