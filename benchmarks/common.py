@@ -13,6 +13,7 @@ A suite gets a :class:`Run` from ``benchmarks/run.py`` and writes one JSON throu
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import gc
 import json
@@ -181,6 +182,7 @@ class Run:
         """A temporary directory for the run, removed when the results are written."""
         if self._scratch is None:
             self._scratch = tempfile.mkdtemp(prefix=f"bench-{self.suite}-")
+            atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)  # a suite that fails too
         return self._scratch
 
     def finish(self, ratios: Dict[str, Dict[str, float]], failed: bool) -> int:
@@ -412,3 +414,4 @@ class StoreServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

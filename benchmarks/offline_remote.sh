@@ -102,7 +102,7 @@ run)
   fi
   for suite in ${SUITES:-}; do  # suites of benchmarks/run.py, their JSON into $OUT
     # shellcheck disable=SC2086
-    timeout "${SUITE_TIMEOUT:-540}" python3 benchmarks/run.py "$suite" --src "$ck" --device cuda:0 --out "$OUT" \
+    timeout -k 60 "${SUITE_TIMEOUT:-540}" python3 benchmarks/run.py "$suite" --src "$ck" --device cuda:0 --out "$OUT" \
       ${SUITE_ARGS:-} 2>&1 | tee "$OUT/logs/$suite.log" | grep -v "^20..-..-.. "
     stamp "$suite"
   done

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -37,7 +38,13 @@ SUITES = {"local": "suites.local", "store": "suites.store", "compress": "suites.
           "stream": "suites.stream", "gpu_tier": "suites.gpu_tier"}
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a ``timeout``): exit through the suite's cleanup (its servers, its scratch data)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="suite", required=True)
     modules = {}
