@@ -74,24 +74,35 @@ def render_local(data: Data) -> str:
                      f"{r['h2d']['pageable_gbps']:.2f} GB/s. ")
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
     lines.append(_contenders(r))
-    if r.get("fresh_cold"):
-        # The limit of the cold ratios (the suite's ratios()): the sweep's best or the raw rounds'.
-        raw_rounds = r["contenders"].get("raw-cold", {}).get("best_gbps", 0.0)
-        limit = max(cold["gbps"] if cold else 0.0, raw_rounds)
-        rows = []
-        for name, rec in r["fresh_cold"].items():
-            if "error" in rec:
-                rows.append([f"`{name}`", "error", "–", "–"])
-                continue
-            load = rec["load"]
-            ratio = _pair(load["best_gbps"] / limit, load["median_gbps"] / limit) if limit else "–"
-            rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
-                         _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
-        lines += ["\nFirst load in a fresh process, cold:\n\n",
-                  _table(["contender", "load s", "load / best raw cold read", "whole process s"], rows)]
+    # The limits of the suite's ratios(): cold, the sweep's best or the raw rounds'; page-cached,
+    # the best page-cached read (on a GPU, at most the pinned copy).
+    raw_rounds = r["contenders"].get("raw-cold", {}).get("best_gbps", 0.0)
+    warm_limit = warm["gbps"] if warm else 0.0
+    if warm_limit and "h2d" in r:
+        warm_limit = min(warm_limit, r["h2d"]["pinned_gbps"])
+    for key, title, limit, limit_name in (
+            ("fresh_cold", "cold", max(cold["gbps"] if cold else 0.0, raw_rounds), "best raw cold read"),
+            ("fresh_warm", "page-cached", warm_limit, "warm limit")):
+        if r.get(key):
+            lines += [f"\nFirst load in a fresh process, {title}:\n\n",
+                      _fresh_table(r[key], limit, limit_name)]
     if r.get("skipped"):
         lines.append("\nNot run: " + "; ".join(f"`{k}` ({v})" for k, v in r["skipped"].items()) + ".\n")
     return "".join(lines)
+
+
+def _fresh_table(fresh: Data, limit: float, limit_name: str) -> str:
+    """Each contender's fresh-process load: seconds, over ``limit`` (GB/s), the whole process."""
+    rows = []
+    for name, rec in fresh.items():
+        if "error" in rec:
+            rows.append([f"`{name}`", "error", "–", "–"])
+            continue
+        load = rec["load"]
+        ratio = _pair(load["best_gbps"] / limit, load["median_gbps"] / limit) if limit else "–"
+        rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
+                     _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
+    return _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
 
 
 def render_store(data: Data) -> str:

@@ -10,7 +10,8 @@ One run on one checkpoint (a safetensors model directory and its converted copy)
   in ServerlessLLM's layout), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
   as many streams as our threads), ``fastsafetensors`` (without GDS), and ``raw`` (the best cold
   configuration of the sweep, on all the bytes, each round);
-* every contender's first load in a fresh process (import, CUDA context, pinning included), cold;
+* every contender's first load in a fresh process (import, CUDA context, pinning included), cold
+  (``fresh``) and page-cached (``fresh-warm``);
 * every output checked against the checkpoint's tensors (XXH3 of each), every round.
 
 On the CPU a contender's time includes one pass over every byte it returns (an XXH3 of each
@@ -25,7 +26,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -50,7 +50,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda:0", help="cpu or cuda:N")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"subset of {CONTENDERS}, and of {IO_VARIANTS} (the default load with one io_mode)")
-    ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh")
+    ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh, fresh-warm")
     ap.add_argument("--sweep-threads", default="1,4,8,16,32")
     ap.add_argument("--sweep-blocks-mib", default="4,16,32,64")
     ap.add_argument("--sweep-bytes", type=float, default=4e9, help="bytes read per sweep point")
@@ -217,11 +217,11 @@ def measure_limits(run: Run, args: argparse.Namespace, files: List[Path]) -> Non
                                  "bytes_per_point": kw["limit"]}
 
 
-def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path, files: List[Path],
+def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path, before: Callable[[], None],
                  threads: int, reference: Dict[str, int]) -> Dict[str, Any]:
-    """Each contender's first load in a fresh process, cold, ``rounds`` times (interleaved), its
-    output checked against ``reference``."""
-    digests = Path(tempfile.mkdtemp(prefix="bench-digests-")) / "digests.json"
+    """Each contender's first load in a fresh process, ``rounds`` times (interleaved), after
+    ``before`` (the page cache dropped or filled), its output checked against ``reference``."""
+    digests = Path(run.scratch()) / "digests.json"
     digests.write_text(json.dumps(reference))
     runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
     errors: Dict[str, str] = {}
@@ -229,7 +229,7 @@ def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path,
         for name in names:
             if name in errors:
                 continue
-            run.evictor.evict(files)
+            before()
             try:
                 runs[name].append(fresh_load(name, args, ck, threads, digests))
             except RuntimeError as e:
@@ -292,10 +292,12 @@ def main(args: argparse.Namespace) -> int:
                 rounds.add(f"{name}-{state}", fn, nbytes, before=before,
                            check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
-    fresh = (fresh_rounds(run, args, list(loaders), ck, files + others, threads, reference)
-             if "fresh" in modes else {})
-    run.results.update(contenders=contenders, fresh_cold=fresh, skipped=skipped)
-    return run.finish(ratios(run.results, gpu), any("error" in c for c in {**contenders, **fresh}.values()))
+    fresh = {key: fresh_rounds(run, args, list(loaders), ck, before, threads, reference)
+             for mode, key, before in (("fresh", "fresh_cold", evict), ("fresh-warm", "fresh_warm", warm))
+             if mode in modes}
+    run.results.update(contenders=contenders, **fresh, skipped=skipped)
+    failed = list(contenders.values()) + [c for f in fresh.values() for c in f.values()]
+    return run.finish(ratios(run.results, gpu), any("error" in c for c in failed))
 
 
 def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
@@ -328,6 +330,23 @@ def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
     if "best_gbps" in sllm_warm and "best_gbps" in st_warm:
         out["sllm-warm / safetensors-warm"] = {"best": sllm_warm["best_gbps"] / st_warm["best_gbps"],
                                               "median": sllm_warm["median_gbps"] / st_warm["median_gbps"]}
+    out.update(fresh_ratios(results))
+    return out
+
+
+def fresh_ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """Fresh processes: ``load_model``'s load time over ``load_state_dict``'s, and page-cached,
+    ``load_state_dict``'s speed over ``safetensors``'."""
+    out = {}
+    for state in ("cold", "warm"):
+        fresh = results.get(f"fresh_{state}", {})
+        sd, model, st = (fresh.get(n, {}).get("load", {}) for n in ("sllm", "load_model", "safetensors"))
+        if "best_s" in sd and "best_s" in model:
+            out[f"load_model-fresh-{state} time / sllm-fresh-{state} time"] = {
+                "best": model["best_s"] / sd["best_s"], "median": model["median_s"] / sd["median_s"]}
+        if state == "warm" and "best_s" in sd and "best_s" in st:
+            out["sllm-fresh-warm / safetensors-fresh-warm"] = {
+                "best": st["best_s"] / sd["best_s"], "median": st["median_s"] / sd["median_s"]}
     return out
 
 
