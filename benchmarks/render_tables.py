@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite_tables  # noqa: E402
+import targets  # noqa: E402
 
 log = logging.getLogger("render_tables")
 
@@ -333,11 +334,21 @@ def _machine(root: Path) -> str:
     return render_machine(GPU, load_json(root, GPU), others)
 
 
+def _targets(root: Path) -> str:
+    """The targets, each from the JSON of the docs' table that measures it."""
+    def load(constant: str) -> tuple[str, Data]:
+        name = globals()[constant]
+        return name, load_json(root, name)
+
+    return targets.render(load)
+
+
 def _summary(root: Path) -> str:
     return render_remote_summary([(n, load_json(root, n)) for n in (REMOTE, REMOTE_SPLIT)])
 
 
 SECTIONS: Dict[str, Callable[[Path], str]] = {
+    "targets": _targets,
     "machine": _machine,
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
