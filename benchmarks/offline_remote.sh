@@ -16,7 +16,8 @@
 # QUICK_SUITES (suites run first in CI's quick mode on the small preset, to check their code on
 # this machine). Logs are packed into $OUT/logs.tar.gz.
 # A second `run` on the same warm machine skips the install, the build (unless the tree changed)
-# and the checkpoint. Both folders are ignored by git; .whl + .bin are about 51 MiB.
+# and the checkpoint. Both folders are ignored by git; .whl + .bin are about 54 MiB. The build uses
+# the carried setuptools (the license field needs setuptools 77 or later).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -26,7 +27,7 @@ prepare)
   plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
-    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3 humanize fastsafetensors
+    -d .whl obstore zstandard runai-model-streamer runai-model-streamer-s3 humanize fastsafetensors "setuptools>=77"
   tmp=$(mktemp -d)
   # shellcheck disable=SC2086
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
