@@ -211,6 +211,10 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     if h2d:
         out["store-fresh / pinned H2D"] = {"best": fresh_sd["best_gbps"] / h2d,
                                            "median": fresh_sd["median_gbps"] / h2d}
+        warm = c.get("store-inprocess", {})
+        if "best_gbps" in warm:
+            out["store-inprocess / pinned H2D"] = {"best": warm["best_gbps"] / h2d,
+                                                   "median": warm["median_gbps"] / h2d}
     model = c.get("store-fresh-load_model", {})
     if "best_s" in model:
         out["store-fresh-load_model time / store-fresh time"] = {
