@@ -171,8 +171,18 @@ def render_remote(data: Data) -> str:
              f"{len(r['get_sweep']['points'])} points)"]
     if disk:
         lines.append(f"; best raw cold read of the cache entry: {disk['gbps']:.2f} GB/s")
-    lines += [f". {r['bytes'] / 1e9:.2f} GB of tensors.\n\n", _contenders(r)]
+    lines += [f". {r['bytes'] / 1e9:.2f} GB of tensors.\n\n", _contenders(r),
+              "\nThe sweep of raw ranged GETs, GB/s (rows: piece MiB; columns: GETs in flight):\n\n",
+              _get_sweep(r["get_sweep"]["points"])]
     return "".join(lines)
+
+
+def _get_sweep(points: List[Data]) -> str:
+    pieces = sorted({p["piece_mib"] for p in points})
+    gets = sorted({p["gets"] for p in points})
+    at = {(p["piece_mib"], p["gets"]): p["gbps"] for p in points}
+    rows = [[f"{m}"] + [f"{at[m, g]:.2f}" if (m, g) in at else "–" for g in gets] for m in pieces]
+    return _table(["MiB"] + [str(g) for g in gets], rows)
 
 
 VERIFY_LABELS = {
