@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger("benchmarks")
 
@@ -206,6 +206,36 @@ class Run:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
         return path
+
+
+def local_limits(results: Dict[str, Any]) -> Tuple[float, Optional[float]]:
+    """The limits a local-suite result is judged against, GB/s: cold, the best cold raw read (the
+    sweep's best point or the rounds of its configuration); page-cached, the best page-cached read,
+    on a GPU at most the pinned host-to-GPU copy (None without a page-cached sweep)."""
+    sweep = results.get("disk_sweep", {})
+    cold_best, warm_best = ((sweep.get(s) or {}).get("best") for s in ("cold", "warm"))
+    cold = max(results.get("contenders", {}).get("raw-cold", {}).get("best_gbps", 0.0),
+               cold_best["gbps"] if cold_best else 0.0)
+    warm = warm_best["gbps"] if warm_best else None
+    if warm is not None and "h2d" in results:
+        warm = min(warm, results["h2d"]["pinned_gbps"])
+    return cold, warm
+
+
+def fresh_ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """A local-suite result's fresh processes: ``load_model``'s load time over
+    ``load_state_dict``'s, and page-cached, ``load_state_dict``'s speed over ``safetensors``'."""
+    out = {}
+    for state in ("cold", "warm"):
+        fresh = results.get(f"fresh_{state}", {})
+        sd, model, st = (fresh.get(n, {}).get("load", {}) for n in ("sllm", "load_model", "safetensors"))
+        if "best_s" in sd and "best_s" in model:
+            out[f"load_model-fresh-{state} time / sllm-fresh-{state} time"] = {
+                "best": model["best_s"] / sd["best_s"], "median": model["median_s"] / sd["median_s"]}
+        if state == "warm" and "best_s" in sd and "best_s" in st:
+            out["sllm-fresh-warm / safetensors-fresh-warm"] = {
+                "best": st["best_s"] / sd["best_s"], "median": st["median_s"] / sd["median_s"]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ and median; ratios are against the limits measured in the same run. Standard lib
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from common import local_limits
 
 Data = Dict[str, Any]
 
@@ -74,15 +76,9 @@ def render_local(data: Data) -> str:
                      f"{r['h2d']['pageable_gbps']:.2f} GB/s. ")
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
     lines.append(_contenders(r))
-    # The limits of the suite's ratios(): cold, the sweep's best or the raw rounds'; page-cached,
-    # the best page-cached read (on a GPU, at most the pinned copy).
-    raw_rounds = r["contenders"].get("raw-cold", {}).get("best_gbps", 0.0)
-    warm_limit = warm["gbps"] if warm else 0.0
-    if warm_limit and "h2d" in r:
-        warm_limit = min(warm_limit, r["h2d"]["pinned_gbps"])
-    for key, title, limit, limit_name in (
-            ("fresh_cold", "cold", max(cold["gbps"] if cold else 0.0, raw_rounds), "best raw cold read"),
-            ("fresh_warm", "page-cached", warm_limit, "warm limit")):
+    cold_limit, warm_limit = local_limits(r)  # those of the suite's ratios
+    for key, title, limit, limit_name in (("fresh_cold", "cold", cold_limit, "best raw cold read"),
+                                          ("fresh_warm", "page-cached", warm_limit, "warm limit")):
         if r.get(key):
             lines += [f"\nFirst load in a fresh process, {title}:\n\n",
                       _fresh_table(r[key], limit, limit_name)]
@@ -91,7 +87,7 @@ def render_local(data: Data) -> str:
     return "".join(lines)
 
 
-def _fresh_table(fresh: Data, limit: float, limit_name: str) -> str:
+def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str) -> str:
     """Each contender's fresh-process load: seconds, over ``limit`` (GB/s), the whole process."""
     rows = []
     for name, rec in fresh.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from common import fresh_ratios, local_limits
 from suite_tables import _pair, _table
 
 Data = Dict[str, Any]
@@ -17,47 +18,25 @@ Pair = Tuple[float, float]  # (best, median)
 
 
 def ratio(key: str) -> Callable[[Data], Optional[Pair]]:
-    """A ratio the suite recorded under ``key``."""
+    """A ratio of the result under ``key``: as the suite recorded it, or for a local-suite result
+    one of its fresh-process ratios (:func:`common.fresh_ratios`)."""
     def get(data: Data) -> Optional[Pair]:
-        r = data["results"].get("ratios", {}).get(key)
+        r = {**fresh_ratios(data["results"]), **data["results"].get("ratios", {})}.get(key)
         return None if r is None else (r["best"], r["median"])
     return get
 
 
 def fresh_over_limit(state: str, name: str = "sllm") -> Callable[[Data], Optional[Pair]]:
-    """A fresh-process load of the local suite over the limit of its state (as its tables show
-    it): cold, the best raw cold read; page-cached, the best page-cached read (on a GPU at most
-    the pinned copy)."""
+    """A fresh-process load of the local suite over the limit of its state, as its tables show it
+    (:func:`common.local_limits`)."""
     def get(data: Data) -> Optional[Pair]:
         r = data["results"]
         load = r.get(f"fresh_{state}", {}).get(name, {}).get("load")
-        best = r.get("disk_sweep", {}).get(state, {}).get("best")
-        if load is None or not best:
+        limit = dict(zip(("cold", "warm"), local_limits(r)))[state]
+        if load is None or not limit:
             return None
-        limit = best["gbps"]
-        if state == "cold":
-            limit = max(limit, r["contenders"].get("raw-cold", {}).get("best_gbps", 0.0))
-        elif "h2d" in r:
-            limit = min(limit, r["h2d"]["pinned_gbps"])
         return load["best_gbps"] / limit, load["median_gbps"] / limit
     return get
-
-
-def fresh_time_ratio(state: str, name: str, base: str) -> Callable[[Data], Optional[Pair]]:
-    """``name``'s fresh-process load time over ``base``'s (local suite)."""
-    def get(data: Data) -> Optional[Pair]:
-        fresh = data["results"].get(f"fresh_{state}", {})
-        a, b = fresh.get(name, {}).get("load"), fresh.get(base, {}).get("load")
-        if a is None or b is None:
-            return None
-        return a["best_s"] / b["best_s"], a["median_s"] / b["median_s"]
-    return get
-
-
-def speedup(state: str, name: str, base: str) -> Callable[[Data], Optional[Pair]]:
-    """How many times faster ``name``'s fresh-process load is than ``base``'s (local suite): the
-    time of ``base`` over the time of ``name``."""
-    return fresh_time_ratio(state, base, name)
 
 
 @dataclass(frozen=True)
@@ -80,11 +59,11 @@ TARGETS: List[Target] = [
     Target("page cache → GPU, a warm process, speed / `safetensors`'", ">=", 4.0, "LOCAL_GPU_FRESH",
            ratio("sllm-warm / safetensors-warm")),
     Target("page cache → GPU, fresh processes, speed / `safetensors`'", ">=", 4.0, "LOCAL_GPU_FRESH",
-           speedup("warm", "sllm", "safetensors")),
+           ratio("sllm-fresh-warm / safetensors-fresh-warm")),
     Target("`load_model` time / `load_state_dict` time, cold, a warm process", "<=", 1.10, "LOCAL_GPU",
            ratio("load_model-cold time / sllm-cold time")),
     Target("`load_model` time / `load_state_dict` time, cold, fresh processes", "<=", 1.10, "LOCAL_GPU_FRESH",
-           fresh_time_ratio("cold", "load_model", "sllm")),
+           ratio("load_model-fresh-cold time / sllm-fresh-cold time")),
     Target("`load_model` time / `load_state_dict` time, page cache, a warm process", "<=", 1.10,
            "LOCAL_GPU_FRESH", ratio("load_model-warm time / sllm-warm time")),
     Target("store server → GPU, a fresh process, / pinned host-to-GPU copy", ">=", 0.9, "STORE",

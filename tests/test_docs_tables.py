@@ -62,7 +62,7 @@ def test_targets_are_judged_on_the_median():
                                                           "best_s": 1.0, "median_s": 1.25}},
                                         "safetensors": {"load": {"best_s": 5.0, "median_s": 6.0}}}}}
     assert targets.fresh_over_limit("warm")(fresh) == (1.0, 0.8)  # the pinned copy bounds it
-    assert targets.speedup("warm", "sllm", "safetensors")(fresh) == (5.0, 4.8)
-    assert targets.fresh_time_ratio("cold", "load_model", "sllm")(fresh) is None
+    assert targets.ratio("sllm-fresh-warm / safetensors-fresh-warm")(fresh) == (5.0, 4.8)
+    assert targets.ratio("load_model-fresh-cold time / sllm-fresh-cold time")(fresh) is None
     table = targets.render(lambda constant: ("r.json", {"results": {"ratios": {}}}))
     assert f"0 of {len(targets.TARGETS)} targets met" in table and "not measured by this run" in table

@@ -34,7 +34,7 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, checker, summary, tensor_digests, usable  # noqa: E402
+from common import Rounds, Run, checker, fresh_ratios, local_limits, summary, tensor_digests, usable  # noqa: E402
 
 log = logging.getLogger("benchmarks.local")
 
@@ -297,22 +297,15 @@ def main(args: argparse.Namespace) -> int:
              if mode in modes}
     run.results.update(contenders=contenders, **fresh, skipped=skipped)
     failed = list(contenders.values()) + [c for f in fresh.values() for c in f.values()]
-    return run.finish(ratios(run.results, gpu), any("error" in c for c in failed))
+    return run.finish(ratios(run.results), any("error" in c for c in failed))
 
 
-def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
-    """Each contender's GB/s over the limit that bounds it: cold over the best cold raw read (sweep
-    or the rounds of the best configuration), warm over the best page-cached read, and on a GPU
-    also over the pinned host-to-GPU copy."""
+def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """Each contender's GB/s over the limit that bounds it (:func:`common.local_limits`): cold over
+    the best cold raw read, warm over the best page-cached read (on a GPU at most the pinned
+    host-to-GPU copy); ``load_model``'s and ``safetensors``' times against ``load_state_dict``'s."""
     c = results["contenders"]
-    sweep = results["disk_sweep"]
-    cold_points = [c.get("raw-cold", {}).get("best_gbps", 0.0)]
-    if sweep["cold"]["best"]:
-        cold_points.append(sweep["cold"]["best"]["gbps"])
-    cold_limit = max(cold_points)
-    warm_limit = sweep["warm"]["best"]["gbps"] if sweep["warm"]["best"] else None
-    if gpu and warm_limit is not None:
-        warm_limit = min(warm_limit, results["h2d"]["pinned_gbps"])
+    cold_limit, warm_limit = local_limits(results)
     out = {}
     for name, rec in c.items():
         if "best_gbps" not in rec or name == "raw-cold":
@@ -331,22 +324,6 @@ def ratios(results: Dict[str, Any], gpu: bool) -> Dict[str, Dict[str, float]]:
         out["sllm-warm / safetensors-warm"] = {"best": sllm_warm["best_gbps"] / st_warm["best_gbps"],
                                               "median": sllm_warm["median_gbps"] / st_warm["median_gbps"]}
     out.update(fresh_ratios(results))
-    return out
-
-
-def fresh_ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """Fresh processes: ``load_model``'s load time over ``load_state_dict``'s, and page-cached,
-    ``load_state_dict``'s speed over ``safetensors``'."""
-    out = {}
-    for state in ("cold", "warm"):
-        fresh = results.get(f"fresh_{state}", {})
-        sd, model, st = (fresh.get(n, {}).get("load", {}) for n in ("sllm", "load_model", "safetensors"))
-        if "best_s" in sd and "best_s" in model:
-            out[f"load_model-fresh-{state} time / sllm-fresh-{state} time"] = {
-                "best": model["best_s"] / sd["best_s"], "median": model["median_s"] / sd["median_s"]}
-        if state == "warm" and "best_s" in sd and "best_s" in st:
-            out["sllm-fresh-warm / safetensors-fresh-warm"] = {
-                "best": st["best_s"] / sd["best_s"], "median": st["median_s"] / sd["median_s"]}
     return out
 
 
