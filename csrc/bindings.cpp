@@ -167,6 +167,7 @@ py::dict run_load_py(const std::vector<std::string>& files, const std::vector<Ch
   out["direct_reads"] = stats.direct_reads;
   out["threads"] = stats.threads;
   out["seconds"] = stats.seconds;
+  out["staging_alloc_s"] = stats.staging_alloc_seconds;
   return out;
 }
 

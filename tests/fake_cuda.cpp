@@ -85,8 +85,9 @@
 //                                  runs: sticky error 700 in its context
 //   FAKE_CUDA_FAIL_COPY_BACK=1     every device-to-host copy fails at once (700, not sticky)
 //   FAKE_CUDA_FLIP_COPY_BACK=1     every device-to-host copy flips a bit of what it copies
-//   FAKE_CUDA_NO_HOST_ALLOC=1      cuMemHostAlloc always fails (2, out of memory)
-//   FAKE_CUDA_FAIL_HOST_ALLOC=N    the N-th cuMemHostAlloc (1-based) fails (2) after
+//   FAKE_CUDA_NO_HOST_ALLOC=1      page-locking (cuMemHostAlloc, cuMemHostRegister_v2) always fails (2,
+//                                  out of memory)
+//   FAKE_CUDA_FAIL_HOST_ALLOC=N    the N-th page-locking (1-based) fails (2) after
 //   FAKE_CUDA_ALLOC_DELAY_MS=N     N ms (default 20), overlapping other allocations
 //   FAKE_CUDA_FAIL_ADDRESS_RANGE=1 cuMemGetAddressRange_v2 always fails (500)
 //   FAKE_CUDA_MISUSE=count         misuse is counted, not fatal
@@ -737,18 +738,25 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t n, void*
       [&] { return copy(dst, reinterpret_cast<const void*>(src), n, s, Direction::kToHost, "cuMemcpyDtoHAsync"); });
 }
 
+// The injected failures of page-locking (FAKE_CUDA_NO_HOST_ALLOC, FAKE_CUDA_FAIL_HOST_ALLOC), shared
+// by cuMemHostAlloc and cuMemHostRegister_v2.
+static CUresult host_alloc_fault() {
+  if (env_int("FAKE_CUDA_NO_HOST_ALLOC", 0)) return kOutOfMemory;
+  if (int fail = env_int("FAKE_CUDA_FAIL_HOST_ALLOC", 0)) {
+    if (++g_host_allocs == fail) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(env_int("FAKE_CUDA_ALLOC_DELAY_MS", 20)));
+      return kOutOfMemory;
+    }
+  }
+  return kOk;
+}
+
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
   return guarded([&] {
     if (p == nullptr) return kInvalidValue;
     Life* life = nullptr;
     if (CUresult r = current(&life)) return r;
-    if (env_int("FAKE_CUDA_NO_HOST_ALLOC", 0)) return kOutOfMemory;
-    if (int fail = env_int("FAKE_CUDA_FAIL_HOST_ALLOC", 0)) {
-      if (++g_host_allocs == fail) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(env_int("FAKE_CUDA_ALLOC_DELAY_MS", 20)));
-        return kOutOfMemory;
-      }
-    }
+    if (CUresult r = host_alloc_fault()) return r;
     size_t size = ((n ? n : 1) + kPage - 1) / kPage * kPage;
     void* m = std::aligned_alloc(kPage, size);
     if (m == nullptr) return kOutOfMemory;
@@ -791,6 +799,7 @@ CUresult cuMemHostRegister_v2(void* p, size_t n, unsigned) {
     Life* life = nullptr;
     if (CUresult r = current(&life)) return r;
     if (p == nullptr || n == 0) return kInvalidValue;
+    if (CUresult r = host_alloc_fault()) return r;
     uintptr_t a = reinterpret_cast<uintptr_t>(p);
     std::lock_guard<std::mutex> lock(reg().mu);
     auto& pinned = reg().pinned;

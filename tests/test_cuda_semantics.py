@@ -36,13 +36,14 @@ PRELUDE = """
         bufs = [np.zeros(size + 4096, np.uint8) for size in plan.sizes]
         dests = [("cuda:0", b.ctypes.data + (-b.ctypes.data % 4096), size)
                  for b, size in zip(bufs, plan.sizes)]
-        _C.run_load(files, plan.units, plan.segments, dests, num_threads=threads, io_mode="buffered",
-                    verify=verify, buffers_per_thread=buffers)
+        stats = _C.run_load(files, plan.units, plan.segments, dests, num_threads=threads,
+                            io_mode="buffered", verify=verify, buffers_per_thread=buffers)
         for name, (slot, off) in plan.placement.items():
             base = dests[slot][1] - bufs[slot].ctypes.data
             got = bufs[slot][base + off: base + off + index.tensors[name].nbytes].tobytes()
             want = ref[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
             assert got == want, f"{name} differs"
+        return stats
 """
 
 
@@ -72,6 +73,16 @@ def test_more_buffers_in_flight_than_events(fake_libcuda, checkpoint) -> None:
             load(threads=2, buffers=12)
         print("OK")
     """, FAKE_CUDA_COPY_MS="2"))
+
+
+def test_staging_buffers_are_page_locked_once_per_process(fake_libcuda, checkpoint) -> None:
+    """The first load makes its page-locked staging buffers (registered with the driver) and says
+    how long that took; a later load of the same shape reuses them and spends no time on it."""
+    _ok(_run(fake_libcuda, checkpoint, """
+        first, second = load(threads=4, buffers=2), load(threads=4, buffers=2)
+        assert first["staging_alloc_s"] > 0 and second["staging_alloc_s"] == 0, (first, second)
+        print("OK")
+    """))
 
 
 def test_a_failed_pinned_allocation_leaves_later_loads_intact(fake_libcuda, checkpoint) -> None:

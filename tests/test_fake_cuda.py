@@ -283,7 +283,7 @@ def test_staged_copier_without_page_locked_memory(fake_libcuda) -> None:
                 f.add(src[pos:pos + (300 << 10)])
             assert f.finish() == _C.xxh3_64(src)
         assert gpu.tobytes() == src
-        print("OK", c.staged, c.buffers, "cuMemHostAlloc" in c.pin_error)
+        print("OK", c.staged, c.buffers, "cuMemHostRegister" in c.pin_error)
     """, FAKE_CUDA_NO_HOST_ALLOC="1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["OK", "False", "0", "True"], r.stdout

@@ -169,7 +169,16 @@ def child_main(argv: List[str]) -> int:
         torch.empty(1, device=device)
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    load = make_loader(name, src, ck, device, threads)
+    stats: Dict[str, Any] = {}  # the sllm load's own account: its reads, the staging buffers it made
+    if name == "sllm":
+        from sllm_store.loader import load_state_dict_with_report
+
+        def load() -> Dict[str, Any]:
+            out, report = load_state_dict_with_report(ck, device)
+            stats.update(report.stats)
+            return out
+    else:
+        load = make_loader(name, src, ck, device, threads)
     t3 = time.perf_counter()
     out = usable(load, device)()  # on the CPU: the load and one pass over every byte
     if device != "cpu":
@@ -181,7 +190,7 @@ def child_main(argv: List[str]) -> int:
     else:
         problem = checker(reference, subset=name in MODELS)(out)
     print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t4 - t3, "setup_s": t3 - t2,
-                      "since_start_s": t4 - t0, "problem": problem}))
+                      "since_start_s": t4 - t0, "problem": problem, "stats": stats}, default=str))
     return 0
 
 

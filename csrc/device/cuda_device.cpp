@@ -16,12 +16,12 @@ constexpr size_t kEventsPerWorker = 8;  // waits on older tokens wait on a later
 // instead of spinning on a core that the reads, GETs and checksums need.
 constexpr unsigned kEventFlags = cuda::CU_EVENT_DISABLE_TIMING | cuda::CU_EVENT_BLOCKING_SYNC;
 
-// Frees page-locked memory under its context; a failure can only be reported, not thrown.
-void free_pinned(const cuda::Driver* d, const cuda::PrimaryContextRef& ctx, void* p, bool registered) {
+// Unregisters page-locked memory under its context; a failure can only be reported, not thrown.
+void free_pinned(const cuda::Driver* d, const cuda::PrimaryContextRef& ctx, void* p) {
   cuda::CUresult r = cuda::CUDA_SUCCESS;
   try {
     cuda::ScopedContext scope(d, ctx.get());
-    r = registered ? d->cuMemHostUnregister(p) : d->cuMemFreeHost(p);
+    r = d->cuMemHostUnregister(p);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "sllm-store: cannot free page-locked memory: %s\n", e.what());
     return;
@@ -29,8 +29,7 @@ void free_pinned(const cuda::Driver* d, const cuda::PrimaryContextRef& ctx, void
   if (r != cuda::CUDA_SUCCESS) {
     const char* s = nullptr;
     d->cuGetErrorString(r, &s);
-    std::fprintf(stderr, "sllm-store: %s failed: %s\n", registered ? "cuMemHostUnregister" : "cuMemFreeHost",
-                 s ? s : std::to_string(r).c_str());
+    std::fprintf(stderr, "sllm-store: cuMemHostUnregister failed: %s\n", s ? s : std::to_string(r).c_str());
   }
 }
 }  // namespace
@@ -135,18 +134,6 @@ HostAllocator CudaDevice::staging_allocator() const {
   cuda::CUdevice dev = dev_;
   return [drv, dev](size_t size) {
     auto ctx = std::make_shared<cuda::PrimaryContextRef>(drv, dev);  // held by the buffer
-    cuda::ScopedContext scope(drv, ctx->get());
-    void* p = nullptr;
-    cuda::check(drv->cuMemHostAlloc(&p, size, cuda::CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc");
-    return HostBuffer(p, size, [drv, ctx](void* q) { free_pinned(drv, *ctx, q, false); });
-  };
-}
-
-HostAllocator CudaDevice::registered_allocator() const {
-  const cuda::Driver* drv = drv_;
-  cuda::CUdevice dev = dev_;
-  return [drv, dev](size_t size) {
-    auto ctx = std::make_shared<cuda::PrimaryContextRef>(drv, dev);  // held by the buffer
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       throw Error(ErrorKind::kOutOfMemory, "cannot map " + std::to_string(size) + " bytes of host memory");
@@ -165,7 +152,7 @@ HostAllocator CudaDevice::registered_allocator() const {
       cuda::check(r, "cuMemHostRegister");
     }
     return HostBuffer(p, size, [drv, ctx, size](void* q) {
-      free_pinned(drv, *ctx, q, true);
+      free_pinned(drv, *ctx, q);
       ::munmap(q, size);
     });
   };

@@ -75,8 +75,6 @@ Loaded load() {
             bind(lib, "cuStreamWaitEvent", d.cuStreamWaitEvent, r) &&
             bind(lib, "cuMemcpyHtoDAsync_v2", d.cuMemcpyHtoDAsync, r) &&
             bind(lib, "cuMemcpyDtoHAsync_v2", d.cuMemcpyDtoHAsync, r) &&
-            bind(lib, "cuMemHostAlloc", d.cuMemHostAlloc, r) &&
-            bind(lib, "cuMemFreeHost", d.cuMemFreeHost, r) &&
             bind(lib, "cuGetErrorString", d.cuGetErrorString, r) &&
             bind(lib, "cuIpcGetMemHandle", d.cuIpcGetMemHandle, r) &&
             (bind(lib, "cuIpcOpenMemHandle_v2", d.cuIpcOpenMemHandle, r) ||

@@ -23,7 +23,6 @@ constexpr CUresult CUDA_SUCCESS = 0;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_EVENT_BLOCKING_SYNC = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
-constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
 constexpr unsigned CU_MEMHOSTREGISTER_PORTABLE = 0x1;
 constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
 constexpr int CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9;
@@ -92,8 +91,6 @@ struct Driver {
   CUresult (*cuStreamWaitEvent)(CUstream, CUevent, unsigned);
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
-  CUresult (*cuMemHostAlloc)(void**, size_t, unsigned);
-  CUresult (*cuMemFreeHost)(void*);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   // Inter-process memory sharing (the store server copies into a client's GPU memory).
   CUresult (*cuIpcGetMemHandle)(CUipcMemHandle*, CUdeviceptr);

@@ -1,5 +1,7 @@
 #include "memory/buffer_pool.h"
 
+#include <chrono>
+
 namespace sllm {
 
 BufferPool::BufferPool(size_t count, size_t buffer_size, const HostAllocator& allocator)
@@ -26,10 +28,14 @@ int BufferPool::acquire() {
   making_++;
   lock.unlock();
   HostBuffer buffer;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [t0] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   try {
     buffer = allocator_(buffer_size_);
   } catch (...) {
+    const double seconds = elapsed();
     lock.lock();
+    alloc_seconds_ += seconds;
     making_--;
     unmade_.push_back(index);  // exactly this slot stays empty; another acquire may retry it
     failed_ = true;
@@ -37,7 +43,9 @@ int BufferPool::acquire() {
     cv_.notify_one();
     throw;
   }
+  const double seconds = elapsed();
   lock.lock();
+  alloc_seconds_ += seconds;
   buffers_[index] = std::move(buffer);
   making_--;
   ready_++;
@@ -64,6 +72,11 @@ bool BufferPool::reset() {
   std::lock_guard<std::mutex> lock(mu_);
   cancelled_ = false;
   return !failed_ && making_ == 0 && free_.size() == ready_;
+}
+
+double BufferPool::alloc_seconds() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return alloc_seconds_;
 }
 
 size_t BufferPool::allocated_bytes() const {

@@ -33,6 +33,8 @@ class BufferPool {
   size_t buffer_size() const { return buffer_size_; }
   size_t capacity() const { return buffers_.size(); }
   size_t allocated_bytes() const;
+  // Thread-seconds spent making buffers since the pool was created.
+  double alloc_seconds() const;
 
  private:
   std::vector<HostBuffer> buffers_;  // size() == capacity; empty slots not yet made
@@ -40,6 +42,7 @@ class BufferPool {
   std::vector<int> unmade_;          // slots nobody is making (never made, or whose making failed)
   size_t making_ = 0;                // slots being made right now
   size_t ready_ = 0;                 // slots whose allocation finished
+  double alloc_seconds_ = 0;         // time spent in the allocator, over all threads
   size_t buffer_size_;
   HostAllocator allocator_;
   bool cancelled_ = false;

@@ -26,7 +26,7 @@ PinnedArena::PinnedArena(size_t size, size_t segment_size, bool pin, int threads
   HostAllocator alloc = allocate_aligned_host;
   if (pinned_) {
     auto cuda_dev = std::make_shared<CudaDevice>(0);
-    alloc = cuda_dev->registered_allocator();  // registered PORTABLE: every GPU DMAs from it
+    alloc = cuda_dev->staging_allocator();  // registered PORTABLE: every GPU DMAs from it
     device_ = cuda_dev;
   }
   const bool touch = !pinned_;

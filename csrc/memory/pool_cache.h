@@ -1,7 +1,8 @@
-// Process-wide cache of staging pools, so that page-locked buffers (expensive to create: about
-// 0.4-0.6 s per GiB) are made once per process and reused by every later load. Idle pools are
-// kept up to 2 GiB of buffers, least recently used dropped first; each page-locked buffer holds
-// a reference on its device's primary context, so the context outlives the cached pools.
+// Process-wide cache of staging pools, so that page-locked buffers (which take time to create:
+// faulting the pages in, then registering them) are made once per process and reused by every
+// later load. Idle pools are kept up to 2 GiB of buffers, least recently used dropped first; each
+// page-locked buffer holds a reference on its device's primary context, so the context outlives
+// the cached pools.
 #pragma once
 
 #include <memory>

@@ -361,6 +361,7 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
                                           static_cast<int>(std::max<size_t>(1, plan_.chunks.size()))));
   bool need_staging = false;
   uint64_t max_len = 0;
+  double alloc_before = 0;
   for (size_t i = 0; i < plan_.chunks.size(); ++i) {
     if (!chunk_is_direct(i) && options_.io_mode == IoMode::kMapped && seg_begin_[i + 1] > seg_begin_[i])
       throw Error(ErrorKind::kFormat, "mapped loads need every chunk mapped whole into host memory");
@@ -395,6 +396,7 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
     size_t count = static_cast<size_t>(threads) * std::max(1, options_.buffers_per_thread);
     lease_ = lease_pool(kind, count, std::max<uint64_t>(max_len, kDirectAlignment), alloc);
     pool_ = &**lease_;
+    alloc_before = pool_->alloc_seconds();
   }
 
   bool was_interrupted = false;
@@ -439,6 +441,7 @@ LoadStats Run::execute(const std::function<bool()>& interrupted) {
   stats.threads = threads;
   for (const auto& r : readers_) stats.direct_reads += r->direct_reads();
   stats.o_direct_used = stats.direct_reads > 0;
+  if (pool_) stats.staging_alloc_seconds = pool_->alloc_seconds() - alloc_before;
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return stats;
 }

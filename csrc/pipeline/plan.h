@@ -68,6 +68,7 @@ struct LoadStats {
   uint64_t direct_reads = 0;    // reads done with O_DIRECT (the rest were buffered or mapped)
   int threads = 0;
   double seconds = 0;
+  double staging_alloc_seconds = 0;  // thread-seconds spent making staging buffers (0: pool reused)
 };
 
 }  // namespace sllm
