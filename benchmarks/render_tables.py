@@ -296,8 +296,9 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 # --- sections -----------------------------------------------------------------------------------
 
 # The JSON each section renders: per section the newest run of the current default path.
-LOCAL_GPU = "2026-12-05-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU
-LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh
+LOCAL_GPU = "2026-12-06-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
+LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
+LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
 GPU = "2026-11-23-h100-gpu-8b.json"  # the machine table's source
 CPU = "2026-11-23-h100-cpu-8b.json"
 STORE = "2026-12-06-h100-store.json"  # run.py store
@@ -352,6 +353,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "machine": _machine,
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
+    "local-gpu-fresh-processes": functools.partial(_one, render_suite, LOCAL_GPU_FRESH_PROCESSES),
     "cpu": functools.partial(_one, render_load, CPU),
     "store": functools.partial(_one, render_suite, STORE),
     "store-cpu": functools.partial(_one, render_suite, STORE_CPU),

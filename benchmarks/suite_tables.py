@@ -56,8 +56,12 @@ def _contender_rows(c: Data) -> List[List[str]]:
 
 
 def _contenders(r: Data, gbps: str = "GB/s") -> str:
-    """The contenders' table, then the ratios against the run's limits."""
-    return _table(["contender", "seconds", gbps], _contender_rows(r["contenders"])) + _ratio_lines(r)
+    """The contenders' table (none when the run timed only fresh processes), then the ratios
+    against the run's limits."""
+    rows = _contender_rows(r["contenders"])
+    if not rows:
+        return _ratio_lines(r).lstrip("\n")
+    return _table(["contender", "seconds", gbps], rows) + _ratio_lines(r)
 
 
 def render_local(data: Data) -> str:
@@ -98,7 +102,14 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str) -> str:
         ratio = _pair(load["best_gbps"] / limit, load["median_gbps"] / limit) if limit else "–"
         rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
                      _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
-    return _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
+    out = _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
+    made = [run["stats"]["staging_alloc_s"] for run in fresh.get("sllm", {}).get("runs", [])
+            if "staging_alloc_s" in run.get("stats", {})]
+    if made:
+        threads = fresh["sllm"]["runs"][0]["stats"].get("threads", "its")
+        out += (f"\n`sllm` made its page-locked staging buffers in {min(made):.2f}–{max(made):.2f} "
+                f"thread-seconds, spread over {threads} reader threads.\n")
+    return out
 
 
 def render_store(data: Data) -> str:
