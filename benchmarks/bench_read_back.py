@@ -41,7 +41,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import write_json  # noqa: E402
-from weed import BUCKET, KEY, SECRET, start_weed  # noqa: E402
+from weed import BUCKET, KEY, SECRET, start_weed, stop_weed  # noqa: E402
 
 log = logging.getLogger("bench_read_back")
 VARIANTS = ("read_back", "whole_gets")
@@ -163,11 +163,7 @@ def main(argv: List[str] | None = None) -> int:
                 raise SystemExit(f"{variant} failed:\n{r.stdout}{r.stderr}")
             results[variant] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_weed(proc)
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{'load':10} {'round':>5} {'GB/s':>6} {'load s':>7} {'durable s':>10} {'client CPU s':>13} "

@@ -66,9 +66,7 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +76,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import GB, Evictor, RawReader, run_rounds, source_files, write_json  # noqa: E402
-from weed import BUCKET, KEY, SECRET, split_cores, start_weed  # noqa: E402
+from weed import BUCKET, KEY, SECRET, split_cores, start_weed, stop_weed  # noqa: E402
 
 log = logging.getLogger("bench_remote")
 
@@ -380,11 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["sllm_remote_reports"] = remote_stats
         results["remote_load_checked"] = check_remote()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_weed(proc)
         shutil.rmtree(work, ignore_errors=True)
 
     raw = max(results[k]["gbps"] for k in results if k.startswith("raw_get") and "gbps" in results[k])

@@ -10,9 +10,10 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 KEY, SECRET, BUCKET = "benchkey", "benchsecret", "bench"
+_PORTS: Dict[int, List[int]] = {}  # a running server's ports, by pid (for stop_weed)
 
 
 def free_port() -> int:
@@ -42,6 +43,8 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
         "name": "b", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
         "actions": ["Admin", "Read", "Write", "List"]}]}))
     (workdir / "data").mkdir(exist_ok=True)
+    sockets = workdir / "tmp"
+    sockets.mkdir(exist_ok=True)
     p = {k: free_port() for k in ("s3", "master", "volume", "filer", "iceberg", "lance")}
     proc = subprocess.Popen(
         [weed, "server", f"-dir={workdir / 'data'}", "-s3", f"-s3.port={p['s3']}",
@@ -50,8 +53,10 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
          f"-filer.port={p['filer']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
          "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024", "-volume.max=200"],
         stdout=open(workdir / "weed.log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(sockets)},  # its gRPC sockets, left there: in the workdir
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
+    _PORTS[proc.pid] = list(p.values())
     import obstore
     from obstore.store import S3Store
 
@@ -67,7 +72,29 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
             return proc, endpoint
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                stop_weed(proc)
                 tail = (workdir / "weed.log").read_text()[-2000:]
                 raise SystemExit("weed did not start: " + tail) from None
             time.sleep(0.5)
+
+
+def stop_weed(proc: subprocess.Popen) -> None:
+    """Stops a server of :func:`start_weed` (SIGTERM, then SIGKILL after 20 s) and removes the
+    gRPC sockets it leaves in /tmp (``seaweedfs-*-PORT.sock``, whatever $TMPDIR says)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    remove_sockets(_PORTS.pop(proc.pid, []))
+
+
+def remove_sockets(ports: List[int]) -> None:
+    """Removes the unix sockets SeaweedFS leaves in /tmp for these ports (and their gRPC ports,
+    each 10000 above)."""
+    wanted = {str(n) for p in ports for n in (p, p + 10000)}
+    for sock in Path("/tmp").glob("seaweedfs-*.sock"):
+        if sock.stem.rsplit("-", 1)[-1] in wanted:
+            sock.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,17 @@ class _PortTaken(Exception):
     pass
 
 
+def _weed_helpers() -> Any:
+    """benchmarks/weed.py (its remove_sockets), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_bench_weed", Path(__file__).resolve().parent.parent / "benchmarks" / "weed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class Weed:
     """One SeaweedFS server (master, volume, filer, S3) on loopback ports, restartable in place."""
 
@@ -53,6 +65,9 @@ class Weed:
             "actions": ["Admin", "Read", "Write", "List"]}]}))
         (d / "data").mkdir(exist_ok=True)
         self.proc: subprocess.Popen | None = None
+        # weed leaves its logs in $TMPDIR (a directory of their own, removed when it stops) and
+        # its gRPC sockets in /tmp (removed by port)
+        self.sockets = Path(tempfile.mkdtemp(prefix="sllm-weed-"))
         for attempt in range(3):  # a free port may be taken by another process before weed binds it
             self._pick_ports()
             try:
@@ -75,13 +90,14 @@ class Weed:
     def start(self) -> None:
         p, d = self.ports, self.d
         self.log = open(d / "weed.log", "a")
+        self.sockets.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             [WEED, "server", f"-dir={d / 'data'}", "-s3", f"-s3.port={p['s3']}",
              f"-s3.config={d / 'id.json'}", f"-master.port={p['master']}",
              f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
              "-ip=127.0.0.1", "-master.volumeSizeLimitMB=64"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(self.sockets)},
         )
         from obstore.store import S3Store
 
@@ -103,9 +119,7 @@ class Weed:
                 return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.proc.kill()
-                    self.proc.wait()
-                    self.log.close()
+                    self.kill()
                     log = (d / "weed.log").read_text()[-2000:]
                     if "address already in use" in log:
                         (d / "weed.log").write_text("")
@@ -117,7 +131,12 @@ class Weed:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._clean()
+
+    def _clean(self) -> None:
         self.log.close()
+        shutil.rmtree(self.sockets, ignore_errors=True)
+        _weed_helpers().remove_sockets(list(self.ports.values()))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -127,7 +146,7 @@ class Weed:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        self._clean()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from typing import Any, Dict, List
 
 import limits
 from common import GB, Rounds, Run, checker, tensor_digests, usable
-from weed import BUCKET, KEY, SECRET, split_cores, start_weed
+from weed import BUCKET, KEY, SECRET, split_cores, start_weed, stop_weed
 
 log = logging.getLogger("benchmarks.remote")
 
@@ -191,8 +191,7 @@ def main(args: argparse.Namespace) -> int:
             threads=[4, 16] if args.quick else [4, 8, 16, 32],
             blocks_mib=[16] if args.quick else [16, 32, 64], limit=None)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_weed(proc)
     run.results["contenders"] = contenders
     return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
