@@ -152,7 +152,9 @@ def _cmd_load(args: argparse.Namespace) -> int:
     print(f"  pipeline: {stats['threads']} threads, {stats['chunks_direct']} direct + "
           f"{stats['chunks_staged']} staged chunks, io_mode {stats['io_mode']}"
           f" (O_DIRECT {'on' if stats['o_direct_used'] else 'off'})"
-          + (f", {stats['chunks_verified']} chunks verified" if stats["chunks_verified"] else ""))
+          + (f", {stats['chunks_verified']} chunks verified" if stats["chunks_verified"] else "")
+          + (f", staging buffers made in {stats['staging_alloc_s']:.3f} thread-s"
+             if stats.get("staging_alloc_s") else ""))
     return 0
 
 
