@@ -105,10 +105,19 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str) -> str:
     out = _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
     made = [run["stats"]["staging_alloc_s"] for run in fresh.get("sllm", {}).get("runs", [])
             if "staging_alloc_s" in run.get("stats", {})]
-    if made:
+    if made and max(made) > 0:  # loads to the CPU from its mapped files stage nothing
         threads = fresh["sllm"]["runs"][0]["stats"].get("threads", "its")
         out += (f"\n`sllm` made its page-locked staging buffers in {min(made):.2f}–{max(made):.2f} "
                 f"thread-seconds, spread over {threads} reader threads.\n")
+    model = [run["stats"]["model"] for run in fresh.get("load_model", {}).get("runs", [])
+             if "model" in run.get("stats", {})]
+    if model:
+        def span(key: str) -> str:
+            low, high = (f"{f(m.get(key, 0.0) for m in model):.3f}" for f in (min, max))
+            return f"{low} s" if low == high else f"{low}–{high} s"
+        out += (f"\n`load_model` built its model in {span('build_s')} beside the load; the loaded "
+                f"weights then waited {span('build_wait_s')} for it, and the model took "
+                f"{span('assemble_s')} to assemble from them.\n")
     return out
 
 

@@ -253,16 +253,19 @@ class _ModelOptions:
 
 
 def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: Optional[torch.dtype],
-                         early: Optional[torch.device], t0: float) -> tuple[nn.Module, Any]:
+                         early: Optional[torch.device], t0: float, timings: dict[str, float],
+                         ) -> tuple[nn.Module, Any]:
     """The model built on the meta device, and (when ``early`` is known) the weights loaded onto
     it meanwhile: the load runs in this thread (so that Ctrl-C cancels it) while another thread
-    imports transformers and builds the model."""
+    imports transformers and builds the model. ``timings`` gets ``build_s`` (importing, the
+    config, building) and, for a blocking load, ``build_wait_s`` (how long the loaded weights
+    waited for the model)."""
     root = checkpoint.model_dir()
     built: dict[str, Any] = {}
 
     def build() -> None:
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             import transformers
 
             logger.debug("transformers imported in %.2f s", time.perf_counter() - started)
@@ -279,6 +282,7 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
                     "if the checkpoint is of another model class, pass it as hf_model_class=...") from e
         except BaseException as e:  # re-raised in the caller's thread
             built["error"] = e
+        timings["build_s"] = time.perf_counter() - started
 
     loaded: Any = None
     if early is not None and options.stream:  # the load runs on its own thread from the start
@@ -290,7 +294,9 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
         try:
             loaded = load_opened(checkpoint, early, t0)
         finally:
+            waited = time.perf_counter()
             builder.join()
+            timings["build_wait_s"] = time.perf_counter() - waited
     else:
         build()
     if "error" in built:
@@ -314,7 +320,8 @@ def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tu
     early = _fast_single_device(device_map, index)
     if early is not None:  # the first forward's kernels load while the weights do
         warmup.start(early, dtype, root, index.total_bytes)
-    model, loaded = _build_while_loading(checkpoint, options, dtype, early, t0)
+    timings: dict[str, float] = {}
+    model, loaded = _build_while_loading(checkpoint, options, dtype, early, t0, timings)
 
     if early is not None:
         placement: dict[str, Any] = {"": early}
@@ -344,10 +351,13 @@ def _load_model(checkpoint: Checkpoint, t0: float, options: _ModelOptions) -> tu
     if loaded is None:
         loaded = load_opened(checkpoint, assign, t0)
     tensors, report = loaded
+    assembling = time.perf_counter()
     state = _model_state(model, tensors, names, dtype)
     _assign_state(model, state, root, expected, devices)
     model = _place(model, devices, root)
     report.seconds = time.perf_counter() - t0
+    # where the model's time beside the load went (docs/benchmarks.md)
+    report.stats["model"] = {**timings, "assemble_s": time.perf_counter() - assembling}
     return model, report
 
 

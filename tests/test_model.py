@@ -210,6 +210,20 @@ def test_concurrent_load_model_calls_do_not_disturb_each_other(llama_dirs) -> No
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_the_report_says_where_the_model_time_went(llama_dirs) -> None:
+    """Beside the load's own figures, the report of a model load gives the time spent building
+    the model, how long the loaded weights waited for it, and assembling the model from them; the
+    load's time covers them all."""
+    from sllm_store.model import load_model_with_report
+
+    _, conv = llama_dirs
+    _, report = load_model_with_report(conv, device_map="cpu")
+    timings = report.stats["model"]
+    assert set(timings) == {"build_s", "build_wait_s", "assemble_s"}, timings
+    assert all(v >= 0 for v in timings.values()) and timings["build_s"] > 0, timings
+    assert report.seconds >= timings["build_wait_s"] + timings["assemble_s"], (report.seconds, timings)
+
+
 def test_dtype_argument_and_config_dtype(llama_dirs, tmp_path) -> None:
     import json
     import shutil

@@ -67,20 +67,28 @@ def shards(src: Path) -> List[Path]:
     return files
 
 
-def make_loader(name: str, src: Path, ck: Path, device: str, threads: int) -> Callable[[], Dict[str, Any]]:
-    """The load of one contender (raises ImportError when its package is missing)."""
+def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
+                stats: Optional[Dict[str, Any]] = None) -> Callable[[], Dict[str, Any]]:
+    """The load of one contender (raises ImportError when its package is missing). ``stats``: our
+    loads put their report's figures there."""
+    stats = {} if stats is None else stats
     if name in ("sllm", "serverlessllm"):
-        import sllm_store
+        from sllm_store.loader import load_state_dict_with_report
 
         path = ck if name == "sllm" else serverlessllm_copy(src)
-        return lambda: sllm_store.load_state_dict(path, device)
+
+        def load_sd() -> Dict[str, Any]:
+            out, report = load_state_dict_with_report(path, device)
+            stats.update(report.stats)
+            return out
+        return load_sd
     if name in IO_VARIANTS:
         import sllm_store
 
         io_mode = name.removeprefix("sllm_")
         return lambda: sllm_store.load_state_dict(ck, device, io_mode=io_mode)
     if name in MODELS:
-        return model_loader(name, src, ck, device)
+        return model_loader(name, src, ck, device, stats)
     files = [str(f) for f in shards(src)]
     if name == "safetensors":
         from safetensors.torch import load_file
@@ -134,21 +142,25 @@ def write_serverlessllm_copy(src: Path, ck: Path) -> List[Path]:
     return serverlessllm_partitions(out)
 
 
-def model_loader(name: str, src: Path, ck: Path, device: str) -> Callable[[], Dict[str, Any]]:
-    """``load_model`` or ``from_pretrained`` in bf16; the model's classes are imported here, before
-    any timing (a fresh process pays for them)."""
+def model_loader(name: str, src: Path, ck: Path, device: str,
+                 stats: Dict[str, Any]) -> Callable[[], Dict[str, Any]]:
+    """``load_model`` (its report's figures into ``stats``) or ``from_pretrained`` in bf16; the
+    model's classes are imported here, before any timing (a fresh process pays for them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import sllm_store
+    from sllm_store.model import load_model_with_report
 
     if not (src / "config.json").is_file():
         raise ImportError(f"{src} has no config.json")
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     if name == "load_model":
-        return lambda: dict(sllm_store.load_model(ck, device_map=device,
-                                                  torch_dtype=torch.bfloat16).state_dict())
+        def load() -> Dict[str, Any]:
+            model, report = load_model_with_report(ck, device_map=device, torch_dtype=torch.bfloat16)
+            stats.update(report.stats)
+            return dict(model.state_dict())
+        return load
     device_map = None if device == "cpu" else device  # a device_map needs accelerate
     return lambda: dict(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
                                                              device_map=device_map).state_dict())
@@ -169,16 +181,8 @@ def child_main(argv: List[str]) -> int:
         torch.empty(1, device=device)
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    stats: Dict[str, Any] = {}  # the sllm load's own account: its reads, the staging buffers it made
-    if name == "sllm":
-        from sllm_store.loader import load_state_dict_with_report
-
-        def load() -> Dict[str, Any]:
-            out, report = load_state_dict_with_report(ck, device)
-            stats.update(report.stats)
-            return out
-    else:
-        load = make_loader(name, src, ck, device, threads)
+    stats: Dict[str, Any] = {}  # the load's own account (its reads, staging buffers, model building)
+    load = make_loader(name, src, ck, device, threads, stats)
     t3 = time.perf_counter()
     out = usable(load, device)()  # on the CPU: the load and one pass over every byte
     if device != "cpu":
