@@ -129,7 +129,7 @@ def thousands(x: float) -> str:
     return f"{x / 1000:.0f} k" if x >= 1000 else f"{x:.0f}"
 
 
-# --- bench_load.py: GPU and CPU paths, and the machine ------------------------------------------
+# --- bench_load.py: the 16-core CPU path --------------------------------------------------------
 
 def _load_gbps(rec: Optional[Data]) -> tuple[Optional[float], Optional[float]]:
     """Best GB/s of a bench_load result, and the median when it has more than one time."""
@@ -179,26 +179,32 @@ def render_load(name: str, data: Data) -> str:
 
 
 def _gpu_of(data: Data) -> Optional[str]:
-    return data.get("gpu") or (data.get("environment") or {}).get("gpu")
+    """The GPU model a run.py result records (None without a GPU)."""
+    gpus = (data.get("machine") or {}).get("gpus") or []
+    return gpus[0].split(",")[0] if gpus else None
 
 
 def render_machine(name: str, data: Data, others: Sequence[tuple[str, Data]]) -> str:
-    env = data["environment"]
-    mem_kb = int(str(env.get("mem_total", "0")).split()[0] or 0)
+    """The machine a run.py result records, and the other results of the same GPU model."""
+    m, v = data["machine"], data.get("versions", {})
+    gpus = m.get("gpus") or []
+    gpu, driver, memory = (gpus[0].split(", ") + ["?", "?"])[:3] if gpus else ("none", "–", "–")
+    mem_kb = int(str(m.get("mem_total", "0")).split()[0] or 0)
     rows = [
-        ["GPU", f"{env.get('gpu')} ({env.get('gpu_memory_gib')} GiB), {env.get('gpu_count')} GPU"],
-        ["CPU", f"{env.get('cpu_model')}, {env.get('cpu_count')} cores"],
+        ["GPU", f"{gpu} ({memory}), driver {driver}, {len(gpus)} GPU"],
+        ["CPU", f"{m.get('cpu_model')}, {m.get('cpu_count')} cores"],
         ["RAM", f"{mem_kb / 2**20:.1f} GiB"],
-        ["disk", f"{env.get('fs_converted')}"],
-        ["OS", f"`{env.get('platform')}`"],
-        ["software", f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
-                     f"safetensors {env.get('safetensors')}, sllm_store {env.get('sllm_store')}"],
+        ["disk", f"{m.get('filesystem')}"],
+        ["OS", f"`{m.get('platform')}`"],
+        ["software", f"Python {v.get('python')}, torch {v.get('torch')} (CUDA {v.get('torch_cuda')}), "
+                     f"safetensors {v.get('safetensors')}, transformers {v.get('transformers')}, "
+                     f"sllm_store {v.get('sllm_store')}"],
     ]
-    same = [n for n, d in others if _gpu_of(d) == env.get("gpu")]
-    listed = ", ".join(f"`{n}`" for n in [name, *same])
+    same = sorted({n for n, d in others if n != name and _gpu_of(d) == gpu})
+    listed = ", ".join(f"`{n}`" for n in same)
     return (table(["", "as recorded"], rows) + "\n"
-            + f"Recorded in `{RESULTS}/{name}`, {date_of(data)}. "
-            + f"The JSON files that record this GPU: {listed}.\n")
+            + f"Recorded in `{RESULTS}/{name}`, {date_of(data)}; the other runs on this GPU model, each on "
+            + f"a machine of this kind: {listed or 'none'}.\n")
 
 
 # --- bench_remote.py ----------------------------------------------------------------------------
@@ -299,7 +305,6 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 LOCAL_GPU = "2026-12-06-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
 LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
 LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
-GPU = "2026-11-23-h100-gpu-8b.json"  # the machine table's source
 CPU = "2026-11-23-h100-cpu-8b.json"
 STORE = "2026-12-06-h100-store.json"  # run.py store
 STORE_CPU = "2026-12-06-cpu-store.json"  # run.py store --device cpu, for its steps
@@ -331,8 +336,11 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 
 def _machine(root: Path) -> str:
-    others = [(n, load_json(root, n)) for n in (CPU,)]
-    return render_machine(GPU, load_json(root, GPU), others)
+    """The machine of the GPU table, and the other run.py results of its GPU model."""
+    others = [(n, load_json(root, n)) for n in (LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, STORE, COMPRESS,
+                                                 REMOTE_SPLIT, STREAM_COLD, STREAM, STREAM_PREIMPORT,
+                                                 STREAM_PREIMPORT_WARM, GPU_TIER)]
+    return render_machine(LOCAL_GPU, load_json(root, LOCAL_GPU), others)
 
 
 def _targets(root: Path) -> str:
