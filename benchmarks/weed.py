@@ -43,8 +43,8 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
         "name": "b", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
         "actions": ["Admin", "Read", "Write", "List"]}]}))
     (workdir / "data").mkdir(exist_ok=True)
-    sockets = workdir / "tmp"
-    sockets.mkdir(exist_ok=True)
+    logs = workdir / "tmp"  # its $TMPDIR: glog writes its files there (its sockets go to /tmp)
+    logs.mkdir(exist_ok=True)
     p = {k: free_port() for k in ("s3", "master", "volume", "filer", "iceberg", "lance")}
     proc = subprocess.Popen(
         [weed, "server", f"-dir={workdir / 'data'}", "-s3", f"-s3.port={p['s3']}",
@@ -53,7 +53,7 @@ def start_weed(weed: str, workdir: Path, cpus: Optional[List[int]] = None) -> tu
          f"-filer.port={p['filer']}", f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
          "-ip=127.0.0.1", "-master.volumeSizeLimitMB=1024", "-volume.max=200"],
         stdout=open(workdir / "weed.log", "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "TMPDIR": str(sockets)},  # its gRPC sockets, left there: in the workdir
+        env={**os.environ, "TMPDIR": str(logs)},
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     _PORTS[proc.pid] = list(p.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,8 +44,9 @@ class _PortTaken(Exception):
     pass
 
 
+@functools.cache
 def _weed_helpers() -> Any:
-    """benchmarks/weed.py (its remove_sockets), loaded by path."""
+    """benchmarks/weed.py (its remove_sockets), loaded by path once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -67,7 +69,7 @@ class Weed:
         self.proc: subprocess.Popen | None = None
         # weed leaves its logs in $TMPDIR (a directory of their own, removed when it stops) and
         # its gRPC sockets in /tmp (removed by port)
-        self.sockets = Path(tempfile.mkdtemp(prefix="sllm-weed-"))
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="sllm-weed-"))
         for attempt in range(3):  # a free port may be taken by another process before weed binds it
             self._pick_ports()
             try:
@@ -90,14 +92,14 @@ class Weed:
     def start(self) -> None:
         p, d = self.ports, self.d
         self.log = open(d / "weed.log", "a")
-        self.sockets.mkdir(exist_ok=True)
+        self.tmpdir.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             [WEED, "server", f"-dir={d / 'data'}", "-s3", f"-s3.port={p['s3']}",
              f"-s3.config={d / 'id.json'}", f"-master.port={p['master']}",
              f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
              "-ip=127.0.0.1", "-master.volumeSizeLimitMB=64"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(self.sockets)},
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(self.tmpdir)},
         )
         from obstore.store import S3Store
 
@@ -135,7 +137,7 @@ class Weed:
 
     def _clean(self) -> None:
         self.log.close()
-        shutil.rmtree(self.sockets, ignore_errors=True)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
         _weed_helpers().remove_sockets(list(self.ports.values()))
 
     def stop(self) -> None:
