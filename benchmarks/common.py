@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 log = logging.getLogger("benchmarks")
 
 GB = 1e9
+COLD_RESIDENT_MAX = 0.05  # the most of a cold round's files that may be resident before it
+WARM_RESIDENT_MIN = 0.99  # the least of a warm round's files that must be
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -349,6 +351,8 @@ class Contender:
     before: Optional[Callable[[], None]] = None  # untimed: evict, warm, free memory
     check: Optional[Callable[[Any], Optional[str]]] = None  # None when the output is right, else why
     seconds_of: Optional[Callable[[Any], float]] = None  # a time the contender reports itself
+    # ("cold" or "warm", the files it reads): their resident fraction is recorded before each round
+    cache: Optional[Tuple[str, Sequence[Path]]] = None
 
 
 class Rounds:
@@ -367,6 +371,7 @@ class Rounds:
 
     def run(self) -> Dict[str, Dict[str, Any]]:
         times: Dict[str, List[float]] = {c.name: [] for c in self.contenders}
+        self.resident: Dict[str, List[Optional[float]]] = {c.name: [] for c in self.contenders if c.cache}
         errors: Dict[str, str] = {}
         for r in range(self.rounds):
             order = self.contenders if r % 2 == 0 else self.contenders[::-1]
@@ -381,11 +386,16 @@ class Rounds:
                     errors[c.name] = f"{type(e).__name__}: {e}"[:500]
                     log.error("%s: %s", c.name, errors[c.name])
                 gc.collect()
-        return {c.name: summary(times[c.name], c.nbytes, errors.get(c.name)) for c in self.contenders}
+        out = {c.name: summary(times[c.name], c.nbytes, errors.get(c.name)) for c in self.contenders}
+        for name, fractions in self.resident.items():
+            out[name]["resident_before"] = fractions
+        return out
 
     def _time(self, c: Contender) -> float:
         if c.before is not None:
             c.before()
+        if c.cache is not None:
+            self._record_cache(c)
         t0 = time.perf_counter()
         out = c.fn()
         self.sync()
@@ -398,6 +408,23 @@ class Rounds:
                 raise AssertionError(f"wrong output: {problem}")
         del out
         return elapsed
+
+
+    def _record_cache(self, c: Contender) -> None:
+        """The resident fraction of the contender's files just before its timed call, and a
+        warning when it is not the round's state (a cold round over 5%, a warm one under 99%)."""
+        from sllm_store.utils import page_cache_fraction
+
+        state, files = c.cache  # type: ignore[misc]
+        fraction = page_cache_fraction(files)
+        self.resident[c.name].append(fraction)
+        if fraction is not None and not cache_state_ok(state, fraction):
+            log.warning("%s: %.0f%% of its files resident before a %s round", c.name, 100 * fraction, state)
+
+
+def cache_state_ok(state: str, fraction: float) -> bool:
+    """Whether ``fraction`` of a round's files resident before it matches the round's state."""
+    return fraction <= COLD_RESIDENT_MAX if state == "cold" else fraction >= WARM_RESIDENT_MIN
 
 
 def summary(times: Sequence[float], nbytes: int, error: Optional[str] = None) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from common import local_limits
+from common import cache_state_ok, local_limits
 
 Data = Dict[str, Any]
 
@@ -55,13 +55,28 @@ def _contender_rows(c: Data) -> List[List[str]]:
     return rows
 
 
+def _cache_note(runs: Dict[str, List[Optional[float]]]) -> str:
+    """A line naming the rounds whose files were not in the page-cache state of the contender's
+    name (``-cold`` / ``-warm``, or ``cold`` / ``warm`` for fresh runs) when they started."""
+    wrong = []
+    for name, fractions in runs.items():
+        state = "cold" if name.endswith("cold") else "warm"
+        bad = [f"round {i + 1}: {100 * f:.0f}%" for i, f in enumerate(fractions)
+               if f is not None and not cache_state_ok(state, f)]
+        if bad:
+            wrong.append(f"`{name}` ({', '.join(bad)} resident)")
+    return ("\nNot in their page-cache state when they started: " + "; ".join(wrong) + ".\n") if wrong else ""
+
+
 def _contenders(r: Data, gbps: str = "GB/s") -> str:
-    """The contenders' table (none when the run timed only fresh processes), then the ratios
-    against the run's limits."""
+    """The contenders' table (none when the run timed only fresh processes), then the rounds not
+    in their page-cache state, and the ratios against the run's limits."""
     rows = _contender_rows(r["contenders"])
     if not rows:
         return _ratio_lines(r).lstrip("\n")
-    return _table(["contender", "seconds", gbps], rows) + _ratio_lines(r)
+    note = _cache_note({n: c["resident_before"] for n, c in r["contenders"].items()
+                        if "resident_before" in c})
+    return _table(["contender", "seconds", gbps], rows) + note + _ratio_lines(r)
 
 
 def render_local(data: Data) -> str:
@@ -85,14 +100,15 @@ def render_local(data: Data) -> str:
                                           ("fresh_warm", "page-cached", warm_limit, "warm limit")):
         if r.get(key):
             lines += [f"\nFirst load in a fresh process, {title}:\n\n",
-                      _fresh_table(r[key], limit, limit_name)]
+                      _fresh_table(r[key], limit, limit_name, "cold" if key == "fresh_cold" else "warm")]
     if r.get("skipped"):
         lines.append("\nNot run: " + "; ".join(f"`{k}` ({v})" for k, v in r["skipped"].items()) + ".\n")
     return "".join(lines)
 
 
-def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str) -> str:
-    """Each contender's fresh-process load: seconds, over ``limit`` (GB/s), the whole process."""
+def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str, state: str) -> str:
+    """Each contender's fresh-process load: seconds, over ``limit`` (GB/s), the whole process;
+    the runs that did not start in the page-cache ``state``."""
     rows = []
     for name, rec in fresh.items():
         if "error" in rec:
@@ -103,6 +119,8 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str) -> str:
         rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
                      _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
     out = _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
+    out += _cache_note({f"{name} {state}": [run["resident_before"] for run in rec.get("runs", [])
+                                            if "resident_before" in run] for name, rec in fresh.items()})
     made = [run["stats"]["staging_alloc_s"] for run in fresh.get("sllm", {}).get("runs", [])
             if "staging_alloc_s" in run.get("stats", {})]
     if made and max(made) > 0:  # loads to the CPU from its mapped files stage nothing

@@ -66,3 +66,29 @@ def test_targets_are_judged_on_the_median():
     assert targets.ratio("load_model-fresh-cold time / sllm-fresh-cold time")(fresh) is None
     table = targets.render(lambda constant: ("r.json", {"results": {"ratios": {}}}))
     assert f"0 of {len(targets.TARGETS)} targets met" in table and "not measured by this run" in table
+
+
+def test_rounds_not_in_their_page_cache_state_are_named():
+    """A local-suite table names every round whose files were not in its state when it started
+    (a warm round with its files on the disk, a cold one with them cached), from the resident
+    fraction the suite records before each round."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import suite_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def rec(resident):
+        return {"bytes": 1e9, "all_s": [1.0] * len(resident), "best_s": 1.0, "median_s": 1.0,
+                "best_gbps": 1.0, "median_gbps": 1.0, "resident_before": resident}
+
+    r = {"contenders": {"sllm-cold": rec([0.0, 0.01, 0.0]), "safetensors-warm": rec([0.0, 1.0, 0.4]),
+                        "sllm-warm": rec([1.0, 0.995, None])}}
+    out = suite_tables._contenders(r)
+    assert "`safetensors-warm` (round 1: 0%, round 3: 40% resident)" in out
+    assert "sllm-warm`" not in out.split("Not in their page-cache state")[1]
+    assert "sllm-cold` (" not in out
+    r["contenders"]["sllm-cold"] = rec([0.0, 0.5, 0.0])
+    assert "`sllm-cold` (round 2: 50% resident)" in suite_tables._contenders(r)
+    r["contenders"] = {"sllm-warm": rec([1.0, 1.0, 1.0])}
+    assert "Not in their page-cache state" not in suite_tables._contenders(r)

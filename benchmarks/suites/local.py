@@ -28,13 +28,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, checker, fresh_ratios, local_limits, summary, tensor_digests, usable  # noqa: E402
+from common import (  # noqa: E402
+    Rounds,
+    Run,
+    cache_state_ok,
+    checker,
+    fresh_ratios,
+    local_limits,
+    summary,
+    tensor_digests,
+    usable,
+)
 
 log = logging.getLogger("benchmarks.local")
 
@@ -231,9 +241,12 @@ def measure_limits(run: Run, args: argparse.Namespace, files: List[Path]) -> Non
 
 
 def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path, before: Callable[[], None],
-                 threads: int, reference: Dict[str, int]) -> Dict[str, Any]:
+                 threads: int, reference: Dict[str, int], cache: Tuple[str, List[Path]]) -> Dict[str, Any]:
     """Each contender's first load in a fresh process, ``rounds`` times (interleaved), after
-    ``before`` (the page cache dropped or filled), its output checked against ``reference``."""
+    ``before`` (the page cache dropped or filled: ``cache``, the state and its files, whose resident
+    fraction each run records), its output checked against ``reference``."""
+    from sllm_store.utils import page_cache_fraction
+
     digests = Path(run.scratch()) / "digests.json"
     digests.write_text(json.dumps(reference))
     runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
@@ -243,8 +256,13 @@ def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path,
             if name in errors:
                 continue
             before()
+            resident = page_cache_fraction(cache[1])
+            if resident is not None and not cache_state_ok(cache[0], resident):
+                log.warning("fresh %s: %.0f%% of its files resident before a %s run", name, 100 * resident,
+                            cache[0])
             try:
-                runs[name].append(fresh_load(name, args, ck, threads, digests))
+                record = fresh_load(name, args, ck, threads, digests)
+                runs[name].append({**record, "resident_before": resident})
             except RuntimeError as e:
                 errors[name] = str(e)[-500:]
     nbytes = run.results["bytes"]
@@ -288,7 +306,8 @@ def main(args: argparse.Namespace) -> int:
     best = run.results["disk_sweep"]["cold"]["best"]
     if best and "cold" in modes:
         reader = limits.RawReader(best["threads"], best["block_mib"] << 20)
-        rounds.add("raw-cold", lambda: reader.read(files, best["direct"]), nbytes, before=evict)
+        rounds.add("raw-cold", lambda: reader.read(files, best["direct"]), nbytes, before=evict,
+                   cache=("cold", files))
     skipped: Dict[str, str] = {}
     loaders = {}
     for name in args.contenders.split(","):
@@ -304,11 +323,12 @@ def main(args: argparse.Namespace) -> int:
     for state, before in (("cold", evict), ("warm", warm)):
         if state in modes:
             for name, fn in loaders.items():
-                rounds.add(f"{name}-{state}", fn, nbytes, before=before,
+                rounds.add(f"{name}-{state}", fn, nbytes, before=before, cache=(state, data),
                            check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
-    fresh = {key: fresh_rounds(run, args, list(loaders), ck, before, threads, reference)
-             for mode, key, before in (("fresh", "fresh_cold", evict), ("fresh-warm", "fresh_warm", warm))
+    fresh = {key: fresh_rounds(run, args, list(loaders), ck, before, threads, reference, (state, data))
+             for mode, key, before, state in (("fresh", "fresh_cold", evict, "cold"),
+                                              ("fresh-warm", "fresh_warm", warm, "warm"))
              if mode in modes}
     run.results.update(contenders=contenders, **fresh, skipped=skipped)
     failed = list(contenders.values()) + [c for f in fresh.values() for c in f.values()]
