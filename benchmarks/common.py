@@ -306,6 +306,32 @@ def run_child(script: str, args: Sequence[str], timeout: float = 900) -> Dict[st
     return rec
 
 
+class FreshChild:
+    """A load in a fresh process (``python SCRIPT --child ARGS``) as a :class:`Rounds` contender:
+    the process times its load itself (``seconds_of=lambda r: r["load_s"]``); the figures of every
+    round are kept in ``runs``."""
+
+    def __init__(self, script: str, args: Sequence[str]) -> None:
+        self.script, self.args = script, list(args)
+        self.runs: List[Dict[str, Any]] = []
+
+    def __call__(self) -> Dict[str, Any]:
+        rec = run_child(self.script, self.args)
+        self.runs.append(rec)
+        return rec
+
+
+def process_summary(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
+    """Best and median of each fresh-process figure (``import_s``, ``cuda_s``, ``setup_s``,
+    ``load_s``, ``process_s``), and of each step its load's report timed (``steps``)."""
+    keys = ("import_s", "cuda_s", "setup_s", "load_s", "process_s")
+    out = {k: summary([r[k] for r in runs], nbytes) for k in keys if runs and all(k in r for r in runs)}
+    steps = sorted({k for r in runs for k in r.get("steps", {})})
+    if steps and all(set(r.get("steps", {})) == set(steps) for r in runs):
+        out["steps"] = {k: summary([r["steps"][k] for r in runs], nbytes) for k in steps}
+    return out
+
+
 def tensor_digests(state_dict: Dict[str, Any]) -> Dict[str, int]:
     """XXH3-64 of every tensor's bytes (GPU tensors copied back). Names of one tensor (a model's
     tied weights) share its digest: its bytes are read once, as a model reads them."""

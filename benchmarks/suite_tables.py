@@ -145,19 +145,7 @@ def render_store(data: Data) -> str:
     if "h2d" in r:
         lines.append(f"Pinned host-to-GPU copy: {r['h2d']['pinned_gbps']:.2f} GB/s. ")
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
-    lines.append(_contenders(r))
-    rows = []
-    fresh = r.get("fresh_processes", {})
-    columns = {"import_s": "import", "cuda_s": "CUDA context", "setup_s": "model built (meta)",
-               "load_s": "load", "process_s": "whole process"}
-    if not any("setup_s" in rec for rec in fresh.values()):
-        del columns["setup_s"]
-    for name, rec in fresh.items():
-        rows.append([f"`{name}`"] + [_pair(rec[k]["best_s"], rec[k]["median_s"], "{:.3f}") if k in rec
-                                     else "–" for k in columns])
-    if rows:
-        header = ["", *columns.values()]
-        lines += ["\nFresh processes, seconds:\n\n", _table(header, rows)]
+    lines += [_contenders(r), _fresh_processes(r)]
     steps = r.get("fresh_processes", {}).get("store-fresh", {}).get("steps")
     if steps:
         order = [k for k in STORE_STEPS if k in steps] + sorted(set(steps) - set(STORE_STEPS))
@@ -166,6 +154,18 @@ def render_store(data: Data) -> str:
         lines += ["\nThe fresh process's load, step by step (its report), seconds:\n\n",
                   _table(["step", "best (median)"], rows)]
     return "".join(lines)
+
+
+def _fresh_processes(r: Data) -> str:
+    """The fresh-process contenders' figures: import, CUDA context, setup, load, whole process."""
+    fresh = r.get("fresh_processes", {})
+    columns = {"import_s": "import", "cuda_s": "CUDA context", "setup_s": "model built (meta)",
+               "load_s": "load", "process_s": "whole process"}
+    if not any("setup_s" in rec for rec in fresh.values()):
+        del columns["setup_s"]
+    rows = [[f"`{name}`"] + [_pair(rec[k]["best_s"], rec[k]["median_s"], "{:.3f}") if k in rec else "–"
+                             for k in columns] for name, rec in fresh.items()]
+    return "\nFresh processes, seconds:\n\n" + _table(["", *columns.values()], rows) if rows else ""
 
 
 # The steps of a store-server load its report times (sllm_store/tiers/store.py).
@@ -205,7 +205,7 @@ def render_remote(data: Data) -> str:
              f"{len(r['get_sweep']['points'])} points)"]
     if disk:
         lines.append(f"; best raw cold read of the cache entry: {disk['gbps']:.2f} GB/s")
-    lines += [f". {r['bytes'] / 1e9:.2f} GB of tensors.\n\n", _contenders(r),
+    lines += [f". {r['bytes'] / 1e9:.2f} GB of tensors.\n\n", _contenders(r), _fresh_processes(r),
               "\nThe sweep of raw ranged GETs, GB/s (rows: piece MiB; columns: GETs in flight):\n\n",
               _get_sweep(r["get_sweep"]["points"])]
     return "".join(lines)

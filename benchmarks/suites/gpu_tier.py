@@ -37,8 +37,10 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, StoreServer, checker, run_child, tensor_digests  # noqa: E402
+from common import FreshChild as Fresh  # noqa: E402
+from common import Rounds, Run, StoreServer, checker, tensor_digests  # noqa: E402
 
+SCRIPT = str(Path(__file__).resolve())  # run again as the fresh processes (--child)
 log = logging.getLogger("benchmarks.gpu_tier")
 
 
@@ -76,16 +78,6 @@ def child_main(argv: List[str]) -> int:
     reference = {k: int(v) for k, v in json.loads(Path(digests_path).read_text()).items()}
     print(json.dumps({"load_s": load_s, "problem": checker(reference)(out)}))
     return 0
-
-
-class Fresh:
-    """A fresh-process load as a Rounds contender (timed inside the process)."""
-
-    def __init__(self, *args: str) -> None:
-        self.args = args
-
-    def __call__(self) -> Dict[str, Any]:
-        return run_child(str(Path(__file__).resolve()), self.args)
 
 
 def finetune(ck: Path) -> Path:
@@ -148,12 +140,12 @@ def main(args: argparse.Namespace) -> int:
         load_s = lambda r: r["load_s"]  # noqa: E731
         for label, kind in (("attach-fresh", "attach"), ("attach-copy-fresh", "attach-copy"),
                             ("attach-again", "attach-again"), ("attach-copy-again", "attach-copy-again")):
-            rounds.add(label, Fresh(kind, name, args.device, gpu.address, str(digests)), nbytes,
+            rounds.add(label, Fresh(SCRIPT, [kind, name, args.device, gpu.address, str(digests)]), nbytes,
                        before=lambda: gpu.client.prefetch(name, to=args.device), seconds_of=load_s)
-        rounds.add("dram-fresh", Fresh("dram", name, args.device, dram.address, str(digests)), nbytes,
-                   seconds_of=load_s)
-        rounds.add("safetensors-fresh", Fresh("safetensors", str(args.src), args.device, "", str(digests)),
+        rounds.add("dram-fresh", Fresh(SCRIPT, ["dram", name, args.device, dram.address, str(digests)]),
                    nbytes, seconds_of=load_s)
+        st_child = ["safetensors", str(args.src), args.device, "", str(digests)]
+        rounds.add("safetensors-fresh", Fresh(SCRIPT, st_child), nbytes, seconds_of=load_s)
         rounds.add("base-resident", lambda: gpu.client.prefetch(name, to=args.device), nbytes,
                    before=lambda: gpu.client.evict("", tier="gpu"), seconds_of=lambda r: r.seconds)
         rounds.add("finetune-resident", lambda: gpu.client.prefetch(ft_name, to=args.device), nbytes,

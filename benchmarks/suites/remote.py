@@ -8,6 +8,8 @@ The converted checkpoint and the source safetensors are uploaded once; then:
   over O_DIRECT/buffered x threads x block sizes (the limit of a reload from the cache);
 * in interleaved rounds, every output checked: ``remote`` (``load_state_dict("s3://...")`` with an
   empty cache, its defaults; the cache write-through finishes before the next contender),
+  ``remote-fresh`` (the same load as the first of a fresh process: importing the library and the
+  S3 client, the CUDA context and the staging buffers are its own; the load is timed inside it),
   ``runai`` (the source safetensors from the same server, as many GETs in flight as ours), and
   ``cached`` (the same URL again: a cold reload from the local cache entry); with
   ``--load-pieces-mib 32,64`` on a GPU, ``remote-32MiB``... load the URL through a remote tier
@@ -22,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
 
-import limits
-from common import GB, Rounds, Run, checker, tensor_digests, usable
-from weed import BUCKET, KEY, SECRET, split_cores, start_weed, stop_weed
+if not __package__:  # run as a script (a fresh process of --child)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import limits  # noqa: E402
+from common import GB, FreshChild, Rounds, Run, checker, process_summary, tensor_digests, usable  # noqa: E402
+from weed import BUCKET, KEY, SECRET, split_cores, start_weed, stop_weed  # noqa: E402
 
 log = logging.getLogger("benchmarks.remote")
 
@@ -49,6 +56,30 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="also load to the GPU with GETs of these piece sizes into the staging blocks "
                          "(contenders remote-NMiB; the default piece is the remote tier's)")
     ap.add_argument("--quick", action="store_true", help="CI: one round, a small sweep")
+
+
+def child_main(argv: List[str]) -> int:
+    """``remote.py --child URL DEVICE DIGESTS``: the URL's load as the first of this fresh process
+    (the server's address, credentials and cache directory come from the environment)."""
+    t0 = time.perf_counter()
+    url, device, digests = argv
+    import torch
+
+    from sllm_store.loader import load_state_dict_with_report
+
+    t1 = time.perf_counter()
+    if device != "cpu":
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    out, report = load_state_dict_with_report(url, device)
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+    t3 = time.perf_counter()
+    reference = {k: int(v) for k, v in json.loads(Path(digests).read_text()).items()}
+    print(json.dumps({"import_s": t1 - t0, "cuda_s": t2 - t1, "load_s": t3 - t2,
+                      "steps": {"report_seconds": report.seconds}, "problem": checker(reference)(out)}))
+    return 0
 
 
 def raw_gets(bucket: Any, prefix: str, files: List[Any], piece: int, gets: int) -> int:
@@ -122,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
 
         reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
         check = checker(reference) if gpu else (lambda d: None if d == reference else "tensor bytes differ")
+        digests = work / "digests.json"
+        digests.write_text(json.dumps(reference))
+        os.environ["SLLM_STORE_CACHE_DIR"] = str(cache.directory)  # the fresh processes' cache
         if gpu:
             torch.empty(1, device=args.device)
 
@@ -170,6 +204,8 @@ def main(args: argparse.Namespace) -> int:
         sync = (lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None)
         rounds = Rounds(run.rounds, sync=sync)
         rounds.add("remote", usable(remote, args.device), nbytes, before=empty_cache, check=check)
+        fresh = FreshChild(str(Path(__file__).resolve()), [url, args.device, str(digests)])
+        rounds.add("remote-fresh", fresh, nbytes, before=empty_cache, seconds_of=lambda r: r["load_s"])
         for n in pieces:
             rounds.add(f"remote-{n}MiB", usable(lambda n=n: remote(f"remote-{n}MiB", n), args.device), nbytes,
                        before=empty_cache, check=check)
@@ -193,11 +229,13 @@ def main(args: argparse.Namespace) -> int:
     finally:
         stop_weed(proc)
     run.results["contenders"] = contenders
+    run.results["fresh_processes"] = {"remote-fresh": process_summary(fresh.runs, nbytes)}
     return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """remote / best raw GET of the sweep, remote / runai, cached / best raw read of the entry."""
+    """remote (and remote-fresh) / best raw GET of the sweep, remote / runai, cached / best raw
+    read of the entry."""
     c = results["contenders"]
     out: Dict[str, Dict[str, float]] = {}
 
@@ -207,9 +245,14 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
 
     get = results["get_sweep"]["best"]["gbps"]
     ratio("remote / best raw GET", c.get("remote", {}), get, get)
+    ratio("remote-fresh / best raw GET", c.get("remote-fresh", {}), get, get)
     rn = c.get("runai", {})
     if "best_gbps" in rn:
         ratio("remote / runai", c["remote"], rn["best_gbps"], rn["median_gbps"])
     disk = (results["cache_disk_sweep"]["best"] or {}).get("gbps")
     ratio("cached / best raw read of the entry", c.get("cached", {}), disk, disk)
     return out
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
+    raise SystemExit(child_main(sys.argv[2:]))

@@ -32,7 +32,16 @@ if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import limits  # noqa: E402
-from common import Rounds, Run, StoreServer, checker, run_child, summary, tensor_digests, usable  # noqa: E402
+from common import (  # noqa: E402
+    FreshChild,
+    Rounds,
+    Run,
+    StoreServer,
+    checker,
+    process_summary,
+    tensor_digests,
+    usable,
+)
 
 log = logging.getLogger("benchmarks.store")
 
@@ -105,23 +114,6 @@ class _CollectionTime:
             self._start = None
 
 
-def fresh(kind: str, name: str, device: str, address: str, digests: Path, src: Path) -> Dict[str, Any]:
-    return run_child(str(Path(__file__).resolve()), [kind, name, device, address, str(digests), str(src)])
-
-
-class FreshContender:
-    """A fresh-process load as a Rounds contender: times the load inside the process; keeps the
-    process figures of every round."""
-
-    def __init__(self, kind: str, *args: Any) -> None:
-        self.kind, self.args, self.runs = kind, args, []
-
-    def __call__(self) -> Dict[str, Any]:
-        rec = fresh(self.kind, *self.args)
-        self.runs.append(rec)
-        return rec
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
@@ -160,11 +152,12 @@ def main(args: argparse.Namespace) -> int:
 
         rounds.add("prefetch-cold", lambda: server.client.prefetch(name), nbytes, before=cold,
                    seconds_of=lambda reply: reply.seconds)
-        fresh_sd = FreshContender("state_dict", name, args.device, server.address, digests, args.src)
+        child = [name, args.device, server.address, str(digests), str(args.src)]
+        fresh_sd = FreshChild(str(Path(__file__).resolve()), ["state_dict", *child])
         rounds.add("store-fresh", fresh_sd, nbytes, before=resident, seconds_of=lambda r: r["load_s"])
         fresh_model = None
         if (ck / "config.json").is_file() and (args.src / "config.json").is_file():
-            fresh_model = FreshContender("load_model", name, args.device, server.address, digests, args.src)
+            fresh_model = FreshChild(str(Path(__file__).resolve()), ["load_model", *child])
             rounds.add("store-fresh-load_model", fresh_model, nbytes, before=resident,
                        seconds_of=lambda r: r["load_s"])
         rounds.add("store-inprocess",
@@ -183,20 +176,9 @@ def main(args: argparse.Namespace) -> int:
         server.close()
     run.results["contenders"] = contenders
     run.results["fresh_processes"] = {
-        "store-fresh": _process(fresh_sd.runs, nbytes),
-        **({"store-fresh-load_model": _process(fresh_model.runs, nbytes)} if fresh_model else {})}
+        "store-fresh": process_summary(fresh_sd.runs, nbytes),
+        **({"store-fresh-load_model": process_summary(fresh_model.runs, nbytes)} if fresh_model else {})}
     return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
-
-
-def _process(runs: List[Dict[str, Any]], nbytes: int) -> Dict[str, Any]:
-    """Best and median of each fresh-process figure, and of each step the load's report timed
-    (``describe_seconds``, ``allocate_seconds``, ``server_seconds``, ``copy_seconds``...)."""
-    keys = ("import_s", "cuda_s", "setup_s", "load_s", "process_s")
-    out = {k: summary([r[k] for r in runs], nbytes) for k in keys if runs and all(k in r for r in runs)}
-    steps = sorted({k for r in runs for k in r.get("steps", {})})
-    if steps and all(set(r.get("steps", {})) == set(steps) for r in runs):
-        out["steps"] = {k: summary([r["steps"][k] for r in runs], nbytes) for k in steps}
-    return out
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
