@@ -159,7 +159,7 @@ def render_store(data: Data) -> str:
 def _fresh_processes(r: Data) -> str:
     """The fresh-process contenders' figures: import, CUDA context, setup, load, whole process."""
     fresh = r.get("fresh_processes", {})
-    columns = {"import_s": "import", "cuda_s": "CUDA context", "setup_s": "model built (meta)",
+    columns = {"import_s": "import", "cuda_s": "CUDA context", "setup_s": "setup before the load",
                "load_s": "load", "process_s": "whole process"}
     if not any("setup_s" in rec for rec in fresh.values()):
         del columns["setup_s"]
@@ -187,7 +187,7 @@ def render_compress(data: Data) -> str:
     best = r["disk_sweep"]["best"]
     lines = [run_line(data), "\n", f"Stored {r['stored_bytes'] / 1e9:.2f} GB for {r['bytes'] / 1e9:.2f} GB "
              f"of tensors ({r['ratio']:.2f}x). Best raw cold read: {best['gbps']:.2f} GB/s.\n\n",
-             _contenders(r, "effective GB/s"),
+             _contenders(r, "effective GB/s"), _fresh_processes(r),
              "\nPage-cached compressed load by threads (GB/s): "
              + ", ".join(f"{t}: {g:.2f}" for t, g in r["warm_compressed_by_threads"].items()) + ".\n"]
     return "".join(lines)
