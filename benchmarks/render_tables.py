@@ -67,17 +67,12 @@ def load_json(root: Path, name: str) -> Data:
 
 
 def commit_of(data: Data) -> Optional[str]:
-    """The commit a JSON records, if any (top level or in its environment)."""
-    for where in (data, data.get("environment") or {}, data.get("git") or {}):
-        for key in ("commit", "git_commit", "git_sha"):
-            if isinstance(where, dict) and where.get(key):
-                return str(where[key])
-    return None
+    """The commit a run.py JSON records, if any."""
+    return (data.get("git") or {}).get("commit") or None
 
 
 def date_of(data: Data) -> str:
-    date = data.get("date") or (data.get("environment") or {}).get("date") or ""
-    return str(date)[:10] or "no date recorded"
+    return str(data.get("date") or "")[:10] or "no date recorded"
 
 
 def source(*runs: tuple[str, Data]) -> str:

@@ -88,7 +88,8 @@ def render(load: Callable[[str], Tuple[str, Data]]) -> str:
     for t in TARGETS:
         name, data = load(t.source)
         value = t.measure(data)
-        link = f"[{name[:10]}](../benchmarks/results/{name})"
+        commit = (data.get("git") or {}).get("commit") or "no commit"
+        link = f"[{name[:10]}, `{commit[:7]}`](../benchmarks/results/{name})"
         if value is None:
             rows.append([t.what, f"{t.op} {t.bar:g}", "not measured by this run", "–", link])
             continue
