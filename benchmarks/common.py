@@ -421,7 +421,7 @@ class Rounds:
         if c.before is not None:
             c.before()
         if c.cache is not None:
-            self._record_cache(c)
+            self.resident[c.name].append(resident_fraction(c.name, *c.cache))
         t0 = time.perf_counter()
         out = c.fn()
         self.sync()
@@ -436,16 +436,16 @@ class Rounds:
         return elapsed
 
 
-    def _record_cache(self, c: Contender) -> None:
-        """The resident fraction of the contender's files just before its timed call, and a
-        warning when it is not the round's state (a cold round over 5%, a warm one under 99%)."""
-        from sllm_store.utils import page_cache_fraction
+def resident_fraction(label: str, state: str, files: Sequence[Path]) -> Optional[float]:
+    """The fraction of ``files`` resident in the page cache just before a ``state`` ("cold" or
+    "warm") round or process, with a warning when it is not that state (a cold round over 5%, a
+    warm one under 99%); None when unknown."""
+    from sllm_store.utils import page_cache_fraction
 
-        state, files = c.cache  # type: ignore[misc]
-        fraction = page_cache_fraction(files)
-        self.resident[c.name].append(fraction)
-        if fraction is not None and not cache_state_ok(state, fraction):
-            log.warning("%s: %.0f%% of its files resident before a %s round", c.name, 100 * fraction, state)
+    fraction = page_cache_fraction(files)
+    if fraction is not None and not cache_state_ok(state, fraction):
+        log.warning("%s: %.0f%% of its files resident before a %s round", label, 100 * fraction, state)
+    return fraction
 
 
 def cache_state_ok(state: str, fraction: float) -> bool:

@@ -66,11 +66,6 @@ def load_json(root: Path, name: str) -> Data:
     return json.loads((root / RESULTS / name).read_text())
 
 
-def commit_of(data: Data) -> Optional[str]:
-    """The commit a run.py JSON records, if any."""
-    return (data.get("git") or {}).get("commit") or None
-
-
 def date_of(data: Data) -> str:
     return str(data.get("date") or "")[:10] or "no date recorded"
 
@@ -79,7 +74,7 @@ def source(*runs: tuple[str, Data]) -> str:
     """The line naming a table's JSON files, with the date and commit each records."""
     parts = []
     for name, data in runs:
-        commit = commit_of(data)
+        commit = suite_tables.commit_of(data)
         at = f"commit `{commit[:12]}`" if commit else "no commit recorded"
         parts.append(f"[`{RESULTS}/{name}`](../{RESULTS}/{name}) ({date_of(data)}, {at})")
     return ("Source: " if len(parts) == 1 else "Sources: ") + "; ".join(parts) + ".\n"

@@ -6,7 +6,7 @@ and median; ratios are against the limits measured in the same run. Standard lib
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from common import cache_state_ok, local_limits
 
@@ -25,12 +25,17 @@ def _pair(best: Any, median: Any, fmt: str = "{:.2f}") -> str:
     return fmt.format(best) + ("" if median is None else " (" + fmt.format(median) + ")")
 
 
+def commit_of(data: Data) -> Optional[str]:
+    """The commit a run.py JSON records, if any."""
+    return (data.get("git") or {}).get("commit") or None
+
+
 def run_line(data: Data) -> str:
     """Where and how a run was made."""
-    git = data.get("git") or {}
     m = data.get("machine") or {}
     gpu = (m.get("gpus") or ["no GPU"])[0].split(",")[0]
-    commit = (git.get("commit") or "?")[:12] + (" (dirty tree)" if git.get("dirty") else "")
+    dirty = (data.get("git") or {}).get("dirty")
+    commit = (commit_of(data) or "?")[:12] + (" (dirty tree)" if dirty else "")
     fs = m.get("filesystem") or "unknown file system"
     return (f"{str(data.get('date', ''))[:10]}, commit `{commit}`, {gpu}, {m.get('cpu_count')} cores, {fs}; "
             f"{data['args'].get('rounds')} interleaved rounds, best (median).\n")
@@ -55,16 +60,15 @@ def _contender_rows(c: Data) -> List[List[str]]:
     return rows
 
 
-def _cache_note(runs: Dict[str, List[Optional[float]]]) -> str:
-    """A line naming the rounds whose files were not in the page-cache state of the contender's
-    name (``-cold`` / ``-warm``, or ``cold`` / ``warm`` for fresh runs) when they started."""
+def _cache_note(rounds: List[Tuple[str, str, List[Optional[float]]]]) -> str:
+    """A line naming the rounds that did not start in their page-cache state: ``rounds`` gives,
+    per contender, its label, its state ("cold" or "warm") and its resident fraction per round."""
     wrong = []
-    for name, fractions in runs.items():
-        state = "cold" if name.endswith("cold") else "warm"
+    for label, state, fractions in rounds:
         bad = [f"round {i + 1}: {100 * f:.0f}%" for i, f in enumerate(fractions)
                if f is not None and not cache_state_ok(state, f)]
         if bad:
-            wrong.append(f"`{name}` ({', '.join(bad)} resident)")
+            wrong.append(f"`{label}` ({', '.join(bad)} resident)")
     return ("\nNot in their page-cache state when they started: " + "; ".join(wrong) + ".\n") if wrong else ""
 
 
@@ -74,8 +78,8 @@ def _contenders(r: Data, gbps: str = "GB/s") -> str:
     rows = _contender_rows(r["contenders"])
     if not rows:
         return _ratio_lines(r).lstrip("\n")
-    note = _cache_note({n: c["resident_before"] for n, c in r["contenders"].items()
-                        if "resident_before" in c})
+    note = _cache_note([(n, "cold" if n.endswith("-cold") else "warm", c["resident_before"])
+                        for n, c in r["contenders"].items() if "resident_before" in c])
     return _table(["contender", "seconds", gbps], rows) + note + _ratio_lines(r)
 
 
@@ -119,8 +123,9 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str, state: st
         rows.append([f"`{name}`", _pair(load["best_s"], load["median_s"], "{:.3f}"), ratio,
                      _pair(rec["process"]["best_s"], rec["process"]["median_s"], "{:.2f}")])
     out = _table(["contender", "load s", f"load / {limit_name}", "whole process s"], rows)
-    out += _cache_note({f"{name} {state}": [run["resident_before"] for run in rec.get("runs", [])
-                                            if "resident_before" in run] for name, rec in fresh.items()})
+    out += _cache_note([(f"{name} {state}", state,
+                         [run["resident_before"] for run in rec.get("runs", []) if "resident_before" in run])
+                        for name, rec in fresh.items()])
     made = [run["stats"]["staging_alloc_s"] for run in fresh.get("sllm", {}).get("runs", [])
             if "staging_alloc_s" in run.get("stats", {})]
     if made and max(made) > 0:  # loads to the CPU from its mapped files stage nothing

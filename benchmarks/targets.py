@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from common import fresh_ratios, local_limits
-from suite_tables import _pair, _table
+from suite_tables import _pair, _table, commit_of
 
 Data = Dict[str, Any]
 Pair = Tuple[float, float]  # (best, median)
@@ -88,7 +88,7 @@ def render(load: Callable[[str], Tuple[str, Data]]) -> str:
     for t in TARGETS:
         name, data = load(t.source)
         value = t.measure(data)
-        commit = (data.get("git") or {}).get("commit") or "no commit"
+        commit = commit_of(data) or "no commit"
         link = f"[{name[:10]}, `{commit[:7]}`](../benchmarks/results/{name})"
         if value is None:
             rows.append([t.what, f"{t.op} {t.bar:g}", "not measured by this run", "–", link])

@@ -37,10 +37,10 @@ import limits  # noqa: E402
 from common import (  # noqa: E402
     Rounds,
     Run,
-    cache_state_ok,
     checker,
     fresh_ratios,
     local_limits,
+    resident_fraction,
     summary,
     tensor_digests,
     usable,
@@ -245,8 +245,6 @@ def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path,
     """Each contender's first load in a fresh process, ``rounds`` times (interleaved), after
     ``before`` (the page cache dropped or filled: ``cache``, the state and its files, whose resident
     fraction each run records), its output checked against ``reference``."""
-    from sllm_store.utils import page_cache_fraction
-
     digests = Path(run.scratch()) / "digests.json"
     digests.write_text(json.dumps(reference))
     runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
@@ -256,10 +254,7 @@ def fresh_rounds(run: Run, args: argparse.Namespace, names: List[str], ck: Path,
             if name in errors:
                 continue
             before()
-            resident = page_cache_fraction(cache[1])
-            if resident is not None and not cache_state_ok(cache[0], resident):
-                log.warning("fresh %s: %.0f%% of its files resident before a %s run", name, 100 * resident,
-                            cache[0])
+            resident = resident_fraction(f"fresh {name}", *cache)
             try:
                 record = fresh_load(name, args, ck, threads, digests)
                 runs[name].append({**record, "resident_before": resident})
