@@ -8,8 +8,9 @@ One run on one checkpoint (a safetensors model directory and its converted copy)
   (``load_state_dict``, defaults; ``sllm_direct``, ``sllm_buffered``, ``sllm_mmap``: one io_mode,
   on request), ``serverlessllm`` (``load_state_dict`` of the same tensors
   in ServerlessLLM's layout), ``safetensors`` (``load_file``), ``runai`` (runai-model-streamer,
-  as many streams as our threads), ``fastsafetensors`` (without GDS), and ``raw`` (the best cold
-  configuration of the sweep, on all the bytes, each round);
+  as many streams as our threads), ``fastsafetensors`` (without GDS), both with O_DIRECT as they
+  default to (``runai_buffered``, ``fastsafetensors_buffered``: through the page cache, on
+  request), and ``raw`` (the best cold configuration of the sweep, on all the bytes, each round);
 * every contender's first load in a fresh process (import, CUDA context, pinning included), cold
   (``fresh``) and page-cached (``fresh-warm``);
 * every output checked against the checkpoint's tensors (XXH3 of each), every round.
@@ -21,6 +22,7 @@ tensor): the time until the tensors are usable, whether the loader copies or map
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 if not __package__:  # run as a script (a fresh process of --child)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +54,11 @@ CONTENDERS = ("sllm", "serverlessllm", "safetensors", "runai", "fastsafetensors"
               "from_pretrained")
 MODELS = ("load_model", "from_pretrained")  # whole models: their state_dict is checked
 IO_VARIANTS = ("sllm_direct", "sllm_buffered", "sllm_mmap")  # ``sllm`` with one io_mode (not by default)
+# The peers read with O_DIRECT by default, past the page cache; these variants (on request) read
+# through it, with the setting each one documents for that.
+PEER_VARIANTS = ("runai_buffered", "fastsafetensors_buffered")
+PEER_BUFFERED = {"RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered,sync_buffered",
+                 "FASTSAFETENSORS_ODIRECT": "0"}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -59,7 +66,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--converted", type=Path, default=None, help="its converted copy (default SRC.sllm)")
     ap.add_argument("--device", default="cuda:0", help="cpu or cuda:N")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"subset of {CONTENDERS}, and of {IO_VARIANTS} (the default load with one io_mode)")
+                    help=f"subset of {CONTENDERS}, and of {IO_VARIANTS} (the default load with one io_mode) "
+                         f"and {PEER_VARIANTS} (the peer reading through the page cache)")
     ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh, fresh-warm")
     ap.add_argument("--sweep-threads", default="1,4,8,16,32")
     ap.add_argument("--sweep-blocks-mib", default="4,16,32,64")
@@ -75,6 +83,21 @@ def shards(src: Path) -> List[Path]:
     if not files:
         raise SystemExit(f"no .safetensors files in {src}")
     return files
+
+
+@contextlib.contextmanager
+def environment(values: Dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` for the duration (a peer's settings are environment variables)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
@@ -109,24 +132,25 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
                 out.update(load_file(f, device=device))
             return out
         return load
-    if name == "runai":
+    if name in ("runai", "runai_buffered"):
         from runai_model_streamer import SafetensorsStreamer
 
         os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(threads))
+        env = PEER_BUFFERED if name in PEER_VARIANTS else {}
 
         def load() -> Dict[str, Any]:
-            out: Dict[str, Any] = {}
-            with SafetensorsStreamer() as streamer:
-                streamer.stream_files(files)
-                for key, t in streamer.get_tensors():  # buffers are reused: copy each out
-                    out[key] = t.to(device) if device != "cpu" else t.clone()
-            return out
+            with environment(env), SafetensorsStreamer() as streamer:
+                # its tensors are the caller's (owned), on the device it copies each one to
+                streamer.stream_files(files, device=device)
+                return dict(streamer.get_tensors())
         return load
-    if name == "fastsafetensors":
+    if name in ("fastsafetensors", "fastsafetensors_buffered"):
         from fastsafetensors import fastsafe_open
 
+        env = PEER_BUFFERED if name in PEER_VARIANTS else {}
+
         def load() -> Dict[str, Any]:
-            with fastsafe_open(filenames=files, nogds=True, device=device) as f:
+            with environment(env), fastsafe_open(filenames=files, nogds=True, device=device) as f:
                 return {k: f.get_tensor(k).clone() for k in f.keys()}
         return load
     raise ValueError(f"unknown contender {name!r}")
