@@ -143,7 +143,9 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 # --- sections -----------------------------------------------------------------------------------
 
 # The JSON each section renders: per section the newest run of the current default path.
-LOCAL_GPU = "2026-12-06-h100-local-gpu.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
+LOCAL_GPU = "2026-12-06-h100-local-gpu-002b5e0.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
+LOCAL_GPU_1937CD0 = "2026-12-06-h100-local-gpu-1937cd0.json"  # the same, the same library, another machine
+LOCAL_GPU_PEERS = "2026-12-06-h100-local-gpu-peers-002b5e0.json"  # against runai, fastsafetensors, HF
 LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
 LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
 CPU = "2026-12-06-h100-local-cpu.json"  # run.py local --device cpu, every io_mode, 16 cores
@@ -178,7 +180,8 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 def _machine(root: Path) -> str:
     """The machine of the GPU table, and the other run.py results of its GPU model."""
-    names = (LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, CPU, STORE, COMPRESS, REMOTE, REMOTE_SPLIT,
+    names = (LOCAL_GPU_PEERS, LOCAL_GPU_1937CD0, LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, CPU, STORE,
+             COMPRESS, REMOTE, REMOTE_SPLIT,
              STREAM_COLD, STREAM, STREAM_PREIMPORT, STREAM_PREIMPORT_WARM, GPU_TIER)
     others = [(n, load_json(root, n)) for n in names]
     return render_machine(LOCAL_GPU, load_json(root, LOCAL_GPU), others)
@@ -201,6 +204,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "targets": _targets,
     "machine": _machine,
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
+    "local-gpu-peers": functools.partial(_one, render_suite, LOCAL_GPU_PEERS),
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
     "local-gpu-fresh-processes": functools.partial(_one, render_suite, LOCAL_GPU_FRESH_PROCESSES),
     "cpu": functools.partial(_one, render_suite, CPU),

@@ -52,8 +52,8 @@ def test_targets_are_judged_on_the_median():
         import targets
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    at_least = targets.Target("x", ">=", 0.9, "S", targets.ratio("a / b"))
-    at_most = targets.Target("y", "<=", 1.1, "S", targets.ratio("a / b"))
+    at_least = targets.Target("x", ">=", 0.9, ("S",), targets.ratio("a / b"))
+    at_most = targets.Target("y", "<=", 1.1, ("S",), targets.ratio("a / b"))
     assert at_least.met(0.9) and not at_least.met(0.899) and at_most.met(1.1) and not at_most.met(1.1001)
     data = {"results": {"ratios": {"a / b": {"best": 0.95, "median": 0.85}}}}
     assert at_least.measure(data) == (0.95, 0.85)
@@ -66,6 +66,26 @@ def test_targets_are_judged_on_the_median():
     assert targets.ratio("load_model-fresh-cold time / sllm-fresh-cold time")(fresh) is None
     table = targets.render(lambda constant: ("r.json", {"results": {"ratios": {}}}))
     assert f"0 of {len(targets.TARGETS)} targets met" in table and "not measured by this run" in table
+
+
+def test_a_target_is_met_only_in_every_run_that_measures_it(monkeypatch):
+    """A target measured by several runs is met when all of them meet it, not met when none
+    does, and otherwise says how many do; a run that does not measure it is not counted."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import targets
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    runs = {c: {"results": {"ratios": {} if m is None else {"a / b": {"best": 1.0, "median": m}}}}
+            for c, m in (("PASS", 0.95), ("FAIL", 0.85), ("NONE", None))}
+    cases = {("PASS", "NONE"): "| met |", ("FAIL",): "| **not met** |",
+             ("PASS", "FAIL", "NONE"): "| **met in 1 of 2 runs** |"}
+    for sources, status in cases.items():
+        target = targets.Target("x", ">=", 0.9, sources, targets.ratio("a / b"))
+        monkeypatch.setattr(targets, "TARGETS", [target])
+        table = targets.render(lambda constant: (f"{constant.lower()}.json", runs[constant]))
+        assert status in table, table
+        assert table.startswith(f"{int(status == '| met |')} of 1 targets met")
 
 
 def test_rounds_not_in_their_page_cache_state_are_named():
