@@ -10,13 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from suites.local import PEER_BUFFERED, PEER_VARIANTS, environment, make_loader  # noqa: E402
+from suites.local import PEER_VARIANTS, environment, make_loader  # noqa: E402
 
 
 def test_a_peer_setting_lasts_one_load_and_the_old_values_come_back(monkeypatch):
     monkeypatch.setenv("FASTSAFETENSORS_ODIRECT", "1")
     monkeypatch.delenv("RUNAI_STREAMER_FS_STRATEGY", raising=False)
-    with pytest.raises(RuntimeError), environment(PEER_BUFFERED):
+    settings = {k: v for env in PEER_VARIANTS.values() for k, v in env.items()}
+    with pytest.raises(RuntimeError), environment(settings):
         assert os.environ["FASTSAFETENSORS_ODIRECT"] == "0"
         assert os.environ["RUNAI_STREAMER_FS_STRATEGY"].startswith("io_uring_buffered")
         raise RuntimeError("a failed load")

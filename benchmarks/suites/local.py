@@ -55,10 +55,9 @@ CONTENDERS = ("sllm", "serverlessllm", "safetensors", "runai", "fastsafetensors"
 MODELS = ("load_model", "from_pretrained")  # whole models: their state_dict is checked
 IO_VARIANTS = ("sllm_direct", "sllm_buffered", "sllm_mmap")  # ``sllm`` with one io_mode (not by default)
 # The peers read with O_DIRECT by default, past the page cache; these variants (on request) read
-# through it, with the setting each one documents for that.
-PEER_VARIANTS = ("runai_buffered", "fastsafetensors_buffered")
-PEER_BUFFERED = {"RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered,sync_buffered",
-                 "FASTSAFETENSORS_ODIRECT": "0"}
+# through it, each with the setting its library documents for that.
+PEER_VARIANTS = {"runai_buffered": {"RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered,sync_buffered"},
+                 "fastsafetensors_buffered": {"FASTSAFETENSORS_ODIRECT": "0"}}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -67,7 +66,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda:0", help="cpu or cuda:N")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"subset of {CONTENDERS}, and of {IO_VARIANTS} (the default load with one io_mode) "
-                         f"and {PEER_VARIANTS} (the peer reading through the page cache)")
+                         f"and {tuple(PEER_VARIANTS)} (the peer reading through the page cache)")
     ap.add_argument("--modes", default="cold,warm,fresh", help="subset of cold, warm, fresh, fresh-warm")
     ap.add_argument("--sweep-threads", default="1,4,8,16,32")
     ap.add_argument("--sweep-blocks-mib", default="4,16,32,64")
@@ -136,7 +135,7 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
         from runai_model_streamer import SafetensorsStreamer
 
         os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(threads))
-        env = PEER_BUFFERED if name in PEER_VARIANTS else {}
+        env = PEER_VARIANTS.get(name, {})
 
         def load() -> Dict[str, Any]:
             with environment(env), SafetensorsStreamer() as streamer:
@@ -147,7 +146,7 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
     if name in ("fastsafetensors", "fastsafetensors_buffered"):
         from fastsafetensors import fastsafe_open
 
-        env = PEER_BUFFERED if name in PEER_VARIANTS else {}
+        env = PEER_VARIANTS.get(name, {})
 
         def load() -> Dict[str, Any]:
             with environment(env), fastsafe_open(filenames=files, nogds=True, device=device) as f:
