@@ -119,7 +119,7 @@ def save(model: PathLike, path: PathLike, *, overwrite: bool = False, **engine_a
     try:
         from vllm import LLM
     except ImportError:
-        raise MissingDependencyError("saving for vLLM needs vLLM: pip install 'sllm-store[vllm]'") from None
+        raise MissingDependencyError("saving for vLLM", "vllm", "vllm") from None
     taken = sorted({"load_format", "model_loader_extra_config", "model"} & set(engine_args))
     if taken:
         raise InvalidArgumentError(f"save sets {', '.join(taken)} itself")

@@ -59,6 +59,7 @@ def test_unknown_model_class(checkpoint: Path) -> None:
     ("obstore", "sllm_store.load_state_dict('s3://bucket/m.sllm')", "remote"),
     ("zstandard", "sllm_store.save_state_dict({'w': torch.ones(2)}, sys.argv[1], compress='zstd')",
      "compress"),
+    ("vllm", "import sllm_store.vllm; sllm_store.vllm.save(sys.argv[1], sys.argv[1] + '.out')", "vllm"),
 ])
 def test_missing_optional_package_names_its_extra(tmp_path: Path, blocked: str, code: str,
                                                   extra: str) -> None:

@@ -44,6 +44,12 @@ RUN = """
 """
 
 
+def _vllm_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of an engine's process: a small KV cache on the CPU, and vLLM's IPC sockets
+    in the test's own directory (by default they go to the system's temporary directory)."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_RPC_BASE_PATH": str(tmp_path)}
+
+
 def _llama(path: Path, seed: int, layers: int = 2) -> Path:
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
@@ -59,7 +65,7 @@ def _generate(tmp_path: Path, model: Path, load_format: str, extra: dict | None 
     script.write_text(textwrap.dedent(RUN))
     r = subprocess.run([sys.executable, str(script), str(model), load_format, json.dumps(extra or {})],
                        capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                       env=_vllm_env(tmp_path))
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith(("TOKENS", "ERROR"))), None)
     assert line is not None, r.stdout[-2000:] + r.stderr[-4000:]
     if line.startswith("TOKENS") and load_format == "sllm":  # one line in vLLM's log per load
@@ -117,7 +123,7 @@ def test_engine_ready_checkpoint(models, tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "sllm_store", "save-vllm", str(models["hf"]), str(out),
                         "--dtype", "float32", "--max-model-len", "128"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                       env=_vllm_env(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     manifest = json.loads((out / "sllm_vllm.json").read_text())
     assert manifest["engine"]["tensor_parallel_size"] == 1 and manifest["engine"]["dtype"] == "float32"

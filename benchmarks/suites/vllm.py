@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -164,6 +165,8 @@ def main(args: argparse.Namespace) -> int:
         sllm_store.convert(args.src, ck, quiet=True)
     nbytes = sllm_store.read_index(ck).total_bytes
     run = Run("vllm", args, data_dir=ck)
+    # the engines' IPC sockets go with the scratch directory, not into the system's temporary one
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", run.scratch())
     script = Path(run.scratch()) / "engine.py"
     script.write_text(CHILD)
     ref_script = Path(run.scratch()) / "reference.py"
