@@ -30,14 +30,19 @@ T = TypeVar("T")
 
 
 def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] = None,
-                stream: Optional[PendingLoad] = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+                stream: Optional[PendingLoad] = None, on_fill: Optional[Callable[[], None]] = None,
+                ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Load the tensors of an opened checkpoint onto ``device`` (a device, or a mapping of tensor
     names to devices: the names it leaves out are not loaded); returns (tensors, report).
     ``stream``: the tensors are handed to it as soon as their memory is allocated, and it follows
-    the bytes as they land (a non-blocking load)."""
+    the bytes as they land (a non-blocking load). ``on_fill``: called once the load is planned and
+    its memory taken, as the bytes start to move (the moving releases the GIL: Python work started
+    there runs beside it without delaying the load's own Python steps)."""
     t0 = time.perf_counter() if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
     plan, buffers = _prepare(checkpoint, assign, checkpoint.allocate)
+    if on_fill is not None:
+        on_fill()
     if stream is not None:  # the tensors go out now, their bytes arriving
         progress = stream.begin(checkpoint.index, plan, buffers)
         stats = checkpoint.fill(plan, buffers, progress)

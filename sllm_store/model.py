@@ -6,7 +6,7 @@ initialisation, no memory), the weights stream through the C++ pipeline straight
 allocation per device and are assigned as the parameters; buffers that are not in the checkpoint
 (rotary caches, position ids) are computed normally at construction; tied weights are re-tied.
 When the placement is known up front (an explicit device), the weights load while another
-thread imports transformers and builds the model.
+thread imports transformers and builds the model; that thread starts as the bytes start to move.
 """
 
 from __future__ import annotations
@@ -256,8 +256,9 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
                          early: Optional[torch.device], t0: float, timings: dict[str, float],
                          ) -> tuple[nn.Module, Any]:
     """The model built on the meta device, and (when ``early`` is known) the weights loaded onto
-    it meanwhile: the load runs in this thread (so that Ctrl-C cancels it) while another thread
-    imports transformers and builds the model. ``timings`` gets ``build_s`` (importing, the
+    it meanwhile: the load runs in this thread (so that Ctrl-C cancels it) while another thread,
+    started once the load has planned and taken its memory, imports transformers and builds the
+    model. ``timings`` gets ``build_s`` (importing, the
     config, building) and, for a blocking load, ``build_wait_s`` (how long the loaded weights
     waited for the model)."""
     root = checkpoint.model_dir()
@@ -289,14 +290,17 @@ def _build_while_loading(checkpoint: Checkpoint, options: _ModelOptions, dtype: 
         loaded = start_opened(checkpoint, early, t0)
         build()
     elif early is not None:
+        # The build starts as the bytes start to move (without the GIL): started before the load's
+        # own Python steps, it would hold them up, each switch between the threads waiting for
+        # the interpreter's switch interval.
         builder = threading.Thread(target=build, name="sllm-build-model", daemon=True)
-        builder.start()
         try:
-            loaded = load_opened(checkpoint, early, t0)
+            loaded = load_opened(checkpoint, early, t0, on_fill=builder.start)
         finally:
-            waited = time.perf_counter()
-            builder.join()
-            timings["build_wait_s"] = time.perf_counter() - waited
+            if builder.ident is not None:  # started
+                waited = time.perf_counter()
+                builder.join()
+                timings["build_wait_s"] = time.perf_counter() - waited
     else:
         build()
     if "error" in built:

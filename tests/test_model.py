@@ -224,6 +224,40 @@ def test_the_report_says_where_the_model_time_went(llama_dirs) -> None:
     assert report.seconds >= timings["build_wait_s"] + timings["assemble_s"], (report.seconds, timings)
 
 
+def test_the_model_is_built_once_the_loads_own_python_steps_are_done(llama_dirs, monkeypatch) -> None:
+    """The build (Python, holding the GIL) starts as the bytes start to move, after the load has
+    planned and taken its memory, so that it never holds up those steps; a load that fails before
+    then starts no build."""
+    import sllm_store.loader as loader
+
+    _, conv = llama_dirs
+    events: list[str] = []
+    prepare, config = loader._prepare, transformers.AutoConfig.from_pretrained
+
+    def recording_prepare(*a, **k):
+        out = prepare(*a, **k)
+        events.append("prepared")
+        return out
+
+    def recording_config(*a, **k):  # the build's first step
+        events.append("build")
+        return config(*a, **k)
+
+    monkeypatch.setattr(loader, "_prepare", recording_prepare)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recording_config)
+    sllm_store.load_model(conv, device_map="cpu")
+    assert events == ["prepared", "build"], events
+
+    def failing_prepare(*a, **k):
+        raise sllm_store.SllmStoreError("no memory for the load")
+
+    events.clear()
+    monkeypatch.setattr(loader, "_prepare", failing_prepare)
+    with pytest.raises(sllm_store.SllmStoreError, match="no memory"):
+        sllm_store.load_model(conv, device_map="cpu")
+    assert events == [], events
+
+
 def test_dtype_argument_and_config_dtype(llama_dirs, tmp_path) -> None:
     import json
     import shutil
