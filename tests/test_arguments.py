@@ -57,6 +57,8 @@ def test_unknown_model_class(checkpoint: Path) -> None:
 @pytest.mark.parametrize("blocked,code,extra", [
     ("grpc", "sllm_store.load_state_dict('m', store='unix:///nowhere.sock')", "server"),
     ("obstore", "sllm_store.load_state_dict('s3://bucket/m.sllm')", "remote"),
+    ("obstore", "from sllm_store.remote.objects import upload; upload(sys.argv[1], 's3://bucket/m.sllm')",
+     "remote"),
     ("zstandard", "sllm_store.save_state_dict({'w': torch.ones(2)}, sys.argv[1], compress='zstd')",
      "compress"),
     ("vllm", "import sllm_store.vllm; sllm_store.vllm.save(sys.argv[1], sys.argv[1] + '.out')", "vllm"),

@@ -42,13 +42,21 @@ _RESOLVED_BY_BOTO3 = ("role_arn", "source_profile", "credential_process", "sso_s
 SMALL_FILE_LIMIT = 64 << 20  # non-weight objects (config, tokenizer) fetched with a checkpoint
 
 
+def obstore_module() -> Any:
+    """The ``obstore`` package, which every remote operation uses; MissingDependencyError naming
+    the extra that brings it when it is not installed."""
+    try:
+        import obstore
+    except ImportError:
+        raise MissingDependencyError("remote checkpoints", "obstore", "remote") from None
+    return obstore
+
+
 def open_bucket(url: str, options: Optional[RemoteOptions] = None) -> Any:
     """An obstore handle rooted at ``url`` (object keys are then relative: ``sllm_index.json``):
     the bucket (and prefix) of an ``s3://`` URL, the directory of an ``http(s)://`` one."""
-    try:
-        from obstore.store import HTTPStore, S3Store
-    except ImportError:
-        raise MissingDependencyError("remote checkpoints", "obstore", "remote") from None
+    obstore_module()
+    from obstore.store import HTTPStore, S3Store
     o = options or RemoteOptions()
     client = {"timeout": f"{int(o.timeout_s)}s", "connect_timeout": "10s"}
     retry = {"max_retries": o.max_retries, "retry_timeout": timedelta(seconds=o.timeout_s * 3)}
@@ -166,12 +174,12 @@ def upload(local: str | os.PathLike[str], url: str, *, options: Optional[RemoteO
 
         upload("llama-8b.sllm", "s3://models/llama-8b.sllm")
     """
-    import obstore
     from tqdm.auto import tqdm
 
     from sllm_store.index import INDEX_FILE, read_index
     from sllm_store.writer import default_quiet
 
+    obstore = obstore_module()
     src = Path(local)
     read_index(src)  # a valid checkpoint only
     bucket = open_bucket(url, options)
