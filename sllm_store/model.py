@@ -28,7 +28,7 @@ from torch import nn
 
 from sllm_store import building, warmup
 from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, SllmStoreError
+from sllm_store.errors import InvalidArgumentError, MissingDependencyError, SllmStoreError
 from sllm_store.index import Index, PathLike
 from sllm_store.loader import load_opened, start_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
@@ -189,7 +189,8 @@ def load_model(
     checkpoint lacks (a classifier on a base model, say) raises ``SllmStoreError`` instead of
     being initialised at random, since serving random weights is never what a loader wants.
     transformers 5's renaming of legacy checkpoint keys (GPT-NeoX ``embed_out``, per-expert MoE
-    tensors) is not applied: such checkpoints raise the same error.
+    tensors) is not applied: such checkpoints raise the same error. Without ``transformers``
+    installed it raises ``MissingDependencyError`` naming the extra that brings it.
 
     Example::
 
@@ -223,6 +224,7 @@ def load_model_with_report(
     """:func:`load_model`, also returning the :class:`~sllm_store.plan.LoadReport` (None for a
     streaming load: its ``model.sllm_load.report`` once it completes)."""
     t0 = time.perf_counter()
+    require_transformers("load_model")
     if dtype is not None:  # transformers 5 names it dtype; torch_dtype is the older name
         if torch_dtype is not None and torch_dtype != dtype:
             raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one")
@@ -239,6 +241,23 @@ def load_model_with_report(
             raise
     # One opening gives the index, the config files and the weights, whatever the tier.
     return with_checkpoint(path, load_config, lambda checkpoint: _load_model(checkpoint, t0, options))
+
+
+def require_transformers(what: str) -> None:
+    """MissingDependencyError naming the extra that brings ``transformers`` when it is not
+    installed: found without importing it (the build imports it beside the load)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise MissingDependencyError(what, "transformers", "transformers")
+
+
+def check_saveable(model: Any, what: str) -> None:
+    """InvalidArgumentError unless ``model`` is a transformers model (one whose config saves)."""
+    if not callable(getattr(getattr(model, "config", None), "save_pretrained", None)):
+        raise InvalidArgumentError(
+            f"{what} saves a transformers model (one with a config), not a {type(model).__name__}; "
+            "save a module's weights with sllm_store.save_state_dict(module.state_dict(), path)")
 
 
 @dataclass
@@ -497,6 +516,7 @@ def save_model(model: nn.Module, path: PathLike, *, overwrite: bool = False, qui
     from sllm_store.index import DEFAULT_CHUNK_SIZE
     from sllm_store.writer import CheckpointWriter, atomic_directory, specs_from_state_dict
 
+    check_saveable(model, "save_model")
     target = Path(path)
     writer = CheckpointWriter(
         target, chunk_size=parse_size(chunk_size or DEFAULT_CHUNK_SIZE), num_files=num_files, quiet=quiet,

@@ -89,8 +89,10 @@ def save_model(model: nn.Module, model_path: str) -> None:
     ``model_path`` must not exist or be empty (else ``DestinationExistsError``); the model stays
     where it is (ServerlessLLM's moves it to the CPU): its tensors are copied to host memory one
     storage at a time."""
+    from sllm_store.model import check_saveable
     from sllm_store.writer import atomic_directory
 
+    check_saveable(model, "save_model")
     target = fresh_destination(model_path)
     with atomic_directory(target, overwrite=True) as tmp:
         write_dict(model.state_dict(), tmp)

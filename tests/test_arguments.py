@@ -47,6 +47,16 @@ def test_save_arguments(tmp_path: Path, kwargs: dict) -> None:
     assert not (tmp_path / "o.sllm").exists()
 
 
+@pytest.mark.parametrize("api", ["sllm_store", "serverlessllm"])
+def test_saving_a_plain_module_as_a_model_says_what_to_use(tmp_path: Path, api: str) -> None:
+    import sllm_store.transformers as compatible
+
+    save = sllm_store.save_model if api == "sllm_store" else compatible.save_model
+    with pytest.raises(InvalidArgumentError, match="save_state_dict"):
+        save(torch.nn.Linear(2, 2), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_model_class(checkpoint: Path) -> None:
     pytest.importorskip("transformers")
     (checkpoint / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}')
@@ -61,6 +71,8 @@ def test_unknown_model_class(checkpoint: Path) -> None:
      "remote"),
     ("zstandard", "sllm_store.save_state_dict({'w': torch.ones(2)}, sys.argv[1], compress='zstd')",
      "compress"),
+    ("transformers", "sllm_store.load_model(sys.argv[1], device_map='cpu')", "transformers"),
+    ("transformers", "import sllm_store.transformers as T; T.load_model(sys.argv[1])", "transformers"),
     ("vllm", "import sllm_store.vllm; sllm_store.vllm.save(sys.argv[1], sys.argv[1] + '.out')", "vllm"),
 ])
 def test_missing_optional_package_names_its_extra(tmp_path: Path, blocked: str, code: str,
