@@ -274,7 +274,10 @@ class LoadConfig:
     ) -> LoadConfig:
         if num_threads is None:
             num_threads = _env_int("SLLM_STORE_NUM_THREADS")
-        threads = default_num_threads() if num_threads is None else int(num_threads)
+        try:
+            threads = default_num_threads() if num_threads is None else int(num_threads)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"num_threads must be an integer >= 1, got {num_threads!r}") from None
         if threads < 1:
             raise InvalidArgumentError(f"num_threads must be >= 1, got {threads}")
         if io_mode is None:

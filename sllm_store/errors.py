@@ -20,6 +20,13 @@ class InvalidArgumentError(SllmStoreError, ValueError):
     ``chunk_size`` that is not a multiple of 4096, an unknown dtype or model class...)."""
 
 
+class UnknownNameError(InvalidArgumentError, KeyError):
+    """A name that is not there: a device map naming a tensor the checkpoint lacks, a module that
+    a device map does not place, a tensor that is not part of a pending load. Also a ``KeyError``."""
+
+    __str__ = Exception.__str__  # the message as given (KeyError's would quote it)
+
+
 class MissingDependencyError(SllmStoreError, ImportError):
     """An optional package that this use needs is not installed; the message names the extra
     that brings it."""
@@ -151,6 +158,7 @@ __all__ = [
     "SllmStoreError",
     "LoadCancelledError",
     "InvalidArgumentError",
+    "UnknownNameError",
     "MissingDependencyError",
     "FormatError",
     "UnsupportedVersionError",

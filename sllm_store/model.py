@@ -28,7 +28,7 @@ from torch import nn
 
 from sllm_store import building, warmup
 from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, MissingDependencyError, SllmStoreError
+from sllm_store.errors import InvalidArgumentError, MissingDependencyError, SllmStoreError, UnknownNameError
 from sllm_store.index import Index, PathLike
 from sllm_store.loader import load_opened, start_opened, with_checkpoint
 from sllm_store.plan import LoadReport, as_device
@@ -84,7 +84,7 @@ def _device_of(name: str, device_map: Mapping[str, Any]) -> Any:
         prefix = ".".join(parts[:i])
         if prefix in device_map:
             return device_map[prefix]
-    raise KeyError(f"device_map does not place {name!r}")
+    raise UnknownNameError(f"device_map does not place {name!r}")
 
 
 def _normalize_device(d: Any) -> torch.device:

@@ -30,7 +30,7 @@ import torch
 from sllm_store._units import format_size
 from sllm_store.config import LoadConfig
 from sllm_store.dtypes import dtype_from_name
-from sllm_store.errors import DeviceError, InvalidArgumentError, OutOfMemoryError
+from sllm_store.errors import DeviceError, InvalidArgumentError, OutOfMemoryError, UnknownNameError
 from sllm_store.index import Index
 
 DeviceLike = Union[str, int, torch.device]
@@ -118,7 +118,7 @@ def assign_devices(index: Index, device: DeviceMap) -> dict[str, torch.device]:
     if isinstance(device, Mapping):
         unknown = set(device) - set(index.tensors)
         if unknown:
-            raise KeyError(f"device map names tensors not in the checkpoint: {sorted(unknown)[:5]}")
+            raise UnknownNameError(f"device map names tensors not in the checkpoint: {sorted(unknown)[:5]}")
         cache: dict[Any, torch.device] = {}
         return {n: cache.setdefault(d, as_device(d)) for n, d in device.items()}
     dev = as_device(device)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from sllm_store.errors import InvalidArgumentError, LoadCancelledError, ModelChangedError
+from sllm_store.errors import InvalidArgumentError, LoadCancelledError, ModelChangedError, UnknownNameError
 from sllm_store.index import Index
 from sllm_store.plan import Buffer, LoadReport, Plan, views
 
@@ -260,7 +260,7 @@ class PendingLoad:
         out: set[int] = set()
         for n in names:
             if n not in self._units:
-                raise KeyError(f"{n!r} is not a tensor of this load")
+                raise UnknownNameError(f"{n!r} is not a tensor of this load")
             out.update(self._units[n])
         return sorted(out)
 
@@ -269,7 +269,7 @@ class PendingLoad:
         by_device: dict[str, list[str]] = {}
         for n in names:
             if n not in self._units:
-                raise KeyError(f"{n!r} is not a tensor of this load")
+                raise UnknownNameError(f"{n!r} is not a tensor of this load")
             device = self.tensors[n].device
             by_device.setdefault(str(device) if device.type == "cuda" else "", []).append(n)
         return {device: self._units_of(group) for device, group in by_device.items()}

@@ -488,8 +488,11 @@ def specs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[Tensor
     specs: list[TensorSpec] = []
     seen: dict[tuple[Any, ...], str] = {}
     for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"state dict keys are names (str), got {name!r} "
+                                       f"({type(name).__name__})")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+            raise InvalidArgumentError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
         if t.is_sparse or t.layout != torch.strided:
             raise InvalidArgumentError(f"state_dict[{name!r}]: only strided (dense) tensors are supported")
         key = None

@@ -47,6 +47,22 @@ def test_save_arguments(tmp_path: Path, kwargs: dict) -> None:
     assert not (tmp_path / "o.sllm").exists()
 
 
+def test_bad_values_raise_from_the_hierarchy(tmp_path: Path) -> None:
+    """Values of the wrong kind get the library's errors, each naming what it got."""
+    ck = sllm_store.save_state_dict({"w": torch.ones(2)}, tmp_path / "c.sllm", quiet=True)
+    with pytest.raises(InvalidArgumentError, match="num_threads .* 'x'"):
+        sllm_store.load_state_dict(ck, num_threads="x")
+    with pytest.raises(sllm_store.UnknownNameError, match=r"not in the checkpoint: \['nope'\]") as e:
+        sllm_store.load_state_dict(ck, {"nope": "cpu"})
+    assert isinstance(e.value, KeyError) and isinstance(e.value, InvalidArgumentError)
+    assert str(e.value).startswith("device map")  # the message as given, not quoted as KeyError's
+    with pytest.raises(InvalidArgumentError, match="is a int, not a torch.Tensor"):
+        sllm_store.save_state_dict({"w": torch.ones(2), "v": 3}, tmp_path / "a.sllm", quiet=True)
+    with pytest.raises(InvalidArgumentError, match=r"keys are names \(str\), got 1 \(int\)"):
+        sllm_store.save_state_dict({1: torch.ones(2)}, tmp_path / "b.sllm", quiet=True)
+    assert not (tmp_path / "a.sllm").exists() and not (tmp_path / "b.sllm").exists()
+
+
 @pytest.mark.parametrize("api", ["sllm_store", "serverlessllm"])
 def test_saving_a_plain_module_as_a_model_says_what_to_use(tmp_path: Path, api: str) -> None:
     import sllm_store.transformers as compatible
