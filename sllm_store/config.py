@@ -293,6 +293,8 @@ class LoadConfig:
             raise InvalidArgumentError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
         if verify is None:
             verify = _env_bool("SLLM_STORE_VERIFY")
+        elif not isinstance(verify, bool):
+            raise InvalidArgumentError(f"verify must be True, False or None, got {verify!r}")
         staging = _env_int("SLLM_STORE_STAGING_BUFFERS")
         staging = 2 if staging is None else staging
         if staging < 1:

@@ -495,6 +495,8 @@ def specs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> list[Tensor
             raise InvalidArgumentError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
         if t.is_sparse or t.layout != torch.strided:
             raise InvalidArgumentError(f"state_dict[{name!r}]: only strided (dense) tensors are supported")
+        if t.is_meta:
+            raise InvalidArgumentError(f"state_dict[{name!r}] is on the meta device: it has no data to save")
         key = None
         if t.numel() > 0:
             key = (

@@ -60,7 +60,14 @@ def test_bad_values_raise_from_the_hierarchy(tmp_path: Path) -> None:
         sllm_store.save_state_dict({"w": torch.ones(2), "v": 3}, tmp_path / "a.sllm", quiet=True)
     with pytest.raises(InvalidArgumentError, match=r"keys are names \(str\), got 1 \(int\)"):
         sllm_store.save_state_dict({1: torch.ones(2)}, tmp_path / "b.sllm", quiet=True)
-    assert not (tmp_path / "a.sllm").exists() and not (tmp_path / "b.sllm").exists()
+    with pytest.raises(InvalidArgumentError, match="meta device"):
+        sllm_store.save_state_dict({"w": torch.empty(2, device="meta")}, tmp_path / "m.sllm", quiet=True)
+    assert not any((tmp_path / n).exists() for n in ("a.sllm", "b.sllm", "m.sllm"))
+    with pytest.raises(InvalidArgumentError, match="verify must be True, False or None, got 'maybe'"):
+        sllm_store.load_state_dict(ck, verify="maybe")
+    for path in (None, 123):
+        with pytest.raises(InvalidArgumentError, match="path or URL"):
+            sllm_store.load_state_dict(path)
 
 
 @pytest.mark.parametrize("api", ["sllm_store", "serverlessllm"])
