@@ -128,6 +128,13 @@ def _env_bool(name: str) -> Optional[bool]:
     raise InvalidArgumentError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
+def _bool_arg(name: str, value: Any) -> Optional[bool]:
+    """A yes/no argument as given: True, False or None (InvalidArgumentError for anything else)."""
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
 def default_num_threads() -> int:
     # Reads are I/O bound: more threads than cores still help to keep the device queue full.
     return max(4, min(16, os.cpu_count() or 4))
@@ -291,17 +298,14 @@ class LoadConfig:
         if size is not None and (size <= 0 or size % 4096):
             hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
             raise InvalidArgumentError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
-        if verify is None:
-            verify = _env_bool("SLLM_STORE_VERIFY")
-        elif not isinstance(verify, bool):
-            raise InvalidArgumentError(f"verify must be True, False or None, got {verify!r}")
+        verify = _env_bool("SLLM_STORE_VERIFY") if _bool_arg("verify", verify) is None else verify
         staging = _env_int("SLLM_STORE_STAGING_BUFFERS")
         staging = 2 if staging is None else staging
         if staging < 1:
             raise InvalidArgumentError(f"SLLM_STORE_STAGING_BUFFERS must be >= 1, got {staging}")
         return cls(num_threads=threads, io_mode=io_mode, chunk_size=size, verify=verify,
                    staging_buffers=staging, follow_links=bool(_env_bool("SLLM_STORE_FOLLOW_LINKS")),
-                   store=StoreSettings.resolve(store, gpu_copy=copy),
+                   store=StoreSettings.resolve(store, gpu_copy=_bool_arg("copy", copy)),
                    remote=(remote or RemoteOptions()).resolved(), cache=cache)
 
     def cache_settings(self) -> CacheSettings:

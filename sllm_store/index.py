@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from sllm_store.errors import FormatError, MissingFileError, UnsupportedVersionError
+from sllm_store.errors import FormatError, InvalidArgumentError, MissingFileError, UnsupportedVersionError
 
 FORMAT_NAME = "sllm-store"
 FORMAT_VERSION = 2  # newest version read; uncompressed checkpoints are still written as version 1
@@ -191,6 +191,13 @@ def _file_json(f: DataFile) -> dict[str, Any]:
 
 def index_path(path: PathLike) -> Path:
     return Path(path) / INDEX_FILE
+
+
+def check_path(path: Any) -> None:
+    """InvalidArgumentError unless ``path`` can name a checkpoint: a str or an os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"a checkpoint is named by a path or URL (str or os.PathLike), "
+                                   f"got {path!r}")
 
 
 def is_remote(path: Any) -> bool:

@@ -66,7 +66,9 @@ def residency(path: PathLike, store: Optional[str] = None) -> Residency:
     """Where ``path`` is: held by the store server at ``store`` (or ``SLLM_STORE_ADDRESS``),
     else on this machine's disk or in an object store."""
     from sllm_store.config import store_address
+    from sllm_store.index import check_path
 
+    check_path(path)
     if not store_address(store):
         return _local_residency(path)
     return _server_residency(path, store)[0]

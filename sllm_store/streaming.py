@@ -27,11 +27,13 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
@@ -45,6 +47,7 @@ from sllm_store.plan import Buffer, LoadReport, Plan, views
 logger = logging.getLogger(__name__)
 
 _POLL = 0.1  # seconds between checks for Ctrl-C while waiting
+_EXIT_WAIT = 30.0  # seconds a load cancelled at exit is given to stop
 
 
 def tensor_units(index: Index, plan: Plan) -> dict[str, list[int]]:
@@ -139,6 +142,7 @@ class PendingLoad:
             self._thread.join()
             assert self._error is not None
             raise self._error
+        _running.add(self)
         return self
 
     def release(self) -> None:
@@ -158,6 +162,7 @@ class PendingLoad:
             if self._progress is not None:
                 self._progress.close()
             self._finished.set()
+            _running.discard(self)
             self._begun.set()
             if closer is not None:
                 self._release.wait()
@@ -195,7 +200,7 @@ class PendingLoad:
         """Block until the tensor(s) ``names`` (None: the whole load) are complete; False if
         ``timeout`` seconds pass first. Raises the load's error (e.g. ``ChecksumError``,
         ``LoadCancelledError``) if it failed. Ctrl-C while waiting cancels the load."""
-        units = None if names is None else self._units_of([names] if isinstance(names, str) else names)
+        units = None if names is None else self._units_of(_name_list(names))
         return self._wait_units(units, timeout)
 
     def wait_on_device(self, names: Union[str, Iterable[str], None] = None, stream: Any = None,
@@ -211,7 +216,7 @@ class PendingLoad:
         the device's context in error, so the stream's later work fails too)."""
         if self._finished.is_set() and self._error is not None:
             raise self._error  # a cancelled load has no tensors left to look at
-        picked = list(self._units) if names is None else [names] if isinstance(names, str) else list(names)
+        picked = list(self._units) if names is None else _name_list(names)
         groups = self._device_groups(picked)
         cuda_devices = [d for d in groups if d]
         if stream is not None and len(cuda_devices) > 1:
@@ -307,6 +312,31 @@ class PendingLoad:
         except KeyboardInterrupt:
             self.cancel()
             raise
+
+
+# Loads whose threads still run. The interpreter must not exit under them: the C++ core's threads
+# of a load would find it gone and abort the process. An exiting process cancels them instead.
+_running: weakref.WeakSet[PendingLoad] = weakref.WeakSet()
+
+
+@atexit.register
+def _cancel_at_exit() -> None:
+    for pending in list(_running):
+        if pending._progress is not None and not pending._finished.is_set():
+            pending._progress.cancel()
+            if not pending._finished.wait(_EXIT_WAIT):
+                logger.warning("the load of %s did not stop within %.0f s of the exit", pending.path,
+                               _EXIT_WAIT)
+
+
+def _name_list(names: Union[str, Iterable[str]]) -> list[str]:
+    """``names`` as a list: one tensor name, or an iterable of them (InvalidArgumentError for
+    anything else)."""
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, Iterable):
+        raise InvalidArgumentError(f"names are a tensor name or an iterable of them, got {names!r}")
+    return list(names)
 
 
 def _stream_handle(stream: Any, device: str) -> int:

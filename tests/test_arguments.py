@@ -68,6 +68,14 @@ def test_bad_values_raise_from_the_hierarchy(tmp_path: Path) -> None:
     for path in (None, 123):
         with pytest.raises(InvalidArgumentError, match="path or URL"):
             sllm_store.load_state_dict(path)
+        with pytest.raises(InvalidArgumentError, match="path or URL"):
+            sllm_store.residency(path)
+    with pytest.raises(InvalidArgumentError, match="copy must be True, False or None, got 'yes'"):
+        sllm_store.load_state_dict(ck, copy="yes")
+    with sllm_store.load_state_dict(ck, wait=False) as pending:
+        with pytest.raises(InvalidArgumentError, match="tensor name or an iterable of them, got 123"):
+            pending.wait(123)
+        assert pending.wait("w") and pending.wait(["w"])
 
 
 @pytest.mark.parametrize("api", ["sllm_store", "serverlessllm"])

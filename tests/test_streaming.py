@@ -258,6 +258,25 @@ def test_cancel_stops_the_load_and_frees_its_memory(tmp_path, slow) -> None:
     assert pending.cancel() is False
 
 
+def test_a_process_exiting_during_a_load_exits_cleanly(tmp_path) -> None:
+    """A process that ends while a non-blocking load still runs exits with its own status: the
+    load is cancelled at exit (its core threads never outlive the interpreter, which aborted the
+    process)."""
+    sd = {f"w{i}": torch.ones(8 << 20, dtype=torch.uint8) for i in range(32)}  # 256 MiB
+    path = sllm_store.save_state_dict(sd, tmp_path / "big", chunk_size="1MiB", quiet=True)
+    script = textwrap.dedent("""
+        import sys, sllm_store
+        pending = sllm_store.load_state_dict(sys.argv[1], "cpu", wait=False, num_threads=1,
+                                             io_mode="buffered", verify=True)
+        print("done" if pending.done else "running")
+    """)
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", script, str(path)], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "terminate" not in r.stderr, r.stdout + r.stderr
+        assert r.stdout.strip() in ("running", "done"), r.stdout
+
+
 def test_errors_before_allocation_raise_at_once(tmp_path) -> None:
     with pytest.raises(sllm_store.MissingFileError):
         sllm_store.load_state_dict(tmp_path / "nothing", wait=False)

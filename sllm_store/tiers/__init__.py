@@ -14,11 +14,9 @@ Importing this package is cheap: each tier imports its clients (grpc, obstore) w
 
 from __future__ import annotations
 
-import os
-
 from sllm_store.config import LoadConfig
-from sllm_store.errors import InvalidArgumentError, SllmStoreError
-from sllm_store.index import PathLike
+from sllm_store.errors import SllmStoreError
+from sllm_store.index import PathLike, check_path
 from sllm_store.tiers.base import Checkpoint, Tier, first_accepting
 from sllm_store.tiers.local import LocalTier
 from sllm_store.tiers.remote import RemoteTier
@@ -34,9 +32,7 @@ def register(tier: Tier, *, first: bool = True) -> None:
 
 def open_checkpoint(path: PathLike, config: LoadConfig) -> Checkpoint:
     """The checkpoint at ``path``, opened by the first tier that accepts it."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgumentError(f"a checkpoint is named by a path or URL (str or os.PathLike), "
-                                   f"got {path!r}")
+    check_path(path)
     tier = first_accepting(TIERS, path, config)
     if tier is None:  # pragma: no cover - the local tier accepts any path
         raise SllmStoreError(f"no tier can open {path!r}")
