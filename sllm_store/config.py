@@ -298,7 +298,9 @@ class LoadConfig:
         if size is not None and (size <= 0 or size % 4096):
             hint = " (K/M/G are powers of 1000: use KiB/MiB/GiB)" if size > 0 else ""
             raise InvalidArgumentError(f"chunk_size must be a positive multiple of 4096, got {size}{hint}")
-        verify = _env_bool("SLLM_STORE_VERIFY") if _bool_arg("verify", verify) is None else verify
+        verify = _bool_arg("verify", verify)
+        if verify is None:
+            verify = _env_bool("SLLM_STORE_VERIFY")
         staging = _env_int("SLLM_STORE_STAGING_BUFFERS")
         staging = 2 if staging is None else staging
         if staging < 1:

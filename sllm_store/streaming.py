@@ -134,6 +134,7 @@ class PendingLoad:
             self._release.set()
         self._thread = threading.Thread(target=self._body, args=(load, closer), name="sllm-stream",
                                         daemon=True)
+        _running.add(self)  # until _body ends, whatever becomes of the load
         self._thread.start()
         while not self._begun.wait(_POLL):
             pass
@@ -142,7 +143,6 @@ class PendingLoad:
             self._thread.join()
             assert self._error is not None
             raise self._error
-        _running.add(self)
         return self
 
     def release(self) -> None:
