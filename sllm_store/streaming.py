@@ -321,12 +321,16 @@ _running: weakref.WeakSet[PendingLoad] = weakref.WeakSet()
 
 @atexit.register
 def _cancel_at_exit() -> None:
-    for pending in list(_running):
-        if pending._progress is not None and not pending._finished.is_set():
-            pending._progress.cancel()
-            if not pending._finished.wait(_EXIT_WAIT):
-                logger.warning("the load of %s did not stop within %.0f s of the exit", pending.path,
-                               _EXIT_WAIT)
+    """Cancel every load still running, then wait for them together, at most :data:`_EXIT_WAIT`
+    seconds in all."""
+    running = [p for p in list(_running) if p._progress is not None and not p._finished.is_set()]
+    for pending in running:
+        pending._progress.cancel()
+    deadline = time.monotonic() + _EXIT_WAIT
+    for pending in running:
+        if not pending._finished.wait(max(0.0, deadline - time.monotonic())):
+            logger.warning("the load of %s did not stop within %.0f s of the exit", pending.path,
+                           _EXIT_WAIT)
 
 
 def _name_list(names: Union[str, Iterable[str]]) -> list[str]:
