@@ -105,6 +105,7 @@ def render_local(data: Data) -> str:
         if r.get(key):
             lines += [f"\nFirst load in a fresh process, {title}:\n\n",
                       _fresh_table(r[key], limit, limit_name, "cold" if key == "fresh_cold" else "warm")]
+    lines.append(_model_steps(r.get("steps", {})))
     if r.get("skipped"):
         lines.append("\nNot run: " + "; ".join(f"`{k}` ({v})" for k, v in r["skipped"].items()) + ".\n")
     return "".join(lines)
@@ -142,6 +143,28 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str, state: st
                 f"weights then waited {span('build_wait_s')} for it, and the model took "
                 f"{span('assemble_s')} to assemble from them.\n")
     return out
+
+
+MODEL_STEPS = {"report_s": "the whole call", "model_build_s": "building the model (its thread)",
+               "model_build_wait_s": "waiting for the build after the load",
+               "model_assemble_s": "assembling (parameters, ties, buffers)"}
+
+
+def _model_steps(steps: Data) -> str:
+    """``load_model``'s own account of its rounds: the call, the build beside the load, the wait
+    for it and the assembly after it (min and max over the rounds, seconds)."""
+    rows = []
+    for name, rounds in steps.items():
+        if not name.startswith("load_model") or not rounds:
+            continue
+        for key, what in MODEL_STEPS.items():
+            values = [r[key] for r in rounds if key in r]
+            if values:
+                rows.append([f"`{name}`", what, f"{min(values):.3f}–{max(values):.3f}"])
+    if not rows:
+        return ""
+    return ("\n`load_model`'s report, per round, seconds:\n\n"
+            + _table(["contender", "step", "min–max"], rows))
 
 
 def render_store(data: Data) -> str:

@@ -1,4 +1,5 @@
-"""The local benchmark suite's peer settings: each is set for the duration of one load only."""
+"""The local benchmark suite: each peer setting is set for the duration of one load only, and
+our loads' own reports are kept per round and rendered."""
 
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def test_every_buffered_peer_is_a_contender_of_its_own(tmp_path):
             pass
     with pytest.raises(ValueError, match="unknown contender"):
         make_loader("runai_direct", tmp_path, tmp_path, "cpu", 2)
+
+
+def test_load_model_reports_are_kept_per_round_and_rendered():
+    from suite_tables import _model_steps
+    from suites.local import report_steps
+
+    stats = {"seconds": 0.2, "report_s": 0.25, "threads": 16, "tier": "local",
+             "model": {"build_s": 0.04, "build_wait_s": 0.0, "assemble_s": 0.008}}
+    steps = report_steps(stats)
+    assert steps == {"seconds": 0.2, "report_s": 0.25, "model_build_s": 0.04, "model_build_wait_s": 0.0,
+                     "model_assemble_s": 0.008}
+    table = _model_steps({"sllm-warm": [report_steps({"report_s": 0.2})],
+                          "load_model-warm": [steps, {**steps, "model_assemble_s": 0.011}]})
+    assert "| `load_model-warm` | assembling (parameters, ties, buffers) | 0.008–0.011 |" in table
+    assert "sllm-warm" not in table
+    assert _model_steps({}) == ""

@@ -111,7 +111,7 @@ def make_loader(name: str, src: Path, ck: Path, device: str, threads: int,
 
         def load_sd() -> Dict[str, Any]:
             out, report = load_state_dict_with_report(path, device)
-            stats.update(report.stats)
+            stats.update(report.stats, report_s=report.seconds)
             return out
         return load_sd
     if name in IO_VARIANTS:
@@ -191,7 +191,7 @@ def model_loader(name: str, src: Path, ck: Path, device: str,
     if name == "load_model":
         def load() -> Dict[str, Any]:
             model, report = load_model_with_report(ck, device_map=device, torch_dtype=torch.bfloat16)
-            stats.update(report.stats)
+            stats.update(report.stats, report_s=report.seconds)
             return dict(model.state_dict())
         return load
     device_map = None if device == "cpu" else device  # a device_map needs accelerate
@@ -327,12 +327,24 @@ def main(args: argparse.Namespace) -> int:
         rounds.add("raw-cold", lambda: reader.read(files, best["direct"]), nbytes, before=evict,
                    cache=("cold", files))
     skipped: Dict[str, str] = {}
-    loaders = {}
+    loaders, reports = {}, {}
     for name in args.contenders.split(","):
+        reports[name] = {}  # our loads' own account of their latest load (model building included)
         try:
-            loaders[name] = usable(make_loader(name, args.src, ck, args.device, threads), args.device)
+            loaders[name] = usable(make_loader(name, args.src, ck, args.device, threads, reports[name]),
+                                   args.device)
         except ImportError as e:
             skipped[name] = f"not installed ({e})"
+    steps: Dict[str, List[Dict[str, Any]]] = {}  # per contender, its report's figures in each round
+
+    def reported(key: str, fn: Callable[[], Any], stats: Dict[str, Any]) -> Callable[[], Any]:
+        def load() -> Any:
+            stats.clear()
+            out = fn()
+            if stats:
+                steps.setdefault(key, []).append(report_steps(stats))
+            return out
+        return load
 
     def same_digests(d: Any) -> Optional[str]:  # the CPU contenders return their digests
         d = {k: v for k, v in d.items() if k in reference}  # a model's state_dict may add tied names
@@ -341,16 +353,24 @@ def main(args: argparse.Namespace) -> int:
     for state, before in (("cold", evict), ("warm", warm)):
         if state in modes:
             for name, fn in loaders.items():
-                rounds.add(f"{name}-{state}", fn, nbytes, before=before, cache=(state, data),
+                rounds.add(f"{name}-{state}", reported(f"{name}-{state}", fn, reports[name]), nbytes,
+                           before=before, cache=(state, data),
                            check=checker(reference, subset=name in MODELS) if gpu else same_digests)
     contenders = rounds.run() if rounds.contenders else {}
     fresh = {key: fresh_rounds(run, args, list(loaders), ck, before, threads, reference, (state, data))
              for mode, key, before, state in (("fresh", "fresh_cold", evict, "cold"),
                                               ("fresh-warm", "fresh_warm", warm, "warm"))
              if mode in modes}
-    run.results.update(contenders=contenders, **fresh, skipped=skipped)
+    run.results.update(contenders=contenders, steps=steps, **fresh, skipped=skipped)
     failed = list(contenders.values()) + [c for f in fresh.values() for c in f.values()]
     return run.finish(ratios(run.results), any("error" in c for c in failed))
+
+
+def report_steps(stats: Dict[str, Any]) -> Dict[str, float]:
+    """The timings of a load's report: its seconds fields, and model building's (``model_*``)."""
+    out = {k: v for k, v in stats.items() if isinstance(v, float) and k.endswith(("_s", "seconds"))}
+    out.update({f"model_{k}": v for k, v in stats.get("model", {}).items() if isinstance(v, float)})
+    return out
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
