@@ -218,6 +218,10 @@ def render_compress(data: Data) -> str:
              _contenders(r, "effective GB/s"), _fresh_processes(r),
              "\nPage-cached compressed load by threads (GB/s): "
              + ", ".join(f"{t}: {g:.2f}" for t, g in r["warm_compressed_by_threads"].items()) + ".\n"]
+    if r.get("warm_compressed_to_host"):
+        lines.append("The same into host memory (faulting its pages in included): "
+                     + ", ".join(f"{t} threads {g:.2f}" for t, g in r["warm_compressed_to_host"].items())
+                     + " GB/s.\n")
     return "".join(lines)
 
 
