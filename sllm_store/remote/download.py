@@ -49,7 +49,7 @@ from sllm_store.remote.entries import (
     touch_entry,
 )
 from sllm_store.remote.fetcher import PIECE, ChunkFetcher, Stages, is_encoded, mark
-from sllm_store.remote.objects import fetch_small_files, open_bucket, remote_error
+from sllm_store.remote.objects import fetch_small_files, obstore_module, open_bucket, remote_error
 from sllm_store.remote.partial import PartialFiles, WriteBehind
 from sllm_store.utils import parallel_map
 
@@ -97,10 +97,8 @@ class Download:
     def lookup(self) -> Optional[Path]:
         """Fetch the index and find the complete cache entry (``cached``; None if there is none
         yet). Takes no lock and opens no files: :meth:`open` does, for a download."""
-        import obstore
-
         try:
-            self.index_bytes = bytes(obstore.get(self.bucket, INDEX_FILE).bytes())
+            self.index_bytes = bytes(obstore_module().get(self.bucket, INDEX_FILE).bytes())
         except Exception as e:
             err = remote_error(e, f"{self.url}/{INDEX_FILE}", "fetching")
             cached = [c for c in entries(self.root) if c.url == self.url] \

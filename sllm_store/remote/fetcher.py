@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from sllm_store.errors import ChecksumError, RemoteError
 from sllm_store.index import Index
-from sllm_store.remote.objects import remote_error
+from sllm_store.remote.objects import obstore_module, remote_error
 from sllm_store.remote.partial import BLOCK, buffer_address
 
 PIECE = 16 << 20  # bytes per GET of a chunk fetched into staging blocks
@@ -141,10 +141,8 @@ class ChunkFetcher:
     def get(self, name: str, start: int, length: int) -> Any:
         """A ranged GET of object ``name`` of the checkpoint (call it in a :meth:`slot`). A
         failure is kept, so that no new GET starts and the others raise it too."""
-        import obstore
-
         try:
-            return obstore.get_range(self.bucket, name, start=start, length=length)
+            return obstore_module().get_range(self.bucket, name, start=start, length=length)
         except Exception as e:
             self._failed = remote_error(e, f"{self.url}/{name}", "downloading")
             raise self._failed from None

@@ -202,9 +202,9 @@ def fetch_small_files(bucket: Any, url: str, weights: set[str], dest: Path) -> N
     """Copy the checkpoint's other top-level objects (config.json, tokenizer...) into ``dest``:
     every listed object under :data:`SMALL_FILE_LIMIT` bytes that is not in ``weights`` (the
     data files and the index). A server that cannot list (plain HTTP) gives none."""
-    import obstore
-
     from sllm_store.errors import CacheError
+
+    obstore = obstore_module()
 
     try:
         listing = obstore.list_with_delimiter(bucket)
