@@ -174,13 +174,18 @@ def render_store(data: Data) -> str:
         lines.append(f"Pinned host-to-GPU copy: {r['h2d']['pinned_gbps']:.2f} GB/s. ")
     lines.append(f"{r['bytes'] / 1e9:.2f} GB of tensors.\n\n")
     lines += [_contenders(r), _fresh_processes(r)]
-    steps = r.get("fresh_processes", {}).get("store-fresh", {}).get("steps")
-    if steps:
-        order = [k for k in STORE_STEPS if k in steps] + sorted(set(steps) - set(STORE_STEPS))
-        rows = [[STORE_STEPS.get(k, f"`{k}`"), _pair(steps[k]["best_s"], steps[k]["median_s"], "{:.3f}")]
-                for k in order]
-        lines += ["\nThe fresh process's load, step by step (its report), seconds:\n\n",
-                  _table(["step", "best (median)"], rows)]
+    fresh = r.get("fresh_processes", {})
+    stepped = [n for n in ("store-fresh", "store-fresh-connected") if fresh.get(n, {}).get("steps")]
+    if stepped:
+        keys = {k for n in stepped for k in fresh[n]["steps"]}
+        order = [k for k in STORE_STEPS if k in keys] + sorted(keys - set(STORE_STEPS))
+
+        def cell(name: str, key: str) -> str:
+            step = fresh[name]["steps"].get(key)
+            return _pair(step["best_s"], step["median_s"], "{:.3f}") if step else "–"
+        rows = [[STORE_STEPS.get(k, f"`{k}`"), *(cell(n, k) for n in stepped)] for k in order]
+        lines += ["\nThe fresh process's load, step by step (its report), seconds, best (median):\n\n",
+                  _table(["step", *(f"`{n}`" for n in stepped)], rows)]
     return "".join(lines)
 
 

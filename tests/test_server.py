@@ -582,6 +582,29 @@ def test_store_load_reports_its_steps(shared_server):
     assert_consistent(srv)
 
 
+def test_a_client_made_before_the_load_is_the_one_the_load_uses(shared_server, monkeypatch):
+    """A worker that makes its store client (and reaches the server) before its request comes
+    leaves the load nothing of that to do: the load takes the process's shared client."""
+    srv = shared_server
+    reset(srv)
+    monkeypatch.setenv("SLLM_STORE_ADDRESS", srv.address)
+    ahead = sllm_store.StoreClient.get()
+    assert ahead.health().pid == srv.proc.pid
+    made = []
+    init = StoreClient.__init__
+
+    def counting(self, *args: Any, **kwargs: Any) -> None:
+        made.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreClient, "__init__", counting)
+    out, report = load_state_dict_with_report("mixed", "cpu")
+    assert report.stats["tier"] == "store" and out
+    assert made == []  # no second client
+    assert sllm_store.StoreClient.get(srv.address) is ahead
+    assert_consistent(srv)
+
+
 def test_partial_load_by_device_map(store, shared_server):
     srv = shared_server
     reset(srv)

@@ -10,6 +10,10 @@ In interleaved rounds (every output checked against the checkpoint's tensors):
 * ``store-fresh-load_model``: the same with ``load_model`` (when the checkpoint has a config.json),
   transformers' modelling code imported and the model built on the meta device once before the
   timed load (a worker's setup, recorded apart as ``setup_s``), as in the local suite;
+* ``store-fresh-connected``: the same as ``store-fresh``, with the process's store client made and
+  its server asked for its health before the timed load (``StoreClient.get(address).health()``,
+  recorded apart as ``setup_s``): a worker that starts before its request and connects while it
+  waits for it;
 * ``store-inprocess``: repeated loads in this (warm) process;
 * ``prefetch-cold``: the server reading the model from a cold disk into its pool (its own time);
 * on the CPU, in-process times include one pass over every byte (as in the local suite);
@@ -72,6 +76,9 @@ def child_main(argv: List[str]) -> int:
 
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+        setup_s = time.perf_counter() - t2
+    elif kind == "connected":  # the client made and the server reached before the request comes
+        sllm_store.StoreClient.get(address).health()
         setup_s = time.perf_counter() - t2
     collections = _CollectionTime()
     gc.callbacks.append(collections)
@@ -155,6 +162,9 @@ def main(args: argparse.Namespace) -> int:
         child = [name, args.device, server.address, str(digests), str(args.src)]
         fresh_sd = FreshChild(str(Path(__file__).resolve()), ["state_dict", *child])
         rounds.add("store-fresh", fresh_sd, nbytes, before=resident, seconds_of=lambda r: r["load_s"])
+        fresh_connected = FreshChild(str(Path(__file__).resolve()), ["connected", *child])
+        rounds.add("store-fresh-connected", fresh_connected, nbytes, before=resident,
+                   seconds_of=lambda r: r["load_s"])
         fresh_model = None
         if (ck / "config.json").is_file() and (args.src / "config.json").is_file():
             fresh_model = FreshChild(str(Path(__file__).resolve()), ["load_model", *child])
@@ -177,12 +187,14 @@ def main(args: argparse.Namespace) -> int:
     run.results["contenders"] = contenders
     run.results["fresh_processes"] = {
         "store-fresh": process_summary(fresh_sd.runs, nbytes),
+        "store-fresh-connected": process_summary(fresh_connected.runs, nbytes),
         **({"store-fresh-load_model": process_summary(fresh_model.runs, nbytes)} if fresh_model else {})}
     return run.finish(ratios(run.results), any("error" in c for c in contenders.values()))
 
 
 def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """The fresh-process store load over the pinned host-to-GPU copy and over safetensors warm;
+    """The fresh-process store loads (and the in-process one) over the pinned host-to-GPU copy,
+    the plain fresh one over safetensors warm;
     ``load_model``'s time over ``load_state_dict``'s, both in fresh processes."""
     c = results["contenders"]
     out = {}
@@ -193,10 +205,11 @@ def ratios(results: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     if h2d:
         out["store-fresh / pinned H2D"] = {"best": fresh_sd["best_gbps"] / h2d,
                                            "median": fresh_sd["median_gbps"] / h2d}
-        warm = c.get("store-inprocess", {})
-        if "best_gbps" in warm:
-            out["store-inprocess / pinned H2D"] = {"best": warm["best_gbps"] / h2d,
-                                                   "median": warm["median_gbps"] / h2d}
+        for name in ("store-fresh-connected", "store-inprocess"):
+            other = c.get(name, {})
+            if "best_gbps" in other:
+                out[f"{name} / pinned H2D"] = {"best": other["best_gbps"] / h2d,
+                                               "median": other["median_gbps"] / h2d}
     model = c.get("store-fresh-load_model", {})
     if "best_s" in model:
         out["store-fresh-load_model time / store-fresh time"] = {
