@@ -123,6 +123,26 @@ def test_corrupted_compressed_chunk_is_an_error_not_garbage(tmp_path) -> None:
         sllm_store.verify(path)
 
 
+def test_a_change_only_a_checksum_sees_is_caught_with_and_without_verify(tmp_path) -> None:
+    """A flipped byte in a stored (raw) block of a frame decodes without a zstd error: with
+    verify, the chunk's checksum of the decoded bytes catches it (and the frame's own checksum
+    is not computed as well); without, the frame's checksum does."""
+    sd = {"w": _normal(torch.bfloat16, (1024, 512), 0)}  # one 1 MiB chunk: its low bytes stored raw
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="1MiB", compress="zstd")
+    raw = read_index_json(path)
+    chunk = raw["files"][0]["chunks"][0]
+    assert chunk["codec"] == "zstd" and chunk["group"] == 2
+    with open(path / raw["files"][0]["name"], "r+b") as f:
+        f.seek(chunk["offset"] + 64 * 1024)  # inside the first 128 KiB block: the low bytes, raw
+        b = f.read(1)
+        f.seek(chunk["offset"] + 64 * 1024)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(ChecksumError, match=r"checksum mismatch in '.*data-00000\.bin' chunk at offset 0"):
+        sllm_store.load_state_dict(path, verify=True)
+    with pytest.raises(ChecksumError, match=r"compressed data is corrupted \(zstd: .*checksum"):
+        sllm_store.load_state_dict(path, verify=False)
+
+
 def test_truncated_compressed_file(tmp_path) -> None:
     sd = {"w": _normal(torch.bfloat16, (256, 512), 0)}
     path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="64KiB", compress="zstd")

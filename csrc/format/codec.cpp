@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "common/errors.h"
+#define ZSTD_STATIC_LINKING_ONLY  // ZSTD_d_forceIgnoreChecksum
 #include "third_party/zstd/zstd.h"
 
 namespace sllm {
@@ -72,7 +73,7 @@ ChunkDecoder::ChunkDecoder() : impl_(std::make_unique<Impl>()) {}
 ChunkDecoder::~ChunkDecoder() = default;
 
 void ChunkDecoder::decode(Codec codec, int group, const char* src, size_t stored_len, char* dst,
-                          size_t raw_len, char* scratch, const std::string& what) {
+                          size_t raw_len, char* scratch, const std::string& what, bool frame_checksum) {
   char* out = group > 1 ? scratch : dst;
   if (codec == Codec::kNone) {
     if (stored_len != raw_len)
@@ -91,6 +92,8 @@ void ChunkDecoder::decode(Codec codec, int group, const char* src, size_t stored
     impl_->dctx = ZSTD_createDCtx();
     if (!impl_->dctx) throw Error(ErrorKind::kOutOfMemory, "cannot create a zstd decompression context");
   }
+  ZSTD_DCtx_setParameter(impl_->dctx, ZSTD_d_forceIgnoreChecksum,
+                         frame_checksum ? ZSTD_d_validateChecksum : ZSTD_d_ignoreChecksum);
   size_t got = ZSTD_decompressDCtx(impl_->dctx, out, raw_len, src, stored_len);
   if (ZSTD_isError(got))
     throw Error(ErrorKind::kChecksum, what + ": compressed data is corrupted (zstd: " +

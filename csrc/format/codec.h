@@ -31,9 +31,11 @@ class ChunkDecoder {
 
   // Decodes `src` (stored_len bytes) into exactly raw_len bytes at `dst`. `scratch` must hold
   // raw_len bytes when group > 1. Throws sllm::Error(kChecksum) naming `what` if the data does not
-  // decode to exactly raw_len bytes (corruption).
+  // decode to exactly raw_len bytes (corruption). `frame_checksum`: check the zstd frame's own
+  // checksum of its content; a caller that checks the decoded bytes against the chunk's checksum
+  // right after passes false, as that checksum covers the same bytes.
   void decode(Codec codec, int group, const char* src, size_t stored_len, char* dst, size_t raw_len,
-              char* scratch, const std::string& what);
+              char* scratch, const std::string& what, bool frame_checksum = true);
 
  private:
   struct Impl;

@@ -49,7 +49,8 @@ class Run {
     ChunkDecoder decoder;
   };
   void process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, Scratch& scratch);
-  void read_chunk(size_t index, char* dst, Scratch& scratch);
+  // checked_after: the caller checks the chunk's checksum of the bytes at dst next.
+  void read_chunk(size_t index, char* dst, Scratch& scratch, bool checked_after = false);
   void read_verified(size_t index, char* dst, Scratch& scratch);
   void verify_chunk(size_t index, const void* data) const;
   void check_digest(size_t index, uint64_t got) const;
@@ -223,7 +224,7 @@ void Run::abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept {
   in_flight.clear();
 }
 
-void Run::read_chunk(size_t index, char* dst, Scratch& scratch) {
+void Run::read_chunk(size_t index, char* dst, Scratch& scratch, bool checked_after) {
   const ChunkSpec& c = plan_.chunks[index];
   FileReader& reader = *readers_[c.file];
   if (!c.encoded) {
@@ -238,7 +239,8 @@ void Run::read_chunk(size_t index, char* dst, Scratch& scratch) {
   if (c.group > 1 && scratch.raw.size() < c.length) scratch.raw = allocate_aligned_host(c.length);
   scratch.decoder.decode(static_cast<Codec>(c.codec), c.group, static_cast<const char*>(scratch.stored.data()),
                          c.stored_length, dst, c.length, static_cast<char*>(scratch.raw.data()),
-                         "'" + plan_.files[c.file] + "' chunk at offset " + std::to_string(c.offset));
+                         "'" + plan_.files[c.file] + "' chunk at offset " + std::to_string(c.offset),
+                         /*frame_checksum=*/!checked_after);
 }
 
 // Reads (or, mapped, faults in) a chunk into dst and checks its checksum. Reads through the page
@@ -251,7 +253,7 @@ void Run::read_verified(size_t index, char* dst, Scratch& scratch) {
   FileReader& reader = *readers_[c.file];
   const bool mapped = options_.io_mode == IoMode::kMapped;  // never encoded (checked up front)
   if (c.encoded || (!mapped && reader.direct())) {
-    read_chunk(index, dst, scratch);
+    read_chunk(index, dst, scratch, /*checked_after=*/true);  // one check of the decoded bytes
     verify_chunk(index, dst);
     return;
   }
