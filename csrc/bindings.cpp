@@ -576,7 +576,10 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
       "group_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, group_bytes); },
       py::arg("data"), py::arg("group"), "Byte grouping as the writer does it (docs/format.md).");
   m.def(
-      "ungroup_bytes", [](const py::buffer& b, int group) { return regrouped(b, group, ungroup_bytes); },
+      "ungroup_bytes",
+      [](const py::buffer& b, int group) {
+        return regrouped(b, group, [](const char* s, char* d, size_t n, int g) { ungroup_bytes(s, d, n, g); });
+      },
       py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
   m.def(
       "decode_chunk",

@@ -63,6 +63,19 @@ def test_roundtrip_every_dtype_compressed(tmp_path, mixed_state_dict) -> None:
     sllm_store.verify(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verified_chunks_of_several_hashed_pieces_and_a_tail(tmp_path, dtype) -> None:
+    """A verified compressed load hashes each chunk while un-grouping it, piece by piece: chunks
+    of several pieces, and a last chunk whose length is not a multiple of the group, check out."""
+    sd = {"a": _normal(dtype, (700_001,), 3), "b": torch.arange(5, dtype=torch.uint8)}
+    path = sllm_store.save_state_dict(sd, tmp_path / "c", compress="zstd", chunk_size="1MiB")
+    chunks = read_index_json(path)["files"][0]["chunks"]
+    assert {c["group"] for c in chunks} == {dtype.itemsize}
+    assert read_index_json(path)["total_bytes"] % dtype.itemsize  # a tail after the last element
+    for verify in (True, False):
+        assert_state_dict_identical(sllm_store.load_state_dict(path, verify=verify, num_threads=2), sd)
+
+
 @pytest.mark.parametrize("num_threads", [1, 4])
 @pytest.mark.parametrize("io_mode", ["buffered", "direct"])
 def test_partial_and_threaded_loads(tmp_path, num_threads, io_mode) -> None:

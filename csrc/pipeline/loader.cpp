@@ -47,10 +47,11 @@ class Run {
   struct Scratch {
     HostBuffer stored, raw;
     ChunkDecoder decoder;
+    Xxh3 hash;  // of a compressed chunk's decoded bytes
   };
   void process_chunk(int id, size_t index, std::deque<InFlight>& in_flight, Scratch& scratch);
-  // checked_after: the caller checks the chunk's checksum of the bytes at dst next.
-  void read_chunk(size_t index, char* dst, Scratch& scratch, bool checked_after = false);
+  // hash: fed the chunk's bytes as they land at dst (compressed chunks), for its checksum.
+  void read_chunk(size_t index, char* dst, Scratch& scratch, Xxh3* hash = nullptr);
   void read_verified(size_t index, char* dst, Scratch& scratch);
   void verify_chunk(size_t index, const void* data) const;
   void check_digest(size_t index, uint64_t got) const;
@@ -224,7 +225,7 @@ void Run::abandon_in_flight(int id, std::deque<InFlight>& in_flight) noexcept {
   in_flight.clear();
 }
 
-void Run::read_chunk(size_t index, char* dst, Scratch& scratch, bool checked_after) {
+void Run::read_chunk(size_t index, char* dst, Scratch& scratch, Xxh3* hash) {
   const ChunkSpec& c = plan_.chunks[index];
   FileReader& reader = *readers_[c.file];
   if (!c.encoded) {
@@ -239,21 +240,27 @@ void Run::read_chunk(size_t index, char* dst, Scratch& scratch, bool checked_aft
   if (c.group > 1 && scratch.raw.size() < c.length) scratch.raw = allocate_aligned_host(c.length);
   scratch.decoder.decode(static_cast<Codec>(c.codec), c.group, static_cast<const char*>(scratch.stored.data()),
                          c.stored_length, dst, c.length, static_cast<char*>(scratch.raw.data()),
-                         "'" + plan_.files[c.file] + "' chunk at offset " + std::to_string(c.offset),
-                         /*frame_checksum=*/!checked_after);
+                         "'" + plan_.files[c.file] + "' chunk at offset " + std::to_string(c.offset), hash);
 }
 
 // Reads (or, mapped, faults in) a chunk into dst and checks its checksum. Reads through the page
 // cache go in pieces small enough to stay in the CPU's cache until they are hashed, so the bytes
-// cross the memory bus once, not twice. O_DIRECT reads, which wait on the disk and whose bytes are
-// not in the CPU's cache anyway, and compressed chunks are read whole, then hashed.
+// cross the memory bus once, not twice; so do compressed chunks, hashed piece by piece as they are
+// un-grouped. O_DIRECT reads, which wait on the disk and whose bytes are not in the CPU's cache
+// anyway, are read whole, then hashed.
 void Run::read_verified(size_t index, char* dst, Scratch& scratch) {
   constexpr size_t kHashPiece = 512 << 10;
   const ChunkSpec& c = plan_.chunks[index];
   FileReader& reader = *readers_[c.file];
   const bool mapped = options_.io_mode == IoMode::kMapped;  // never encoded (checked up front)
-  if (c.encoded || (!mapped && reader.direct())) {
-    read_chunk(index, dst, scratch, /*checked_after=*/true);  // one check of the decoded bytes
+  if (c.encoded) {  // hashed while it is decoded, in cache-sized pieces
+    scratch.hash.reset();
+    read_chunk(index, dst, scratch, &scratch.hash);
+    check_digest(index, scratch.hash.digest());
+    return;
+  }
+  if (!mapped && reader.direct()) {
+    read_chunk(index, dst, scratch);
     verify_chunk(index, dst);
     return;
   }
