@@ -112,16 +112,18 @@ def test_mixed_raw_and_compressed_chunks(tmp_path) -> None:
     assert_state_dict_identical(sllm_store.load_state_dict(path, verify=True), sd)
 
 
-def _corrupt_first_zstd_chunk(path) -> int:
+def _corrupt_first_zstd_chunk(path, at: int | None = None, mask: int = 0xFF) -> dict:
+    """XOR one byte of the first zstd chunk's stored bytes with ``mask``: the byte ``at`` bytes
+    into it (default: its middle). Returns the chunk's entry of the index."""
     raw = read_index_json(path)
     chunk = next(c for c in raw["files"][0]["chunks"] if c["codec"] == "zstd")
-    data = path / raw["files"][0]["name"]
-    with open(data, "r+b") as f:
-        f.seek(chunk["offset"] + chunk["length"] // 2)
+    where = chunk["offset"] + (chunk["length"] // 2 if at is None else at)
+    with open(path / raw["files"][0]["name"], "r+b") as f:
+        f.seek(where)
         b = f.read(1)
-        f.seek(chunk["offset"] + chunk["length"] // 2)
-        f.write(bytes([b[0] ^ 0xFF]))
-    return chunk["offset"]
+        f.seek(where)
+        f.write(bytes([b[0] ^ mask]))
+    return chunk
 
 
 def test_corrupted_compressed_chunk_is_an_error_not_garbage(tmp_path) -> None:
@@ -142,14 +144,9 @@ def test_a_change_only_a_checksum_sees_is_caught_with_and_without_verify(tmp_pat
     is not computed as well); without, the frame's checksum does."""
     sd = {"w": _normal(torch.bfloat16, (1024, 512), 0)}  # one 1 MiB chunk: its low bytes stored raw
     path = sllm_store.save_state_dict(sd, tmp_path / "c", chunk_size="1MiB", compress="zstd")
-    raw = read_index_json(path)
-    chunk = raw["files"][0]["chunks"][0]
-    assert chunk["codec"] == "zstd" and chunk["group"] == 2
-    with open(path / raw["files"][0]["name"], "r+b") as f:
-        f.seek(chunk["offset"] + 64 * 1024)  # inside the first 128 KiB block: the low bytes, raw
-        b = f.read(1)
-        f.seek(chunk["offset"] + 64 * 1024)
-        f.write(bytes([b[0] ^ 0x01]))
+    # inside the first 128 KiB block: the low bytes, stored raw
+    chunk = _corrupt_first_zstd_chunk(path, at=64 * 1024, mask=0x01)
+    assert chunk["offset"] == 0 and chunk["codec"] == "zstd" and chunk["group"] == 2
     with pytest.raises(ChecksumError, match=r"checksum mismatch in '.*data-00000\.bin' chunk at offset 0"):
         sllm_store.load_state_dict(path, verify=True)
     with pytest.raises(ChecksumError, match=r"compressed data is corrupted \(zstd: .*checksum"):
