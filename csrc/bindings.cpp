@@ -583,7 +583,8 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
       py::arg("data"), py::arg("group"), "Inverse of group_bytes.");
   m.def(
       "decode_chunk",
-      [](const py::buffer& b, int codec, size_t raw_len, int group, std::optional<py::buffer> out) -> py::object {
+      [](const py::buffer& b, int codec, size_t raw_len, int group, std::optional<py::buffer> out,
+         bool checksum) -> py::object {
         py::buffer_info info = contiguous_bytes(b);
         size_t n = static_cast<size_t>(info.size * info.itemsize);
         py::object result;
@@ -610,19 +611,27 @@ pieces in flight and raises SllmStoreError("copy cancelled").)doc");
           result = py::reinterpret_steal<py::object>(bytes);
           dst = PyBytes_AS_STRING(bytes);
         }
+        uint64_t digest = 0;
         {
           py::gil_scoped_release nogil;
           // One decoder and scratch buffer per calling thread, reused across chunks.
           thread_local ChunkDecoder decoder;
           thread_local HostBuffer scratch;
           if (group > 1 && scratch.size() < raw_len) scratch = allocate_aligned_host(raw_len);
+          std::optional<Xxh3> hash;
+          if (checksum) hash.emplace();
           decoder.decode(static_cast<Codec>(codec), group, static_cast<const char*>(info.ptr), n, dst, raw_len,
-                         static_cast<char*>(scratch.data()), "chunk");
+                         static_cast<char*>(scratch.data()), "chunk", hash ? &*hash : nullptr);
+          if (hash) digest = hash->digest();
         }
+        if (checksum) return py::make_tuple(result, digest);
         return result;
       },
       py::arg("data"), py::arg("codec"), py::arg("raw_length"), py::arg("group") = 1, py::arg("out") = py::none(),
+      py::arg("checksum") = false,
       "Decode one stored chunk (codec id as in the index's CODECS, then un-grouping) as the loader does: "
-      "into `out` (a writable buffer of at least raw_length bytes; returns None) or a new bytes object.");
+      "into `out` (a writable buffer of at least raw_length bytes; returns None) or a new bytes object. "
+      "With checksum=True, returns (that, XXH3-64 of the decoded bytes), computed as they are written, "
+      "and skips the zstd frame's own content checksum: the caller checks the chunk's checksum instead.");
 
 }

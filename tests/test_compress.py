@@ -48,6 +48,25 @@ def test_decode_chunk_into_new_bytes_or_callers_buffer() -> None:
         _C.decode_chunk(frame[:-7] + b"garbage", zstd, len(raw), 2, out=out)
 
 
+def test_decode_chunk_with_its_checksum() -> None:
+    """checksum=True returns the decoded bytes' XXH3-64 and leaves the frame's own checksum to
+    it: a flipped byte in a raw block decodes, and only the digest shows it."""
+    raw = _normal(torch.bfloat16, (1024, 512), 0).view(torch.uint8).numpy().tobytes()
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(_C.group_bytes(raw, 2))
+    zstd = CODECS["zstd"]
+    data, digest = _C.decode_chunk(frame, zstd, len(raw), 2, checksum=True)
+    assert data == raw and digest == _C.xxh3_64(raw)
+    out = bytearray(len(raw))
+    assert _C.decode_chunk(frame, zstd, len(raw), 2, out=out, checksum=True) == (None, digest)
+    assert bytes(out) == raw
+    bad = bytearray(frame)
+    bad[64 * 1024] ^= 0x01  # in the first block: the low bytes of bf16, stored raw
+    data, bad_digest = _C.decode_chunk(bytes(bad), zstd, len(raw), 2, checksum=True)
+    assert bad_digest == _C.xxh3_64(data) and bad_digest != digest
+    with pytest.raises(ChecksumError, match="checksum"):
+        _C.decode_chunk(bytes(bad), zstd, len(raw), 2)
+
+
 def test_roundtrip_every_dtype_compressed(tmp_path, mixed_state_dict) -> None:
     sd = dict(mixed_state_dict)
     sd["smooth.bf16"] = _normal(torch.bfloat16, (300, 300), 1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import assert_state_dict_identical, random_tensor, run_cli
+from _helpers import assert_state_dict_identical, random_tensor, read_index_json, run_cli
 
 import sllm_store
 from sllm_store.config import RemoteOptions
@@ -345,6 +345,29 @@ def test_corrupted_object_is_never_cached(env) -> None:
     obstore.put(bucket, "bad/m/data-00000.bin", bytes(data))
     with pytest.raises(ChecksumError, match="corrupted"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/bad/m")
+    assert entries() == []
+
+
+def test_compressed_chunk_that_decodes_but_is_wrong_is_never_cached(env) -> None:
+    """A flipped byte in a raw block of a zstd frame decodes without a zstd error; the chunk's
+    checksum of the decoded bytes, computed as they are decoded, catches it."""
+    from obstore.store import S3Store
+
+    from sllm_store.remote import entries, upload
+
+    g = torch.Generator().manual_seed(4)
+    sd = {"w": torch.randn(1024, 512, generator=g).to(torch.bfloat16)}  # one 1 MiB chunk
+    local = sllm_store.save_state_dict(sd, env / "rawblock", chunk_size="1MiB", compress="zstd")
+    chunk = read_index_json(local)["files"][0]["chunks"][0]
+    assert chunk["codec"] == "zstd" and chunk["group"] == 2
+    upload(local, f"s3://{BUCKET}/rawblock/m", quiet=True)
+    data = bytearray((local / "data-00000.bin").read_bytes())
+    data[chunk["offset"] + 64 * 1024] ^= 0x01  # the low bytes of bf16, stored raw
+    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(bucket, "rawblock/m/data-00000.bin", bytes(data))
+    with pytest.raises(ChecksumError, match="checksum mismatch.*corrupted"):
+        sllm_store.load_state_dict(f"s3://{BUCKET}/rawblock/m")
     assert entries() == []
 
 

@@ -3,8 +3,9 @@
 A :class:`ChunkFetcher` fetches chunks of one remote checkpoint, in one of two ways:
 
 * :meth:`~ChunkFetcher.fetch`: one ranged GET per chunk (``obstore``, the GIL released), decoded
-  in C++ when the chunk is compressed, handed to ``deliver`` (which copies it to its destinations
-  and may return its checksum, computed in the same pass) and checked against its checksum. A
+  in C++ when the chunk is compressed (and hashed as it is decoded), handed to ``deliver`` (which
+  copies it to its destinations and may return its checksum, computed in the same pass) and
+  checked against its checksum. A
   plain chunk of a file written to the cache with O_DIRECT is fetched with a lead
   (:meth:`~ChunkFetcher.lead`), so that it arrives 4 KiB-aligned and is written from where it
   arrived.
@@ -175,7 +176,8 @@ class ChunkFetcher:
 
         ``deliver(data)``, if given, is called with the decoded chunk before it is verified and
         may return its XXH3-64 (``_C.StagedCopier.copy`` copies it and checksums it in one pass),
-        which is then checked instead of computing it again. Until this returns, the delivered
+        which is then checked instead of computing it again (a compressed chunk's is computed as
+        it is decoded, and that one is checked). Until this returns, the delivered
         bytes are not verified: a ChecksumError means they are wrong. ``aligned``: the chunk is
         to be written with O_DIRECT, so a plain chunk is fetched with its :meth:`lead`.
         """
@@ -195,20 +197,33 @@ class ChunkFetcher:
             self._body_offset = buffer_address(data) % BLOCK  # where the next whole chunk's body starts
         if lead:
             data = memoryview(data)[lead:]
+        decoded_digest = None
         if decoded:
-            _off, _len, codec, group = f.chunks[c].encoding
-            try:
-                data = _C.decode_chunk(data, codec, self.chunk_length(f_i, c), group)
-            except ChecksumError as e:
-                raise ChecksumError(f"{self.where(f_i, c)}: the remote object is corrupted ({e}); "
-                                    "nothing was cached") from None
+            data, decoded_digest = self.decode(f_i, c, data)
         m2 = mark()
         digest = deliver(data) if deliver is not None else None
         m3 = mark()
+        if decoded_digest is not None:
+            digest = decoded_digest
         self.check(f_i, c, _C.xxh3_64(data) if digest is None and f.checksums else digest)
         self.counted(length + lead)
         self.stages.add([m0, m1, m2, m3, mark()], "get", "decode", "copy", "verify")
         return data
+
+    def decode(self, f_i: int, c: int, data: Any) -> tuple[Any, Optional[int]]:
+        """Chunk ``c`` of data file ``f_i``, fetched encoded, decoded; with its XXH3-64 when the
+        index has checksums (computed as it is decoded, instead of the zstd frame's own checksum:
+        the chunk's checksum is checked in its place)."""
+        from sllm_store.native import _C
+
+        _off, _len, codec, group = self.index.files[f_i].chunks[c].encoding
+        try:
+            if self.index.files[f_i].checksums:
+                return _C.decode_chunk(data, codec, self.chunk_length(f_i, c), group, checksum=True)
+            return _C.decode_chunk(data, codec, self.chunk_length(f_i, c), group), None
+        except ChecksumError as e:
+            raise ChecksumError(f"{self.where(f_i, c)}: the remote object is corrupted ({e}); "
+                                "nothing was cached") from None
 
     def fetch_into(self, f_i: int, c: int, sink: Any, piece: int = PIECE) -> None:
         """Plain chunk ``c`` of data file ``f_i`` into ``sink`` (a ``_C.StagedFill``): ranged
