@@ -183,7 +183,10 @@ def render_store(data: Data) -> str:
         def cell(name: str, key: str) -> str:
             step = fresh[name]["steps"].get(key)
             return _pair(step["best_s"], step["median_s"], "{:.3f}") if step else "–"
-        rows = [[STORE_STEPS.get(k, f"`{k}`"), *(cell(n, k) for n in stepped)] for k in order]
+        def label(key: str) -> str:  # "of which" only under a step the run timed
+            text = STORE_STEPS.get(key, f"`{key}`")
+            return text if STEP_PARENT.get(key) in keys else text.removeprefix("of which ")
+        rows = [[label(k), *(cell(n, k) for n in stepped)] for k in order]
         lines += ["\nThe fresh process's load, step by step (its report), seconds, best (median):\n\n",
                   _table(["step", *(f"`{n}`" for n in stepped)], rows)]
     return "".join(lines)
@@ -204,15 +207,26 @@ def _fresh_processes(r: Data) -> str:
 # The steps of a store-server load its report times (sllm_store/tiers/store.py).
 STORE_STEPS = {
     "report_seconds": "the load as its report times it (from the call into the tier to the tensors)",
-    "client_seconds": "importing the gRPC client (grpc, protobuf, the messages) and making its channel",
-    "describe_seconds": "Describe: the model's index from the server",
-    "allocate_seconds": "allocating the destination and exporting its IPC handle",
-    "rpc_seconds": "the Load call, from request to answer",
+    "open_seconds": "opening: reaching the server and describing the model",
+    "client_seconds": "of which importing the gRPC client (grpc, protobuf, the messages), making its "
+                      "channel",
+    "describe_seconds": "of which Describe: the model's index from the server",
+    "prepare_seconds": "planning and taking the memory",
+    "allocate_seconds": "of which allocating the destination and exporting its IPC handle",
+    "fill_seconds": "moving the bytes",
+    "rpc_seconds": "of which the Load call, from request to answer",
     "server_seconds": "of which the server's handling (mapping the destination, copying)",
     "copy_seconds": "of which the server's copy, pool to the destination",
+    "finish_seconds": "making the tensors",
     "gc_seconds": "Python's garbage collector, anywhere in the load (a fresh process's first full "
                   "collection can fall there)",
 }
+
+
+# The step each "of which" step is part of.
+STEP_PARENT = {"client_seconds": "open_seconds", "describe_seconds": "open_seconds",
+               "allocate_seconds": "prepare_seconds", "rpc_seconds": "fill_seconds",
+               "server_seconds": "rpc_seconds", "copy_seconds": "server_seconds"}
 
 
 def render_compress(data: Data) -> str:

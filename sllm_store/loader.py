@@ -38,9 +38,11 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] =
     the bytes as they land (a non-blocking load). ``on_fill``: called once the load is planned and
     its memory taken, as the bytes start to move (the moving releases the GIL: Python work started
     there runs beside it without delaying the load's own Python steps)."""
-    t0 = time.perf_counter() if t0 is None else t0
+    t1 = time.perf_counter()
+    t0 = t1 if t0 is None else t0
     assign = assign_devices(checkpoint.index, device)
     plan, buffers = _prepare(checkpoint, assign, checkpoint.allocate)
+    t2 = time.perf_counter()
     if on_fill is not None:
         on_fill()
     if stream is not None:  # the tensors go out now, their bytes arriving
@@ -49,7 +51,10 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] =
         tensors = stream.tensors
     else:  # views once filled: an alias placed on another device is a copy of its target's bytes
         stats = checkpoint.fill(plan, buffers)
+    t3 = time.perf_counter()
+    if stream is None:
         tensors = views(checkpoint.index, plan, buffers)
+    stats.update(_stages(t0, t1, t2, t3))
     report = _report(checkpoint, plan, t0, stats)
     logger.info("loaded %s (%s, %s tier) in %.3f s, %.2f GB/s", checkpoint.path, format_size(report.bytes),
                 checkpoint.tier, report.seconds, report.gb_per_s)
@@ -62,7 +67,8 @@ def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, 
     engine's parameters), each in place: no other memory is allocated for them. ``strict``: every
     tensor of the checkpoint must have a target. Names, shapes and dtypes are checked before any
     byte is read."""
-    t0 = time.perf_counter() if t0 is None else t0
+    t1 = time.perf_counter()
+    t0 = t1 if t0 is None else t0
     index = checkpoint.index
     check_targets(index, targets, strict)
     into: dict[str, torch.Tensor] = {}  # stored tensor -> destination (an alias's, if only it is given)
@@ -70,11 +76,14 @@ def fill_opened(checkpoint: Checkpoint, targets: Mapping[str, torch.Tensor], *, 
         into.setdefault(index.resolve(name).name, t)
     assign = {name: t.device for name, t in into.items()}
     plan, buffers = _prepare(checkpoint, assign, lambda p: checkpoint.adopt(p, into), own_slots=True)
+    t2 = time.perf_counter()
     stats = checkpoint.fill(plan, buffers)
+    t3 = time.perf_counter()
     for name, t in targets.items():  # tied names given as tensors of their own
         stored = into[index.resolve(name).name]
         if t.data_ptr() != stored.data_ptr():
             t.copy_(stored)
+    stats.update(_stages(t0, t1, t2, t3))
     report = _report(checkpoint, plan, t0, stats)
     logger.info("filled %d tensors from %s (%s, %s tier) in %.3f s, %.2f GB/s", len(targets), checkpoint.path,
                 format_size(report.bytes), checkpoint.tier, report.seconds, report.gb_per_s)
@@ -91,6 +100,13 @@ def _prepare(checkpoint: Checkpoint, assign: dict[str, torch.device],
         checkpoint.tier, {d.type for d in assign.values()}, any(f.checksums for f in checkpoint.index.files))
     plan = checkpoint.plan(assign, own_slots)
     return plan, buffers_for(plan)
+
+
+def _stages(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+    """A load's timeline in the report: opening the checkpoint (``t0`` to ``t1``), planning and
+    taking the memory (to ``t2``), moving the bytes (to ``t3``), and the tensors made after."""
+    return {"open_seconds": t1 - t0, "prepare_seconds": t2 - t1, "fill_seconds": t3 - t2,
+            "finish_seconds": time.perf_counter() - t3}
 
 
 def _report(checkpoint: Checkpoint, plan: Plan, t0: float, stats: dict[str, Any]) -> LoadReport:

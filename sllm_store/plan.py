@@ -54,9 +54,11 @@ Buffer = tuple[torch.Tensor, int]
 class LoadReport:
     """What a load did: sizes, time, and how it ran.
 
-    ``stats`` has the same three keys for every tier, ``tier`` (``local``, ``store``,
-    ``remote``), ``io_mode`` and ``threads``, then the tier's own figures (the C++ pipeline's
-    counters, the store server's timings, the download's).
+    ``stats`` has the same keys for every tier: ``tier`` (``local``, ``store``, ``remote``),
+    ``io_mode``, ``threads`` and the load's timeline in seconds (``open_seconds``: opening the
+    checkpoint; ``prepare_seconds``: planning and taking the memory; ``fill_seconds``: moving the
+    bytes; ``finish_seconds``: making the tensors), then the tier's own figures (the C++
+    pipeline's counters, the store server's timings, the download's).
     """
 
     path: str

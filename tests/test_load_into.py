@@ -46,6 +46,8 @@ def test_fills_the_tensors_in_place(ckpt, io_mode, verify) -> None:
         assert targets[name].data_ptr() == ptrs[name]  # the same memory, not a new tensor
     assert report.bytes == sum(t.nbytes for t in sd.values())
     assert report.stats["tier"] == "local" and report.stats["io_mode"] != "mmap"
+    timeline = [report.stats[f"{k}_seconds"] for k in ("open", "prepare", "fill", "finish")]
+    assert min(timeline) >= 0 and sum(timeline) <= report.seconds
     if io_mode == "buffered" and not verify:  # each tensor's bytes read straight into it
         assert report.stats["chunks_staged"] == 0 and report.stats["chunks_direct"] > 0
 

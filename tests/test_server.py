@@ -525,6 +525,9 @@ def test_round_trip_bit_identical_tied_and_hit(store, shared_server):
     assert {t.dtype for t in sd.values()} >= {torch.bfloat16, torch.float32, torch.int64, torch.bool}
     assert stats["io_mode"] == "store" and stats["hit"] is False and stats["streamed"] is False
     assert stats["bytes_copied"] == store.file_bytes("mixed")
+    # the load's timeline: opening is reaching the server and the Describe, filling the Load
+    assert stats["open_seconds"] >= stats["client_seconds"] + stats["describe_seconds"]
+    assert stats["fill_seconds"] >= stats["rpc_seconds"]
 
     sd2, stats2 = load("mixed", srv)
     assert stats2["hit"] is True and stats2["streamed"] is False
