@@ -331,18 +331,23 @@ def test_unreachable_endpoint(env) -> None:
     assert time.monotonic() - t0 < 30
 
 
-def test_corrupted_object_is_never_cached(env) -> None:
+def _put_flipped(path: Path, key: str, at: int, mask: int) -> None:
+    """Upload ``path`` as object ``key`` with its byte ``at`` XORed with ``mask``."""
     from obstore.store import S3Store
 
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
+                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
+    obstore.put(bucket, key, bytes(data))
+
+
+def test_corrupted_object_is_never_cached(env) -> None:
     from sllm_store.remote import entries, upload
 
     local, _ = _model(env, "m")
     upload(local, f"s3://{BUCKET}/bad/m", quiet=True)
-    data = bytearray((local / "data-00000.bin").read_bytes())
-    data[70_000] ^= 0xFF
-    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
-                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
-    obstore.put(bucket, "bad/m/data-00000.bin", bytes(data))
+    _put_flipped(local / "data-00000.bin", "bad/m/data-00000.bin", 70_000, 0xFF)
     with pytest.raises(ChecksumError, match="corrupted"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/bad/m")
     assert entries() == []
@@ -351,8 +356,6 @@ def test_corrupted_object_is_never_cached(env) -> None:
 def test_compressed_chunk_that_decodes_but_is_wrong_is_never_cached(env) -> None:
     """A flipped byte in a raw block of a zstd frame decodes without a zstd error; the chunk's
     checksum of the decoded bytes, computed as they are decoded, catches it."""
-    from obstore.store import S3Store
-
     from sllm_store.remote import entries, upload
 
     g = torch.Generator().manual_seed(4)
@@ -361,11 +364,8 @@ def test_compressed_chunk_that_decodes_but_is_wrong_is_never_cached(env) -> None
     chunk = read_index_json(local)["files"][0]["chunks"][0]
     assert chunk["codec"] == "zstd" and chunk["group"] == 2
     upload(local, f"s3://{BUCKET}/rawblock/m", quiet=True)
-    data = bytearray((local / "data-00000.bin").read_bytes())
-    data[chunk["offset"] + 64 * 1024] ^= 0x01  # the low bytes of bf16, stored raw
-    bucket = S3Store(BUCKET, endpoint=os.environ["AWS_ENDPOINT_URL"], access_key_id=KEY,
-                     secret_access_key=SECRET, region="us-east-1", client_options={"allow_http": True})
-    obstore.put(bucket, "rawblock/m/data-00000.bin", bytes(data))
+    # the low bytes of bf16, stored raw
+    _put_flipped(local / "data-00000.bin", "rawblock/m/data-00000.bin", chunk["offset"] + 64 * 1024, 0x01)
     with pytest.raises(ChecksumError, match="checksum mismatch.*corrupted"):
         sllm_store.load_state_dict(f"s3://{BUCKET}/rawblock/m")
     assert entries() == []
