@@ -145,26 +145,38 @@ def _fresh_table(fresh: Data, limit: Optional[float], limit_name: str, state: st
     return out
 
 
-MODEL_STEPS = {"report_s": "the whole call", "model_build_s": "building the model (its thread)",
-               "model_build_wait_s": "waiting for the build after the load",
-               "model_assemble_s": "assembling (parameters, ties, buffers)"}
+# The steps of a load's report (sllm_store/loader.py, sllm_store/model.py), in order.
+MODEL_STEPS = {
+    "report_s": "the whole call",
+    "open_seconds": "before planning: opening (and for `load_model` the config, starting the build)",
+    "prepare_seconds": "planning and taking the memory",
+    "fill_seconds": "moving the bytes",
+    "finish_seconds": "making the tensors",
+    "model_build_s": "building the model (its own thread, beside the load)",
+    "model_build_wait_s": "waiting for the build after the load",
+    "model_assemble_s": "assembling (parameters, ties, buffers)",
+}
 
 
 def _model_steps(steps: Data) -> str:
-    """``load_model``'s own account of its rounds: the call, the build beside the load, the wait
-    for it and the assembly after it (min and max over the rounds, seconds)."""
-    rows = []
+    """``load_model``'s rounds beside the plain load's of the same mode (``load_model-warm`` and
+    ``sllm-warm``...), step by step as their reports time them (min and max over the rounds,
+    seconds): where the model's extra time goes."""
+    out = []
     for name, rounds in steps.items():
         if not name.startswith("load_model") or not rounds:
             continue
-        for key, what in MODEL_STEPS.items():
-            values = [r[key] for r in rounds if key in r]
-            if values:
-                rows.append([f"`{name}`", what, f"{min(values):.3f}–{max(values):.3f}"])
-    if not rows:
-        return ""
-    return ("\n`load_model`'s report, per round, seconds:\n\n"
-            + _table(["contender", "step", "min–max"], rows))
+        partner = "sllm" + name[len("load_model"):]
+        columns = [name] + ([partner] if steps.get(partner) else [])
+
+        def cell(contender: str, key: str) -> str:
+            values = [r[key] for r in steps[contender] if key in r]
+            return f"{min(values):.3f}–{max(values):.3f}" if values else "–"
+        rows = [[what, *(cell(c, key) for c in reversed(columns))] for key, what in MODEL_STEPS.items()
+                if any(key in r for c in columns for r in steps[c])]
+        out.append(f"\n`{name}` step by step (each round's report, min–max, seconds):\n\n"
+                   + _table(["step", *(f"`{c}`" for c in reversed(columns))], rows))
+    return "".join(out)
 
 
 def render_store(data: Data) -> str:

@@ -46,8 +46,11 @@ def test_load_model_reports_are_kept_per_round_and_rendered():
     steps = report_steps(stats)
     assert steps == {"seconds": 0.2, "report_s": 0.25, "model_build_s": 0.04, "model_build_wait_s": 0.0,
                      "model_assemble_s": 0.008}
-    table = _model_steps({"sllm-warm": [report_steps({"report_s": 0.2})],
+    table = _model_steps({"sllm-warm": [report_steps({"report_s": 0.2, "fill_seconds": 0.19})],
                           "load_model-warm": [steps, {**steps, "model_assemble_s": 0.011}]})
-    assert "| `load_model-warm` | assembling (parameters, ties, buffers) | 0.008–0.011 |" in table
-    assert "sllm-warm" not in table
+    assert "| step | `sllm-warm` | `load_model-warm` |" in table  # beside the plain load of its mode
+    assert "| assembling (parameters, ties, buffers) | – | 0.008–0.011 |" in table
+    assert "| the whole call | 0.200–0.200 | 0.250–0.250 |" in table
+    assert "| moving the bytes | 0.190–0.190 | – |" in table
+    assert "sllm" not in _model_steps({"load_model-cold": [steps]})  # no partner: its own column
     assert _model_steps({}) == ""
