@@ -143,7 +143,8 @@ def render_remote_summary(runs: Sequence[tuple[str, Data]]) -> str:
 # --- sections -----------------------------------------------------------------------------------
 
 # The JSON each section renders: per section the newest run of the current default path.
-LOCAL_GPU = "2026-12-06-h100-local-gpu-87d84bf.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
+LOCAL_GPU = "2026-12-06-h100-local-gpu-a5dcd44.json"  # benchmarks/run.py local, to a GPU, --modes cold,warm
+LOCAL_GPU_87D84BF = "2026-12-06-h100-local-gpu-87d84bf.json"  # the same with safetensors, an earlier library
 LOCAL_GPU_002B5E0 = "2026-12-06-h100-local-gpu-002b5e0.json"  # the same, an earlier library
 LOCAL_GPU_1937CD0 = "2026-12-06-h100-local-gpu-1937cd0.json"  # the same, the same library, another machine
 LOCAL_GPU_PEERS = "2026-12-06-h100-local-gpu-peers-002b5e0.json"  # against runai, fastsafetensors, HF
@@ -151,11 +152,13 @@ LOCAL_GPU_PEERS_BUFFERED = "2026-12-06-h100-local-gpu-peers-buffered-2395b38.jso
 LOCAL_GPU_FRESH = "2026-12-06-h100-local-gpu-fresh.json"  # the same, --modes warm,fresh, with load_model
 LOCAL_GPU_FRESH_PROCESSES = "2026-12-06-h100-local-gpu-fresh-processes.json"  # --modes fresh,fresh-warm
 CPU = "2026-12-06-h100-local-cpu.json"  # run.py local --device cpu, every io_mode, 16 cores
-STORE = "2026-12-06-h100-store-87d84bf.json"  # run.py store
+STORE = "2026-12-06-h100-store-a5dcd44.json"  # run.py store
+STORE_87D84BF = "2026-12-06-h100-store-87d84bf.json"  # the same, an earlier library
 STORE_2395B38 = "2026-12-06-h100-store-2395b38.json"  # the same, an earlier library
 STORE_AF57749 = "2026-12-06-h100-store-af57749.json"  # the same, an earlier library
 STORE_CPU = "2026-12-06-cpu-store-b438afc.json"  # run.py store --device cpu, 1B preset, for its steps
-COMPRESS = "2026-12-06-h100-compress-87d84bf.json"  # run.py compress
+COMPRESS = "2026-12-06-h100-compress-a5dcd44.json"  # run.py compress
+COMPRESS_87D84BF = "2026-12-06-h100-compress-87d84bf.json"  # the same, an earlier library
 COMPRESS_9BA44B7 = "2026-12-06-h100-compress-9ba44b7.json"  # the same, an earlier library
 REMOTE = "2026-12-06-h100-remote-shared-cores.json"  # run.py remote: server and client share the cores
 REMOTE_SPLIT = "2026-12-06-h100-remote-split-2395b38.json"  # run.py remote --server-cores 8
@@ -186,10 +189,10 @@ def _one(render: Callable[[str, Data], str], name: str, root: Path) -> str:
 
 def _machine(root: Path) -> str:
     """The machine of the GPU table, and the other run.py results of its GPU model."""
-    names = (LOCAL_GPU_002B5E0, LOCAL_GPU_PEERS, LOCAL_GPU_PEERS_BUFFERED, LOCAL_GPU_1937CD0, LOCAL_GPU_FRESH,
-             LOCAL_GPU_FRESH_PROCESSES, CPU, STORE, STORE_2395B38, STORE_AF57749, COMPRESS,
-             COMPRESS_9BA44B7, REMOTE, REMOTE_SPLIT,
-             REMOTE_SPLIT_9BA44B7,
+    names = (LOCAL_GPU_87D84BF, LOCAL_GPU_002B5E0, LOCAL_GPU_PEERS, LOCAL_GPU_PEERS_BUFFERED,
+             LOCAL_GPU_1937CD0, LOCAL_GPU_FRESH, LOCAL_GPU_FRESH_PROCESSES, CPU,
+             STORE, STORE_87D84BF, STORE_2395B38, STORE_AF57749,
+             COMPRESS, COMPRESS_87D84BF, COMPRESS_9BA44B7, REMOTE, REMOTE_SPLIT, REMOTE_SPLIT_9BA44B7,
              STREAM_COLD, STREAM, STREAM_PREIMPORT, STREAM_PREIMPORT_WARM, GPU_TIER)
     others = [(n, load_json(root, n)) for n in names]
     return render_machine(LOCAL_GPU, load_json(root, LOCAL_GPU), others)
