@@ -119,6 +119,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# The load's timeline in its report (sllm_store.plan.LoadReport), as `load` prints it.
+_STEPS = {"open_seconds": "opening", "prepare_seconds": "planning and memory",
+          "fill_seconds": "moving the bytes", "finish_seconds": "tensors"}
+
+
 def _cmd_load(args: argparse.Namespace) -> int:
     from sllm_store.loader import load_state_dict_with_report
 
@@ -131,6 +136,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
     for dev, nbytes in report.devices.items():
         print(f"  {dev}: {format_size(nbytes)} in one allocation")
     stats = report.stats
+    print("  steps: " + ", ".join(f"{what} {stats[key]:.3f} s" for key, what in _STEPS.items()
+                                  if key in stats))
     if stats["tier"] == "remote":
         from sllm_store.remote import wait_for_cache
 
