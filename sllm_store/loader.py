@@ -48,11 +48,11 @@ def load_opened(checkpoint: Checkpoint, device: DeviceMap, t0: Optional[float] =
     if stream is not None:  # the tensors go out now, their bytes arriving
         progress = stream.begin(checkpoint.index, plan, buffers)
         stats = checkpoint.fill(plan, buffers, progress)
+        t3 = time.perf_counter()
         tensors = stream.tensors
     else:  # views once filled: an alias placed on another device is a copy of its target's bytes
         stats = checkpoint.fill(plan, buffers)
-    t3 = time.perf_counter()
-    if stream is None:
+        t3 = time.perf_counter()
         tensors = views(checkpoint.index, plan, buffers)
     stats.update(_stages(t0, t1, t2, t3))
     report = _report(checkpoint, plan, t0, stats)
